@@ -1,0 +1,92 @@
+"""Input validation at the public boundary, written once.
+
+Every check raises ``ValueError`` (or ``TypeError`` for a wrong type) whose message names the
+argument and states what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_fraction", "check_qkv", "check_same_device", "check_tensor"]
+
+
+def check_tensor(
+    name: str,
+    x: object,
+    *,
+    ndim: int | None = None,
+    dtype: torch.dtype | tuple[torch.dtype, ...] | None = None,
+    floating: bool = False,
+) -> Tensor:
+    """Check that ``x`` is a tensor of the given rank / dtype; return it."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(
+            f"{name}: expected a {ndim}-D tensor, got shape {tuple(x.shape)} ({x.ndim}-D)"
+        )
+    if dtype is not None:
+        allowed = dtype if isinstance(dtype, tuple) else (dtype,)
+        if x.dtype not in allowed:
+            names = ", ".join(str(d) for d in allowed)
+            raise ValueError(f"{name}: expected dtype in ({names}), got {x.dtype}")
+    if floating and not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+    return x
+
+
+def check_same_device(**tensors: Tensor) -> None:
+    """All tensors on one device; the message lists each argument's device."""
+    devices = {n: t.device for n, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"expected all tensors on one device, got {listing}")
+
+
+def check_fraction(name: str, value: float, *, low_open: bool = True) -> float:
+    """A number in (0, 1] (or [0, 1] with ``low_open=False``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
+    if not ok:
+        rng = "(0, 1]" if low_open else "[0, 1]"
+        raise ValueError(f"{name}: expected a value in {rng}, got {value}")
+    return float(value)
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor | None = None) -> tuple[int, int, int]:
+    """Validate q (B, Hq, Sq, D), k/v (B, Hkv, Skv, D) for GQA attention.
+
+    Returns:
+        (B, Hq, Hkv).
+    """
+    check_tensor("q", q, ndim=4, floating=True)
+    check_tensor("k", k, ndim=4, floating=True)
+    tensors = {"q": q, "k": k}
+    if v is not None:
+        check_tensor("v", v, ndim=4, floating=True)
+        tensors["v"] = v
+        if v.shape[:3] != k.shape[:3]:
+            raise ValueError(
+                f"v: expected shape (B, Hkv, Skv, *) = {tuple(k.shape[:3])} like k, "
+                f"got {tuple(v.shape)}"
+            )
+        if v.dtype != k.dtype:
+            raise ValueError(f"v: expected dtype {k.dtype} like k, got {v.dtype}")
+    check_same_device(**tensors)
+    if q.dtype != k.dtype:
+        raise ValueError(f"k: expected dtype {q.dtype} like q, got {k.dtype}")
+    b, hq, _, d = q.shape
+    if k.shape[0] != b:
+        raise ValueError(f"k: expected batch size {b} like q, got {k.shape[0]}")
+    if k.shape[-1] != d:
+        raise ValueError(f"k: expected head dim {d} like q, got {k.shape[-1]}")
+    hkv = k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"k: the number of KV heads ({hkv}) must divide the number of query heads ({hq}) "
+            "for grouped-query attention"
+        )
+    return b, hq, hkv
