@@ -1,0 +1,141 @@
+"""One-layer sparse prefill vs dense attention on the GPU (targets P1, P2, P8).
+
+Reference workload: LongVA-7B shapes (28 query heads, 4 KV heads, head dim 128, bf16), batch 1.
+The kept ratio is fixed (``--ratio``, default 0.42, the ratio behind the paper's 82.3 % attention-FLOP
+reduction) so that random inputs do not decide it; a tau-driven plan is timed beside it.
+
+Variants, all in one process:
+    dense_sdpa      causal flash SDPA over all S tokens (the baseline)
+    dense_flex      compiled FlexAttention, causal BlockMask
+    plan            probe scoring + ratio allocation + top-k selection (ProbeScorer 64+64 probes)
+    plan_tau        the same with CumulativeMassAllocator(tau=0.975)
+    zipvl_sdpa      plan + gather + causal SDPA on the kept tokens + scatter
+    zipvl_flex      plan + gather + compiled FlexAttention on the kept tokens + scatter
+
+Floors: dense causal attention FLOPs (4·S²/2·D·Hq) and the ideal token-sparse FLOPs (× r²) over the
+measured bf16 matmul rate.
+
+Run:  python bench/gpu_prefill.py --lengths 8192 32768 65536 131072
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ceilings, env_info, markdown_table, median_ms, progress, write_result  # noqa: E402
+
+from zipvl.sparsity import (  # noqa: E402
+    CumulativeMassAllocator,
+    FixedRatioAllocator,
+    ProbeScorer,
+    TopKSelector,
+    plan_tokens,
+    sparse_attention,
+)
+
+
+def causal_flops(s: int, hq: int, d: int) -> float:
+    """FLOPs of causal attention (QK^T and PV, half the square)."""
+    return 4.0 * s * s / 2 * d * hq
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
+    ap.add_argument("--ratio", type=float, default=0.42)
+    ap.add_argument("--heads", type=int, default=28)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--probes", type=int, default=64, help="recent and random probe caps, each")
+    args = ap.parse_args()
+
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    env = env_info()
+    progress(f"device {env['device']}, torch {env['torch']}, commit {env['commit']}")
+    ceil = ceilings()
+    progress(f"ceilings: copy {ceil['copy_gbs']:.0f} GB/s, matmul {ceil['matmul_tflops']:.0f} TFLOP/s")
+    flex_c = torch.compile(flex_attention, dynamic=False)
+
+    hq, hkv, d, r = args.heads, args.kv_heads, args.head_dim, args.ratio
+    scorer = ProbeScorer(max_recent=args.probes, max_random=args.probes)
+    fixed = FixedRatioAllocator(r)
+    adaptive = CumulativeMassAllocator(0.975)
+    selector = TopKSelector()
+    rows = []
+    for s in args.lengths:
+        progress(f"S = {s}")
+        gen = torch.Generator(device="cuda").manual_seed(s)
+        q = torch.randn(1, hq, s, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(1, hkv, s, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(1, hkv, s, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+        def causal(b, h, qi, ki):
+            return qi >= ki
+
+        bm = create_block_mask(causal, 1, 1, s, s, device="cuda")
+
+        def plan_fixed():
+            return plan_tokens(q, k, scorer=scorer, allocator=fixed, selector=selector)
+
+        def plan_tau():
+            return plan_tokens(q, k, scorer=scorer, allocator=adaptive, selector=selector)
+
+        sel = plan_fixed().selection
+        t = {
+            "dense_sdpa": median_ms(
+                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            ),
+            "dense_flex": median_ms(lambda: flex_c(q, k, v, block_mask=bm, enable_gqa=True)),
+            "plan": median_ms(plan_fixed),
+            "plan_tau": median_ms(plan_tau),
+            "attn_sdpa": median_ms(lambda: sparse_attention(q, k, v, sel, impl="sdpa")),
+            "attn_flex": median_ms(lambda: sparse_attention(q, k, v, sel, impl="flex")),
+        }
+        t["zipvl_sdpa"] = median_ms(
+            lambda: sparse_attention(q, k, v, plan_fixed().selection, impl="sdpa")
+        )
+        t["zipvl_flex"] = median_ms(
+            lambda: sparse_attention(q, k, v, plan_fixed().selection, impl="flex")
+        )
+        rate = ceil["matmul_tflops"] * 1e12
+        dense_floor_ms = causal_flops(s, hq, d) / rate * 1e3
+        sparse_floor_ms = dense_floor_ms * sel.ratio**2
+        best = min(t["zipvl_sdpa"], t["zipvl_flex"])
+        rows.append(
+            {
+                "S": s,
+                "kept": sel.ratio,
+                "dense_sdpa_ms": t["dense_sdpa"],
+                "dense_flex_ms": t["dense_flex"],
+                "plan_ms": t["plan"],
+                "plan_tau_ms": t["plan_tau"],
+                "plan_%_of_dense": 100 * t["plan"] / t["dense_sdpa"],
+                "zipvl_sdpa_ms": t["zipvl_sdpa"],
+                "zipvl_flex_ms": t["zipvl_flex"],
+                "speedup_sdpa": t["dense_sdpa"] / t["zipvl_sdpa"],
+                "speedup_flex": t["dense_sdpa"] / t["zipvl_flex"],
+                "ideal_1/r2": 1 / sel.ratio**2,
+                "dense_frac_of_floor": dense_floor_ms / t["dense_sdpa"],
+                "zipvl_frac_of_floor": sparse_floor_ms / best,
+                "attn_only_sdpa_ms": t["attn_sdpa"],
+                "attn_only_flex_ms": t["attn_flex"],
+            }
+        )
+        del q, k, v, bm
+        torch.cuda.empty_cache()
+
+    print(f"# sparse prefill, one layer, Hq={hq} Hkv={hkv} D={d} bf16, r={r}")
+    print(f"# {env['device']} torch {env['torch']} triton {env['triton']} commit {env['commit']}")
+    print(markdown_table(rows))
+    write_result("gpu_prefill", {"bench": "gpu_prefill", "env": env, "ceilings": ceil, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
