@@ -1,0 +1,230 @@
+"""Ratio allocators: raw attention mass -> number of important tokens per (batch, KV head).
+
+Implements ZipVL's layer-wise adaptive ratio (He et al., arXiv 2410.08584 v1, Sec. 4.1, Eq. 6) and
+two fixed baselines: a constant ratio and a per-layer schedule (PyramidKV, Cai et al. 2024).
+
+Contract (``zipvl.types.Allocator``)::
+
+    allocator(mass, *, layer_idx=None) -> budget
+    mass    (B, Hkv, Skv) float, >= 0   attention mass each key received (``Scores.mass``)
+    budget  (B, Hkv)      int32         tokens to keep, in [min(min_keep, Skv), Skv]
+
+Everything runs as plain PyTorch on the device of ``mass`` with fixed shapes and no host sync,
+so an allocator can sit inside a ``torch.compile(fullgraph=True)`` region.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+import torch
+from torch import Tensor
+
+from zipvl.checks import check_fraction, check_tensor
+from zipvl.types import Allocator
+
+__all__ = ["CumulativeMassAllocator", "FixedRatioAllocator", "PerLayerSchedule"]
+
+
+def _check_min_keep(min_keep: object) -> None:
+    if isinstance(min_keep, bool) or not isinstance(min_keep, int):
+        raise TypeError(f"min_keep: expected an int, got {type(min_keep).__name__}")
+    if min_keep < 1:
+        raise ValueError(f"min_keep: expected an int >= 1, got {min_keep}")
+
+
+def _check_mass(mass: object) -> Tensor:
+    mass = check_tensor("mass", mass, ndim=3, floating=True)
+    if mass.shape[-1] == 0:
+        raise ValueError(
+            f"mass: expected at least one key (Skv >= 1), got shape {tuple(mass.shape)}"
+        )
+    return mass
+
+
+@dataclass(frozen=True)
+class CumulativeMassAllocator:
+    """ZipVL Eq. 6: keep the fewest tokens whose attention mass reaches ``tau`` of the total.
+
+    The mass is summed over batch and KV heads into one layer vector ``a`` (Skv,), sorted in
+    descending order, and ``p = #{i : cumsum(sorted a)[i] < tau * sum(a)} + 1``, clamped to
+    ``[min(min_keep, Skv), Skv]``. This is the ZipCache prototype's "tau x total" form of the
+    paper's ``tau * n`` (it stays right when only probe rows were summed). One ``p`` per layer,
+    broadcast over (B, Hkv).
+
+    Properties: ``p`` is monotone in ``tau``; the ``p`` largest entries of ``a`` carry at least
+    ``tau`` of its mass (up to fp32 rounding of the cumulative sum); ``tau = 1`` keeps all Skv
+    tokens, even when some keys have zero mass. An all-zero ``mass`` gives ``p = min_keep``.
+
+    Attributes:
+        tau: retained mass fraction, in (0, 1]. The paper uses 0.96 and 0.975.
+        min_keep: lower bound on the budget (>= 1; capped at Skv).
+    """
+
+    tau: float = 0.975
+    min_keep: int = 1
+
+    def __post_init__(self) -> None:
+        check_fraction("tau", self.tau)
+        _check_min_keep(self.min_keep)
+
+    def __call__(self, mass: Tensor, /, *, layer_idx: int | None = None) -> Tensor:
+        """Budget for one layer.
+
+        Args:
+            mass: (B, Hkv, Skv) float, non-negative attention mass per key.
+            layer_idx: unused (the rule is the same for every layer); accepted for the protocol.
+
+        Returns:
+            (B, Hkv) int32, the same value everywhere, in [min(min_keep, Skv), Skv].
+
+        Raises:
+            ValueError: ``mass`` is not a 3-D floating tensor with Skv >= 1.
+        """
+        mass = _check_mass(mass)
+        b, hkv, skv = mass.shape
+        if self.tau == 1.0:
+            # Exact: a cumulative-sum test would stop early when trailing keys have zero mass.
+            return torch.full((b, hkv), skv, dtype=torch.int32, device=mass.device)
+        a = mass.float().sum(dim=(0, 1))  # (Skv,)
+        cum = a.sort(descending=True).values.cumsum(0)  # (Skv,)
+        # Fixed-shape form of "first index where cumsum >= tau * total, plus one": no host sync.
+        p = (cum < self.tau * cum[-1]).sum() + 1  # () int64
+        p = p.clamp(min=min(self.min_keep, skv), max=skv)
+        return p.to(torch.int32).expand(b, hkv).contiguous()  # (B, Hkv)
+
+
+def _ratio_budget(ratio: float, skv: int, min_keep: int) -> int:
+    # round() first so that e.g. 0.3 * 10 = 3.0000000000000004 does not ceil to 4
+    p = math.ceil(round(ratio * skv, 9))
+    return max(min(min_keep, skv), min(p, skv))
+
+
+@dataclass(frozen=True)
+class FixedRatioAllocator:
+    """Keep ``ceil(ratio * Skv)`` tokens, clamped to ``[min(min_keep, Skv), Skv]``.
+
+    The budget depends only on the shape of ``mass`` (its values are ignored), so it is computed on
+    the host without reading the device.
+
+    Attributes:
+        ratio: fraction of tokens to keep, in (0, 1].
+        min_keep: lower bound on the budget (>= 1; capped at Skv).
+    """
+
+    ratio: float
+    min_keep: int = 1
+
+    def __post_init__(self) -> None:
+        check_fraction("ratio", self.ratio)
+        _check_min_keep(self.min_keep)
+
+    def __call__(self, mass: Tensor, /, *, layer_idx: int | None = None) -> Tensor:
+        """Budget for one layer.
+
+        Args:
+            mass: (B, Hkv, Skv) float; only its shape and device are used.
+            layer_idx: unused; accepted for the protocol.
+
+        Returns:
+            (B, Hkv) int32 filled with ``ceil(ratio * Skv)`` (clamped).
+        """
+        mass = _check_mass(mass)
+        b, hkv, skv = mass.shape
+        p = _ratio_budget(self.ratio, skv, self.min_keep)
+        return torch.full((b, hkv), p, dtype=torch.int32, device=mass.device)
+
+
+@dataclass(frozen=True)
+class PerLayerSchedule:
+    """Apply a different allocator to each layer, chosen by ``layer_idx``.
+
+    ``schedule[l]`` is an allocator, or a float ratio that is wrapped in ``FixedRatioAllocator``.
+    ``PerLayerSchedule.pyramid`` builds the PyramidKV linear schedule (more tokens in early
+    layers).
+
+    Example::
+
+        PerLayerSchedule([CumulativeMassAllocator(0.99), 0.5, 0.3])   # 3 layers
+        PerLayerSchedule.pyramid(num_layers=28, min_ratio=0.1, max_ratio=0.7)
+
+    Attributes:
+        schedule: one allocator (or ratio in (0, 1]) per layer; stored as a tuple of allocators.
+    """
+
+    schedule: Sequence[Allocator | float] = field(default=())
+
+    def __post_init__(self) -> None:
+        if isinstance(self.schedule, (str, bytes)) or not isinstance(self.schedule, Sequence):
+            raise TypeError(
+                "schedule: expected a list or tuple of allocators or ratios, "
+                f"got {type(self.schedule).__name__}"
+            )
+        if len(self.schedule) == 0:
+            raise ValueError("schedule: expected at least one layer, got an empty sequence")
+        items: list[Allocator] = []
+        for i, item in enumerate(self.schedule):
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                items.append(FixedRatioAllocator(check_fraction(f"schedule[{i}]", item)))
+            elif callable(item):
+                items.append(item)
+            else:
+                raise TypeError(
+                    f"schedule[{i}]: expected an allocator or a ratio, got {type(item).__name__}"
+                )
+        object.__setattr__(self, "schedule", tuple(items))
+
+    @classmethod
+    def pyramid(
+        cls, num_layers: int, min_ratio: float, max_ratio: float, *, min_keep: int = 1
+    ) -> PerLayerSchedule:
+        """PyramidKV's linear schedule: ``ratio_l = max - l * (max - min) / (L - 1)``.
+
+        Args:
+            num_layers: L >= 1 (a single layer gets ``max_ratio``).
+            min_ratio: ratio of the last layer, in (0, 1].
+            max_ratio: ratio of the first layer, in [min_ratio, 1].
+            min_keep: passed to every ``FixedRatioAllocator``.
+
+        Returns:
+            A schedule of ``FixedRatioAllocator``, one per layer.
+        """
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers: expected an int >= 1, got {num_layers!r}")
+        check_fraction("min_ratio", min_ratio)
+        check_fraction("max_ratio", max_ratio)
+        if min_ratio > max_ratio:
+            raise ValueError(f"min_ratio: expected <= max_ratio ({max_ratio}), got {min_ratio}")
+        step = 0.0 if num_layers == 1 else (max_ratio - min_ratio) / (num_layers - 1)
+        ratios = [max(min_ratio, max_ratio - i * step) for i in range(num_layers)]
+        return cls(tuple(FixedRatioAllocator(r, min_keep) for r in ratios))
+
+    def __call__(self, mass: Tensor, /, *, layer_idx: int | None = None) -> Tensor:
+        """Budget of layer ``layer_idx`` from its own allocator.
+
+        Args:
+            mass: (B, Hkv, Skv) float, passed to the layer's allocator.
+            layer_idx: index into ``schedule``, required, in [0, len(schedule)).
+
+        Returns:
+            (B, Hkv) int32 budget.
+
+        Raises:
+            ValueError: ``layer_idx`` is missing or out of range.
+        """
+        n = len(self.schedule)
+        if layer_idx is None:
+            raise ValueError(
+                f"layer_idx: PerLayerSchedule needs the layer index (0 <= layer_idx < {n}), "
+                "got None"
+            )
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
+            raise TypeError(f"layer_idx: expected an int, got {type(layer_idx).__name__}")
+        if not 0 <= layer_idx < n:
+            raise ValueError(f"layer_idx: expected 0 <= layer_idx < {n}, got {layer_idx}")
+        # ratios were wrapped in FixedRatioAllocator by __post_init__
+        allocator = cast(Allocator, self.schedule[layer_idx])
+        return allocator(mass, layer_idx=layer_idx)

@@ -1,0 +1,165 @@
+"""Token selectors: normalized scores + budget -> ``Selection`` (which tokens are important).
+
+Implements ZipVL's Eqs. 8/9 (He et al., arXiv 2410.08584 v1): T = the ``p`` tokens with the
+largest normalized score (Eq. 7), U = the rest, per KV head (the ZipCache code lineage) or one set
+per layer.
+
+Contract (``zipvl.types.Selector``)::
+
+    selector(scores, budget) -> Selection
+    scores  (B, Hkv, Skv) float32, higher = keep
+    budget  (B, Hkv)      int32, the same value in every row (one budget per layer)
+
+The keep mask itself (``TopKSelector.keep_mask``) is fixed-shape tensor work with no host sync;
+only ``__call__`` reads the budget back once, to report ``Selection.num_kept`` as a host int.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from zipvl.checks import check_same_device, check_tensor
+from zipvl.types import Selection
+
+__all__ = ["Selection", "TopKSelector"]
+
+_GRANULARITIES = ("kv_head", "layer")
+
+
+def _check_count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name}: expected an int >= 0, got {value}")
+
+
+@dataclass(frozen=True)
+class TopKSelector:
+    """Keep the forced tokens plus the highest-scoring others, ``max(p, |forced|)`` per row.
+
+    Forced tokens are the last token (``keep_last``), the first ``sink_tokens`` and the last
+    ``recent_window`` tokens. They count against the budget: ``keep = forced ∪ top-(p - |forced|)``
+    of the remaining tokens by score, ties broken by the lower position. Every (b, h) row therefore
+    keeps exactly ``max(p, |forced|)`` tokens (capped at Skv). A budget of 0 keeps only the forced
+    tokens (nothing at all if there are none).
+
+    Granularity:
+        * ``"kv_head"``: one set per (b, KV head) from that head's scores (ZipCache's code).
+        * ``"layer"``: one set per batch row, shared by all KV heads, from the scores summed over
+          heads. Batch rows stay separate.
+
+    Forced positions for Skv = 8, sink_tokens = 1, recent_window = 2, keep_last = True::
+
+        position  0 1 2 3 4 5 6 7
+        forced    1 0 0 0 0 0 1 1
+
+    Attributes:
+        granularity: ``"kv_head"`` (default) or ``"layer"``.
+        keep_last: always keep the last token (the prompt's final token drives generation).
+        sink_tokens: always keep this many leading tokens (attention sinks), >= 0.
+        recent_window: always keep this many trailing tokens, >= 0.
+    """
+
+    granularity: Literal["kv_head", "layer"] = "kv_head"
+    keep_last: bool = True
+    sink_tokens: int = 0
+    recent_window: int = 0
+
+    def __post_init__(self) -> None:
+        if self.granularity not in _GRANULARITIES:
+            raise ValueError(
+                f"granularity: expected one of {_GRANULARITIES}, got {self.granularity!r}"
+            )
+        if not isinstance(self.keep_last, bool):
+            raise TypeError(f"keep_last: expected a bool, got {type(self.keep_last).__name__}")
+        _check_count("sink_tokens", self.sink_tokens)
+        _check_count("recent_window", self.recent_window)
+
+    def num_forced(self, skv: int) -> int:
+        """Number of forced tokens in a sequence of ``skv`` keys (host arithmetic on the shape)."""
+        recent = max(self.recent_window, 1 if self.keep_last else 0)
+        recent = min(recent, skv)
+        sinks = min(self.sink_tokens, skv)
+        return min(skv, sinks + recent)
+
+    def forced_mask(self, skv: int, device: torch.device | str | None = None) -> Tensor:
+        """Forced positions as a (Skv,) bool tensor."""
+        pos = torch.arange(skv, device=device)  # (Skv,)
+        recent = max(self.recent_window, 1 if self.keep_last else 0)
+        return (pos < self.sink_tokens) | (pos >= skv - recent)  # (Skv,)
+
+    def keep_mask(self, scores: Tensor, budget: Tensor) -> Tensor:
+        """The keep mask, fixed-shape and without host sync (safe under ``fullgraph=True``).
+
+        Args:
+            scores: (B, Hkv, Skv) float, higher = keep. NaN ranks lowest; +inf ranks above every
+                finite score but below the forced tokens.
+            budget: (B, Hkv) integer, tokens to keep per row; values outside [0, Skv] are clamped.
+
+        Returns:
+            (B, Hkv, Skv) bool; row (b, h) has ``clamp(max(budget[b, h], |forced|), 0, Skv)`` True
+            entries.
+        """
+        b, hkv, skv = scores.shape
+        s = scores.float()
+        if self.granularity == "layer":
+            s = s.sum(dim=1, keepdim=True)  # (B, 1, Skv)
+        # Forced tokens rank above everything, including +inf scores; NaN ranks below -inf would,
+        # and stays deterministic through the position tie-break.
+        finite_max = torch.finfo(torch.float32).max
+        s = torch.nan_to_num(s, nan=-finite_max, posinf=finite_max, neginf=-finite_max)
+        forced = self.forced_mask(skv, device=scores.device)  # (Skv,)
+        s = s.masked_fill(forced, float("inf"))  # (B, Hs, Skv), Hs = Hkv or 1
+        # Stable descending sort: equal scores keep position order, so lower positions win ties.
+        order = s.sort(dim=-1, descending=True, stable=True).indices  # (B, Hs, Skv)
+        ranks = torch.empty_like(order).scatter_(
+            -1, order, torch.arange(skv, device=scores.device).expand_as(order)
+        )  # (B, Hs, Skv): rank of each position, 0 = best
+        k = budget.to(torch.int64).clamp(min=self.num_forced(skv), max=skv)  # (B, Hkv)
+        if self.granularity == "layer":
+            # one budget per batch row; rows are uniform in practice (one p per layer)
+            k = k.amax(dim=1, keepdim=True)  # (B, 1)
+        keep = ranks < k[..., None]  # (B, Hs, Skv)
+        return keep.expand(b, hkv, skv).contiguous()  # (B, Hkv, Skv)
+
+    def __call__(self, scores: Tensor, budget: Tensor, /) -> Selection:
+        """Select the important tokens.
+
+        Args:
+            scores: (B, Hkv, Skv) float32, higher = keep (``Scores.normalized``).
+            budget: (B, Hkv) integer tensor, the same value in every row, in [0, Skv].
+
+        Returns:
+            ``Selection`` with ``keep`` (B, Hkv, Skv) bool and ``num_kept = max(p, |forced|)``.
+
+        Raises:
+            ValueError: wrong ranks/shapes, devices differ, or the budget is not one value in
+                [0, Skv] shared by all rows.
+        """
+        check_tensor("scores", scores, ndim=3, floating=True)
+        check_tensor("budget", budget, ndim=2)
+        if budget.is_floating_point() or budget.dtype == torch.bool:
+            raise ValueError(f"budget: expected an integer dtype, got {budget.dtype}")
+        check_same_device(scores=scores, budget=budget)
+        b, hkv, skv = scores.shape
+        if tuple(budget.shape) != (b, hkv):
+            raise ValueError(
+                f"budget: expected shape (B, Hkv) = {(b, hkv)} like scores, "
+                f"got {tuple(budget.shape)}"
+            )
+        # The one host read of the plan step: the kept count sizes the gathered tensors.
+        host = budget.detach().to("cpu")
+        p_min, p_max = int(host.min()), int(host.max())
+        if p_min != p_max:
+            raise ValueError(
+                "budget: expected one value shared by all (b, h) rows so that every row keeps the "
+                f"same number of tokens, got values from {p_min} to {p_max}"
+            )
+        if not 0 <= p_max <= skv:
+            raise ValueError(f"budget: expected values in [0, Skv={skv}], got {p_max}")
+        keep = self.keep_mask(scores, budget)  # (B, Hkv, Skv)
+        return Selection(keep=keep, num_kept=max(p_max, self.num_forced(skv)))
