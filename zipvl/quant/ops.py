@@ -1,0 +1,55 @@
+"""`quantize_pack`: the write path of the KV cache (quantize + pack in one call), with `impl=`.
+
+``impl="reference"`` composes the PyTorch primitives (any device, any axis); ``impl="triton"``
+runs the fused Triton kernel of ``triton_kernels.py`` (token-wise ``axis="channel"`` only: the
+path of values and per-token quantizers). Both return bit-identical codes and equal parameters.
+A requested impl that cannot run raises; nothing falls back.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..types import Impl
+from .primitives import choose_qparams, pack, quantize
+from .spec import QuantSpec
+
+__all__ = ["quantize_pack"]
+
+
+def quantize_pack(
+    x: Tensor, spec: QuantSpec, impl: Impl | str = Impl.REFERENCE
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Quantize ``x`` with ``spec`` and pack the codes.
+
+    Args:
+        x: (..., T, D) float16 / bfloat16 / float32; D divisible by 8 // bits.
+        spec: the quantizer.
+        impl: ``"reference"`` (PyTorch primitives) or ``"triton"`` (fused kernel; CUDA tensors,
+            or CPU tensors when the process runs with TRITON_INTERPRET=1; ``axis="channel"``,
+            D and the channel group size powers of two).
+
+    Returns:
+        (packed (..., T, D * bits // 8) uint8, scale, zero): the parameters are float32,
+        exact in ``spec.param_dtype``, shaped like ``choose_qparams``'s.
+
+    Raises:
+        ValueError: unknown ``impl``, or a ``spec`` / shape the requested impl cannot run.
+        RuntimeError: ``impl="triton"`` without triton or on a CPU tensor without
+            TRITON_INTERPRET=1.
+    """
+    try:
+        impl = Impl(impl)
+    except ValueError:
+        raise ValueError(f"impl: expected 'reference' or 'triton', got {impl!r}") from None
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x: expected a floating-point tensor, got {got}")
+    if impl is Impl.REFERENCE:
+        scale, zero = choose_qparams(x, spec)
+        return pack(quantize(x, spec, scale, zero), spec.bits), scale, zero
+    if impl is Impl.TRITON:
+        from .triton_kernels import quantize_pack_tokenwise
+
+        return quantize_pack_tokenwise(x, spec)
+    raise ValueError(f"impl: expected 'reference' or 'triton', got {impl.value!r}")
