@@ -1,0 +1,400 @@
+"""``ZipVLCache``: ZipVL's mixed-precision KV cache as a transformers ``Cache``.
+
+ZipVL (He et al., arXiv 2410.08584 v1, Algorithm 1; method.md sections 5 and 7.4) stores the
+prompt's important tokens at high precision and the rest at low precision (4 / 2 bits by
+default), keeps newly generated tokens in a full-precision tail and, every ``recompress_every``
+(100) tokens, scores the oldest tail block with the current query, splits it with the same
+adaptive rule (Eq. 6, tau x block mass) and quantizes it as a new append-only chunk. Earlier
+chunks are never re-quantized (unlike ZipCache's streaming code, section 7.4).
+
+This class is thin (style G5): a list of ``ZipVLCacheLayer`` plus the calls the model side
+makes. The call sequence of one attention layer::
+
+    prefill   K, V = cache.update(k, v, i)              # pending fp, returned unchanged
+              ... sparse attention, selection keep (B, Hkv, S) ...
+              cache.compress_prefill(i, keep)           # sinks fp, kept -> 4 bit, rest -> 2 bit
+    decode    K, V = cache.update(k, v, i)              # dense K/V of all positions
+              ... attention of q over K, V ...
+              cache.compress_tail(i, q)                 # only works on full blocks
+
+Plain PyTorch, device-agnostic; ``is_compileable`` is False (the cache grows by concatenation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from zipvl.cache.hf_compat import Cache
+from zipvl.cache.layer import ZipVLCacheLayer
+from zipvl.cache.report import CacheReport, LayerReport
+
+if TYPE_CHECKING:
+    from zipvl.quant import KVQuantizer
+    from zipvl.types import Allocator, Selector
+
+__all__ = ["ZipVLCache"]
+
+
+def _check_int(name: str, value: object, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value}")
+    return value
+
+
+def _check_quantizer(name: str, quantizer: object) -> None:
+    for method in ("quantize", "dequantize"):
+        if not callable(getattr(quantizer, method, None)):
+            raise TypeError(
+                f"{name}: expected a KVQuantizer with quantize() and dequantize(), got "
+                f"{type(quantizer).__name__} without {method}()"
+            )
+
+
+class ZipVLCache(Cache):
+    """Mixed-precision KV cache with ZipVL's prefill commit and decode-time re-compression.
+
+    Args:
+        num_layers: number of attention layers; ``None`` creates layers lazily on first use.
+        quantizer: ``KVQuantizer`` of every layer (default: ``MixedPrecisionKVQuantizer()``,
+            ZipCache 4-bit important / 2-bit other tokens).
+        recompress_every: decode block size, >= 1 (ZipVL: 100).
+        sink_tokens: leading positions kept at full precision, >= 0 (attention sinks).
+        allocator: decode-block budget (default ``CumulativeMassAllocator(0.975)``).
+        selector: decode-block keep mask (default ``TopKSelector(keep_last=False)``).
+        layer_quantizers: per-layer overrides ``{layer_idx: KVQuantizer}``.
+        auto_commit_prefill: when True, a pending prefill is committed with EVERY token kept at
+            high precision when the next ``update`` of that layer arrives. It lets a model whose
+            attention never calls ``compress_prefill`` (e.g. stock transformers attention) run
+            with this cache. Off by default: then a missing ``compress_prefill`` raises.
+
+    Raises:
+        TypeError / ValueError: a bad argument (the message names it).
+
+    Example::
+
+        cache = ZipVLCache(num_layers=2, recompress_every=8)
+        k_all, v_all = cache.prefill(0, k, v, keep)             # (B, Hkv, S, D), keep (B, Hkv, S)
+        k_all, v_all = cache.decode_step(0, q, k1, v1)           # q (B, Hq, 1, D)
+        print(cache.report().to_markdown())
+    """
+
+    def __init__(
+        self,
+        num_layers: int | None = None,
+        *,
+        quantizer: KVQuantizer | None = None,
+        recompress_every: int = 100,
+        sink_tokens: int = 0,
+        allocator: Allocator | None = None,
+        selector: Selector | None = None,
+        layer_quantizers: Mapping[int, KVQuantizer] | None = None,
+        auto_commit_prefill: bool = False,
+    ) -> None:
+        if num_layers is not None:
+            _check_int("num_layers", num_layers, low=1)
+        self.recompress_every = _check_int("recompress_every", recompress_every, low=1)
+        self.sink_tokens = _check_int("sink_tokens", sink_tokens, low=0)
+        if not isinstance(auto_commit_prefill, bool):
+            raise TypeError(
+                f"auto_commit_prefill: expected a bool, got {type(auto_commit_prefill).__name__}"
+            )
+        self.auto_commit_prefill = auto_commit_prefill
+        if quantizer is None:
+            # lazy: quant is only imported when the default is needed (no import cycle)
+            from zipvl.quant import MixedPrecisionKVQuantizer
+
+            quantizer = MixedPrecisionKVQuantizer()
+        _check_quantizer("quantizer", quantizer)
+        self.quantizer: KVQuantizer = quantizer
+        overrides = dict(layer_quantizers or {})
+        for idx, q in overrides.items():
+            _check_int("layer_quantizers key", idx, low=0)
+            if num_layers is not None and idx >= num_layers:
+                raise ValueError(
+                    f"layer_quantizers: expected layer indices < num_layers={num_layers}, "
+                    f"got {idx}"
+                )
+            _check_quantizer(f"layer_quantizers[{idx}]", q)
+        self.layer_quantizers: dict[int, KVQuantizer] = overrides
+        if allocator is None:
+            from zipvl.sparsity import CumulativeMassAllocator
+
+            allocator = CumulativeMassAllocator(0.975)
+        if not callable(allocator):
+            raise TypeError(f"allocator: expected a callable Allocator, got {allocator!r}")
+        self.allocator: Allocator = allocator
+        if selector is None:
+            from zipvl.sparsity import TopKSelector
+
+            selector = TopKSelector(keep_last=False)
+        if not callable(selector):
+            raise TypeError(f"selector: expected a callable Selector, got {selector!r}")
+        self.selector: Selector = selector
+        self.num_layers = num_layers
+        layers = [] if num_layers is None else [self._new_layer(i) for i in range(num_layers)]
+        super().__init__(layers=layers)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ layers
+    def _new_layer(self, layer_idx: int) -> ZipVLCacheLayer:
+        return ZipVLCacheLayer(
+            quantizer=self.layer_quantizers.get(layer_idx, self.quantizer),
+            allocator=self.allocator,
+            selector=self.selector,
+            recompress_every=self.recompress_every,
+            sink_tokens=self.sink_tokens,
+            auto_commit_prefill=self.auto_commit_prefill,
+            layer_idx=layer_idx,
+        )
+
+    def layer(self, layer_idx: int) -> ZipVLCacheLayer:
+        """The layer ``layer_idx``, created (with all lower ones) when layers are lazy.
+
+        Raises:
+            ValueError: ``layer_idx`` is negative or >= ``num_layers``.
+        """
+        _check_int("layer_idx", layer_idx, low=0)
+        if self.num_layers is not None and layer_idx >= self.num_layers:
+            raise ValueError(
+                f"layer_idx: expected 0 <= layer_idx < num_layers={self.num_layers}, "
+                f"got {layer_idx}"
+            )
+        while len(self.layers) <= layer_idx:
+            self.layers.append(self._new_layer(len(self.layers)))
+        layer = self.layers[layer_idx]
+        assert isinstance(layer, ZipVLCacheLayer)
+        return layer
+
+    def zipvl_layers(self) -> list[ZipVLCacheLayer]:
+        """The created layers, typed (``self.layers`` holds only ``ZipVLCacheLayer``)."""
+        out = []
+        for layer in self.layers:
+            assert isinstance(layer, ZipVLCacheLayer)
+            out.append(layer)
+        return out
+
+    def _existing(self, layer_idx: int) -> ZipVLCacheLayer:
+        _check_int("layer_idx", layer_idx, low=0)
+        if layer_idx >= len(self.layers):
+            raise ValueError(
+                f"layer_idx: layer {layer_idx} holds nothing yet (the cache has "
+                f"{len(self.layers)} layers with data); call update/prefill first"
+            )
+        layer = self.layers[layer_idx]
+        assert isinstance(layer, ZipVLCacheLayer)
+        return layer
+
+    # ------------------------------------------------------------------ transformers API
+    def update(  # type: ignore[override]
+        self,
+        key_states: Tensor,
+        value_states: Tensor,
+        layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor]:
+        """Store new K/V of ``layer_idx`` and return what attention reads.
+
+        Args:
+            key_states: (B, Hkv, S, D) new keys, RoPE applied.
+            value_states: (B, Hkv, S, D) new values.
+            layer_idx: attention layer index.
+            cache_kwargs: ignored (transformers' extra data such as RoPE sin/cos).
+
+        Returns:
+            Prefill (empty layer): the inputs unchanged, held as pending full precision until
+            ``compress_prefill``. Otherwise the dense (K, V) of all positions in position order
+            (dequantized chunks, sinks and tail), (B, Hkv, N, D), in the input dtype.
+
+        Raises:
+            RuntimeError: the layer's prefill is still pending (``compress_prefill`` was not
+                called) and ``auto_commit_prefill`` is off.
+            ValueError: shapes, dtype or device differ from the layer's.
+        """
+        return self.layer(layer_idx).update(key_states, value_states)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop trailing positions of every layer, following transformers' convention.
+
+        Args:
+            tokens_to_remove: ``-n`` removes the last ``n`` positions (what ``generate`` and
+                assisted decoding call); a positive ``m`` keeps the first ``m`` positions (the
+                legacy ``crop(max_length)``); ``0`` is a no-op, as in transformers >= 5.17 (use
+                ``crop_to(0)`` or ``reset()`` to empty the cache).
+
+        Positions are exact, also inside compressed chunks; see ``crop_to`` for the memory
+        semantics.
+        """
+        for layer in self.zipvl_layers():
+            layer.crop(tokens_to_remove)
+
+    def crop_to(self, max_length: int) -> None:
+        """Keep exactly the first ``max_length`` positions of every layer (0 empties it).
+
+        Full-precision regions are sliced and their memory freed. A compressed chunk cut by
+        ``max_length`` is kept whole (never re-quantized) but only its positions below
+        ``max_length`` are read or counted in ``report()`` token counts; its bytes stay held,
+        and ``nbytes()`` says so. Later tokens are appended at position ``max_length``.
+
+        Args:
+            max_length: positions to keep, >= 0.
+        """
+        _check_int("max_length", max_length, low=0)
+        for layer in self.zipvl_layers():
+            layer.crop_to(max_length)
+
+    @property
+    def is_compileable(self) -> bool:  # type: ignore[override]
+        """Always False: the cache grows by concatenation and has data-dependent chunks."""
+        return False
+
+    # ------------------------------------------------------------------ ZipVL API
+    def compress_prefill(self, layer_idx: int, keep: Tensor | None) -> None:
+        """Commit the pending prefill of ``layer_idx``: kept tokens high bits, the rest low.
+
+        The first ``sink_tokens`` positions stay full precision. Records the prefill selection
+        stats (prompt tokens, kept tokens) for ``report()``. One host read (the row counts).
+
+        Args:
+            layer_idx: attention layer index.
+            keep: (B, Hkv, S) bool over the pending prefill, the same count of True in every
+                row; ``None`` keeps every token.
+
+        Raises:
+            RuntimeError: the layer has no pending prefill.
+            ValueError: ``keep`` has the wrong shape / dtype / device or unequal row counts.
+        """
+        self._existing(layer_idx).compress_prefill(keep)
+
+    def compress_tail(
+        self,
+        layer_idx: int,
+        query: Tensor,
+        *,
+        keys: Tensor | None = None,
+        scale: float | None = None,
+    ) -> int:
+        """Re-compress full blocks of the fp tail of ``layer_idx`` (call AFTER attention).
+
+        While the tail holds >= ``recompress_every`` tokens, the oldest block is scored with
+        the softmax of the last query row over ALL cached keys (float32, summed over each GQA
+        group), budgeted by the allocator, split by the selector and quantized as a new chunk.
+        No host sync beyond the selector's.
+
+        Args:
+            layer_idx: attention layer index.
+            query: (B, Hq, Sq, D) the step's queries with RoPE applied (last row used).
+            keys: optional (B, Hkv, N, D) dense keys just returned by ``update`` (saves a
+                dequantization).
+            scale: the model's softmax scale (``None``: 1 / sqrt(D)).
+
+        Returns:
+            Number of blocks compressed (0 on most steps).
+        """
+        return self._existing(layer_idx).compress_tail(query, keys=keys, scale=scale)
+
+    def prefill(
+        self, layer_idx: int, key_states: Tensor, value_states: Tensor, keep: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """``update`` on an empty layer followed by ``compress_prefill`` (drives tests/benches).
+
+        Args:
+            layer_idx: attention layer index (must be empty).
+            key_states: (B, Hkv, S, D) prompt keys.
+            value_states: (B, Hkv, S, D) prompt values.
+            keep: (B, Hkv, S) bool, equal row counts; ``None`` keeps all.
+
+        Returns:
+            The inputs, unchanged (what prefill attention reads).
+
+        Raises:
+            RuntimeError: the layer is not empty.
+        """
+        layer = self.layer(layer_idx)
+        if layer.get_seq_length() > 0:
+            raise RuntimeError(
+                f"layer {layer_idx}: prefill needs an empty layer, it holds "
+                f"{layer.get_seq_length()} positions (use update for later chunks)"
+            )
+        out = layer.update(key_states, value_states)
+        layer.compress_prefill(keep)
+        return out
+
+    def decode_step(
+        self,
+        layer_idx: int,
+        query: Tensor,
+        key_states: Tensor,
+        value_states: Tensor,
+        *,
+        scale: float | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """One decode step of ``layer_idx`` without a model: ``update`` then ``compress_tail``.
+
+        Order: the dense K/V of the step (all positions including the new ones, the fp tail
+        not yet compressed) are read first and returned, as attention would read them; then
+        the tail is re-compressed with ``query``, so the effect shows from the next step on.
+
+        Args:
+            layer_idx: attention layer index (its prefill must be committed).
+            query: (B, Hq, Sq, D) the step's queries, RoPE applied.
+            key_states: (B, Hkv, Sq, D) the step's keys.
+            value_states: (B, Hkv, Sq, D) the step's values.
+            scale: softmax scale for the block scores (``None``: 1 / sqrt(D)).
+
+        Returns:
+            (K, V), (B, Hkv, N, D) dense, in position order, before this step's compression.
+        """
+        layer = self._existing(layer_idx)
+        keys, values = layer.update(key_states, value_states)
+        layer.compress_tail(query, keys=keys, scale=scale)
+        return keys, values
+
+    def dense_kv(self, layer_idx: int, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """All positions of ``layer_idx`` dequantized, in position order (the reference read).
+
+        Returns:
+            (K, V), (B, Hkv, N, D) each, in ``dtype`` (default: the input dtype).
+        """
+        return self._existing(layer_idx).dense_kv(dtype)
+
+    # ------------------------------------------------------------------ accounting
+    def nbytes(self) -> int:
+        """Bytes held by all layers (exact: sum of ``nbytes`` of every tensor)."""
+        return sum(layer.nbytes() for layer in self.zipvl_layers())
+
+    def report(self) -> CacheReport:
+        """Per-layer kept ratio, attention-FLOP reduction, precision mix and memory."""
+        rows = []
+        for i, layer in enumerate(self.zipvl_layers()):
+            ratio = layer.kept_tokens / layer.prompt_tokens if layer.prompt_tokens else 1.0
+            rows.append(
+                LayerReport(
+                    layer=i,
+                    prompt_tokens=layer.prompt_tokens,
+                    kept_tokens=layer.kept_tokens,
+                    kept_ratio=ratio,
+                    attn_flop_reduction=1.0 - ratio**2,
+                    seq_length=layer.get_seq_length(),
+                    tokens_at_bits=layer.tokens_at_bits(),
+                    decode_blocks=layer.decode_blocks,
+                    decode_block_tokens=layer.decode_block_tokens,
+                    decode_kept_tokens=layer.decode_kept_tokens,
+                    bytes=layer.nbytes(),
+                    bf16_bytes=layer.bf16_bytes(),
+                )
+            )
+        return CacheReport(layers=tuple(rows))
+
+    def __repr__(self) -> str:
+        return (
+            f"ZipVLCache(num_layers={self.num_layers}, layers={len(self.layers)}, "
+            f"quantizer={self.quantizer!r}, recompress_every={self.recompress_every}, "
+            f"sink_tokens={self.sink_tokens})"
+        )

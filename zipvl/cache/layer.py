@@ -1,0 +1,650 @@
+"""One layer of ZipVL's mixed-precision KV cache (arXiv 2410.08584 v1, Algorithm 1; method.md 5).
+
+The layer only stores and routes (style G5): scores come from ``zipvl.cache.scoring``, budgets
+from an allocator, the keep mask from a selector and all bit-level work from a ``KVQuantizer``.
+
+Storage, in position order (every region is contiguous in positions)::
+
+    positions  0 .. Ns-1 | Ns ..                       | .. N-1
+               sinks     | chunk 0 | chunk 1 | ...      | fp tail
+               16-bit    | prefill | decode blocks      | 16-bit, newest tokens
+
+* ``sink_keys`` / ``sink_values`` (B, Hkv, Ns, D): the first ``sink_tokens`` positions, kept at
+  full precision (Ns <= sink_tokens; ``None`` when Ns = 0).
+* ``chunks``: append-only list of ``QuantizedKV``; ``chunk_starts[i]`` is the position of the
+  first token of ``chunks[i]`` and ``chunk_lengths[i]`` the number of its tokens that are still
+  part of the sequence (smaller than ``chunks[i].num_tokens`` only after ``crop``). A chunk is
+  never modified or re-quantized once written.
+* ``tail_keys`` / ``tail_values`` (B, Hkv, Nt, D): full-precision tokens not compressed yet
+  (``None`` when empty); ``compress_tail`` moves the oldest ``recompress_every`` of them into a
+  new chunk.
+* ``pending_keys`` / ``pending_values``: the prefill K/V between ``update`` and
+  ``compress_prefill`` (the whole layer then, ``None`` otherwise).
+
+Life cycle of a layer::
+
+    update(k, v)          empty layer    -> pending = (k, v), returns (k, v) unchanged
+    compress_prefill(keep)               -> sinks + one quantized prefill chunk
+    update(k, v)          non-empty      -> appended to sinks (positions < sink_tokens) / tail,
+                                            returns the dense K/V of all positions
+    compress_tail(q)      after attention -> while tail >= recompress_every: score, select,
+                                            quantize the oldest block, append a chunk
+
+Everything is plain PyTorch on the device of the first ``update``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from zipvl.cache.hf_compat import CacheLayerMixin
+from zipvl.cache.scoring import last_query_mass
+from zipvl.checks import check_tensor
+
+if TYPE_CHECKING:
+    from zipvl.quant import KVQuantizer, QuantizedKV
+    from zipvl.types import Allocator, Selector
+
+__all__ = ["ZipVLCacheLayer"]
+
+_FULL_PRECISION_BITS = 16
+
+
+class ZipVLCacheLayer(CacheLayerMixin):
+    """Mixed-precision cache of one attention layer: fp sinks, quantized chunks, fp tail.
+
+    Args:
+        quantizer: compresses the prefill and every decode block (``KVQuantizer``).
+        allocator: decode-block budget from the block's attention mass (Eq. 6).
+        selector: decode-block keep mask from scores and budget (Eqs. 8/9).
+        recompress_every: decode block size, >= 1 (ZipVL: 100).
+        sink_tokens: leading positions kept at full precision, >= 0.
+        auto_commit_prefill: commit a pending prefill with every token kept when the next
+            ``update`` arrives, instead of raising.
+        layer_idx: index of this layer (passed to the allocator, used in messages).
+
+    Attributes (read by fused kernels; see the module docstring for the layout):
+        sink_keys, sink_values, chunks, chunk_starts, chunk_lengths, tail_keys, tail_values,
+        pending_keys, pending_values.
+    """
+
+    is_compileable = False
+    # crop() truncates compressed chunks without restoring the fp tail they were built from, so a
+    # rollback is not traceless (the transformers meaning of is_croppable).
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(
+        self,
+        *,
+        quantizer: KVQuantizer,
+        allocator: Allocator,
+        selector: Selector,
+        recompress_every: int,
+        sink_tokens: int,
+        auto_commit_prefill: bool = False,
+        layer_idx: int = 0,
+    ) -> None:
+        super().__init__()
+        self.quantizer = quantizer
+        self.allocator = allocator
+        self.selector = selector
+        self.recompress_every = recompress_every
+        self.sink_tokens = sink_tokens
+        self.auto_commit_prefill = auto_commit_prefill
+        self.layer_idx = layer_idx
+        self._clear()
+
+    # ------------------------------------------------------------------ state
+    def _clear(self) -> None:
+        self.sink_keys: Tensor | None = None
+        self.sink_values: Tensor | None = None
+        self.chunks: list[QuantizedKV] = []
+        self.chunk_starts: list[int] = []
+        self.chunk_lengths: list[int] = []
+        self.tail_keys: Tensor | None = None
+        self.tail_values: Tensor | None = None
+        self.pending_keys: Tensor | None = None
+        self.pending_values: Tensor | None = None
+        # prefill selection stats (host ints, read back once in compress_prefill)
+        self.prompt_tokens = 0
+        self.kept_tokens = 0
+        # decode-block stats: blocks, tokens per row, kept tokens per row
+        self.decode_blocks = 0
+        self.decode_block_tokens = 0
+        self.decode_kept_tokens = 0
+        # per-row bit counts of partially cropped chunks, {chunk index: {bits: mean tokens}}
+        self._cropped_bits: dict[int, dict[int, float]] = {}
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        """Record batch, heads, head dim, dtype and device from the first K/V seen.
+
+        Args:
+            key_states: (B, Hkv, S, D) (S may be 0, as in ``Cache.early_initialization``).
+            value_states: (B, Hkv, S, D).
+
+        Raises:
+            ValueError: the quantizer cannot handle this head dim (for example a group size
+                that does not divide D).
+        """
+        b, h, _, d = key_states.shape
+        _check_quantizer_fits(self.quantizer, h, d, self.layer_idx)
+        self.dtype = key_states.dtype
+        self.device = key_states.device
+        self._batch_size, self.num_heads, self.head_dim = b, h, d
+        self.is_initialized = True
+
+    @property
+    def batch_size(self) -> int:
+        """Batch size B (an AttributeError before the first update, as transformers expects)."""
+        if not self.is_initialized:
+            raise AttributeError("batch_size: the layer is not initialized yet")
+        return self._batch_size
+
+    def reset(self) -> None:
+        """Drop every token and statistic; the next ``update`` is a prefill again."""
+        self._clear()
+        self.is_initialized = False
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def num_sinks(self) -> int:
+        """Ns, positions held in the full-precision sink region."""
+        return 0 if self.sink_keys is None else self.sink_keys.shape[-2]
+
+    @property
+    def tail_length(self) -> int:
+        """Nt, positions held in the full-precision tail."""
+        return 0 if self.tail_keys is None else self.tail_keys.shape[-2]
+
+    @property
+    def has_pending_prefill(self) -> bool:
+        """True between a prefill ``update`` and its ``compress_prefill``."""
+        return self.pending_keys is not None
+
+    def get_seq_length(self) -> int:
+        """Number of cached positions (pending prefill included)."""
+        if self.pending_keys is not None:
+            return self.pending_keys.shape[-2]
+        return self.num_sinks + sum(self.chunk_lengths) + self.tail_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) of the next attention call: all positions, offset 0."""
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        """-1: the cache grows without bound."""
+        return -1
+
+    # ------------------------------------------------------------------ write path
+    def _check_kv(self, key_states: Tensor, value_states: Tensor) -> None:
+        check_tensor("key_states", key_states, ndim=4, floating=True)
+        check_tensor("value_states", value_states, ndim=4, floating=True)
+        if value_states.shape != key_states.shape:
+            raise ValueError(
+                f"value_states: expected shape (B, Hkv, S, D) = {tuple(key_states.shape)} like "
+                f"key_states (the KV quantizers need equal head dims), "
+                f"got {tuple(value_states.shape)}"
+            )
+        if value_states.dtype != key_states.dtype or value_states.device != key_states.device:
+            raise ValueError(
+                f"value_states: expected dtype {key_states.dtype} on {key_states.device} like "
+                f"key_states, got {value_states.dtype} on {value_states.device}"
+            )
+        if not self.is_initialized:
+            return
+        want = (self.batch_size, self.num_heads, self.head_dim)
+        got = (key_states.shape[0], key_states.shape[1], key_states.shape[3])
+        if got != want:
+            raise ValueError(
+                f"key_states: expected (B, Hkv, *, D) = {want} like the cache of layer "
+                f"{self.layer_idx}, got shape {tuple(key_states.shape)}"
+            )
+        if key_states.dtype != self.dtype or key_states.device != self.device:
+            raise ValueError(
+                f"key_states: expected dtype {self.dtype} on {self.device} like the cache of "
+                f"layer {self.layer_idx}, got {key_states.dtype} on {key_states.device}"
+            )
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        """Add new K/V and return what attention should read.
+
+        Args:
+            key_states: (B, Hkv, S, D) new keys (RoPE applied), S >= 1.
+            value_states: (B, Hkv, S, D) new values.
+            *args, **kwargs: ignored (transformers passes ``cache_kwargs``).
+
+        Returns:
+            On an empty layer (prefill): ``(key_states, value_states)`` unchanged, held as the
+            pending prefill. Otherwise the dense ``(K, V)`` of all positions in position order,
+            (B, Hkv, N, D) each, in the cache dtype.
+
+        Raises:
+            ValueError: shapes, dtype or device differ from the layer's.
+            RuntimeError: a pending prefill was never committed by ``compress_prefill`` (and
+                ``auto_commit_prefill`` is off).
+        """
+        self._check_kv(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.pending_keys is not None:
+            if not self.auto_commit_prefill:
+                raise RuntimeError(
+                    f"layer {self.layer_idx}: a new update arrived while the prefill K/V of this "
+                    "layer are still pending: call compress_prefill(layer_idx, keep) after the "
+                    "prefill attention (or build the cache with auto_commit_prefill=True to keep "
+                    "every prefill token at high precision)"
+                )
+            self.compress_prefill(None)
+        if self.get_seq_length() == 0:
+            self.pending_keys, self.pending_values = key_states, value_states
+            return key_states, value_states
+        # positions < sink_tokens (a short prompt or a crop into the sinks) go to the sinks
+        n_sink = min(max(self.sink_tokens - self.get_seq_length(), 0), key_states.shape[-2])
+        if n_sink > 0:
+            self.sink_keys = _cat(self.sink_keys, key_states[:, :, :n_sink])
+            self.sink_values = _cat(self.sink_values, value_states[:, :, :n_sink])
+        if n_sink < key_states.shape[-2]:
+            self.tail_keys = _cat(self.tail_keys, key_states[:, :, n_sink:])
+            self.tail_values = _cat(self.tail_values, value_states[:, :, n_sink:])
+        return self.dense_kv()
+
+    def compress_prefill(self, keep: Tensor | None) -> None:
+        """Commit the pending prefill: sinks stay fp, the rest becomes one quantized chunk.
+
+        Tokens of a keep row that fall in the sink region are stored at 16 bits anyway. So that
+        the quantized part still has the same number of kept tokens in every row (the
+        ``KVQuantizer`` contract), rows that lost kept tokens to the sinks get their latest
+        unkept tokens promoted to high precision: precision is only ever raised, never lowered.
+
+        Args:
+            keep: (B, Hkv, S) bool over the pending prefill, True = important (high bits), the
+                same count in every row; ``None`` keeps every token.
+
+        Raises:
+            RuntimeError: no pending prefill in this layer.
+            ValueError: ``keep`` has the wrong shape, dtype or device, or unequal row counts.
+        """
+        if self.pending_keys is None or self.pending_values is None:
+            raise RuntimeError(
+                f"layer {self.layer_idx}: compress_prefill needs a pending prefill (an update on "
+                f"an empty layer), but the layer holds {self.get_seq_length()} committed positions"
+            )
+        k, v = self.pending_keys, self.pending_values  # (B, Hkv, S, D)
+        b, h, s = k.shape[:3]
+        if keep is None:
+            kept = s
+        else:
+            check_tensor("keep", keep, ndim=3, dtype=torch.bool)
+            if tuple(keep.shape) != (b, h, s):
+                raise ValueError(
+                    f"keep: expected shape (B, Hkv, S) = {(b, h, s)} like the pending prefill of "
+                    f"layer {self.layer_idx}, got {tuple(keep.shape)}"
+                )
+            if keep.device != k.device:
+                raise ValueError(f"keep: expected device {k.device}, got {keep.device}")
+            # the one host read of the prefill commit (validation + stats)
+            lo, hi = (int(x) for x in torch.aminmax(keep.sum(-1)))
+            if lo != hi:
+                raise ValueError(
+                    "keep: expected the same number of kept tokens in every (b, h) row, got "
+                    f"counts from {lo} to {hi}"
+                )
+            kept = lo
+        ns = min(self.sink_tokens, s)
+        if ns > 0:
+            # clone: a slice would keep the whole prefill storage alive behind the sinks
+            self.sink_keys, self.sink_values = k[:, :, :ns].clone(), v[:, :, :ns].clone()
+        if ns < s:
+            rest_keep = None if keep is None else _equalize_counts(keep[:, :, ns:])
+            chunk = self.quantizer.quantize(k[:, :, ns:], v[:, :, ns:], keep=rest_keep)
+            self._append_chunk(chunk, start=ns, length=s - ns)
+        self.pending_keys = self.pending_values = None
+        self.prompt_tokens, self.kept_tokens = s, kept
+
+    def compress_tail(
+        self, query: Tensor, *, keys: Tensor | None = None, scale: float | None = None
+    ) -> int:
+        """Compress full blocks of the fp tail (ZipVL Algorithm 1, decode branch).
+
+        While the tail holds at least ``recompress_every`` tokens, its oldest ``recompress_every``
+        tokens form a block: scored by the softmax of the last query row over ALL cached keys
+        (float32, summed over each GQA group), budgeted by the allocator (``tau`` x the block's
+        total mass), selected by the selector and quantized into a new chunk. Call it AFTER the
+        step's attention. Without a full block it returns at once (no work, no sync).
+
+        Args:
+            query: (B, Hq, Sq, D) queries of the step, RoPE applied; the last row is used.
+            keys: optional (B, Hkv, N, D) dense keys of all N cached positions in position order
+                (what ``update`` just returned), to skip a second dequantization.
+            scale: softmax scale of the model (``None``: 1 / sqrt(D)).
+
+        Returns:
+            Number of blocks compressed.
+
+        Raises:
+            RuntimeError: the prefill of this layer is still pending.
+            ValueError: ``query`` / ``keys`` shapes do not match the cache.
+        """
+        if self.pending_keys is not None:
+            raise RuntimeError(
+                f"layer {self.layer_idx}: compress_tail called while the prefill is still "
+                "pending: call compress_prefill(layer_idx, keep) first"
+            )
+        r = self.recompress_every
+        if self.tail_length < r:
+            return 0
+        if keys is None:
+            keys = self.dense_kv()[0]
+        else:
+            check_tensor("keys", keys, ndim=4, floating=True)
+            want = (self.batch_size, self.num_heads, self.get_seq_length(), self.head_dim)
+            if tuple(keys.shape) != want:
+                raise ValueError(
+                    f"keys: expected the dense keys of layer {self.layer_idx}, shape {want}, "
+                    f"got {tuple(keys.shape)}"
+                )
+        mass = last_query_mass(query, keys, scale=scale)  # (B, Hkv, N)
+        done = 0
+        while self.tail_length >= r:
+            assert self.tail_keys is not None and self.tail_values is not None
+            start = self.get_seq_length() - self.tail_length
+            block_mass = mass[:, :, start : start + r]  # (B, Hkv, R)
+            budget = self.allocator(block_mass, layer_idx=self.layer_idx)  # (B, Hkv)
+            selection = self.selector(block_mass, budget)
+            chunk = self.quantizer.quantize(
+                self.tail_keys[:, :, :r], self.tail_values[:, :, :r], keep=selection.keep
+            )
+            self._append_chunk(chunk, start=start, length=r)
+            # clone: a slice would keep the whole old tail storage alive behind a smaller view
+            rest = self.tail_length - r
+            self.tail_keys = self.tail_keys[:, :, r:].clone() if rest else None
+            self.tail_values = self.tail_values[:, :, r:].clone() if rest else None
+            self.decode_blocks += 1
+            self.decode_block_tokens += r
+            self.decode_kept_tokens += selection.num_kept
+            done += 1
+        return done
+
+    def _append_chunk(self, chunk: QuantizedKV, *, start: int, length: int) -> None:
+        if chunk.num_tokens != length:
+            raise RuntimeError(
+                f"quantizer: returned a chunk of {chunk.num_tokens} tokens for {length} inputs"
+            )
+        self.chunks.append(chunk)
+        self.chunk_starts.append(start)
+        self.chunk_lengths.append(length)
+
+    # ------------------------------------------------------------------ read path
+    def dense_kv(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """The reference read path: every cached position, dequantized, in position order.
+
+        Args:
+            dtype: output dtype (default: the cache dtype, i.e. the dtype of the inputs).
+
+        Returns:
+            (K, V) with shapes (B, Hkv, N, D) each, N = ``get_seq_length()``.
+
+        Raises:
+            RuntimeError: the layer was never initialized.
+        """
+        if not self.is_initialized:
+            raise RuntimeError(f"layer {self.layer_idx}: dense_kv on a layer that holds nothing")
+        dtype = self.dtype if dtype is None else dtype
+        if self.pending_keys is not None and self.pending_values is not None:
+            return self.pending_keys.to(dtype), self.pending_values.to(dtype)
+        ks: list[Tensor] = []
+        vs: list[Tensor] = []
+        if self.sink_keys is not None and self.sink_values is not None:
+            ks.append(self.sink_keys)
+            vs.append(self.sink_values)
+        for chunk, length in zip(self.chunks, self.chunk_lengths, strict=True):
+            ck, cv = self.quantizer.dequantize(chunk, dtype=dtype)  # (B, Hkv, T, D)
+            ks.append(ck[:, :, :length])
+            vs.append(cv[:, :, :length])
+        if self.tail_keys is not None and self.tail_values is not None:
+            ks.append(self.tail_keys)
+            vs.append(self.tail_values)
+        if not ks:
+            b, h = self.batch_size, self.num_heads
+            empty = torch.empty(b, h, 0, self.head_dim, dtype=dtype, device=self.device)
+            return empty, empty.clone()
+        keys = torch.cat([t.to(dtype) for t in ks], dim=-2)  # (B, Hkv, N, D)
+        values = torch.cat([t.to(dtype) for t in vs], dim=-2)  # (B, Hkv, N, D)
+        return keys, values
+
+    # ------------------------------------------------------------------ edits
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop trailing positions (transformers' convention, see ``ZipVLCache.crop``).
+
+        Args:
+            tokens_to_remove: ``< 0``: remove ``-tokens_to_remove`` trailing positions;
+                ``> 0``: keep the first ``tokens_to_remove`` positions (legacy absolute length);
+                ``0``: no-op.
+        """
+        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int):
+            raise TypeError(
+                f"tokens_to_remove: expected an int, got {type(tokens_to_remove).__name__}"
+            )
+        n = self.get_seq_length()
+        if tokens_to_remove == 0 or n == 0:
+            return
+        keep_len = max(n + tokens_to_remove, 0) if tokens_to_remove < 0 else tokens_to_remove
+        self.crop_to(keep_len)
+
+    def crop_to(self, max_length: int) -> None:
+        """Keep the first ``max_length`` positions exactly (``0`` empties the layer).
+
+        Full-precision regions (pending prefill, sinks, tail) are sliced and copied, so their
+        memory is freed. Chunks that start at or after ``max_length`` are dropped. A chunk that
+        straddles ``max_length`` is kept whole (never re-quantized) and only its first
+        ``max_length - start`` tokens are read and counted from then on: its bytes stay held
+        until the layer is reset. Tokens appended later go to the tail at the right positions.
+
+        Args:
+            max_length: positions to keep, >= 0; values >= the current length are a no-op.
+        """
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 0:
+            raise ValueError(f"max_length: expected an int >= 0, got {max_length!r}")
+        n = self.get_seq_length()
+        if max_length >= n:
+            return
+        if max_length == 0:
+            self._clear()  # the layer stays initialized: shapes and dtype are unchanged
+            return
+        if self.pending_keys is not None and self.pending_values is not None:
+            self.pending_keys = self.pending_keys[:, :, :max_length].clone()
+            self.pending_values = self.pending_values[:, :, :max_length].clone()
+            return
+        ns = self.num_sinks
+        if max_length < ns and self.sink_keys is not None and self.sink_values is not None:
+            self.sink_keys = self.sink_keys[:, :, :max_length].clone()
+            self.sink_values = self.sink_values[:, :, :max_length].clone()
+        keep_chunks = 0
+        spans = zip(self.chunk_starts, self.chunk_lengths, strict=True)
+        for i, (start, length) in enumerate(spans):
+            if start >= max_length:
+                break
+            keep_chunks = i + 1
+            if start + length > max_length:
+                self.chunk_lengths[i] = max_length - start
+                self._cropped_bits[i] = _prefix_tokens_at_bits(
+                    self.chunks[i], self.chunk_lengths[i]
+                )
+        del self.chunks[keep_chunks:], self.chunk_starts[keep_chunks:]
+        del self.chunk_lengths[keep_chunks:]
+        self._cropped_bits = {i: c for i, c in self._cropped_bits.items() if i < keep_chunks}
+        tail_start = n - self.tail_length
+        if self.tail_keys is not None and self.tail_values is not None:
+            if max_length <= tail_start:
+                self.tail_keys = self.tail_values = None
+            else:
+                self.tail_keys = self.tail_keys[:, :, : max_length - tail_start].clone()
+                self.tail_values = self.tail_values[:, :, : max_length - tail_start].clone()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder (or repeat, or select) the batch rows of every region: ``x = x[beam_idx]``.
+
+        Args:
+            beam_idx: (B',) int64 batch indices into the current batch.
+        """
+        if not self.is_initialized:
+            return
+        check_tensor("beam_idx", beam_idx, ndim=1, dtype=(torch.int64, torch.int32))
+        idx = beam_idx.to(device=self.device, dtype=torch.int64)  # (B',)
+
+        def sel(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.index_select(0, idx)
+
+        self.sink_keys, self.sink_values = sel(self.sink_keys), sel(self.sink_values)
+        self.tail_keys, self.tail_values = sel(self.tail_keys), sel(self.tail_values)
+        self.pending_keys, self.pending_values = sel(self.pending_keys), sel(self.pending_values)
+        self.chunks = [c.index_select_batch(idx) for c in self.chunks]
+        self._batch_size = idx.shape[0]
+        if self._cropped_bits:
+            # per-row counts of cropped chunks depend on which rows remain
+            self._cropped_bits = {
+                i: _prefix_tokens_at_bits(self.chunks[i], self.chunk_lengths[i])
+                for i in self._cropped_bits
+            }
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch row ``repeats`` times in place (contrastive search, beams)."""
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats: expected an int >= 1, got {repeats!r}")
+        if not self.is_initialized:
+            return
+        idx = torch.arange(self.batch_size, device=self.device).repeat_interleave(repeats)
+        self.reorder_cache(idx)  # type: ignore[arg-type]
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        """Keep only the batch rows ``indices`` (int indices or a (B,) bool mask)."""
+        if not self.is_initialized:
+            return
+        check_tensor("indices", indices, ndim=1)
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().flatten()
+        self.reorder_cache(indices)  # type: ignore[arg-type]
+
+    def offload(self) -> None:
+        """Not supported: build the cache without ``offloading``."""
+        raise NotImplementedError("ZipVLCacheLayer does not support offloading")
+
+    def prefetch(self) -> None:
+        """Not supported: build the cache without ``offloading``."""
+        raise NotImplementedError("ZipVLCacheLayer does not support offloading")
+
+    # ------------------------------------------------------------------ accounting
+    def tensors(self) -> list[Tensor]:
+        """Every fp tensor the layer holds itself (sinks, tail, pending), chunks excluded."""
+        return [
+            t
+            for t in (
+                self.sink_keys,
+                self.sink_values,
+                self.tail_keys,
+                self.tail_values,
+                self.pending_keys,
+                self.pending_values,
+            )
+            if t is not None
+        ]
+
+    def nbytes(self) -> int:
+        """Bytes held: fp regions plus the exact ``nbytes`` of every chunk (cropped ones whole)."""
+        return sum(t.nbytes for t in self.tensors()) + sum(c.nbytes for c in self.chunks)
+
+    def bf16_bytes(self) -> int:
+        """Bytes a bf16 cache of the same positions would hold."""
+        if not self.is_initialized:
+            return 0
+        per_pos = self.batch_size * self.num_heads * (2 * self.head_dim) * 2
+        return self.get_seq_length() * per_pos
+
+    def bytes_per_token(self) -> float:
+        """Held bytes per cached position (all batch rows and heads; 0.0 when empty)."""
+        n = self.get_seq_length()
+        return self.nbytes() / n if n else 0.0
+
+    def tokens_at_bits(self) -> dict[int, float]:
+        """Bit width -> mean positions per (b, h) row stored at that width (16 = full precision).
+
+        Values sum to ``get_seq_length()``.
+        """
+        out: dict[int, float] = {}
+        fp = self.num_sinks + self.tail_length
+        if self.pending_keys is not None:
+            fp += self.pending_keys.shape[-2]
+        if fp:
+            out[_FULL_PRECISION_BITS] = float(fp)
+        for i, chunk in enumerate(self.chunks):
+            counts = self._cropped_bits.get(i)
+            if counts is None:
+                counts = {b: float(n) for b, n in chunk.tokens_at_bits().items()}
+            for bits, n in counts.items():
+                if n:
+                    out[bits] = out.get(bits, 0.0) + n
+        return dict(sorted(out.items(), reverse=True))
+
+
+def _cat(old: Tensor | None, new: Tensor) -> Tensor:
+    # cat always copies, so the cache never aliases the caller's tensor
+    return new.clone() if old is None else torch.cat([old, new], dim=-2)
+
+
+def _equalize_counts(keep: Tensor) -> Tensor:
+    """Raise rows of ``keep`` to the largest row count by promoting their latest unkept tokens.
+
+    Args:
+        keep: (B, Hkv, T) bool.
+
+    Returns:
+        (B, Hkv, T) bool, a superset of ``keep`` with equal row counts (no host sync).
+    """
+    counts = keep.sum(-1, keepdim=True)  # (B, Hkv, 1)
+    deficit = counts.amax(dim=(0, 1), keepdim=True) - counts  # (B, Hkv, 1)
+    unkept = ~keep  # (B, Hkv, T)
+    # rank of each unkept token counted from the end: 1 = latest unkept position
+    from_end = unkept.flip(-1).cumsum(-1).flip(-1)  # (B, Hkv, T)
+    return keep | (unkept & (from_end <= deficit))  # (B, Hkv, T)
+
+
+def _prefix_tokens_at_bits(chunk: QuantizedKV, length: int) -> dict[int, float]:
+    """Mean per-row count of each bit width among the first ``length`` tokens of ``chunk``.
+
+    Reads the chunk's own layout: one part stores every token at its width; two parts store
+    the tokens flagged in the packed ``keep`` bitmap in ``parts[0]`` and the others in
+    ``parts[1]``. One host read (only after a crop cuts through a chunk).
+    """
+    if len(chunk.parts) == 1:
+        return {chunk.parts[0].bits: float(length)}
+    from zipvl.quant import unpack_bitmap
+
+    assert chunk.keep is not None  # QuantizedKV invariant: two parts come with a bitmap
+    keep = unpack_bitmap(chunk.keep, chunk.num_tokens)[:, :, :length]  # (B, Hkv, length)
+    rows = keep.shape[0] * keep.shape[1]
+    hi = float(keep.sum().item()) / rows if rows else 0.0
+    out: dict[int, float] = {}
+    for bits, n in ((chunk.parts[0].bits, hi), (chunk.parts[1].bits, length - hi)):
+        out[bits] = out.get(bits, 0.0) + n
+    return out
+
+
+def _check_quantizer_fits(
+    quantizer: KVQuantizer, num_heads: int, head_dim: int, layer: int
+) -> None:
+    """Ask the quantizer for its cost at this head dim: it raises for a group size that does
+    not divide D (the ``KVQuantizer.bytes_per_token`` contract), before any data is stored."""
+    try:
+        for ratio in (0.0, 1.0):  # a mixed quantizer checks its high and its low part
+            quantizer.bytes_per_token(num_heads, head_dim, ratio, 2)
+    except ValueError as err:
+        raise ValueError(
+            f"quantizer: {type(quantizer).__name__} cannot store head dim {head_dim} of layer "
+            f"{layer}: {err}"
+        ) from err

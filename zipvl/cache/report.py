@@ -1,0 +1,174 @@
+"""What a ZipVL cache reports: token-sparsity and memory, per layer and in total.
+
+The numbers are the ones the paper tabulates (method.md sections 6.1-6.3 and 10.1 item 3):
+
+* kept ratio p / n of the prefill selection per layer, and its attention-FLOP reduction
+  ``1 - (p / n)^2`` (dense causal attention versus attention over the kept tokens only);
+* KV memory: the bytes the cache actually holds against a bf16 cache of the same tokens.
+
+Built by ``ZipVLCache.report()``; plain frozen dataclasses with no tensor inside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["CacheReport", "LayerReport"]
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One cache layer.
+
+    Attributes:
+        layer: layer index.
+        prompt_tokens: n, the prefill length committed by ``compress_prefill`` (0 if none).
+        kept_tokens: p, the important tokens per (b, h) row of the prefill selection.
+        kept_ratio: p / n (1.0 when no prefill selection was recorded).
+        attn_flop_reduction: ``1 - kept_ratio ** 2``.
+        seq_length: positions currently cached.
+        tokens_at_bits: bit width -> mean number of positions per (sequence, KV head) row stored at
+            that width; 16 is full precision (sinks, fp tail, uncommitted prefill). Values sum to
+            ``seq_length``; they are integers unless a crop cut through a compressed chunk whose
+            rows differ.
+        decode_blocks: decode blocks compressed by ``compress_tail``.
+        decode_block_tokens: tokens per (b, h) row in those blocks.
+        decode_kept_tokens: tokens per (b, h) row kept at high precision in those blocks.
+        bytes: bytes actually held (sum of ``nbytes`` of every tensor of the layer).
+        bf16_bytes: bytes a bf16 cache of the same positions would hold.
+    """
+
+    layer: int
+    prompt_tokens: int
+    kept_tokens: int
+    kept_ratio: float
+    attn_flop_reduction: float
+    seq_length: int
+    tokens_at_bits: dict[int, float]
+    decode_blocks: int
+    decode_block_tokens: int
+    decode_kept_tokens: int
+    bytes: int
+    bf16_bytes: int
+
+    @property
+    def compression(self) -> float:
+        """bf16 bytes over actual bytes (1.0 for an empty layer)."""
+        return self.bf16_bytes / self.bytes if self.bytes else 1.0
+
+    @property
+    def decode_kept_ratio(self) -> float:
+        """Fraction of decode-block tokens kept at high precision (1.0 before any block)."""
+        if not self.decode_block_tokens:
+            return 1.0
+        return self.decode_kept_tokens / self.decode_block_tokens
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    """All layers of a cache, with totals.
+
+    Attributes:
+        layers: one ``LayerReport`` per created layer, in layer order.
+    """
+
+    layers: tuple[LayerReport, ...]
+
+    @property
+    def prefilled(self) -> tuple[LayerReport, ...]:
+        """The layers with a committed prefill (``prompt_tokens > 0``)."""
+        return tuple(r for r in self.layers if r.prompt_tokens)
+
+    @property
+    def kept_ratio(self) -> float:
+        """Mean p / n over the prefilled layers (the paper's "Ratio"; 1.0 if none)."""
+        return _mean([r.kept_ratio for r in self.prefilled], empty=1.0)
+
+    @property
+    def attn_flop_reduction(self) -> float:
+        """Mean ``1 - (p / n)^2`` over the prefilled layers (the paper's "Attn FLOPs
+        reduction"; 0.0 if none)."""
+        return _mean([r.attn_flop_reduction for r in self.prefilled], empty=0.0)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes held by all layers."""
+        return sum(r.bytes for r in self.layers)
+
+    @property
+    def bf16_bytes(self) -> int:
+        """Bytes a bf16 cache of the same positions would hold."""
+        return sum(r.bf16_bytes for r in self.layers)
+
+    @property
+    def compression(self) -> float:
+        """bf16 bytes over actual bytes, over all layers (1.0 for an empty cache)."""
+        return self.bf16_bytes / self.bytes if self.bytes else 1.0
+
+    def to_markdown(self) -> str:
+        """A GitHub-markdown table, one row per layer and a final total row."""
+        bits = sorted({b for r in self.layers for b in r.tokens_at_bits}, reverse=True)
+        cols = ["layer", "prompt", "kept", "ratio", "attn FLOPs red."]
+        cols += [f"{b}-bit tok" for b in bits]
+        cols += ["decode kept", "bytes", "bf16 bytes", "compression"]
+        lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+        for r in self.layers:
+            row = [
+                str(r.layer),
+                str(r.prompt_tokens),
+                str(r.kept_tokens),
+                f"{r.kept_ratio:.1%}",
+                f"{r.attn_flop_reduction:.1%}",
+            ]
+            row += [f"{r.tokens_at_bits.get(b, 0):g}" for b in bits]
+            row += [
+                f"{r.decode_kept_ratio:.1%}",
+                str(r.bytes),
+                str(r.bf16_bytes),
+                f"{r.compression:.2f}x",
+            ]
+            lines.append("| " + " | ".join(row) + " |")
+        total = ["total", "", "", f"{self.kept_ratio:.1%}", f"{self.attn_flop_reduction:.1%}"]
+        total += ["" for _ in bits]
+        total += ["", str(self.bytes), str(self.bf16_bytes), f"{self.compression:.2f}x"]
+        lines.append("| " + " | ".join(total) + " |")
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path) -> Path:
+        """Write a PNG bar chart of the per-layer kept ratio (matplotlib, Agg backend).
+
+        Args:
+            path: output file; its parent directory must exist.
+
+        Returns:
+            The path written.
+
+        Raises:
+            ValueError: the report has no layer.
+        """
+        if not self.layers:
+            raise ValueError("self: expected a report with at least one layer to plot, got none")
+        # Lazy: matplotlib is slow to import and only the plot needs it. Agg is selected on a
+        # figure object of our own, so no process-global backend switch (style C5).
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        out = Path(path)
+        fig = Figure(figsize=(max(4.0, 0.35 * len(self.layers) + 2.0), 3.0))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        ax.bar([r.layer for r in self.layers], [r.kept_ratio for r in self.layers])
+        ax.axhline(self.kept_ratio, color="k", linestyle="--", linewidth=1, label="mean")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("kept ratio p / n")
+        ax.set_ylim(0.0, 1.05)
+        ax.set_title(f"ZipVL kept ratio (attn FLOPs -{self.attn_flop_reduction:.1%})")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out, format="png")
+        return out
+
+
+def _mean(values: list[float], *, empty: float) -> float:
+    return sum(values) / len(values) if values else empty

@@ -1,0 +1,55 @@
+"""Decode-time importance of cached tokens (ZipVL, arXiv 2410.08584 v1, Algorithm 1 decode branch).
+
+Every ``recompress_every`` generated tokens ZipVL scores the newest block of the full-precision
+tail with the attention of the *current* query (method.md section 5.1)::
+
+    a = Softmax(q K^T / sqrt(D))[-block:]        q: the last query row, K: ALL cached keys
+
+in float32, summed over the G query heads of each KV head (the head aggregation of the ZipCache
+code). For a single decoding query every key is seen by exactly one query row, so the normalized
+score of Eq. 7 equals this raw mass: the same tensor feeds the allocator (Eq. 6) and the selector.
+
+Plain PyTorch; the score matrix is (B, Hq, N) for one query row, small next to the cache itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from zipvl.checks import check_qkv
+
+__all__ = ["last_query_mass"]
+
+
+def last_query_mass(query: Tensor, keys: Tensor, *, scale: float | None = None) -> Tensor:
+    """Attention mass that the last query row puts on every key, summed over each GQA group.
+
+    Args:
+        query: (B, Hq, Sq, D) queries with RoPE applied; only the last row ``query[:, :, -1]`` is
+            used (the current decoding position).
+        keys: (B, Hkv, N, D) all cached keys in position order (RoPE applied), N >= 1.
+        scale: softmax scale; ``None`` means ``1 / sqrt(D)``.
+
+    Returns:
+        (B, Hkv, N) float32, ``sum_g softmax(q_g K^T * scale)``; each (b, h) row sums to G.
+
+    Raises:
+        ValueError: shapes do not form a GQA pair (see ``zipvl.checks.check_qkv``), N == 0, or a
+            non-positive ``scale``.
+    """
+    b, hq, hkv = check_qkv(query, keys)
+    n, d = keys.shape[-2], keys.shape[-1]
+    if n == 0:
+        raise ValueError(f"keys: expected at least one cached key, got shape {tuple(keys.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif not scale > 0:
+        raise ValueError(f"scale: expected a positive float or None, got {scale}")
+    g = hq // hkv
+    q = query[:, :, -1, :].float().reshape(b, hkv, g, d)  # (B, Hkv, G, D)
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scale  # (B, Hkv, G, N)
+    probs = torch.softmax(logits, dim=-1)  # (B, Hkv, G, N)
+    return probs.sum(dim=2)  # (B, Hkv, N)
