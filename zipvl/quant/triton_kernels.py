@@ -19,17 +19,20 @@ imported (``quantize_pack(..., impl="triton")`` imports it lazily).
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton import knobs
 
 from .spec import QuantSpec, param_rounding
 
 __all__ = ["INTERPRETED", "quantize_pack_tokenwise"]
 
 # Whether the kernel below was decorated in interpreter mode (CPU tensors allowed).
-INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+INTERPRETED: bool = bool(knobs.runtime.interpret)
 
 _PD_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -62,6 +65,7 @@ def _quantize_pack_rows_kernel(
     D: tl.constexpr,
     G: tl.constexpr,
     BITS: tl.constexpr,
+    LEVELS: tl.constexpr,
     SYMMETRIC: tl.constexpr,
     PD: tl.constexpr,
     REL: tl.constexpr,
@@ -72,7 +76,6 @@ def _quantize_pack_rows_kernel(
     NG: tl.constexpr = D // G  # channel groups per row
     PER: tl.constexpr = 8 // BITS  # codes per byte
     M: tl.constexpr = D // PER  # packed bytes per row
-    LEVELS: tl.constexpr = (1 << BITS) - 1
 
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
@@ -165,7 +168,9 @@ def quantize_pack_tokenwise(
     rel, tiny = consts if consts is not None else (0.0, 0.0)
     if n:
         grid = (triton.cdiv(n, block_rows),)
-        _quantize_pack_rows_kernel[grid](
+        # cast: the tl.constexpr annotations are for Triton, not for the type checker
+        kernel = cast(Any, _quantize_pack_rows_kernel)
+        kernel[grid](
             rows,
             packed,
             scale,
@@ -174,6 +179,7 @@ def quantize_pack_tokenwise(
             D=d,
             G=g,
             BITS=spec.bits,
+            LEVELS=spec.levels,
             SYMMETRIC=spec.symmetric,
             PD=_PD_CODE[spec.param_dtype],
             REL=rel,
