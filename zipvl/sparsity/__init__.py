@@ -2,10 +2,12 @@
 
 Each stage is a small frozen-dataclass component (see ``zipvl.types`` for the protocols):
 
-* scorers (``Scores.mass`` / ``Scores.normalized``, (B, Hkv, Skv) float32, higher = keep);
-* allocators (mass -> budget (B, Hkv) int32; ZipVL's Eq. 6 is ``CumulativeMassAllocator``);
-* selectors (normalized scores + budget -> ``Selection``);
-* block masks and ``sparse_attention`` (token-level sparse prefill attention).
+* scorers -> ``Scores`` (mass, normalized), (B, Hkv, Skv) float32, higher = keep;
+* allocators: mass -> budget (B, Hkv) int32 (ZipVL's Eq. 6 is ``CumulativeMassAllocator``);
+* selectors: normalized scores + budget -> ``Selection`` (keep (B, Hkv, Skv) bool);
+* block masks and ``sparse_attention``: token-level sparse prefill attention.
+
+``select_tokens`` / ``plan_tokens`` compose the first three with ZipVL's defaults.
 """
 
 from __future__ import annotations
@@ -15,14 +17,51 @@ from zipvl.sparsity.allocators import (
     FixedRatioAllocator,
     PerLayerSchedule,
 )
+from zipvl.sparsity.attention import compiled_flex_attention, sparse_attention
+from zipvl.sparsity.block_mask import (
+    compacted_causal_block_mask,
+    compacted_prefix_block_mask,
+    selection_block_mask,
+)
+from zipvl.sparsity.masks import (
+    causal_mask_mod,
+    compacted_causal_mask_mod,
+    prefix_count_mask_mod,
+    selection_mask_mod,
+)
+from zipvl.sparsity.pipeline import TokenPlan, plan_tokens, select_tokens
+from zipvl.sparsity.scorers import (
+    AccumulatedAttentionScorer,
+    KeyNormScorer,
+    ProbeScorer,
+    SnapKVScorer,
+    probe_positions,
+)
 from zipvl.sparsity.selectors import TopKSelector
 from zipvl.types import Scores, Selection
 
 __all__ = [
+    "AccumulatedAttentionScorer",
     "CumulativeMassAllocator",
     "FixedRatioAllocator",
+    "KeyNormScorer",
     "PerLayerSchedule",
+    "ProbeScorer",
     "Scores",
     "Selection",
+    "SnapKVScorer",
+    "TokenPlan",
     "TopKSelector",
+    "causal_mask_mod",
+    "compacted_causal_block_mask",
+    "compacted_causal_mask_mod",
+    "compacted_prefix_block_mask",
+    "compiled_flex_attention",
+    "plan_tokens",
+    "prefix_count_mask_mod",
+    "probe_positions",
+    "select_tokens",
+    "selection_block_mask",
+    "selection_mask_mod",
+    "sparse_attention",
 ]

@@ -1,0 +1,306 @@
+"""Token-level sparse prefill attention: ``sparse_attention(q, k, v, selection, impl=...)``.
+
+ZipVL (He et al., arXiv 2410.08584 v1, Alg. 1): O[T] = FlashAttention(Q[T], K[T], V[T]) with the
+causal flag, and zero output for the unimportant queries U (the residual carries them). Because
+the kept tokens are gathered in ascending position order and RoPE was applied with the original
+positions, causality over the compacted sequence equals causality over the original positions
+restricted to T. The speed comes from compaction: a token keep-mask over the original layout
+leaves almost every 128 x 128 tile partial, while the gathered sequence is dense and P/S shorter.
+
+Implementations (``impl``), all with the same semantics:
+
+* ``"reference"``: dense S x S masked softmax in fp32 (``zipvl.sparsity.reference``), the oracle.
+* ``"flex"`` (default): gather the kept q/k/v of each KV head (the G query heads of a KV head use
+  its indices), pad to a multiple of ``block_size``, run FlexAttention with the compacted causal
+  BlockMask and ``enable_gqa``, scatter back. FlexAttention is compiled lazily on first use (see
+  ``compiled_flex_attention``); ``compile=False`` runs it eagerly (slow, materialises scores).
+* ``"sdpa"``: gather exactly P tokens and run ``scaled_dot_product_attention(is_causal=True,
+  enable_gqa=True)`` (flash / memory-efficient kernels where available), scatter back.
+
+``unkept="attend"`` lets every query attend to the kept keys at positions <= its own (higher
+fidelity, more work: S x P instead of P x P). In the compacted key order those keys are a prefix
+of length ``cumsum(keep)[q]``, which the flex path encodes in its BlockMask and the sdpa path in
+a boolean mask built in chunks of query rows.
+
+Compilation and recompiles: padded lengths differ per layer and per input. The compiled function
+is ``torch.compile(flex_attention, dynamic=True)`` and every call marks the length dimensions of
+q/k/v and the BlockMask tensors as dynamic (``maybe_mark_dynamic``). The first call compiles one
+dynamic kernel; FlexAttention's inner wrapper specialises the sequence length once more on the
+second distinct length, after which every length reuses the same kernels (two compiles per
+dtype / head layout / mask kind in all, never near the recompile limit of 8).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from zipvl.checks import check_qkv, check_tensor
+from zipvl.sparsity.block_mask import compacted_causal_block_mask, compacted_prefix_block_mask
+from zipvl.sparsity.reference import reference_sparse_attention
+from zipvl.types import Impl, Selection
+
+__all__ = ["compiled_flex_attention", "sparse_attention"]
+
+_IMPLS = (Impl.REFERENCE, Impl.FLEX, Impl.SDPA)
+# elements of one chunk of the boolean mask of sdpa's "attend" path (B * Hq * rows * P)
+_SDPA_ATTEND_CHUNK = 1 << 26
+# BlockMask index tensors whose trailing dims grow with the sequence length (torch >= 2.11)
+_BLOCK_MASK_TENSORS = (
+    "kv_num_blocks",
+    "kv_indices",
+    "full_kv_num_blocks",
+    "full_kv_indices",
+    "q_num_blocks",
+    "q_indices",
+    "full_q_num_blocks",
+    "full_q_indices",
+)
+
+
+@functools.cache
+def compiled_flex_attention() -> Callable[..., Tensor]:
+    """The process-wide compiled FlexAttention, created on first use (never at import).
+
+    ``torch.compile(flex_attention, dynamic=True, fullgraph=True)``; on CPU Inductor lowers it to
+    its C++ flex template, on CUDA to the Triton kernels.
+    """
+    return torch.compile(flex_attention, dynamic=True, fullgraph=True)
+
+
+def _parse_impl(impl: object) -> Impl:
+    names = ", ".join(repr(i.value) for i in _IMPLS)
+    try:
+        value = Impl(impl)
+    except ValueError:
+        raise ValueError(f"impl: expected one of {names}, got {impl!r}") from None
+    if value not in _IMPLS:
+        raise ValueError(
+            f"impl: {value.value!r} is not implemented for sparse_attention; expected one of "
+            f"{names}"
+        )
+    return value
+
+
+def _check_selection(selection: object, q: Tensor, k: Tensor) -> Selection:
+    if not isinstance(selection, Selection):
+        raise TypeError(f"selection: expected a Selection, got {type(selection).__name__}")
+    keep = check_tensor("selection.keep", selection.keep, ndim=3, dtype=torch.bool)
+    if tuple(keep.shape) != tuple(k.shape[:3]):
+        raise ValueError(
+            f"selection.keep: expected shape (B, Hkv, S) = {tuple(k.shape[:3])} like k, "
+            f"got {tuple(keep.shape)}"
+        )
+    if keep.device != q.device:
+        raise ValueError(f"selection.keep: expected device {q.device} like q, got {keep.device}")
+    n = selection.num_kept
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= keep.shape[-1]:
+        raise ValueError(
+            f"selection.num_kept: expected an int in [0, S={keep.shape[-1]}], got {n!r}"
+        )
+    return selection
+
+
+def _gather_kv(k: Tensor, v: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """k (B, Hkv, S, D), v (B, Hkv, S, Dv), idx (B, Hkv, L) -> (B, Hkv, L, D), (B, Hkv, L, Dv)."""
+    kg = k.gather(2, idx[..., None].expand(*idx.shape, k.shape[-1]))  # (B, Hkv, L, D)
+    vg = v.gather(2, idx[..., None].expand(*idx.shape, v.shape[-1]))  # (B, Hkv, L, Dv)
+    return kg, vg
+
+
+def _gather_q(q: Tensor, idx: Tensor) -> Tensor:
+    """q (B, Hq, S, D), idx (B, Hkv, L) -> (B, Hq, L, D); query heads use their KV head's idx."""
+    b, hq, s, d = q.shape
+    hkv, n = idx.shape[1], idx.shape[2]
+    g = hq // hkv
+    q5 = q.view(b, hkv, g, s, d)  # (B, Hkv, G, S, D)
+    qg = q5.gather(3, idx[:, :, None, :, None].expand(b, hkv, g, n, d))  # (B, Hkv, G, L, D)
+    return qg.view(b, hq, n, d)
+
+
+def _scatter_rows(out_kept: Tensor, idx: Tensor, s: int) -> Tensor:
+    """out_kept (B, Hq, P, Dv) at positions idx (B, Hkv, P) -> (B, Hq, S, Dv), zeros elsewhere."""
+    b, hq, n, dv = out_kept.shape
+    hkv = idx.shape[1]
+    g = hq // hkv
+    out = out_kept.new_zeros(b, hkv, g, s, dv)  # (B, Hkv, G, S, Dv)
+    src = out_kept.reshape(b, hkv, g, n, dv)  # (B, Hkv, G, P, Dv)
+    out.scatter_(3, idx[:, :, None, :, None].expand(b, hkv, g, n, dv), src)
+    return out.view(b, hq, s, dv)
+
+
+def _mark_dynamic(block_mask: BlockMask, *tensors: Tensor) -> None:
+    """Mark sequence-length dims dynamic so that one compiled kernel serves every padded length."""
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 2)
+    for name in _BLOCK_MASK_TENSORS:
+        t = getattr(block_mask, name, None)
+        if isinstance(t, Tensor):
+            for dim in range(2, t.ndim):
+                torch._dynamo.maybe_mark_dynamic(t, dim)
+
+
+def _flex(
+    q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: float | None, compile: bool
+) -> Tensor:
+    if compile:
+        _mark_dynamic(block_mask, q, k, v)
+        fn = compiled_flex_attention()
+    else:
+        fn = flex_attention
+    out = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+    assert isinstance(out, Tensor)  # no return_lse / return_aux requested
+    return out
+
+
+def _flex_sparse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    selection: Selection,
+    *,
+    unkept: str,
+    scale: float | None,
+    block_size: int,
+    compile: bool,
+) -> Tensor:
+    hq, s = q.shape[1], q.shape[2]
+    g = hq // k.shape[1]
+    p = selection.num_kept
+    padded = -(-p // block_size) * block_size
+    idx = selection.indices()  # (B, Hkv, P) ascending positions
+    # Padding slots gather position 0; the BlockMask hides them (kv >= P never visible).
+    idx_pad = F.pad(idx, (0, padded - p))  # (B, Hkv, Ppad)
+    kg, vg = _gather_kv(k, v, idx_pad)  # (B, Hkv, Ppad, D), (B, Hkv, Ppad, Dv)
+    if unkept == "zero":
+        qg = _gather_q(q, idx_pad)  # (B, Hq, Ppad, D)
+        bm = compacted_causal_block_mask(p, padded, block_size, device=q.device)
+        out = _flex(qg, kg, vg, bm, scale, compile)  # (B, Hq, Ppad, Dv)
+        return _scatter_rows(out[:, :, :p], idx, s)
+    visible = selection.keep.cumsum(dim=-1, dtype=torch.int32)  # (B, Hkv, S)
+    bm = compacted_prefix_block_mask(visible, padded, block_size, group_size=g)
+    return _flex(q, kg, vg, bm, scale, compile)  # (B, Hq, S, Dv)
+
+
+def _sdpa_sparse(
+    q: Tensor, k: Tensor, v: Tensor, selection: Selection, *, unkept: str, scale: float | None
+) -> Tensor:
+    b, hq, s, d = q.shape
+    hkv, dv = k.shape[1], v.shape[-1]
+    g = hq // hkv
+    p = selection.num_kept
+    idx = selection.indices()  # (B, Hkv, P)
+    kg, vg = _gather_kv(k, v, idx)  # (B, Hkv, P, D), (B, Hkv, P, Dv)
+    if unkept == "zero":
+        qg = _gather_q(q, idx)  # (B, Hq, P, D)
+        out = F.scaled_dot_product_attention(
+            qg, kg, vg, is_causal=True, scale=scale, enable_gqa=True
+        )  # (B, Hq, P, Dv)
+        return _scatter_rows(out, idx, s)
+    # attend: query row t sees the first visible[t] gathered keys (kept positions <= t)
+    visible = selection.keep.cumsum(dim=-1)  # (B, Hkv, S)
+    out = q.new_empty(b, hkv, g, s, dv)  # (B, Hkv, G, S, Dv)
+    q5 = q.view(b, hkv, g, s, d)  # (B, Hkv, G, S, D)
+    rows = max(1, _SDPA_ATTEND_CHUNK // max(1, b * hq * p))
+    slot = torch.arange(p, device=q.device)  # (P,)
+    for r0 in range(0, s, rows):
+        r1 = min(r0 + rows, s)
+        vis = visible[:, :, r0:r1]  # (B, Hkv, c)
+        mask = slot < vis[..., None]  # (B, Hkv, c, P)
+        mask = mask[:, :, None].expand(b, hkv, g, r1 - r0, p).reshape(b, hkv, -1, p)
+        qc = q5[:, :, :, r0:r1].reshape(b, hkv, -1, d)  # (B, Hkv, G*c, D)
+        oc = F.scaled_dot_product_attention(qc, kg, vg, attn_mask=mask, scale=scale)
+        oc = oc.view(b, hkv, g, r1 - r0, dv)  # (B, Hkv, G, c, Dv)
+        # rows that see no kept key are fully masked (NaN in SDPA); their output is zero
+        out[:, :, :, r0:r1] = torch.where((vis > 0)[:, :, None, :, None], oc, 0.0)
+    return out.view(b, hq, s, dv)
+
+
+def sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    selection: Selection,
+    *,
+    impl: Impl | str = "flex",
+    unkept: Literal["zero", "attend"] = "zero",
+    scale: float | None = None,
+    block_size: int = 128,
+    compile: bool = True,
+) -> Tensor:
+    """Causal prefill attention restricted to the selected tokens of each KV head.
+
+    Kept query t attends to the kept keys at positions <= t of its KV head. Unkept queries get a
+    zero output (``unkept="zero"``, ZipVL) or attend to the kept keys at positions <= their own
+    (``unkept="attend"``). Keep = 1 0 1 1 (one head)::
+
+        zero            attend
+        kv  0 1 2 3     kv  0 1 2 3
+        q0  1 0 0 0     q0  1 0 0 0
+        q1  0 0 0 0     q1  1 0 0 0
+        q2  1 0 1 0     q2  1 0 1 0
+        q3  1 0 1 1     q3  1 0 1 1
+
+    Args:
+        q: (B, Hq, S, D) queries, RoPE applied.
+        k: (B, Hkv, S, D) keys, Hq divisible by Hkv (GQA).
+        v: (B, Hkv, S, Dv) values.
+        selection: ``keep`` (B, Hkv, S) bool with ``num_kept`` True per row (``TopKSelector``).
+        impl: ``"flex"`` (default), ``"sdpa"`` or ``"reference"``.
+        unkept: ``"zero"`` or ``"attend"``.
+        scale: softmax scale; None = 1 / sqrt(D).
+        block_size: FlexAttention tile size; the gathered length is padded to a multiple of it.
+            Only used by ``impl="flex"``.
+        compile: ``impl="flex"`` only: run the lazily compiled FlexAttention (True) or eager
+            FlexAttention (False, slow).
+
+    Returns:
+        (B, Hq, S, Dv) in q's dtype; rows of queries that attend to nothing are zero. A selection
+        with ``num_kept = 0`` gives all zeros.
+
+    Raises:
+        ValueError: unknown ``impl``/``unkept``, bad shapes/dtypes/devices (``check_qkv``),
+            Sq != Skv, or a selection that does not match k.
+    """
+    impl_ = _parse_impl(impl)
+    check_qkv(q, k, v)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"q: expected Sq = Skv = {k.shape[2]} (sparse_attention is prefill attention), "
+            f"got Sq = {q.shape[2]}"
+        )
+    _check_selection(selection, q, k)
+    if unkept not in ("zero", "attend"):
+        raise ValueError(f"unkept: expected 'zero' or 'attend', got {unkept!r}")
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0
+    ):
+        raise ValueError(f"scale: expected a positive float or None, got {scale!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile: expected a bool, got {type(compile).__name__}")
+
+    b, hq, s, _ = q.shape
+    if selection.num_kept == 0:
+        return q.new_zeros(b, hq, s, v.shape[-1])
+    if impl_ is Impl.REFERENCE:
+        return reference_sparse_attention(q, k, v, selection, unkept=unkept, scale=scale)
+    if impl_ is Impl.SDPA:
+        return _sdpa_sparse(q, k, v, selection, unkept=unkept, scale=scale)
+    return _flex_sparse(
+        q,
+        k,
+        v,
+        selection,
+        unkept=unkept,
+        scale=scale,
+        block_size=block_size,
+        compile=compile,
+    )

@@ -1,0 +1,417 @@
+"""Importance scorers: (q, k) -> ``Scores(mass, normalized)``, each (B, Hkv, Skv) float32.
+
+* ``ProbeScorer``: ZipVL / ZipCache probe attention (He et al., arXiv 2410.08584 v1, Alg. 1 and
+  Eq. 7; ZipCache arXiv 2405.14256): a softmax over a few probe query rows stands in for the full
+  attention map, so the real attention can run in a fused kernel.
+* ``AccumulatedAttentionScorer``: H2O's heavy hitters (Zhang et al. 2023), all query rows.
+* ``SnapKVScorer``: SnapKV (Li et al. 2024), the last ``window`` queries, pooled over keys.
+* ``KeyNormScorer``: low key L2 norm = important (Devoto et al. 2024).
+
+Alignment when Sq < Skv (chunked prefill): the queries are the last Sq positions, query row ``i``
+sits at position ``Skv - Sq + i`` and sees keys ``j <= Skv - Sq + i``. Sq = 3, Skv = 5::
+
+    key j      0 1 2 3 4
+    query 0    1 1 1 0 0      (position 2)
+    query 1    1 1 1 1 0      (position 3)
+    query 2    1 1 1 1 1      (position 4)
+
+All scorers are plain PyTorch with fixed shapes and no host sync (probe positions depend only on
+shapes and the seed), so they trace under ``torch.compile(fullgraph=True)``. Attention logits
+are computed by a matmul in the input dtype, then softmax runs in float32. Memory is bounded by
+chunking over KV heads (and, for the all-rows scorer, over query rows).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from zipvl.checks import check_fraction, check_qkv
+from zipvl.types import Scores
+
+__all__ = [
+    "AccumulatedAttentionScorer",
+    "KeyNormScorer",
+    "ProbeScorer",
+    "SnapKVScorer",
+    "probe_positions",
+]
+
+
+def _check_int(name: str, value: object, minimum: int, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+
+
+def _check_scale(scale: object) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale: expected a positive float or None, got {scale!r}")
+
+
+def _check_inputs(q: Tensor, k: Tensor) -> tuple[int, int, int, int, int]:
+    """Validate (q, k); return (B, Hkv, G, Sq, Skv)."""
+    b, hq, hkv = check_qkv(q, k)
+    sq, skv = q.shape[2], k.shape[2]
+    if skv == 0:
+        raise ValueError(f"k: expected at least one key (Skv >= 1), got shape {tuple(k.shape)}")
+    if sq == 0 or sq > skv:
+        raise ValueError(
+            f"q: expected 1 <= Sq <= Skv = {skv} (queries are the last Sq positions), "
+            f"got Sq = {sq}"
+        )
+    return b, hkv, hq // hkv, sq, skv
+
+
+def _floor_frac(frac: float, n: int) -> int:
+    # round() first so that 0.29 * 100 = 28.999999999999996 floors to 29
+    return math.floor(round(frac * n, 9))
+
+
+_MULS = (0x2C1B3C6D, 0x297A2D39, 0x1B873593)
+
+
+def _mix31(seed: int) -> int:
+    """``_hash31`` of a host int (the seed), so no tensor is built from Python state."""
+    x = seed & 0x7FFFFFFF
+    for mul in _MULS:
+        x = ((x ^ (x >> 16)) * mul) & 0x7FFFFFFF
+    return x ^ (x >> 16)
+
+
+def _hash31(x: Tensor) -> Tensor:
+    """A keyed integer mixer on int64 values in [0, 2^31): every product stays below 2^62."""
+    for mul in _MULS:
+        x = ((x ^ (x >> 16)) * mul) & 0x7FFFFFFF
+    return x ^ (x >> 16)
+
+
+def probe_positions(
+    sq: int,
+    *,
+    recent_frac: float = 0.05,
+    random_frac: float = 0.05,
+    max_recent: int | None = None,
+    max_random: int | None = None,
+    min_probes: int = 1,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Probe query rows: the last ``m_recent`` rows plus ``m_random`` rows drawn from the rest.
+
+    ``m_recent = floor(recent_frac * Sq)`` and ``m_random = floor(random_frac * Sq)`` (each capped
+    by ``max_*``); if together they are fewer than ``min(min_probes, Sq)``, recent rows are added.
+    The random rows are drawn without replacement and uniformly from the first ``Sq - m_recent``
+    rows, as the ``m_random`` smallest values of a keyed hash of (row, seed). That makes the draw a
+    pure function of the shape and ``seed``: identical on every device, in eager and compiled code,
+    and free of host RNG state. (ZipCache draws with replacement; duplicates only re-weight a row.)
+
+    Args:
+        sq: number of query rows, >= 1.
+        recent_frac, random_frac: fractions of ``sq`` in [0, 1].
+        max_recent, max_random: optional caps (>= 0).
+        min_probes: at least this many probes (capped at ``sq``).
+        seed: key of the random draw.
+        device: where to build the result.
+
+    Returns:
+        (M,) int64 query-row indices in ascending order, all distinct, M >= min(min_probes, sq).
+    """
+    m_recent = _floor_frac(recent_frac, sq)
+    if max_recent is not None:
+        m_recent = min(m_recent, max_recent)
+    m_random = _floor_frac(random_frac, sq)
+    if max_random is not None:
+        m_random = min(m_random, max_random)
+    m_random = min(m_random, sq - m_recent)
+    need = min(min_probes, sq)
+    if m_recent + m_random < need:
+        m_recent = need - m_random
+    n_rest = sq - m_recent
+    recent = torch.arange(n_rest, sq, device=device)  # (m_recent,)
+    if m_random == 0:
+        return recent
+    rows = torch.arange(n_rest, device=device)  # (n_rest,)
+    key = rows ^ _mix31(seed)  # (n_rest,) values in [0, 2^31)
+    # hash * n_rest + row: unique keys, so the draw has no ties (< 2^62, no overflow)
+    key = _hash31(key) * n_rest + rows  # (n_rest,)
+    drawn = key.topk(m_random, largest=False, sorted=False).indices.sort().values  # (m_random,)
+    return torch.cat([drawn, recent])  # (M,)
+
+
+def _probe_mass(
+    q: Tensor, k: Tensor, rows: Tensor, *, scale: float, heads_per_chunk: int
+) -> Tensor:
+    """Column mass of the causal softmax of the query rows ``rows`` over all keys.
+
+    Args:
+        q: (B, Hq, Sq, D), the last Sq positions.
+        k: (B, Hkv, Skv, D).
+        rows: (M,) int64 query-row indices.
+        scale: softmax scale.
+        heads_per_chunk: KV heads per chunk; the fp32 buffer is B * chunk * G * M * Skv.
+
+    Returns:
+        (B, Hkv, Skv) float32, summed over the M rows and the G query heads of each KV head.
+    """
+    b, hq, sq, d = q.shape
+    hkv, skv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    m = rows.shape[0]
+    qp = q.index_select(2, rows).view(b, hkv, g, m, d)  # (B, Hkv, G, M, D)
+    q_pos = rows + (skv - sq)  # (M,) absolute positions
+    hidden = torch.arange(skv, device=k.device)[None, :] > q_pos[:, None]  # (M, Skv)
+    chunks = []
+    for h0 in range(0, hkv, heads_per_chunk):
+        h1 = min(h0 + heads_per_chunk, hkv)
+        # (G*M, D) x (D, Skv) per KV head: no broadcast copy of k over the G query heads
+        qc = qp[:, h0:h1].reshape(b, h1 - h0, g * m, d)  # (B, hc, G*M, D)
+        logits = torch.matmul(qc, k[:, h0:h1].transpose(-1, -2)).float()  # (B, hc, G*M, Skv)
+        logits = logits.view(b, h1 - h0, g, m, skv)  # (B, hc, G, M, Skv)
+        logits = logits.mul_(scale).masked_fill_(hidden, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)  # (B, hc, G, M, Skv)
+        chunks.append(probs.sum(dim=(2, 3)))  # (B, hc, Skv)
+    return torch.cat(chunks, dim=1)  # (B, Hkv, Skv)
+
+
+def _causal_visible(sq: int, skv: int, device: torch.device) -> Tensor:
+    """Number of query rows that can see each key: Skv - max(j, Skv - Sq), (Skv,) float32."""
+    j = torch.arange(skv, device=device)
+    return (skv - torch.clamp(j, min=skv - sq)).float()  # (Skv,)
+
+
+@dataclass(frozen=True)
+class ProbeScorer:
+    """ZipVL probe-attention scorer (recent + random probe queries, ZipCache lineage).
+
+    ``mass[b, h, j]`` = sum over the probe rows i and the G query heads of KV head h of
+    ``softmax(q_i k^T * scale + causal)[j]`` (fp32 softmax, rows see keys at positions <= their
+    own). ``normalized`` is Eq. 7, the mass divided by a count of queries that can see j:
+
+    * ``"causal"`` (default, ZipCache's code): ``Skv - max(j, Skv - Sq)`` (``n - j`` in prefill),
+      the count of the full causal map even though only probe rows were summed. This deflates
+      columns outside the recent-probe window, i.e. favours the most recent tokens.
+    * ``"probe_count"``: ``G * #{probe rows that can see j}``, the mean probe attention. Columns
+      that no probe sees get 0.
+
+    Memory: one fp32 buffer of B * heads_per_chunk * G * M * Skv per chunk of KV heads.
+
+    Attributes:
+        recent_frac: fraction of the Sq query rows used as recent probes (the last rows), [0, 1].
+        random_frac: fraction drawn at random from the other rows, [0, 1].
+        max_recent, max_random: optional caps on the two counts (e.g. 64 + 64 for long prompts).
+        min_probes: at least this many probes (recent rows are added), so short prompts get one.
+        seed: key of the random draw (deterministic by default; see ``probe_positions``).
+        denominator: ``"causal"`` or ``"probe_count"``.
+        scale: softmax scale; None = 1 / sqrt(D).
+        heads_per_chunk: KV heads processed at once (bounds the fp32 buffer).
+    """
+
+    recent_frac: float = 0.05
+    random_frac: float = 0.05
+    max_recent: int | None = None
+    max_random: int | None = None
+    min_probes: int = 1
+    seed: int = 0
+    denominator: Literal["causal", "probe_count"] = "causal"
+    scale: float | None = None
+    heads_per_chunk: int = 1
+
+    def __post_init__(self) -> None:
+        check_fraction("recent_frac", self.recent_frac, low_open=False)
+        check_fraction("random_frac", self.random_frac, low_open=False)
+        _check_int("max_recent", self.max_recent, 0, optional=True)
+        _check_int("max_random", self.max_random, 0, optional=True)
+        _check_int("min_probes", self.min_probes, 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("heads_per_chunk", self.heads_per_chunk, 1)
+        if self.denominator not in ("causal", "probe_count"):
+            raise ValueError(
+                f"denominator: expected 'causal' or 'probe_count', got {self.denominator!r}"
+            )
+        _check_scale(self.scale)
+
+    def probe_rows(self, sq: int, device: torch.device | str | None = None) -> Tensor:
+        """The probe query rows for ``sq`` queries: (M,) int64, ascending (``probe_positions``)."""
+        return probe_positions(
+            sq,
+            recent_frac=self.recent_frac,
+            random_frac=self.random_frac,
+            max_recent=self.max_recent,
+            max_random=self.max_random,
+            min_probes=self.min_probes,
+            seed=self.seed,
+            device=device,
+        )
+
+    def __call__(self, q: Tensor, k: Tensor, /) -> Scores:
+        """Score every key by probe attention.
+
+        Args:
+            q: (B, Hq, Sq, D) queries (RoPE applied), the last Sq positions, Sq <= Skv.
+            k: (B, Hkv, Skv, D) keys, Hq divisible by Hkv.
+
+        Returns:
+            ``Scores`` with ``mass`` and ``normalized``, each (B, Hkv, Skv) float32.
+
+        Raises:
+            ValueError: bad ranks, GQA mismatch, dtype/device mismatch, or Sq > Skv.
+        """
+        _, _, g, sq, skv = _check_inputs(q, k)
+        scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
+        rows = self.probe_rows(sq, device=q.device)  # (M,)
+        mass = _probe_mass(q, k, rows, scale=scale, heads_per_chunk=self.heads_per_chunk)
+        if self.denominator == "causal":
+            den = _causal_visible(sq, skv, k.device)  # (Skv,)
+            normalized = mass / den
+        else:
+            pos = rows + (skv - sq)  # (M,) absolute positions
+            hist = torch.zeros(skv, device=k.device).index_add_(
+                0, pos, torch.ones_like(pos, dtype=torch.float32)
+            )  # (Skv,) probes at each position
+            den = hist.flip(0).cumsum(0).flip(0) * g  # (Skv,) G * #{probes at >= j}
+            normalized = torch.where(den > 0, mass / den.clamp(min=1.0), 0.0)
+        return Scores(mass=mass, normalized=normalized)
+
+
+@dataclass(frozen=True)
+class AccumulatedAttentionScorer:
+    """H2O heavy-hitter scores: attention accumulated over all query rows.
+
+    ``mass[b, h, j]`` = sum over all Sq query rows and the G query heads of KV head h of the causal
+    fp32 softmax; ``normalized`` = mass / (G * number of query rows that can see j), the mean
+    attention weight key j received. Costs a full Sq x Skv attention map, computed in chunks of
+    ``rows_per_chunk`` query rows per KV-head chunk (buffer B * hc * G * rows_per_chunk * Skv).
+
+    Attributes:
+        scale: softmax scale; None = 1 / sqrt(D).
+        heads_per_chunk: KV heads processed at once.
+        rows_per_chunk: query rows processed at once.
+    """
+
+    scale: float | None = None
+    heads_per_chunk: int = 1
+    rows_per_chunk: int = 1024
+
+    def __post_init__(self) -> None:
+        _check_scale(self.scale)
+        _check_int("heads_per_chunk", self.heads_per_chunk, 1)
+        _check_int("rows_per_chunk", self.rows_per_chunk, 1)
+
+    def __call__(self, q: Tensor, k: Tensor, /) -> Scores:
+        """Score every key by its accumulated attention.
+
+        Args:
+            q: (B, Hq, Sq, D), the last Sq positions, Sq <= Skv.
+            k: (B, Hkv, Skv, D).
+
+        Returns:
+            ``Scores``, each (B, Hkv, Skv) float32.
+        """
+        _, _, g, sq, skv = _check_inputs(q, k)
+        scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
+        mass = torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)  # (B, Hkv, Skv)
+        for r0 in range(0, sq, self.rows_per_chunk):
+            rows = torch.arange(r0, min(r0 + self.rows_per_chunk, sq), device=q.device)
+            mass = mass + _probe_mass(
+                q, k, rows, scale=scale, heads_per_chunk=self.heads_per_chunk
+            )
+        normalized = mass / (_causal_visible(sq, skv, k.device) * g)
+        return Scores(mass=mass, normalized=normalized)
+
+
+@dataclass(frozen=True)
+class SnapKVScorer:
+    """SnapKV scores: attention of the last ``window`` queries, pooled over neighbouring keys.
+
+    ``mass`` = the window's attention mass per key (sum over window rows and the G query heads,
+    causal inside the window). ``normalized`` = ``mass`` pooled along the key axis
+    (``avg_pool1d``/``max_pool1d``, odd ``kernel``, stride 1, same length), except that the keys at
+    the window's own positions (the last ``min(window, Sq)`` positions) score ``+inf`` so they are
+    kept first, as SnapKV always keeps its observation window. The window counts against the budget
+    (SnapKV keeps capacity - window prefix keys plus the window).
+
+    Attributes:
+        window: observation window (last query rows), >= 1 (capped at Sq). SnapKV's config uses 32.
+        kernel: pooling kernel, odd, >= 1.
+        pooling: ``"avg"`` (SnapKV default) or ``"max"``.
+        scale: softmax scale; None = 1 / sqrt(D).
+        heads_per_chunk: KV heads processed at once.
+    """
+
+    window: int = 32
+    kernel: int = 5
+    pooling: Literal["avg", "max"] = "avg"
+    scale: float | None = None
+    heads_per_chunk: int = 1
+
+    def __post_init__(self) -> None:
+        _check_int("window", self.window, 1)
+        _check_int("kernel", self.kernel, 1)
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel: expected an odd pooling kernel, got {self.kernel}")
+        if self.pooling not in ("avg", "max"):
+            raise ValueError(f"pooling: expected 'avg' or 'max', got {self.pooling!r}")
+        _check_scale(self.scale)
+        _check_int("heads_per_chunk", self.heads_per_chunk, 1)
+
+    def __call__(self, q: Tensor, k: Tensor, /) -> Scores:
+        """Score every key by the observation window's attention.
+
+        Args:
+            q: (B, Hq, Sq, D), the last Sq positions, Sq <= Skv.
+            k: (B, Hkv, Skv, D).
+
+        Returns:
+            ``Scores``, each (B, Hkv, Skv) float32; ``normalized`` is +inf on the window.
+        """
+        b, hkv, _, sq, skv = _check_inputs(q, k)
+        scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
+        w = min(self.window, sq)
+        rows = torch.arange(sq - w, sq, device=q.device)  # (w,)
+        mass = _probe_mass(q, k, rows, scale=scale, heads_per_chunk=self.heads_per_chunk)
+        flat = mass.view(b * hkv, 1, skv)  # (B*Hkv, 1, Skv)
+        pad = self.kernel // 2
+        if self.pooling == "avg":
+            pooled = F.avg_pool1d(flat, self.kernel, stride=1, padding=pad)
+        else:
+            pooled = F.max_pool1d(flat, self.kernel, stride=1, padding=pad)
+        pooled = pooled.view(b, hkv, skv)  # (B, Hkv, Skv)
+        in_window = torch.arange(skv, device=k.device) >= skv - w  # (Skv,)
+        normalized = pooled.masked_fill(in_window, float("inf"))
+        return Scores(mass=mass, normalized=normalized)
+
+
+@dataclass(frozen=True)
+class KeyNormScorer:
+    """Key-norm scores: a LOWER key L2 norm means MORE important (Devoto et al. 2024).
+
+    ``normalized = -||k||_2`` (fp32), so "higher = keep" still holds. ``mass`` has no attention
+    meaning here; it is ``softmax(-||k||_2)`` over the keys of each (b, h) (non-negative, sums to 1
+    per row) so that mass-based allocators run, but pair this scorer with ``FixedRatioAllocator``
+    for the published method. Queries are only validated, not used.
+    """
+
+    def __call__(self, q: Tensor, k: Tensor, /) -> Scores:
+        """Score every key by its negated L2 norm.
+
+        Args:
+            q: (B, Hq, Sq, D), validated only.
+            k: (B, Hkv, Skv, D).
+
+        Returns:
+            ``Scores``, each (B, Hkv, Skv) float32.
+        """
+        _check_inputs(q, k)
+        normalized = -torch.linalg.vector_norm(k.float(), dim=-1)  # (B, Hkv, Skv)
+        return Scores(mass=torch.softmax(normalized, dim=-1), normalized=normalized)
