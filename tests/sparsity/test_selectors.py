@@ -1,0 +1,149 @@
+"""TopKSelector: exact top set, forced tokens, counts, granularity, validation (hypothesis)."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+from zipvl.sparsity import Selection, TopKSelector
+from zipvl.testing.inputs import random_scores
+from zipvl.types import Selector
+
+FIXTURE_OK = settings(
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+
+selectors = st.builds(
+    TopKSelector,
+    granularity=st.sampled_from(["kv_head", "layer"]),
+    keep_last=st.booleans(),
+    sink_tokens=st.integers(0, 6),
+    recent_window=st.integers(0, 6),
+)
+
+
+def _expected_keep(sel: TopKSelector, scores: torch.Tensor, p: int) -> torch.Tensor:
+    """Hand-written rule: forced tokens, then the best others by (score desc, position asc)."""
+    b, h, s = scores.shape
+    forced = set(range(min(sel.sink_tokens, s)))
+    recent = max(sel.recent_window, 1 if sel.keep_last else 0)
+    forced |= set(range(max(0, s - recent), s))
+    sc = scores.double()
+    if sel.granularity == "layer":
+        sc = sc.sum(dim=1, keepdim=True).expand(b, h, s)
+    keep = torch.zeros(b, h, s, dtype=torch.bool)
+    n = min(s, max(p, len(forced)))
+    for bi in range(b):
+        for hi in range(h):
+            rest = sorted(
+                (j for j in range(s) if j not in forced), key=lambda j: (-sc[bi, hi, j].item(), j)
+            )
+            chosen = list(forced) + rest[: n - len(forced)]
+            keep[bi, hi, chosen] = True
+    return keep
+
+
+@FIXTURE_OK
+@given(
+    sel=selectors,
+    s=st.integers(1, 40),
+    b=st.integers(1, 2),
+    h=st.integers(1, 3),
+    frac=st.floats(0.0, 1.0),
+    seed=st.integers(0, 1000),
+    ties=st.booleans(),
+)
+def test_kept_set_is_forced_plus_top_of_rest(
+    device: str,
+    sel: TopKSelector,
+    s: int,
+    b: int,
+    h: int,
+    frac: float,
+    seed: int,
+    ties: bool,
+) -> None:
+    scores = random_scores(b, h, s, seed=seed, ties=ties, device=device)
+    p = round(frac * s)
+    selection = sel(scores, torch.full((b, h), p, dtype=torch.int32, device=device))
+    assert isinstance(selection, Selection)
+    assert selection.keep.shape == (b, h, s) and selection.keep.dtype == torch.bool
+    assert selection.keep.device == scores.device
+    expected = _expected_keep(sel, scores.cpu(), p)
+    assert torch.equal(selection.keep.cpu(), expected)
+    # every row keeps exactly max(p, |forced|) tokens, and num_kept says so
+    assert (selection.keep.sum(-1) == selection.num_kept).all()
+    assert selection.num_kept == min(s, max(p, sel.num_forced(s)))
+    idx = selection.indices()
+    assert idx.shape == (b, h, selection.num_kept)
+    assert (idx.diff(dim=-1) > 0).all(), "indices ascend"
+
+
+@given(sel=selectors, s=st.integers(1, 40), p=st.integers(0, 40))
+def test_forced_tokens_always_kept(sel: TopKSelector, s: int, p: int) -> None:
+    p = min(p, s)
+    # adversarial scores: forced positions score lowest, +inf elsewhere
+    forced = sel.forced_mask(s)
+    scores = torch.where(forced, -torch.inf, torch.inf).expand(2, 2, s).contiguous()
+    selection = sel(scores, torch.full((2, 2), p, dtype=torch.int32))
+    assert selection.keep[..., forced].all()
+    assert int(forced.sum()) == sel.num_forced(s)
+
+
+def test_layer_granularity_shares_one_set_per_batch_row() -> None:
+    scores = random_scores(2, 3, 30, seed=3)
+    sel = TopKSelector(granularity="layer", keep_last=False)(
+        scores, torch.full((2, 3), 7, dtype=torch.int32)
+    )
+    assert (sel.keep == sel.keep[:, :1]).all()
+    assert not torch.equal(sel.keep[0], sel.keep[1])
+    top = scores.sum(1).topk(7, dim=-1).indices.sort(-1).values  # (B, 7)
+    assert torch.equal(sel.indices()[:, 0], top)
+
+
+def test_nan_scores_rank_last_and_inf_below_forced() -> None:
+    scores = torch.tensor([[[float("nan"), 1.0, float("inf"), 0.5, -1.0]]])
+    sel = TopKSelector(keep_last=True)(scores, torch.tensor([[3]], dtype=torch.int32))
+    assert sel.keep[0, 0].tolist() == [False, True, True, False, True]
+
+
+def test_keep_mask_is_sync_free_and_matches_call() -> None:
+    scores = random_scores(2, 2, 17, seed=1)
+    budget = torch.full((2, 2), 5, dtype=torch.int32)
+    s = TopKSelector(sink_tokens=1)
+    assert torch.equal(s.keep_mask(scores, budget), s(scores, budget).keep)
+    assert isinstance(s, Selector)
+
+
+def test_budget_zero_keeps_only_forced_and_full_keeps_all() -> None:
+    scores = random_scores(1, 2, 9)
+    none = TopKSelector(keep_last=False)(scores, torch.zeros(1, 2, dtype=torch.int32))
+    assert none.num_kept == 0 and not none.keep.any()
+    assert none.indices().shape == (1, 2, 0)
+    last = TopKSelector()(scores, torch.zeros(1, 2, dtype=torch.int32))
+    assert last.num_kept == 1 and last.keep[..., -1].all()
+    full = TopKSelector()(scores, torch.full((1, 2), 9, dtype=torch.int32))
+    assert full.keep.all() and full.ratio == 1.0
+
+
+def test_selector_validation_messages() -> None:
+    scores = random_scores(1, 2, 8)
+    with pytest.raises(ValueError, match="granularity: expected one of"):
+        TopKSelector(granularity="head")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="sink_tokens: expected an int >= 0, got -1"):
+        TopKSelector(sink_tokens=-1)
+    with pytest.raises(ValueError, match="budget: expected shape"):
+        TopKSelector()(scores, torch.full((1, 3), 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="budget: expected one value shared"):
+        TopKSelector()(scores, torch.tensor([[2, 3]], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"budget: expected values in \[0, Skv=8\], got 9"):
+        TopKSelector()(scores, torch.full((1, 2), 9, dtype=torch.int32))
+    with pytest.raises(ValueError, match="budget: expected an integer dtype"):
+        TopKSelector()(scores, torch.full((1, 2), 2.0))
+    with pytest.raises(ValueError, match="scores: expected a 3-D tensor"):
+        TopKSelector()(scores[0], torch.full((1, 2), 2, dtype=torch.int32))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="scores on cuda"):
+            TopKSelector()(scores.cuda(), torch.full((1, 2), 2, dtype=torch.int32))
