@@ -30,6 +30,9 @@ __all__ = [
 
 
 def _git_commit() -> str:
+    # the device machine gets a copy of the tree without .git: the caller passes the commit
+    if os.environ.get("ZIPVL_COMMIT"):
+        return os.environ["ZIPVL_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

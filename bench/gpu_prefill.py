@@ -35,6 +35,7 @@ from zipvl.sparsity import (  # noqa: E402
     FixedRatioAllocator,
     ProbeScorer,
     TopKSelector,
+    compacted_causal_block_mask,
     plan_tokens,
     sparse_attention,
 )
@@ -55,7 +56,7 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=64, help="recent and random probe caps, each")
     args = ap.parse_args()
 
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     env = env_info()
     progress(f"device {env['device']}, torch {env['torch']}, commit {env['commit']}")
@@ -76,10 +77,8 @@ def main() -> None:
         k = torch.randn(1, hkv, s, d, device="cuda", dtype=torch.bfloat16, generator=gen)
         v = torch.randn(1, hkv, s, d, device="cuda", dtype=torch.bfloat16, generator=gen)
 
-        def causal(b, h, qi, ki):
-            return qi >= ki
-
-        bm = create_block_mask(causal, 1, 1, s, s, device="cuda")
+        # built from block indices: create_block_mask over an S x S predicate needs S^2 bytes
+        bm = compacted_causal_block_mask(s, -(-s // 128) * 128, 128, device="cuda")
 
         def plan_fixed():
             return plan_tokens(q, k, scorer=scorer, allocator=fixed, selector=selector)
