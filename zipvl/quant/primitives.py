@@ -13,7 +13,8 @@ Conventions:
     * Rounding of codes is ``floor(y + 0.5)`` (round half up), not torch.round's half-to-even,
       because it is what the Triton kernel computes too; codes are clamped to [0, 2^bits - 1].
     * A constant group has max == min: its scale is clamped to a tiny positive value (never 0),
-      its codes are all 0 and it dequantizes exactly to the constant.
+      so nothing divides by zero; with float32 parameters its codes are all 0 and it
+      dequantizes exactly to the constant, otherwise to within half a step like any group.
 
 Packing layout ("contiguous slices", as in ZipCache's code): along the last dimension of n
 codes, with k = 8 // bits codes per byte and m = n // k bytes, byte j holds the codes of
@@ -29,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .spec import QuantSpec, param_rounding
+from .spec import FLOAT32_SCALE_NUDGE, QuantSpec, param_grid
 
 __all__ = [
     "choose_qparams",
@@ -73,21 +74,30 @@ def grouped_view(x: Tensor, spec: QuantSpec) -> Tensor:
 def round_param(y: Tensor, dtype: torch.dtype, *, up: bool) -> Tensor:
     """Round float32 ``y`` to a value representable in ``dtype``, outward (up or down).
 
+    Floor / ceil on the dtype's grid (``spec.param_grid``) with exact float32 operations (a
+    power-of-two scaling, floor or ceil, and back), so ``torch.compile`` keeps the rounding
+    (it may drop a float32 -> float16 -> float32 cast round trip). Values beyond the dtype's
+    range (65504 for float16) end up on the grid but overflow when stored.
+
     Args:
         y: float32 tensor, any shape.
-        dtype: target parameter dtype (float32 is returned unchanged).
+        dtype: target parameter dtype. float32: ``up`` nudges y up by 2^-21 relative (see
+            ``spec.FLOAT32_SCALE_NUDGE``), down is the identity.
         up: True rounds towards +inf, False towards -inf.
 
     Returns:
         float32 tensor of y's shape whose values are exact in ``dtype``.
     """
-    consts = param_rounding(dtype)
-    if consts is None:
-        return y
-    rel, tiny = consts
-    nudge = y.abs() * rel + tiny
-    y = y + nudge if up else y - nudge
-    return y.to(dtype).to(torch.float32)
+    grid = param_grid(dtype)
+    if grid is None:
+        return y + y.abs() * FLOAT32_SCALE_NUDGE if up else y
+    emin, mant = grid
+    e = ((y.view(torch.int32) >> 23) & 0xFF) - 127  # unbiased float32 exponent
+    e_ulp = torch.clamp_min(e, emin) - mant  # log2 of the grid spacing
+    ulp = ((e_ulp + 127) << 23).view(torch.float32)  # 2^e_ulp, exact
+    inv = ((127 - e_ulp) << 23).view(torch.float32)  # 2^-e_ulp, exact
+    steps = torch.ceil(y * inv) if up else torch.floor(y * inv)  # y * inv is exact
+    return steps * ulp
 
 
 def choose_qparams(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:

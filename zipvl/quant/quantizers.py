@@ -36,7 +36,7 @@ from ..checks import check_fraction, check_same_device, check_tensor
 from ..types import Impl
 from .base import KVPart, KVQuantizer, QuantizedKV, QuantizedTensor, keep_order
 from .ops import quantize_pack
-from .primitives import pack_bitmap
+from .primitives import pack_bitmap, round_param
 from .spec import PARAM_DTYPES, SUPPORTED_BITS, QuantSpec
 
 __all__ = [
@@ -168,8 +168,9 @@ def quantize_tensor(
     xq = x
     if channel_separable:
         amax = x.float().abs().amax(dim=-2, keepdim=True)  # (B, Hkv, 1, D)
-        cs = torch.sqrt(amax).clamp_min(_MIN_CHANNEL_SCALE).to(pd)  # (B, Hkv, 1, D)
-        xq = x.float() / cs.float()  # (B, Hkv, T, D)
+        # rounded onto pd's grid first, so the stored divisor is exactly the one divided by
+        cs = round_param(torch.sqrt(amax).clamp_min(_MIN_CHANNEL_SCALE), pd, up=False)
+        xq = x.float() / cs  # (B, Hkv, T, D)
     pad = 0
     if pad_remainder and spec.axis == "token" and spec.group_size and n % spec.group_size:
         pad = spec.group_size - n % spec.group_size
@@ -185,7 +186,7 @@ def quantize_tensor(
         spec=spec,
         scale=scale.to(pd),  # exact: parameters are representable in pd
         zero=zero.to(pd),
-        channel_scale=cs,
+        channel_scale=None if cs is None else cs.to(pd),  # exact
     )
 
 

@@ -31,38 +31,49 @@ from typing import Literal
 
 import torch
 
-__all__ = ["PARAM_DTYPES", "SUPPORTED_BITS", "Axis", "QuantSpec", "param_rounding"]
+__all__ = [
+    "FLOAT32_SCALE_NUDGE",
+    "PARAM_DTYPES",
+    "SUPPORTED_BITS",
+    "Axis",
+    "QuantSpec",
+    "param_grid",
+]
 
 Axis = Literal["token", "channel"]
 
 SUPPORTED_BITS: tuple[int, ...] = (2, 4, 8)
 PARAM_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 
-# Outward rounding of parameters to ``param_dtype`` (see ``param_rounding``): (rel, tiny) such
-# that round_to_nearest(y - (|y| * rel + tiny)) <= y for every finite float32 y in range.
-# float16: 11 significant bits -> half an ulp <= |y| * 2^-11, subnormal half-spacing 2^-25.
-# bfloat16: 8 significant bits -> half an ulp <= |y| * 2^-8; 2^-126 covers its subnormals.
-_ROUNDING: dict[torch.dtype, tuple[float, float] | None] = {
+# Outward rounding of parameters to ``param_dtype`` (see ``param_grid``): the grid of a dtype
+# near y has spacing 2^(max(exponent(y), EMIN) - MANT); rounding is floor / ceil on that grid,
+# computed with exact float32 operations (no dtype cast, which torch.compile may elide).
+# bfloat16's subnormal spacing is clamped to 2^-126 (a coarser grid, still exact in bfloat16).
+_GRID: dict[torch.dtype, tuple[int, int] | None] = {
     torch.float32: None,
-    torch.float16: (2.0**-10, 2.0**-24),
-    torch.bfloat16: (2.0**-7, 2.0**-126),
+    torch.float16: (-14, 10),
+    torch.bfloat16: (-126 + 7, 7),
 }
 
+# float32 parameters are not rounded, except the scale, nudged up by 2^-21 relative so that
+# zero + levels * scale >= max survives the float32 division's rounding.
+FLOAT32_SCALE_NUDGE = 2.0**-21
 
-def param_rounding(dtype: torch.dtype) -> tuple[float, float] | None:
-    """Outward-rounding constants ``(rel, tiny)`` of a parameter dtype (None: no rounding).
 
-    ``round_down(y) = to_dtype(y - (|y| * rel + tiny))`` and
-    ``round_up(y) = to_dtype(y + (|y| * rel + tiny))`` with round-to-nearest conversions are
-    guaranteed to land on the correct side of ``y``. The PyTorch primitives and the Triton
-    kernel both use these constants so that they agree bit for bit.
+def param_grid(dtype: torch.dtype) -> tuple[int, int] | None:
+    """(EMIN, MANT) of a parameter dtype's grid, None for float32 (no rounding).
+
+    The representable values of ``dtype`` near a float32 y are the multiples of
+    2^(max(e, EMIN) - MANT), e = the unbiased float32 exponent of y (EMIN = the smallest
+    normal exponent, MANT = the stored mantissa bits). The PyTorch primitives and the Triton
+    kernel both round on this grid, so they agree bit for bit.
 
     Raises:
         ValueError: if ``dtype`` is not one of ``PARAM_DTYPES``.
     """
-    if dtype not in _ROUNDING:
+    if dtype not in _GRID:
         raise ValueError(f"param_dtype: expected one of {PARAM_DTYPES}, got {dtype}")
-    return _ROUNDING[dtype]
+    return _GRID[dtype]
 
 
 @dataclass(frozen=True)
@@ -104,7 +115,7 @@ class QuantSpec:
             )
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"symmetric: expected a bool, got {type(self.symmetric).__name__}")
-        param_rounding(self.param_dtype)  # validates param_dtype
+        param_grid(self.param_dtype)  # validates param_dtype
 
     @property
     def levels(self) -> int:

@@ -10,8 +10,9 @@ of D * bits / 8 bytes per row, instead of the reference path's float32 temporari
 Bit-exact agreement with the PyTorch primitives (``primitives.choose_qparams`` / ``quantize`` /
 ``pack``) is by construction: the same float32 operations in the same order, divisions with
 IEEE round-to-nearest (``tl.math.div_rn``: Triton's plain ``/`` may lower to an approximate
-division on GPUs), and the only multiply-add (``|y| * 2^-k + tiny``) has an exact product, so
-FMA contraction cannot change it. Tested on the CPU under ``TRITON_INTERPRET=1``.
+division on GPUs), parameter rounding by exact power-of-two scaling and floor / ceil, and the
+only multiply-add (the float32 scale nudge ``y + |y| * 2^-21``) has an exact product, so FMA
+contraction cannot change a result. Tested on the CPU under ``TRITON_INTERPRET=1``.
 
 Triton reads ``TRITON_INTERPRET`` when a kernel is decorated, i.e. when this module is first
 imported (``quantize_pack(..., impl="triton")`` imports it lazily).
@@ -27,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 from triton import knobs
 
-from .spec import QuantSpec, param_rounding
+from .spec import FLOAT32_SCALE_NUDGE, QuantSpec, param_grid
 
 __all__ = ["INTERPRETED", "quantize_pack_tokenwise"]
 
@@ -40,19 +41,24 @@ _TINY_SCALE = 2.0**-126  # must equal primitives._TINY_SCALE
 
 
 @triton.jit
-def _round_param(y, REL: tl.constexpr, TINY: tl.constexpr, PD: tl.constexpr, UP: tl.constexpr):
-    """Outward rounding of float32 y to the parameter dtype (primitives.round_param)."""
+def _round_param(
+    y,
+    EMIN: tl.constexpr,
+    MANT: tl.constexpr,
+    NUDGE: tl.constexpr,
+    PD: tl.constexpr,
+    UP: tl.constexpr,
+):
+    """Outward rounding of float32 y onto the parameter dtype's grid (primitives.round_param)."""
     if PD == 0:
-        return y
-    nudge = tl.abs(y) * REL + TINY
-    y = y + nudge if UP else y - nudge
-    if PD == 1:
-        return y.to(tl.float16).to(tl.float32)
-    # bfloat16, round-to-nearest-even on the float32 bits (what torch's .to(bfloat16) does for
-    # finite values); spelled out because the interpreter's bfloat16 cast truncates
-    bits = y.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
+        # float32: no rounding, only the scale is nudged up
+        return y + tl.abs(y) * NUDGE if UP else y
+    e = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # unbiased float32 exponent
+    e_ulp = tl.maximum(e, EMIN) - MANT  # log2 of the grid spacing
+    ulp = ((e_ulp + 127) << 23).to(tl.float32, bitcast=True)  # 2^e_ulp, exact
+    inv = ((127 - e_ulp) << 23).to(tl.float32, bitcast=True)  # 2^-e_ulp, exact
+    steps = tl.ceil(y * inv) if UP else tl.floor(y * inv)
+    return steps * ulp
 
 
 @triton.jit
@@ -68,8 +74,9 @@ def _quantize_pack_rows_kernel(
     LEVELS: tl.constexpr,
     SYMMETRIC: tl.constexpr,
     PD: tl.constexpr,
-    REL: tl.constexpr,
-    TINY: tl.constexpr,
+    EMIN: tl.constexpr,
+    MANT: tl.constexpr,
+    NUDGE: tl.constexpr,
     TINY_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
@@ -90,11 +97,11 @@ def _quantize_pack_rows_kernel(
     else:
         lo = tl.min(xg, axis=2)  # (R, NG)
         hi = tl.max(xg, axis=2)
-    zero = _round_param(lo, REL, TINY, PD, False)  # (R, NG)
+    zero = _round_param(lo, EMIN, MANT, NUDGE, PD, False)  # (R, NG)
     scale = tl.maximum(
         tl.math.div_rn(hi - zero, tl.full(hi.shape, LEVELS, tl.float32)), TINY_SCALE
     )
-    scale = _round_param(scale, REL, TINY, PD, True)  # (R, NG)
+    scale = _round_param(scale, EMIN, MANT, NUDGE, PD, True)  # (R, NG)
 
     y = tl.math.div_rn(xg - zero[:, :, None], tl.broadcast_to(scale[:, :, None], xg.shape))
     codes = tl.minimum(tl.maximum(tl.floor(y + 0.5), 0.0), LEVELS).to(tl.int32)  # (R, NG, G)
@@ -164,8 +171,7 @@ def quantize_pack_tokenwise(
     packed = torch.empty(n, d // per, dtype=torch.uint8, device=x.device)  # (N, M)
     scale = torch.empty(n, d // g, dtype=torch.float32, device=x.device)  # (N, NG)
     zero = torch.empty_like(scale)
-    consts = param_rounding(spec.param_dtype)
-    rel, tiny = consts if consts is not None else (0.0, 0.0)
+    emin, mant = param_grid(spec.param_dtype) or (0, 0)
     if n:
         grid = (triton.cdiv(n, block_rows),)
         # cast: the tl.constexpr annotations are for Triton, not for the type checker
@@ -182,8 +188,9 @@ def quantize_pack_tokenwise(
             LEVELS=spec.levels,
             SYMMETRIC=spec.symmetric,
             PD=_PD_CODE[spec.param_dtype],
-            REL=rel,
-            TINY=tiny,
+            EMIN=emin,
+            MANT=mant,
+            NUDGE=FLOAT32_SCALE_NUDGE,
             TINY_SCALE=_TINY_SCALE,
             BLOCK_R=block_rows,
         )
