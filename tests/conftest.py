@@ -8,6 +8,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+# Triton kernels run interpreted on machines without a GPU (CI). Triton reads the variable when a
+# kernel is decorated, so it is set before any test module imports triton (torch does not).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 settings.register_profile(
     "ci",
     max_examples=40,
