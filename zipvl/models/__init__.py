@@ -1,0 +1,46 @@
+"""ZipVL in models: the attention layer, a reference decoder and the transformers integration.
+
+* ``ZipVLAttention`` / ``zipvl_attention`` / ``make_cache`` (``attention.py``): for custom stacks;
+* ``llama.py``: a single-file reference decoder (gpt-fast style) built on ``ZipVLAttention``;
+* ``enable`` / ``disable`` / ``new_cache`` (``hf.py``): transformers models through the public
+  ``AttentionInterface`` and ``AttentionMaskInterface``;
+* ``lvlm.py``: tiny LVLMs built in code for tests and the demo.
+"""
+
+from __future__ import annotations
+
+from zipvl.models.attention import (
+    PrefillResult,
+    ZipVLAttention,
+    decode_attention,
+    dense_causal_attention,
+    make_cache,
+    prefill_attention,
+    retained_attention_mass,
+    zipvl_attention,
+)
+from zipvl.models.hf import (
+    SUPPORTED_MODELS,
+    disable,
+    enable,
+    is_enabled,
+    new_cache,
+    recording,
+)
+
+__all__ = [
+    "SUPPORTED_MODELS",
+    "PrefillResult",
+    "ZipVLAttention",
+    "decode_attention",
+    "dense_causal_attention",
+    "disable",
+    "enable",
+    "is_enabled",
+    "make_cache",
+    "new_cache",
+    "prefill_attention",
+    "recording",
+    "retained_attention_mass",
+    "zipvl_attention",
+]

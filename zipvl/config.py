@@ -1,0 +1,421 @@
+"""``ZipVLConfig``: which components ZipVL runs with, per layer, and the paper's defaults.
+
+ZipVL (He et al., arXiv 2410.08584 v1; method.md sections 0, 4, 5 and 10) has five swappable
+parts per attention layer:
+
+* prefill: scorer (probe attention, Eq. 7) -> allocator (tau rule, Eq. 6) -> selector
+  (top-p per KV head, Eqs. 8/9) -> token-sparse attention (``impl``, ``unkept``);
+* KV cache: quantizer (4-bit important / 2-bit other tokens), re-compressed every
+  ``recompress_every`` generated tokens.
+
+The config only *combines* component instances (style C2): a component left at ``None`` is built
+from the plain settings next to it (``tau``, probe fractions, bit widths, ...), one given
+explicitly wins, and giving both an explicit component and a non-default value of a setting that
+only feeds the default component raises (the setting would be silently ignored otherwise).
+Per-layer overrides (``layers={idx: {"tau": 0.99}}``) replace settings or components for one
+layer; ``dense_layers`` run plain causal attention in prefill and store every token as
+important. ``for_layer(idx)`` resolves everything into a ``LayerConfig``.
+
+Named presets (``ZipVLConfig.preset(name)``) come from the plain dict ``PRESETS``.
+
+This module is transformers-free; building the cache lives in ``zipvl.models.attention``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+from zipvl.checks import check_fraction
+from zipvl.quant import (
+    IdentityKVQuantizer,
+    KIVIKVQuantizer,
+    KVQuantizer,
+    MixedPrecisionKVQuantizer,
+    ZipCacheKVQuantizer,
+)
+from zipvl.sparsity import (
+    CumulativeMassAllocator,
+    FixedRatioAllocator,
+    ProbeScorer,
+    TopKSelector,
+)
+from zipvl.types import Allocator, Impl, Scorer, Selector
+
+__all__ = ["LAYER_OVERRIDE_FIELDS", "PRESETS", "LayerConfig", "ZipVLConfig"]
+
+_BITS = (2, 4, 8, 16)
+_UNKEPT = ("zero", "attend")
+
+LAYER_OVERRIDE_FIELDS: frozenset[str] = frozenset(
+    {
+        "tau",
+        "probe_recent_frac",
+        "probe_random_frac",
+        "probe_cap",
+        "bits_high",
+        "bits_low",
+        "sparse_prefill",
+        "impl",
+        "unkept",
+        "scorer",
+        "allocator",
+        "selector",
+        "quantizer",
+    }
+)
+"""Field names a per-layer override (``ZipVLConfig.layers[idx]``) may set."""
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """The resolved components of one layer (what the attention code reads).
+
+    Attributes:
+        layer_idx: the layer.
+        dense: True for a dense layer (``dense_layers`` or ``sparse_prefill=False``): plain
+            causal attention in prefill and every token committed as important.
+        scorer: prefill importance scorer (``Scorer``).
+        allocator: prefill budget rule (``Allocator``); also budgets the decode blocks.
+        selector: prefill token selector (``Selector``).
+        quantizer: the layer's ``KVQuantizer``.
+        impl: ``sparse_attention`` implementation.
+        unkept: what unselected queries get in prefill: ``"zero"`` (ZipVL) or ``"attend"``.
+    """
+
+    layer_idx: int
+    dense: bool
+    scorer: Scorer
+    allocator: Allocator
+    selector: Selector
+    quantizer: KVQuantizer
+    impl: Impl
+    unkept: Literal["zero", "attend"]
+
+
+# which plain settings only feed which default component
+_FEEDS: dict[str, tuple[str, ...]] = {
+    "scorer": ("probe_recent_frac", "probe_random_frac", "probe_cap"),
+    "allocator": ("tau",),
+    "quantizer": ("bits_high", "bits_low"),
+}
+
+
+def _check_int(name: str, value: object, low: int, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
+    if value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value}")
+
+
+def _check_callable(name: str, value: object) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name}: expected a callable component or None, got {value!r}")
+
+
+def _default_quantizer(bits_high: int, bits_low: int) -> KVQuantizer:
+    def uniform(bits: int) -> KVQuantizer:
+        return IdentityKVQuantizer() if bits == 16 else ZipCacheKVQuantizer(bits)
+
+    if bits_high == 16 and bits_low == 16:
+        return IdentityKVQuantizer()
+    return MixedPrecisionKVQuantizer(high=uniform(bits_high), low=uniform(bits_low))
+
+
+@dataclass(frozen=True)
+class ZipVLConfig:
+    """ZipVL's components and settings, validated on construction. Defaults = the paper's.
+
+    Example::
+
+        cfg = ZipVLConfig()                                   # tau 0.975, 4/2-bit cache
+        cfg = ZipVLConfig.preset("zipvl-fast")                # tau 0.96
+        cfg = ZipVLConfig(allocator=FixedRatioAllocator(0.42), dense_layers={0, 1})
+        cfg = ZipVLConfig(layers={0: {"tau": 0.99}, 5: {"bits_high": 8}})
+        layer = cfg.for_layer(3)                              # LayerConfig with components
+
+    Attributes:
+        tau: retained attention-mass threshold of Eq. 6, in (0, 1] (paper: 0.96 / 0.975). Feeds
+            the default allocator ``CumulativeMassAllocator(tau)``.
+        probe_recent_frac: fraction of the prompt used as recent probe queries, in [0, 1]
+            (ZipCache: 0.05). Feeds the default ``ProbeScorer``.
+        probe_random_frac: fraction drawn at random as probe queries, in [0, 1] (ZipCache: 0.05).
+        probe_cap: optional cap on each of the recent and random probe counts (e.g. 64 for long
+            video prompts; not in the paper), >= 1 or None.
+        bits_high: bit width of important tokens in the cache, one of 2, 4, 8, 16 (paper: 4).
+        bits_low: bit width of the other tokens, <= bits_high (paper: 2). 16/16 stores the cache
+            unquantized (``IdentityKVQuantizer``).
+        recompress_every: decode block size: every this many generated tokens the newest block
+            is split and quantized (paper: 100), >= 1.
+        sink_tokens: leading prompt tokens always selected and stored at full precision, >= 0
+            (not in the paper; default 0).
+        dense_layers: layers that run dense prefill attention (not in the paper; default none).
+        sparse_prefill: False runs every layer dense in prefill (quantization-only baselines).
+        impl: ``sparse_attention`` implementation (``Impl.SDPA`` default; ``Impl.FLEX``,
+            ``Impl.REFERENCE``).
+        unkept: ``"zero"``: unselected queries get no attention output (ZipVL, method.md 4.5);
+            ``"attend"``: they attend to the selected keys.
+        scorer: explicit ``Scorer`` (None: ``ProbeScorer`` from the probe settings).
+        allocator: explicit ``Allocator`` (None: ``CumulativeMassAllocator(tau)``).
+        selector: explicit prefill ``Selector`` (None: ``TopKSelector(sink_tokens=...)``, which
+            always keeps the last prompt token).
+        quantizer: explicit ``KVQuantizer`` (None: mixed ZipCache quantizers at
+            ``bits_high`` / ``bits_low``).
+        decode_selector: selector of the decode blocks (None: the cache's default, a top-p
+            selector without forced tokens, as in Algorithm 1).
+        layers: per-layer overrides ``{layer_idx: {field: value}}``; fields from
+            ``LAYER_OVERRIDE_FIELDS``. Stored read-only.
+    """
+
+    tau: float = 0.975
+    probe_recent_frac: float = 0.05
+    probe_random_frac: float = 0.05
+    probe_cap: int | None = None
+    bits_high: int = 4
+    bits_low: int = 2
+    recompress_every: int = 100
+    sink_tokens: int = 0
+    dense_layers: frozenset[int] = frozenset()
+    sparse_prefill: bool = True
+    impl: Impl = Impl.SDPA
+    unkept: Literal["zero", "attend"] = "zero"
+    scorer: Scorer | None = None
+    allocator: Allocator | None = None
+    selector: Selector | None = None
+    quantizer: KVQuantizer | None = None
+    decode_selector: Selector | None = None
+    layers: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._validate_settings()
+        dense = self.dense_layers
+        if isinstance(dense, (str, bytes)) or not isinstance(dense, Iterable):
+            raise TypeError(
+                f"dense_layers: expected a set of layer indices, got {type(dense).__name__}"
+            )
+        dense = frozenset(dense)
+        for i in dense:
+            _check_int("dense_layers entry", i, 0)
+        object.__setattr__(self, "dense_layers", dense)
+        if not isinstance(self.layers, Mapping):
+            raise TypeError(
+                "layers: expected a mapping {layer_idx: {field: value}}, "
+                f"got {type(self.layers).__name__}"
+            )
+        frozen: dict[int, Mapping[str, Any]] = {}
+        for idx, override in self.layers.items():
+            _check_int("layers key", idx, 0)
+            if not isinstance(override, Mapping):
+                raise TypeError(
+                    f"layers[{idx}]: expected a mapping of field overrides, "
+                    f"got {type(override).__name__}"
+                )
+            unknown = sorted(set(override) - LAYER_OVERRIDE_FIELDS)
+            if unknown:
+                raise ValueError(
+                    f"layers[{idx}]: unknown override field(s) {unknown}; expected fields from "
+                    f"{sorted(LAYER_OVERRIDE_FIELDS)}"
+                )
+            frozen[idx] = MappingProxyType(dict(override))
+        object.__setattr__(self, "layers", MappingProxyType(frozen))
+        # resolve every overridden layer once so that a bad override fails here, not mid-forward
+        for idx in frozen:
+            try:
+                self.for_layer(idx)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"layers[{idx}]: {err}") from err
+
+    def _validate_settings(self) -> None:
+        check_fraction("tau", self.tau)
+        check_fraction("probe_recent_frac", self.probe_recent_frac, low_open=False)
+        check_fraction("probe_random_frac", self.probe_random_frac, low_open=False)
+        if self.probe_recent_frac + self.probe_random_frac == 0 and self.scorer is None:
+            raise ValueError(
+                "probe_recent_frac, probe_random_frac: expected at least one > 0 so that the "
+                "default ProbeScorer has probes, got 0 and 0"
+            )
+        _check_int("probe_cap", self.probe_cap, 1, optional=True)
+        for name in ("bits_high", "bits_low"):
+            bits = getattr(self, name)
+            if isinstance(bits, bool) or bits not in _BITS:
+                raise ValueError(f"{name}: expected one of {_BITS}, got {bits!r}")
+        if self.bits_low > self.bits_high:
+            raise ValueError(
+                f"bits_low: expected <= bits_high ({self.bits_high}), got {self.bits_low}"
+            )
+        _check_int("recompress_every", self.recompress_every, 1)
+        _check_int("sink_tokens", self.sink_tokens, 0)
+        if not isinstance(self.sparse_prefill, bool):
+            raise TypeError(
+                f"sparse_prefill: expected a bool, got {type(self.sparse_prefill).__name__}"
+            )
+        try:
+            object.__setattr__(self, "impl", Impl(self.impl))
+        except ValueError:
+            raise ValueError(
+                f"impl: expected one of {[i.value for i in Impl]}, got {self.impl!r}"
+            ) from None
+        if self.unkept not in _UNKEPT:
+            raise ValueError(f"unkept: expected one of {_UNKEPT}, got {self.unkept!r}")
+        for name in ("scorer", "allocator", "selector", "decode_selector"):
+            _check_callable(name, getattr(self, name))
+        if self.quantizer is not None and not isinstance(self.quantizer, KVQuantizer):
+            raise TypeError(
+                "quantizer: expected a KVQuantizer (quantize / dequantize / bytes_per_token), "
+                f"got {type(self.quantizer).__name__}"
+            )
+        defaults = _DEFAULTS
+        for component, settings in _FEEDS.items():
+            if getattr(self, component) is None:
+                continue
+            for s in settings:
+                if getattr(self, s) != defaults[s]:
+                    raise ValueError(
+                        f"{s}: only feeds the default {component}, but {component} is given "
+                        f"explicitly ({getattr(self, component)!r}); set it on the component "
+                        f"instead, got {s}={getattr(self, s)!r}"
+                    )
+
+    # ------------------------------------------------------------------ resolution
+    def for_layer(self, layer_idx: int) -> LayerConfig:
+        """Resolve the components of one layer (per-layer overrides applied).
+
+        Args:
+            layer_idx: layer index, >= 0.
+
+        Returns:
+            The ``LayerConfig`` of that layer.
+
+        Raises:
+            ValueError: negative ``layer_idx`` or an invalid override value.
+        """
+        _check_int("layer_idx", layer_idx, 0)
+        cfg = self
+        override = self.layers.get(layer_idx)
+        if override:
+            # an override of a setting replaces the global component built from it
+            changes = dict(override)
+            for component, settings in _FEEDS.items():
+                if component not in changes:
+                    if any(s in changes for s in settings):
+                        changes[component] = None  # rebuilt from the overridden settings
+                elif changes[component] is not None:
+                    # an explicit per-layer component: the global settings no longer feed it
+                    for s in settings:
+                        changes.setdefault(s, _DEFAULTS[s])
+            cfg = dataclasses.replace(self, layers={}, **changes)
+        scorer = cfg.scorer
+        if scorer is None:
+            scorer = ProbeScorer(
+                recent_frac=cfg.probe_recent_frac,
+                random_frac=cfg.probe_random_frac,
+                max_recent=cfg.probe_cap,
+                max_random=cfg.probe_cap,
+            )
+        allocator = (
+            cfg.allocator if cfg.allocator is not None else CumulativeMassAllocator(cfg.tau)
+        )
+        selector = cfg.selector
+        if selector is None:
+            selector = TopKSelector(sink_tokens=cfg.sink_tokens)
+        quantizer = cfg.quantizer
+        if quantizer is None:
+            quantizer = _default_quantizer(cfg.bits_high, cfg.bits_low)
+        return LayerConfig(
+            layer_idx=layer_idx,
+            dense=(not cfg.sparse_prefill) or layer_idx in self.dense_layers,
+            scorer=scorer,
+            allocator=allocator,
+            selector=selector,
+            quantizer=quantizer,
+            impl=cfg.impl,
+            unkept=cfg.unkept,
+        )
+
+    def check_num_layers(self, num_layers: int) -> None:
+        """Check that ``dense_layers`` and ``layers`` only name layers of a model.
+
+        Args:
+            num_layers: L, the model's attention layers.
+
+        Raises:
+            ValueError: a layer index >= ``num_layers``.
+        """
+        _check_int("num_layers", num_layers, 1)
+        for name, idxs in (("dense_layers", self.dense_layers), ("layers", self.layers.keys())):
+            bad = sorted(i for i in idxs if i >= num_layers)
+            if bad:
+                raise ValueError(
+                    f"{name}: expected layer indices < num_layers={num_layers}, got {bad}"
+                )
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ZipVLConfig:
+        """A named preset from ``PRESETS``, optionally with fields replaced.
+
+        Args:
+            name: one of ``PRESETS`` ("zipvl", "zipvl-fast", "fixed", "kivi", "dense").
+            **overrides: fields to replace (``dataclasses.replace``), e.g. ``recompress_every``.
+
+        Returns:
+            The config.
+
+        Raises:
+            ValueError: unknown ``name`` (the message lists the presets) or a bad override.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"name: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        cfg = PRESETS[name]()
+        return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+    def describe(self) -> str:
+        """One line naming the settings and components (for logs and the demo)."""
+        layer = self.for_layer(0)
+        parts = [
+            f"tau={self.tau}" if self.allocator is None else f"allocator={layer.allocator!r}",
+            f"kv={self.bits_high}/{self.bits_low}-bit"
+            if self.quantizer is None
+            else f"quantizer={type(layer.quantizer).__name__}",
+            f"recompress_every={self.recompress_every}",
+            f"impl={self.impl.value}",
+        ]
+        if not self.sparse_prefill:
+            parts.append("dense prefill")
+        if self.dense_layers:
+            parts.append(f"dense_layers={sorted(self.dense_layers)}")
+        if self.layers:
+            parts.append(f"overrides for layers {sorted(self.layers)}")
+        return ", ".join(parts)
+
+
+_DEFAULTS: dict[str, Any] = {
+    f.name: f.default
+    for f in dataclasses.fields(ZipVLConfig)
+    if f.default is not dataclasses.MISSING
+}
+
+
+PRESETS: Mapping[str, Callable[[], ZipVLConfig]] = MappingProxyType(
+    {
+        # the paper's accurate setting (video experiments): tau 0.975, 4/2-bit cache
+        "zipvl": lambda: ZipVLConfig(),
+        # the paper's faster setting
+        "zipvl-fast": lambda: ZipVLConfig(tau=0.96),
+        # Table 3's fixed-ratio ablation: the same kept ratio (42.1 %) for every layer and input
+        "fixed": lambda: ZipVLConfig(allocator=FixedRatioAllocator(0.42)),
+        # quantization only: dense prefill, KIVI 2-bit cache (group 32) with a 128-token
+        # full-precision residual (the cache's tail, flushed in blocks of recompress_every)
+        "kivi": lambda: ZipVLConfig(
+            sparse_prefill=False, quantizer=KIVIKVQuantizer(2, 32), recompress_every=128
+        ),
+        # identity: tau 1 keeps every token, 16-bit storage; token-identical to the model
+        "dense": lambda: ZipVLConfig(tau=1.0, bits_high=16, bits_low=16),
+    }
+)
+"""Named presets: name -> constructor (style C3)."""

@@ -1,0 +1,455 @@
+"""ZipVL inside transformers models: ``enable(model, config) -> ZipVLCache`` and ``disable``.
+
+How it plugs in (public APIs only, style A4 -- no hooks, no patched globals, no attributes added
+to the user's modules):
+
+* an attention function is registered with ``AttentionInterface.register`` under a per-model
+  name (``zipvl_<id>``) and the language model is switched to it with
+  ``set_attn_implementation`` (vision towers keep their own attention);
+* a mask function is registered under the same name with ``AttentionMaskInterface.register``
+  (transformers' own SDPA mask). Without it transformers would pass ``attention_mask=None``
+  and silently drop causal and padding masking;
+* transformers does not hand ``past_key_values`` to attention functions, so the registered
+  function is a small callable object that holds the per-model state: the config and the
+  ``ZipVLCache`` returned by ``enable``. It checks on every call that the K/V it receives came
+  from that cache (a ``DynamicCache`` or a missing cache raises a clear error).
+
+Per layer, the function runs ZipVL prefill when the cache layer holds the freshly stored prompt
+(query length == key length, pending commit): probe scoring with the padding mask respected,
+Eq. 6 budget, selection, token-sparse attention, ``cache.compress_prefill``. Otherwise it runs
+dense SDPA over the returned K/V with transformers' mask (padding included) and then
+``cache.compress_tail``. Whenever the selection keeps everything (tau = 1, dense layers), the
+exact SDPA call transformers itself makes is used, so the "dense" preset is token-identical.
+
+Supported: ``SUPPORTED_MODELS`` (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
+Llama and Qwen2 text models); transformers 5.17 - 5.x.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    LlamaForCausalLM,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2ForCausalLM,
+    Qwen2VLForConditionalGeneration,
+)
+
+from zipvl.cache import ZipVLCache
+from zipvl.cache.hf_compat import AttentionInterface, AttentionMaskInterface
+from zipvl.config import ZipVLConfig
+from zipvl.models.attention import make_cache, prefill_attention, retained_attention_mass
+
+__all__ = [
+    "SUPPORTED_MODELS",
+    "ForcedRun",
+    "LayerTrace",
+    "disable",
+    "enable",
+    "forced_generate",
+    "is_enabled",
+    "new_cache",
+    "recording",
+]
+
+SUPPORTED_MODELS: tuple[type[PreTrainedModel], ...] = (
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
+    LlamaForCausalLM,
+    Qwen2ForCausalLM,
+)
+"""Architectures ``enable`` accepts (checked with ``isinstance``)."""
+
+_PREFIX = "zipvl_"
+
+
+@dataclass(frozen=True)
+class LayerTrace:
+    """What one layer's prefill did (recorded inside ``recording``).
+
+    Attributes:
+        layer_idx: the layer.
+        kept_ratio: kept real tokens / real tokens.
+        retained_mass: fraction of the full attention mass carried by the kept keys
+            (``retained_attention_mass``), 1.0 for dense layers.
+    """
+
+    layer_idx: int
+    kept_ratio: float
+    retained_mass: float
+
+
+class _ZipVLAttentionFunction:
+    """The attention function registered for one model; holds that model's ZipVL state."""
+
+    def __init__(self, name: str, config: ZipVLConfig, num_layers: int, original: str) -> None:
+        self.name = name
+        self.config = config
+        self.num_layers = num_layers
+        self.original = original
+        self.cache: ZipVLCache = make_cache(config, num_layers)
+        self.recorder: list[LayerTrace] | None = None
+        self.retained_rows = 256
+        sdpa = AttentionInterface()["sdpa"]
+        self._sdpa: Callable[..., tuple[Tensor, Any]] = sdpa
+
+    def __call__(
+        self,
+        module: nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, None]:
+        """transformers' attention-function contract.
+
+        Args:
+            module: the attention module (its ``layer_idx`` picks the config and cache layer).
+            query: (B, Hq, Sq, D) with RoPE applied.
+            key: (B, Hkv, N, D), as returned by ``ZipVLCache.update``.
+            value: (B, Hkv, N, Dv).
+            attention_mask: None (causal, no padding) or (B, 1, Sq, N) bool, from the SDPA
+                mask function registered alongside.
+            dropout: must be 0 (inference only).
+            scaling: the model's softmax scale.
+            **kwargs: passed on to transformers' SDPA function on dense paths.
+
+        Returns:
+            ((B, Sq, Hq, Dv) attention output, None).
+        """
+        if module.training and dropout > 0:
+            raise RuntimeError(
+                "zipvl: ZipVL attention is inference-only; call model.eval() (got a module in "
+                f"training mode with dropout={dropout})"
+            )
+        if kwargs.get("sliding_window") is not None:
+            raise RuntimeError(
+                f"zipvl: sliding-window attention layers are not supported, got "
+                f"sliding_window={kwargs['sliding_window']}"
+            )
+        if kwargs.get("output_attentions", False):
+            raise RuntimeError("zipvl: output_attentions=True is not supported by ZipVL attention")
+        layer_idx = getattr(module, "layer_idx", None)
+        if not isinstance(layer_idx, int):
+            raise RuntimeError(
+                f"zipvl: attention module {type(module).__name__} has no integer layer_idx"
+            )
+        cache = self.cache
+        layer = cache.layer(layer_idx)
+        n_cached, n_in = layer.get_seq_length(), key.shape[-2]
+        prefill = layer.has_pending_prefill and n_cached == n_in and query.shape[-2] == n_in
+        decode = not layer.has_pending_prefill and n_cached == n_in and n_in > 0
+        if not (prefill or decode):
+            raise RuntimeError(
+                f"zipvl: layer {layer_idx} received K/V of {n_in} positions that did not come "
+                f"from the ZipVLCache bound to this model (it holds {n_cached}). While ZipVL is "
+                "enabled, pass past_key_values=<the cache returned by zipvl.enable(model)> (or "
+                "zipvl.models.new_cache(model) for a new conversation) to generate() / forward; "
+                "a DynamicCache, another cache or use_cache=False cannot be used."
+            )
+
+        def dense(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            out, _ = self._sdpa(
+                module, q, k, v, attention_mask, dropout=0.0, scaling=scaling, **kwargs
+            )
+            return out.transpose(1, 2)  # (B, Hq, S, Dv)
+
+        if decode:
+            out, _ = self._sdpa(
+                module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs
+            )  # (B, Sq, Hq, Dv)
+            cache.compress_tail(layer_idx, query, keys=key, scale=scaling)
+            return out, None
+        key_valid = _key_valid_from_mask(attention_mask, query.shape[-2])
+        lc = self.config.for_layer(layer_idx)
+        res = prefill_attention(
+            query, key, value, layer=lc, key_valid=key_valid, scale=scaling, dense=dense
+        )
+        if self.recorder is not None:
+            retained = retained_attention_mass(
+                query,
+                key,
+                res.keep,
+                key_valid=key_valid,
+                scale=scaling,
+                max_rows=self.retained_rows,
+            )
+            self.recorder.append(LayerTrace(layer_idx, res.kept_ratio, retained))
+        cache.compress_prefill(layer_idx, res.keep)
+        return res.output.transpose(1, 2).contiguous(), None  # (B, S, Hq, Dv)
+
+
+def _key_valid_from_mask(mask: Tensor | None, s: int) -> Tensor | None:
+    """The (B, S) padding mask behind a (B, 1, S, S) causal+padding bool mask (None: none).
+
+    Raises:
+        RuntimeError: the mask is not causal AND key padding (e.g. bidirectional image blocks),
+            which ZipVL's causal sparse prefill cannot honour.
+    """
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool or mask.ndim != 4 or mask.shape[-1] != s or mask.shape[-2] != s:
+        raise RuntimeError(
+            f"zipvl: expected a (B, 1, S, S) bool prefill mask from the SDPA mask function, got "
+            f"{tuple(mask.shape)} {mask.dtype}"
+        )
+    key_valid = mask[:, 0, -1, :]  # (B, S): the last row sees every real key
+    causal = torch.ones(s, s, dtype=torch.bool, device=mask.device).tril()  # (S, S)
+    expected = causal & key_valid[:, None, :]  # (B, S, S)
+    rows = key_valid[:, :, None]  # (B, S, 1): rows of real tokens must match exactly
+    if not bool(((mask[:, 0] == expected) | ~rows).all()):
+        raise RuntimeError(
+            "zipvl: the prefill attention mask is not a causal mask with key padding (custom "
+            "masks such as bidirectional image attention are not supported)"
+        )
+    return key_valid
+
+
+# --------------------------------------------------------------------------------------------
+# enable / disable
+# --------------------------------------------------------------------------------------------
+
+
+def _text_model(model: nn.Module) -> PreTrainedModel:
+    if not isinstance(model, SUPPORTED_MODELS):
+        names = ", ".join(cls.__name__ for cls in SUPPORTED_MODELS)
+        raise ValueError(
+            f"model: {type(model).__name__} is not supported by zipvl.enable; supported "
+            f"architectures: {names}"
+        )
+    decoder = model.get_decoder()
+    if not isinstance(decoder, PreTrainedModel):
+        raise ValueError(
+            f"model: expected get_decoder() to return the language model, got "
+            f"{type(decoder).__name__}"
+        )
+    return decoder
+
+
+def _function_of(decoder: PreTrainedModel) -> _ZipVLAttentionFunction | None:
+    name = decoder.config._attn_implementation
+    if not isinstance(name, str) or not name.startswith(_PREFIX):
+        return None
+    fn = AttentionInterface().get(name)
+    return fn if isinstance(fn, _ZipVLAttentionFunction) else None
+
+
+def is_enabled(model: nn.Module) -> bool:
+    """Whether ZipVL is currently enabled on ``model`` (a supported transformers model)."""
+    return _function_of(_text_model(model)) is not None
+
+
+def enable(model: nn.Module, config: ZipVLConfig | None = None) -> ZipVLCache:
+    """Switch a transformers model's language-model attention to ZipVL.
+
+    Enabling an already enabled model replaces its config (and cache).
+
+    Args:
+        model: one of ``SUPPORTED_MODELS`` (in eval mode).
+        config: ZipVL configuration (None: ``ZipVLConfig()``, the paper's defaults).
+
+    Returns:
+        The ``ZipVLCache`` to pass as ``past_key_values`` to ``generate`` / ``forward``. One
+        cache serves one generation; get a fresh one with ``new_cache(model)``.
+
+    Raises:
+        ValueError: unsupported architecture (the message lists the supported ones), sliding-
+            window layers, or a config that names layers the model does not have.
+        TypeError: ``config`` is not a ``ZipVLConfig``.
+
+    Example::
+
+        cache = zipvl.enable(model, ZipVLConfig(tau=0.975))
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+        print(cache.report().to_markdown())
+        zipvl.disable(model)
+    """
+    config = ZipVLConfig() if config is None else config
+    if not isinstance(config, ZipVLConfig):
+        raise TypeError(f"config: expected a ZipVLConfig or None, got {type(config).__name__}")
+    decoder = _text_model(model)
+    text_cfg = decoder.config
+    layer_types = getattr(text_cfg, "layer_types", None) or ()
+    sliding = [i for i, t in enumerate(layer_types) if t != "full_attention"]
+    if sliding:
+        raise ValueError(
+            f"model: ZipVL supports full-attention layers only, got layer types "
+            f"{sorted(set(layer_types))} (layers {sliding})"
+        )
+    num_layers = int(text_cfg.num_hidden_layers)
+    config.check_num_layers(num_layers)
+    current = _function_of(decoder)
+    original = current.original if current is not None else text_cfg._attn_implementation
+    if not isinstance(original, str):
+        raise ValueError(
+            f"model: expected a named attention implementation on the language model, got "
+            f"{original!r}"
+        )
+    name = f"{_PREFIX}{id(decoder):x}"
+    fn = _ZipVLAttentionFunction(name, config, num_layers, original)
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, AttentionMaskInterface()["sdpa"])
+    decoder.set_attn_implementation(name)
+    if decoder.config._attn_implementation != name:
+        raise RuntimeError(
+            f"zipvl: could not switch {type(decoder).__name__} to the ZipVL attention "
+            f"(its attn implementation is still {decoder.config._attn_implementation!r})"
+        )
+    return fn.cache
+
+
+def new_cache(model: nn.Module) -> ZipVLCache:
+    """A fresh ``ZipVLCache`` for the next generation, bound to the enabled model.
+
+    Raises:
+        RuntimeError: ZipVL is not enabled on ``model``.
+    """
+    fn = _function_of(_text_model(model))
+    if fn is None:
+        raise RuntimeError("model: ZipVL is not enabled on this model; call zipvl.enable first")
+    fn.cache = make_cache(fn.config, fn.num_layers)
+    return fn.cache
+
+
+def disable(model: nn.Module) -> None:
+    """Restore the attention implementation the model had before ``enable``.
+
+    The registered names stay in transformers' interfaces (there is no public unregister) but
+    are rebound to a function that raises, which also drops the cache it held.
+
+    Raises:
+        RuntimeError: ZipVL is not enabled on ``model``.
+    """
+    decoder = _text_model(model)
+    fn = _function_of(decoder)
+    if fn is None:
+        raise RuntimeError("model: ZipVL is not enabled on this model; nothing to disable")
+    decoder.set_attn_implementation(fn.original)
+    AttentionInterface.register(fn.name, _disabled(fn.name))
+
+
+def _disabled(name: str) -> Callable[..., Any]:
+    def attention(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"zipvl: attention {name!r} was disabled; call zipvl.enable again")
+
+    return attention
+
+
+# --------------------------------------------------------------------------------------------
+# measurement helpers (used by zipvl.eval)
+# --------------------------------------------------------------------------------------------
+
+
+class recording:
+    """Record a ``LayerTrace`` per prefill layer while ZipVL is enabled on ``model``.
+
+    Example::
+
+        with recording(model) as traces:
+            model.generate(**inputs, past_key_values=cache, max_new_tokens=1)
+        [t.retained_mass for t in traces]
+
+    Args:
+        model: a model with ZipVL enabled.
+        max_rows: query rows used to measure the retained attention mass.
+    """
+
+    def __init__(self, model: nn.Module, *, max_rows: int = 256) -> None:
+        fn = _function_of(_text_model(model))
+        if fn is None:
+            raise RuntimeError("model: ZipVL is not enabled on this model; call zipvl.enable")
+        self._fn = fn
+        self._max_rows = max_rows
+        self.traces: list[LayerTrace] = []
+
+    def __enter__(self) -> list[LayerTrace]:
+        self._fn.recorder = self.traces
+        self._fn.retained_rows = self._max_rows
+        return self.traces
+
+    def __exit__(self, *exc: object) -> None:
+        self._fn.recorder = None
+
+
+class _ForceTokens(LogitsProcessor):
+    """Record the model's own argmax (and first-step logits), then force the given token."""
+
+    def __init__(self, tokens: Tensor, prompt_len: int) -> None:
+        self.tokens = tokens  # (B, T)
+        self.prompt_len = prompt_len
+        self.argmax: list[Tensor] = []
+        self.first_logits: Tensor | None = None
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor
+    ) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_len
+        if self.first_logits is None:
+            self.first_logits = scores.detach().float().clone()
+        self.argmax.append(scores.argmax(-1))
+        forced = torch.full_like(scores, float("-inf"))
+        forced.scatter_(1, self.tokens[:, step : step + 1].to(scores.device), 0.0)
+        return forced  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ForcedRun:
+    """A teacher-forced generation.
+
+    Attributes:
+        argmax: (B, T) the model's own greedy choice at each step, given the forced prefix.
+        first_logits: (B, V) float32 logits of the first generated position.
+    """
+
+    argmax: Tensor
+    first_logits: Tensor
+
+
+@torch.no_grad()
+def forced_generate(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    tokens: Tensor,
+    **generate_kwargs: Any,
+) -> ForcedRun:
+    """Run ``generate`` while forcing ``tokens`` and recording the model's own argmax.
+
+    Args:
+        model: a transformers generation model (ZipVL enabled or not).
+        inputs: the prompt inputs (``input_ids`` (B, S), masks, pixels).
+        tokens: (B, T) tokens to force, e.g. a dense greedy continuation.
+        **generate_kwargs: e.g. ``past_key_values=cache``.
+
+    Returns:
+        ``ForcedRun`` with the per-step argmax and the first-step logits.
+    """
+    prompt_len = int(inputs["input_ids"].shape[1])
+    proc = _ForceTokens(tokens, prompt_len)
+    gen: Any = model
+    gen.generate(
+        **inputs,
+        max_new_tokens=tokens.shape[1],
+        min_new_tokens=tokens.shape[1],
+        do_sample=False,
+        logits_processor=LogitsProcessorList([proc]),
+        **generate_kwargs,
+    )
+    assert proc.first_logits is not None
+    return ForcedRun(argmax=torch.stack(proc.argmax, dim=1).cpu(), first_logits=proc.first_logits)
