@@ -101,7 +101,9 @@ def test_spec_is_frozen() -> None:
         (QuantSpec(4, "channel", 24), (2, 8, 16), "group_size: expected a divisor of the chan"),
     ],
 )
-def test_group_size_must_divide_at_quantize_time(spec: QuantSpec, shape: tuple, match: str) -> None:
+def test_group_size_must_divide_at_quantize_time(
+    spec: QuantSpec, shape: tuple, match: str
+) -> None:
     x = torch.randn(shape)
     with pytest.raises(ValueError, match=match):
         choose_qparams(x, spec)
@@ -109,7 +111,7 @@ def test_group_size_must_divide_at_quantize_time(spec: QuantSpec, shape: tuple, 
         quantize_pack(x, spec)
 
 
-# ----------------------------------------------------------------------------- qparams and round trip
+# ----------------------------------------------------------------------------- qparams, round trip
 
 
 @given(spec_and_x())
@@ -125,7 +127,9 @@ def test_qparams_are_exact_in_param_dtype_and_cover_the_group(case: tuple) -> No
     lo = -xg.abs().amax(dim, keepdim=True) if spec.symmetric else xg.amin(dim, keepdim=True)
     hi = xg.abs().amax(dim, keepdim=True) if spec.symmetric else xg.amax(dim, keepdim=True)
     assert bool((zero.double() <= lo).all())
-    assert bool((zero.double() + spec.levels * scale.double() >= hi).all())
+    # the top of the range is covered up to the float32 rounding of (max - zero) / levels
+    band = 2 * EPS32 * (hi.abs() + zero.double().abs())
+    assert bool((zero.double() + spec.levels * scale.double() >= hi - band).all())
 
 
 @given(spec_and_x())
@@ -249,7 +253,7 @@ def test_bitmap_round_trip(lead: tuple, t: int, seed: int) -> None:
 def test_bitmap_layout_and_length_check() -> None:
     mask = torch.tensor([True, False, False, True, False, False, False, False, True])
     assert pack_bitmap(mask).tolist() == [1 | 1 << 3, 1]
-    with pytest.raises(ValueError, match="length: expected 9..16"):
+    with pytest.raises(ValueError, match=r"length: expected 9\.\.16"):
         unpack_bitmap(pack_bitmap(mask), 17)
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .spec import FLOAT32_SCALE_NUDGE, QuantSpec, param_grid
+from .spec import QuantSpec, param_grid
 
 __all__ = [
     "choose_qparams",
@@ -81,8 +81,7 @@ def round_param(y: Tensor, dtype: torch.dtype, *, up: bool) -> Tensor:
 
     Args:
         y: float32 tensor, any shape.
-        dtype: target parameter dtype. float32: ``up`` nudges y up by 2^-21 relative (see
-            ``spec.FLOAT32_SCALE_NUDGE``), down is the identity.
+        dtype: target parameter dtype (float32: y is returned unchanged).
         up: True rounds towards +inf, False towards -inf.
 
     Returns:
@@ -90,7 +89,7 @@ def round_param(y: Tensor, dtype: torch.dtype, *, up: bool) -> Tensor:
     """
     grid = param_grid(dtype)
     if grid is None:
-        return y + y.abs() * FLOAT32_SCALE_NUDGE if up else y
+        return y
     emin, mant = grid
     e = ((y.view(torch.int32) >> 23) & 0xFF) - 127  # unbiased float32 exponent
     e_ulp = torch.clamp_min(e, emin) - mant  # log2 of the grid spacing
@@ -110,7 +109,8 @@ def choose_qparams(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     Returns:
         (scale, zero), float32, exactly representable in ``spec.param_dtype``, shaped
         (..., T // G, 1, D) (``axis="token"``) or (..., T, D // G, 1) (``axis="channel"``).
-        scale > 0 always; zero <= min of the group and zero + levels * scale >= max.
+        scale > 0 always; zero <= min of the group and zero + levels * scale >= max up to
+        the float32 rounding of (max - zero) / levels (codes are clamped at the top).
     """
     xg = grouped_view(x, spec).float()  # grouped view
     dim = spec.reduce_dim

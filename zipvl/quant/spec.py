@@ -32,7 +32,6 @@ from typing import Literal
 import torch
 
 __all__ = [
-    "FLOAT32_SCALE_NUDGE",
     "PARAM_DTYPES",
     "SUPPORTED_BITS",
     "Axis",
@@ -54,10 +53,6 @@ _GRID: dict[torch.dtype, tuple[int, int] | None] = {
     torch.float16: (-14, 10),
     torch.bfloat16: (-126 + 7, 7),
 }
-
-# float32 parameters are not rounded, except the scale, nudged up by 2^-21 relative so that
-# zero + levels * scale >= max survives the float32 division's rounding.
-FLOAT32_SCALE_NUDGE = 2.0**-21
 
 
 def param_grid(dtype: torch.dtype) -> tuple[int, int] | None:

@@ -10,9 +10,9 @@ of D * bits / 8 bytes per row, instead of the reference path's float32 temporari
 Bit-exact agreement with the PyTorch primitives (``primitives.choose_qparams`` / ``quantize`` /
 ``pack``) is by construction: the same float32 operations in the same order, divisions with
 IEEE round-to-nearest (``tl.math.div_rn``: Triton's plain ``/`` may lower to an approximate
-division on GPUs), parameter rounding by exact power-of-two scaling and floor / ceil, and the
-only multiply-add (the float32 scale nudge ``y + |y| * 2^-21``) has an exact product, so FMA
-contraction cannot change a result. Tested on the CPU under ``TRITON_INTERPRET=1``.
+division on GPUs), and parameter rounding by exact power-of-two scaling and floor / ceil: there
+is no multiply-add that FMA contraction could change. Tested on the CPU under
+``TRITON_INTERPRET=1``.
 
 Triton reads ``TRITON_INTERPRET`` when a kernel is decorated, i.e. when this module is first
 imported (``quantize_pack(..., impl="triton")`` imports it lazily).
@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 from triton import knobs
 
-from .spec import FLOAT32_SCALE_NUDGE, QuantSpec, param_grid
+from .spec import QuantSpec, param_grid
 
 __all__ = ["INTERPRETED", "quantize_pack_tokenwise"]
 
@@ -45,14 +45,12 @@ def _round_param(
     y,
     EMIN: tl.constexpr,
     MANT: tl.constexpr,
-    NUDGE: tl.constexpr,
     PD: tl.constexpr,
     UP: tl.constexpr,
 ):
     """Outward rounding of float32 y onto the parameter dtype's grid (primitives.round_param)."""
     if PD == 0:
-        # float32: no rounding, only the scale is nudged up
-        return y + tl.abs(y) * NUDGE if UP else y
+        return y  # float32 parameters: no rounding
     e = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # unbiased float32 exponent
     e_ulp = tl.maximum(e, EMIN) - MANT  # log2 of the grid spacing
     ulp = ((e_ulp + 127) << 23).to(tl.float32, bitcast=True)  # 2^e_ulp, exact
@@ -76,7 +74,6 @@ def _quantize_pack_rows_kernel(
     PD: tl.constexpr,
     EMIN: tl.constexpr,
     MANT: tl.constexpr,
-    NUDGE: tl.constexpr,
     TINY_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
@@ -97,11 +94,11 @@ def _quantize_pack_rows_kernel(
     else:
         lo = tl.min(xg, axis=2)  # (R, NG)
         hi = tl.max(xg, axis=2)
-    zero = _round_param(lo, EMIN, MANT, NUDGE, PD, False)  # (R, NG)
+    zero = _round_param(lo, EMIN, MANT, PD, False)  # (R, NG)
     scale = tl.maximum(
         tl.math.div_rn(hi - zero, tl.full(hi.shape, LEVELS, tl.float32)), TINY_SCALE
     )
-    scale = _round_param(scale, EMIN, MANT, NUDGE, PD, True)  # (R, NG)
+    scale = _round_param(scale, EMIN, MANT, PD, True)  # (R, NG)
 
     y = tl.math.div_rn(xg - zero[:, :, None], tl.broadcast_to(scale[:, :, None], xg.shape))
     codes = tl.minimum(tl.maximum(tl.floor(y + 0.5), 0.0), LEVELS).to(tl.int32)  # (R, NG, G)
@@ -190,7 +187,6 @@ def quantize_pack_tokenwise(
             PD=_PD_CODE[spec.param_dtype],
             EMIN=emin,
             MANT=mant,
-            NUDGE=FLOAT32_SCALE_NUDGE,
             TINY_SCALE=_TINY_SCALE,
             BLOCK_R=block_rows,
         )

@@ -100,7 +100,8 @@ def _uniform(q: KVQuantizer, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     if isinstance(q, IdentityKVQuantizer):
         return k.to(torch.float64), v.to(torch.float64)
     if isinstance(q, ZipCacheKVQuantizer):
-        return fake_quantize(k, QuantSpec(q.bits, "token")), _fq_cst(v, QuantSpec(q.bits, "channel"))
+        k_hat = fake_quantize(k, QuantSpec(q.bits, "token"))
+        return k_hat, _fq_cst(v, QuantSpec(q.bits, "channel"))
     if isinstance(q, KIVIKVQuantizer):
         ks = QuantSpec(q.bits, "token", q.group_size)
         vs = QuantSpec(q.bits, "channel", q.group_size)
@@ -149,7 +150,9 @@ def sqnr(x: Tensor, x_hat: Tensor) -> float:
     Returns +inf for an exact reconstruction (and -inf for a zero signal with nonzero error).
     """
     if x.shape != x_hat.shape:
-        raise ValueError(f"x_hat: expected shape {tuple(x.shape)} like x, got {tuple(x_hat.shape)}")
+        raise ValueError(
+            f"x_hat: expected shape {tuple(x.shape)} like x, got {tuple(x_hat.shape)}"
+        )
     xd = x.to(torch.float64)
     noise = float((xd - x_hat.to(torch.float64)).pow(2).sum())
     signal = float(xd.pow(2).sum())
