@@ -84,6 +84,9 @@ class ZipVLCache(Cache):
         print(cache.report().to_markdown())
     """
 
+    # narrowed from transformers' declaration: this cache only ever holds ZipVLCacheLayer
+    layers: list[ZipVLCacheLayer]  # type: ignore[assignment]
+
     def __init__(
         self,
         num_layers: int | None = None,
@@ -170,14 +173,6 @@ class ZipVLCache(Cache):
         assert isinstance(layer, ZipVLCacheLayer)
         return layer
 
-    def zipvl_layers(self) -> list[ZipVLCacheLayer]:
-        """The created layers, typed (``self.layers`` holds only ``ZipVLCacheLayer``)."""
-        out = []
-        for layer in self.layers:
-            assert isinstance(layer, ZipVLCacheLayer)
-            out.append(layer)
-        return out
-
     def _existing(self, layer_idx: int) -> ZipVLCacheLayer:
         _check_int("layer_idx", layer_idx, low=0)
         if layer_idx >= len(self.layers):
@@ -231,7 +226,7 @@ class ZipVLCache(Cache):
         Positions are exact, also inside compressed chunks; see ``crop_to`` for the memory
         semantics.
         """
-        for layer in self.zipvl_layers():
+        for layer in self.layers:
             layer.crop(tokens_to_remove)
 
     def crop_to(self, max_length: int) -> None:
@@ -246,7 +241,7 @@ class ZipVLCache(Cache):
             max_length: positions to keep, >= 0.
         """
         _check_int("max_length", max_length, low=0)
-        for layer in self.zipvl_layers():
+        for layer in self.layers:
             layer.crop_to(max_length)
 
     @property
@@ -367,12 +362,12 @@ class ZipVLCache(Cache):
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> int:
         """Bytes held by all layers (exact: sum of ``nbytes`` of every tensor)."""
-        return sum(layer.nbytes() for layer in self.zipvl_layers())
+        return sum(layer.nbytes() for layer in self.layers)
 
     def report(self) -> CacheReport:
         """Per-layer kept ratio, attention-FLOP reduction, precision mix and memory."""
         rows = []
-        for i, layer in enumerate(self.zipvl_layers()):
+        for i, layer in enumerate(self.layers):
             ratio = layer.kept_tokens / layer.prompt_tokens if layer.prompt_tokens else 1.0
             rows.append(
                 LayerReport(

@@ -328,20 +328,28 @@ class ZipVLCacheLayer(CacheLayerMixin):
             Number of blocks compressed.
 
         Raises:
-            RuntimeError: the prefill of this layer is still pending.
-            ValueError: ``query`` / ``keys`` shapes do not match the cache.
+            RuntimeError: the layer is empty or its prefill is still pending.
+            ValueError: ``query`` / ``keys`` shapes do not match the cache (checked on every
+                call, also when there is no full block).
         """
+        if not self.is_initialized:
+            raise RuntimeError(
+                f"layer {self.layer_idx}: compress_tail on a layer that holds nothing"
+            )
         if self.pending_keys is not None:
             raise RuntimeError(
                 f"layer {self.layer_idx}: compress_tail called while the prefill is still "
                 "pending: call compress_prefill(layer_idx, keep) first"
             )
-        r = self.recompress_every
-        if self.tail_length < r:
-            return 0
-        if keys is None:
-            keys = self.dense_kv()[0]
-        else:
+        check_tensor("query", query, ndim=4, floating=True)
+        b, hq, _, d = query.shape
+        if b != self.batch_size or d != self.head_dim or hq % self.num_heads:
+            raise ValueError(
+                f"query: expected (B, Hq, Sq, D) with B={self.batch_size}, D={self.head_dim} and "
+                f"Hq a multiple of Hkv={self.num_heads} (layer {self.layer_idx}), "
+                f"got shape {tuple(query.shape)}"
+            )
+        if keys is not None:
             check_tensor("keys", keys, ndim=4, floating=True)
             want = (self.batch_size, self.num_heads, self.get_seq_length(), self.head_dim)
             if tuple(keys.shape) != want:
@@ -349,6 +357,11 @@ class ZipVLCacheLayer(CacheLayerMixin):
                     f"keys: expected the dense keys of layer {self.layer_idx}, shape {want}, "
                     f"got {tuple(keys.shape)}"
                 )
+        r = self.recompress_every
+        if self.tail_length < r:
+            return 0
+        if keys is None:
+            keys = self.dense_kv()[0]
         mass = last_query_mass(query, keys, scale=scale)  # (B, Hkv, N)
         done = 0
         while self.tail_length >= r:
