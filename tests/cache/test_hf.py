@@ -7,6 +7,8 @@ downloaded; bf16 so that 16-bit storage is lossless.
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 import torch
 import transformers
@@ -33,8 +35,8 @@ def _model(attn: str, device: str) -> torch.nn.Module:
         config, attn_implementation=attn, dtype=torch.bfloat16
     )
     assert model.config._attn_implementation == attn and model.dtype == torch.bfloat16
-    module: torch.nn.Module = model  # plain nn.Module.to (transformers decorates its own)
-    return module.to(device).eval()
+    # plain nn.Module.to: pyright cannot follow the decorator transformers puts on its own
+    return cast(torch.nn.Module, model).to(device).eval()
 
 
 def _generate(model: torch.nn.Module, ids: torch.Tensor, cache: object, **kw: object):
