@@ -1,9 +1,9 @@
 """Shared helpers of the GPU benchmark scripts: environment header, timers, ceilings, output.
 
-Every GPU script prints a header (device, versions, commit), a GitHub-markdown table for humans and,
-as its LAST line, one JSON document. Each figure is reported as a ratio to its baseline measured in
-the same process and as a fraction of its floor (bytes over measured copy bandwidth, FLOPs over the
-measured dense matmul rate).
+Every GPU script prints a header (device, versions, commit), a GitHub-markdown table for
+humans and, as its LAST line, one JSON document. Each figure is reported as a ratio to its
+baseline measured in the same process and as a fraction of its floor (bytes over measured copy
+bandwidth, FLOPs over the measured dense matmul rate).
 """
 
 from __future__ import annotations
@@ -89,7 +89,6 @@ def ceilings(device: str = "cuda") -> dict[str, float]:
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src))
     copy_gbs = 2 * n / (ms * 1e-3) / 1e9
-    del src, dst
     m = 8192
     a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     b = torch.randn(m, m, device=device, dtype=torch.bfloat16)

@@ -211,4 +211,3 @@ def probe_mass_triton(q: Tensor, k: Tensor, rows: Tensor, *, scale: float) -> Te
         **common,
     )  # fmt: skip
     return out
-

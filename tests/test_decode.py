@@ -1,0 +1,110 @@
+"""The fused decode attention over the packed cache against dense float64 attention.
+
+Tolerance (the 2x rule): the fused kernel's error against float64 attention over the same
+dequantized cache is at most twice the error of the plain PyTorch path in the input dtype
+(dequantize to that dtype, then SDPA), plus a float32 band. On the CPU the kernel runs under
+TRITON_INTERPRET=1 (conftest); its dots are fp16 internally, which the interpreter models
+faithfully, so bf16 inputs are fine there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zipvl.cache import ZipVLCache
+from zipvl.decode import decode_attention, decode_read_bytes, layer_segments
+from zipvl.quant import IdentityKVQuantizer, KIVIKVQuantizer, MixedPrecisionKVQuantizer
+
+# (B, Hq, Hkv, D, prompt, decode steps): GQA, batch > 1, lengths off the 64-token tile
+CASES = [(2, 6, 2, 32, 37, 11), (1, 4, 1, 64, 130, 9)]
+
+
+def _random_keep(b: int, h: int, t: int, kept: int) -> torch.Tensor:
+    keep = torch.zeros(b, h, t, dtype=torch.bool)
+    for i in range(b):
+        for j in range(h):
+            keep[i, j, torch.randperm(t)[:kept]] = True
+    return keep
+
+
+def _filled_cache(case: tuple[int, ...], device: str, dtype: torch.dtype, quantizer=None):
+    b, hq, hkv, d, s, steps = case
+    cache = ZipVLCache(1, recompress_every=8, sink_tokens=2, quantizer=quantizer)
+    k = torch.randn(b, hkv, s, d, device=device, dtype=dtype)
+    v = torch.randn(b, hkv, s, d, device=device, dtype=dtype)
+    cache.prefill(0, k, v, _random_keep(b, hkv, s, s // 3).to(device))
+    for _ in range(steps):  # crosses a recompression boundary: a decode chunk + the fp tail
+        q = torch.randn(b, hq, 1, d, device=device, dtype=dtype)
+        kn = torch.randn(b, hkv, 1, d, device=device, dtype=dtype)
+        vn = torch.randn(b, hkv, 1, d, device=device, dtype=dtype)
+        cache.decode_step(0, q, kn, vn)
+    return cache
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_decode_matches_dense(
+    case: tuple[int, ...], dtype: torch.dtype, device: str
+) -> None:
+    b, hq, _, d, _, _ = case
+    cache = _filled_cache(case, device, dtype)
+    segs = layer_segments(cache.layer(0))
+    assert len(cache.layer(0).chunks) == 2  # the prefill chunk and one decode block
+    q = torch.randn(b, hq, 1, d, device=device, dtype=dtype)
+    k, v = cache.dense_kv(0, torch.float64)
+    ref = F.scaled_dot_product_attention(q.double(), k, v, enable_gqa=True)
+    kd, vd = cache.dense_kv(0, dtype)
+    plain = F.scaled_dot_product_attention(q, kd, vd, enable_gqa=True)
+    fused = decode_attention(q, segs, impl="triton", block_t=16)
+    oracle = decode_attention(q, segs, impl="reference")
+    assert fused.shape == (b, hq, 1, d) and fused.dtype == dtype
+    plain_err = (plain.double() - ref).abs().max().item()
+    fused_err = (fused.double() - ref).abs().max().item()
+    assert fused_err <= 2 * plain_err + 1e-4, (fused_err, plain_err)
+    # the float32 reference merge is exact up to float32 rounding
+    assert (oracle.double() - ref).abs().max().item() <= 2 * plain_err + 1e-4
+
+
+def test_identity_cache_decodes_exactly_like_sdpa(device: str) -> None:
+    cache = _filled_cache(CASES[0], device, torch.float32, quantizer=IdentityKVQuantizer())
+    q = torch.randn(2, 6, 1, 32, device=device)
+    k, v = cache.dense_kv(0)
+    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    got = decode_attention(q, layer_segments(cache.layer(0)), impl="triton")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_read_bytes_counts_every_stored_tensor(device: str) -> None:
+    cache = _filled_cache(CASES[0], device, torch.bfloat16)
+    layer = cache.layer(0)
+    segs = layer_segments(layer)
+    bitmaps = sum(c.keep.nbytes for c in layer.chunks if c.keep is not None)
+    assert decode_read_bytes(segs) == cache.nbytes() - bitmaps
+
+
+def test_unsupported_layout_raises_for_triton() -> None:
+    cache = _filled_cache(CASES[0], "cpu", torch.float32, quantizer=KIVIKVQuantizer(2, 16))
+    q = torch.randn(2, 6, 1, 32)
+    segs = layer_segments(cache.layer(0))
+    with pytest.raises(ValueError, match="impl='triton' reads keys quantized per channel"):
+        decode_attention(q, segs, impl="triton")
+    decode_attention(q, segs, impl="reference")  # the oracle reads any layout
+
+
+def test_bad_inputs_raise() -> None:
+    kv = torch.randn(1, 2, 8, 16)
+    chunk = MixedPrecisionKVQuantizer().quantize(kv, kv)
+    with pytest.raises(ValueError, match="one decoding query"):
+        decode_attention(torch.randn(1, 4, 2, 16), [chunk])
+    with pytest.raises(ValueError, match="impl"):
+        decode_attention(torch.randn(1, 4, 1, 16), [chunk], impl="cuda")
+    with pytest.raises(ValueError, match=r"segments\[0\]"):
+        decode_attention(torch.randn(1, 4, 1, 32), [chunk])
+    with pytest.raises(ValueError, match="at least one"):
+        decode_attention(torch.randn(1, 4, 1, 16), [])
+    cache = ZipVLCache(1)
+    cache.update(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), 0)
+    with pytest.raises(ValueError, match="compress_prefill"):
+        layer_segments(cache.layer(0))
