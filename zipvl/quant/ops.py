@@ -27,7 +27,7 @@ def quantize_pack(
         spec: the quantizer.
         impl: ``"reference"`` (PyTorch primitives) or ``"triton"`` (fused kernel; CUDA tensors,
             or CPU tensors when the process runs with TRITON_INTERPRET=1; ``axis="channel"``,
-            D and the channel group size powers of two).
+            D a power of two).
 
     Returns:
         (packed (..., T, D * bits // 8) uint8, scale, zero): the parameters are float32,
@@ -49,7 +49,10 @@ def quantize_pack(
         scale, zero = choose_qparams(x, spec)
         return pack(quantize(x, spec, scale, zero), spec.bits), scale, zero
     if impl is Impl.TRITON:
-        from .triton_kernels import quantize_pack_tokenwise
+        try:
+            from .triton_kernels import quantize_pack_tokenwise
+        except ImportError as e:
+            raise RuntimeError(f"impl: 'triton' needs the triton package ({e})") from e
 
         return quantize_pack_tokenwise(x, spec)
     raise ValueError(f"impl: expected 'reference' or 'triton', got {impl.value!r}")

@@ -127,7 +127,7 @@ def quantize_pack_tokenwise(
 
     Args:
         x: (..., T, D) float16 / bfloat16 / float32 on CUDA (or on the CPU under
-            TRITON_INTERPRET=1); D and the channel group size powers of two.
+            TRITON_INTERPRET=1); D a power of two (so is every group size dividing it).
         spec: a ``QuantSpec`` with ``axis="channel"``.
         block_rows: rows per program (a power of two).
 
@@ -136,7 +136,8 @@ def quantize_pack_tokenwise(
         zero (..., T, D // G, 1) float32), equal to the reference path's.
 
     Raises:
-        ValueError: naming ``spec`` (axis), ``x`` (dtype / head dim) or ``group_size``.
+        ValueError: naming ``spec`` (axis), ``x`` (dtype / head dim) or ``group_size``
+            (not dividing D).
         RuntimeError: a CPU tensor while the kernel is not interpreted.
     """
     if spec.axis != "channel":
@@ -160,8 +161,7 @@ def quantize_pack_tokenwise(
     per = spec.codes_per_byte
     if not _is_pow2(d) or d < per:
         raise ValueError(f"x: impl='triton' needs a power-of-two head dim >= {per}, got D={d}")
-    if not _is_pow2(g):
-        raise ValueError(f"group_size: impl='triton' needs a power of two, got {g}")
+    # g divides a power-of-two D, so it is a power of two too
     lead = x.shape[:-1]  # (..., T)
     rows = x.reshape(-1, d).contiguous()  # (N, D)
     n = rows.shape[0]
