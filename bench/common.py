@@ -24,6 +24,7 @@ __all__ = [
     "env_info",
     "markdown_table",
     "median_ms",
+    "median_ms_graph",
     "progress",
     "write_result",
 ]
@@ -80,6 +81,13 @@ def median_ms(fn: Callable[[], object], *, warmup_ms: int = 50, rep_ms: int = 30
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def median_ms_graph(fn: Callable[[], object], *, rep_ms: int = 300) -> float:
+    """Median time of ``fn`` replayed from a CUDA graph (launch overhead removed), in ms."""
+    from triton.testing import do_bench_cudagraph
+
+    return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
 
 
 def ceilings(device: str = "cuda") -> dict[str, float]:

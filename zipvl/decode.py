@@ -47,12 +47,32 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _unpack_tile(packed, BITS: tl.constexpr, BT: tl.constexpr, ROW: tl.constexpr):
+    """(BT, ROW) uint8 of contiguous-slice packed codes -> (BT, ROW * 8 // BITS) codes.
+
+    Slice i of a row (channels [i * ROW, (i + 1) * ROW)) sits in bits [i * BITS, (i+1) * BITS)
+    of the ROW bytes; the slices are joined on a new axis and permuted into channel order.
+    """
+    if BITS == 8:
+        out = packed
+    elif BITS == 4:
+        out = tl.join(packed & 15, packed >> 4)  # (BT, ROW, 2): [t, j, i]
+        out = tl.reshape(tl.permute(out, (0, 2, 1)), (BT, 2 * ROW))  # channel i * ROW + j
+    else:
+        lo = tl.join(packed & 3, (packed >> 2) & 3)  # (BT, ROW, 2): slices 0, 1
+        hi = tl.join((packed >> 4) & 3, (packed >> 6) & 3)  # slices 2, 3
+        out = tl.join(lo, hi)  # (BT, ROW, 2, 2): [t, j, a, b], slice 2 * b + a
+        out = tl.reshape(tl.permute(out, (0, 3, 2, 1)), (BT, 4 * ROW))
+    return out
+
+
+@triton.jit
 def _qkv_part_kernel(
     q_ptr,  # (B, Hq, D) fp32, already multiplied by the softmax scale * log2(e)
-    kd_ptr,  # packed key codes (B, Hkv, T, D // KPER) uint8
+    kd_ptr,  # packed key codes (B, Hkv, T, D * KBITS // 8) uint8
     ks_ptr,  # key scale (B, Hkv, D) fp32
     kz_ptr,  # key zero (B, Hkv, D) fp32
-    vd_ptr,  # packed value codes (B, Hkv, T, D // VPER) uint8
+    vd_ptr,  # packed value codes (B, Hkv, T, D * VBITS // 8) uint8
     va_ptr,  # value scale per token (B, Hkv, T) fp32
     vb_ptr,  # value zero per token (B, Hkv, T) fp32
     m_ptr,  # out: running max (B, Hq, NS) fp32 (log2 domain)
@@ -66,8 +86,6 @@ def _qkv_part_kernel(
     HEAD_DIM: tl.constexpr,
     KBITS: tl.constexpr,
     VBITS: tl.constexpr,
-    KMASK: tl.constexpr,
-    VMASK: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -75,18 +93,13 @@ def _qkv_part_kernel(
     split = tl.program_id(1)
     b = bh // num_kv_heads
     hkv = bh % num_kv_heads
-    KPER: tl.constexpr = 8 // KBITS
-    VPER: tl.constexpr = 8 // VBITS
-    KROW: tl.constexpr = HEAD_DIM // KPER  # packed bytes per key row
-    VROW: tl.constexpr = HEAD_DIM // VPER
+    KROW: tl.constexpr = HEAD_DIM * KBITS // 8  # packed bytes per key row
+    VROW: tl.constexpr = HEAD_DIM * VBITS // 8
     offs_d = tl.arange(0, HEAD_DIM)
     offs_g = tl.arange(0, GROUP_PAD)
+    offs_kr = tl.arange(0, KROW)
+    offs_vr = tl.arange(0, VROW)
     g_valid = offs_g < group
-    # contiguous-slice packing: channel c lives in byte c % ROW at bit offset (c // ROW) * BITS
-    k_byte = offs_d % KROW
-    k_shift = (offs_d // KROW) * KBITS
-    v_byte = offs_d % VROW
-    v_shift = (offs_d // VROW) * VBITS
 
     heads = hkv * group + offs_g  # (GP,) query heads of this KV head
     num_heads = num_kv_heads * group
@@ -112,9 +125,9 @@ def _qkv_part_kernel(
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_valid = offs_t < t_end
         kb = tl.load(
-            kd_base + offs_t[:, None] * KROW + k_byte[None, :], mask=t_valid[:, None], other=0
-        )  # (BT, D) uint8, each byte read by its KPER channels (L1 hits)
-        kc = ((kb >> k_shift[None, :]) & KMASK).to(tl.float16)  # (BT, D) exact small ints
+            kd_base + offs_t[:, None] * KROW + offs_kr[None, :], mask=t_valid[:, None], other=0
+        )  # (BT, KROW) uint8, contiguous rows
+        kc = _unpack_tile(kb, KBITS, BLOCK_T, KROW).to(tl.float16)  # (BT, D) exact small ints
         s = tl.dot(qs, tl.trans(kc)) + qz[:, None]  # (GP, BT) log2-domain logits
         s = tl.where(t_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -125,9 +138,9 @@ def _qkv_part_kernel(
         va = tl.load(va_ptr + bh * num_tokens + offs_t, mask=t_valid, other=0.0)  # (BT,)
         vb = tl.load(vb_ptr + bh * num_tokens + offs_t, mask=t_valid, other=0.0)
         vbyte = tl.load(
-            vd_base + offs_t[:, None] * VROW + v_byte[None, :], mask=t_valid[:, None], other=0
+            vd_base + offs_t[:, None] * VROW + offs_vr[None, :], mask=t_valid[:, None], other=0
         )
-        vc = ((vbyte >> v_shift[None, :]) & VMASK).to(tl.float16)  # (BT, D)
+        vc = _unpack_tile(vbyte, VBITS, BLOCK_T, VROW).to(tl.float16)  # (BT, D)
         pa = (p * va[None, :]).to(tl.float16)  # (GP, BT)
         acc = acc * alpha[:, None] + tl.dot(pa, vc)
         pz = pz * alpha + tl.sum(p * vb[None, :], axis=1)
@@ -223,8 +236,6 @@ def _triton_part_state(
         "HEAD_DIM": d,
         "KBITS": key.bits,
         "VBITS": value.bits,
-        "KMASK": (1 << key.bits) - 1,
-        "VMASK": (1 << value.bits) - 1,
         "GROUP_PAD": max(16, triton.next_power_of_2(g)),
         "BLOCK_T": block_t,
     }

@@ -42,7 +42,8 @@ def _probe_lse_kernel(
     q_ptr,
     k_ptr,
     pos_ptr,
-    lse_ptr,
+    m_ptr,
+    l_ptr,
     stride_qb,
     stride_qh,
     stride_qs,
@@ -53,6 +54,8 @@ def _probe_lse_kernel(
     group,
     num_probes,
     kv_len,
+    keys_per_split,
+    num_splits,
     scale_log2,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -60,6 +63,7 @@ def _probe_lse_kernel(
 ):
     bh = tl.program_id(0)
     mb = tl.program_id(1)
+    split = tl.program_id(2)
     b = bh // num_heads
     h = bh % num_heads
     hkv = h // group
@@ -77,7 +81,9 @@ def _probe_lse_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     max_pos = tl.max(pos, axis=0)
     k_base = k_ptr + b * stride_kb + hkv * stride_kh
-    for n0 in range(0, max_pos + 1, BLOCK_N):
+    n_start = split * keys_per_split
+    n_end = tl.minimum(n_start + keys_per_split, max_pos + 1)
+    for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = tl.load(
             k_base + offs_n[:, None] * stride_ks + offs_d[None, :],
@@ -90,8 +96,10 @@ def _probe_lse_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
         m_i = m_new
-    lse = m_i + tl.log2(l_i)  # log2-domain log-sum-exp
-    tl.store(lse_ptr + bh * num_probes + offs_m, lse, mask=m_valid)
+    # partial softmax state of this key split (log2 domain), merged on the host side of torch
+    out = (bh * num_splits + split) * num_probes + offs_m
+    tl.store(m_ptr + out, m_i, mask=m_valid)
+    tl.store(l_ptr + out, l_i, mask=m_valid)
 
 
 @triton.jit
@@ -158,7 +166,9 @@ def _probe_colsum_kernel(
     tl.store(out_ptr + bhkv * kv_len + offs_n, acc, mask=n_valid)
 
 
-def probe_mass_triton(q: Tensor, k: Tensor, rows: Tensor, *, scale: float) -> Tensor:
+def probe_mass_triton(
+    q: Tensor, k: Tensor, rows: Tensor, *, scale: float, key_splits: int | None = None
+) -> Tensor:
     """Column mass of the causal softmax of probe rows, fused (no probe map in memory).
 
     Args:
@@ -166,6 +176,8 @@ def probe_mass_triton(q: Tensor, k: Tensor, rows: Tensor, *, scale: float) -> Te
         k: (B, Hkv, Skv, D) keys, Hq divisible by Hkv.
         rows: (M,) int64 probe rows (indices into the Sq query rows).
         scale: softmax scale.
+        key_splits: how many key ranges the row pass is split into (None: enough to fill the
+            GPU; the splits are merged exactly by log-sum-exp).
 
     Returns:
         (B, Hkv, Skv) float32: for each key, the softmax weight it receives summed over the M
@@ -190,19 +202,33 @@ def probe_mass_triton(q: Tensor, k: Tensor, rows: Tensor, *, scale: float) -> Te
     k = k if k.stride(-1) == 1 else k.contiguous()
     # one int64 buffer: absolute positions of the probes, then their rows inside q
     meta = torch.cat([rows + (skv - sq), rows]).to(device=q.device, dtype=torch.int64)  # (2M,)
-    lse = torch.empty(b, hq, m, device=q.device, dtype=torch.float32)  # (B, Hq, M)
     out = torch.empty(b, hkv, skv, device=q.device, dtype=torch.float32)  # (B, Hkv, Skv)
     scale_log2 = float(scale) * _LOG2E
-    block_m = 64 if m > 32 else max(16, triton.next_power_of_2(m))
+    block_m = 64 if m > 32 else max(16, int(triton.next_power_of_2(m)))
     block_n = 64
+    m_blocks = -(-m // block_m)
+    # split the keys so that the row pass fills the GPU (~4 CTAs per SM); one split on CPU
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+    n_blocks = -(-skv // block_n)
+    if key_splits is None:
+        key_splits = (4 * sms) // max(1, b * hq * m_blocks)
+    splits = max(1, min(n_blocks, key_splits))
+    per_split = -(-n_blocks // splits) * block_n
+    splits = -(-skv // per_split)
+    m_part = torch.empty(b, hq, splits, m, device=q.device, dtype=torch.float32)
+    l_part = torch.empty_like(m_part)  # (B, Hq, NS, M)
     common: dict[str, Any] = {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n}
-    _probe_lse_kernel[(b * hq, triton.cdiv(m, block_m))](
-        q, k, meta, lse,
+    _probe_lse_kernel[(b * hq, m_blocks, splits)](
+        q, k, meta, m_part, l_part,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
-        hq, g, m, skv, scale_log2,
+        hq, g, m, skv, per_split, splits, scale_log2,
         **common,
     )  # fmt: skip
+    # merge the splits: lse = max + log2(sum l * 2^(m - max)); empty splits have m = -inf
+    m_max = m_part.amax(dim=2, keepdim=True)  # (B, Hq, 1, M), finite: key 0 is always visible
+    lse = (m_max + torch.log2((l_part * torch.exp2(m_part - m_max)).sum(2, keepdim=True)))
+    lse = lse.squeeze(2).contiguous()  # (B, Hq, M) log2 domain
     _probe_colsum_kernel[(b * hkv, triton.cdiv(skv, block_n))](
         q, k, meta, lse, out,
         q.stride(0), q.stride(1), q.stride(2),
