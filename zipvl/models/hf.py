@@ -155,7 +155,8 @@ class _ZipVLAttentionFunction:
         layer = cache.layer(layer_idx)
         n_cached, n_in = layer.get_seq_length(), key.shape[-2]
         prefill = layer.has_pending_prefill and n_cached == n_in and query.shape[-2] == n_in
-        decode = not layer.has_pending_prefill and n_cached == n_in and n_in > 0
+        # a decode step reads more positions than it brings (the layer held tokens before)
+        decode = not layer.has_pending_prefill and n_cached == n_in > query.shape[-2]
         if not (prefill or decode):
             raise RuntimeError(
                 f"zipvl: layer {layer_idx} received K/V of {n_in} positions that did not come "
