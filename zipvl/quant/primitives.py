@@ -121,7 +121,10 @@ def choose_qparams(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
         lo = xg.amin(dim=dim, keepdim=True)
         hi = xg.amax(dim=dim, keepdim=True)
     zero = round_param(lo, spec.param_dtype, up=False)
-    scale = torch.clamp_min((hi - zero) / spec.levels, _TINY_SCALE)
+    # a tensor divisor, not a Python scalar: PyTorch's CUDA kernel turns division by a scalar
+    # into a multiplication by its reciprocal, which is not bit-identical to IEEE division
+    levels = torch.full_like(hi, spec.levels)
+    scale = torch.clamp_min((hi - zero) / levels, _TINY_SCALE)
     scale = round_param(scale, spec.param_dtype, up=True)
     return scale, zero
 
