@@ -116,23 +116,18 @@ def _gather_kv(k: Tensor, v: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
 
 def _gather_q(q: Tensor, idx: Tensor) -> Tensor:
     """q (B, Hq, S, D), idx (B, Hkv, L) -> (B, Hq, L, D); query heads use their KV head's idx."""
-    b, hq, s, d = q.shape
-    hkv, n = idx.shape[1], idx.shape[2]
-    g = hq // hkv
-    q5 = q.view(b, hkv, g, s, d)  # (B, Hkv, G, S, D)
-    qg = q5.gather(3, idx[:, :, None, :, None].expand(b, hkv, g, n, d))  # (B, Hkv, G, L, D)
-    return qg.view(b, hq, n, d)
+    g = q.shape[1] // idx.shape[1]
+    # a 4-D gather (not a 5-D view of q): Inductor's CPU flex template needs 4-D inputs
+    idx_q = idx.repeat_interleave(g, dim=1)  # (B, Hq, L)
+    return q.gather(2, idx_q[..., None].expand(*idx_q.shape, q.shape[-1]))  # (B, Hq, L, D)
 
 
 def _scatter_rows(out_kept: Tensor, idx: Tensor, s: int) -> Tensor:
     """out_kept (B, Hq, P, Dv) at positions idx (B, Hkv, P) -> (B, Hq, S, Dv), zeros elsewhere."""
     b, hq, n, dv = out_kept.shape
-    hkv = idx.shape[1]
-    g = hq // hkv
-    out = out_kept.new_zeros(b, hkv, g, s, dv)  # (B, Hkv, G, S, Dv)
-    src = out_kept.reshape(b, hkv, g, n, dv)  # (B, Hkv, G, P, Dv)
-    out.scatter_(3, idx[:, :, None, :, None].expand(b, hkv, g, n, dv), src)
-    return out.view(b, hq, s, dv)
+    idx_q = idx.repeat_interleave(hq // idx.shape[1], dim=1)  # (B, Hq, P)
+    out = out_kept.new_zeros(b, hq, s, dv)  # (B, Hq, S, Dv)
+    return out.scatter_(2, idx_q[..., None].expand(b, hq, n, dv), out_kept)
 
 
 def _mark_dynamic(block_mask: BlockMask, *tensors: Tensor) -> None:
@@ -149,7 +144,10 @@ def _mark_dynamic(block_mask: BlockMask, *tensors: Tensor) -> None:
 def _flex(
     q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: float | None, compile: bool
 ) -> Tensor:
-    if compile:
+    if torch.compiler.is_compiling():
+        # already inside someone's torch.compile region: it compiles flex_attention with the rest
+        fn = flex_attention
+    elif compile:
         _mark_dynamic(block_mask, q, k, v)
         fn = compiled_flex_attention()
     else:

@@ -22,6 +22,7 @@ import functools
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
@@ -85,9 +86,8 @@ def _from_tiles(
     )
 
 
-@functools.lru_cache(maxsize=32)
-def _compacted_causal_cached(
-    num_kept: int, padded_len: int, block_size: int, device: torch.device
+def _build_compacted_causal(
+    num_kept: int, padded_len: int, block_size: int, device: torch.device, *, traced: bool
 ) -> BlockMask:
     nb = padded_len // block_size
     i = torch.arange(nb, device=device)[:, None]  # (Nq, 1) query block
@@ -95,7 +95,11 @@ def _compacted_causal_cached(
     valid = j * block_size < num_kept  # (1, Nkv): block holds at least one kept token
     full = (j < i) & ((j + 1) * block_size <= num_kept)  # (Nq, Nkv)
     partial = (j <= i) & valid & ~full  # (Nq, Nkv): diagonal and the padded last block
-    mask_mod = compacted_causal_mask_mod(torch.tensor(num_kept, device=device))
+    # Eagerly, P is a captured 0-d tensor so the compiled kernel does not specialise on it.
+    # Inside an enclosing compiled region the gathered shapes already specialise on P, and
+    # Inductor's CPU flex template cannot take a 0-d tensor created in the graph: use the int.
+    n = num_kept if traced else torch.tensor(num_kept, device=device)
+    mask_mod = compacted_causal_mask_mod(n)
     return _from_tiles(
         partial[None, None],
         full[None, None],
@@ -103,6 +107,13 @@ def _compacted_causal_cached(
         mask_mod=mask_mod,
         seq_lengths=(padded_len, padded_len),
     )
+
+
+@functools.lru_cache(maxsize=32)
+def _compacted_causal_cached(
+    num_kept: int, padded_len: int, block_size: int, device: torch.device
+) -> BlockMask:
+    return _build_compacted_causal(num_kept, padded_len, block_size, device, traced=False)
 
 
 def compacted_causal_block_mask(
@@ -146,6 +157,9 @@ def compacted_causal_block_mask(
             f"({num_kept}), got {padded_len}"
         )
     dev = torch.device(device) if device is not None else torch.device("cpu")
+    if torch.compiler.is_compiling():
+        # dynamo cannot trace through lru_cache; inside a compiled region build it inline
+        return _build_compacted_causal(num_kept, padded_len, block_size, dev, traced=True)
     return _compacted_causal_cached(num_kept, padded_len, block_size, dev)
 
 
@@ -183,8 +197,8 @@ def compacted_prefix_block_mask(
     b, hkv, s = visible.shape
     nq = -(-s // block_size)
     nkv = padded_kv_len // block_size
-    vis = torch.zeros(b, hkv, nq * block_size, dtype=torch.int32, device=visible.device)
-    vis[..., :s] = visible  # (B, Hkv, Nq*BLOCK), padded rows see nothing
+    # padded rows see nothing (functional pad: no in-place writes, which compiled regions dislike)
+    vis = F.pad(visible.to(torch.int32), (0, nq * block_size - s))  # (B, Hkv, Nq*BLOCK)
     blocks = vis.view(b, hkv, nq, block_size)  # (B, Hkv, Nq, BLOCK)
     vmin = blocks.amin(dim=-1)[..., None]  # (B, Hkv, Nq, 1)
     vmax = blocks.amax(dim=-1)[..., None]  # (B, Hkv, Nq, 1)
@@ -194,12 +208,12 @@ def compacted_prefix_block_mask(
     if group_size > 1:
         full = full.repeat_interleave(group_size, dim=1)  # (B, Hq, Nq, Nkv)
         partial = partial.repeat_interleave(group_size, dim=1)
-    kv_head_of = torch.arange(hkv * group_size, device=visible.device) // group_size  # (Hq,)
+        vis = vis.repeat_interleave(group_size, dim=1)  # (B, Hq, Nq*BLOCK)
     return _from_tiles(
         partial,
         full,
         block_size=block_size,
-        mask_mod=prefix_count_mask_mod(vis, kv_head_of),
+        mask_mod=prefix_count_mask_mod(vis),
         seq_lengths=(s, padded_kv_len),
     )
 
@@ -266,11 +280,14 @@ def selection_block_mask(
     if group_size > 1:
         full = full.repeat_interleave(group_size, dim=1)  # (B, Hq, Nq, Nkv)
         partial = partial.repeat_interleave(group_size, dim=1)
-    kv_head_of = torch.arange(hkv * group_size, device=dev) // group_size  # (Hq,)
+        keep_kv = keep_kv.repeat_interleave(group_size, dim=1)  # (B, Hq, Nb*BLOCK)
+    mask_mod = (
+        selection_mask_mod(keep_kv, keep_kv) if unkept == "zero" else selection_mask_mod(keep_kv)
+    )
     return _from_tiles(
         partial,
         full,
         block_size=block_size,
-        mask_mod=selection_mask_mod(keep_q, keep_kv, kv_head_of),
+        mask_mod=mask_mod,
         seq_lengths=(s, s),
     )

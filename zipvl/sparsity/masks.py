@@ -3,8 +3,9 @@
 Every factory is pure: it closes over tensors passed to it (never over mutable Python state), the
 returned predicate has no Python control flow on index values, and its ``__name__`` says what it
 is, so compiled kernels and logs are legible. Index arguments are FlexAttention's
-``(b, h, q_idx, kv_idx)``; ``h`` is a *query* head, mapped to its KV head through a ``kv_head_of``
-tensor (``arange(Hq) // G``) where a mask depends on the head.
+``(b, h, q_idx, kv_idx)``; ``h`` is a *query* head, so per-head lookup tensors carry one row per
+query head (a per-KV-head tensor repeated G times; lookups derived from the inputs also work inside
+an enclosing compiled region, where Inductor's CPU flex template rejects constant index maps).
 
 Lookup tensors are padded by the callers to a multiple of the block size, because compiled kernels
 may evaluate a ``mask_mod`` at the padded tail of the last tile.
@@ -34,7 +35,7 @@ def causal_mask_mod() -> MaskMod:
     return causal
 
 
-def compacted_causal_mask_mod(num_kept: Tensor) -> MaskMod:
+def compacted_causal_mask_mod(num_kept: Tensor | int) -> MaskMod:
     """Causal over gathered (compacted) tokens, with the padding after ``num_kept`` masked.
 
     Kept tokens are gathered in ascending position order, so causality over the original positions
@@ -46,8 +47,8 @@ def compacted_causal_mask_mod(num_kept: Tensor) -> MaskMod:
         q 6      1 1 1 1 1 | 0 0 0  (padded query row: its output is discarded)
 
     Args:
-        num_kept: () integer tensor, P. A tensor rather than an int so that a compiled kernel does
-            not specialise on it.
+        num_kept: P, a () integer tensor so that a compiled kernel does not specialise on it; an
+            int only inside an enclosing compiled region, where shapes already specialise on P.
 
     Returns:
         The mask_mod ``(kv_idx <= q_idx) & (kv_idx < P)``.
@@ -60,7 +61,7 @@ def compacted_causal_mask_mod(num_kept: Tensor) -> MaskMod:
     return compacted_causal
 
 
-def prefix_count_mask_mod(visible: Tensor, kv_head_of: Tensor) -> MaskMod:
+def prefix_count_mask_mod(visible: Tensor) -> MaskMod:
     """Queries in the original layout over gathered keys: row q sees the first ``visible[q]`` keys.
 
     Used by ``unkept="attend"``: every query attends to the kept keys at positions <= its own.
@@ -75,25 +76,25 @@ def prefix_count_mask_mod(visible: Tensor, kv_head_of: Tensor) -> MaskMod:
         q 4 (unkept)   1 1 1     visible 3
 
     Args:
-        visible: (B, Hkv, S') integer, S' >= S padded with 0 (padded rows see nothing).
-        kv_head_of: (Hq,) int64, the KV head of each query head.
+        visible: (B, H, S') integer with one row per head of the attention call (query heads;
+            repeat a per-KV-head tensor G times), S' >= S padded with 0 (padded rows see nothing).
 
     Returns:
-        The mask_mod ``kv_idx < visible[b, kv_head_of[h], q_idx]``.
+        The mask_mod ``kv_idx < visible[b, h, q_idx]``.
     """
 
     def prefix_count(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return kv_idx < visible[b, kv_head_of[h], q_idx]
+        return kv_idx < visible[b, h, q_idx]
 
     prefix_count.__name__ = "prefix_count"
     return prefix_count
 
 
-def selection_mask_mod(keep_q: Tensor, keep_kv: Tensor, kv_head_of: Tensor) -> MaskMod:
-    """A selection over the original layout: ``keep_q[q] & keep_kv[kv] & kv <= q``.
+def selection_mask_mod(keep_kv: Tensor, keep_q: Tensor | None = None) -> MaskMod:
+    """A selection over the original layout: ``keep_kv[kv] & kv <= q`` (& ``keep_q[q]`` if given).
 
-    For ``unkept="zero"`` pass ``keep_q = keep_kv = keep``; for ``unkept="attend"`` pass an
-    all-True ``keep_q``. keep = 1 0 1 1 (zero mode)::
+    For ``unkept="zero"`` pass ``keep_q = keep_kv = keep``; for ``unkept="attend"`` omit
+    ``keep_q`` (every query attends). keep = 1 0 1 1 (zero mode)::
 
         kv     0 1 2 3
         q 0    1 0 0 0
@@ -102,18 +103,23 @@ def selection_mask_mod(keep_q: Tensor, keep_kv: Tensor, kv_head_of: Tensor) -> M
         q 3    1 0 1 1
 
     Args:
-        keep_q: (B, Hkv, S') bool, which query rows attend (S' >= S, padded with False).
-        keep_kv: (B, Hkv, S') bool, which keys are kept (padded with False).
-        kv_head_of: (Hq,) int64, the KV head of each query head (``arange(Hkv)`` when the mask
-            is used per KV head).
+        keep_kv: (B, H, S') bool, which keys are kept, one row per head of the attention call
+            (query heads; repeat a per-KV-head tensor G times), padded with False to S' >= S.
+        keep_q: optional (B, H, S') bool, which query rows attend (padded with False).
 
     Returns:
         The mask_mod.
     """
+    if keep_q is None:
+
+        def kept_keys(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return keep_kv[b, h, kv_idx] & (kv_idx <= q_idx)
+
+        kept_keys.__name__ = "selection_attend"
+        return kept_keys
 
     def selection(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        hk = kv_head_of[h]
-        return keep_q[b, hk, q_idx] & keep_kv[b, hk, kv_idx] & (kv_idx <= q_idx)
+        return keep_q[b, h, q_idx] & keep_kv[b, h, kv_idx] & (kv_idx <= q_idx)
 
     selection.__name__ = "selection"
     return selection
