@@ -214,7 +214,11 @@ class ProbeScorer:
         seed: key of the random draw (deterministic by default; see ``probe_positions``).
         denominator: ``"causal"`` or ``"probe_count"``.
         scale: softmax scale; None = 1 / sqrt(D).
-        heads_per_chunk: KV heads processed at once (bounds the fp32 buffer).
+        heads_per_chunk: KV heads processed at once (bounds the fp32 buffer; ``"torch"`` only).
+        impl: ``"torch"`` (plain PyTorch, any device, traceable by ``torch.compile``) or
+            ``"triton"`` (``zipvl.sparsity.probe_triton``: two fused kernels that never write the
+            probe map; CUDA, or the CPU under ``TRITON_INTERPRET=1``; power-of-two D >= 16).
+            An impl that cannot run raises ``ValueError``; nothing falls back.
     """
 
     recent_frac: float = 0.05
@@ -226,8 +230,11 @@ class ProbeScorer:
     denominator: Literal["causal", "probe_count"] = "causal"
     scale: float | None = None
     heads_per_chunk: int = 1
+    impl: Literal["torch", "triton"] = "torch"
 
     def __post_init__(self) -> None:
+        if self.impl not in ("torch", "triton"):
+            raise ValueError(f"impl: expected 'torch' or 'triton', got {self.impl!r}")
         check_fraction("recent_frac", self.recent_frac, low_open=False)
         check_fraction("random_frac", self.random_frac, low_open=False)
         _check_int("max_recent", self.max_recent, 0, optional=True)
@@ -270,7 +277,13 @@ class ProbeScorer:
         _, _, g, sq, skv = _check_inputs(q, k)
         scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
         rows = self.probe_rows(sq, device=q.device)  # (M,)
-        mass = _probe_mass(q, k, rows, scale=scale, heads_per_chunk=self.heads_per_chunk)
+        if self.impl == "triton":
+            # lazy import: triton is an optional, Linux-only dependency
+            from zipvl.sparsity.probe_triton import probe_mass_triton
+
+            mass = probe_mass_triton(q, k, rows, scale=scale)  # (B, Hkv, Skv)
+        else:
+            mass = _probe_mass(q, k, rows, scale=scale, heads_per_chunk=self.heads_per_chunk)
         if self.denominator == "causal":
             den = _causal_visible(sq, skv, k.device)  # (Skv,)
             normalized = mass / den
