@@ -1,0 +1,192 @@
+"""zipvl.enable / disable on every supported transformers architecture (tiny random models).
+
+* identity: the "dense" preset (tau 1, 16-bit cache) is token-identical to the model's own
+  attention with a DynamicCache, with a left-padded batch and across recompression boundaries;
+* defaults: generation runs past three recompression boundaries, the report matches the cache;
+* generate modes: sampling and beam search; errors for wrong caches and unsupported models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+from zipvl.cache.hf_compat import AttentionInterface, AttentionMaskInterface, DynamicCache
+from zipvl.config import ZipVLConfig
+from zipvl.eval import evaluate, kl_divergence
+from zipvl.models import SUPPORTED_MODELS, disable, enable, is_enabled, new_cache
+from zipvl.models.lvlm import SUPPORTED_ARCHITECTURES, build_tiny_model, tiny_inputs
+from zipvl.sparsity import FixedRatioAllocator
+
+NEW_TOKENS = 14  # 13 fed back: with recompress_every=4, three blocks + one fp tail token
+
+
+def _generate(model: Any, inputs: dict, **kw: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, **kw)
+
+
+def _visuals(arch: str) -> list[str]:
+    return (
+        ["image", "video"] if arch in ("llava_onevision", "qwen2_vl", "qwen2_5_vl") else ["image"]
+    )
+
+
+CASES = [(arch, vis) for arch in SUPPORTED_ARCHITECTURES for vis in _visuals(arch)]
+
+
+@pytest.mark.parametrize(("arch", "visual"), CASES)
+def test_dense_preset_is_token_identical(arch: str, visual: str) -> None:
+    model = build_tiny_model(arch)
+    inputs = tiny_inputs(model, batch=2, pad=3, visual=visual)  # type: ignore[arg-type]
+    want = _generate(model, inputs, past_key_values=DynamicCache())
+    cache = enable(model, ZipVLConfig.preset("dense", recompress_every=4))
+    got = _generate(model, inputs, past_key_values=cache)
+    disable(model)
+    assert torch.equal(got, want)
+    assert all(r.decode_blocks == 3 for r in cache.report().layers)
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
+def test_defaults_run_past_recompression_boundaries(arch: str) -> None:
+    model = build_tiny_model(arch)
+    inputs = tiny_inputs(model, batch=2, pad=2, text_len=40)
+    prompt = inputs["input_ids"].shape[1]
+    cfg = ZipVLConfig(recompress_every=4)
+    cache = enable(model, cfg)
+    out = _generate(model, inputs, past_key_values=cache)
+    disable(model)
+    assert out.shape == (2, prompt + NEW_TOKENS)
+    rep = cache.report()
+    assert len(rep.layers) == model.get_decoder().config.num_hidden_layers
+    assert rep.bytes == cache.nbytes()
+    for r in rep.layers:
+        assert r.prompt_tokens == prompt and r.decode_blocks == 3
+        assert r.seq_length == prompt + NEW_TOKENS - 1  # the last token is never fed back
+        assert sum(r.tokens_at_bits.values()) == r.seq_length
+        assert r.tokens_at_bits[16] == NEW_TOKENS - 1 - 12  # tail after 3 blocks of 4
+        assert r.kept_tokens <= prompt and 0.0 < r.kept_ratio <= 1.0
+
+
+def test_default_block_of_100() -> None:
+    """With the paper's recompress_every=100 the first decode block is compressed at 100."""
+    model = build_tiny_model("qwen2")
+    inputs = tiny_inputs(model, batch=1, text_len=30)
+    cache = enable(model, ZipVLConfig())
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=102, do_sample=False, past_key_values=cache)
+    disable(model)
+    rep = cache.report()
+    assert all(r.decode_blocks == 1 and r.decode_block_tokens == 100 for r in rep.layers)
+    assert all(r.tokens_at_bits[16] == 1 for r in rep.layers)
+
+
+def test_sampling_and_beam_search() -> None:
+    model = build_tiny_model("llava")
+    inputs = tiny_inputs(model, batch=2, pad=2, text_len=20)
+    want = _generate(model, inputs, num_beams=3)
+    cache = enable(model, ZipVLConfig.preset("dense", recompress_every=4))
+    assert torch.equal(_generate(model, inputs, num_beams=3, past_key_values=cache), want)
+    enable(model, ZipVLConfig(recompress_every=4))
+    beams = _generate(model, inputs, num_beams=3, past_key_values=new_cache(model))
+    assert beams.shape == want.shape
+    torch.manual_seed(0)
+    cache = new_cache(model)
+    with torch.no_grad():
+        sampled = model.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=8, past_key_values=cache
+        )
+    disable(model)
+    assert sampled.shape == want.shape and (sampled[:, : inputs["input_ids"].shape[1]] >= 0).all()
+    assert all(r.decode_blocks == 3 for r in cache.report().layers)
+
+
+def test_registration_and_disable_restore() -> None:
+    model = build_tiny_model("qwen2_vl")
+    decoder = model.get_decoder()
+    inputs = tiny_inputs(model, batch=2, pad=2)
+    before = _generate(model, inputs)
+    enable(model)
+    name = decoder.config._attn_implementation
+    assert name.startswith("zipvl_") and is_enabled(model)
+    assert name in AttentionInterface() and name in AttentionMaskInterface()
+    assert model.model.visual.config._attn_implementation == "sdpa"  # vision tower untouched
+    disable(model)
+    assert decoder.config._attn_implementation == "sdpa" and not is_enabled(model)
+    assert torch.equal(_generate(model, inputs), before)
+    with pytest.raises(RuntimeError, match=r"ZipVL is not enabled on this model"):
+        disable(model)
+    with pytest.raises(RuntimeError, match=r"ZipVL is not enabled on this model"):
+        new_cache(model)
+
+
+def test_wrong_or_missing_cache_raises() -> None:
+    model = build_tiny_model("llama")
+    inputs = tiny_inputs(model, batch=1)
+    cache = enable(model)
+    with pytest.raises(
+        RuntimeError, match=r"did not come from the ZipVLCache bound to this model"
+    ):
+        _generate(model, inputs, past_key_values=DynamicCache())
+    with pytest.raises(RuntimeError, match=r"did not come from the ZipVLCache bound"):
+        _generate(model, inputs)  # generate() builds a DynamicCache itself
+    _generate(model, inputs, past_key_values=cache)
+    stale = new_cache(model)  # an unused cache, then rebinding: only the newest one is read
+    new_cache(model)
+    with pytest.raises(RuntimeError, match=r"\(it holds 0\)"):
+        _generate(model, inputs, past_key_values=stale)
+    disable(model)
+
+
+def test_unsupported_models_and_configs() -> None:
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50)
+    )
+    names = r"LlavaForConditionalGeneration.*Qwen2_5_VLForConditionalGeneration.*Qwen2ForCausalLM"
+    with pytest.raises(ValueError, match=rf"GPT2LMHeadModel is not supported.*{names}"):
+        enable(gpt2)
+    with pytest.raises(ValueError, match=r"not supported"):
+        enable(torch.nn.Linear(2, 2))
+    assert len(SUPPORTED_MODELS) == 7
+    model = build_tiny_model("llama")
+    with pytest.raises(ValueError, match=r"dense_layers: expected layer indices < num_layers=2"):
+        enable(model, ZipVLConfig(dense_layers={2}))
+    with pytest.raises(TypeError, match=r"config: expected a ZipVLConfig"):
+        enable(model, {"tau": 0.9})  # type: ignore[arg-type]
+    sliding = transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=0,
+        )
+    )
+    with pytest.raises(ValueError, match=r"full-attention layers only.*sliding_attention"):
+        enable(sliding)
+
+
+def test_eval_report() -> None:
+    model = build_tiny_model("llava_next")
+    inputs = tiny_inputs(model, batch=2, pad=2, text_len=30)
+    dense = evaluate(model, inputs, ZipVLConfig.preset("dense"), max_new_tokens=6)
+    assert (dense.agreement, dense.matches, dense.steps) == (1.0, 12, 6)
+    assert dense.kl_first == 0.0 and dense.retained_mass == 1.0
+    cfg = ZipVLConfig(allocator=FixedRatioAllocator(0.5))
+    rep = evaluate(model, inputs, cfg, max_new_tokens=6)
+    assert not is_enabled(model)
+    assert 0.0 <= rep.agreement <= 1.0 and rep.kl_first >= 0.0
+    assert len(rep.layers) == 2 and all(0.0 < r.retained_mass < 1.0 for r in rep.layers)
+    assert all(abs(r.kept_ratio - 0.5) < 0.1 for r in rep.layers)
+    text = rep.to_markdown()
+    assert "| layer | kept ratio | retained attention mass |" in text and "KL" in text
+    p = torch.randn(3, 11)
+    assert torch.allclose(kl_divergence(p, p), torch.zeros(3, dtype=torch.float64))
+    assert (kl_divergence(p, torch.randn(3, 11)) > 0).all()

@@ -1,0 +1,87 @@
+"""``zipvl demo``: the built-in tiny LVLM and a saved local checkpoint, in process."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from zipvl.cli import main
+from zipvl.demo import run_demo
+from zipvl.models.lvlm import (
+    DEMO_SPECS,
+    build_demo_lvlm,
+    build_tiny_processor,
+    demo_inputs,
+    synthetic_image,
+    synthetic_video,
+)
+
+TABLE_HEADER = "| layer | prompt | kept | ratio | attn FLOPs red. |"
+
+
+def test_demo_runs_in_a_minute(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    start = time.perf_counter()
+    assert main(["demo", "--out", str(tmp_path), "--max-new-tokens", "6", "--repeats", "1"]) == 0
+    elapsed = time.perf_counter() - start
+    out, err = capsys.readouterr()
+    assert elapsed < 60, f"demo took {elapsed:.1f} s"
+    assert TABLE_HEADER in out
+    spec = DEMO_SPECS["tiny"]
+    assert f"prompt {spec.visual_tokens + 25} tokens ({spec.visual_tokens} visual)" in out
+    for text in ("attention-FLOP reduction", "compression", "prefill time", "agreement"):
+        assert text in out
+    assert "[zipvl demo]" in err  # progress goes to stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (tmp_path / "kept_ratio.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(summary["zipvl_tokens"]) == len(summary["dense_tokens"]) == 6
+    # planted structure: data-dependent sparsity well below tau's share, different per layer
+    ratios = summary["layer_kept_ratio"]
+    assert len(ratios) == spec.layers and max(ratios) < 0.9 and len(set(ratios)) > 1
+    assert summary["attn_flop_reduction"] > 0.2 and summary["compression"] > 2.0
+
+
+def test_demo_tau_changes_the_ratio(tmp_path: Path) -> None:
+    kw = dict(out_dir=tmp_path, max_new_tokens=2, repeats=1, progress=False)
+    loose = run_demo(tau=0.9, stdout=open(tmp_path / "a.txt", "w"), **kw)  # noqa: SIM115
+    tight = run_demo(tau=0.99, stdout=open(tmp_path / "b.txt", "w"), **kw)  # noqa: SIM115
+    assert loose.report.kept_ratio < tight.report.kept_ratio
+    assert "tau=0.9," in loose.text and TABLE_HEADER in tight.text
+
+
+def test_demo_on_a_saved_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = build_demo_lvlm("tiny")
+    model.save_pretrained(tmp_path / "ckpt")
+    build_tiny_processor("tiny").save_pretrained(tmp_path / "ckpt")
+    argv = ["demo", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--max-new-tokens", "3", "--repeats", "1", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert f"checkpoint {tmp_path / 'ckpt'} (LlavaForConditionalGeneration" in out
+    assert "(64 visual)" in out and TABLE_HEADER in out and "[zipvl demo]" not in err
+
+
+def test_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["demo", "--preset", "h2o"])
+    assert "invalid choice: 'h2o'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r"device: 'cuda' requested but CUDA is not"):
+            main(["demo", "--device", "cuda", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"tau: only feeds the default allocator"):
+        main(["demo", "--preset", "fixed", "--tau", "0.9", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"path: expected a local checkpoint directory"):
+        main(["demo", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
+
+
+def test_synthetic_inputs_are_deterministic() -> None:
+    assert torch.equal(synthetic_image(56, seed=1), synthetic_image(56, seed=1))
+    assert not torch.equal(synthetic_image(56, seed=1), synthetic_image(56, seed=2))
+    video = synthetic_video(3, 28)
+    assert video.shape == (3, 3, 28, 28) and not torch.equal(video[0], video[-1])  # it moves
+    inputs = demo_inputs("tiny")
+    spec = DEMO_SPECS["tiny"]
+    assert inputs["pixel_values"].shape == (1 + spec.frames, 3, spec.image_size, spec.image_size)
+    assert int((inputs["input_ids"] == 255).sum()) == spec.visual_tokens
