@@ -28,6 +28,13 @@ q/k/v and the BlockMask tensors as dynamic (``maybe_mark_dynamic``). The first c
 dynamic kernel; FlexAttention's inner wrapper specialises the sequence length once more on the
 second distinct length, after which every length reuses the same kernels (two compiles per
 dtype / head layout / mask kind in all, never near the recompile limit of 8).
+
+Inside an enclosing ``torch.compile`` region (a compiled decoder layer) FlexAttention is traced
+with the rest of the graph instead. On the CPU, Inductor's C++ flex template then rejects mask
+lookup tensors that it can constant-fold or that stay unrealised views; the ``unkept="zero"``
+path is written to avoid both (checked by a ``fullgraph=True`` test), while ``unkept="attend"``
+inside a compiled region on the CPU is known to fail in that template: compile it on CUDA, or call
+``sparse_attention`` eagerly (its own FlexAttention call is still compiled).
 """
 
 from __future__ import annotations

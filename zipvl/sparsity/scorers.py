@@ -23,6 +23,7 @@ chunking over KV heads (and, for the all-rows scorer, over query rows).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -149,6 +150,29 @@ def probe_positions(
     return torch.cat([drawn, recent])  # (M,)
 
 
+@functools.lru_cache(maxsize=64)
+def _probe_positions_cached(
+    sq: int,
+    recent_frac: float,
+    random_frac: float,
+    max_recent: int | None,
+    max_random: int | None,
+    min_probes: int,
+    seed: int,
+    device: torch.device,
+) -> Tensor:
+    return probe_positions(
+        sq,
+        recent_frac=recent_frac,
+        random_frac=random_frac,
+        max_recent=max_recent,
+        max_random=max_random,
+        min_probes=min_probes,
+        seed=seed,
+        device=device,
+    )
+
+
 def _probe_mass(
     q: Tensor, k: Tensor, rows: Tensor, *, scale: float, heads_per_chunk: int
 ) -> Tensor:
@@ -249,17 +273,25 @@ class ProbeScorer:
         _check_scale(self.scale)
 
     def probe_rows(self, sq: int, device: torch.device | str | None = None) -> Tensor:
-        """The probe query rows for ``sq`` queries: (M,) int64, ascending (``probe_positions``)."""
-        return probe_positions(
+        """The probe query rows for ``sq`` queries: (M,) int64, ascending (``probe_positions``).
+
+        A pure function of the shape and the fields, so eager calls reuse a cached tensor (about
+        twenty small kernels saved per layer); do not modify the result in place.
+        """
+        args = (
             sq,
-            recent_frac=self.recent_frac,
-            random_frac=self.random_frac,
-            max_recent=self.max_recent,
-            max_random=self.max_random,
-            min_probes=self.min_probes,
-            seed=self.seed,
-            device=device,
+            self.recent_frac,
+            self.random_frac,
+            self.max_recent,
+            self.max_random,
+            self.min_probes,
+            self.seed,
+            torch.device(device) if device is not None else torch.device("cpu"),
         )
+        if torch.compiler.is_compiling():
+            # dynamo cannot trace through lru_cache; a compiled graph builds them once anyway
+            return _probe_positions_cached.__wrapped__(*args)
+        return _probe_positions_cached(*args)
 
     def __call__(self, q: Tensor, k: Tensor, /) -> Scores:
         """Score every key by probe attention.

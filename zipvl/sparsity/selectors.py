@@ -151,6 +151,8 @@ class TopKSelector:
                 f"budget: expected shape (B, Hkv) = {(b, hkv)} like scores, "
                 f"got {tuple(budget.shape)}"
             )
+        # Queue the keep mask first, so the device works while the host waits on the read-back.
+        keep = self.keep_mask(scores, budget)  # (B, Hkv, Skv)
         # The one host read of the plan step: the kept count sizes the gathered tensors.
         host = budget.detach().to("cpu")
         p_min, p_max = int(host.min()), int(host.max())
@@ -161,5 +163,4 @@ class TopKSelector:
             )
         if not 0 <= p_max <= skv:
             raise ValueError(f"budget: expected values in [0, Skv={skv}], got {p_max}")
-        keep = self.keep_mask(scores, budget)  # (B, Hkv, Skv)
         return Selection(keep=keep, num_kept=max(p_max, self.num_forced(skv)))

@@ -86,8 +86,9 @@ def assert_close_to_reference(
 ) -> None:
     """The 2x rule: ``err(out) <= factor * err(plain same-dtype path) + band``.
 
-    ``band`` is one unit of rounding of ``out``'s dtype at the output's scale
-    (``eps(dtype) * max|ref64|``), which covers the final cast that every path pays.
+    ``band`` is one unit in the last place of ``out``'s dtype at the output's scale
+    (``2 * eps(dtype) * max|ref64|`` bounds the ulp of every value up to ``max|ref64|``): a fused
+    kernel may round once more than the plain path even where the plain path is exact (S = 1).
 
     Args:
         out: the fast path's output.
@@ -100,7 +101,7 @@ def assert_close_to_reference(
     """
     assert out.shape == ref64.shape, f"shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     assert torch.isfinite(out).all(), "output has non-finite values"
-    band = torch.finfo(out.dtype).eps * max(ref64.abs().max().item(), 1e-6)
+    band = 2 * torch.finfo(out.dtype).eps * max(ref64.abs().max().item(), 1e-6)
     err = max_abs_error(out, ref64)
     bound = factor * same_dtype_err + band
     assert err <= bound, (
