@@ -29,23 +29,36 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+import torch
+
 from zipvl.checks import check_fraction
 from zipvl.quant import (
     IdentityKVQuantizer,
     KIVIKVQuantizer,
     KVQuantizer,
     MixedPrecisionKVQuantizer,
+    PerTokenKVQuantizer,
     ZipCacheKVQuantizer,
 )
 from zipvl.sparsity import (
+    AccumulatedAttentionScorer,
     CumulativeMassAllocator,
     FixedRatioAllocator,
+    KeyNormScorer,
+    PerLayerSchedule,
     ProbeScorer,
+    SnapKVScorer,
     TopKSelector,
 )
 from zipvl.types import Allocator, Impl, Scorer, Selector
 
-__all__ = ["LAYER_OVERRIDE_FIELDS", "PRESETS", "LayerConfig", "ZipVLConfig"]
+__all__ = [
+    "LAYER_OVERRIDE_FIELDS",
+    "PRESETS",
+    "SERIALIZABLE_COMPONENTS",
+    "LayerConfig",
+    "ZipVLConfig",
+]
 
 _BITS = (2, 4, 8, 16)
 _UNKEPT = ("zero", "attend")
@@ -354,6 +367,46 @@ class ZipVLConfig:
                     f"{name}: expected layer indices < num_layers={num_layers}, got {bad}"
                 )
 
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible description: settings as values, components as
+        ``{"type": ClassName, "fields": {...}}`` (style C3).
+
+        Raises:
+            TypeError: a component is not in ``SERIALIZABLE_COMPONENTS`` (e.g. a plain function).
+        """
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "layers":
+                out["layers"] = {
+                    str(i): {k: _encode(v, f"layers[{i}].{k}") for k, v in o.items()}
+                    for i, o in sorted(value.items())
+                }
+            else:
+                out[f.name] = _encode(value, f.name)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ZipVLConfig:
+        """Rebuild a config written by ``to_dict``; class names resolve only through
+        ``SERIALIZABLE_COMPONENTS`` (no import paths).
+
+        Raises:
+            ValueError: an unknown field or component type.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"data: unknown ZipVLConfig field(s) {unknown}")
+        kwargs = {k: _decode(v, k) for k, v in data.items() if k != "layers"}
+        layers = data.get("layers", {})
+        kwargs["layers"] = {
+            int(i): {k: _decode(v, f"layers[{i}].{k}") for k, v in o.items()}
+            for i, o in layers.items()
+        }
+        return cls(**kwargs)
+
     # ------------------------------------------------------------------ presets
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ZipVLConfig:
@@ -419,3 +472,80 @@ PRESETS: Mapping[str, Callable[[], ZipVLConfig]] = MappingProxyType(
     }
 )
 """Named presets: name -> constructor (style C3)."""
+
+
+SERIALIZABLE_COMPONENTS: Mapping[str, type] = MappingProxyType(
+    {
+        cls.__name__: cls
+        for cls in (
+            ProbeScorer,
+            AccumulatedAttentionScorer,
+            SnapKVScorer,
+            KeyNormScorer,
+            CumulativeMassAllocator,
+            FixedRatioAllocator,
+            PerLayerSchedule,
+            TopKSelector,
+            IdentityKVQuantizer,
+            ZipCacheKVQuantizer,
+            KIVIKVQuantizer,
+            PerTokenKVQuantizer,
+            MixedPrecisionKVQuantizer,
+        )
+    }
+)
+"""The allow-list of component classes ``ZipVLConfig.from_dict`` may build."""
+
+_DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
+    {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+)
+
+
+def _encode(value: Any, where: str) -> Any:
+    if isinstance(value, Impl):  # before str: Impl is a str enum
+        return {"type": "Impl", "value": value.value}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.dtype):
+        name = str(value).removeprefix("torch.")
+        if name not in _DTYPES:
+            raise TypeError(f"{where}: cannot serialise dtype {value}")
+        return {"type": "dtype", "value": name}
+    if isinstance(value, (frozenset, set)):
+        return sorted(value)
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    cls = type(value)
+    if dataclasses.is_dataclass(value) and SERIALIZABLE_COMPONENTS.get(cls.__name__) is cls:
+        fields = {
+            f.name: _encode(getattr(value, f.name), f"{where}.{f.name}")
+            for f in dataclasses.fields(value)
+            if f.init
+        }
+        return {"type": cls.__name__, "fields": fields}
+    raise TypeError(
+        f"{where}: cannot serialise {value!r}; expected a setting value or a component from "
+        f"SERIALIZABLE_COMPONENTS"
+    )
+
+
+def _decode(value: Any, where: str) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, Mapping):
+        return value
+    kind = value.get("type")
+    if kind == "Impl":
+        return Impl(value["value"])
+    if kind == "dtype":
+        if value.get("value") not in _DTYPES:
+            raise ValueError(f"{where}: unknown dtype {value.get('value')!r}")
+        return _DTYPES[value["value"]]
+    cls = SERIALIZABLE_COMPONENTS.get(str(kind))
+    if cls is None:
+        raise ValueError(
+            f"{where}: unknown component type {kind!r}; expected one of "
+            f"{sorted(SERIALIZABLE_COMPONENTS)}"
+        )
+    fields = {k: _decode(v, f"{where}.{k}") for k, v in value.get("fields", {}).items()}
+    return cls(**fields)

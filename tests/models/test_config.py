@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -19,6 +21,7 @@ from zipvl.sparsity import (
     CumulativeMassAllocator,
     FixedRatioAllocator,
     KeyNormScorer,
+    PerLayerSchedule,
     ProbeScorer,
     TopKSelector,
 )
@@ -166,3 +169,31 @@ def test_resolution_properties(
         assert q.low == ZipCacheKVQuantizer(lo)
     assert cfg.for_layer(layer + 1).allocator == CumulativeMassAllocator(tau)
     assert set(cfg.layers.get(layer, {})) <= LAYER_OVERRIDE_FIELDS
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_round_trips_through_json(name: str) -> None:
+    cfg = ZipVLConfig.preset(name)
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert ZipVLConfig.from_dict(data) == cfg
+
+
+def test_custom_config_round_trips() -> None:
+    cfg = ZipVLConfig(
+        scorer=ProbeScorer(max_recent=64, max_random=64, denominator="probe_count"),
+        allocator=PerLayerSchedule([CumulativeMassAllocator(0.99), 0.5]),
+        quantizer=MixedPrecisionKVQuantizer(
+            ZipCacheKVQuantizer(8, param_dtype=torch.bfloat16), KIVIKVQuantizer(2, 16)
+        ),
+        impl=Impl.REFERENCE,
+        dense_layers={1, 0},
+        layers={1: {"tau": 0.9, "selector": TopKSelector(granularity="layer", sink_tokens=4)}},
+    )
+    again = ZipVLConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.for_layer(1) == cfg.for_layer(1)
+    with pytest.raises(ValueError, match=r"unknown component type 'os.system'"):
+        ZipVLConfig.from_dict({"scorer": {"type": "os.system", "fields": {}}})
+    with pytest.raises(ValueError, match=r"unknown ZipVLConfig field\(s\) \['taus'\]"):
+        ZipVLConfig.from_dict({"taus": 0.9})
+    with pytest.raises(TypeError, match=r"scorer: cannot serialise"):
+        ZipVLConfig(scorer=lambda q, k: None).to_dict()  # type: ignore[arg-type,return-value]
