@@ -228,7 +228,9 @@ class ProbeScorer:
     * ``"probe_count"``: ``G * #{probe rows that can see j}``, the mean probe attention. Columns
       that no probe sees get 0.
 
-    Memory: one fp32 buffer of B * heads_per_chunk * G * M * Skv per chunk of KV heads.
+    Memory (``impl="torch"``): per chunk of KV heads, the logits of B * heads_per_chunk * G * M
+    * Skv in the input dtype, then two fp32 buffers of that size (masked logits, softmax) that
+    are freed before the next chunk; ``impl="triton"`` never materialises the probe map.
 
     Attributes:
         recent_frac: fraction of the Sq query rows used as recent probes (the last rows), [0, 1].
