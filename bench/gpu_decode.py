@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=28)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--block-t", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--block-t", type=int, nargs="+", default=[0, 64, 128], help="0 = autotuned")
     args = ap.parse_args()
 
     env = env_info()
@@ -100,15 +100,16 @@ def main() -> None:
             fused_ms: dict[int, float] = {}
             rel_err = 0.0
             for bt in args.block_t:
-                out = decode_attention(q, segs, impl="triton", block_t=bt)
+                tile = bt or None
+                out = decode_attention(q, segs, impl="triton", block_t=tile)
                 rel_err = max(rel_err, ((out.float() - ref).norm() / ref.norm()).item())
-                fused_ms[bt] = median_ms(lambda bt=bt: decode_attention(q, segs, block_t=bt))
+                fused_ms[bt] = median_ms(lambda tile=tile: decode_attention(q, segs, block_t=tile))
             best_bt = min(fused_ms, key=lambda x: fused_ms[x])
             t_fused = fused_ms[best_bt]
             # decode steps run from CUDA graphs in practice (no host sync in the step): the
             # graph replay removes the Python launch overhead of both paths
             t_base_g = median_ms_graph(bf16_sdpa)
-            t_fused_g = median_ms_graph(lambda: decode_attention(q, segs, block_t=best_bt))
+            t_fused_g = median_ms_graph(lambda: decode_attention(q, segs, block_t=best_bt or None))
             bf16_bytes = kf.nbytes + vf.nbytes
             fused_bytes = decode_read_bytes(segs)
             rows.append(

@@ -83,6 +83,7 @@ def _qkv_part_kernel(
     num_tokens,
     tokens_per_split,
     num_splits,
+    t_bucket,  # autotune key only: next power of two of num_tokens
     HEAD_DIM: tl.constexpr,
     KBITS: tl.constexpr,
     VBITS: tl.constexpr,
@@ -152,6 +153,19 @@ def _qkv_part_kernel(
     tl.store(o_ptr + out_row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_valid[:, None])
 
 
+_TUNE_CONFIGS = [
+    triton.Config({"BLOCK_T": bt}, num_warps=w, num_stages=st)
+    for bt in (32, 64, 128)
+    for w in (4, 8)
+    for st in (2, 3)
+]
+# The same kernel, autotuned on CUDA per (length bucket, bit-widths, GQA padding, head dim).
+_qkv_part_kernel_tuned = triton.autotune(
+    configs=_TUNE_CONFIGS, key=["t_bucket", "KBITS", "VBITS", "GROUP_PAD", "HEAD_DIM"]
+)(_qkv_part_kernel)
+_SPLIT_QUANTUM = 128  # split lengths are multiples of every tuned BLOCK_T
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -212,7 +226,7 @@ def _dense_state(q2: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tens
 
 
 def _triton_part_state(
-    q2: Tensor, key: QuantizedTensor, value: QuantizedTensor, block_t: int
+    q2: Tensor, key: QuantizedTensor, value: QuantizedTensor, block_t: int | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Partial states of one quantized part from the fused kernel: (B, Hq, NS), (B, Hq, NS, D)."""
     b, hq, d = q2.shape
@@ -222,8 +236,9 @@ def _triton_part_state(
     assert value.scale is not None and value.zero is not None
     # ~ 4 CTAs per SM over the whole grid: split long parts along tokens
     sms = torch.cuda.get_device_properties(q2.device).multi_processor_count if q2.is_cuda else 8
-    splits = max(1, min(_cdiv(t, block_t), (4 * sms) // max(1, b * hkv)))
-    per_split = _cdiv(_cdiv(t, splits), block_t) * block_t
+    quantum = block_t if block_t is not None else _SPLIT_QUANTUM
+    splits = max(1, min(_cdiv(t, quantum), (4 * sms) // max(1, b * hkv)))
+    per_split = _cdiv(_cdiv(t, splits), quantum) * quantum
     splits = _cdiv(t, per_split)
     m = torch.empty(b, hq, splits, device=q2.device, dtype=torch.float32)
     lsum = torch.empty_like(m)
@@ -236,14 +251,17 @@ def _triton_part_state(
         "HEAD_DIM": d,
         "KBITS": key.bits,
         "VBITS": value.bits,
-        "GROUP_PAD": max(16, triton.next_power_of_2(g)),
-        "BLOCK_T": block_t,
+        "GROUP_PAD": max(16, int(triton.next_power_of_2(g))),
     }
-    _qkv_part_kernel[(b * hkv, splits)](
+    args = (
         q2, key.data.contiguous(), ks, kz, value.data.contiguous(), va, vb, m, lsum, o,
-        hkv, g, t, per_split, splits,
-        **meta,
+        hkv, g, t, per_split, splits, int(triton.next_power_of_2(t)),
     )  # fmt: skip
+    if block_t is None and q2.is_cuda:
+        _qkv_part_kernel_tuned[(b * hkv, splits)](*args, **meta)
+    else:
+        meta["BLOCK_T"] = block_t or 64
+        _qkv_part_kernel[(b * hkv, splits)](*args, **meta)
     if value.channel_scale is not None:
         cs = value.channel_scale.float().reshape(b, hkv, 1, 1, d)
         o = (o.view(b, hkv, g, splits, d) * cs).view(b, hq, splits, d)
@@ -256,7 +274,7 @@ def decode_attention(
     *,
     scale: float | None = None,
     impl: str = "triton",
-    block_t: int = 64,
+    block_t: int | None = None,
 ) -> Tensor:
     """Attention of one decoding query over a cache stored as compressed chunks + fp runs.
 
@@ -268,7 +286,8 @@ def decode_attention(
         scale: softmax scale; None = 1 / sqrt(D).
         impl: ``"triton"`` (fused kernel reading the packed codes) or ``"reference"``
             (dequantize each chunk, float32 softmax merge).
-        block_t: tokens per kernel tile (a power of two >= 16).
+        block_t: tokens per kernel tile (a power of two >= 16); None = autotuned on CUDA
+            (tile, warps, stages per length bucket; 64 under the Triton interpreter).
 
     Returns:
         (B, Hq, 1, D) attention output in q's dtype.
@@ -285,7 +304,7 @@ def decode_attention(
         raise ValueError(f"impl: expected 'triton' or 'reference', got {impl!r}")
     if not segments:
         raise ValueError("segments: expected at least one stored run of tokens, got none")
-    if block_t < 16 or block_t & (block_t - 1):
+    if block_t is not None and (block_t < 16 or block_t & (block_t - 1)):
         raise ValueError(f"block_t: expected a power of two >= 16, got {block_t}")
     if impl == "triton" and not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         raise ValueError(

@@ -60,6 +60,7 @@ def _probe_lse_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     mb = tl.program_id(1)
@@ -90,7 +91,7 @@ def _probe_lse_kernel(
             mask=(offs_n < kv_len)[:, None],
             other=0.0,
         )
-        s = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N), log2 domain
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # log2 domain
         s = tl.where(offs_n[None, :] <= pos[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -123,6 +124,7 @@ def _probe_colsum_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     bhkv = tl.program_id(0)
     nb = tl.program_id(1)
@@ -159,7 +161,7 @@ def _probe_colsum_kernel(
                 mask=m_valid,
                 other=float("inf"),
             )
-            s = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # (BM, BN)
             p = tl.exp2(s - lse[:, None])
             p = tl.where(offs_n[None, :] <= pos[:, None], p, 0.0)
             acc += tl.sum(p, axis=0)
@@ -217,7 +219,13 @@ def probe_mass_triton(
     splits = -(-skv // per_split)
     m_part = torch.empty(b, hq, splits, m, device=q.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)  # (B, Hq, NS, M)
-    common: dict[str, Any] = {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n}
+    common: dict[str, Any] = {
+        "HEAD_DIM": d,
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        # fp32 inputs get exact fp32 products (no TF32), like the eager fp32 matmul
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+    }
     _probe_lse_kernel[(b * hq, m_blocks, splits)](
         q, k, meta, m_part, l_part,
         q.stride(0), q.stride(1), q.stride(2),

@@ -244,7 +244,10 @@ class ProbeScorer:
         impl: ``"torch"`` (plain PyTorch, any device, traceable by ``torch.compile``) or
             ``"triton"`` (``zipvl.sparsity.probe_triton``: two fused kernels that never write the
             probe map; CUDA, or the CPU under ``TRITON_INTERPRET=1``; power-of-two D >= 16).
-            An impl that cannot run raises ``ValueError``; nothing falls back.
+            ``"auto"`` (default) is a documented dispatch, decided per call: ``"triton"`` for
+            eager CUDA inputs with a power-of-two D >= 16, ``"torch"`` otherwise (CPU, other
+            head dims, inside ``torch.compile``). An explicitly requested impl that cannot run
+            raises ``ValueError``; nothing falls back.
     """
 
     recent_frac: float = 0.05
@@ -256,11 +259,11 @@ class ProbeScorer:
     denominator: Literal["causal", "probe_count"] = "causal"
     scale: float | None = None
     heads_per_chunk: int = 1
-    impl: Literal["torch", "triton"] = "torch"
+    impl: Literal["auto", "torch", "triton"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.impl not in ("torch", "triton"):
-            raise ValueError(f"impl: expected 'torch' or 'triton', got {self.impl!r}")
+        if self.impl not in ("auto", "torch", "triton"):
+            raise ValueError(f"impl: expected 'auto', 'torch' or 'triton', got {self.impl!r}")
         check_fraction("recent_frac", self.recent_frac, low_open=False)
         check_fraction("random_frac", self.random_frac, low_open=False)
         _check_int("max_recent", self.max_recent, 0, optional=True)
@@ -311,7 +314,15 @@ class ProbeScorer:
         _, _, g, sq, skv = _check_inputs(q, k)
         scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
         rows = self.probe_rows(sq, device=q.device)  # (M,)
-        if self.impl == "triton":
+        d = q.shape[-1]
+        use_triton = self.impl == "triton" or (
+            self.impl == "auto"
+            and q.is_cuda
+            and d >= 16
+            and d & (d - 1) == 0
+            and not torch.compiler.is_compiling()
+        )
+        if use_triton:
             # lazy import: triton is an optional, Linux-only dependency
             from zipvl.sparsity.probe_triton import probe_mass_triton
 
