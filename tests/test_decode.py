@@ -17,7 +17,12 @@ import torch.nn.functional as F
 
 from zipvl.cache import ZipVLCache
 from zipvl.decode import decode_attention, decode_read_bytes, layer_segments
-from zipvl.quant import IdentityKVQuantizer, KIVIKVQuantizer, MixedPrecisionKVQuantizer
+from zipvl.quant import (
+    IdentityKVQuantizer,
+    KIVIKVQuantizer,
+    MixedPrecisionKVQuantizer,
+    ZipCacheKVQuantizer,
+)
 
 # (B, Hq, Hkv, D, prompt, decode steps): GQA, batch > 1, lengths off the 64-token tile
 CASES = [(2, 6, 2, 32, 37, 11), (1, 4, 1, 64, 130, 9)]
@@ -50,13 +55,21 @@ def _filled_cache(case: tuple[int, ...], device: str, dtype: torch.dtype, quanti
     return cache
 
 
+# mixed precision as ZipVL stores it (4/2 bits), and 8/4 bits (one packed field per byte for keys)
+QUANTIZERS = {
+    "4/2": MixedPrecisionKVQuantizer(),
+    "8/4": MixedPrecisionKVQuantizer(ZipCacheKVQuantizer(8), ZipCacheKVQuantizer(4)),
+}
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", sorted(QUANTIZERS))
 def test_fused_decode_matches_dense(
-    case: tuple[int, ...], dtype: torch.dtype, device: str
+    case: tuple[int, ...], dtype: torch.dtype, bits: str, device: str
 ) -> None:
     b, hq, _, d, _, _ = case
-    cache = _filled_cache(case, device, dtype)
+    cache = _filled_cache(case, device, dtype, quantizer=QUANTIZERS[bits])
     segs = layer_segments(cache.layer(0))
     assert len(cache.layer(0).chunks) == 2  # the prefill chunk and one decode block
     q = torch.randn(b, hq, 1, d, device=device, dtype=dtype)
@@ -96,9 +109,14 @@ def test_read_bytes_counts_every_stored_tensor(device: str) -> None:
     assert decode_read_bytes(segs) == cache.nbytes() - bitmaps
 
 
+def _triton_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"  # CPU: conftest's interpreter
+
+
 def test_unsupported_layout_raises_for_triton() -> None:
-    cache = _filled_cache(CASES[0], "cpu", torch.float32, quantizer=KIVIKVQuantizer(2, 16))
-    q = torch.randn(2, 6, 1, 32)
+    dev = _triton_device()
+    cache = _filled_cache(CASES[0], dev, torch.float32, quantizer=KIVIKVQuantizer(2, 16))
+    q = torch.randn(2, 6, 1, 32, device=dev)
     segs = layer_segments(cache.layer(0))
     with pytest.raises(ValueError, match="impl='triton' reads keys quantized per channel"):
         decode_attention(q, segs, impl="triton")
@@ -106,16 +124,17 @@ def test_unsupported_layout_raises_for_triton() -> None:
 
 
 def test_bad_inputs_raise() -> None:
-    kv = torch.randn(1, 2, 8, 16)
+    dev = _triton_device()
+    kv = torch.randn(1, 2, 8, 16, device=dev)
     chunk = MixedPrecisionKVQuantizer().quantize(kv, kv)
     with pytest.raises(ValueError, match="one decoding query"):
-        decode_attention(torch.randn(1, 4, 2, 16), [chunk])
+        decode_attention(torch.randn(1, 4, 2, 16, device=dev), [chunk])
     with pytest.raises(ValueError, match="impl"):
-        decode_attention(torch.randn(1, 4, 1, 16), [chunk], impl="cuda")
+        decode_attention(torch.randn(1, 4, 1, 16, device=dev), [chunk], impl="cuda")
     with pytest.raises(ValueError, match=r"segments\[0\]"):
-        decode_attention(torch.randn(1, 4, 1, 32), [chunk])
+        decode_attention(torch.randn(1, 4, 1, 32, device=dev), [chunk])
     with pytest.raises(ValueError, match="at least one"):
-        decode_attention(torch.randn(1, 4, 1, 16), [])
+        decode_attention(torch.randn(1, 4, 1, 16, device=dev), [])
     cache = ZipVLCache(1)
     cache.update(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), 0)
     with pytest.raises(ValueError, match="compress_prefill"):

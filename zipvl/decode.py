@@ -47,26 +47,6 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _unpack_tile(packed, BITS: tl.constexpr, BT: tl.constexpr, ROW: tl.constexpr):
-    """(BT, ROW) uint8 of contiguous-slice packed codes -> (BT, ROW * 8 // BITS) codes.
-
-    Slice i of a row (channels [i * ROW, (i + 1) * ROW)) sits in bits [i * BITS, (i+1) * BITS)
-    of the ROW bytes; the slices are joined on a new axis and permuted into channel order.
-    """
-    if BITS == 8:
-        out = packed
-    elif BITS == 4:
-        out = tl.join(packed & 15, packed >> 4)  # (BT, ROW, 2): [t, j, i]
-        out = tl.reshape(tl.permute(out, (0, 2, 1)), (BT, 2 * ROW))  # channel i * ROW + j
-    else:
-        lo = tl.join(packed & 3, (packed >> 2) & 3)  # (BT, ROW, 2): slices 0, 1
-        hi = tl.join((packed >> 4) & 3, (packed >> 6) & 3)  # slices 2, 3
-        out = tl.join(lo, hi)  # (BT, ROW, 2, 2): [t, j, a, b], slice 2 * b + a
-        out = tl.reshape(tl.permute(out, (0, 3, 2, 1)), (BT, 4 * ROW))
-    return out
-
-
-@triton.jit
 def _qkv_part_kernel(
     q_ptr,  # (B, Hq, D) fp32, already multiplied by the softmax scale * log2(e)
     kd_ptr,  # packed key codes (B, Hkv, T, D * KBITS // 8) uint8
@@ -87,16 +67,22 @@ def _qkv_part_kernel(
     HEAD_DIM: tl.constexpr,
     KBITS: tl.constexpr,
     VBITS: tl.constexpr,
+    KMASK: tl.constexpr,
+    VMASK: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
+    # Contiguous-slice packing: slice i of a row (channels [i * ROW, (i + 1) * ROW)) is bits
+    # [i * BITS, (i + 1) * BITS) of the row's ROW bytes. Every dot below works on one slice, so
+    # the codes never need reordering: a shift and a mask of the loaded bytes give the slice.
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // num_kv_heads
     hkv = bh % num_kv_heads
-    KROW: tl.constexpr = HEAD_DIM * KBITS // 8  # packed bytes per key row
-    VROW: tl.constexpr = HEAD_DIM * VBITS // 8
-    offs_d = tl.arange(0, HEAD_DIM)
+    KPER: tl.constexpr = 8 // KBITS
+    VPER: tl.constexpr = 8 // VBITS
+    KROW: tl.constexpr = HEAD_DIM // KPER  # packed bytes per key row
+    VROW: tl.constexpr = HEAD_DIM // VPER
     offs_g = tl.arange(0, GROUP_PAD)
     offs_kr = tl.arange(0, KROW)
     offs_vr = tl.arange(0, VROW)
@@ -104,19 +90,33 @@ def _qkv_part_kernel(
 
     heads = hkv * group + offs_g  # (GP,) query heads of this KV head
     num_heads = num_kv_heads * group
-    q = tl.load(
-        q_ptr + (b * num_heads + heads)[:, None] * HEAD_DIM + offs_d[None, :],
-        mask=g_valid[:, None],
-        other=0.0,
-    )  # (GP, D) fp32
-    ks = tl.load(ks_ptr + bh * HEAD_DIM + offs_d)  # (D,)
-    kz = tl.load(kz_ptr + bh * HEAD_DIM + offs_d)
-    qz = tl.sum(q * kz[None, :], axis=1)  # (GP,) the zero-point term of every logit
-    qs = (q * ks[None, :]).to(tl.float16)  # (GP, D) q scaled into code space
+    q_rows = q_ptr + (b * num_heads + heads)[:, None] * HEAD_DIM  # (GP, 1) row pointers
+    k_par = bh * HEAD_DIM
+    # q scaled into code space, one (GP, KROW) slice per packed field; and the zero-point term
+    q0 = tl.load(q_rows + offs_kr[None, :], mask=g_valid[:, None], other=0.0)
+    qs0 = (q0 * tl.load(ks_ptr + k_par + offs_kr)[None, :]).to(tl.float16)
+    qz = tl.sum(q0 * tl.load(kz_ptr + k_par + offs_kr)[None, :], axis=1)  # (GP,)
+    qs1 = qs0
+    qs2 = qs0
+    qs3 = qs0
+    if KPER >= 2:
+        q1 = tl.load(q_rows + KROW + offs_kr[None, :], mask=g_valid[:, None], other=0.0)
+        qs1 = (q1 * tl.load(ks_ptr + k_par + KROW + offs_kr)[None, :]).to(tl.float16)
+        qz += tl.sum(q1 * tl.load(kz_ptr + k_par + KROW + offs_kr)[None, :], axis=1)
+    if KPER == 4:
+        q2 = tl.load(q_rows + 2 * KROW + offs_kr[None, :], mask=g_valid[:, None], other=0.0)
+        qs2 = (q2 * tl.load(ks_ptr + k_par + 2 * KROW + offs_kr)[None, :]).to(tl.float16)
+        qz += tl.sum(q2 * tl.load(kz_ptr + k_par + 2 * KROW + offs_kr)[None, :], axis=1)
+        q3 = tl.load(q_rows + 3 * KROW + offs_kr[None, :], mask=g_valid[:, None], other=0.0)
+        qs3 = (q3 * tl.load(ks_ptr + k_par + 3 * KROW + offs_kr)[None, :]).to(tl.float16)
+        qz += tl.sum(q3 * tl.load(kz_ptr + k_par + 3 * KROW + offs_kr)[None, :], axis=1)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    acc0 = tl.zeros([GROUP_PAD, VROW], tl.float32)  # output channels of value slice 0
+    acc1 = tl.zeros([GROUP_PAD, VROW], tl.float32)  # slice 1: 4- and 2-bit values
+    acc2 = tl.zeros([GROUP_PAD, VROW], tl.float32)  # slices 2, 3: 2-bit values only
+    acc3 = tl.zeros([GROUP_PAD, VROW], tl.float32)
     pz = tl.zeros([GROUP_PAD], tl.float32)
     t_start = split * tokens_per_split
     t_end = tl.minimum(t_start + tokens_per_split, num_tokens)
@@ -128,8 +128,13 @@ def _qkv_part_kernel(
         kb = tl.load(
             kd_base + offs_t[:, None] * KROW + offs_kr[None, :], mask=t_valid[:, None], other=0
         )  # (BT, KROW) uint8, contiguous rows
-        kc = _unpack_tile(kb, KBITS, BLOCK_T, KROW).to(tl.float16)  # (BT, D) exact small ints
-        s = tl.dot(qs, tl.trans(kc)) + qz[:, None]  # (GP, BT) log2-domain logits
+        s = tl.dot(qs0, tl.trans((kb & KMASK).to(tl.float16)))  # (GP, BT)
+        if KPER >= 2:
+            s += tl.dot(qs1, tl.trans(((kb >> KBITS) & KMASK).to(tl.float16)))
+        if KPER == 4:
+            s += tl.dot(qs2, tl.trans(((kb >> (2 * KBITS)) & KMASK).to(tl.float16)))
+            s += tl.dot(qs3, tl.trans(((kb >> (3 * KBITS)) & KMASK).to(tl.float16)))
+        s = s + qz[:, None]  # log2-domain logits
         s = tl.where(t_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -140,17 +145,31 @@ def _qkv_part_kernel(
         vb = tl.load(vb_ptr + bh * num_tokens + offs_t, mask=t_valid, other=0.0)
         vbyte = tl.load(
             vd_base + offs_t[:, None] * VROW + offs_vr[None, :], mask=t_valid[:, None], other=0
-        )
-        vc = _unpack_tile(vbyte, VBITS, BLOCK_T, VROW).to(tl.float16)  # (BT, D)
+        )  # (BT, VROW)
         pa = (p * va[None, :]).to(tl.float16)  # (GP, BT)
-        acc = acc * alpha[:, None] + tl.dot(pa, vc)
+        acc0 = acc0 * alpha[:, None] + tl.dot(pa, (vbyte & VMASK).to(tl.float16))
+        if VPER >= 2:
+            acc1 = acc1 * alpha[:, None] + tl.dot(pa, ((vbyte >> VBITS) & VMASK).to(tl.float16))
+        if VPER == 4:
+            acc2 = acc2 * alpha[:, None] + tl.dot(
+                pa, ((vbyte >> (2 * VBITS)) & VMASK).to(tl.float16)
+            )
+            acc3 = acc3 * alpha[:, None] + tl.dot(
+                pa, ((vbyte >> (3 * VBITS)) & VMASK).to(tl.float16)
+            )
         pz = pz * alpha + tl.sum(p * vb[None, :], axis=1)
         m_i = m_new
-    acc = acc + pz[:, None]  # the zero-point term, per channel (cs applied by the caller)
     out_row = (b * num_heads + heads) * num_splits + split  # (GP,)
     tl.store(m_ptr + out_row, m_i, mask=g_valid)
     tl.store(l_ptr + out_row, l_i, mask=g_valid)
-    tl.store(o_ptr + out_row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_valid[:, None])
+    # + the zero-point term, per channel (the CST divisor is applied by the caller)
+    o_rows = o_ptr + out_row[:, None] * HEAD_DIM  # (GP, 1)
+    tl.store(o_rows + offs_vr[None, :], acc0 + pz[:, None], mask=g_valid[:, None])
+    if VPER >= 2:
+        tl.store(o_rows + VROW + offs_vr[None, :], acc1 + pz[:, None], mask=g_valid[:, None])
+    if VPER == 4:
+        tl.store(o_rows + 2 * VROW + offs_vr[None, :], acc2 + pz[:, None], mask=g_valid[:, None])
+        tl.store(o_rows + 3 * VROW + offs_vr[None, :], acc3 + pz[:, None], mask=g_valid[:, None])
 
 
 _TUNE_CONFIGS = [
@@ -251,6 +270,8 @@ def _triton_part_state(
         "HEAD_DIM": d,
         "KBITS": key.bits,
         "VBITS": value.bits,
+        "KMASK": (1 << key.bits) - 1,
+        "VMASK": (1 << value.bits) - 1,
         "GROUP_PAD": max(16, int(triton.next_power_of_2(g))),
     }
     args = (
