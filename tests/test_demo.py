@@ -72,6 +72,8 @@ def test_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
             main(["demo", "--device", "cuda", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"tau: only feeds the default allocator"):
         main(["demo", "--preset", "fixed", "--tau", "0.9", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"probe_cap: expected an int >= 1, got 0"):
+        main(["demo", "--probe-cap", "0", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"path: expected a local checkpoint directory"):
         main(["demo", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
 

@@ -28,12 +28,18 @@ def _parser() -> argparse.ArgumentParser:
         "--size",
         choices=("tiny", "large"),
         default="tiny",
-        help="built-in model: tiny (~0.5k visual tokens, CPU) or large (~4.4k, GPU)",
+        help="built-in model: tiny (512 visual tokens, CPU) or large (LongVA-shaped layers, "
+        "16640 visual tokens, GPU)",
     )
     demo.add_argument("--preset", choices=sorted(PRESETS), default="zipvl")
     demo.add_argument("--tau", type=float, help="override the preset's tau (e.g. 0.96)")
     demo.add_argument(
         "--recompress-every", type=int, help="override the decode block size (paper: 100)"
+    )
+    demo.add_argument(
+        "--probe-cap",
+        type=int,
+        help="cap the recent and the random probe counts (e.g. 64 for long video prompts)",
     )
     demo.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     demo.add_argument("--max-new-tokens", type=int, default=16)
@@ -64,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 preset=args.preset,
                 tau=args.tau,
                 recompress_every=args.recompress_every,
+                probe_cap=args.probe_cap,
                 device=args.device,
                 max_new_tokens=args.max_new_tokens,
                 out_dir=args.out,

@@ -37,7 +37,7 @@ def _same_dtype_error(q, k, v, keep, key_valid=None) -> float:
     """Error of plain fp32 masked attention (the same semantics) against the fp64 oracle."""
     ref64 = reference_prefill(q, k, v, keep, key_valid=key_valid)
     s = k.shape[2]
-    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    causal = torch.ones(s, s, dtype=torch.bool, device=k.device).tril()
     kk = keep if key_valid is None else keep & key_valid[:, None, :]
     mask = causal & kk[:, :, None, :] & kk[:, :, :, None]
     plain = dense_attention(q, k, v, mask, upcast=False)
