@@ -25,7 +25,7 @@ from zipvl.quant import (
 )
 
 # (B, Hq, Hkv, D, prompt, decode steps): GQA, batch > 1, lengths off the 64-token tile
-CASES = [(2, 6, 2, 32, 37, 11), (1, 4, 1, 64, 130, 9)]
+CASES = [(2, 6, 2, 64, 37, 11), (1, 4, 1, 64, 130, 9)]
 
 
 def _triton_runs(device: str) -> bool:
@@ -93,7 +93,7 @@ def test_fused_decode_matches_dense(
 
 def test_identity_cache_decodes_exactly_like_sdpa(device: str) -> None:
     cache = _filled_cache(CASES[0], device, torch.float32, quantizer=IdentityKVQuantizer())
-    q = torch.randn(2, 6, 1, 32, device=device)
+    q = torch.randn(2, 6, 1, 64, device=device)
     k, v = cache.dense_kv(0)
     ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     impl = "triton" if _triton_runs(device) else "reference"
@@ -116,7 +116,7 @@ def _triton_device() -> str:
 def test_unsupported_layout_raises_for_triton() -> None:
     dev = _triton_device()
     cache = _filled_cache(CASES[0], dev, torch.float32, quantizer=KIVIKVQuantizer(2, 16))
-    q = torch.randn(2, 6, 1, 32, device=dev)
+    q = torch.randn(2, 6, 1, 64, device=dev)
     segs = layer_segments(cache.layer(0))
     with pytest.raises(ValueError, match="impl='triton' reads keys quantized per channel"):
         decode_attention(q, segs, impl="triton")
@@ -135,6 +135,8 @@ def test_bad_inputs_raise() -> None:
         decode_attention(torch.randn(1, 4, 1, 32, device=dev), [chunk])
     with pytest.raises(ValueError, match="at least one"):
         decode_attention(torch.randn(1, 4, 1, 16, device=dev), [])
+    with pytest.raises(ValueError, match="head_dim \\* bits / 8 >= 16"):
+        decode_attention(torch.randn(1, 4, 1, 16, device=dev), [chunk])  # 2-bit, D = 16
     cache = ZipVLCache(1)
     cache.update(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), 0)
     with pytest.raises(ValueError, match="compress_prefill"):

@@ -193,6 +193,12 @@ def _check_zipcache_layout(qt: QuantizedTensor, role: str) -> None:
     spec = qt.spec
     if spec is None:
         return
+    if qt.head_dim * spec.bits // 8 < 16:
+        raise ValueError(
+            f"segments: impl='triton' needs head_dim * bits / 8 >= 16 (one packed field is a "
+            f"matrix-multiply operand); got a {spec.bits}-bit {role} part with head dim "
+            f"{qt.head_dim}"
+        )
     if role == "key":
         ok = spec.axis == "token" and spec.group_size is None and qt.channel_scale is None
         want = "keys quantized per channel over the whole chunk (ZipCache)"
