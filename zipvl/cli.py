@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="cap the recent and the random probe counts (e.g. 64 for long video prompts)",
     )
+    demo.add_argument(
+        "--quant-impl",
+        choices=("reference", "triton"),
+        help="KV write path of the default quantizers (triton: fused kernel, CUDA)",
+    )
     demo.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     demo.add_argument("--max-new-tokens", type=int, default=16)
     demo.add_argument("--repeats", type=int, default=3, help="timed prefill runs (median)")
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 tau=args.tau,
                 recompress_every=args.recompress_every,
                 probe_cap=args.probe_cap,
+                quant_impl=args.quant_impl,
                 device=args.device,
                 max_new_tokens=args.max_new_tokens,
                 out_dir=args.out,

@@ -71,6 +71,7 @@ LAYER_OVERRIDE_FIELDS: frozenset[str] = frozenset(
         "probe_cap",
         "bits_high",
         "bits_low",
+        "quant_impl",
         "sparse_prefill",
         "impl",
         "unkept",
@@ -113,7 +114,7 @@ class LayerConfig:
 _FEEDS: dict[str, tuple[str, ...]] = {
     "scorer": ("probe_recent_frac", "probe_random_frac", "probe_cap"),
     "allocator": ("tau",),
-    "quantizer": ("bits_high", "bits_low"),
+    "quantizer": ("bits_high", "bits_low", "quant_impl"),
 }
 
 
@@ -131,9 +132,11 @@ def _check_callable(name: str, value: object) -> None:
         raise TypeError(f"{name}: expected a callable component or None, got {value!r}")
 
 
-def _default_quantizer(bits_high: int, bits_low: int) -> KVQuantizer:
+def _default_quantizer(bits_high: int, bits_low: int, impl: Impl) -> KVQuantizer:
     def uniform(bits: int) -> KVQuantizer:
-        return IdentityKVQuantizer() if bits == 16 else ZipCacheKVQuantizer(bits)
+        if bits == 16:
+            return IdentityKVQuantizer()
+        return ZipCacheKVQuantizer(bits, token_wise_impl=impl)
 
     if bits_high == 16 and bits_low == 16:
         return IdentityKVQuantizer()
@@ -163,6 +166,9 @@ class ZipVLConfig:
         bits_high: bit width of important tokens in the cache, one of 2, 4, 8, 16 (paper: 4).
         bits_low: bit width of the other tokens, <= bits_high (paper: 2). 16/16 stores the cache
             unquantized (``IdentityKVQuantizer``).
+        quant_impl: write path of the default quantizers' token-wise (value) quantization:
+            ``Impl.REFERENCE`` (PyTorch, anywhere) or ``Impl.TRITON`` (fused kernel; CUDA, or the
+            CPU under ``TRITON_INTERPRET=1``; raises elsewhere).
         recompress_every: decode block size: every this many generated tokens the newest block
             is split and quantized (paper: 100), >= 1.
         sink_tokens: leading prompt tokens always selected and stored at full precision, >= 0
@@ -191,6 +197,7 @@ class ZipVLConfig:
     probe_cap: int | None = None
     bits_high: int = 4
     bits_low: int = 2
+    quant_impl: Impl = Impl.REFERENCE
     recompress_every: int = 100
     sink_tokens: int = 0
     dense_layers: frozenset[int] = frozenset()
@@ -273,6 +280,16 @@ class ZipVLConfig:
             raise ValueError(
                 f"impl: expected one of {[i.value for i in Impl]}, got {self.impl!r}"
             ) from None
+        try:
+            object.__setattr__(self, "quant_impl", Impl(self.quant_impl))
+        except ValueError:
+            raise ValueError(
+                f"quant_impl: expected 'reference' or 'triton', got {self.quant_impl!r}"
+            ) from None
+        if self.quant_impl not in (Impl.REFERENCE, Impl.TRITON):
+            raise ValueError(
+                f"quant_impl: expected 'reference' or 'triton', got {self.quant_impl!r}"
+            )
         if self.unkept not in _UNKEPT:
             raise ValueError(f"unkept: expected one of {_UNKEPT}, got {self.unkept!r}")
         for name in ("scorer", "allocator", "selector", "decode_selector"):
@@ -338,7 +355,7 @@ class ZipVLConfig:
             selector = TopKSelector(sink_tokens=cfg.sink_tokens)
         quantizer = cfg.quantizer
         if quantizer is None:
-            quantizer = _default_quantizer(cfg.bits_high, cfg.bits_low)
+            quantizer = _default_quantizer(cfg.bits_high, cfg.bits_low, cfg.quant_impl)
         return LayerConfig(
             layer_idx=layer_idx,
             dense=(not cfg.sparse_prefill) or layer_idx in self.dense_layers,

@@ -39,6 +39,7 @@ from zipvl.config import PRESETS, ZipVLConfig
 from zipvl.models import disable, enable, is_enabled, lvlm, new_cache
 from zipvl.models.hf import forced_generate
 from zipvl.quant import IdentityKVQuantizer
+from zipvl.types import Impl
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -140,7 +141,11 @@ def _median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> 
 
 
 def _config(
-    preset: str, tau: float | None, recompress_every: int | None, probe_cap: int | None
+    preset: str,
+    tau: float | None,
+    recompress_every: int | None,
+    probe_cap: int | None,
+    quant_impl: str | None,
 ) -> ZipVLConfig:
     cfg = ZipVLConfig.preset(preset)
     changes: dict[str, Any] = {}
@@ -150,17 +155,24 @@ def _config(
         changes["recompress_every"] = recompress_every
     if probe_cap is not None:
         changes["probe_cap"] = probe_cap
+    if quant_impl is not None:
+        changes["quant_impl"] = quant_impl
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def _unquantized(config: ZipVLConfig) -> ZipVLConfig:
     """The same sparsity with a 16-bit cache: separates attention from quantization time."""
-    quant_keys = ("quantizer", "bits_high", "bits_low")
+    quant_keys = ("quantizer", "bits_high", "bits_low", "quant_impl")
     layers = {
         i: {k: v for k, v in o.items() if k not in quant_keys} for i, o in config.layers.items()
     }
     return dataclasses.replace(
-        config, quantizer=IdentityKVQuantizer(), bits_high=4, bits_low=2, layers=layers
+        config,
+        quantizer=IdentityKVQuantizer(),
+        bits_high=4,
+        bits_low=2,
+        quant_impl=Impl.REFERENCE,
+        layers=layers,
     )
 
 
@@ -182,6 +194,7 @@ def run_demo(
     tau: float | None = None,
     recompress_every: int | None = None,
     probe_cap: int | None = None,
+    quant_impl: str | None = None,
     device: str = "cpu",
     max_new_tokens: int = 16,
     out_dir: str | Path = "zipvl_demo_out",
@@ -201,6 +214,7 @@ def run_demo(
         tau: overrides the preset's tau.
         recompress_every: overrides the preset's decode block size.
         probe_cap: caps the recent and the random probe counts of the default scorer.
+        quant_impl: ``"reference"`` or ``"triton"``, the default quantizers' write path.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         max_new_tokens: greedy tokens to generate, >= 1.
         out_dir: where the plot and the JSON summary go (created if missing).
@@ -229,7 +243,7 @@ def run_demo(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} requested but CUDA is not available")
-    config = _config(preset, tau, recompress_every, probe_cap)
+    config = _config(preset, tau, recompress_every, probe_cap, quant_impl)
     lines: list[str] = []
 
     def say(text: str = "") -> None:

@@ -71,6 +71,12 @@ def test_unknown_preset_lists_names() -> None:
         (dict(probe_cap=0), ValueError, r"probe_cap: expected an int >= 1, got 0"),
         (dict(probe_recent_frac=0.0, probe_random_frac=0.0), ValueError, r"at least one > 0"),
         (dict(impl="cuda"), ValueError, r"impl: expected one of .*'sdpa'.*got 'cuda'"),
+        (dict(quant_impl="flex"), ValueError, r"quant_impl: expected 'reference' or 'triton'"),
+        (
+            dict(quantizer=IdentityKVQuantizer(), quant_impl="triton"),
+            ValueError,
+            r"quant_impl: only feeds the default quantizer",
+        ),
         (dict(unkept="drop"), ValueError, r"unkept: expected one of \('zero', 'attend'\)"),
         (dict(dense_layers={-1}), ValueError, r"dense_layers entry: expected an int >= 0"),
         (dict(dense_layers=3), TypeError, r"dense_layers: expected a set of layer indices"),
@@ -121,6 +127,14 @@ def test_per_layer_overrides_resolve() -> None:
     assert cfg.for_layer(4).allocator == CumulativeMassAllocator(0.96)  # no override
     with pytest.raises(TypeError):
         cfg.layers[1]["tau"] = 0.5  # type: ignore[index]  # read-only
+
+
+def test_quant_impl_feeds_the_default_quantizers() -> None:
+    q = ZipVLConfig(quant_impl="triton").for_layer(0).quantizer  # type: ignore[arg-type]
+    assert q == MixedPrecisionKVQuantizer(
+        ZipCacheKVQuantizer(4, token_wise_impl=Impl.TRITON),
+        ZipCacheKVQuantizer(2, token_wise_impl=Impl.TRITON),
+    )
 
 
 def test_check_num_layers() -> None:
