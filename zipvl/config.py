@@ -62,6 +62,7 @@ __all__ = [
 
 _BITS = (2, 4, 8, 16)
 _UNKEPT = ("zero", "attend")
+_DECODE_IMPLS = ("auto", "reference", "triton")
 
 LAYER_OVERRIDE_FIELDS: frozenset[str] = frozenset(
     {
@@ -187,6 +188,13 @@ class ZipVLConfig:
             ``bits_high`` / ``bits_low``).
         decode_selector: selector of the decode blocks (None: the cache's default, a top-p
             selector without forced tokens, as in Algorithm 1).
+        decode_impl: how ``ZipVLAttention`` / ``zipvl_attention`` read the cache in decode:
+            ``"reference"`` (dense dequantized K/V + SDPA), ``"triton"`` (``zipvl.decode``'s
+            fused kernel over the packed codes; one query per step, no padding mask, ZipCache
+            layouts; raises otherwise) or ``"auto"`` (default: ``"triton"`` where exactly
+            those conditions hold on CUDA, ``"reference"`` elsewhere, decided per step).
+            transformers models (``zipvl.enable``) always read densely: transformers itself
+            asks the cache for dense K/V.
         layers: per-layer overrides ``{layer_idx: {field: value}}``; fields from
             ``LAYER_OVERRIDE_FIELDS``. Stored read-only.
     """
@@ -209,6 +217,7 @@ class ZipVLConfig:
     selector: Selector | None = None
     quantizer: KVQuantizer | None = None
     decode_selector: Selector | None = None
+    decode_impl: Literal["auto", "reference", "triton"] = "auto"
     layers: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -292,6 +301,10 @@ class ZipVLConfig:
             )
         if self.unkept not in _UNKEPT:
             raise ValueError(f"unkept: expected one of {_UNKEPT}, got {self.unkept!r}")
+        if self.decode_impl not in _DECODE_IMPLS:
+            raise ValueError(
+                f"decode_impl: expected one of {_DECODE_IMPLS}, got {self.decode_impl!r}"
+            )
         for name in ("scorer", "allocator", "selector", "decode_selector"):
             _check_callable(name, getattr(self, name))
         if self.quantizer is not None and not isinstance(self.quantizer, KVQuantizer):

@@ -38,7 +38,13 @@ from .checks import check_tensor
 from .quant import QuantizedKV
 from .quant.base import QuantizedTensor
 
-__all__ = ["Segment", "decode_attention", "decode_read_bytes", "layer_segments"]
+__all__ = [
+    "Segment",
+    "decode_attention",
+    "decode_read_bytes",
+    "fused_decode_supports",
+    "layer_segments",
+]
 
 Segment = QuantizedKV | tuple[Tensor, Tensor]
 """A stored run of tokens: a compressed chunk, or full-precision (k, v) each (B, Hkv, T, D)."""
@@ -189,13 +195,14 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _check_zipcache_layout(qt: QuantizedTensor, role: str) -> None:
+def _layout_problem(qt: QuantizedTensor, role: str) -> str | None:
+    """Why the fused kernel cannot read this quantized tensor, or None when it can."""
     spec = qt.spec
     if spec is None:
-        return
+        return None
     if qt.head_dim * spec.bits // 8 < 16:
-        raise ValueError(
-            f"segments: impl='triton' needs head_dim * bits / 8 >= 16 (one packed field is a "
+        return (
+            f"impl='triton' needs head_dim * bits / 8 >= 16 (one packed field is a "
             f"matrix-multiply operand); got a {spec.bits}-bit {role} part with head dim "
             f"{qt.head_dim}"
         )
@@ -206,9 +213,23 @@ def _check_zipcache_layout(qt: QuantizedTensor, role: str) -> None:
         ok = spec.axis == "channel" and spec.group_size is None
         want = "values quantized per token over the whole head dim (ZipCache / CST)"
     if not ok or spec.symmetric:
-        raise ValueError(
-            f"segments: impl='triton' reads {want}; got a {role} part with spec {spec}"
-        )
+        return f"impl='triton' reads {want}; got a {role} part with spec {spec}"
+    return None
+
+
+def _check_zipcache_layout(qt: QuantizedTensor, role: str) -> None:
+    problem = _layout_problem(qt, role)
+    if problem is not None:
+        raise ValueError(f"segments: {problem}")
+
+
+def fused_decode_supports(chunk: QuantizedKV) -> bool:
+    """Whether ``impl="triton"`` reads every part of ``chunk`` (ZipCache layouts or 16-bit)."""
+    return all(
+        part.num_tokens == 0 or _layout_problem(qt, role) is None
+        for part in chunk.parts
+        for qt, role in ((part.key, "key"), (part.value, "value"))
+    )
 
 
 class _States:

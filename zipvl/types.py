@@ -20,7 +20,8 @@ Conventions:
     * A selection is a fixed-shape boolean ``keep`` (B, Hkv, Skv); every (b, h) row keeps the same
       number of tokens, so gathered tensors are rectangular.
 
-Dependency direction: ``types`` <- ``sparsity``, ``quant`` <- ``cache`` <- ``attention`` <- ``models``.
+Dependency direction: ``types`` <- ``sparsity``, ``quant`` <- ``cache`` <- ``decode`` <-
+``models``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ __all__ = [
 ]
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
-"""FlexAttention mask_mod: (b, h, q_idx, kv_idx) -> bool. Our own alias, not torch's private one."""
+"""FlexAttention mask_mod: (b, h, q_idx, kv_idx) -> bool (our alias, not torch's private one)."""
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 """FlexAttention score_mod: (score, b, h, q_idx, kv_idx) -> score."""

@@ -214,6 +214,17 @@ class ZipVLCache(Cache):
         """
         return self.layer(layer_idx).update(key_states, value_states)
 
+    def append(self, key_states: Tensor, value_states: Tensor, layer_idx: int) -> bool:
+        """Store new K/V of ``layer_idx`` without the dense read of ``update``.
+
+        For attention that reads the stored runs itself (``zipvl.decode_attention`` over
+        ``zipvl.layer_segments(cache.layer(i))``).
+
+        Returns:
+            True when the K/V became the layer's pending prefill (the layer was empty).
+        """
+        return self.layer(layer_idx).append(key_states, value_states)
+
     def crop(self, tokens_to_remove: int) -> None:
         """Drop trailing positions of every layer, following transformers' convention.
 

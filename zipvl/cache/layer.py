@@ -209,20 +209,18 @@ class ZipVLCacheLayer(CacheLayerMixin):
                 f"layer {self.layer_idx}, got {key_states.dtype} on {key_states.device}"
             )
 
-    def update(
-        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[Tensor, Tensor]:
-        """Add new K/V and return what attention should read.
+    def append(self, key_states: Tensor, value_states: Tensor) -> bool:
+        """Store new K/V without reading anything back.
+
+        Fused decode kernels (``zipvl.decode``) read the stored runs themselves, so they append
+        and skip the dense read of ``update``.
 
         Args:
             key_states: (B, Hkv, S, D) new keys (RoPE applied), S >= 1.
             value_states: (B, Hkv, S, D) new values.
-            *args, **kwargs: ignored (transformers passes ``cache_kwargs``).
 
         Returns:
-            On an empty layer (prefill): ``(key_states, value_states)`` unchanged, held as the
-            pending prefill. Otherwise the dense ``(K, V)`` of all positions in position order,
-            (B, Hkv, N, D) each, in the cache dtype.
+            True when the K/V became the pending prefill (the layer was empty).
 
         Raises:
             ValueError: shapes, dtype or device differ from the layer's.
@@ -243,7 +241,7 @@ class ZipVLCacheLayer(CacheLayerMixin):
             self.compress_prefill(None)
         if self.get_seq_length() == 0:
             self.pending_keys, self.pending_values = key_states, value_states
-            return key_states, value_states
+            return True
         # positions < sink_tokens (a short prompt or a crop into the sinks) go to the sinks
         n_sink = min(max(self.sink_tokens - self.get_seq_length(), 0), key_states.shape[-2])
         if n_sink > 0:
@@ -252,6 +250,30 @@ class ZipVLCacheLayer(CacheLayerMixin):
         if n_sink < key_states.shape[-2]:
             self.tail_keys = _cat(self.tail_keys, key_states[:, :, n_sink:])
             self.tail_values = _cat(self.tail_values, value_states[:, :, n_sink:])
+        return False
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        """Add new K/V and return what attention should read.
+
+        Args:
+            key_states: (B, Hkv, S, D) new keys (RoPE applied), S >= 1.
+            value_states: (B, Hkv, S, D) new values.
+            *args, **kwargs: ignored (transformers passes ``cache_kwargs``).
+
+        Returns:
+            On an empty layer (prefill): ``(key_states, value_states)`` unchanged, held as the
+            pending prefill. Otherwise the dense ``(K, V)`` of all positions in position order,
+            (B, Hkv, N, D) each, in the cache dtype.
+
+        Raises:
+            ValueError: shapes, dtype or device differ from the layer's.
+            RuntimeError: a pending prefill was never committed by ``compress_prefill`` (and
+                ``auto_commit_prefill`` is off).
+        """
+        if self.append(key_states, value_states):
+            return key_states, value_states
         return self.dense_kv()
 
     def compress_prefill(self, keep: Tensor | None) -> None:

@@ -40,6 +40,8 @@ from torch import Tensor, nn
 from zipvl.cache import ZipVLCache
 from zipvl.checks import check_qkv, check_tensor
 from zipvl.config import LayerConfig, ZipVLConfig
+from zipvl.decode import decode_attention as fused_decode_attention
+from zipvl.decode import fused_decode_supports, layer_segments
 from zipvl.sparsity import PerLayerSchedule, sparse_attention
 from zipvl.types import Allocator, Selection
 
@@ -372,6 +374,39 @@ def decode_attention(
     )
 
 
+def _fused_decode(
+    decode_impl: str, q: Tensor, key_valid: Tensor | None, cache: ZipVLCache, layer_idx: int
+) -> bool:
+    """Whether this decode step reads the packed cache with the fused kernel.
+
+    ``"triton"`` is a request: a step it cannot serve raises. ``"auto"`` is a documented
+    dispatch: fused when the request would succeed on CUDA and the cache is quantized (a
+    16-bit cache is read faster by SDPA).
+    """
+    if decode_impl == "reference":
+        return False
+    problems = []
+    if q.shape[-2] != 1:
+        problems.append(f"one query per step (got Sq = {q.shape[-2]})")
+    if key_valid is not None:
+        problems.append("no padding mask (key_valid given)")
+    if not q.is_cuda and decode_impl == "auto":
+        problems.append("a CUDA device")
+    if not problems:
+        chunks = cache.layer(layer_idx).chunks
+        if not all(fused_decode_supports(c) for c in chunks):
+            problems.append("ZipCache-layout chunks (per-channel keys, per-token values)")
+        elif decode_impl == "auto" and any(
+            p.key.spec is None for c in chunks for p in c.parts
+        ):  # 16-bit storage: dense SDPA over it is the fast read
+            return False
+    if problems and decode_impl == "triton":
+        raise ValueError(
+            "decode_impl: 'triton' needs " + ", ".join(problems) + "; use 'reference' or 'auto'"
+        )
+    return not problems
+
+
 # --------------------------------------------------------------------------------------------
 # functional form
 # --------------------------------------------------------------------------------------------
@@ -422,6 +457,12 @@ def zipvl_attention(
             f"{type(cache).__name__}"
         )
     prefill = cache.get_seq_length(layer_idx) == 0
+    if not prefill and _fused_decode(config.decode_impl, q, key_valid, cache, layer_idx):
+        cache.append(k, v, layer_idx)
+        segments = layer_segments(cache.layer(layer_idx))
+        out = fused_decode_attention(q, segments, scale=scale, impl="triton")
+        cache.compress_tail(layer_idx, q, scale=scale)
+        return out
     keys, values = cache.update(k, v, layer_idx)
     if prefill:
         res = prefill_attention(q, keys, values, layer=layer, key_valid=key_valid, scale=scale)
