@@ -65,8 +65,9 @@ QUANTIZERS = {
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", sorted(QUANTIZERS))
+@pytest.mark.parametrize("block_t", [16, None])  # None: the autotuned kernel on CUDA
 def test_fused_decode_matches_dense(
-    case: tuple[int, ...], dtype: torch.dtype, bits: str, device: str
+    case: tuple[int, ...], dtype: torch.dtype, bits: str, block_t: int | None, device: str
 ) -> None:
     b, hq, _, d, _, _ = case
     cache = _filled_cache(case, device, dtype, quantizer=QUANTIZERS[bits])
@@ -81,7 +82,7 @@ def test_fused_decode_matches_dense(
         with pytest.raises(ValueError, match="needs a CUDA tensor"):
             decode_attention(q, segs, impl="triton")
         return
-    fused = decode_attention(q, segs, impl="triton", block_t=16)
+    fused = decode_attention(q, segs, impl="triton", block_t=block_t)
     oracle = decode_attention(q, segs, impl="reference")
     assert fused.shape == (b, hq, 1, d) and fused.dtype == dtype
     plain_err = (plain.double() - ref).abs().max().item()
@@ -91,7 +92,9 @@ def test_fused_decode_matches_dense(
     assert (oracle.double() - ref).abs().max().item() <= 2 * plain_err + 1e-4
 
 
-def test_identity_cache_decodes_exactly_like_sdpa(device: str) -> None:
+def test_identity_cache_decode_equals_sdpa(device: str) -> None:
+    """16-bit parts: the fused entry point merges their float32 states with the same LSE merge
+    the kernel's states go through (the kernel itself reads only quantized parts)."""
     cache = _filled_cache(CASES[0], device, torch.float32, quantizer=IdentityKVQuantizer())
     q = torch.randn(2, 6, 1, 64, device=device)
     k, v = cache.dense_kv(0)
@@ -137,6 +140,13 @@ def test_bad_inputs_raise() -> None:
         decode_attention(torch.randn(1, 4, 1, 16, device=dev), [])
     with pytest.raises(ValueError, match="head_dim \\* bits / 8 >= 16"):
         decode_attention(torch.randn(1, 4, 1, 16, device=dev), [chunk])  # 2-bit, D = 16
+    q = torch.randn(1, 4, 1, 16, device=dev)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="scale"):
+            decode_attention(q, [chunk], scale=bad, impl="reference")
+    for bad_t in (16.0, 8, 48):
+        with pytest.raises(ValueError, match="block_t"):
+            decode_attention(q, [chunk], block_t=bad_t, impl="reference")  # type: ignore[arg-type]
     cache = ZipVLCache(1)
     cache.update(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), 0)
     with pytest.raises(ValueError, match="compress_prefill"):

@@ -27,14 +27,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["probe_mass_triton", "triton_probe_available"]
+__all__ = ["INTERPRETED", "probe_mass_triton", "triton_probe_available"]
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+"""Whether the kernels below were decorated for the Triton interpreter (Triton reads the variable
+when a kernel is decorated, i.e. at this module's import), so CPU tensors can run them."""
 
 _LOG2E = 1.4426950408889634
 
 
 def triton_probe_available(device: torch.device) -> bool:
-    """True where the kernels can run: CUDA, or any device under TRITON_INTERPRET=1."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    """True where the kernels can run: CUDA, or any device when this module was imported with
+    TRITON_INTERPRET=1."""
+    return device.type == "cuda" or INTERPRETED
 
 
 @triton.jit
