@@ -24,7 +24,12 @@ from zipvl.models import (
     zipvl_attention,
 )
 from zipvl.models.llama import RotaryEmbedding
-from zipvl.sparsity import FixedRatioAllocator, ProbeScorer, TopKSelector
+from zipvl.sparsity import (
+    CumulativeMassAllocator,
+    FixedRatioAllocator,
+    ProbeScorer,
+    TopKSelector,
+)
 from zipvl.testing.attention import assert_close_to_reference, dense_attention, max_abs_error
 from zipvl.testing.inputs import planted_qkv, random_qkv
 from zipvl.testing.models import FixedBudget, reference_decode, reference_prefill
@@ -89,9 +94,20 @@ def test_planted_keys_are_found(seed: int) -> None:
     assert retained_attention_mass(inp.q, inp.k, res.keep) > 0.95
 
 
+ALLOCATORS = {
+    "fixed_budget": lambda: FixedBudget(9),
+    # a share of the row's REAL length: ceil(0.5 * n_r), not of the padded S
+    "fixed_ratio": lambda: FixedRatioAllocator(0.5),
+    "tau": lambda: CumulativeMassAllocator(0.9),
+}
+
+
+@pytest.mark.parametrize("allocator", sorted(ALLOCATORS))
 @pytest.mark.parametrize("pads", [(0, 5), (3, 0), (6, 2)])
-def test_left_padded_batch_equals_rows_alone(device: str, pads: tuple[int, int]) -> None:
-    """Padding gets no mass and is never attended: each padded row equals its row run alone."""
+def test_left_padded_batch_equals_rows_alone(
+    device: str, pads: tuple[int, int], allocator: str
+) -> None:
+    """Each padded row is scored, budgeted and selected as if alone, padding never attended."""
     hq, hkv, s, d = 4, 2, 24, 16
     q, k, v = random_qkv(2, hq, hkv, s, d, device=device, seed=4)
     key_valid = torch.ones(2, s, dtype=torch.bool, device=device)
@@ -100,7 +116,7 @@ def test_left_padded_batch_equals_rows_alone(device: str, pads: tuple[int, int])
         # garbage in the padding: must not leak into real rows
         q[r, :, :n_pad] = 1e3
         k[r, :, :n_pad] = -1e3
-    cfg = ZipVLConfig(allocator=FixedBudget(9))
+    cfg = ZipVLConfig(allocator=ALLOCATORS[allocator]())
     res = prefill_attention(q, k, v, layer=cfg.for_layer(0), key_valid=key_valid)
     assert res.keep is not None
     counts = res.keep.sum(-1)
@@ -116,7 +132,11 @@ def test_left_padded_batch_equals_rows_alone(device: str, pads: tuple[int, int])
         assert (res.output[r, :, :n_pad] == 0).all()
         assert alone.keep is not None
         assert torch.equal(res.keep[r : r + 1, :, n_pad:], alone.keep)
-        assert res.kept_tokens[r] == 9 and res.real_tokens[r] == s - n_pad
+        assert res.kept_tokens[r] == alone.kept_tokens[0] and res.real_tokens[r] == s - n_pad
+        if allocator == "fixed_budget":
+            assert res.kept_tokens[r] == 9
+        elif allocator == "fixed_ratio":
+            assert res.kept_tokens[r] == -(-(s - n_pad) // 2)
     ref64 = reference_prefill(q, k, v, res.keep, key_valid=key_valid)
     err = _same_dtype_error(q, k, v, res.keep, key_valid)
     assert_close_to_reference(res.output, ref64, err)

@@ -17,9 +17,9 @@ as important.
 
 Padding. ``key_valid`` (B, Skv) bool marks real tokens (the 2-D attention mask of
 transformers). In prefill every row must hold one contiguous run of real tokens (left or right
-padding). Padded rows are scored and selected on their real tokens only (padding gets zero
-mass and is never selected ahead of a real token), attention runs per row on the real tokens,
-and padding rows of the output are zero. The cache still needs the same kept count in every
+padding). Each padded row is scored, budgeted (allocator) and selected on its real tokens
+only, exactly as if it ran alone, attention runs per row on the real tokens, and padding rows
+of the output are zero. The cache still needs the same kept count in every
 row, so short rows are topped up with padding positions (stored as "kept", never attended).
 
 Plain PyTorch around the components; the plan step reads the kept count (and, with padding,
@@ -192,27 +192,20 @@ def dense_causal_attention(
 
 def _select(
     q: Tensor, k: Tensor, layer: LayerConfig, spans: list[tuple[int, int]] | None
-) -> tuple[list[Selection], Tensor]:
-    """Score, allocate and select. Returns one Selection per row span (or one for the batch)
-    and the budget (B, Hkv)."""
-    b, hkv, s = k.shape[0], k.shape[1], k.shape[2]
+) -> list[Selection]:
+    """Score, allocate and select: one Selection per row span (or one for the batch)."""
     if spans is None:
         scores = layer.scorer(q, k)
         budget = layer.allocator(scores.mass, layer_idx=layer.layer_idx)  # (B, Hkv)
-        return [layer.selector(scores.normalized, budget)], budget
-    # padded batch: score each row on its own real tokens; padding gets zero mass
-    mass = torch.zeros(b, hkv, s, dtype=torch.float32, device=k.device)  # (B, Hkv, S)
-    normalized = []
-    for r, (start, end) in enumerate(spans):
-        sc = layer.scorer(q[r : r + 1, :, start:end], k[r : r + 1, :, start:end])
-        mass[r : r + 1, :, start:end] = sc.mass
-        normalized.append(sc.normalized)  # (1, Hkv, n_r)
-    budget = layer.allocator(mass, layer_idx=layer.layer_idx)  # (B, Hkv), one p per layer
+        return [layer.selector(scores.normalized, budget)]
+    # padded batch: each row is scored, budgeted and selected on its own real tokens, exactly
+    # as if it ran alone (a ratio budget is a share of the row's real length, not of S)
     sels = []
     for r, (start, end) in enumerate(spans):
-        row_budget = budget[r : r + 1].clamp(max=end - start)  # (1, Hkv)
-        sels.append(layer.selector(normalized[r], row_budget))
-    return sels, budget
+        sc = layer.scorer(q[r : r + 1, :, start:end], k[r : r + 1, :, start:end])
+        row_budget = layer.allocator(sc.mass, layer_idx=layer.layer_idx)  # (1, Hkv)
+        sels.append(layer.selector(sc.normalized, row_budget))
+    return sels
 
 
 def _topped_up_keep(sels: list[Selection], spans: list[tuple[int, int]], s: int) -> Tensor:
@@ -295,7 +288,7 @@ def prefill_attention(
 
     if layer.dense:
         return PrefillResult(run_dense(), None, real, real)
-    sels, _ = _select(q, k, layer, spans)
+    sels = _select(q, k, layer, spans)
     if spans is None:
         sel = sels[0]
         if sel.num_kept >= s:
