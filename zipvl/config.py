@@ -63,6 +63,8 @@ __all__ = [
 _BITS = (2, 4, 8, 16)
 _UNKEPT = ("zero", "attend")
 _DECODE_IMPLS = ("auto", "reference", "triton")
+# what zipvl.sparsity.sparse_attention implements (tests check the two lists agree)
+_SPARSE_IMPLS = (Impl.SDPA, Impl.FLEX, Impl.REFERENCE)
 
 LAYER_OVERRIDE_FIELDS: frozenset[str] = frozenset(
     {
@@ -283,12 +285,17 @@ class ZipVLConfig:
             raise TypeError(
                 f"sparse_prefill: expected a bool, got {type(self.sparse_prefill).__name__}"
             )
+        sparse_impls = [i.value for i in _SPARSE_IMPLS]
         try:
-            object.__setattr__(self, "impl", Impl(self.impl))
+            impl = Impl(self.impl)
         except ValueError:
+            raise ValueError(f"impl: expected one of {sparse_impls}, got {self.impl!r}") from None
+        if impl not in _SPARSE_IMPLS:
             raise ValueError(
-                f"impl: expected one of {[i.value for i in Impl]}, got {self.impl!r}"
-            ) from None
+                f"impl: expected one of {sparse_impls} (the sparse_attention implementations), "
+                f"got {impl.value!r}"
+            )
+        object.__setattr__(self, "impl", impl)
         try:
             object.__setattr__(self, "quant_impl", Impl(self.quant_impl))
         except ValueError:

@@ -23,7 +23,9 @@ from zipvl.sparsity import (
     KeyNormScorer,
     PerLayerSchedule,
     ProbeScorer,
+    Selection,
     TopKSelector,
+    sparse_attention,
 )
 from zipvl.types import Impl
 
@@ -71,6 +73,12 @@ def test_unknown_preset_lists_names() -> None:
         (dict(probe_cap=0), ValueError, r"probe_cap: expected an int >= 1, got 0"),
         (dict(probe_recent_frac=0.0, probe_random_frac=0.0), ValueError, r"at least one > 0"),
         (dict(impl="cuda"), ValueError, r"impl: expected one of .*'sdpa'.*got 'cuda'"),
+        (dict(impl="triton"), ValueError, r"impl: expected one of .*sparse_attention.*'triton'"),
+        (
+            dict(layers={2: {"impl": "triton"}}),
+            ValueError,
+            r"layers\[2\]: impl: expected one of \['sdpa', 'flex', 'reference'\]",
+        ),
         (dict(quant_impl="flex"), ValueError, r"quant_impl: expected 'reference' or 'triton'"),
         (
             dict(quantizer=IdentityKVQuantizer(), quant_impl="triton"),
@@ -211,3 +219,18 @@ def test_custom_config_round_trips() -> None:
         ZipVLConfig.from_dict({"taus": 0.9})
     with pytest.raises(TypeError, match=r"scorer: cannot serialise"):
         ZipVLConfig(scorer=lambda q, k: None).to_dict()  # type: ignore[arg-type,return-value]
+
+
+@pytest.mark.parametrize("impl", list(Impl))
+def test_impl_accepted_iff_sparse_attention_implements_it(impl: Impl) -> None:
+    """The config accepts exactly the impls sparse_attention runs (no failure at first prefill)."""
+    q = torch.randn(1, 2, 4, 8)
+    selection = Selection(torch.ones(1, 2, 4, dtype=torch.bool), 4)
+    try:
+        sparse_attention(q, q, q, selection, impl=impl, compile=False)
+    except ValueError as err:
+        assert "impl" in str(err)
+        with pytest.raises(ValueError, match=rf"impl: expected one of .*got '{impl.value}'"):
+            ZipVLConfig(impl=impl)
+    else:
+        assert ZipVLConfig(impl=impl).for_layer(0).impl is impl
