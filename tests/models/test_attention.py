@@ -23,6 +23,7 @@ from zipvl.models import (
     retained_attention_mass,
     zipvl_attention,
 )
+from zipvl.models.attention import _fused_decode_problems
 from zipvl.models.llama import RotaryEmbedding
 from zipvl.sparsity import (
     CumulativeMassAllocator,
@@ -285,3 +286,37 @@ def test_selector_sinks_and_scale_pass_through() -> None:
     assert res.keep is not None and res.keep[..., :3].all() and res.keep[..., -2:].all()
     ref64 = reference_prefill(q, k, v, res.keep, scale=0.1)
     assert max_abs_error(res.output, ref64) < 1e-5
+
+
+@torch.no_grad()
+def test_fused_decode_refuses_chunks_cropped_part_way() -> None:
+    """The fused kernel reads whole chunks: after a crop through a chunk, 'triton' raises and
+    the dispatch of 'auto' sees the same problem (it then takes the reference path)."""
+    q, k, v = random_qkv(1, 4, 2, 20, 64, seed=8)  # head dim 64: 2-bit fields are dot operands
+    q1, k1, v1 = random_qkv(1, 4, 2, 20, 64, sq=1, seed=9)
+    k1, v1 = k1[:, :, :1], v1[:, :, :1]
+    triton_cfg = ZipVLConfig(decode_impl="triton")
+    ref_cfg = ZipVLConfig(decode_impl="reference")
+
+    def filled() -> ZipVLCache:
+        cache = make_cache(ref_cfg, 1)
+        zipvl_attention(q, k, v, config=ref_cfg, cache=cache)  # prefill: one chunk of 20
+        return cache
+
+    whole = filled()
+    assert _fused_decode_problems(q1, None, whole.layer(0)) == []
+    fused = zipvl_attention(q1, k1, v1, config=triton_cfg, cache=whole)  # runs (interpreter)
+    cropped = filled()
+    cropped.crop(-5)  # the prefill chunk keeps 15 of its 20 tokens
+    assert _fused_decode_problems(q1, None, cropped.layer(0)) == [
+        "chunks that were not cropped part-way (chunk 0 keeps 15 of 20)"
+    ]
+    with pytest.raises(ValueError, match=r"'triton' needs chunks that were not cropped part-way"):
+        zipvl_attention(q1, k1, v1, config=triton_cfg, cache=cropped)
+    assert cropped.get_seq_length(0) == 15  # the refused step stored nothing
+    got = zipvl_attention(q1, k1, v1, config=ref_cfg, cache=cropped)
+    keys, values = cropped.dense_kv(0)  # 15 kept positions + the new token
+    assert keys.shape[-2] == 16
+    want = reference_decode(q1, keys, values)
+    assert max_abs_error(got, want) < 1e-5
+    assert max_abs_error(fused, got) > 0  # the crop changed what the step reads

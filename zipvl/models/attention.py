@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zipvl.cache import ZipVLCache
+from zipvl.cache import ZipVLCache, ZipVLCacheLayer
 from zipvl.checks import check_qkv, check_tensor
 from zipvl.config import LayerConfig, ZipVLConfig
 from zipvl.decode import decode_attention as fused_decode_attention
@@ -367,6 +367,30 @@ def decode_attention(
     )
 
 
+def _fused_decode_problems(
+    q: Tensor, key_valid: Tensor | None, layer: ZipVLCacheLayer
+) -> list[str]:
+    """What the fused decode kernel would need and this step lacks (empty: it can run).
+
+    Device-independent (the CUDA requirement of ``"auto"`` is checked by the caller).
+    """
+    problems = []
+    if q.shape[-2] != 1:
+        problems.append(f"one query per step (got Sq = {q.shape[-2]})")
+    if key_valid is not None:
+        problems.append("no padding mask (key_valid given)")
+    if not all(fused_decode_supports(c) for c in layer.chunks):
+        problems.append("ZipCache-layout chunks (per-channel keys, per-token values)")
+    cropped = [
+        f"chunk {i} keeps {n} of {c.num_tokens}"
+        for i, (c, n) in enumerate(zip(layer.chunks, layer.chunk_lengths, strict=True))
+        if n != c.num_tokens
+    ]
+    if cropped:  # the kernel reads whole chunks; a crop leaves trailing tokens that must not count
+        problems.append("chunks that were not cropped part-way (" + ", ".join(cropped) + ")")
+    return problems
+
+
 def _fused_decode(
     decode_impl: str, q: Tensor, key_valid: Tensor | None, cache: ZipVLCache, layer_idx: int
 ) -> bool:
@@ -374,30 +398,23 @@ def _fused_decode(
 
     ``"triton"`` is a request: a step it cannot serve raises. ``"auto"`` is a documented
     dispatch: fused when the request would succeed on CUDA and the cache is quantized (a
-    16-bit cache is read faster by SDPA).
+    16-bit cache is read faster by SDPA); the reference path otherwise.
     """
     if decode_impl == "reference":
         return False
-    problems = []
-    if q.shape[-2] != 1:
-        problems.append(f"one query per step (got Sq = {q.shape[-2]})")
-    if key_valid is not None:
-        problems.append("no padding mask (key_valid given)")
-    if not q.is_cuda and decode_impl == "auto":
-        problems.append("a CUDA device")
-    if not problems:
-        chunks = cache.layer(layer_idx).chunks
-        if not all(fused_decode_supports(c) for c in chunks):
-            problems.append("ZipCache-layout chunks (per-channel keys, per-token values)")
-        elif decode_impl == "auto" and any(
-            p.key.spec is None for c in chunks for p in c.parts
-        ):  # 16-bit storage: dense SDPA over it is the fast read
-            return False
-    if problems and decode_impl == "triton":
-        raise ValueError(
-            "decode_impl: 'triton' needs " + ", ".join(problems) + "; use 'reference' or 'auto'"
-        )
-    return not problems
+    layer = cache.layer(layer_idx)
+    problems = _fused_decode_problems(q, key_valid, layer)
+    if decode_impl == "triton":
+        if problems:
+            raise ValueError(
+                "decode_impl: 'triton' needs "
+                + "; ".join(problems)
+                + "; use 'reference' or 'auto'"
+            )
+        return True
+    # "auto": only on CUDA, and not over 16-bit storage (dense SDPA over it is the fast read)
+    sixteen_bit = any(p.key.spec is None for c in layer.chunks for p in c.parts)
+    return not problems and q.is_cuda and not sixteen_bit
 
 
 # --------------------------------------------------------------------------------------------
