@@ -261,22 +261,32 @@ class ZipVLCache(Cache):
         return False
 
     # ------------------------------------------------------------------ ZipVL API
-    def compress_prefill(self, layer_idx: int, keep: Tensor | None) -> None:
+    def compress_prefill(
+        self, layer_idx: int, keep: Tensor | None, *, key_valid: Tensor | None = None
+    ) -> None:
         """Commit the pending prefill of ``layer_idx``: kept tokens high bits, the rest low.
 
         The first ``sink_tokens`` positions stay full precision. Records the prefill selection
-        stats (prompt tokens, kept tokens) for ``report()``. One host read (the row counts).
+        stats (prompt tokens, kept tokens) for ``report()``. One host read of a few integers
+        (row counts, sink check), none with ``keep=None`` and ``key_valid=None``; the quantizer
+        is handed the count and reads nothing back.
 
         Args:
             layer_idx: attention layer index.
             keep: (B, Hkv, S) bool over the pending prefill, the same count of True in every
                 row; ``None`` keeps every token.
+            key_valid: optional (B, S) bool, True = real token. Padding positions are stored
+                (layout and accounting unchanged) but their K/V never enter the quantization
+                statistics: real tokens of a padded row are quantized as if the row were alone
+                (see ``ZipVLCacheLayer.compress_prefill``).
 
         Raises:
             RuntimeError: the layer has no pending prefill.
-            ValueError: ``keep`` has the wrong shape / dtype / device or unequal row counts.
+            ValueError: ``keep`` / ``key_valid`` have the wrong shape / dtype / device, ``keep``
+                has unequal row counts, or ``sink_tokens > 0`` with padding among the first
+                ``sink_tokens`` positions of some row (left padding).
         """
-        self._existing(layer_idx).compress_prefill(keep)
+        self._existing(layer_idx).compress_prefill(keep, key_valid=key_valid)
 
     def compress_tail(
         self,
@@ -285,13 +295,16 @@ class ZipVLCache(Cache):
         *,
         keys: Tensor | None = None,
         scale: float | None = None,
+        key_valid: Tensor | None = None,
     ) -> int:
         """Re-compress full blocks of the fp tail of ``layer_idx`` (call AFTER attention).
 
         While the tail holds >= ``recompress_every`` tokens, the oldest block is scored with
         the softmax of the last query row over ALL cached keys (float32, summed over each GQA
         group), budgeted by the allocator, split by the selector and quantized as a new chunk.
-        No host sync beyond the selector's.
+        Host syncs: none on a step without a full block; per compressed block, those of the
+        allocator and selector (the selector reads the kept count back); the quantizer is
+        handed that count and reads nothing back.
 
         Args:
             layer_idx: attention layer index.
@@ -299,14 +312,24 @@ class ZipVLCache(Cache):
             keys: optional (B, Hkv, N, D) dense keys just returned by ``update`` (saves a
                 dequantization).
             scale: the model's softmax scale (``None``: 1 / sqrt(D)).
+            key_valid: optional (B, N) bool over all N cached positions (True = real token):
+                padding keys get zero probability in the block scores.
 
         Returns:
             Number of blocks compressed (0 on most steps).
         """
-        return self._existing(layer_idx).compress_tail(query, keys=keys, scale=scale)
+        return self._existing(layer_idx).compress_tail(
+            query, keys=keys, scale=scale, key_valid=key_valid
+        )
 
     def prefill(
-        self, layer_idx: int, key_states: Tensor, value_states: Tensor, keep: Tensor | None
+        self,
+        layer_idx: int,
+        key_states: Tensor,
+        value_states: Tensor,
+        keep: Tensor | None,
+        *,
+        key_valid: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``update`` on an empty layer followed by ``compress_prefill`` (drives tests/benches).
 
@@ -315,6 +338,7 @@ class ZipVLCache(Cache):
             key_states: (B, Hkv, S, D) prompt keys.
             value_states: (B, Hkv, S, D) prompt values.
             keep: (B, Hkv, S) bool, equal row counts; ``None`` keeps all.
+            key_valid: optional (B, S) bool, True = real token (see ``compress_prefill``).
 
         Returns:
             The inputs, unchanged (what prefill attention reads).
@@ -329,7 +353,7 @@ class ZipVLCache(Cache):
                 f"{layer.get_seq_length()} positions (use update for later chunks)"
             )
         out = layer.update(key_states, value_states)
-        layer.compress_prefill(keep)
+        layer.compress_prefill(keep, key_valid=key_valid)
         return out
 
     def decode_step(

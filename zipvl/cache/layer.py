@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from zipvl.cache.hf_compat import CacheLayerMixin
-from zipvl.cache.scoring import last_query_mass
+from zipvl.cache.scoring import check_key_valid, last_query_mass
 from zipvl.checks import check_tensor
 
 if TYPE_CHECKING:
@@ -276,7 +276,7 @@ class ZipVLCacheLayer(CacheLayerMixin):
             return key_states, value_states
         return self.dense_kv()
 
-    def compress_prefill(self, keep: Tensor | None) -> None:
+    def compress_prefill(self, keep: Tensor | None, *, key_valid: Tensor | None = None) -> None:
         """Commit the pending prefill: sinks stay fp, the rest becomes one quantized chunk.
 
         Tokens of a keep row that fall in the sink region are stored at 16 bits anyway. So that
@@ -284,13 +284,27 @@ class ZipVLCacheLayer(CacheLayerMixin):
         ``KVQuantizer`` contract), rows that lost kept tokens to the sinks get their latest
         unkept tokens promoted to high precision: precision is only ever raised, never lowered.
 
+        Padding (``key_valid``): padding positions are stored like every position (the layout
+        and the accounting do not change), but their K/V never enter the quantization
+        statistics: before quantizing, each padding position takes the K/V of a real token of
+        the same (b, h) row stored at the same precision (or any real token of the row when that
+        precision holds none), which leaves every per-part min / max unchanged. The real
+        tokens of a padded row are therefore quantized exactly as if the row were alone.
+
+        Host syncs: one read of a few integers (row counts, and the sink check with
+        ``key_valid``), none with ``keep=None`` and ``key_valid=None``.
+
         Args:
             keep: (B, Hkv, S) bool over the pending prefill, True = important (high bits), the
                 same count in every row; ``None`` keeps every token.
+            key_valid: optional (B, S) bool, True = real token, False = padding.
 
         Raises:
             RuntimeError: no pending prefill in this layer.
-            ValueError: ``keep`` has the wrong shape, dtype or device, or unequal row counts.
+            ValueError: ``keep`` / ``key_valid`` have the wrong shape, dtype or device, ``keep``
+                has unequal row counts, or ``sink_tokens > 0`` while some row has padding among
+                its first ``sink_tokens`` positions (left padding: the full-precision sinks
+                would be padding; build the cache with ``sink_tokens=0`` for such batches).
         """
         if self.pending_keys is None or self.pending_values is None:
             raise RuntimeError(
@@ -299,9 +313,8 @@ class ZipVLCacheLayer(CacheLayerMixin):
             )
         k, v = self.pending_keys, self.pending_values  # (B, Hkv, S, D)
         b, h, s = k.shape[:3]
-        if keep is None:
-            kept = s
-        else:
+        ns = min(self.sink_tokens, s)
+        if keep is not None:
             check_tensor("keep", keep, ndim=3, dtype=torch.bool)
             if tuple(keep.shape) != (b, h, s):
                 raise ValueError(
@@ -310,27 +323,60 @@ class ZipVLCacheLayer(CacheLayerMixin):
                 )
             if keep.device != k.device:
                 raise ValueError(f"keep: expected device {k.device}, got {keep.device}")
-            # the one host read of the prefill commit (validation + stats)
-            lo, hi = (int(x) for x in torch.aminmax(keep.sum(-1)))
-            if lo != hi:
+        if key_valid is not None:
+            check_key_valid(key_valid, b, s, k.device)
+        rest_keep = None if keep is None or ns == s else _equalize_counts(keep[:, :, ns:])
+        kept, rest_kept = s, None
+        # the one host read of the prefill commit: validation, stats, the quantizer's count
+        reads: dict[str, Tensor] = {}
+        if keep is not None:
+            reads["lo"], reads["hi"] = torch.aminmax(keep.sum(-1))  # row counts
+            if rest_keep is not None:
+                reads["rest"] = rest_keep[0, 0].sum()  # rows are equal after _equalize_counts
+        if key_valid is not None:
+            reads["all_real"] = key_valid.all()
+            if ns > 0:
+                reads["real_sinks"] = key_valid[:, :ns].all()
+        host: dict[str, int] = {}
+        if reads:
+            vals = torch.stack([t.to(torch.int64) for t in reads.values()]).tolist()
+            host = dict(zip(reads, vals, strict=True))
+        if keep is not None:
+            if host["lo"] != host["hi"]:
                 raise ValueError(
                     "keep: expected the same number of kept tokens in every (b, h) row, got "
-                    f"counts from {lo} to {hi}"
+                    f"counts from {host['lo']} to {host['hi']}"
                 )
-            kept = lo
-        ns = min(self.sink_tokens, s)
+            kept = host["lo"]
+            rest_kept = host.get("rest")
+        if not host.get("real_sinks", 1):
+            raise ValueError(
+                f"key_valid: some batch row has padding among its first sink_tokens={ns} "
+                "positions (left padding), which would become full-precision sinks; sinks are "
+                "positional, so build the cache with sink_tokens=0 for left-padded batches"
+            )
         if ns > 0:
             # clone: a slice would keep the whole prefill storage alive behind the sinks
             self.sink_keys, self.sink_values = k[:, :, :ns].clone(), v[:, :, :ns].clone()
         if ns < s:
-            rest_keep = None if keep is None else _equalize_counts(keep[:, :, ns:])
-            chunk = self.quantizer.quantize(k[:, :, ns:], v[:, :, ns:], keep=rest_keep)
+            rk, rv = k[:, :, ns:], v[:, :, ns:]  # (B, Hkv, S - Ns, D)
+            # the quantizer gets the count read above and reads nothing back itself
+            if key_valid is not None and not host["all_real"]:
+                src = _padding_sources(key_valid[:, ns:], rest_keep, h)  # (B, Hkv, S - Ns)
+                gi = src.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])  # (B, Hkv, S - Ns, D)
+                rk, rv = rk.gather(2, gi), rv.gather(2, gi)
+            chunk = self.quantizer.quantize(rk, rv, keep=rest_keep, num_kept=rest_kept)
             self._append_chunk(chunk, start=ns, length=s - ns)
         self.pending_keys = self.pending_values = None
         self.prompt_tokens, self.kept_tokens = s, kept
 
     def compress_tail(
-        self, query: Tensor, *, keys: Tensor | None = None, scale: float | None = None
+        self,
+        query: Tensor,
+        *,
+        keys: Tensor | None = None,
+        scale: float | None = None,
+        key_valid: Tensor | None = None,
     ) -> int:
         """Compress full blocks of the fp tail (ZipVL Algorithm 1, decode branch).
 
@@ -340,19 +386,25 @@ class ZipVLCacheLayer(CacheLayerMixin):
         total mass), selected by the selector and quantized into a new chunk. Call it AFTER the
         step's attention. Without a full block it returns at once (no work, no sync).
 
+        Host syncs per compressed block: those of the allocator and the selector (the kept
+        count); the quantizer gets that count and reads nothing back.
+
         Args:
             query: (B, Hq, Sq, D) queries of the step, RoPE applied; the last row is used.
             keys: optional (B, Hkv, N, D) dense keys of all N cached positions in position order
                 (what ``update`` just returned), to skip a second dequantization.
             scale: softmax scale of the model (``None``: 1 / sqrt(D)).
+            key_valid: optional (B, N) bool over all N cached positions, True = real token:
+                padding keys get zero probability in the block scores (the softmax runs over
+                each row's real keys only). ``None``: every position is real.
 
         Returns:
             Number of blocks compressed.
 
         Raises:
             RuntimeError: the layer is empty or its prefill is still pending.
-            ValueError: ``query`` / ``keys`` shapes do not match the cache (checked on every
-                call, also when there is no full block).
+            ValueError: ``query`` / ``keys`` / ``key_valid`` shapes do not match the cache
+                (checked on every call, also when there is no full block).
         """
         if not self.is_initialized:
             raise RuntimeError(
@@ -379,12 +431,14 @@ class ZipVLCacheLayer(CacheLayerMixin):
                     f"keys: expected the dense keys of layer {self.layer_idx}, shape {want}, "
                     f"got {tuple(keys.shape)}"
                 )
+        if key_valid is not None:
+            check_key_valid(key_valid, self.batch_size, self.get_seq_length(), self.device)
         r = self.recompress_every
         if self.tail_length < r:
             return 0
         if keys is None:
             keys = self.dense_kv()[0]
-        mass = last_query_mass(query, keys, scale=scale)  # (B, Hkv, N)
+        mass = last_query_mass(query, keys, scale=scale, key_valid=key_valid)  # (B, Hkv, N)
         done = 0
         while self.tail_length >= r:
             assert self.tail_keys is not None and self.tail_values is not None
@@ -393,7 +447,10 @@ class ZipVLCacheLayer(CacheLayerMixin):
             budget = self.allocator(block_mass, layer_idx=self.layer_idx)  # (B, Hkv)
             selection = self.selector(block_mass, budget)
             chunk = self.quantizer.quantize(
-                self.tail_keys[:, :, :r], self.tail_values[:, :, :r], keep=selection.keep
+                self.tail_keys[:, :, :r],
+                self.tail_values[:, :, :r],
+                keep=selection.keep,
+                num_kept=selection.num_kept,
             )
             self._append_chunk(chunk, start=start, length=r)
             # clone: a slice would keep the whole old tail storage alive behind a smaller view
@@ -630,6 +687,38 @@ class ZipVLCacheLayer(CacheLayerMixin):
 def _cat(old: Tensor | None, new: Tensor) -> Tensor:
     # cat always copies, so the cache never aliases the caller's tensor
     return new.clone() if old is None else torch.cat([old, new], dim=-2)
+
+
+def _padding_sources(valid: Tensor, keep: Tensor | None, num_heads: int) -> Tensor:
+    """Where each position takes its K/V from before quantizing: itself when it is a real
+    token; for padding, the first real token of the same (b, h) row and the same part (kept /
+    not kept), else the first real token of the row, else itself (a row of padding only).
+
+    Args:
+        valid: (B, T) bool, True = real token.
+        keep: (B, Hkv, T) bool parts of the chunk, or None (one part).
+        num_heads: Hkv.
+
+    Returns:
+        (B, Hkv, T) int64 source positions (no host sync).
+    """
+    b, t = valid.shape
+    pos = torch.arange(t, device=valid.device)  # (T,)
+    vb = valid[:, None, :].expand(b, num_heads, t)  # (B, Hkv, T)
+    none = torch.full((), t, device=valid.device)
+
+    def first(mask: Tensor) -> Tensor:  # (B, Hkv, T) -> (B, Hkv, 1), t where mask is empty
+        return torch.where(mask, pos, none).amin(-1, keepdim=True)
+
+    any_real = first(vb)  # (B, Hkv, 1)
+    if keep is None:
+        fill = any_real
+    else:
+        hi, lo = first(vb & keep), first(vb & ~keep)  # (B, Hkv, 1) each
+        fill = torch.where(keep, hi, lo)  # (B, Hkv, T)
+        fill = torch.where(fill < t, fill, any_real)
+    fill = torch.where(fill < t, fill, pos)  # a row of padding only keeps its own K/V
+    return torch.where(vb, pos, fill)  # (B, Hkv, T)
 
 
 def _equalize_counts(keep: Tensor) -> Tensor:

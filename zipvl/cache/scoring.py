@@ -19,12 +19,18 @@ import math
 import torch
 from torch import Tensor
 
-from zipvl.checks import check_qkv
+from zipvl.checks import check_qkv, check_tensor
 
-__all__ = ["last_query_mass"]
+__all__ = ["check_key_valid", "last_query_mass"]
 
 
-def last_query_mass(query: Tensor, keys: Tensor, *, scale: float | None = None) -> Tensor:
+def last_query_mass(
+    query: Tensor,
+    keys: Tensor,
+    *,
+    scale: float | None = None,
+    key_valid: Tensor | None = None,
+) -> Tensor:
     """Attention mass that the last query row puts on every key, summed over each GQA group.
 
     Args:
@@ -32,13 +38,17 @@ def last_query_mass(query: Tensor, keys: Tensor, *, scale: float | None = None) 
             used (the current decoding position).
         keys: (B, Hkv, N, D) all cached keys in position order (RoPE applied), N >= 1.
         scale: softmax scale; ``None`` means ``1 / sqrt(D)``.
+        key_valid: optional (B, N) bool, True = a real token, False = padding. Padding keys get
+            probability exactly 0 (the softmax runs over the real keys of the row only); a row
+            without any real key gets zero mass everywhere. ``None``: every key is real.
 
     Returns:
-        (B, Hkv, N) float32, ``sum_g softmax(q_g K^T * scale)``; each (b, h) row sums to G.
+        (B, Hkv, N) float32, ``sum_g softmax(q_g K^T * scale)``; each (b, h) row sums to G
+        (0 for a row without real keys).
 
     Raises:
-        ValueError: shapes do not form a GQA pair (see ``zipvl.checks.check_qkv``), N == 0, or a
-            non-positive ``scale``.
+        ValueError: shapes do not form a GQA pair (see ``zipvl.checks.check_qkv``), N == 0, a
+            non-positive ``scale``, or ``key_valid`` of the wrong shape / dtype / device.
     """
     b, hq, hkv = check_qkv(query, keys)
     n, d = keys.shape[-2], keys.shape[-1]
@@ -48,8 +58,29 @@ def last_query_mass(query: Tensor, keys: Tensor, *, scale: float | None = None) 
         scale = 1.0 / math.sqrt(d)
     elif not scale > 0:
         raise ValueError(f"scale: expected a positive float or None, got {scale}")
+    if key_valid is not None:
+        check_key_valid(key_valid, b, n, keys.device)
     g = hq // hkv
     q = query[:, :, -1, :].float().reshape(b, hkv, g, d)  # (B, Hkv, G, D)
     logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scale  # (B, Hkv, G, N)
-    probs = torch.softmax(logits, dim=-1)  # (B, Hkv, G, N)
+    if key_valid is None:
+        return torch.softmax(logits, dim=-1).sum(dim=2)  # (B, Hkv, N)
+    pad = ~key_valid[:, None, None, :]  # (B, 1, 1, N)
+    # a finite floor instead of -inf: exp(floor - row max) underflows to exactly 0 for padding,
+    # and a row of padding only gives a finite uniform row (zeroed below) instead of NaN
+    logits = logits.masked_fill(pad, torch.finfo(torch.float32).min)  # (B, Hkv, G, N)
+    probs = torch.softmax(logits, dim=-1).masked_fill(pad, 0.0)  # (B, Hkv, G, N)
     return probs.sum(dim=2)  # (B, Hkv, N)
+
+
+def check_key_valid(key_valid: object, batch: int, length: int, device: torch.device) -> Tensor:
+    """``key_valid``: a (B, N) bool tensor on ``device``, True = real token; returns it."""
+    check_tensor("key_valid", key_valid, ndim=2, dtype=torch.bool)
+    assert isinstance(key_valid, Tensor)
+    if tuple(key_valid.shape) != (batch, length):
+        raise ValueError(
+            f"key_valid: expected shape (B, N) = {(batch, length)}, got {tuple(key_valid.shape)}"
+        )
+    if key_valid.device != device:
+        raise ValueError(f"key_valid: expected device {device}, got {key_valid.device}")
+    return key_valid

@@ -30,7 +30,27 @@ from .primitives import dequantize as dequantize_codes
 from .primitives import unpack, unpack_bitmap
 from .spec import QuantSpec
 
-__all__ = ["KVPart", "KVQuantizer", "QuantizedKV", "QuantizedTensor", "keep_order"]
+__all__ = [
+    "KVPart",
+    "KVQuantizer",
+    "QuantizedKV",
+    "QuantizedTensor",
+    "keep_order",
+    "keep_permutation",
+]
+
+
+def keep_permutation(keep: Tensor) -> Tensor:
+    """Positions of the kept tokens, then of the others, each group in ascending order.
+
+    Args:
+        keep: (B, Hkv, T) bool.
+
+    Returns:
+        (B, Hkv, T) int64 permutation of each row (one stable sort, no host sync).
+    """
+    # stable descending sort of the flags: True first, ties (same flag) in position order
+    return torch.sort(keep, dim=-1, descending=True, stable=True).indices
 
 
 def keep_order(keep: Tensor, num_kept: int) -> tuple[Tensor, Tensor]:
@@ -43,11 +63,7 @@ def keep_order(keep: Tensor, num_kept: int) -> tuple[Tensor, Tensor]:
     Returns:
         (idx_keep (B, Hkv, P), idx_rest (B, Hkv, T - P)), int64.
     """
-    t = keep.shape[-1]
-    pos = torch.arange(t, device=keep.device)  # (T,)
-    # kept tokens sort first, both groups in position order (keys are unique: no tie issues)
-    key = (~keep).to(torch.int64) * t + pos  # (B, Hkv, T)
-    order = key.sort(dim=-1).values % max(t, 1)  # (B, Hkv, T)
+    order = keep_permutation(keep)  # (B, Hkv, T)
     return order[..., :num_kept], order[..., num_kept:]
 
 
@@ -307,7 +323,9 @@ class KVQuantizer(Protocol):
     Implementations are frozen dataclasses (their fields are the config).
     """
 
-    def quantize(self, k: Tensor, v: Tensor, keep: Tensor | None = None) -> QuantizedKV:
+    def quantize(
+        self, k: Tensor, v: Tensor, keep: Tensor | None = None, *, num_kept: int | None = None
+    ) -> QuantizedKV:
         """Quantize one chunk.
 
         Args:
@@ -315,6 +333,9 @@ class KVQuantizer(Protocol):
             v: (B, Hkv, T, D) values, same dtype / device as k.
             keep: (B, Hkv, T) bool, True = important; every row has the same count. None means
                 "all important". Uniform quantizers validate it and store every token alike.
+            num_kept: the per-row count of ``keep`` when the caller has already read it back
+                (``ZipVLCacheLayer`` does): the quantizer then reads nothing back to the host.
+                Ignored when ``keep`` is None.
 
         Returns:
             The chunk as a ``QuantizedKV``.

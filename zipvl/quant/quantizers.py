@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..checks import check_fraction, check_same_device, check_tensor
 from ..types import Impl
-from .base import KVPart, KVQuantizer, QuantizedKV, QuantizedTensor, keep_order
+from .base import KVPart, KVQuantizer, QuantizedKV, QuantizedTensor, keep_permutation
 from .ops import quantize_pack
 from .primitives import pack_bitmap, round_param
 from .spec import PARAM_DTYPES, SUPPORTED_BITS, QuantSpec
@@ -71,10 +71,15 @@ def _check_kv(k: Tensor, v: Tensor) -> tuple[int, int, int, int]:
     return b, h, t, d
 
 
-def _check_keep(keep: Tensor, k: Tensor) -> int:
+def _check_keep(keep: Tensor, k: Tensor, num_kept: int | None = None) -> int:
     """keep (B, Hkv, T) bool on k's device, every row with the same count; returns it.
 
-    Reads the count back to the host once (a plan-time sync: it sizes the gathered parts).
+    Without ``num_kept`` the row counts are read back to the host once (one ``aminmax``: a
+    plan-time sync that sizes the gathered parts). With ``num_kept`` (a count the caller has
+    already read back) nothing is read back: on the CPU the counts are compared directly (no
+    sync to avoid there), on an accelerator the comparison is a device-side assertion
+    (``torch._assert_async``), so a wrong count fails the stream instead of giving a wrong
+    chunk.
     """
     check_tensor("keep", keep, ndim=3, dtype=torch.bool)
     if keep.shape != k.shape[:3]:
@@ -83,15 +88,27 @@ def _check_keep(keep: Tensor, k: Tensor) -> int:
         )
     if keep.device != k.device:
         raise ValueError(f"keep: expected device {k.device} like k, got {keep.device}")
+    if num_kept is not None:
+        t = keep.shape[-1]
+        if isinstance(num_kept, bool) or not isinstance(num_kept, int) or not 0 <= num_kept <= t:
+            raise ValueError(f"num_kept: expected an int in [0, T={t}], got {num_kept!r}")
     if keep.numel() == 0:
-        return 0
+        return 0 if num_kept is None else num_kept
     counts = keep.sum(dim=-1)  # (B, Hkv)
-    lo, hi = int(counts.min()), int(counts.max())
+    if num_kept is not None and keep.device.type != "cpu":
+        torch._assert_async(  # pyright: ignore[reportPrivateImportUsage]
+            (counts == num_kept).all(),
+            "num_kept: does not match the per-row counts of keep",
+        )
+        return num_kept
+    lo, hi = (int(c) for c in torch.aminmax(counts))
     if lo != hi:
         raise ValueError(
             f"keep: expected the same number of kept tokens in every (b, h) row, "
             f"got counts from {lo} to {hi}"
         )
+    if num_kept is not None and num_kept != lo:
+        raise ValueError(f"num_kept: expected the per-row count of keep, {lo}, got {num_kept}")
     return lo
 
 
@@ -214,11 +231,13 @@ class IdentityKVQuantizer:
         """16: unquantized."""
         return 16
 
-    def quantize(self, k: Tensor, v: Tensor, keep: Tensor | None = None) -> QuantizedKV:
+    def quantize(
+        self, k: Tensor, v: Tensor, keep: Tensor | None = None, *, num_kept: int | None = None
+    ) -> QuantizedKV:
         """See ``KVQuantizer.quantize``; ``keep`` is validated, every token is stored as is."""
         _, _, t, d = _check_kv(k, v)
         if keep is not None:
-            _check_keep(keep, k)
+            _check_keep(keep, k, num_kept)
         part = KVPart(QuantizedTensor(k.clone(), 16, d), QuantizedTensor(v.clone(), 16, d))
         return QuantizedKV(parts=(part,), num_tokens=t, dtype=k.dtype)
 
@@ -272,12 +291,14 @@ class _UniformKV:
         # the Triton kernel covers; per-channel keys always use the reference primitives.
         return self.token_wise_impl if spec.axis == "channel" else Impl.REFERENCE
 
-    def quantize(self, k: Tensor, v: Tensor, keep: Tensor | None = None) -> QuantizedKV:
+    def quantize(
+        self, k: Tensor, v: Tensor, keep: Tensor | None = None, *, num_kept: int | None = None
+    ) -> QuantizedKV:
         """See ``KVQuantizer.quantize``; ``keep`` is validated, every token gets the same
         precision."""
         _, _, t, _ = _check_kv(k, v)
         if keep is not None:
-            _check_keep(keep, k)
+            _check_keep(keep, k, num_kept)
         ks, vs = self.key_spec, self.value_spec
         kq = quantize_tensor(k, ks, pad_remainder=self._key_pad_remainder, impl=self._impl_for(ks))
         vq = quantize_tensor(
@@ -476,20 +497,29 @@ class MixedPrecisionKVQuantizer:
                     f"{name}: expected a uniform KVQuantizer (not mixed), got {type(q).__name__}"
                 )
 
-    def quantize(self, k: Tensor, v: Tensor, keep: Tensor | None = None) -> QuantizedKV:
+    def quantize(
+        self, k: Tensor, v: Tensor, keep: Tensor | None = None, *, num_kept: int | None = None
+    ) -> QuantizedKV:
         """See ``KVQuantizer.quantize``. keep=None stores every token through ``high``.
 
-        Syncs once with the host to read the kept count P (sizes the two parts).
+        Host syncs: one read of the kept count P (it sizes the two parts), none when the
+        caller passes ``num_kept`` (see ``_check_keep``) or ``keep`` is None.
         """
         b, h, t, d = _check_kv(k, v)
         if keep is None:
             keep = torch.ones(b, h, t, dtype=torch.bool, device=k.device)
-        p = _check_keep(keep, k)
-        idx_hi, idx_lo = keep_order(keep, p)  # (B, Hkv, P), (B, Hkv, T-P)
+            p = t
+        else:
+            p = _check_keep(keep, k, num_kept)
+        if p in (0, t):
+            sk, sv = k, v  # one part holds every token in position order: nothing to move
+        else:
+            order = keep_permutation(keep)  # (B, Hkv, T): the P kept positions first
+            gi = order.unsqueeze(-1).expand(-1, -1, -1, d)  # (B, Hkv, T, D)
+            sk, sv = k.gather(2, gi), v.gather(2, gi)  # one gather per tensor for both parts
         parts = []
-        for q, idx in ((self.high, idx_hi), (self.low, idx_lo)):
-            gi = idx.unsqueeze(-1).expand(-1, -1, -1, d)  # (B, Hkv, n, D)
-            sub = q.quantize(k.gather(2, gi), v.gather(2, gi))
+        for q, lo, hi in ((self.high, 0, p), (self.low, p, t)):
+            sub = q.quantize(sk[:, :, lo:hi], sv[:, :, lo:hi])
             if len(sub.parts) != 1:
                 raise TypeError(f"expected a one-part chunk from {type(q).__name__}")
             parts.append(sub.parts[0])
