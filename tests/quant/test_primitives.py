@@ -4,6 +4,7 @@ pack / unpack / bitmaps), against the float64 oracle of ``zipvl.testing.quant``.
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -321,3 +322,10 @@ def test_primitives_compile_fullgraph_and_match_eager() -> None:
     scale, _ = choose_qparams(x, spec)
     # dequantization may be fused (FMA) by inductor: allow float32 rounding only
     assert torch.allclose(out_c, out_e, rtol=0, atol=float(scale.max()) * 1e-5 + 1e-6)
+
+
+def test_triton_without_the_package_raises_value_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules makes the lazy import fail as it does without triton installed
+    monkeypatch.setitem(sys.modules, "zipvl.quant.triton_kernels", None)
+    with pytest.raises(ValueError, match="impl: 'triton' needs the triton package"):
+        quantize_pack(torch.randn(2, 32), QuantSpec(2, "channel"), impl="triton")

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from zipvl.cache.hf_compat import Cache
-from zipvl.cache.layer import ZipVLCacheLayer
+from zipvl.cache.layer import ZipVLCacheLayer, _check_int, _check_quantizer
 from zipvl.cache.report import CacheReport, LayerReport
 
 if TYPE_CHECKING:
@@ -37,23 +37,6 @@ if TYPE_CHECKING:
     from zipvl.types import Allocator, Selector
 
 __all__ = ["ZipVLCache"]
-
-
-def _check_int(name: str, value: object, *, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value}")
-    return value
-
-
-def _check_quantizer(name: str, quantizer: object) -> None:
-    for method in ("quantize", "dequantize"):
-        if not callable(getattr(quantizer, method, None)):
-            raise TypeError(
-                f"{name}: expected a KVQuantizer with quantize() and dequantize(), got "
-                f"{type(quantizer).__name__} without {method}()"
-            )
 
 
 class ZipVLCache(Cache):

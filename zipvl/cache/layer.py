@@ -64,7 +64,11 @@ class ZipVLCacheLayer(CacheLayerMixin):
         sink_tokens: leading positions kept at full precision, >= 0.
         auto_commit_prefill: commit a pending prefill with every token kept when the next
             ``update`` arrives, instead of raising.
-        layer_idx: index of this layer (passed to the allocator, used in messages).
+        layer_idx: index of this layer, >= 0 (passed to the allocator, used in messages).
+
+    Raises:
+        TypeError: an argument of the wrong type (the message names it).
+        ValueError: ``recompress_every`` < 1, ``sink_tokens`` < 0 or ``layer_idx`` < 0.
 
     Attributes (read by fused kernels; see the module docstring for the layout):
         sink_keys, sink_values, chunks, chunk_starts, chunk_lengths, tail_keys, tail_values,
@@ -89,13 +93,21 @@ class ZipVLCacheLayer(CacheLayerMixin):
         layer_idx: int = 0,
     ) -> None:
         super().__init__()
+        _check_quantizer("quantizer", quantizer)
+        for name, fn in (("allocator", allocator), ("selector", selector)):
+            if not callable(fn):
+                raise TypeError(f"{name}: expected a callable {name.title()}, got {fn!r}")
+        if not isinstance(auto_commit_prefill, bool):
+            raise TypeError(
+                f"auto_commit_prefill: expected a bool, got {type(auto_commit_prefill).__name__}"
+            )
         self.quantizer = quantizer
         self.allocator = allocator
         self.selector = selector
-        self.recompress_every = recompress_every
-        self.sink_tokens = sink_tokens
+        self.recompress_every = _check_int("recompress_every", recompress_every, low=1)
+        self.sink_tokens = _check_int("sink_tokens", sink_tokens, low=0)
         self.auto_commit_prefill = auto_commit_prefill
-        self.layer_idx = layer_idx
+        self.layer_idx = _check_int("layer_idx", layer_idx, low=0)
         self._clear()
 
     # ------------------------------------------------------------------ state
@@ -682,6 +694,23 @@ class ZipVLCacheLayer(CacheLayerMixin):
                 if n:
                     out[bits] = out.get(bits, 0.0) + n
         return dict(sorted(out.items(), reverse=True))
+
+
+def _check_int(name: str, value: object, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value}")
+    return value
+
+
+def _check_quantizer(name: str, quantizer: object) -> None:
+    for method in ("quantize", "dequantize"):
+        if not callable(getattr(quantizer, method, None)):
+            raise TypeError(
+                f"{name}: expected a KVQuantizer with quantize() and dequantize(), got "
+                f"{type(quantizer).__name__} without {method}()"
+            )
 
 
 def _cat(old: Tensor | None, new: Tensor) -> Tensor:

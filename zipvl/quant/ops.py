@@ -34,9 +34,10 @@ def quantize_pack(
         exact in ``spec.param_dtype``, shaped like ``choose_qparams``'s.
 
     Raises:
-        ValueError: unknown ``impl``, or a ``spec`` / shape the requested impl cannot run.
-        RuntimeError: ``impl="triton"`` without triton or on a CPU tensor without
-            TRITON_INTERPRET=1.
+        ValueError: unknown ``impl``, or an ``impl`` that cannot run here: a ``spec`` / shape
+            the requested impl does not cover, ``impl="triton"`` without the triton package, or
+            on a CPU tensor without TRITON_INTERPRET=1 (like every other ``impl="triton"`` of
+            zipvl: an impossible request is a bad argument, and nothing falls back).
     """
     try:
         impl = Impl(impl)
@@ -52,7 +53,7 @@ def quantize_pack(
         try:
             from .triton_kernels import quantize_pack_tokenwise
         except ImportError as e:
-            raise RuntimeError(f"impl: 'triton' needs the triton package ({e})") from e
+            raise ValueError(f"impl: 'triton' needs the triton package ({e})") from e
 
         return quantize_pack_tokenwise(x, spec)
     raise ValueError(f"impl: expected 'reference' or 'triton', got {impl.value!r}")

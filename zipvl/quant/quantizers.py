@@ -76,9 +76,9 @@ def _check_keep(keep: Tensor, k: Tensor, num_kept: int | None = None) -> int:
 
     Without ``num_kept`` the row counts are read back to the host once (one ``aminmax``: a
     plan-time sync that sizes the gathered parts). With ``num_kept`` (a count the caller has
-    already read back) nothing is read back: on the CPU the counts are compared directly (no
-    sync to avoid there), on an accelerator the comparison is a device-side assertion
-    (``torch._assert_async``), so a wrong count fails the stream instead of giving a wrong
+    already read back) nothing is read back: the counts are compared with it by a device-side
+    assertion (``torch._assert_async``), so a wrong count fails (on the CPU at once, as a
+    ValueError; on an accelerator as an asynchronous device error) instead of giving a wrong
     chunk.
     """
     check_tensor("keep", keep, ndim=3, dtype=torch.bool)
@@ -95,20 +95,21 @@ def _check_keep(keep: Tensor, k: Tensor, num_kept: int | None = None) -> int:
     if keep.numel() == 0:
         return 0 if num_kept is None else num_kept
     counts = keep.sum(dim=-1)  # (B, Hkv)
-    if num_kept is not None and keep.device.type != "cpu":
-        torch._assert_async(  # pyright: ignore[reportPrivateImportUsage]
-            (counts == num_kept).all(),
-            "num_kept: does not match the per-row counts of keep",
-        )
+    if num_kept is not None:
+        msg = f"num_kept: expected the per-row count of keep in every (b, h) row, got {num_kept}"
+        try:
+            torch._assert_async(  # pyright: ignore[reportPrivateImportUsage]
+                (counts == num_kept).all(), msg
+            )
+        except RuntimeError as err:  # raised at once on the CPU
+            raise ValueError(msg) from err
         return num_kept
-    lo, hi = (int(c) for c in torch.aminmax(counts))
+    lo, hi = torch.stack(torch.aminmax(counts)).tolist()  # the one host read
     if lo != hi:
         raise ValueError(
             f"keep: expected the same number of kept tokens in every (b, h) row, "
             f"got counts from {lo} to {hi}"
         )
-    if num_kept is not None and num_kept != lo:
-        raise ValueError(f"num_kept: expected the per-row count of keep, {lo}, got {num_kept}")
     return lo
 
 

@@ -136,9 +136,8 @@ def quantize_pack_tokenwise(
         zero (..., T, D // G, 1) float32), equal to the reference path's.
 
     Raises:
-        ValueError: naming ``spec`` (axis), ``x`` (dtype / head dim) or ``group_size``
-            (not dividing D).
-        RuntimeError: a CPU tensor while the kernel is not interpreted.
+        ValueError: naming ``spec`` (axis), ``x`` (dtype / head dim, or a CPU tensor while the
+            kernel is not interpreted) or ``group_size`` (not dividing D).
     """
     if spec.axis != "channel":
         raise ValueError(
@@ -150,7 +149,7 @@ def quantize_pack_tokenwise(
     if x.ndim < 2:
         raise ValueError(f"x: expected a tensor of shape (..., T, D), got {tuple(x.shape)}")
     if x.device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError(
+        raise ValueError(
             f"x: impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 set before "
             f"zipvl.quant.triton_kernels is first imported), got a tensor on {x.device}"
         )
