@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -18,8 +20,11 @@ from zipvl.cache.hf_compat import AttentionInterface, AttentionMaskInterface, Dy
 from zipvl.config import ZipVLConfig
 from zipvl.eval import evaluate, kl_divergence
 from zipvl.models import SUPPORTED_MODELS, disable, enable, is_enabled, new_cache
+from zipvl.models.llama import generate
 from zipvl.models.lvlm import SUPPORTED_ARCHITECTURES, build_tiny_model, tiny_inputs
 from zipvl.sparsity import FixedRatioAllocator
+
+from .test_llama import _pair
 
 NEW_TOKENS = 14  # 13 fed back: with recompress_every=4, three blocks + one fp tail token
 
@@ -93,15 +98,26 @@ def test_sampling_and_beam_search() -> None:
     enable(model, ZipVLConfig(recompress_every=4))
     beams = _generate(model, inputs, num_beams=3, past_key_values=new_cache(model))
     assert beams.shape == want.shape
-    torch.manual_seed(0)
+    prompt = inputs["input_ids"].shape[1]
+
+    def sample(**kw: Any) -> torch.Tensor:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return model.generate(
+                **inputs, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=8, **kw
+            )
+
     cache = new_cache(model)
-    with torch.no_grad():
-        sampled = model.generate(
-            **inputs, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=8, past_key_values=cache
-        )
-    disable(model)
-    assert sampled.shape == want.shape and (sampled[:, : inputs["input_ids"].shape[1]] >= 0).all()
+    sampled = sample(past_key_values=cache)
+    assert sampled.shape == want.shape
+    assert torch.equal(sampled[:, :prompt], inputs["input_ids"])
     assert all(r.decode_blocks == 3 for r in cache.report().layers)
+    # the dense preset draws the same samples as the model's own attention (same seed)
+    enable(model, ZipVLConfig.preset("dense", recompress_every=4))
+    dense_sampled = sample(past_key_values=new_cache(model))
+    disable(model)
+    assert torch.equal(dense_sampled, sample())
+    assert not torch.equal(dense_sampled, _generate(model, inputs))  # not greedy
 
 
 def test_registration_and_disable_restore() -> None:
@@ -190,3 +206,93 @@ def test_eval_report() -> None:
     p = torch.randn(3, 11)
     assert torch.allclose(kl_divergence(p, p), torch.zeros(3, dtype=torch.float64))
     assert (kl_divergence(p, torch.randn(3, 11)) > 0).all()
+
+
+@torch.no_grad()
+def test_sparse_zipvl_in_transformers_equals_reference_decoder() -> None:
+    """transformers + ZipVL (sparse prefill, 4/2-bit cache, left-padded batch) equals the
+    reference decoder ``zipvl.models.llama`` with the same weights: the same greedy tokens and
+    cache report, bit-identical prefill logits and stored (compressed) K/V.
+
+    Decode steps differ by an ulp: with a padding mask transformers repeats K/V heads before
+    SDPA while the reference decoder passes ``enable_gqa``, and the CPU kernels round
+    differently (measured max |diff| 1.2e-7 on logits of magnitude ~0.5)."""
+    ours, hf = _pair(qkv_bias=True)
+    cfg = ZipVLConfig(allocator=FixedRatioAllocator(0.5), recompress_every=4)
+    idx = torch.randint(3, 256, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :7], idx[1, :7] = 0, 0
+    valid = mask.bool()
+    steps = 14  # 13 fed back: three blocks of 4 re-compressed, one fp tail token
+    hf_cache = enable(hf, cfg)
+    want = hf.generate(  # type: ignore[operator]
+        input_ids=idx,
+        attention_mask=mask,
+        max_new_tokens=steps,
+        do_sample=False,
+        pad_token_id=0,
+        past_key_values=hf_cache,
+    )
+    our_cache = ours.new_cache(cfg)
+    assert torch.equal(
+        generate(ours, idx, steps, cache=our_cache, config=cfg, key_valid=valid), want
+    )
+    report = hf_cache.report()
+    assert report == our_cache.report()
+    assert all(r.decode_blocks == 3 and r.kept_ratio < 0.6 for r in report.layers)  # sparse
+    real = torch.cat([valid, torch.ones(2, steps - 1, dtype=torch.bool)], dim=1)  # (B, N)
+    for i in range(len(report.layers)):
+        stored = real.clone()
+        stored[:, real.shape[1] - our_cache.layer(i).tail_length :] = False  # chunks only
+        for a, b in zip(hf_cache.dense_kv(i), our_cache.dense_kv(i), strict=True):
+            a, b = a.transpose(1, 2), b.transpose(1, 2)  # (B, N, Hkv, D)
+            assert torch.equal(a[stored], b[stored])
+            torch.testing.assert_close(a[real], b[real], rtol=0, atol=1e-6)
+    # teacher-forced logits, prompt then every step, with the same rotary positions
+    hf_cache, our_cache = new_cache(hf), ours.new_cache(cfg)
+    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+    got = ours(idx, cache=our_cache, key_valid=valid, positions=pos, config=cfg)
+    ref = hf(input_ids=idx, attention_mask=mask, position_ids=pos, past_key_values=hf_cache)
+    assert torch.equal(got[valid], ref.logits[valid])  # type: ignore[union-attr]
+    for t in range(40, 40 + steps - 1):
+        pos = pos[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
+        tok = want[:, t : t + 1]
+        got = ours(tok, cache=our_cache, key_valid=mask.bool(), positions=pos, config=cfg)
+        ref = hf(
+            input_ids=tok,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=hf_cache,
+        )
+        torch.testing.assert_close(got, ref.logits, rtol=0, atol=1e-6)  # type: ignore[union-attr]
+    disable(hf)
+
+
+def test_registered_function_dies_with_the_model() -> None:
+    """transformers' registry is global: it must not keep a collected model's cache alive."""
+    model = build_tiny_model("llama")
+    cache = weakref.ref(enable(model))
+    name = model.get_decoder().config._attn_implementation
+    assert cache() is not None and name in AttentionInterface()
+    del model
+    gc.collect()
+    assert cache() is None
+    with pytest.raises(RuntimeError, match=rf"attention '{name}' was disabled"):
+        AttentionInterface()[name]()
+    # names are never reused, even when a new model lands at the old one's address
+    other = build_tiny_model("llama")
+    enable(other)
+    assert other.get_decoder().config._attn_implementation != name
+    enable(other, ZipVLConfig(tau=0.9))  # re-enabling keeps the model's name
+    assert is_enabled(other)
+    disable(other)
+
+
+def test_builders_restore_the_global_rng_states() -> None:
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    build_tiny_model("llama", seed=3)
+    assert torch.equal(torch.get_rng_state(), cpu)
+    after = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    assert all(torch.equal(a, b) for a, b in zip(after, cuda, strict=True))

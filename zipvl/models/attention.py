@@ -476,10 +476,10 @@ def zipvl_attention(
     keys, values = cache.update(k, v, layer_idx)
     if prefill:
         res = prefill_attention(q, keys, values, layer=layer, key_valid=key_valid, scale=scale)
-        cache.compress_prefill(layer_idx, res.keep)
+        cache.compress_prefill(layer_idx, res.keep, key_valid=key_valid)
         return res.output
     out = decode_attention(q, keys, values, key_valid=key_valid, scale=scale)
-    cache.compress_tail(layer_idx, q, keys=keys, scale=scale)
+    cache.compress_tail(layer_idx, q, keys=keys, scale=scale, key_valid=key_valid)
     return out
 
 

@@ -4,22 +4,27 @@ How it plugs in (public APIs only, style A4 -- no hooks, no patched globals, no 
 to the user's modules):
 
 * an attention function is registered with ``AttentionInterface.register`` under a per-model
-  name (``zipvl_<id>``) and the language model is switched to it with
-  ``set_attn_implementation`` (vision towers keep their own attention);
+  name (``zipvl_<n>``) and the language model is switched to it with
+  ``set_attn_implementation`` (vision towers keep their own attention). transformers' registry
+  is global and has no public unregister, so ``disable`` -- or the model being garbage-collected
+  (a ``weakref.finalize`` on the language model) -- rebinds the name to a raising stub: the
+  function, its config and its cache do not outlive the model;
 * a mask function is registered under the same name with ``AttentionMaskInterface.register``
   (transformers' own SDPA mask). Without it transformers would pass ``attention_mask=None``
   and silently drop causal and padding masking;
 * transformers does not hand ``past_key_values`` to attention functions, so the registered
   function is a small callable object that holds the per-model state: the config and the
-  ``ZipVLCache`` returned by ``enable``. It checks on every call that the K/V it receives came
-  from that cache (a ``DynamicCache`` or a missing cache raises a clear error).
+  ``ZipVLCache`` returned by ``enable`` (never the model itself). It checks on every call that
+  the K/V it receives came from that cache (a ``DynamicCache`` or a missing cache raises a
+  clear error).
 
 Per layer, the function runs ZipVL prefill when the cache layer holds the freshly stored prompt
 (query length == key length, pending commit): probe scoring with the padding mask respected,
-Eq. 6 budget, selection, token-sparse attention, ``cache.compress_prefill``. Otherwise it runs
-dense SDPA over the returned K/V with transformers' mask (padding included) and then
-``cache.compress_tail``. Whenever the selection keeps everything (tau = 1, dense layers), the
-exact SDPA call transformers itself makes is used, so the "dense" preset is token-identical.
+Eq. 6 budget, selection, token-sparse attention, ``cache.compress_prefill`` (told which
+positions are padding). Otherwise it runs dense SDPA over the returned K/V with transformers'
+mask (padding included) and then ``cache.compress_tail`` with the same padding mask. Whenever
+the selection keeps everything (tau = 1, dense layers), the exact SDPA call transformers itself
+makes is used, so the "dense" preset is token-identical.
 
 Supported: ``SUPPORTED_MODELS`` (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
 Llama and Qwen2 text models); transformers 5.17 - 5.x.
@@ -27,6 +32,8 @@ Llama and Qwen2 text models); transformers 5.17 - 5.x.
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +82,7 @@ SUPPORTED_MODELS: tuple[type[PreTrainedModel], ...] = (
 """Architectures ``enable`` accepts (checked with ``isinstance``)."""
 
 _PREFIX = "zipvl_"
+_NAME_IDS = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -176,7 +184,8 @@ class _ZipVLAttentionFunction:
             out, _ = self._sdpa(
                 module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs
             )  # (B, Sq, Hq, Dv)
-            cache.compress_tail(layer_idx, query, keys=key, scale=scaling)
+            valid = _decode_key_valid(attention_mask, n_in)
+            cache.compress_tail(layer_idx, query, keys=key, scale=scaling, key_valid=valid)
             return out, None
         key_valid = _key_valid_from_mask(attention_mask, query.shape[-2])
         lc = self.config.for_layer(layer_idx)
@@ -193,8 +202,25 @@ class _ZipVLAttentionFunction:
                 max_rows=self.retained_rows,
             )
             self.recorder.append(LayerTrace(layer_idx, res.kept_ratio, retained))
-        cache.compress_prefill(layer_idx, res.keep)
+        cache.compress_prefill(layer_idx, res.keep, key_valid=key_valid)
         return res.output.transpose(1, 2).contiguous(), None  # (B, S, Hq, Dv)
+
+
+def _decode_key_valid(mask: Tensor | None, n: int) -> Tensor | None:
+    """The (B, N) padding mask of a decode step: the last query row of the (B, 1, Sq, N) bool
+    mask sees every real key (None: no mask, no padding).
+
+    Raises:
+        RuntimeError: the mask is not a bool (B, 1, Sq, N) mask.
+    """
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool or mask.ndim != 4 or mask.shape[-1] != n:
+        raise RuntimeError(
+            f"zipvl: expected a (B, 1, Sq, N={n}) bool decode mask from the SDPA mask function, "
+            f"got {tuple(mask.shape)} {mask.dtype}"
+        )
+    return mask[:, 0, -1, :]  # (B, N)
 
 
 def _key_valid_from_mask(mask: Tensor | None, s: int) -> Tensor | None:
@@ -303,10 +329,18 @@ def enable(model: nn.Module, config: ZipVLConfig | None = None) -> ZipVLCache:
             f"model: expected a named attention implementation on the language model, got "
             f"{original!r}"
         )
-    name = f"{_PREFIX}{id(decoder):x}"
+    # a fresh name per model (a counter: ids are reused after garbage collection); re-enabling
+    # rebinds the model's current name
+    name = current.name if current is not None else f"{_PREFIX}{next(_NAME_IDS)}"
     fn = _ZipVLAttentionFunction(name, config, num_layers, original)
     AttentionInterface.register(name, fn)
     AttentionMaskInterface.register(name, AttentionMaskInterface()["sdpa"])
+    if current is None:
+        # The registry is global and has no public unregister: when the model is garbage-
+        # collected, rebind its name to a raising stub so the function and its cache go too.
+        # The finalizer holds only the name (nothing here references the model).
+        release = weakref.finalize(decoder, _release, name)
+        release.atexit = False
     decoder.set_attn_implementation(name)
     if decoder.config._attn_implementation != name:
         raise RuntimeError(
@@ -343,7 +377,12 @@ def disable(model: nn.Module) -> None:
     if fn is None:
         raise RuntimeError("model: ZipVL is not enabled on this model; nothing to disable")
     decoder.set_attn_implementation(fn.original)
-    AttentionInterface.register(fn.name, _disabled(fn.name))
+    _release(fn.name)
+
+
+def _release(name: str) -> None:
+    """Rebind ``name`` to a raising stub, dropping the function (and the cache) it held."""
+    AttentionInterface.register(name, _disabled(name))
 
 
 def _disabled(name: str) -> Callable[..., Any]:

@@ -35,7 +35,8 @@ real checkpoint (``zipvl demo --model PATH``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -93,6 +94,20 @@ VOCAB = 256
 PAD, BOS, EOS = 0, 1, 2
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 255, 254, 253, 252
 _TEXT_HIGH = 250  # text tokens are drawn from [3, _TEXT_HIGH)
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run the block with ``torch.manual_seed(seed)``, then restore every global RNG state.
+
+    ``torch.manual_seed`` reseeds the CPU generator and every CUDA device's, so the CUDA
+    states are forked too whenever CUDA is available (``fork_rng(devices=[])`` would leave
+    them reseeded).
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def _text_kwargs(num_layers: int, hidden: int, heads: int, kv_heads: int, **extra: Any) -> dict:
@@ -240,8 +255,7 @@ def build_tiny_model(
             cfg = Qwen2_5_VLConfig(text_config=text_mrope, vision_config=vision, **ids)
             cls = Qwen2_5_VLForConditionalGeneration
     cfg._attn_implementation = attn_implementation
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _seeded(seed):
         model = cls(cfg)
     model.eval()
     _quiet_generation_config(model)
@@ -496,8 +510,7 @@ def build_demo_lvlm(
         vision_feature_select_strategy="default",
     )
     cfg._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _seeded(seed):
         model = LlavaForConditionalGeneration(cfg)
         _plant_structure(model, spec)
     model.eval()
