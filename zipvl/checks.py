@@ -6,10 +6,20 @@ argument and states what was expected and what was given.
 
 from __future__ import annotations
 
+import math
+from typing import Literal, overload
+
 import torch
 from torch import Tensor
 
-__all__ = ["check_fraction", "check_qkv", "check_same_device", "check_tensor"]
+__all__ = [
+    "check_fraction",
+    "check_int",
+    "check_qkv",
+    "check_same_device",
+    "check_scale",
+    "check_tensor",
+]
 
 
 def check_tensor(
@@ -53,6 +63,49 @@ def check_fraction(name: str, value: float, *, low_open: bool = True) -> float:
     if not ok:
         rng = "(0, 1]" if low_open else "[0, 1]"
         raise ValueError(f"{name}: expected a value in {rng}, got {value}")
+    return float(value)
+
+
+@overload
+def check_int(name: str, value: object, minimum: int, optional: Literal[False] = False) -> int: ...
+
+
+@overload
+def check_int(name: str, value: object, minimum: int, optional: bool) -> int | None: ...
+
+
+def check_int(name: str, value: object, minimum: int, optional: bool = False) -> int | None:
+    """An int (not a bool) >= ``minimum``; None passes when ``optional``. Returns the value.
+
+    Raises:
+        TypeError: ``value`` is not an int (a bool or a float such as ``16.0`` included).
+        ValueError: ``value < minimum``.
+    """
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        expected = "an int or None" if optional else "an int"
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def check_scale(name: str, value: object) -> float | None:
+    """A softmax scale: a positive, finite real number, or None (= 1 / sqrt(D)).
+
+    Raises:
+        TypeError: ``value`` is not a real number (bools are rejected).
+        ValueError: ``value`` is 0, negative, NaN or infinite.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name}: expected a positive float or None, got {type(value).__name__} {value!r}"
+        )
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: expected a positive float or None (finite), got {value!r}")
     return float(value)
 
 

@@ -28,13 +28,16 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from zipvl.checks import check_int, check_tensor
+
 __all__ = [
+    "NONFINITE_MASS_BUDGET",
     "Allocator",
     "Impl",
     "MaskMod",
@@ -44,6 +47,12 @@ __all__ = [
     "Selection",
     "Selector",
 ]
+
+NONFINITE_MASS_BUDGET = -1
+"""The budget an allocator returns when the attention mass holds NaN or inf.
+
+An allocator cannot raise on values without a host sync, so it returns this sentinel in every
+(b, h) entry; ``TopKSelector`` rejects it with a ``ValueError`` at its one host read."""
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 """FlexAttention mask_mod: (b, h, q_idx, kv_idx) -> bool (our alias, not torch's private one)."""
@@ -80,23 +89,92 @@ class Scores:
 class Selection:
     """Which tokens are important, per KV head.
 
+    Construction checks what is free to check on the host: ``keep`` is a 3-D bool tensor and
+    ``num_kept`` an int in [0, Skv]. That every row of ``keep`` really has ``num_kept`` True
+    entries needs a read of the device, so it is checked by ``check_counts`` (one host read of
+    the min and max row count), which every consumer that sizes tensors by ``num_kept``
+    (``sparse_attention``, ``indices``) calls first, outside ``torch.compile`` tracing. The result
+    is remembered on the instance, so one selection is read back at most once;
+    ``TopKSelector`` verifies the counts within its own single host read and returns a selection
+    that is already checked. (``dataclasses.replace`` gives a new, unchecked selection.)
+
     Attributes:
         keep: (B, Hkv, Skv) bool, True for important tokens. Every (b, h) row has the same
             number of True entries (``num_kept``).
         num_kept: the number of kept tokens per row, as a host int (the plan step reads it
             back once per layer to size the gathered tensors).
+
+    Raises:
+        TypeError: ``keep`` is not a tensor or ``num_kept`` not an int.
+        ValueError: ``keep`` is not 3-D bool, or ``num_kept`` is outside [0, Skv].
     """
 
     keep: Tensor
     num_kept: int
+    # set by check_counts once the row counts have been verified (not part of equality / repr)
+    _counts_checked: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        keep = check_tensor("Selection.keep", self.keep, ndim=3, dtype=torch.bool)
+        n = check_int("Selection.num_kept", self.num_kept, 0)
+        if n > keep.shape[-1]:
+            raise ValueError(
+                f"Selection.num_kept: expected an int in [0, Skv={keep.shape[-1]}], got {n}"
+            )
 
     @property
     def ratio(self) -> float:
         """Fraction of tokens kept (num_kept / Skv)."""
         return self.num_kept / max(self.keep.shape[-1], 1)
 
+    def check_counts(self, *, count_range: tuple[int, int] | None = None) -> Selection:
+        """Verify that every (b, h) row of ``keep`` has exactly ``num_kept`` True entries.
+
+        One host read (the min and max of ``keep.sum(-1)`` in a single transfer), skipped while
+        ``torch.compile`` traces (a read there would break the graph) and when this selection was
+        already checked.
+
+        Args:
+            count_range: (min, max) row count the caller has already read back to the host
+                together with its own data (``TopKSelector`` does); then nothing is read here.
+
+        Returns:
+            ``self``, so that calls chain.
+
+        Raises:
+            ValueError: the row counts differ from each other or from ``num_kept``.
+        """
+        if self._counts_checked or torch.compiler.is_compiling():
+            return self
+        if count_range is None:
+            if self.keep.numel() == 0:
+                count_range = (self.num_kept, self.num_kept)  # no rows: nothing to disagree
+            else:
+                lo_hi = torch.stack(torch.aminmax(self.keep.sum(dim=-1)))  # (2,) int64
+                lo, hi = lo_hi.tolist()  # the one host read
+                count_range = (int(lo), int(hi))
+        lo, hi = count_range
+        if lo != hi:
+            raise ValueError(
+                "Selection.keep: expected the same number of kept tokens in every (b, h) row, "
+                f"got row counts from {lo} to {hi}"
+            )
+        if lo != self.num_kept:
+            raise ValueError(
+                f"Selection.num_kept: expected {lo}, the number of True entries in every row of "
+                f"keep, got {self.num_kept}"
+            )
+        object.__setattr__(self, "_counts_checked", True)
+        return self
+
     def indices(self) -> Tensor:
-        """Positions of the kept tokens in ascending order: (B, Hkv, P) int64."""
+        """Positions of the kept tokens in ascending order: (B, Hkv, P) int64.
+
+        Checks the row counts first (``check_counts``: one host read unless already checked).
+        ``zipvl.quant.keep_order`` computes the same order on a bare mask (``types`` may not
+        import ``quant``, so the few lines live in both places).
+        """
+        self.check_counts()
         skv = self.keep.shape[-1]
         pos = torch.arange(skv, device=self.keep.device).expand_as(self.keep)  # (B, Hkv, Skv)
         # kept positions sort first, in position order (stable sort on the inverted flag)
@@ -118,7 +196,10 @@ class Allocator(Protocol):
     """Ratio allocator: raw mass -> budget."""
 
     def __call__(self, mass: Tensor, /, *, layer_idx: int | None = None) -> Tensor:
-        """mass (B, Hkv, Skv) float32 >= 0 -> budget (B, Hkv) int32 in [1, Skv]."""
+        """mass (B, Hkv, Skv) float32 >= 0 -> budget (B, Hkv) int32 in [1, Skv].
+
+        A mass-dependent allocator returns ``NONFINITE_MASS_BUDGET`` everywhere when the mass
+        holds NaN or inf (the selector raises on it)."""
         ...
 
 

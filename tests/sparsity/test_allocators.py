@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 from zipvl.sparsity import CumulativeMassAllocator, FixedRatioAllocator, PerLayerSchedule
-from zipvl.types import Allocator
+from zipvl.types import NONFINITE_MASS_BUDGET, Allocator
 
 FIXTURE_OK = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
@@ -163,3 +163,21 @@ def test_allocator_validation_messages() -> None:
         PerLayerSchedule.pyramid(4, min_ratio=0.6, max_ratio=0.5)
     with pytest.raises(ValueError, match="schedule: expected at least one layer"):
         PerLayerSchedule([])
+    with pytest.raises(ValueError, match="num_layers: expected an int >= 1, got 0"):
+        PerLayerSchedule.pyramid(0, min_ratio=0.1, max_ratio=0.5)
+    with pytest.raises(TypeError, match="num_layers: expected an int, got float"):
+        PerLayerSchedule.pyramid(4.0, min_ratio=0.1, max_ratio=0.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("tau", [0.5, 0.975, 1.0])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_mass_gives_the_sentinel_not_min_keep(tau: float, bad: float) -> None:
+    # before: "cum < tau * total" is False against a NaN total, so p = 0 + 1 = min_keep silently
+    mass = torch.rand(2, 3, 16, generator=torch.Generator().manual_seed(0))
+    mass[1, 2, 5] = bad
+    budget = CumulativeMassAllocator(tau, min_keep=1)(mass)
+    assert budget.dtype == torch.int32 and budget.shape == (2, 3)
+    assert (budget == NONFINITE_MASS_BUDGET).all()
+    # the schedule wrapper passes it through unchanged
+    sched = PerLayerSchedule([CumulativeMassAllocator(tau)])
+    assert (sched(mass, layer_idx=0) == NONFINITE_MASS_BUDGET).all()

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.sparsity.host_reads import HostReads
 from zipvl.sparsity import (
     CumulativeMassAllocator,
     FixedRatioAllocator,
@@ -220,16 +221,63 @@ def test_bad_inputs_raise_naming_the_argument(device: str) -> None:
         sparse_attention(q[:, :, :4], k, v, sel)
     with pytest.raises(ValueError, match=r"selection\.keep: expected shape \(B, Hkv, S\)"):
         sparse_attention(q, k, v, Selection(sel.keep[:, :1], sel.num_kept))
-    with pytest.raises(ValueError, match=r"selection\.num_kept: expected an int in \[0, S=8\]"):
+    with pytest.raises(ValueError, match=r"Selection\.num_kept: expected an int in \[0, Skv=8\]"):
         sparse_attention(q, k, v, Selection(sel.keep, 9))
     with pytest.raises(TypeError, match="selection: expected a Selection"):
         sparse_attention(q, k, v, sel.keep)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unkept: expected 'zero' or 'attend'"):
         sparse_attention(q, k, v, sel, unkept="drop")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="block_size: expected a positive int"):
+    with pytest.raises(ValueError, match="block_size: expected an int >= 1, got 0"):
         sparse_attention(q, k, v, sel, block_size=0)
+    with pytest.raises(TypeError, match=r"block_size: expected an int, got float 16\.0"):
+        sparse_attention(q, k, v, sel, block_size=16.0)  # type: ignore[arg-type]
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"scale: expected a positive float or None"):
+            sparse_attention(q, k, v, sel, scale=bad)
+    with pytest.raises(TypeError, match="scale: expected a positive float or None, got str"):
+        sparse_attention(q, k, v, sel, scale="0.5")  # type: ignore[arg-type]
     if device == "cuda":
         with pytest.raises(ValueError, match="q on cuda:0, k on cpu"):
             sparse_attention(q, k.cpu(), v.cpu(), sel)
         with pytest.raises(ValueError, match=r"selection\.keep: expected device cuda:0 like q"):
             sparse_attention(q, k, v, Selection(sel.keep.cpu(), sel.num_kept))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_selection_whose_rows_disagree_with_num_kept_raises(device: str, impl: str) -> None:
+    # the review's case: 3 kept tokens, num_kept = 5; sdpa used to attend rows [0, 1, 2, 5, 7]
+    q, k, v = random_qkv(1, 2, 1, 8, 8, device=device)
+    keep = torch.zeros(1, 1, 8, dtype=torch.bool, device=device)
+    keep[..., [1, 5, 7]] = True
+    with pytest.raises(ValueError, match=r"Selection\.num_kept: expected 3, .* got 5"):
+        sparse_attention(q, k, v, Selection(keep, 5), impl=impl, compile=False)
+    with pytest.raises(ValueError, match=r"Selection\.num_kept: expected 3, .* got 0"):
+        sparse_attention(q, k, v, Selection(keep, 0), impl=impl)  # not silently all zeros
+    q2, k2, v2 = random_qkv(1, 4, 2, 8, 8, device=device)
+    uneven = torch.zeros(1, 2, 8, dtype=torch.bool, device=device)
+    uneven[0, 0, [1, 5, 7]] = True
+    uneven[0, 1, [2, 7]] = True
+    with pytest.raises(ValueError, match=r"same number of kept tokens .* from 2 to 3"):
+        sparse_attention(q2, k2, v2, Selection(uneven, 3), impl=impl, compile=False)
+    # a consistent hand-built selection passes and matches the oracle
+    out = sparse_attention(q, k, v, Selection(keep, 3), impl=impl, compile=False)
+    check_against_oracle(out, q, k, v, dense_selection_mask(keep))
+
+
+@pytest.mark.parametrize("impl", ["reference", "sdpa"])
+def test_row_count_check_costs_one_read_and_none_after_the_selector(
+    monkeypatch: pytest.MonkeyPatch, impl: str
+) -> None:
+    case = Case(1, 4, 2, 24, 16, 0.5, 16)
+    q, k, v = random_qkv(case.b, case.hq, case.hkv, case.s, case.d)
+    scores = random_scores(case.b, case.hkv, case.s)
+    budget = torch.full((case.b, case.hkv), 9, dtype=torch.int32)
+    reads = HostReads(monkeypatch)
+    sel = TopKSelector()(scores, budget)
+    assert reads.count == 1  # the selector's one read carries the budget and the row counts
+    sparse_attention(q, k, v, sel, impl=impl)
+    assert reads.count == 1  # already verified: no second read per layer
+    by_hand = Selection(sel.keep.clone(), sel.num_kept)
+    sparse_attention(q, k, v, by_hand, impl=impl)
+    sparse_attention(q, k, v, by_hand, impl=impl)
+    assert reads.count == 2  # one read for a hand-built selection, remembered afterwards

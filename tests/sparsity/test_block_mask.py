@@ -174,7 +174,7 @@ def test_block_mask_validation_messages() -> None:
     keep = torch.ones(1, 1, 4, dtype=torch.bool)
     with pytest.raises(ValueError, match="unkept: expected 'zero' or 'attend'"):
         selection_block_mask(Selection(keep, 4), 4, unkept="drop")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"selection\.keep: expected dtype in"):
-        selection_block_mask(Selection(keep.int(), 4), 4)
+    with pytest.raises(ValueError, match=r"Selection\.keep: expected dtype in"):
+        selection_block_mask(Selection(keep.int(), 4), 4)  # refused by Selection itself
     with pytest.raises(TypeError, match="selection: expected a Selection"):
         selection_block_mask(keep, 4)  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ from zipvl.sparsity import (
     SnapKVScorer,
     probe_positions,
 )
-from zipvl.testing.inputs import random_qkv
+from zipvl.testing.inputs import random_qkv, with_outlier_channel
 from zipvl.types import Scorer
 
 
@@ -207,3 +207,43 @@ def test_scorer_rejects_mixed_devices() -> None:
     q, k, _ = random_qkv(1, 2, 1, 8, 8)
     with pytest.raises(ValueError, match="q on cpu, k on cuda"):
         ProbeScorer()(q, k.cuda())
+
+
+@pytest.mark.parametrize(
+    "scorer",
+    [
+        ProbeScorer(recent_frac=0.25, random_frac=0.25, impl="torch"),
+        AccumulatedAttentionScorer(rows_per_chunk=16),
+        SnapKVScorer(window=8),
+    ],
+    ids=["probe", "accumulated", "snapkv"],
+)
+def test_fp16_outlier_channel_does_not_overflow_the_logits(scorer: Scorer) -> None:
+    # raw q.k ~ 9e4 > 65504: the old fp16 matmul gave inf logits, NaN mass and (through the
+    # allocator) a silent budget of 1. Oracle: the same fp16 values scored from float64 inputs.
+    q, k, _ = random_qkv(1, 4, 2, 48, 64)
+    q16, k16 = (t.half() for t in with_outlier_channel(q, k, 300.0))
+    got = scorer(q16, k16)
+    want = scorer(q16.double(), k16.double())
+    assert got.mass.dtype == torch.float32 and got.mass.isfinite().all()
+    # fp32 accumulation of q.k terms up to 9e4: ~sqrt(D) * 6e-8 * 9e4 / 8 ~ 5e-3 logit error, so
+    # probabilities carry ~5e-3 relative error (measured: <= 2e-3 relative to the largest mass)
+    torch.testing.assert_close(got.mass, want.mass, rtol=1e-2, atol=1e-4)
+    finite = want.normalized.isfinite()  # SnapKV's window is +inf by design
+    assert torch.equal(finite, got.normalized.isfinite())
+    torch.testing.assert_close(
+        got.normalized[finite], want.normalized[finite], rtol=1e-2, atol=1e-4
+    )
+
+
+def test_probe_positions_validates_its_arguments() -> None:
+    with pytest.raises(ValueError, match="sq: expected an int >= 1, got 0"):
+        probe_positions(0)
+    with pytest.raises(TypeError, match="sq: expected an int, got float"):
+        probe_positions(8.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"random_frac: expected a value in \[0, 1\]"):
+        probe_positions(8, random_frac=2.0)
+    with pytest.raises(ValueError, match="max_recent: expected an int >= 0, got -1"):
+        probe_positions(8, max_recent=-1)
+    with pytest.raises(ValueError, match="seed: expected an int >= 0, got -2"):
+        probe_positions(8, seed=-2)

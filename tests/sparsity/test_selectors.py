@@ -7,9 +7,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
-from zipvl.sparsity import Selection, TopKSelector
-from zipvl.testing.inputs import random_scores
-from zipvl.types import Selector
+from zipvl.sparsity import FixedRatioAllocator, ProbeScorer, Selection, TopKSelector, plan_tokens
+from zipvl.testing.inputs import random_qkv, random_scores
+from zipvl.types import NONFINITE_MASS_BUDGET, Selector
 
 FIXTURE_OK = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
@@ -103,10 +103,42 @@ def test_layer_granularity_shares_one_set_per_batch_row() -> None:
     assert torch.equal(sel.indices()[:, 0], top)
 
 
-def test_nan_scores_rank_last_and_inf_below_forced() -> None:
+def test_nan_scores_rank_last_in_keep_mask_and_inf_below_forced() -> None:
     scores = torch.tensor([[[float("nan"), 1.0, float("inf"), 0.5, -1.0]]])
-    sel = TopKSelector(keep_last=True)(scores, torch.tensor([[3]], dtype=torch.int32))
+    keep = TopKSelector(keep_last=True).keep_mask(scores, torch.tensor([[3]], dtype=torch.int32))
+    assert keep[0, 0].tolist() == [False, True, True, False, True]
+    # +inf alone is a legitimate score (SnapKV's window): accepted by __call__
+    sel = TopKSelector()(scores.nan_to_num(nan=0.0), torch.tensor([[3]], dtype=torch.int32))
     assert sel.keep[0, 0].tolist() == [False, True, True, False, True]
+
+
+def test_call_rejects_nan_scores_and_the_nonfinite_mass_sentinel() -> None:
+    scores = torch.tensor([[[float("nan"), 1.0, float("inf"), 0.5, -1.0]]])
+    with pytest.raises(ValueError, match="scores: expected no NaN"):
+        TopKSelector()(scores, torch.tensor([[3]], dtype=torch.int32))
+    sentinel = torch.full((1, 1), NONFINITE_MASS_BUDGET, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"budget: got -1, .*NaN or inf in the attention mass"):
+        TopKSelector()(scores.nan_to_num(nan=0.0), sentinel)
+
+
+def test_nonfinite_mass_raises_through_the_pipeline_instead_of_budget_one() -> None:
+    # before: CumulativeMassAllocator counted NaN comparisons as "< tau" and gave p = min_keep
+    q, k, _ = random_qkv(1, 2, 1, 16, 8)
+    k[0, 0, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf in the attention mass"):
+        plan_tokens(q, k, scorer=ProbeScorer(impl="torch"))
+    # a value-blind allocator passes the budget on, and the NaN scores are caught instead
+    with pytest.raises(ValueError, match="scores: expected no NaN"):
+        plan_tokens(q, k, scorer=ProbeScorer(impl="torch"), allocator=FixedRatioAllocator(0.5))
+
+
+def test_selector_result_is_verified_on_its_one_read() -> None:
+    scores = random_scores(2, 3, 20, seed=4)
+    sel = TopKSelector(granularity="layer", sink_tokens=2)(
+        scores, torch.full((2, 3), 6, dtype=torch.int32)
+    )
+    assert (sel.keep.sum(-1) == sel.num_kept).all()
+    assert sel.check_counts() is sel
 
 
 def test_keep_mask_is_sync_free_and_matches_call() -> None:
@@ -134,6 +166,8 @@ def test_selector_validation_messages() -> None:
         TopKSelector(granularity="head")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="sink_tokens: expected an int >= 0, got -1"):
         TopKSelector(sink_tokens=-1)
+    with pytest.raises(TypeError, match="recent_window: expected an int, got float"):
+        TopKSelector(recent_window=2.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="budget: expected shape"):
         TopKSelector()(scores, torch.full((1, 3), 2, dtype=torch.int32))
     with pytest.raises(ValueError, match="budget: expected one value shared"):

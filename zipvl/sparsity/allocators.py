@@ -7,10 +7,14 @@ Contract (``zipvl.types.Allocator``)::
 
     allocator(mass, *, layer_idx=None) -> budget
     mass    (B, Hkv, Skv) float, >= 0   attention mass each key received (``Scores.mass``)
-    budget  (B, Hkv)      int32         tokens to keep, in [min(min_keep, Skv), Skv]
+    budget  (B, Hkv)      int32         tokens to keep, in [min(min_keep, Skv), Skv], or
+                                        NONFINITE_MASS_BUDGET (-1) everywhere when a
+                                        mass-dependent allocator meets NaN/inf mass
 
 Everything runs as plain PyTorch on the device of ``mass`` with fixed shapes and no host sync,
-so an allocator can sit inside a ``torch.compile(fullgraph=True)`` region.
+so an allocator can sit inside a ``torch.compile(fullgraph=True)`` region. For that reason it
+cannot raise on bad mass values: non-finite mass yields the sentinel budget, which
+``TopKSelector`` rejects at its host read (never a silently small budget).
 """
 
 from __future__ import annotations
@@ -23,17 +27,10 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from zipvl.checks import check_fraction, check_tensor
-from zipvl.types import Allocator
+from zipvl.checks import check_fraction, check_int, check_tensor
+from zipvl.types import NONFINITE_MASS_BUDGET, Allocator
 
 __all__ = ["CumulativeMassAllocator", "FixedRatioAllocator", "PerLayerSchedule"]
-
-
-def _check_min_keep(min_keep: object) -> None:
-    if isinstance(min_keep, bool) or not isinstance(min_keep, int):
-        raise TypeError(f"min_keep: expected an int, got {type(min_keep).__name__}")
-    if min_keep < 1:
-        raise ValueError(f"min_keep: expected an int >= 1, got {min_keep}")
 
 
 def _check_mass(mass: object) -> Tensor:
@@ -57,7 +54,9 @@ class CumulativeMassAllocator:
 
     Properties: ``p`` is monotone in ``tau``; the ``p`` largest entries of ``a`` carry at least
     ``tau`` of its mass (up to fp32 rounding of the cumulative sum); ``tau = 1`` keeps all Skv
-    tokens, even when some keys have zero mass. An all-zero ``mass`` gives ``p = min_keep``.
+    tokens, even when some keys have zero mass. An all-zero ``mass`` gives ``p = min_keep``. A
+    ``mass`` with NaN or inf anywhere gives ``NONFINITE_MASS_BUDGET`` (-1) everywhere, which
+    ``TopKSelector`` rejects: overflowed scores never pass as a tiny budget.
 
     Attributes:
         tau: retained mass fraction, in (0, 1]. The paper uses 0.96 and 0.975.
@@ -69,7 +68,7 @@ class CumulativeMassAllocator:
 
     def __post_init__(self) -> None:
         check_fraction("tau", self.tau)
-        _check_min_keep(self.min_keep)
+        check_int("min_keep", self.min_keep, 1)
 
     def __call__(self, mass: Tensor, /, *, layer_idx: int | None = None) -> Tensor:
         """Budget for one layer.
@@ -79,21 +78,26 @@ class CumulativeMassAllocator:
             layer_idx: unused (the rule is the same for every layer); accepted for the protocol.
 
         Returns:
-            (B, Hkv) int32, the same value everywhere, in [min(min_keep, Skv), Skv].
+            (B, Hkv) int32, the same value everywhere, in [min(min_keep, Skv), Skv], or
+            ``NONFINITE_MASS_BUDGET`` if ``mass`` holds NaN or inf.
 
         Raises:
             ValueError: ``mass`` is not a 3-D floating tensor with Skv >= 1.
         """
         mass = _check_mass(mass)
         b, hkv, skv = mass.shape
+        a = mass.float().sum(dim=(0, 1))  # (Skv,)
         if self.tau == 1.0:
             # Exact: a cumulative-sum test would stop early when trailing keys have zero mass.
-            return torch.full((b, hkv), skv, dtype=torch.int32, device=mass.device)
-        a = mass.float().sum(dim=(0, 1))  # (Skv,)
+            p = torch.where(a.sum().isfinite(), skv, NONFINITE_MASS_BUDGET)  # () int64
+            return p.to(torch.int32).expand(b, hkv).contiguous()  # (B, Hkv)
         cum = a.sort(descending=True).values.cumsum(0)  # (Skv,)
         # Fixed-shape form of "first index where cumsum >= tau * total, plus one": no host sync.
         p = (cum < self.tau * cum[-1]).sum() + 1  # () int64
         p = p.clamp(min=min(self.min_keep, skv), max=skv)
+        # NaN/inf anywhere makes the total non-finite (a NaN comparison would count as "< tau"
+        # and yield min_keep): return the sentinel instead, for the selector to reject
+        p = torch.where(cum[-1].isfinite(), p, NONFINITE_MASS_BUDGET)  # () int64
         return p.to(torch.int32).expand(b, hkv).contiguous()  # (B, Hkv)
 
 
@@ -120,7 +124,7 @@ class FixedRatioAllocator:
 
     def __post_init__(self) -> None:
         check_fraction("ratio", self.ratio)
-        _check_min_keep(self.min_keep)
+        check_int("min_keep", self.min_keep, 1)
 
     def __call__(self, mass: Tensor, /, *, layer_idx: int | None = None) -> Tensor:
         """Budget for one layer.
@@ -192,8 +196,7 @@ class PerLayerSchedule:
         Returns:
             A schedule of ``FixedRatioAllocator``, one per layer.
         """
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers: expected an int >= 1, got {num_layers!r}")
+        check_int("num_layers", num_layers, 1)
         check_fraction("min_ratio", min_ratio)
         check_fraction("max_ratio", max_ratio)
         if min_ratio > max_ratio:

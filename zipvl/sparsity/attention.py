@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from zipvl.checks import check_qkv, check_tensor
+from zipvl.checks import check_int, check_qkv, check_scale
 from zipvl.sparsity.block_mask import compacted_causal_block_mask, compacted_prefix_block_mask
 from zipvl.sparsity.reference import reference_sparse_attention
 from zipvl.types import Impl, Selection
@@ -98,7 +98,7 @@ def _parse_impl(impl: object) -> Impl:
 def _check_selection(selection: object, q: Tensor, k: Tensor) -> Selection:
     if not isinstance(selection, Selection):
         raise TypeError(f"selection: expected a Selection, got {type(selection).__name__}")
-    keep = check_tensor("selection.keep", selection.keep, ndim=3, dtype=torch.bool)
+    keep = selection.keep  # 3-D bool and num_kept in [0, S]: checked by Selection itself
     if tuple(keep.shape) != tuple(k.shape[:3]):
         raise ValueError(
             f"selection.keep: expected shape (B, Hkv, S) = {tuple(k.shape[:3])} like k, "
@@ -106,12 +106,9 @@ def _check_selection(selection: object, q: Tensor, k: Tensor) -> Selection:
         )
     if keep.device != q.device:
         raise ValueError(f"selection.keep: expected device {q.device} like q, got {keep.device}")
-    n = selection.num_kept
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= keep.shape[-1]:
-        raise ValueError(
-            f"selection.num_kept: expected an int in [0, S={keep.shape[-1]}], got {n!r}"
-        )
-    return selection
+    # every row must keep num_kept tokens, or the gathered tensors would silently mix kept and
+    # unkept tokens: one host read, unless the selector already verified it (TopKSelector does)
+    return selection.check_counts()
 
 
 def _gather_kv(k: Tensor, v: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -257,6 +254,9 @@ def sparse_attention(
         k: (B, Hkv, S, D) keys, Hq divisible by Hkv (GQA).
         v: (B, Hkv, S, Dv) values.
         selection: ``keep`` (B, Hkv, S) bool with ``num_kept`` True per row (``TopKSelector``).
+            The row counts are verified (``Selection.check_counts``: one host read for a
+            selection built by hand, none for one from ``TopKSelector``; skipped while
+            ``torch.compile`` traces).
         impl: ``"flex"`` (default), ``"sdpa"`` or ``"reference"``.
         unkept: ``"zero"`` or ``"attend"``.
         scale: softmax scale; None = 1 / sqrt(D).
@@ -271,7 +271,10 @@ def sparse_attention(
 
     Raises:
         ValueError: unknown ``impl``/``unkept``, bad shapes/dtypes/devices (``check_qkv``),
-            Sq != Skv, or a selection that does not match k.
+            Sq != Skv, a selection that does not match k or whose rows do not all keep
+            ``num_kept`` tokens, a non-positive or non-finite ``scale``, ``block_size < 1``.
+        TypeError: ``selection`` is not a ``Selection``; ``scale``, ``block_size`` or
+            ``compile`` of the wrong type.
     """
     impl_ = _parse_impl(impl)
     check_qkv(q, k, v)
@@ -280,17 +283,13 @@ def sparse_attention(
             f"q: expected Sq = Skv = {k.shape[2]} (sparse_attention is prefill attention), "
             f"got Sq = {q.shape[2]}"
         )
-    _check_selection(selection, q, k)
     if unkept not in ("zero", "attend"):
         raise ValueError(f"unkept: expected 'zero' or 'attend', got {unkept!r}")
-    if scale is not None and (
-        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0
-    ):
-        raise ValueError(f"scale: expected a positive float or None, got {scale!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
+    check_scale("scale", scale)
+    check_int("block_size", block_size, 1)
     if not isinstance(compile, bool):
         raise TypeError(f"compile: expected a bool, got {type(compile).__name__}")
+    _check_selection(selection, q, k)  # last: its row-count check reads the device
 
     b, hq, s, _ = q.shape
     if selection.num_kept == 0:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from zipvl.checks import check_tensor
+from zipvl.checks import check_int, check_tensor
 from zipvl.sparsity.masks import (
     compacted_causal_mask_mod,
     prefix_count_mask_mod,
@@ -39,14 +39,6 @@ __all__ = [
     "compacted_prefix_block_mask",
     "selection_block_mask",
 ]
-
-
-def _check_pos_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-    return value
 
 
 def _from_tiles(
@@ -148,9 +140,9 @@ def compacted_causal_block_mask(
     Raises:
         ValueError: non-positive sizes, ``padded_len`` not a multiple of ``block_size`` or < P.
     """
-    _check_pos_int("num_kept", num_kept)
-    _check_pos_int("block_size", block_size)
-    _check_pos_int("padded_len", padded_len)
+    check_int("num_kept", num_kept, 1)
+    check_int("block_size", block_size, 1)
+    check_int("padded_len", padded_len, 1)
     if padded_len % block_size != 0 or padded_len < num_kept:
         raise ValueError(
             f"padded_len: expected a multiple of block_size ({block_size}) that is >= num_kept "
@@ -187,9 +179,9 @@ def compacted_prefix_block_mask(
         A BlockMask with Q_LEN = S, KV_LEN = ``padded_kv_len``.
     """
     check_tensor("visible", visible, ndim=3)
-    _check_pos_int("block_size", block_size)
-    _check_pos_int("group_size", group_size)
-    _check_pos_int("padded_kv_len", padded_kv_len)
+    check_int("block_size", block_size, 1)
+    check_int("group_size", group_size, 1)
+    check_int("padded_kv_len", padded_kv_len, 1)
     if padded_kv_len % block_size != 0:
         raise ValueError(
             f"padded_kv_len: expected a multiple of block_size ({block_size}), got {padded_kv_len}"
@@ -248,9 +240,9 @@ def selection_block_mask(
     """
     if not isinstance(selection, Selection):
         raise TypeError(f"selection: expected a Selection, got {type(selection).__name__}")
-    keep = check_tensor("selection.keep", selection.keep, ndim=3, dtype=torch.bool)
-    _check_pos_int("block_size", block_size)
-    _check_pos_int("group_size", group_size)
+    keep = selection.keep  # (B, Hkv, S) bool, checked by Selection; the row counts are not used
+    check_int("block_size", block_size, 1)
+    check_int("group_size", group_size, 1)
     if unkept not in ("zero", "attend"):
         raise ValueError(f"unkept: expected 'zero' or 'attend', got {unkept!r}")
     b, hkv, s = keep.shape

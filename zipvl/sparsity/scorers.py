@@ -17,8 +17,10 @@ sits at position ``Skv - Sq + i`` and sees keys ``j <= Skv - Sq + i``. Sq = 3, S
 
 All scorers are plain PyTorch with fixed shapes and no host sync (probe positions depend only on
 shapes and the seed), so they trace under ``torch.compile(fullgraph=True)``. Attention logits
-are computed by a matmul in the input dtype, then softmax runs in float32. Memory is bounded by
-chunking over KV heads (and, for the all-rows scorer, over query rows).
+are computed by a matmul in the input dtype (float32 for float16 inputs, whose logits would
+overflow or lose precision), then softmax runs in float32. Non-finite logits give NaN mass, which
+``CumulativeMassAllocator`` turns into its sentinel budget and ``TopKSelector`` rejects. Memory
+is bounded by chunking over KV heads (and, for the all-rows scorer, over query rows).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zipvl.checks import check_fraction, check_qkv
+from zipvl.checks import check_fraction, check_int, check_qkv, check_scale
 from zipvl.types import Scores
 
 __all__ = [
@@ -42,22 +44,6 @@ __all__ = [
     "SnapKVScorer",
     "probe_positions",
 ]
-
-
-def _check_int(name: str, value: object, minimum: int, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-
-
-def _check_scale(scale: object) -> None:
-    if scale is None:
-        return
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale: expected a positive float or None, got {scale!r}")
 
 
 def _check_inputs(q: Tensor, k: Tensor) -> tuple[int, int, int, int, int]:
@@ -127,7 +113,17 @@ def probe_positions(
 
     Returns:
         (M,) int64 query-row indices in ascending order, all distinct, M >= min(min_probes, sq).
+
+    Raises:
+        TypeError / ValueError: an argument of the wrong type or outside its range.
     """
+    check_int("sq", sq, 1)
+    check_fraction("recent_frac", recent_frac, low_open=False)
+    check_fraction("random_frac", random_frac, low_open=False)
+    check_int("max_recent", max_recent, 0, optional=True)
+    check_int("max_random", max_random, 0, optional=True)
+    check_int("min_probes", min_probes, 1)
+    check_int("seed", seed, 0)
     m_recent = _floor_frac(recent_frac, sq)
     if max_recent is not None:
         m_recent = min(m_recent, max_recent)
@@ -192,7 +188,12 @@ def _probe_mass(
     hkv, skv = k.shape[1], k.shape[2]
     g = hq // hkv
     m = rows.shape[0]
-    qp = q.index_select(2, rows).view(b, hkv, g, m, d)  # (B, Hkv, G, M, D)
+    # fp16 logits overflow at 65504, which an outlier channel reaches before the scale is
+    # applied (q.k of two channels at 300 is 9e4), and lose the small differences that matter on
+    # top of a large shared offset: fp16 inputs get fp32 logits, as in the fused kernels. bf16
+    # shares fp32's range and stays in its own dtype (the common case pays nothing).
+    mm_dtype = torch.float32 if q.dtype == torch.float16 else q.dtype
+    qp = q.index_select(2, rows).to(mm_dtype).view(b, hkv, g, m, d)  # (B, Hkv, G, M, D)
     q_pos = rows + (skv - sq)  # (M,) absolute positions
     hidden = torch.arange(skv, device=k.device)[None, :] > q_pos[:, None]  # (M, Skv)
     chunks = []
@@ -200,7 +201,8 @@ def _probe_mass(
         h1 = min(h0 + heads_per_chunk, hkv)
         # (G*M, D) x (D, Skv) per KV head: no broadcast copy of k over the G query heads
         qc = qp[:, h0:h1].reshape(b, h1 - h0, g * m, d)  # (B, hc, G*M, D)
-        logits = torch.matmul(qc, k[:, h0:h1].transpose(-1, -2)).float()  # (B, hc, G*M, Skv)
+        kc = k[:, h0:h1].to(mm_dtype)  # (B, hc, Skv, D), a copy only for fp16
+        logits = torch.matmul(qc, kc.transpose(-1, -2)).float()  # (B, hc, G*M, Skv)
         logits = logits.view(b, h1 - h0, g, m, skv)  # (B, hc, G, M, Skv)
         logits = logits.mul_(scale).masked_fill_(hidden, float("-inf"))
         probs = torch.softmax(logits, dim=-1)  # (B, hc, G, M, Skv)
@@ -229,8 +231,9 @@ class ProbeScorer:
       that no probe sees get 0.
 
     Memory (``impl="torch"``): per chunk of KV heads, the logits of B * heads_per_chunk * G * M
-    * Skv in the input dtype, then two fp32 buffers of that size (masked logits, softmax) that
-    are freed before the next chunk; ``impl="triton"`` never materialises the probe map.
+    * Skv in the input dtype (fp32 for fp16 inputs, plus an fp32 copy of the chunk's keys), then
+    two fp32 buffers of that size (masked logits, softmax) that are freed before the next chunk;
+    ``impl="triton"`` never materialises the probe map.
 
     Attributes:
         recent_frac: fraction of the Sq query rows used as recent probes (the last rows), [0, 1].
@@ -266,16 +269,16 @@ class ProbeScorer:
             raise ValueError(f"impl: expected 'auto', 'torch' or 'triton', got {self.impl!r}")
         check_fraction("recent_frac", self.recent_frac, low_open=False)
         check_fraction("random_frac", self.random_frac, low_open=False)
-        _check_int("max_recent", self.max_recent, 0, optional=True)
-        _check_int("max_random", self.max_random, 0, optional=True)
-        _check_int("min_probes", self.min_probes, 1)
-        _check_int("seed", self.seed, 0)
-        _check_int("heads_per_chunk", self.heads_per_chunk, 1)
+        check_int("max_recent", self.max_recent, 0, optional=True)
+        check_int("max_random", self.max_random, 0, optional=True)
+        check_int("min_probes", self.min_probes, 1)
+        check_int("seed", self.seed, 0)
+        check_int("heads_per_chunk", self.heads_per_chunk, 1)
         if self.denominator not in ("causal", "probe_count"):
             raise ValueError(
                 f"denominator: expected 'causal' or 'probe_count', got {self.denominator!r}"
             )
-        _check_scale(self.scale)
+        check_scale("scale", self.scale)
 
     def probe_rows(self, sq: int, device: torch.device | str | None = None) -> Tensor:
         """The probe query rows for ``sq`` queries: (M,) int64, ascending (``probe_positions``).
@@ -362,9 +365,9 @@ class AccumulatedAttentionScorer:
     rows_per_chunk: int = 1024
 
     def __post_init__(self) -> None:
-        _check_scale(self.scale)
-        _check_int("heads_per_chunk", self.heads_per_chunk, 1)
-        _check_int("rows_per_chunk", self.rows_per_chunk, 1)
+        check_scale("scale", self.scale)
+        check_int("heads_per_chunk", self.heads_per_chunk, 1)
+        check_int("rows_per_chunk", self.rows_per_chunk, 1)
 
     def __call__(self, q: Tensor, k: Tensor, /) -> Scores:
         """Score every key by its accumulated attention.
@@ -414,14 +417,14 @@ class SnapKVScorer:
     heads_per_chunk: int = 1
 
     def __post_init__(self) -> None:
-        _check_int("window", self.window, 1)
-        _check_int("kernel", self.kernel, 1)
+        check_int("window", self.window, 1)
+        check_int("kernel", self.kernel, 1)
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel: expected an odd pooling kernel, got {self.kernel}")
         if self.pooling not in ("avg", "max"):
             raise ValueError(f"pooling: expected 'avg' or 'max', got {self.pooling!r}")
-        _check_scale(self.scale)
-        _check_int("heads_per_chunk", self.heads_per_chunk, 1)
+        check_scale("scale", self.scale)
+        check_int("heads_per_chunk", self.heads_per_chunk, 1)
 
     def __call__(self, q: Tensor, k: Tensor, /) -> Scores:
         """Score every key by the observation window's attention.

@@ -22,19 +22,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from zipvl.checks import check_same_device, check_tensor
-from zipvl.types import Selection
+from zipvl.checks import check_int, check_same_device, check_tensor
+from zipvl.types import NONFINITE_MASS_BUDGET, Selection
 
 __all__ = ["Selection", "TopKSelector"]
 
 _GRANULARITIES = ("kv_head", "layer")
-
-
-def _check_count(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name}: expected an int >= 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -76,8 +69,8 @@ class TopKSelector:
             )
         if not isinstance(self.keep_last, bool):
             raise TypeError(f"keep_last: expected a bool, got {type(self.keep_last).__name__}")
-        _check_count("sink_tokens", self.sink_tokens)
-        _check_count("recent_window", self.recent_window)
+        check_int("sink_tokens", self.sink_tokens, 0)
+        check_int("recent_window", self.recent_window, 0)
 
     def num_forced(self, skv: int) -> int:
         """Number of forced tokens in a sequence of ``skv`` keys (host arithmetic on the shape)."""
@@ -137,8 +130,9 @@ class TopKSelector:
             ``Selection`` with ``keep`` (B, Hkv, Skv) bool and ``num_kept = max(p, |forced|)``.
 
         Raises:
-            ValueError: wrong ranks/shapes, devices differ, or the budget is not one value in
-                [0, Skv] shared by all rows.
+            ValueError: wrong ranks/shapes, devices differ, ``scores`` hold NaN, the budget is
+                the allocators' non-finite-mass sentinel (``NONFINITE_MASS_BUDGET``), or it is
+                not one value in [0, Skv] shared by all rows. All checked on one host read.
         """
         check_tensor("scores", scores, ndim=3, floating=True)
         check_tensor("budget", budget, ndim=2)
@@ -153,9 +147,28 @@ class TopKSelector:
             )
         # Queue the keep mask first, so the device works while the host waits on the read-back.
         keep = self.keep_mask(scores, budget)  # (B, Hkv, Skv)
-        # The one host read of the plan step: the kept count sizes the gathered tensors.
-        host = budget.detach().to("cpu")
-        p_min, p_max = int(host.min()), int(host.max())
+        counts = keep.sum(dim=-1)  # (B, Hkv) kept tokens per row
+        stats = torch.stack(
+            [
+                *torch.aminmax(budget.to(torch.int64)),
+                *torch.aminmax(counts),
+                scores.isnan().any().to(torch.int64),
+            ]
+        )  # (5,) int64
+        # The one host read of the plan step: the kept count sizes the gathered tensors, and the
+        # same transfer carries the checks of the scores and of the keep mask's row counts.
+        p_min, p_max, n_min, n_max, has_nan = stats.tolist()
+        if p_min == NONFINITE_MASS_BUDGET:
+            raise ValueError(
+                f"budget: got {NONFINITE_MASS_BUDGET}, the allocators' sentinel for NaN or inf in "
+                "the attention mass (Scores.mass): the scorer's logits overflowed (e.g. fp16 keys "
+                "with outlier channels) or its inputs hold NaN/inf"
+            )
+        if has_nan:
+            raise ValueError(
+                "scores: expected no NaN (higher = keep), got NaN entries: the scorer's logits "
+                "overflowed or its inputs hold NaN/inf"
+            )
         if p_min != p_max:
             raise ValueError(
                 "budget: expected one value shared by all (b, h) rows so that every row keeps the "
@@ -163,4 +176,6 @@ class TopKSelector:
             )
         if not 0 <= p_max <= skv:
             raise ValueError(f"budget: expected values in [0, Skv={skv}], got {p_max}")
-        return Selection(keep=keep, num_kept=max(p_max, self.num_forced(skv)))
+        selection = Selection(keep=keep, num_kept=max(p_max, self.num_forced(skv)))
+        # keep_mask gives num_kept per row by construction; verified here on the same read
+        return selection.check_counts(count_range=(n_min, n_max))

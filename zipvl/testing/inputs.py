@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["PlantedInputs", "planted_qkv", "random_qkv", "random_scores"]
+__all__ = ["PlantedInputs", "planted_qkv", "random_qkv", "random_scores", "with_outlier_channel"]
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -48,6 +48,30 @@ def random_qkv(
     k = torch.randn(b, hkv, s, d, generator=g)
     v = torch.randn(b, hkv, s, dv if dv is not None else d, generator=g)
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))  # type: ignore[return-value]
+
+
+def with_outlier_channel(
+    q: Tensor, k: Tensor, value: float, *, channel: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Copies of q and k whose ``channel`` is ``value`` everywhere (LLM "massive activations").
+
+    Every logit gains the same ``value**2`` (times the scale), which the softmax cancels, so the
+    attention pattern is unchanged in exact arithmetic; with ``value = 300`` the raw q.k (9e4)
+    overflows fp16 while the scaled logits stay far inside fp32's range.
+
+    Args:
+        q: (B, Hq, Sq, D).
+        k: (B, Hkv, Skv, D).
+        value: the outlier value.
+        channel: which head-dim channel, in [0, D).
+
+    Returns:
+        (q', k') of the same shapes and dtypes.
+    """
+    q, k = q.clone(), k.clone()
+    q[..., channel] = value
+    k[..., channel] = value
+    return q, k
 
 
 def random_scores(
