@@ -16,7 +16,7 @@ FlexAttention and the transformers cache. No function in zipvl takes another lay
 Conventions:
     * Scores are float32 and "higher = more important".
     * Budgets are int32 tensors of shape (B, Hkv); ZipVL's allocator gives one value per layer,
-      broadcast over (B, Hkv).
+      broadcast over (B, Hkv). ``NONFINITE_MASS_BUDGET`` (-1) marks NaN/inf attention mass.
     * A selection is a fixed-shape boolean ``keep`` (B, Hkv, Skv); every (b, h) row keeps the same
       number of tokens, so gathered tensors are rectangular.
 
@@ -208,5 +208,8 @@ class Selector(Protocol):
     """Token selector: normalized scores + budget -> Selection."""
 
     def __call__(self, scores: Tensor, budget: Tensor, /) -> Selection:
-        """scores (B, Hkv, Skv) float32 (higher = keep), budget (B, Hkv) int32 -> Selection."""
+        """scores (B, Hkv, Skv) float32 (higher = keep), budget (B, Hkv) int32 -> Selection.
+
+        A selector that has read the row counts of its ``keep`` back anyway can pass them to
+        ``Selection.check_counts(count_range=...)``; otherwise the first consumer reads them."""
         ...

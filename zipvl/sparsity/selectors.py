@@ -11,7 +11,9 @@ Contract (``zipvl.types.Selector``)::
     budget  (B, Hkv)      int32, the same value in every row (one budget per layer)
 
 The keep mask itself (``TopKSelector.keep_mask``) is fixed-shape tensor work with no host sync;
-only ``__call__`` reads the budget back once, to report ``Selection.num_kept`` as a host int.
+only ``__call__`` reads back to the host, once: the budget (to report ``Selection.num_kept`` as a
+host int), whether the scores hold NaN, and the keep mask's row counts, so that the returned
+``Selection`` is already verified and ``sparse_attention`` reads nothing more.
 """
 
 from __future__ import annotations
