@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from zipvl.cli import main
-from zipvl.demo import run_demo
+from zipvl.demo import LARGE_PROBE_CAP, _probe_cap, amdahl_bound, run_demo
 from zipvl.models.lvlm import (
     DEMO_SPECS,
     build_demo_lvlm,
@@ -34,6 +34,7 @@ def test_demo_runs_in_a_minute(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert f"prompt {spec.visual_tokens + 25} tokens ({spec.visual_tokens} visual)" in out
     for text in ("attention-FLOP reduction", "compression", "prefill time", "agreement"):
         assert text in out
+    assert "Amdahl bound" in out and "probe queries" not in out  # the tiny demo has no cap
     assert "[zipvl demo]" in err  # progress goes to stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (tmp_path / "kept_ratio.png").read_bytes()[:4] == b"\x89PNG"
@@ -42,6 +43,52 @@ def test_demo_runs_in_a_minute(tmp_path: Path, capsys: pytest.CaptureFixture[str
     ratios = summary["layer_kept_ratio"]
     assert len(ratios) == spec.layers and max(ratios) < 0.9 and len(set(ratios)) > 1
     assert summary["attn_flop_reduction"] > 0.2 and summary["compression"] > 2.0
+    assert 0.0 < summary["attn_share_dense"] <= 1.0 and summary["probe_cap"] is None
+    bound = amdahl_bound(summary["attn_share_dense"], ratios)
+    assert summary["amdahl_bound"] == pytest.approx(bound) and bound > 1.0
+    assert f"Amdahl bound {bound:.2f}x" in out
+
+
+def test_amdahl_bound() -> None:
+    assert amdahl_bound(0.0, [0.2]) == 1.0  # no attention: nothing to gain
+    assert amdahl_bound(1.0, [0.5]) == pytest.approx(4.0)  # all attention: 1 / (p/n)^2
+    assert amdahl_bound(0.5, [0.0, 1.0]) == pytest.approx(1 / (0.5 + 0.5 * 0.5))
+    assert amdahl_bound(0.6, [1.0]) == 1.0  # dense layers gain nothing
+    with pytest.raises(ValueError, match=r"attn_share: expected a value in \[0, 1\], got 1.5"):
+        amdahl_bound(1.5, [0.5])
+    with pytest.raises(ValueError, match=r"kept_ratios: expected at least one layer"):
+        amdahl_bound(0.5, [])
+
+
+def test_large_demo_defaults_to_a_probe_cap() -> None:
+    assert _probe_cap(None, "large", None) == (LARGE_PROBE_CAP, True) and LARGE_PROBE_CAP == 64
+    assert _probe_cap(32, "large", None) == (32, False)  # an explicit cap wins
+    assert _probe_cap(None, "tiny", None) == (None, False)
+    assert _probe_cap(None, "large", "/ckpt") == (None, False)  # checkpoints: as given
+    # the large prompt is where attention dominates: 64k visual tokens, resizable by frames
+    spec = DEMO_SPECS["large"]
+    assert spec.visual_tokens == 65536 and spec.tokens_per_picture == 256
+
+
+def test_frames_resize_the_prompt(tmp_path: Path) -> None:
+    inputs = demo_inputs("tiny", frames=2)
+    spec = DEMO_SPECS["tiny"]
+    assert inputs["pixel_values"].shape == (3, 3, spec.image_size, spec.image_size)
+    assert int((inputs["input_ids"] == 255).sum()) == 3 * spec.tokens_per_picture
+    assert demo_inputs("tiny", frames=0)["pixel_values"].shape[0] == 1
+    with pytest.raises(ValueError, match=r"frames: expected an int >= 0 or None, got -1"):
+        demo_inputs("tiny", frames=-1)
+    res = run_demo(
+        frames=1,
+        out_dir=tmp_path,
+        max_new_tokens=1,
+        repeats=1,
+        progress=False,
+        stdout=open(tmp_path / "out.txt", "w"),  # noqa: SIM115
+    )
+    assert res.visual_tokens == 2 * spec.tokens_per_picture
+    assert res.prompt_tokens == 1 + res.visual_tokens + 24
+    assert "1 image + 1-frame video" in res.text
 
 
 def test_demo_tau_changes_the_ratio(tmp_path: Path) -> None:
@@ -74,6 +121,8 @@ def test_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         main(["demo", "--preset", "fixed", "--tau", "0.9", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"probe_cap: expected an int >= 1, got 0"):
         main(["demo", "--probe-cap", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"frames: only for the built-in model"):
+        main(["demo", "--model", str(tmp_path), "--frames", "3", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"path: expected a local checkpoint directory"):
         main(["demo", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
 

@@ -29,7 +29,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=("tiny", "large"),
         default="tiny",
         help="built-in model: tiny (512 visual tokens, CPU) or large (LongVA-shaped layers, "
-        "16640 visual tokens, GPU)",
+        "65536 visual tokens, GPU)",
+    )
+    demo.add_argument(
+        "--frames",
+        type=int,
+        help="video frames of the built-in prompt (default: 7 tiny, 255 large); each adds 64 "
+        "(tiny) or 256 (large) visual tokens",
     )
     demo.add_argument("--preset", choices=sorted(PRESETS), default="zipvl")
     demo.add_argument("--tau", type=float, help="override the preset's tau (e.g. 0.96)")
@@ -39,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--probe-cap",
         type=int,
-        help="cap the recent and the random probe counts (e.g. 64 for long video prompts)",
+        help="cap the recent and the random probe counts (default: 64 with --size large, as "
+        "method.md 4.2 recommends for long prompts; no cap otherwise)",
     )
     demo.add_argument(
         "--quant-impl",
@@ -72,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(
                 model_path=args.model,
                 size=args.size,
+                frames=args.frames,
                 preset=args.preset,
                 tau=args.tau,
                 recompress_every=args.recompress_every,

@@ -2,14 +2,16 @@
 
 With no arguments it builds the tiny LLaVA-style model of ``zipvl.models.lvlm`` (random weights
 with planted attention structure, seeded, nothing downloaded) and a prompt of one synthetic image
-plus a synthetic multi-frame video (hundreds of visual tokens; thousands with ``size="large"``),
-then prints:
+plus a synthetic multi-frame video (hundreds of visual tokens; 65,536 with ``size="large"``, a
+GPU workload where attention is most of the dense prefill; ``frames`` resizes it), then prints:
 
 * the per-layer table of the ZipVL cache report (kept ratio p / n, attention-FLOP reduction,
   tokens per precision, bytes vs bf16, compression),
 * the mean attention-FLOP reduction, KV bytes and compression,
 * prefill time dense vs ZipVL (median of a few timed runs after a warm-up), and ZipVL's time
-  with a 16-bit cache (sparse prefill without the KV quantization),
+  with a 16-bit cache (sparse prefill without the KV quantization), next to the Amdahl bound:
+  the speed-up if attention cost exactly (p / n)^2 of its dense time and nothing else changed
+  (the attention share is measured: one dense causal SDPA at the prompt's shape per layer),
 * the greedy tokens of both runs and how many agree,
 
 and writes the per-layer kept-ratio plot (PNG) and a JSON summary to the output directory.
@@ -26,12 +28,13 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from zipvl.cache.report import CacheReport
@@ -41,7 +44,10 @@ from zipvl.models.hf import forced_generate
 from zipvl.quant import IdentityKVQuantizer
 from zipvl.types import Impl
 
-__all__ = ["DemoResult", "run_demo"]
+__all__ = ["LARGE_PROBE_CAP", "DemoResult", "amdahl_bound", "run_demo"]
+
+LARGE_PROBE_CAP = 64
+"""Probe cap of the large demo when none is given (method.md 4.2: a cap for long prompts)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,9 @@ class DemoResult:
         forced_agreement: steps where ZipVL, fed the dense continuation, predicts its next token.
         prefill_ms_dense: median dense prefill time.
         prefill_ms_zipvl: median ZipVL prefill time.
+        prefill_ms_zipvl_16bit: median ZipVL prefill time with a 16-bit cache.
+        attn_share: measured share of dense attention in the dense prefill, in [0, 1].
+        amdahl_bound: the prefill speed-up if only attention changed, to (p / n)^2 of its time.
         plot: path of the PNG plot.
         summary: path of the JSON summary.
         text: everything that was printed.
@@ -70,6 +79,9 @@ class DemoResult:
     forced_agreement: int
     prefill_ms_dense: float
     prefill_ms_zipvl: float
+    prefill_ms_zipvl_16bit: float
+    attn_share: float
+    amdahl_bound: float
     plot: Path
     summary: Path
     text: str
@@ -160,6 +172,13 @@ def _config(
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
+def _probe_cap(cap: int | None, size: str, model_path: str | None) -> tuple[int | None, bool]:
+    """The probe cap to use and whether it is the large demo's default (method.md 4.2)."""
+    if cap is None and model_path is None and size == "large":
+        return LARGE_PROBE_CAP, True
+    return cap, False
+
+
 def _unquantized(config: ZipVLConfig) -> ZipVLConfig:
     """The same sparsity with a 16-bit cache: separates attention from quantization time."""
     quant_keys = ("quantizer", "bits_high", "bits_low", "quant_impl")
@@ -182,6 +201,47 @@ def _to_device(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
     return value.to(device, dtype) if value.is_floating_point() else value.to(device)
 
 
+def _dense_attention_ms(
+    shape: tuple[int, int, int, int],
+    s: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int,
+) -> float:
+    """Median time of one layer's dense causal SDPA at the prompt's shape (what the dense
+    model runs: no mask, GQA in the kernel). Random inputs from a private generator."""
+    _, hq, hkv, d = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, hq, s, d, generator=gen, device=device, dtype=dtype)  # (1, Hq, S, D)
+    k = torch.randn(1, hkv, s, d, generator=gen, device=device, dtype=dtype)  # (1, Hkv, S, D)
+    v = torch.randn(1, hkv, s, d, generator=gen, device=device, dtype=dtype)
+    gqa = hq != hkv
+    with torch.no_grad():
+        return _median_ms(
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa),
+            device,
+            repeats,
+        )
+
+
+def amdahl_bound(attn_share: float, kept_ratios: Sequence[float]) -> float:
+    """Prefill speed-up if attention took (p / n)^2 of its dense time and nothing else changed.
+
+    Args:
+        attn_share: share of the dense prefill spent in attention, in [0, 1].
+        kept_ratios: p / n per layer (every layer's dense attention costs the same).
+
+    Returns:
+        ``1 / ((1 - f) + f * mean((p / n)^2))``.
+    """
+    if not 0.0 <= attn_share <= 1.0:
+        raise ValueError(f"attn_share: expected a value in [0, 1], got {attn_share}")
+    if not kept_ratios:
+        raise ValueError("kept_ratios: expected at least one layer, got none")
+    r2 = sum(r * r for r in kept_ratios) / len(kept_ratios)
+    return 1.0 / ((1.0 - attn_share) + attn_share * r2)
+
+
 def _tokens(out: Tensor, prompt_len: int) -> tuple[int, ...]:
     return tuple(int(t) for t in out[0, prompt_len:].tolist())
 
@@ -190,6 +250,7 @@ def run_demo(
     *,
     model_path: str | None = None,
     size: str = "tiny",
+    frames: int | None = None,
     preset: str = "zipvl",
     tau: float | None = None,
     recompress_every: int | None = None,
@@ -208,12 +269,17 @@ def run_demo(
 
     Args:
         model_path: local checkpoint directory (None: the built-in tiny LVLM).
-        size: built-in model size, ``"tiny"`` (CPU) or ``"large"`` (thousands of visual tokens,
-            for a GPU).
+        size: built-in model size, ``"tiny"`` (CPU, 512 visual tokens) or ``"large"``
+            (LongVA-shaped layers, 65,536 visual tokens, for a GPU: about 1 GB of weights and
+            a few GB of activations in bf16).
+        frames: video frames of the built-in prompt (None: the size's default: 7 tiny, 255
+            large); each adds 64 (tiny) or 256 (large) visual tokens.
         preset: ``ZipVLConfig`` preset name.
         tau: overrides the preset's tau.
         recompress_every: overrides the preset's decode block size.
-        probe_cap: caps the recent and the random probe counts of the default scorer.
+        probe_cap: caps the recent and the random probe counts of the default scorer (None:
+            64 for ``size="large"``, as method.md 4.2 recommends for long prompts; no cap
+            otherwise).
         quant_impl: ``"reference"`` or ``"triton"``, the default quantizers' write path.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         max_new_tokens: greedy tokens to generate, >= 1.
@@ -243,6 +309,9 @@ def run_demo(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} requested but CUDA is not available")
+    if frames is not None and model_path is not None:
+        raise ValueError(f"frames: only for the built-in model, got frames={frames} with a model")
+    probe_cap, capped_by_default = _probe_cap(probe_cap, size, model_path)
     config = _config(preset, tau, recompress_every, probe_cap, quant_impl)
     lines: list[str] = []
 
@@ -257,12 +326,13 @@ def run_demo(
     if model_path is None:
         model: Any = lvlm.build_demo_lvlm(size, seed=seed)  # type: ignore[arg-type]
         model.to(device=dev, dtype=dtype)
-        inputs = lvlm.demo_inputs(size, seed=seed)  # type: ignore[arg-type]
+        inputs = lvlm.demo_inputs(size, frames=frames, seed=seed)  # type: ignore[arg-type]
         spec = lvlm.DEMO_SPECS[size]
-        visual = spec.visual_tokens
+        n_frames = spec.frames if frames is None else frames
+        visual = spec.tokens_per_picture * (1 + n_frames)
         title = (
             f"built-in {size} LLaVA-style LVLM (random weights, planted structure; "
-            f"1 image + {spec.frames}-frame video, {spec.tokens_per_picture} tokens each)"
+            f"1 image + {n_frames}-frame video, {spec.tokens_per_picture} tokens each)"
         )
     else:
         model, processor = lvlm.load_local_model(model_path, device=str(dev), dtype=dtype)
@@ -281,6 +351,9 @@ def run_demo(
     with torch.no_grad():
         prog.stage(f"timing the dense prefill ({repeats} runs + warm-up)")
         dense_ms = _median_ms(lambda: model(**inputs, use_cache=True), dev, repeats)
+        shape = lvlm.attention_shape(model)
+        prog.stage(f"timing one layer's dense attention at S = {prompt_len} (Amdahl bound)")
+        attn_ms = _dense_attention_ms(shape, prompt_len, dev, dtype, repeats)
         dense_out = model.generate(
             **inputs, **gen_kwargs, streamer=prog.start("dense generation", max_new_tokens)
         )
@@ -309,6 +382,8 @@ def run_demo(
             if is_enabled(model):
                 disable(model)
     report = cache.report()
+    attn_share = min(shape[0] * attn_ms / dense_ms, 1.0)
+    bound = amdahl_bound(attn_share, [r.kept_ratio for r in report.prefilled] or [1.0])
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -339,10 +414,24 @@ def run_demo(
         f"KV cache: {report.bytes:,} bytes with ZipVL vs {report.bf16_bytes:,} bytes in bf16 "
         f"-> {report.compression:.2f}x compression"
     )
+    if config.probe_cap is not None:
+        why = (
+            " (the default for --size large: method.md 4.2 recommends a cap for long prompts, "
+            "where 5 % + 5 % of the prompt would be thousands of probe rows; not in the paper)"
+            if capped_by_default
+            else ""
+        )
+        say(f"probe queries: at most {config.probe_cap} recent + {config.probe_cap} random{why}")
     say(
         f"prefill time (median of {repeats}): dense {dense_ms:.1f} ms, ZipVL {zipvl_ms:.1f} ms "
         f"({dense_ms / zipvl_ms:.2f}x); ZipVL without KV quantization (16-bit cache) "
         f"{sparse_ms:.1f} ms ({dense_ms / sparse_ms:.2f}x)"
+    )
+    say(
+        f"Amdahl bound {bound:.2f}x: dense attention is {attn_share:.1%} of the dense prefill "
+        f"({shape[0]} layers x {attn_ms:.1f} ms of {dense_ms:.1f} ms); shrinking it to the kept "
+        f"share (p/n)^2 with everything else unchanged (projections, MLP, vision tower) gives "
+        f"at most {bound:.2f}x, before ZipVL's own scoring, selection and KV quantization"
     )
     say(f"generated (dense): {list(dense_tok)}")
     say(f"generated (ZipVL): {list(zipvl_tok)}")
@@ -377,6 +466,10 @@ def run_demo(
                 "prefill_ms_dense": dense_ms,
                 "prefill_ms_zipvl": zipvl_ms,
                 "prefill_ms_zipvl_16bit_cache": sparse_ms,
+                "attn_ms_per_layer_dense": attn_ms,
+                "attn_share_dense": attn_share,
+                "amdahl_bound": bound,
+                "probe_cap": config.probe_cap,
                 "dense_tokens": list(dense_tok),
                 "zipvl_tokens": list(zipvl_tok),
                 "agreement": agree,
@@ -394,6 +487,9 @@ def run_demo(
         forced_agreement=forced_agree,
         prefill_ms_dense=dense_ms,
         prefill_ms_zipvl=zipvl_ms,
+        prefill_ms_zipvl_16bit=sparse_ms,
+        attn_share=attn_share,
+        amdahl_bound=bound,
         plot=plot,
         summary=summary,
         text="\n".join(lines),

@@ -35,6 +35,7 @@ real checkpoint (``zipvl demo --model PATH``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ __all__ = [
     "DEMO_SPECS",
     "SUPPORTED_ARCHITECTURES",
     "DemoSpec",
+    "attention_shape",
     "build_demo_lvlm",
     "build_tiny_model",
     "build_tiny_processor",
@@ -452,8 +454,10 @@ DEMO_SPECS: Mapping[str, DemoSpec] = {
         frames=7,
     ),
     # the GPU demo: 4 layers of LongVA-7B's language model (hidden 3584, 28 query / 4 KV heads,
-    # head dim 128) and (1 image + 64 frames) x 256 tokens = 16640 visual tokens, the length
-    # of a long Video-MME prompt, where attention is a large share of the prefill
+    # head dim 128) and (1 image + 255 frames) x 256 tokens = 65536 visual tokens (LongVA's
+    # long-video regime). At 16.6k tokens (64 frames) the MLP dominated the prefill (H200:
+    # ZipVL 1.00x, bound ~1.2x); at 64k dense attention is most of it, so sparsity pays
+    # (``demo_inputs(frames=...)`` / ``zipvl demo --frames`` size it).
     "large": DemoSpec(
         hidden=3584,
         layers=4,
@@ -462,7 +466,7 @@ DEMO_SPECS: Mapping[str, DemoSpec] = {
         vision_hidden=256,
         vision_layers=4,
         image_size=224,
-        frames=64,
+        frames=255,
     ),
 }
 
@@ -477,7 +481,7 @@ def build_demo_lvlm(
     Seeded; the global RNG state is restored afterwards.
 
     Args:
-        size: ``"tiny"`` (CPU, 512 visual tokens) or ``"large"`` (GPU, 16640 visual tokens).
+        size: ``"tiny"`` (CPU, 512 visual tokens) or ``"large"`` (GPU, 65536 visual tokens).
         seed: weight seed.
 
     Returns:
@@ -590,7 +594,11 @@ def synthetic_video(frames: int, size: int, *, seed: int = 0) -> Tensor:
 
 
 def demo_inputs(
-    size: Literal["tiny", "large"] = "tiny", *, text_len: int = 24, seed: int = 0
+    size: Literal["tiny", "large"] = "tiny",
+    *,
+    frames: int | None = None,
+    text_len: int = 24,
+    seed: int = 0,
 ) -> dict[str, Tensor]:
     """The demo prompt: ``[BOS] <image> <video frames> text``, one row.
 
@@ -599,21 +607,27 @@ def demo_inputs(
 
     Args:
         size: the spec the model was built with (``build_demo_lvlm(size)``).
+        frames: video frames (None: ``DEMO_SPECS[size].frames``), >= 0; the prompt length
+            grows by ``tokens_per_picture`` per frame.
         text_len: text tokens after the visual block, >= 1.
         seed: seeds the text tokens and the synthetic pixels.
 
     Returns:
         ``input_ids`` (1, S), ``attention_mask`` (1, S) and ``pixel_values``
-        (1 + frames, 3, H, W), with S = 1 + visual_tokens + text_len.
+        (1 + frames, 3, H, W), with S = 1 + (1 + frames) * tokens_per_picture + text_len.
 
     Raises:
-        ValueError: unknown ``size`` or ``text_len < 1``.
+        ValueError: unknown ``size``, ``frames < 0`` or ``text_len < 1``.
     """
     if size not in DEMO_SPECS:
         raise ValueError(f"size: expected one of {tuple(DEMO_SPECS)}, got {size!r}")
     if text_len < 1:
         raise ValueError(f"text_len: expected an int >= 1, got {text_len}")
     spec = DEMO_SPECS[size]
+    if frames is not None:
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 0:
+            raise ValueError(f"frames: expected an int >= 0 or None, got {frames!r}")
+        spec = dataclasses.replace(spec, frames=frames)
     image = synthetic_image(spec.image_size, seed=seed)  # (3, H, W)
     video = synthetic_video(spec.frames, spec.image_size, seed=seed + 1)  # (F, 3, H, W)
     pixel_values = torch.cat([image[None], video], dim=0)  # (1 + F, 3, H, W)
@@ -625,6 +639,22 @@ def demo_inputs(
         "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
         "pixel_values": pixel_values,
     }
+
+
+def attention_shape(model: PreTrainedModel) -> tuple[int, int, int, int]:
+    """(layers, query heads, KV heads, head dim) of a transformers model's language model.
+
+    Raises:
+        ValueError: the text config lacks the layer or head counts.
+    """
+    cfg = model.config.get_text_config()
+    try:
+        layers, hq = int(cfg.num_hidden_layers), int(cfg.num_attention_heads)
+    except AttributeError as err:
+        raise ValueError(f"model: its text config has no layer / head counts ({err})") from None
+    hkv = int(getattr(cfg, "num_key_value_heads", None) or hq)
+    d = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // hq)
+    return layers, hq, hkv, d
 
 
 # --------------------------------------------------------------------------------------------
