@@ -337,13 +337,16 @@ class ZipVLCacheLayer(CacheLayerMixin):
                 raise ValueError(f"keep: expected device {k.device}, got {keep.device}")
         if key_valid is not None:
             check_key_valid(key_valid, b, s, k.device)
-        rest_keep = None if keep is None or ns == s else _equalize_counts(keep[:, :, ns:])
+        rest_keep = None
+        if keep is not None and ns < s:
+            # without sinks the counts are those of keep, checked below: nothing to equalize
+            rest_keep = _equalize_counts(keep[:, :, ns:]) if ns else keep
         kept, rest_kept = s, None
         # the one host read of the prefill commit: validation, stats, the quantizer's count
         reads: dict[str, Tensor] = {}
         if keep is not None:
             reads["lo"], reads["hi"] = torch.aminmax(keep.sum(-1))  # row counts
-            if rest_keep is not None:
+            if rest_keep is not None and ns:
                 reads["rest"] = rest_keep[0, 0].sum()  # rows are equal after _equalize_counts
         if key_valid is not None:
             reads["all_real"] = key_valid.all()
@@ -360,7 +363,7 @@ class ZipVLCacheLayer(CacheLayerMixin):
                     f"counts from {host['lo']} to {host['hi']}"
                 )
             kept = host["lo"]
-            rest_kept = host.get("rest")
+            rest_kept = host.get("rest", kept)
         if not host.get("real_sinks", 1):
             raise ValueError(
                 f"key_valid: some batch row has padding among its first sink_tokens={ns} "

@@ -47,8 +47,9 @@ def quantize_pack(
         got = x.dtype if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x: expected a floating-point tensor, got {got}")
     if impl is Impl.REFERENCE:
-        scale, zero = choose_qparams(x, spec)
-        return pack(quantize(x, spec, scale, zero), spec.bits), scale, zero
+        xf = x.float()  # once: both primitives below work in float32 (a no-op for float32 x)
+        scale, zero = choose_qparams(xf, spec)
+        return pack(quantize(xf, spec, scale, zero), spec.bits), scale, zero
     if impl is Impl.TRITON:
         try:
             from .triton_kernels import quantize_pack_tokenwise

@@ -91,10 +91,12 @@ def round_param(y: Tensor, dtype: torch.dtype, *, up: bool) -> Tensor:
     if grid is None:
         return y
     emin, mant = grid
-    e = ((y.view(torch.int32) >> 23) & 0xFF) - 127  # unbiased float32 exponent
-    e_ulp = torch.clamp_min(e, emin) - mant  # log2 of the grid spacing
-    ulp = ((e_ulp + 127) << 23).view(torch.float32)  # 2^e_ulp, exact
-    inv = ((127 - e_ulp) << 23).view(torch.float32)  # 2^-e_ulp, exact
+    # nine elementwise ops (a launch each on a GPU): the biased exponent field E of y, floored
+    # at the dtype's smallest normal exponent; the grid spacing is 2^(E - 127 - mant)
+    biased = torch.clamp_min((y.view(torch.int32) >> 23) & 0xFF, emin + 127)
+    ulp_bits = (biased - mant) << 23  # float32 bits of 2^e_ulp
+    ulp = ulp_bits.view(torch.float32)  # 2^e_ulp, exact
+    inv = ((254 << 23) - ulp_bits).view(torch.float32)  # 2^-e_ulp, exact
     steps = torch.ceil(y * inv) if up else torch.floor(y * inv)  # y * inv is exact
     return steps * ulp
 
@@ -200,12 +202,11 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     if per == 1:
         return codes
     m = codes.shape[-1] // per
-    # slice i holds elements [i m, (i+1) m)
+    # slice i holds elements [i m, (i+1) m); its codes are shifted to bits [i bits, (i+1) bits)
     sl = codes.reshape(*codes.shape[:-1], per, m)  # (..., per, m)
-    out = sl[..., 0, :].clone()  # (..., m)
-    for i in range(1, per):
-        out |= sl[..., i, :] << (i * bits)
-    return out
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)  # (per,)
+    # the shifted codes occupy disjoint bits, so their sum is their bitwise or (at most 255)
+    return (sl << shifts[:, None]).sum(dim=-2, dtype=torch.uint8)  # (..., m)
 
 
 def unpack(packed: Tensor, bits: int) -> Tensor:
@@ -247,8 +248,10 @@ def pack_bitmap(mask: Tensor) -> Tensor:
     if pad:
         m = torch.cat([m, m.new_zeros(*m.shape[:-1], pad)], dim=-1)  # (..., 8 nb)
     m = m.reshape(*m.shape[:-1], nb, 8)  # (..., nb, 8)
-    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=mask.device)
-    return (m * weights).sum(dim=-1, dtype=torch.uint8)  # (..., nb); bits are disjoint
+    # shifts made on the device: a tensor built from a Python list would be a host-to-device
+    # copy, which synchronizes the stream
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)  # (8,)
+    return (m << shifts).sum(dim=-1, dtype=torch.uint8)  # (..., nb); bits are disjoint
 
 
 def unpack_bitmap(packed: Tensor, length: int) -> Tensor:

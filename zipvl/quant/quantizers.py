@@ -185,10 +185,11 @@ def quantize_tensor(
     cs = None
     xq = x
     if channel_separable:
-        amax = x.float().abs().amax(dim=-2, keepdim=True)  # (B, Hkv, 1, D)
+        xf = x.float()  # (B, Hkv, T, D), converted once
+        amax = xf.abs().amax(dim=-2, keepdim=True)  # (B, Hkv, 1, D)
         # rounded onto pd's grid first, so the stored divisor is exactly the one divided by
         cs = round_param(torch.sqrt(amax).clamp_min(_MIN_CHANNEL_SCALE), pd, up=False)
-        xq = x.float() / cs  # (B, Hkv, T, D)
+        xq = xf / cs  # (B, Hkv, T, D)
     pad = 0
     if pad_remainder and spec.axis == "token" and spec.group_size and n % spec.group_size:
         pad = spec.group_size - n % spec.group_size
