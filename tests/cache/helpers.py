@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from einops import rearrange, reduce
@@ -128,3 +130,66 @@ def zipcache_error_bound(x: Tensor, group: Tensor, bits: int, *, values: bool) -
     xb = x / s  # (B, Hkv, T, D)
     rng = xb.amax(dim=-1, keepdim=True) - xb.amin(dim=-1, keepdim=True)  # (B, Hkv, T, 1)
     return s * rng / (2 * levels)  # (B, Hkv, T, D)
+
+
+# aten ops that launch no kernel on a GPU (views, metadata, allocation, dtype no-ops)
+_NO_KERNEL = frozenset(
+    "aten::" + n
+    for n in [
+        "view",
+        "alias",
+        "reshape",
+        "_reshape_alias",
+        "_unsafe_view",
+        "select",
+        "slice",
+        "unsqueeze",
+        "squeeze",
+        "expand",
+        "as_strided",
+        "t",
+        "transpose",
+        "permute",
+        "unbind",
+        "split",
+        "narrow",
+        "flatten",
+        "detach",
+        "detach_",
+        "lift_fresh",
+        "resolve_conj",
+        "resolve_neg",
+        "empty",
+        "empty_strided",
+        "empty_like",
+        "result_type",
+        "contiguous",
+        "to",
+        "_to_copy",
+    ]
+)
+
+
+def count_kernel_ops(fn: Callable[[], object]) -> int:
+    """Outermost aten ops that ``fn`` runs on the CPU and that would launch at least one GPU
+    kernel (torch.profiler): views and allocations are not counted, casts and contiguous
+    copies only when they copy."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+
+    def copies(e: Any) -> bool:
+        return any(
+            c.name in ("aten::copy_", "aten::_to_copy") or copies(c) for c in e.cpu_children
+        )
+
+    n = 0
+    for e in prof.events():
+        if not e.name.startswith("aten::"):
+            continue
+        if e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"):
+            continue  # counted with its outermost aten op
+        if e.name not in _NO_KERNEL or (e.name in ("aten::to", "aten::contiguous") and copies(e)):
+            n += 1
+    return n

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from tests.cache.helpers import make_kv, random_keep
+from tests.cache.helpers import count_kernel_ops, make_kv, random_keep
 from zipvl.cache import ZipVLCache, ZipVLCacheLayer, last_query_mass
 from zipvl.quant import (
     IdentityKVQuantizer,
@@ -268,6 +268,23 @@ def test_prefill_commit_reads_the_host_once(sinks: int, device: str) -> None:
     with _count_host_reads() as calls:
         cache.compress_prefill(0, None)
     assert calls == []
+
+
+def test_prefill_commit_kernel_launch_budget() -> None:
+    """The mixed 4/2 commit at LongVA's layout (B=1, Hkv=4, D=128; S shrunk: the count does
+    not depend on S) runs at most 190 kernel-launching ops (188 now, 249 before the reductions;
+    on an H200 the commit was launch-bound at ~2 ms per layer)."""
+    k, v = make_kv(1, 4, 512, 128, "cpu")
+    keep = random_keep(1, 4, 512, 215, "cpu")
+    cache = _cache(MixedPrecisionKVQuantizer())
+
+    def commit() -> None:
+        cache.reset()
+        cache.prefill(0, k, v, keep)
+
+    commit()  # warm-up
+    n = count_kernel_ops(commit)
+    assert 100 < n <= 190, n
 
 
 def test_quantize_with_num_kept_reads_nothing_and_matches(device: str) -> None:
