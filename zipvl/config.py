@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 
-from zipvl.checks import check_fraction
+from zipvl.checks import check_fraction, check_int
 from zipvl.quant import (
     IdentityKVQuantizer,
     KIVIKVQuantizer,
@@ -119,15 +119,6 @@ _FEEDS: dict[str, tuple[str, ...]] = {
     "allocator": ("tau",),
     "quantizer": ("bits_high", "bits_low", "quant_impl"),
 }
-
-
-def _check_int(name: str, value: object, low: int, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
-    if value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value}")
 
 
 def _check_callable(name: str, value: object) -> None:
@@ -231,7 +222,7 @@ class ZipVLConfig:
             )
         dense = frozenset(dense)
         for i in dense:
-            _check_int("dense_layers entry", i, 0)
+            check_int("dense_layers entry", i, 0)
         object.__setattr__(self, "dense_layers", dense)
         if not isinstance(self.layers, Mapping):
             raise TypeError(
@@ -240,7 +231,7 @@ class ZipVLConfig:
             )
         frozen: dict[int, Mapping[str, Any]] = {}
         for idx, override in self.layers.items():
-            _check_int("layers key", idx, 0)
+            check_int("layers key", idx, 0)
             if not isinstance(override, Mapping):
                 raise TypeError(
                     f"layers[{idx}]: expected a mapping of field overrides, "
@@ -270,7 +261,7 @@ class ZipVLConfig:
                 "probe_recent_frac, probe_random_frac: expected at least one > 0 so that the "
                 "default ProbeScorer has probes, got 0 and 0"
             )
-        _check_int("probe_cap", self.probe_cap, 1, optional=True)
+        check_int("probe_cap", self.probe_cap, 1, optional=True)
         for name in ("bits_high", "bits_low"):
             bits = getattr(self, name)
             if isinstance(bits, bool) or bits not in _BITS:
@@ -279,8 +270,8 @@ class ZipVLConfig:
             raise ValueError(
                 f"bits_low: expected <= bits_high ({self.bits_high}), got {self.bits_low}"
             )
-        _check_int("recompress_every", self.recompress_every, 1)
-        _check_int("sink_tokens", self.sink_tokens, 0)
+        check_int("recompress_every", self.recompress_every, 1)
+        check_int("sink_tokens", self.sink_tokens, 0)
         if not isinstance(self.sparse_prefill, bool):
             raise TypeError(
                 f"sparse_prefill: expected a bool, got {type(self.sparse_prefill).__name__}"
@@ -344,7 +335,7 @@ class ZipVLConfig:
         Raises:
             ValueError: negative ``layer_idx`` or an invalid override value.
         """
-        _check_int("layer_idx", layer_idx, 0)
+        check_int("layer_idx", layer_idx, 0)
         cfg = self
         override = self.layers.get(layer_idx)
         if override:
@@ -396,7 +387,7 @@ class ZipVLConfig:
         Raises:
             ValueError: a layer index >= ``num_layers``.
         """
-        _check_int("num_layers", num_layers, 1)
+        check_int("num_layers", num_layers, 1)
         for name, idxs in (("dense_layers", self.dense_layers), ("layers", self.layers.keys())):
             bad = sorted(i for i in idxs if i >= num_layers)
             if bad:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zipvl.cache.report import CacheReport
+from zipvl.checks import check_int
 from zipvl.config import PRESETS, ZipVLConfig
 from zipvl.models import disable, enable, is_enabled, lvlm, new_cache
 from zipvl.models.hf import forced_generate
@@ -302,10 +303,8 @@ def run_demo(
         raise ValueError(f"preset: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     if size not in lvlm.DEMO_SPECS:
         raise ValueError(f"size: expected one of {sorted(lvlm.DEMO_SPECS)}, got {size!r}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens}")
-    if repeats < 1:
-        raise ValueError(f"repeats: expected an int >= 1, got {repeats}")
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_int("repeats", repeats, 1)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} requested but CUDA is not available")
