@@ -365,3 +365,24 @@ def test_transformers_surface() -> None:
     assert cache.get_mask_sizes(1, 1) == (4, 0) and cache.batch_size == 1
     cache.reset()
     assert cache.get_seq_length(1) == 0 and not cache.layers[1].is_initialized
+
+
+def test_report_shows_no_decode_ratio_before_the_first_block() -> None:
+    """The "decode kept" column reads "-" until a decode block was compressed (not 100 %)."""
+    cache = ZipVLCache(1, recompress_every=4)
+    k = torch.randn(1, 2, 12, 16)
+    keep = torch.zeros(1, 2, 12, dtype=torch.bool)
+    keep[..., :6] = True
+    cache.prefill(0, k, k, keep)
+
+    def decode_cell() -> str:
+        row = cache.report().to_markdown().splitlines()[2]  # header, rule, layer 0
+        header = cache.report().to_markdown().splitlines()[0].split("|")
+        return row.split("|")[header.index(" decode kept ")].strip()
+
+    assert decode_cell() == "-"
+    for _ in range(4):  # one full block
+        x = torch.randn(1, 2, 1, 16)
+        cache.decode_step(0, torch.randn(1, 4, 1, 16), x, x)
+    assert cache.layer(0).decode_blocks == 1
+    assert decode_cell().endswith("%")

@@ -123,7 +123,7 @@ class CacheReport:
             ]
             row += [f"{r.tokens_at_bits.get(b, 0):g}" for b in bits]
             row += [
-                f"{r.decode_kept_ratio:.1%}",
+                f"{r.decode_kept_ratio:.1%}" if r.decode_blocks else "-",  # no block yet
                 str(r.bytes),
                 str(r.bf16_bytes),
                 f"{r.compression:.2f}x",
