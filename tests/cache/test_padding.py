@@ -298,12 +298,12 @@ def test_quantize_with_num_kept_reads_nothing_and_matches(device: str) -> None:
     assert calls == ["tolist"]
     for a, b in zip(fast.tensors(), slow.tensors(), strict=True):
         assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="num_kept: expected the per-row count of keep"):
-        q.quantize(k, v, keep, num_kept=P + 1)
+    # a verified count is trusted (a device-side check would poison the CUDA context on
+    # failure); its range is still checked
     with pytest.raises(ValueError, match=r"num_kept: expected an int in \[0, T=12\]"):
         q.quantize(k, v, keep, num_kept=13)
-    with pytest.raises(ValueError, match="num_kept: expected the per-row count"):
-        ZipCacheKVQuantizer(4).quantize(k, v, keep, num_kept=P - 1)
+    with pytest.raises(ValueError, match=r"num_kept: expected an int in \[0, T=12\]"):
+        ZipCacheKVQuantizer(4).quantize(k, v, keep, num_kept=-1)
 
 
 # ----------------------------------------------------------------------------- constructor

@@ -292,8 +292,10 @@ def test_selector_sinks_and_scale_pass_through() -> None:
 def test_fused_decode_refuses_chunks_cropped_part_way() -> None:
     """The fused kernel reads whole chunks: after a crop through a chunk, 'triton' raises and
     the dispatch of 'auto' sees the same problem (it then takes the reference path)."""
-    q, k, v = random_qkv(1, 4, 2, 20, 64, seed=8)  # head dim 64: 2-bit fields are dot operands
-    q1, k1, v1 = random_qkv(1, 4, 2, 20, 64, sq=1, seed=9)
+    # CUDA where present, else the CPU under the Triton interpreter that conftest enables
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (t.to(dev) for t in random_qkv(1, 4, 2, 20, 64, seed=8))  # D 64: 2-bit fields fit
+    q1, k1, v1 = (t.to(dev) for t in random_qkv(1, 4, 2, 20, 64, sq=1, seed=9))
     k1, v1 = k1[:, :, :1], v1[:, :, :1]
     triton_cfg = ZipVLConfig(decode_impl="triton")
     ref_cfg = ZipVLConfig(decode_impl="reference")

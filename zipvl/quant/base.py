@@ -333,9 +333,10 @@ class KVQuantizer(Protocol):
             v: (B, Hkv, T, D) values, same dtype / device as k.
             keep: (B, Hkv, T) bool, True = important; every row has the same count. None means
                 "all important". Uniform quantizers validate it and store every token alike.
-            num_kept: the per-row count of ``keep`` when the caller has already read it back
-                (``ZipVLCacheLayer`` does): the quantizer then reads nothing back to the host.
-                Ignored when ``keep`` is None.
+            num_kept: the per-row count of ``keep`` when the caller has already verified it
+                (``ZipVLCacheLayer`` does, with its one read per commit): the quantizer then
+                reads nothing back and trusts it (only its range is checked). Ignored when
+                ``keep`` is None.
 
         Returns:
             The chunk as a ``QuantizedKV``.

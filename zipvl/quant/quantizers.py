@@ -76,10 +76,9 @@ def _check_keep(keep: Tensor, k: Tensor, num_kept: int | None = None) -> int:
 
     Without ``num_kept`` the row counts are read back to the host once (one ``aminmax``: a
     plan-time sync that sizes the gathered parts). With ``num_kept`` (a count the caller has
-    already read back) nothing is read back: the counts are compared with it by a device-side
-    assertion (``torch._assert_async``), so a wrong count fails (on the CPU at once, as a
-    ValueError; on an accelerator as an asynchronous device error) instead of giving a wrong
-    chunk.
+    already verified, e.g. the cache's one read per commit) nothing is read back and the count
+    is trusted: only its range is checked. A wrong count gives a wrong chunk, so pass it only
+    from a verified source; the default (``None``) always verifies.
     """
     check_tensor("keep", keep, ndim=3, dtype=torch.bool)
     if keep.shape != k.shape[:3]:
@@ -94,16 +93,13 @@ def _check_keep(keep: Tensor, k: Tensor, num_kept: int | None = None) -> int:
             raise ValueError(f"num_kept: expected an int in [0, T={t}], got {num_kept!r}")
     if keep.numel() == 0:
         return 0 if num_kept is None else num_kept
-    counts = keep.sum(dim=-1)  # (B, Hkv)
     if num_kept is not None:
-        msg = f"num_kept: expected the per-row count of keep in every (b, h) row, got {num_kept}"
-        try:
-            torch._assert_async(  # pyright: ignore[reportPrivateImportUsage]
-                (counts == num_kept).all(), msg
-            )
-        except RuntimeError as err:  # raised at once on the CPU
-            raise ValueError(msg) from err
+        # A count the caller has already verified (the cache's one host read per commit, or a
+        # Selection's checked num_kept) is trusted, not re-checked: a device-side assertion
+        # would poison the CUDA context of the whole process on failure, and a host read is
+        # what passing the count avoids.
         return num_kept
+    counts = keep.sum(dim=-1)  # (B, Hkv)
     lo, hi = torch.stack(torch.aminmax(counts)).tolist()  # the one host read
     if lo != hi:
         raise ValueError(
