@@ -25,10 +25,6 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 Triton reads the variable too), so CPU tensors can run them."""
 
 
-CTAS_PER_SM = 16
-"""Target programs per SM when splitting a part along its tokens (see ``triton_part_state``)."""
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -184,9 +180,7 @@ def triton_part_state(
     # ~ 4 CTAs per SM over the whole grid: split long parts along tokens
     sms = torch.cuda.get_device_properties(q2.device).multi_processor_count if q2.is_cuda else 8
     quantum = block_t if block_t is not None else _SPLIT_QUANTUM
-    # ~16 programs per SM over the grid: at 135 registers a thread only 3 fit on an SM at once,
-    # so many short waves keep the last-wave tail small (4 per SM gave 1.29 waves on an H200)
-    splits = max(1, min(_cdiv(t, quantum), (CTAS_PER_SM * sms) // max(1, b * hkv)))
+    splits = max(1, min(_cdiv(t, quantum), (4 * sms) // max(1, b * hkv)))
     per_split = _cdiv(_cdiv(t, splits), quantum) * quantum
     splits = _cdiv(t, per_split)
     m = torch.empty(b, hq, splits, device=q2.device, dtype=torch.float32)
