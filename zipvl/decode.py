@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checks import check_tensor
+from .checks import check_scale, check_tensor
 from .quant import QuantizedKV
 from .quant.base import QuantizedTensor
 
@@ -187,10 +187,7 @@ def decode_attention(
         or block_t & (block_t - 1)
     ):
         raise ValueError(f"block_t: expected an int power of two >= 16 or None, got {block_t!r}")
-    if scale is not None and not (
-        isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0
-    ):
-        raise ValueError(f"scale: expected a finite float > 0 or None, got {scale!r}")
+    scale = check_scale("scale", scale)
     part_state = None
     if impl == "triton":
         part_state = _triton_backend(q)

@@ -46,6 +46,7 @@ __all__ = [
     "Scores",
     "Selection",
     "Selector",
+    "equalize_keep_counts",
 ]
 
 NONFINITE_MASS_BUDGET = -1
@@ -213,3 +214,20 @@ class Selector(Protocol):
         A selector that has read the row counts of its ``keep`` back anyway can pass them to
         ``Selection.check_counts(count_range=...)``; otherwise the first consumer reads them."""
         ...
+
+
+def equalize_keep_counts(keep: Tensor) -> Tensor:
+    """Raise rows of ``keep`` to the largest row count by promoting their latest unkept tokens.
+
+    Args:
+        keep: (B, Hkv, T) bool.
+
+    Returns:
+        (B, Hkv, T) bool, a superset of ``keep`` with equal row counts (no host sync).
+    """
+    counts = keep.sum(-1, keepdim=True)  # (B, Hkv, 1)
+    deficit = counts.amax(dim=(0, 1), keepdim=True) - counts  # (B, Hkv, 1)
+    unkept = ~keep  # (B, Hkv, T)
+    # rank of each unkept token counted from the end: 1 = latest unkept position
+    from_end = unkept.flip(-1).cumsum(-1).flip(-1)  # (B, Hkv, T)
+    return keep | (unkept & (from_end <= deficit))  # (B, Hkv, T)

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from tests.cache.helpers import check_layout, random_keep, reference_block_mass, walked_bytes
 from zipvl.cache import ZipVLCache, last_query_mass
-from zipvl.cache.layer import _equalize_counts
 from zipvl.quant import IdentityKVQuantizer
+from zipvl.types import equalize_keep_counts
 
 HKV, G, D = 2, 2, 8
 
@@ -172,7 +172,7 @@ def test_equalize_counts_only_promotes_the_latest_unkept(
 ) -> None:
     g = torch.Generator().manual_seed(seed)
     keep = torch.rand(shape, generator=g) < density
-    out = _equalize_counts(keep)
+    out = equalize_keep_counts(keep)
     counts = out.sum(-1)
     assert bool((counts == keep.sum(-1).max()).all())  # rectangular, at the largest count
     assert bool((out | ~keep).all())  # a superset: nothing is demoted

@@ -43,6 +43,7 @@ from torch import Tensor
 from zipvl.cache.hf_compat import CacheLayerMixin
 from zipvl.cache.scoring import check_key_valid, last_query_mass
 from zipvl.checks import check_tensor
+from zipvl.types import equalize_keep_counts
 
 if TYPE_CHECKING:
     from zipvl.quant import KVQuantizer, QuantizedKV
@@ -340,14 +341,14 @@ class ZipVLCacheLayer(CacheLayerMixin):
         rest_keep = None
         if keep is not None and ns < s:
             # without sinks the counts are those of keep, checked below: nothing to equalize
-            rest_keep = _equalize_counts(keep[:, :, ns:]) if ns else keep
+            rest_keep = equalize_keep_counts(keep[:, :, ns:]) if ns else keep
         kept, rest_kept = s, None
         # the one host read of the prefill commit: validation, stats, the quantizer's count
         reads: dict[str, Tensor] = {}
         if keep is not None:
             reads["lo"], reads["hi"] = torch.aminmax(keep.sum(-1))  # row counts
             if rest_keep is not None and ns:
-                reads["rest"] = rest_keep[0, 0].sum()  # rows are equal after _equalize_counts
+                reads["rest"] = rest_keep[0, 0].sum()  # rows are equal after equalize_keep_counts
         if key_valid is not None:
             reads["all_real"] = key_valid.all()
             if ns > 0:
@@ -751,23 +752,6 @@ def _padding_sources(valid: Tensor, keep: Tensor | None, num_heads: int) -> Tens
         fill = torch.where(fill < t, fill, any_real)
     fill = torch.where(fill < t, fill, pos)  # a row of padding only keeps its own K/V
     return torch.where(vb, pos, fill)  # (B, Hkv, T)
-
-
-def _equalize_counts(keep: Tensor) -> Tensor:
-    """Raise rows of ``keep`` to the largest row count by promoting their latest unkept tokens.
-
-    Args:
-        keep: (B, Hkv, T) bool.
-
-    Returns:
-        (B, Hkv, T) bool, a superset of ``keep`` with equal row counts (no host sync).
-    """
-    counts = keep.sum(-1, keepdim=True)  # (B, Hkv, 1)
-    deficit = counts.amax(dim=(0, 1), keepdim=True) - counts  # (B, Hkv, 1)
-    unkept = ~keep  # (B, Hkv, T)
-    # rank of each unkept token counted from the end: 1 = latest unkept position
-    from_end = unkept.flip(-1).cumsum(-1).flip(-1)  # (B, Hkv, T)
-    return keep | (unkept & (from_end <= deficit))  # (B, Hkv, T)
 
 
 def _prefix_tokens_at_bits(chunk: QuantizedKV, length: int) -> dict[int, float]:

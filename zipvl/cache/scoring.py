@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from zipvl.checks import check_qkv, check_tensor
+from zipvl.checks import check_qkv, check_scale, check_tensor
 
 __all__ = ["check_key_valid", "last_query_mass"]
 
@@ -54,10 +54,9 @@ def last_query_mass(
     n, d = keys.shape[-2], keys.shape[-1]
     if n == 0:
         raise ValueError(f"keys: expected at least one cached key, got shape {tuple(keys.shape)}")
+    scale = check_scale("scale", scale)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    elif not scale > 0:
-        raise ValueError(f"scale: expected a positive float or None, got {scale}")
     if key_valid is not None:
         check_key_valid(key_valid, b, n, keys.device)
     g = hq // hkv

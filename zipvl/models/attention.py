@@ -43,7 +43,7 @@ from zipvl.config import LayerConfig, ZipVLConfig
 from zipvl.decode import decode_attention as fused_decode_attention
 from zipvl.decode import fused_decode_supports, layer_segments
 from zipvl.sparsity import PerLayerSchedule, sparse_attention
-from zipvl.types import Allocator, Selection
+from zipvl.types import Allocator, Selection, equalize_keep_counts
 
 __all__ = [
     "DenseAttention",
@@ -221,14 +221,9 @@ def _topped_up_keep(sels: list[Selection], spans: list[tuple[int, int]], s: int)
         if missing:
             pads = [p for p in range(s) if p < start or p >= end][:missing]
             keep[:, :, pads] = True
-            missing -= len(pads)
-        if missing:
-            # every head keeps the same count, so the same number of promotions per head
-            unkept = ~keep  # (1, Hkv, S)
-            from_end = unkept.flip(-1).cumsum(-1).flip(-1)  # (1, Hkv, S)
-            keep = keep | (unkept & (from_end <= missing))
         rows.append(keep)
-    return torch.cat(rows, dim=0)  # (B, Hkv, S)
+    # rows still short of the target (padding ran out) promote their latest unkept real tokens
+    return equalize_keep_counts(torch.cat(rows, dim=0))  # (B, Hkv, S)
 
 
 def prefill_attention(
