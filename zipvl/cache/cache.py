@@ -29,8 +29,9 @@ import torch
 from torch import Tensor
 
 from zipvl.cache.hf_compat import Cache
-from zipvl.cache.layer import ZipVLCacheLayer, _check_int, _check_quantizer
+from zipvl.cache.layer import ZipVLCacheLayer, _check_quantizer
 from zipvl.cache.report import CacheReport, LayerReport
+from zipvl.checks import check_int
 
 if TYPE_CHECKING:
     from zipvl.quant import KVQuantizer
@@ -83,9 +84,9 @@ class ZipVLCache(Cache):
         auto_commit_prefill: bool = False,
     ) -> None:
         if num_layers is not None:
-            _check_int("num_layers", num_layers, low=1)
-        self.recompress_every = _check_int("recompress_every", recompress_every, low=1)
-        self.sink_tokens = _check_int("sink_tokens", sink_tokens, low=0)
+            check_int("num_layers", num_layers, 1)
+        self.recompress_every = check_int("recompress_every", recompress_every, 1)
+        self.sink_tokens = check_int("sink_tokens", sink_tokens, 0)
         if not isinstance(auto_commit_prefill, bool):
             raise TypeError(
                 f"auto_commit_prefill: expected a bool, got {type(auto_commit_prefill).__name__}"
@@ -100,7 +101,7 @@ class ZipVLCache(Cache):
         self.quantizer: KVQuantizer = quantizer
         overrides = dict(layer_quantizers or {})
         for idx, q in overrides.items():
-            _check_int("layer_quantizers key", idx, low=0)
+            check_int("layer_quantizers key", idx, 0)
             if num_layers is not None and idx >= num_layers:
                 raise ValueError(
                     f"layer_quantizers: expected layer indices < num_layers={num_layers}, "
@@ -144,7 +145,7 @@ class ZipVLCache(Cache):
         Raises:
             ValueError: ``layer_idx`` is negative or >= ``num_layers``.
         """
-        _check_int("layer_idx", layer_idx, low=0)
+        check_int("layer_idx", layer_idx, 0)
         if self.num_layers is not None and layer_idx >= self.num_layers:
             raise ValueError(
                 f"layer_idx: expected 0 <= layer_idx < num_layers={self.num_layers}, "
@@ -157,7 +158,7 @@ class ZipVLCache(Cache):
         return layer
 
     def _existing(self, layer_idx: int) -> ZipVLCacheLayer:
-        _check_int("layer_idx", layer_idx, low=0)
+        check_int("layer_idx", layer_idx, 0)
         if layer_idx >= len(self.layers):
             raise ValueError(
                 f"layer_idx: layer {layer_idx} holds nothing yet (the cache has "
@@ -234,7 +235,7 @@ class ZipVLCache(Cache):
         Args:
             max_length: positions to keep, >= 0.
         """
-        _check_int("max_length", max_length, low=0)
+        check_int("max_length", max_length, 0)
         for layer in self.layers:
             layer.crop_to(max_length)
 

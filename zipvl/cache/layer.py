@@ -42,7 +42,7 @@ from torch import Tensor
 
 from zipvl.cache.hf_compat import CacheLayerMixin
 from zipvl.cache.scoring import check_key_valid, last_query_mass
-from zipvl.checks import check_tensor
+from zipvl.checks import check_int, check_tensor
 from zipvl.types import equalize_keep_counts
 
 if TYPE_CHECKING:
@@ -105,10 +105,10 @@ class ZipVLCacheLayer(CacheLayerMixin):
         self.quantizer = quantizer
         self.allocator = allocator
         self.selector = selector
-        self.recompress_every = _check_int("recompress_every", recompress_every, low=1)
-        self.sink_tokens = _check_int("sink_tokens", sink_tokens, low=0)
+        self.recompress_every = check_int("recompress_every", recompress_every, 1)
+        self.sink_tokens = check_int("sink_tokens", sink_tokens, 0)
         self.auto_commit_prefill = auto_commit_prefill
-        self.layer_idx = _check_int("layer_idx", layer_idx, low=0)
+        self.layer_idx = check_int("layer_idx", layer_idx, 0)
         self._clear()
 
     # ------------------------------------------------------------------ state
@@ -698,14 +698,6 @@ class ZipVLCacheLayer(CacheLayerMixin):
                 if n:
                     out[bits] = out.get(bits, 0.0) + n
         return dict(sorted(out.items(), reverse=True))
-
-
-def _check_int(name: str, value: object, *, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value}")
-    return value
 
 
 def _check_quantizer(name: str, quantizer: object) -> None:
