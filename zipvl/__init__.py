@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from zipvl.cache import CacheReport, LayerReport, ZipVLCache, ZipVLCacheLayer
 from zipvl.config import ZipVLConfig
-from zipvl.decode import decode_attention, layer_segments
+from zipvl.decode import decode_attention
 from zipvl.models import ZipVLAttention, disable, enable, new_cache, zipvl_attention
 from zipvl.quant import (
     IdentityKVQuantizer,
@@ -74,7 +74,6 @@ __all__ = [
     "decode_attention",
     "disable",
     "enable",
-    "layer_segments",
     "new_cache",
     "plan_tokens",
     "select_tokens",

@@ -13,7 +13,18 @@ from __future__ import annotations
 
 from zipvl.cache.cache import ZipVLCache
 from zipvl.cache.layer import ZipVLCacheLayer
+from zipvl.cache.paged import PagedKVStore, PageFormat
+from zipvl.cache.paged_layer import PagedCacheLayer
 from zipvl.cache.report import CacheReport, LayerReport
 from zipvl.cache.scoring import last_query_mass
 
-__all__ = ["CacheReport", "LayerReport", "ZipVLCache", "ZipVLCacheLayer", "last_query_mass"]
+__all__ = [
+    "CacheReport",
+    "LayerReport",
+    "PageFormat",
+    "PagedCacheLayer",
+    "PagedKVStore",
+    "ZipVLCache",
+    "ZipVLCacheLayer",
+    "last_query_mass",
+]

@@ -30,6 +30,11 @@ from torch import Tensor
 
 from zipvl.cache.hf_compat import Cache
 from zipvl.cache.layer import ZipVLCacheLayer, _check_quantizer
+from zipvl.cache.paged import page_format_problem
+from zipvl.cache.paged_layer import PagedCacheLayer
+
+CacheLayer = ZipVLCacheLayer | PagedCacheLayer
+STORAGES = ("auto", "paged", "chunked")
 from zipvl.cache.report import CacheReport, LayerReport
 from zipvl.checks import check_int
 
@@ -68,8 +73,8 @@ class ZipVLCache(Cache):
         print(cache.report().to_markdown())
     """
 
-    # narrowed from transformers' declaration: this cache only ever holds ZipVLCacheLayer
-    layers: list[ZipVLCacheLayer]  # type: ignore[assignment]
+    # narrowed from transformers' declaration: this cache only holds its own layer types
+    layers: list[CacheLayer]  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -82,7 +87,13 @@ class ZipVLCache(Cache):
         selector: Selector | None = None,
         layer_quantizers: Mapping[int, KVQuantizer] | None = None,
         auto_commit_prefill: bool = False,
+        storage: str = "auto",
+        page_size: int = 128,
     ) -> None:
+        if storage not in STORAGES:
+            raise ValueError(f"storage: expected one of {STORAGES}, got {storage!r}")
+        self.storage = storage
+        self.page_size = check_int("page_size", page_size, 16)
         if num_layers is not None:
             check_int("num_layers", num_layers, 1)
         self.recompress_every = check_int("recompress_every", recompress_every, 1)
@@ -128,9 +139,30 @@ class ZipVLCache(Cache):
         super().__init__(layers=layers)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ layers
-    def _new_layer(self, layer_idx: int) -> ZipVLCacheLayer:
+    def storage_problem(self, layer_idx: int) -> str | None:
+        """Why layer ``layer_idx`` cannot use paged storage (and the fused decode), or None."""
+        if self.storage == "chunked":
+            return "the cache was built with storage='chunked'"
+        return page_format_problem(self.layer_quantizers.get(layer_idx, self.quantizer))
+
+    def _new_layer(self, layer_idx: int) -> CacheLayer:
+        quantizer = self.layer_quantizers.get(layer_idx, self.quantizer)
+        problem = self.storage_problem(layer_idx)
+        if self.storage == "paged" and problem is not None:
+            raise ValueError(f"storage: 'paged' for layer {layer_idx}, but {problem}")
+        if problem is None:
+            return PagedCacheLayer(
+                quantizer=quantizer,
+                allocator=self.allocator,
+                selector=self.selector,
+                recompress_every=self.recompress_every,
+                sink_tokens=self.sink_tokens,
+                auto_commit_prefill=self.auto_commit_prefill,
+                layer_idx=layer_idx,
+                page_size=self.page_size,
+            )
         return ZipVLCacheLayer(
-            quantizer=self.layer_quantizers.get(layer_idx, self.quantizer),
+            quantizer=quantizer,
             allocator=self.allocator,
             selector=self.selector,
             recompress_every=self.recompress_every,
@@ -139,7 +171,7 @@ class ZipVLCache(Cache):
             layer_idx=layer_idx,
         )
 
-    def layer(self, layer_idx: int) -> ZipVLCacheLayer:
+    def layer(self, layer_idx: int) -> CacheLayer:
         """The layer ``layer_idx``, created (with all lower ones) when layers are lazy.
 
         Raises:
@@ -154,10 +186,10 @@ class ZipVLCache(Cache):
         while len(self.layers) <= layer_idx:
             self.layers.append(self._new_layer(len(self.layers)))
         layer = self.layers[layer_idx]
-        assert isinstance(layer, ZipVLCacheLayer)
+        assert isinstance(layer, (ZipVLCacheLayer, PagedCacheLayer))
         return layer
 
-    def _existing(self, layer_idx: int) -> ZipVLCacheLayer:
+    def _existing(self, layer_idx: int) -> CacheLayer:
         check_int("layer_idx", layer_idx, 0)
         if layer_idx >= len(self.layers):
             raise ValueError(
@@ -165,7 +197,7 @@ class ZipVLCache(Cache):
                 f"{len(self.layers)} layers with data); call update/prefill first"
             )
         layer = self.layers[layer_idx]
-        assert isinstance(layer, ZipVLCacheLayer)
+        assert isinstance(layer, (ZipVLCacheLayer, PagedCacheLayer))
         return layer
 
     # ------------------------------------------------------------------ transformers API

@@ -37,11 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zipvl.cache import ZipVLCache, ZipVLCacheLayer
+from zipvl.cache import PagedCacheLayer, ZipVLCache
 from zipvl.checks import check_qkv, check_tensor
 from zipvl.config import LayerConfig, ZipVLConfig
-from zipvl.decode import decode_attention as fused_decode_attention
-from zipvl.decode import fused_decode_supports, layer_segments
+from zipvl.decode import decode_attention as paged_decode_attention
 from zipvl.sparsity import PerLayerSchedule, sparse_attention
 from zipvl.types import Allocator, Selection, equalize_keep_counts
 
@@ -362,54 +361,59 @@ def decode_attention(
     )
 
 
-def _fused_decode_problems(
-    q: Tensor, key_valid: Tensor | None, layer: ZipVLCacheLayer
-) -> list[str]:
-    """What the fused decode kernel would need and this step lacks (empty: it can run).
+def paged_decode(
+    decode_impl: str,
+    q: Tensor,
+    layer: PagedCacheLayer,
+    *,
+    key_valid: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """One decode step over a paged layer whose new K/V are already appended.
 
-    Device-independent (the CUDA requirement of ``"auto"`` is checked by the caller).
+    One query per row: ``zipvl.decode.decode_attention`` (``decode_impl``: ``"auto"`` runs the
+    fused kernel on CUDA and the float32 reference elsewhere; ``"triton"`` raises where the
+    kernel cannot run), then the block re-compression from the step's log-sum-exp. Several
+    queries per row (a multi-token step, e.g. assisted decoding): the dense reference read with
+    a causal mask among the new tokens (``decode_impl="triton"`` raises for it).
+
+    Args:
+        decode_impl: ``"auto"``, ``"triton"`` or ``"reference"``.
+        q: (B, Hq, Sq, D) the step's queries.
+        layer: the paged cache layer (state DECODE).
+        key_valid: optional (B, N) bool over all positions: must agree with the padding the
+            layer stored (padding is never stored, so nothing else can be masked).
+        scale: softmax scale (None: 1 / sqrt(D)).
+
+    Returns:
+        (B, Hq, Sq, D).
     """
-    problems = []
-    if q.shape[-2] != 1:
-        problems.append(f"one query per step (got Sq = {q.shape[-2]})")
+    assert layer.store is not None
     if key_valid is not None:
-        problems.append("no padding mask (key_valid given)")
-    if not all(fused_decode_supports(c) for c in layer.chunks):
-        problems.append("ZipCache-layout chunks (per-channel keys, per-token values)")
-    cropped = [
-        f"chunk {i} keeps {n} of {c.num_tokens}"
-        for i, (c, n) in enumerate(zip(layer.chunks, layer.chunk_lengths, strict=True))
-        if n != c.num_tokens
-    ]
-    if cropped:  # the kernel reads whole chunks; a crop leaves trailing tokens that must not count
-        problems.append("chunks that were not cropped part-way (" + ", ".join(cropped) + ")")
-    return problems
-
-
-def _fused_decode(
-    decode_impl: str, q: Tensor, key_valid: Tensor | None, cache: ZipVLCache, layer_idx: int
-) -> bool:
-    """Whether this decode step reads the packed cache with the fused kernel.
-
-    ``"triton"`` is a request: a step it cannot serve raises. ``"auto"`` is a documented
-    dispatch: fused when the request would succeed on CUDA and the cache is quantized (a
-    16-bit cache is read faster by SDPA); the reference path otherwise.
-    """
-    if decode_impl == "reference":
-        return False
-    layer = cache.layer(layer_idx)
-    problems = _fused_decode_problems(q, key_valid, layer)
-    if decode_impl == "triton":
-        if problems:
+        stored = layer.key_valid()
+        n = layer.get_seq_length()
+        want = torch.ones_like(key_valid) if stored is None else stored
+        if tuple(key_valid.shape) != (q.shape[0], n) or not bool((key_valid == want).all()):
             raise ValueError(
-                "decode_impl: 'triton' needs "
-                + "; ".join(problems)
-                + "; use 'reference' or 'auto'"
+                "key_valid: a paged cache attends to every stored token; the decode mask must "
+                "mark exactly the prompt padding the cache was committed with (shape "
+                f"(B, N) = {(q.shape[0], n)}), got a different mask"
             )
-        return True
-    # "auto": only on CUDA, and not over 16-bit storage (dense SDPA over it is the fast read)
-    sixteen_bit = any(p.key.spec is None for c in layer.chunks for p in c.parts)
-    return not problems and q.is_cuda and not sixteen_bit
+    if q.shape[-2] == 1:
+        impl = decode_impl if decode_impl != "reference" else "reference"
+        out, lse2 = paged_decode_attention(q, layer.store, scale=scale, impl=impl)
+        layer.compress_tail(q, lse2=lse2, scale=scale)
+        return out
+    if decode_impl == "triton":
+        raise ValueError(
+            f"decode_impl: 'triton' reads one query per step, got Sq = {q.shape[-2]}; use "
+            "'auto' (multi-token steps read the cache densely) or 'reference'"
+        )
+    keys, values = layer.dense_kv()
+    valid = layer.key_valid()
+    out = decode_attention(q, keys, values, key_valid=valid, scale=scale)
+    layer.compress_tail(q, keys=keys, scale=scale, key_valid=valid)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,12 +466,16 @@ def zipvl_attention(
             f"{type(cache).__name__}"
         )
     prefill = cache.get_seq_length(layer_idx) == 0
-    if not prefill and _fused_decode(config.decode_impl, q, key_valid, cache, layer_idx):
+    target = cache.layer(layer_idx)
+    if not prefill and isinstance(target, PagedCacheLayer):
         cache.append(k, v, layer_idx)
-        segments = layer_segments(cache.layer(layer_idx))
-        out = fused_decode_attention(q, segments, scale=scale, impl="triton")
-        cache.compress_tail(layer_idx, q, scale=scale)
-        return out
+        return paged_decode(config.decode_impl, q, target, key_valid=key_valid, scale=scale)
+    if not prefill and config.decode_impl == "triton":
+        raise ValueError(
+            "decode_impl: 'triton' reads paged storage, but layer "
+            f"{layer_idx} stores chunks (its quantizer has no paged layout: "
+            f"{type(target.quantizer).__name__}); use 'auto' or 'reference'"
+        )
     keys, values = cache.update(k, v, layer_idx)
     if prefill:
         res = prefill_attention(q, keys, values, layer=layer, key_valid=key_valid, scale=scale)

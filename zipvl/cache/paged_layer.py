@@ -1,0 +1,496 @@
+"""One layer of ZipVL's cache over paged storage (``zipvl.cache.paged``): the fast decode path.
+
+The layer is a state machine with three explicit states::
+
+    EMPTY    --update(k, v)-->          PENDING  (the prompt K/V, held as given)
+    PENDING  --compress_prefill(keep)--> DECODE  (sinks fp, kept tokens high bits, rest low)
+    DECODE   --update(k, v)-->          DECODE  (new tokens appended to the fp tail)
+    DECODE   --compress_tail(q, lse)--> DECODE  (every full block of R tokens scored, split,
+                                                 staged and paged)
+
+In DECODE, ``update`` appends and returns only the new K/V: attention reads the store itself
+(``zipvl.decode.decode_attention``, one fused launch), so no dense K/V is ever materialised. A
+decode block is scored from the step's log-sum-exp (returned by the decode kernel) and the
+block's own full-precision keys: no key outside the block is read again.
+
+Rows are independent: every batch row gets its own budget for every block (the allocator runs
+on that row's mass alone), its own kept count and page count; padding is never stored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from zipvl.cache.hf_compat import CacheLayerMixin
+from zipvl.cache.paged import PagedKVStore, PageFormat
+from zipvl.cache.scoring import check_key_valid
+from zipvl.checks import check_int, check_scale, check_tensor
+
+if TYPE_CHECKING:
+    from zipvl.quant import KVQuantizer
+    from zipvl.types import Allocator, Selector
+
+__all__ = ["DECODE", "EMPTY", "PENDING", "PagedCacheLayer"]
+
+EMPTY, PENDING, DECODE = "empty", "pending", "decode"
+_LOG2E = 1.4426950408889634
+
+
+class PagedCacheLayer(CacheLayerMixin):
+    """Mixed-precision cache of one attention layer in pages (module docstring).
+
+    Args:
+        quantizer: a quantizer with a paged layout (``zipvl.cache.paged.page_format_problem``).
+        allocator: decode-block budget from one batch row's block mass (Eq. 6).
+        selector: decode-block keep mask from scores and per-row budgets (``keep_mask``).
+        recompress_every: decode block size R, >= 1 (ZipVL: 100).
+        sink_tokens: leading positions kept at full precision, >= 0.
+        auto_commit_prefill: commit a pending prefill with every token kept when the next
+            ``update`` arrives, instead of raising.
+        layer_idx: index of this layer (used in messages).
+        page_size: tokens per page (a multiple of 16).
+        tail_slack: tail capacity beyond R (tokens one step may add past a full block).
+
+    Raises:
+        ValueError: the quantizer has no paged layout, or an argument is out of range.
+    """
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(
+        self,
+        *,
+        quantizer: KVQuantizer,
+        allocator: Allocator,
+        selector: Selector,
+        recompress_every: int,
+        sink_tokens: int,
+        auto_commit_prefill: bool = False,
+        layer_idx: int = 0,
+        page_size: int = 128,
+        tail_slack: int = 64,
+    ) -> None:
+        super().__init__()
+        self.fmt = PageFormat.from_quantizer(quantizer, check_int("page_size", page_size, 16))
+        for name, fn in (("allocator", allocator), ("selector", selector)):
+            if not callable(fn):
+                raise TypeError(f"{name}: expected a callable {name.title()}, got {fn!r}")
+        if not isinstance(auto_commit_prefill, bool):
+            raise TypeError(
+                f"auto_commit_prefill: expected a bool, got {type(auto_commit_prefill).__name__}"
+            )
+        self.quantizer = quantizer
+        self.allocator = allocator
+        self.selector = selector
+        self.recompress_every = check_int("recompress_every", recompress_every, 1)
+        self.sink_tokens = check_int("sink_tokens", sink_tokens, 0)
+        self.auto_commit_prefill = auto_commit_prefill
+        self.layer_idx = check_int("layer_idx", layer_idx, 0)
+        self.tail_slack = check_int("tail_slack", tail_slack, 1)
+        self._clear()
+
+    # ------------------------------------------------------------------ state
+    def _clear(self) -> None:
+        self.state = EMPTY
+        self.store: PagedKVStore | None = None
+        self.pending_keys: Tensor | None = None
+        self.pending_values: Tensor | None = None
+        self.pending_valid: Tensor | None = None
+        self.prompt_tokens = 0
+        self.kept_tokens = 0
+        self.decode_blocks = 0
+        self.decode_block_tokens = 0
+        self._decode_kept = None  # device accumulator of kept block tokens (mean per row)
+
+    @property
+    def decode_kept_tokens(self) -> float:
+        """Mean kept tokens per row over all decode blocks (one host read)."""
+        return 0.0 if self._decode_kept is None else float(self._decode_kept.item())
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        """Record batch, heads, head dim, dtype and device; build the (empty) store."""
+        b, h, _, d = key_states.shape
+        self.dtype = key_states.dtype
+        self.device = key_states.device
+        self._batch_size, self.num_heads, self.head_dim = b, h, d
+        self.store = PagedKVStore(
+            self.fmt,
+            batch_size=b,
+            num_heads=h,
+            head_dim=d,
+            dtype=key_states.dtype,
+            device=key_states.device,
+            recompress_every=self.recompress_every,
+            sink_tokens=self.sink_tokens,
+            tail_slack=self.tail_slack,
+        )
+        self.is_initialized = True
+
+    @property
+    def batch_size(self) -> int:
+        """Batch size B (an AttributeError before the first update, as transformers expects)."""
+        if not self.is_initialized:
+            raise AttributeError("batch_size: the layer is not initialized yet")
+        return self._batch_size
+
+    def reset(self) -> None:
+        """Drop every token and statistic; the next ``update`` is a prefill again."""
+        self._clear()
+        self.is_initialized = False
+
+    @property
+    def has_pending_prefill(self) -> bool:
+        return self.state == PENDING
+
+    @property
+    def num_sinks(self) -> int:
+        return 0 if self.store is None else self.store.num_sinks
+
+    @property
+    def tail_length(self) -> int:
+        return 0 if self.store is None else self.store.tail_length
+
+    def get_seq_length(self) -> int:
+        """Number of cached positions (pending prefill and padding included)."""
+        if self.state == PENDING:
+            assert self.pending_keys is not None
+            return self.pending_keys.shape[-2]
+        return 0 if self.store is None or self.state == EMPTY else self.store.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    # ------------------------------------------------------------------ write path
+    def _check_kv(self, key_states: Tensor, value_states: Tensor) -> None:
+        check_tensor("key_states", key_states, ndim=4, floating=True)
+        check_tensor("value_states", value_states, ndim=4, floating=True)
+        if value_states.shape != key_states.shape:
+            raise ValueError(
+                f"value_states: expected shape (B, Hkv, S, D) = {tuple(key_states.shape)} like "
+                f"key_states, got {tuple(value_states.shape)}"
+            )
+        if value_states.dtype != key_states.dtype or value_states.device != key_states.device:
+            raise ValueError(
+                f"value_states: expected dtype {key_states.dtype} on {key_states.device} like "
+                f"key_states, got {value_states.dtype} on {value_states.device}"
+            )
+        if not self.is_initialized:
+            return
+        want = (self.batch_size, self.num_heads, self.head_dim)
+        got = (key_states.shape[0], key_states.shape[1], key_states.shape[3])
+        if got != want or key_states.dtype != self.dtype or key_states.device != self.device:
+            raise ValueError(
+                f"key_states: expected (B, Hkv, *, D) = {want}, {self.dtype} on {self.device} "
+                f"like the cache of layer {self.layer_idx}, got shape "
+                f"{tuple(key_states.shape)}, {key_states.dtype} on {key_states.device}"
+            )
+
+    def append(self, key_states: Tensor, value_states: Tensor) -> bool:
+        """Store new K/V without reading anything back.
+
+        Returns:
+            True when the K/V became the pending prefill (the layer was empty).
+
+        Raises:
+            ValueError: shapes, dtype or device differ from the layer's, or the tail is full.
+            RuntimeError: a pending prefill was never committed (and ``auto_commit_prefill``
+                is off).
+        """
+        self._check_kv(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.state == PENDING:
+            if not self.auto_commit_prefill:
+                raise RuntimeError(
+                    f"layer {self.layer_idx}: a new update arrived while the prefill K/V of this "
+                    "layer are still pending: call compress_prefill(layer_idx, keep) after the "
+                    "prefill attention (or build the cache with auto_commit_prefill=True to keep "
+                    "every prefill token at high precision)"
+                )
+            self.compress_prefill(None)
+        if self.state == EMPTY:
+            self.pending_keys, self.pending_values = key_states, value_states
+            self.state = PENDING
+            return True
+        assert self.store is not None
+        self.store.append(key_states, value_states)
+        return False
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        """Add new K/V and return what attention should read.
+
+        Returns:
+            On an empty layer (prefill): the inputs, held as the pending prefill. In decode:
+            the dense K/V of all positions (the reference read, ``dense_kv``). transformers
+            models enabled with ``zipvl.enable`` do not come here in decode: their cache
+            appends and the attention function reads the pages directly.
+        """
+        if self.append(key_states, value_states):
+            return key_states, value_states
+        return self.dense_kv()
+
+    def compress_prefill(self, keep: Tensor | None, *, key_valid: Tensor | None = None) -> None:
+        """Commit the pending prefill: sinks fp, ``keep`` tokens high bits, the rest low.
+
+        Rows are independent: ``keep`` may hold a different count in every (b, h) row, and
+        padding (``key_valid`` False) is not stored at all. One host read.
+
+        Args:
+            keep: (B, Hkv, S) bool over the pending prefill, True = important; None = all.
+            key_valid: optional (B, S) bool, True = real token, False = padding.
+
+        Raises:
+            RuntimeError: no pending prefill.
+            ValueError: bad ``keep`` / ``key_valid``, or padding among the first
+                ``sink_tokens`` positions of some row (sinks are positional).
+        """
+        if self.state != PENDING:
+            raise RuntimeError(
+                f"layer {self.layer_idx}: compress_prefill needs a pending prefill (an update on "
+                f"an empty layer), but the layer is in state {self.state!r}"
+            )
+        assert self.pending_keys is not None and self.pending_values is not None
+        assert self.store is not None
+        k, v = self.pending_keys, self.pending_values
+        b, h, s = k.shape[:3]
+        ns = min(self.sink_tokens, s)
+        if keep is not None:
+            check_tensor("keep", keep, ndim=3, dtype=torch.bool)
+            if tuple(keep.shape) != (b, h, s) or keep.device != k.device:
+                raise ValueError(
+                    f"keep: expected shape (B, Hkv, S) = {(b, h, s)} on {k.device} like the "
+                    f"pending prefill of layer {self.layer_idx}, got {tuple(keep.shape)} on "
+                    f"{keep.device}"
+                )
+        if key_valid is not None:
+            check_key_valid(key_valid, b, s, k.device)
+            if ns and not bool(key_valid[:, :ns].all()):
+                raise ValueError(
+                    f"key_valid: some batch row has padding among its first sink_tokens={ns} "
+                    "positions (left padding), which would become full-precision sinks; sinks "
+                    "are positional, so build the cache with sink_tokens=0 for left-padded "
+                    "batches"
+                )
+        stats = self.store.write_prefill(k, v, keep, key_valid, ns)
+        self.pending_keys = self.pending_values = None
+        self.state = DECODE
+        self.prompt_tokens = s
+        real = stats["real"]
+        self.kept_tokens = s if keep is None else round(s * stats["kept"] / real) if real else 0
+
+    def compress_tail(
+        self,
+        query: Tensor,
+        *,
+        lse2: Tensor | None = None,
+        keys: Tensor | None = None,
+        scale: float | None = None,
+        key_valid: Tensor | None = None,
+    ) -> int:
+        """Compress every full block of R tail tokens (ZipVL Algorithm 1, decode branch).
+
+        A block's scores are the softmax probabilities of the step's last query row on the
+        block's keys, summed over each GQA group: ``exp2(q2 . k - lse2)`` with ``lse2`` the
+        step's log-sum-exp over ALL cached keys (from ``decode_attention``; computed from the
+        dense keys when not given). The allocator budgets each batch row on its own; the
+        selector's ``keep_mask`` picks the tokens. No host sync.
+
+        Args:
+            query: (B, Hq, Sq, D) queries of the step, RoPE applied; the last row is used.
+            lse2: optional (B, Hq) float32 log2-domain log-sum-exp of the last row.
+            keys: ignored unless ``lse2`` is None: (B, Hkv, N, D) dense keys to compute it.
+            scale: softmax scale of the model (None: 1 / sqrt(D)).
+            key_valid: optional (B, N) bool over all cached positions (when ``lse2`` is None).
+
+        Returns:
+            Number of blocks compressed.
+        """
+        if self.state != DECODE or self.store is None:
+            raise RuntimeError(
+                f"layer {self.layer_idx}: compress_tail needs a committed prefill (state "
+                f"{self.state!r})"
+            )
+        check_tensor("query", query, ndim=4, floating=True)
+        b, hq, _, d = query.shape
+        if b != self.batch_size or d != self.head_dim or hq % self.num_heads:
+            raise ValueError(
+                f"query: expected (B, Hq, Sq, D) with B={self.batch_size}, D={self.head_dim} and "
+                f"Hq a multiple of Hkv={self.num_heads} (layer {self.layer_idx}), "
+                f"got shape {tuple(query.shape)}"
+            )
+        r = self.recompress_every
+        if self.store.tail_length < r:
+            return 0
+        sm = check_scale("scale", scale)
+        sm = (sm if sm is not None else 1.0 / math.sqrt(d)) * _LOG2E
+        h, g = self.num_heads, hq // self.num_heads
+        q2 = query[:, :, -1].float().reshape(b, h, g, d) * sm  # (B, Hkv, G, D)
+        if lse2 is None:
+            dk, _ = self.dense_kv(torch.float32) if keys is None else (keys.float(), None)
+            s_all = torch.einsum("bhgd,bhnd->bhgn", q2, dk)
+            if key_valid is not None:
+                s_all = s_all.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+            elif self.store.pad.any():
+                pos = torch.arange(s_all.shape[-1], device=s_all.device)
+                pad = pos[None, :] < self.store.pad[:, None]  # (B, N)
+                s_all = s_all.masked_fill(pad[:, None, None, :], float("-inf"))
+            lse2 = torch.logsumexp(s_all * math.log(2), -1) / math.log(2)  # (B, Hkv, G)
+        else:
+            check_tensor("lse2", lse2, ndim=2)
+            if tuple(lse2.shape) != (b, hq):
+                raise ValueError(f"lse2: expected shape (B, Hq) = {(b, hq)}, got {tuple(lse2.shape)}")
+        lse = lse2.reshape(b, h, g).float()
+        done = 0
+        while self.store.tail_length >= r:
+            bk, _ = self.store.tail_block()  # (B, Hkv, R, D)
+            s = torch.einsum("bhgd,bhrd->bhgr", q2, bk.float())
+            mass = torch.exp2(s - lse[..., None]).sum(2)  # (B, Hkv, R)
+            budget = torch.cat(
+                [self.allocator(mass[i : i + 1], layer_idx=self.layer_idx) for i in range(b)]
+            )  # (B, Hkv): every row on its own mass
+            keep_mask = getattr(self.selector, "keep_mask", None)
+            if keep_mask is not None:
+                keep = keep_mask(mass, budget)
+            else:  # a custom selector: its Selection (it may read back)
+                keep = self.selector(mass, budget).keep
+            self.store.commit_block(keep)
+            kept = keep.sum(-1, dtype=torch.float32).mean()
+            self._decode_kept = kept if self._decode_kept is None else self._decode_kept + kept
+            self.decode_blocks += 1
+            self.decode_block_tokens += r
+            done += 1
+        return done
+
+    # ------------------------------------------------------------------ read path
+    def dense_kv(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """The reference read path: every position dequantized, in position order (padding
+        positions hold zeros), (B, Hkv, N, D) each."""
+        if not self.is_initialized or self.store is None:
+            raise RuntimeError(f"layer {self.layer_idx}: dense_kv on a layer that holds nothing")
+        dtype = self.dtype if dtype is None else dtype
+        if self.state == PENDING:
+            assert self.pending_keys is not None and self.pending_values is not None
+            return self.pending_keys.to(dtype), self.pending_values.to(dtype)
+        return self.store.dense_kv(dtype)
+
+    def key_valid(self) -> Tensor | None:
+        """(B, N) bool, False at the padding positions never stored; None without padding."""
+        if self.store is None or self.state != DECODE:
+            return None
+        pos = torch.arange(self.store.length, device=self.device)
+        return pos[None, :] >= self.store.pad[:, None]
+
+    # ------------------------------------------------------------------ edits
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop trailing positions (transformers' convention, see ``ZipVLCache.crop``)."""
+        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int):
+            raise TypeError(
+                f"tokens_to_remove: expected an int, got {type(tokens_to_remove).__name__}"
+            )
+        n = self.get_seq_length()
+        if tokens_to_remove == 0 or n == 0:
+            return
+        keep_len = max(n + tokens_to_remove, 0) if tokens_to_remove < 0 else tokens_to_remove
+        self.crop_to(keep_len)
+
+    def crop_to(self, max_length: int) -> None:
+        """Keep the first ``max_length`` positions exactly (``0`` empties the layer). Pages are
+        never re-quantized: a page the crop cuts only counts its live prefix from then on."""
+        check_int("max_length", max_length, 0)
+        n = self.get_seq_length()
+        if max_length >= n:
+            return
+        if max_length == 0:
+            self._clear()
+            if self.store is not None or self.is_initialized:
+                self.store = None
+                self.is_initialized = False
+            return
+        if self.state == PENDING:
+            assert self.pending_keys is not None and self.pending_values is not None
+            self.pending_keys = self.pending_keys[:, :, :max_length]
+            self.pending_values = self.pending_values[:, :, :max_length]
+            return
+        assert self.store is not None
+        self.store.crop_to(max_length)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder, repeat or select batch rows: row i becomes old row ``beam_idx[i]``."""
+        if not self.is_initialized:
+            return
+        check_tensor("beam_idx", beam_idx, ndim=1, dtype=(torch.int64, torch.int32))
+        idx = beam_idx.to(device=self.device, dtype=torch.int64)
+        if self.state == PENDING:
+            assert self.pending_keys is not None and self.pending_values is not None
+            self.pending_keys = self.pending_keys.index_select(0, idx)
+            self.pending_values = self.pending_values.index_select(0, idx)
+        if self.store is not None:
+            if self.state == PENDING:
+                self.store.batch_size = idx.shape[0]
+                self.store._alloc_empty()
+            else:
+                self.store.index_rows(idx)
+        self._batch_size = idx.shape[0]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats: expected an int >= 1, got {repeats!r}")
+        if not self.is_initialized:
+            return
+        idx = torch.arange(self.batch_size, device=self.device).repeat_interleave(repeats)
+        self.reorder_cache(idx)  # type: ignore[arg-type]
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if not self.is_initialized:
+            return
+        check_tensor("indices", indices, ndim=1)
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().flatten()
+        self.reorder_cache(indices)  # type: ignore[arg-type]
+
+    def offload(self) -> None:
+        raise NotImplementedError("PagedCacheLayer does not support offloading")
+
+    def prefetch(self) -> None:
+        raise NotImplementedError("PagedCacheLayer does not support offloading")
+
+    # ------------------------------------------------------------------ accounting
+    def nbytes(self) -> int:
+        """Bytes held: every tensor of the store (capacity included) plus a pending prefill."""
+        total = 0 if self.store is None else self.store.nbytes()
+        for t in (self.pending_keys, self.pending_values):
+            if t is not None:
+                total += t.nbytes
+        return total
+
+    def live_nbytes(self) -> int:
+        """Bytes of live pages and fp tokens only (what a perfectly sized store holds)."""
+        return 0 if self.store is None or self.state != DECODE else self.store.live_nbytes()
+
+    def bf16_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.get_seq_length() * self.batch_size * self.num_heads * 2 * self.head_dim * 2
+
+    def bytes_per_token(self) -> float:
+        n = self.get_seq_length()
+        return self.nbytes() / n if n else 0.0
+
+    def tokens_at_bits(self) -> dict[int, float]:
+        """Bit width -> mean positions per row stored at it (16 = full precision)."""
+        if self.state == PENDING:
+            return {16: float(self.get_seq_length())}
+        if self.store is None or self.state == EMPTY:
+            return {}
+        return self.store.tokens_at_bits()
