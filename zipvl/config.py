@@ -181,13 +181,16 @@ class ZipVLConfig:
             ``bits_high`` / ``bits_low``).
         decode_selector: selector of the decode blocks (None: the cache's default, a top-p
             selector without forced tokens, as in Algorithm 1).
-        decode_impl: how ``ZipVLAttention`` / ``zipvl_attention`` read the cache in decode:
-            ``"reference"`` (dense dequantized K/V + SDPA), ``"triton"`` (``zipvl.decode``'s
-            fused kernel over the packed codes; one query per step, no padding mask, ZipCache
-            layouts; raises otherwise) or ``"auto"`` (default: ``"triton"`` where exactly
-            those conditions hold on CUDA, ``"reference"`` elsewhere, decided per step).
-            transformers models (``zipvl.enable``) always read densely: transformers itself
-            asks the cache for dense K/V.
+        decode_impl: how decode reads paged cache layers, in ``ZipVLAttention``,
+            ``zipvl_attention`` and transformers models under ``zipvl.enable`` alike:
+            ``"triton"`` (``zipvl.decode``'s fused kernel over the pages: one launch per layer;
+            raises where it cannot run: not CUDA, a multi-token step, a head dim it cannot
+            read), ``"reference"`` (dequantize every page, attend in float32) or ``"auto"``
+            (default: the fused kernel where it can run, the reference elsewhere). Layers
+            whose quantizer has no paged layout (KIVI, per-token, 16-bit) are stored in chunks
+            and read densely; ``cache.report()`` says which.
+        page_size: tokens per page of the paged cache (a multiple of 16): one quantization
+            group of keys; tokens wait at full precision until their class fills a page.
         layers: per-layer overrides ``{layer_idx: {field: value}}``; fields from
             ``LAYER_OVERRIDE_FIELDS``. Stored read-only.
     """
@@ -211,6 +214,7 @@ class ZipVLConfig:
     quantizer: KVQuantizer | None = None
     decode_selector: Selector | None = None
     decode_impl: Literal["auto", "reference", "triton"] = "auto"
+    page_size: int = 128
     layers: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -299,6 +303,9 @@ class ZipVLConfig:
             )
         if self.unkept not in _UNKEPT:
             raise ValueError(f"unkept: expected one of {_UNKEPT}, got {self.unkept!r}")
+        check_int("page_size", self.page_size, 16)
+        if self.page_size % 16:
+            raise ValueError(f"page_size: expected a multiple of 16, got {self.page_size}")
         if self.decode_impl not in _DECODE_IMPLS:
             raise ValueError(
                 f"decode_impl: expected one of {_DECODE_IMPLS}, got {self.decode_impl!r}"

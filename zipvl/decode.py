@@ -46,8 +46,12 @@ def fused_decode_problem(q: Tensor, store: PagedKVStore) -> str | None:
     if q.shape[-2] != 1:
         return f"one query per step (got Sq = {q.shape[-2]})"
     d = store.head_dim
-    if d & (d - 1):
-        return f"a power-of-two head dim (got {d})"
+    low = min(store.fmt.high_bits, store.fmt.low_bits)
+    if d & (d - 1) or d * low // 8 < 16:
+        return (
+            f"a power-of-two head dim with head_dim * bits / 8 >= 16 (a packed row is a "
+            f"matrix-multiply operand), got {d} at {low} bits"
+        )
     try:
         from zipvl import paged_decode_triton
     except ImportError as exc:  # pragma: no cover - triton ships with torch on Linux

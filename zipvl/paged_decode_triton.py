@@ -56,7 +56,11 @@ def _attend_page(q, m_i, l_i, acc, kc_ptr, vc_ptr, ks_ptr, kz_ptr, va_ptr, vb_pt
     ks = tl.load(ks_ptr + page * HEAD_DIM + offs_d).to(tl.float32)
     kz = tl.load(kz_ptr + page * HEAD_DIM + offs_d).to(tl.float32)
     cs = tl.load(cs_ptr + page * HEAD_DIM + offs_d).to(tl.float32)
-    qs = (q * ks[None, :]).to(tl.float16)  # (GP, D): q in code space
+    # q in code space as two fp16 terms (hi + lo ~ 22 mantissa bits): the codes are exact in
+    # fp16, so the two dots give float32-grade logits at tensor-core speed
+    qs32 = q * ks[None, :]  # (GP, D)
+    qs = qs32.to(tl.float16)
+    qs_lo = (qs32 - qs.to(tl.float32)).to(tl.float16)
     qz = tl.sum(q * kz[None, :], axis=1)  # (GP,): the zero-point term
     kbase = kc_ptr + page * PAGE * ROW
     vbase = vc_ptr + page * PAGE * ROW
@@ -64,13 +68,18 @@ def _attend_page(q, m_i, l_i, acc, kc_ptr, vc_ptr, ks_ptr, kz_ptr, va_ptr, vb_pt
         offs_t = t0 + tl.arange(0, BLOCK_T)
         tv = offs_t < fill
         kcode = _codes(kbase, offs_t, tv, offs_d, ROW, BITS)  # (BT, D)
-        s = tl.dot(qs, tl.trans(kcode)) + qz[:, None]  # (GP, BT) log2-domain logits
+        s = tl.dot(qs, tl.trans(kcode)) + tl.dot(qs_lo, tl.trans(kcode)) + qz[:, None]
         s = tl.where(tv[None, :], s, float("-inf"))
         m_i, p, alpha, l_i = _online(s, m_i, l_i, acc)
         va = tl.load(va_ptr + page * PAGE + offs_t, mask=tv, other=0.0).to(tl.float32)
         vb = tl.load(vb_ptr + page * PAGE + offs_t, mask=tv, other=0.0).to(tl.float32)
         vcode = _codes(vbase, offs_t, tv, offs_d, ROW, BITS)  # (BT, D)
-        pv = tl.dot((p * va[None, :]).to(tl.float16), vcode)  # (GP, D) in code space
+        # in code space the zero point cancels most of sum p a code: the weights need float32
+        # grade too (two fp16 terms), or the output loses ~3 bits to the cancellation
+        pa = p * va[None, :]
+        pa_hi = pa.to(tl.float16)
+        pa_lo = (pa - pa_hi.to(tl.float32)).to(tl.float16)
+        pv = tl.dot(pa_hi, vcode) + tl.dot(pa_lo, vcode)  # (GP, D) in code space
         pv = (pv + tl.sum(p * vb[None, :], axis=1)[:, None]) * cs[None, :]
         acc = acc * alpha[:, None] + pv
     return m_i, l_i, acc
@@ -204,10 +213,13 @@ def paged_decode_triton(
         HBITS=fmt.high_bits, LBITS=fmt.low_bits,
         GROUP_PAD=max(16, int(triton.next_power_of_2(g))), BLOCK_T=block_t,
     )  # fmt: skip
-    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    # The interpreter converts float32 to bf16 / fp16 by truncation (compiled Triton rounds to
+    # nearest even): interpreted runs write float32 and let PyTorch round.
+    out_dtype = torch.float32 if INTERPRETED else q.dtype
+    out = torch.empty(b, hq, d, dtype=out_dtype, device=q.device)
     lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
     ns1 = int(ns) + 1
     _merge_kernel[(b * hq,)](
         m, lsum, o, out, lse, NS1=ns1, NS_PAD=int(triton.next_power_of_2(ns1)), HEAD_DIM=d
     )
-    return out, lse
+    return out.to(q.dtype), lse

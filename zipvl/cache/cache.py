@@ -33,10 +33,11 @@ from zipvl.cache.layer import ZipVLCacheLayer, _check_quantizer
 from zipvl.cache.paged import page_format_problem
 from zipvl.cache.paged_layer import PagedCacheLayer
 
-CacheLayer = ZipVLCacheLayer | PagedCacheLayer
-STORAGES = ("auto", "paged", "chunked")
 from zipvl.cache.report import CacheReport, LayerReport
 from zipvl.checks import check_int
+
+CacheLayer = ZipVLCacheLayer | PagedCacheLayer
+STORAGES = ("auto", "paged", "chunked")
 
 if TYPE_CHECKING:
     from zipvl.quant import KVQuantizer
@@ -57,6 +58,15 @@ class ZipVLCache(Cache):
         allocator: decode-block budget (default ``CumulativeMassAllocator(0.975)``).
         selector: decode-block keep mask (default ``TopKSelector(keep_last=False)``).
         layer_quantizers: per-layer overrides ``{layer_idx: KVQuantizer}``.
+        storage: ``"auto"`` (paged storage for every layer whose quantizer has a paged layout,
+            ``zipvl.cache.paged.page_format_problem``; append-only chunks otherwise),
+            ``"paged"`` (raises for a quantizer without a paged layout) or ``"chunked"``.
+            Only paged layers are read by the fused decode kernel; ``report()`` names the
+            storage of every layer.
+        page_size: tokens per page of paged layers (a multiple of 16; 128 by default).
+        update_reads: what ``update`` returns in decode on paged layers: ``"dense"`` (every
+            position, usable by any attention) or ``"none"`` (the new K/V only, for an
+            attention that reads the pages itself: what ``zipvl.enable`` builds).
         auto_commit_prefill: when True, a pending prefill is committed with EVERY token kept at
             high precision when the next ``update`` of that layer arrives. It lets a model whose
             attention never calls ``compress_prefill`` (e.g. stock transformers attention) run
@@ -89,7 +99,11 @@ class ZipVLCache(Cache):
         auto_commit_prefill: bool = False,
         storage: str = "auto",
         page_size: int = 128,
+        update_reads: str = "dense",
     ) -> None:
+        if update_reads not in ("dense", "none"):
+            raise ValueError(f"update_reads: expected 'dense' or 'none', got {update_reads!r}")
+        self.update_reads = update_reads
         if storage not in STORAGES:
             raise ValueError(f"storage: expected one of {STORAGES}, got {storage!r}")
         self.storage = storage
@@ -145,6 +159,10 @@ class ZipVLCache(Cache):
             return "the cache was built with storage='chunked'"
         return page_format_problem(self.layer_quantizers.get(layer_idx, self.quantizer))
 
+    def _decode_read(self, layer_idx: int) -> str:
+        problem = self.storage_problem(layer_idx)
+        return "fused" if problem is None else f"dense: {problem}"
+
     def _new_layer(self, layer_idx: int) -> CacheLayer:
         quantizer = self.layer_quantizers.get(layer_idx, self.quantizer)
         problem = self.storage_problem(layer_idx)
@@ -160,6 +178,7 @@ class ZipVLCache(Cache):
                 auto_commit_prefill=self.auto_commit_prefill,
                 layer_idx=layer_idx,
                 page_size=self.page_size,
+                update_reads=self.update_reads,
             )
         return ZipVLCacheLayer(
             quantizer=quantizer,
@@ -434,6 +453,11 @@ class ZipVLCache(Cache):
                     decode_kept_tokens=layer.decode_kept_tokens,
                     bytes=layer.nbytes(),
                     bf16_bytes=layer.bf16_bytes(),
+                    live_bytes=layer.live_nbytes()
+                    if isinstance(layer, PagedCacheLayer)
+                    else layer.nbytes(),
+                    storage="paged" if isinstance(layer, PagedCacheLayer) else "chunked",
+                    decode_read=self._decode_read(i),
                 )
             )
         return CacheReport(layers=tuple(rows))

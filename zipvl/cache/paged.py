@@ -233,7 +233,8 @@ class PagedKVStore:
         fmt: page format.
         batch_size: B.
         num_heads: Hkv.
-        head_dim: D (``D * bits / 8 >= 16`` for both classes: a packed row is a matrix operand).
+        head_dim: D, a multiple of the codes per byte (the fused decode also needs a power of
+            two with ``D * bits / 8 >= 16``: a packed row is a matrix operand).
         dtype: dtype of the full-precision regions (the model's K/V dtype).
         device: where everything lives.
         recompress_every: R, tokens per decode block.
@@ -266,13 +267,12 @@ class PagedKVStore:
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.num_heads = check_int("num_heads", num_heads, 1)
         self.head_dim = check_int("head_dim", head_dim, 1)
-        for cls in (HIGH, LOW):
-            if head_dim * fmt.bits(cls) // 8 < 16 or head_dim % 8:
-                raise ValueError(
-                    f"head_dim: expected a multiple of 8 with head_dim * bits / 8 >= 16 "
-                    f"(a packed row is a matrix-multiply operand), got {head_dim} at "
-                    f"{fmt.bits(cls)} bits"
-                )
+        per = 8 // min(fmt.high_bits, fmt.low_bits)
+        if head_dim % per:
+            raise ValueError(
+                f"head_dim: expected a multiple of {per} (codes per byte at "
+                f"{min(fmt.high_bits, fmt.low_bits)} bits), got {head_dim}"
+            )
         self.dtype = dtype
         self.device = torch.device(device)
         self.recompress_every = check_int("recompress_every", recompress_every, 1)
@@ -702,20 +702,19 @@ class PagedKVStore:
         )
 
     def tokens_at_bits(self) -> dict[int, float]:
-        """Bit width -> mean positions per row stored at it (16 = full precision; padding
-        excluded). One host read."""
+        """Bit width -> mean positions per row stored at it (16 = full precision: sinks, tail
+        and the tokens staged until their class fills a page; padding is not stored, so it is
+        not counted). One host read."""
         pages_live = [self.page_fill[c][:, : max(1, self.max_pages[c])] for c in (HIGH, LOW)]
         used = [
             torch.arange(t.shape[1], device=self.device)[None, :] < self.num_pages[c][:, None]
             for c, t in zip((HIGH, LOW), pages_live, strict=True)
         ]
+        # staged tokens wait at full precision until their class fills a page
         vals = torch.stack(
-            [
-                (pages_live[HIGH] * used[HIGH]).sum() + self.fp_count[:, STAGE_HIGH].sum(),
-                (pages_live[LOW] * used[LOW]).sum() + self.fp_count[:, STAGE_LOW].sum(),
-                self.fp_count[:, SINK].sum() + self.fp_count[:, TAIL].sum(),
-            ]
-        ).tolist()
+            [(pages_live[HIGH] * used[HIGH]).sum(), (pages_live[LOW] * used[LOW]).sum(),
+             self.fp_count.sum()]
+        ).tolist()  # fmt: skip
         rows = self.rows
         out: dict[int, float] = {}
         for bits, v in ((16, vals[2]), (self.fmt.high_bits, vals[0]), (self.fmt.low_bits, vals[1])):

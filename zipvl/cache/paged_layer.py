@@ -54,6 +54,10 @@ class PagedCacheLayer(CacheLayerMixin):
         layer_idx: index of this layer (used in messages).
         page_size: tokens per page (a multiple of 16).
         tail_slack: tail capacity beyond R (tokens one step may add past a full block).
+        update_reads: what ``update`` returns in decode: ``"dense"`` (every position, the
+            reference read any attention can use) or ``"none"`` (only the new K/V: for an
+            attention that reads the store itself, such as the one ``zipvl.enable`` registers;
+            an ``update`` whose K/V were not taken by it raises).
 
     Raises:
         ValueError: the quantizer has no paged layout, or an argument is out of range.
@@ -75,8 +79,12 @@ class PagedCacheLayer(CacheLayerMixin):
         layer_idx: int = 0,
         page_size: int = 128,
         tail_slack: int = 64,
+        update_reads: str = "dense",
     ) -> None:
         super().__init__()
+        if update_reads not in ("dense", "none"):
+            raise ValueError(f"update_reads: expected 'dense' or 'none', got {update_reads!r}")
+        self.update_reads = update_reads
         self.fmt = PageFormat.from_quantizer(quantizer, check_int("page_size", page_size, 16))
         for name, fn in (("allocator", allocator), ("selector", selector)):
             if not callable(fn):
@@ -107,6 +115,8 @@ class PagedCacheLayer(CacheLayerMixin):
         self.decode_blocks = 0
         self.decode_block_tokens = 0
         self._decode_kept = None  # device accumulator of kept block tokens (mean per row)
+        self._unread: Tensor | None = None  # new K/V returned by update, not yet attended
+        self.mask_checked = False
 
     @property
     def decode_kept_tokens(self) -> float:
@@ -236,9 +246,25 @@ class PagedCacheLayer(CacheLayerMixin):
             models enabled with ``zipvl.enable`` do not come here in decode: their cache
             appends and the attention function reads the pages directly.
         """
+        if self.update_reads == "none" and self._unread is not None:
+            raise RuntimeError(
+                f"layer {self.layer_idx}: the K/V of the previous step were never read by "
+                "ZipVL's attention: this cache returns only the new K/V in decode and must be "
+                "used with the attention registered by zipvl.enable (or build it with "
+                "update_reads='dense')"
+            )
         if self.append(key_states, value_states):
             return key_states, value_states
+        if self.update_reads == "none":
+            self._unread = key_states
+            return key_states, value_states
         return self.dense_kv()
+
+    def take_unread(self, key: Tensor) -> bool:
+        """Whether ``key`` is what the last decode ``update`` returned (and mark it read)."""
+        ok = self._unread is key
+        self._unread = None
+        return ok
 
     def compress_prefill(self, keep: Tensor | None, *, key_valid: Tensor | None = None) -> None:
         """Commit the pending prefill: sinks fp, ``keep`` tokens high bits, the rest low.

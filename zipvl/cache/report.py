@@ -35,8 +35,14 @@ class LayerReport:
         decode_blocks: decode blocks compressed by ``compress_tail``.
         decode_block_tokens: tokens per (b, h) row in those blocks.
         decode_kept_tokens: tokens per (b, h) row kept at high precision in those blocks.
-        bytes: bytes actually held (sum of ``nbytes`` of every tensor of the layer).
+        bytes: bytes actually held (sum of ``nbytes`` of every tensor of the layer, the unused
+            capacity of paged storage included).
         bf16_bytes: bytes a bf16 cache of the same positions would hold.
+        live_bytes: bytes of the live tokens only (pages in use, fp tokens, class maps): what
+            a store sized exactly would hold; equal to ``bytes`` for chunked storage.
+        storage: ``"paged"`` or ``"chunked"``.
+        decode_read: how decode reads the layer: ``"fused"`` (the paged kernel) or
+            ``"dense: <why>"`` (every position dequantized: slower, and why).
     """
 
     layer: int
@@ -51,11 +57,23 @@ class LayerReport:
     decode_kept_tokens: int
     bytes: int
     bf16_bytes: int
+    live_bytes: int = -1
+    storage: str = "chunked"
+    decode_read: str = "dense"
+
+    def __post_init__(self) -> None:
+        if self.live_bytes < 0:
+            object.__setattr__(self, "live_bytes", self.bytes)
 
     @property
     def compression(self) -> float:
         """bf16 bytes over actual bytes (1.0 for an empty layer)."""
         return self.bf16_bytes / self.bytes if self.bytes else 1.0
+
+    @property
+    def live_compression(self) -> float:
+        """bf16 bytes over live bytes (1.0 for an empty layer)."""
+        return self.bf16_bytes / self.live_bytes if self.live_bytes else 1.0
 
     @property
     def decode_kept_ratio(self) -> float:
@@ -106,12 +124,22 @@ class CacheReport:
         """bf16 bytes over actual bytes, over all layers (1.0 for an empty cache)."""
         return self.bf16_bytes / self.bytes if self.bytes else 1.0
 
+    @property
+    def live_bytes(self) -> int:
+        """Live bytes of all layers (``LayerReport.live_bytes``)."""
+        return sum(r.live_bytes for r in self.layers)
+
+    @property
+    def dense_read_layers(self) -> tuple[int, ...]:
+        """Layers that decode reads densely (not with the fused kernel)."""
+        return tuple(r.layer for r in self.layers if r.decode_read != "fused")
+
     def to_markdown(self) -> str:
         """A GitHub-markdown table, one row per layer and a final total row."""
         bits = sorted({b for r in self.layers for b in r.tokens_at_bits}, reverse=True)
         cols = ["layer", "prompt", "kept", "ratio", "attn FLOPs red."]
         cols += [f"{b}-bit tok" for b in bits]
-        cols += ["decode kept", "bytes", "bf16 bytes", "compression"]
+        cols += ["decode kept", "bytes", "live bytes", "bf16 bytes", "compression", "decode read"]
         lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
         for r in self.layers:
             row = [
@@ -125,13 +153,16 @@ class CacheReport:
             row += [
                 f"{r.decode_kept_ratio:.1%}" if r.decode_blocks else "-",  # no block yet
                 str(r.bytes),
+                str(r.live_bytes),
                 str(r.bf16_bytes),
                 f"{r.compression:.2f}x",
+                f"{r.storage}, {r.decode_read}",
             ]
             lines.append("| " + " | ".join(row) + " |")
         total = ["total", "", "", f"{self.kept_ratio:.1%}", f"{self.attn_flop_reduction:.1%}"]
         total += ["" for _ in bits]
-        total += ["", str(self.bytes), str(self.bf16_bytes), f"{self.compression:.2f}x"]
+        total += ["", str(self.bytes), str(self.live_bytes), str(self.bf16_bytes)]
+        total += [f"{self.compression:.2f}x", ""]
         lines.append("| " + " | ".join(total) + " |")
         return "\n".join(lines)
 

@@ -41,6 +41,7 @@ from zipvl.cache import PagedCacheLayer, ZipVLCache
 from zipvl.checks import check_qkv, check_tensor
 from zipvl.config import LayerConfig, ZipVLConfig
 from zipvl.decode import decode_attention as paged_decode_attention
+from zipvl.decode import fused_decode_problem
 from zipvl.sparsity import PerLayerSchedule, sparse_attention
 from zipvl.types import Allocator, Selection, equalize_keep_counts
 
@@ -70,7 +71,7 @@ DenseAttention = Callable[[Tensor, Tensor, Tensor], Tensor]
 # --------------------------------------------------------------------------------------------
 
 
-def make_cache(config: ZipVLConfig, num_layers: int) -> ZipVLCache:
+def make_cache(config: ZipVLConfig, num_layers: int, *, update_reads: str = "dense") -> ZipVLCache:
     """A ``ZipVLCache`` whose per-layer quantizers and decode budgets follow ``config``.
 
     Args:
@@ -97,10 +98,12 @@ def make_cache(config: ZipVLConfig, num_layers: int) -> ZipVLCache:
         num_layers,
         quantizer=base.quantizer,
         recompress_every=config.recompress_every,
+        page_size=config.page_size,
         sink_tokens=config.sink_tokens,
         allocator=allocator,
         selector=config.decode_selector,
         layer_quantizers=layer_quantizers,
+        update_reads=update_reads,
     )
 
 
@@ -468,6 +471,10 @@ def zipvl_attention(
     prefill = cache.get_seq_length(layer_idx) == 0
     target = cache.layer(layer_idx)
     if not prefill and isinstance(target, PagedCacheLayer):
+        if config.decode_impl == "triton" and target.store is not None:
+            problem = fused_decode_problem(q, target.store)
+            if problem is not None:  # refused before anything is stored
+                raise ValueError(f"decode_impl: 'triton' needs {problem}; use 'auto' or 'reference'")
         cache.append(k, v, layer_idx)
         return paged_decode(config.decode_impl, q, target, key_valid=key_valid, scale=scale)
     if not prefill and config.decode_impl == "triton":

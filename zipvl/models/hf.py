@@ -53,10 +53,16 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from zipvl.cache import ZipVLCache
+from zipvl.cache import PagedCacheLayer, ZipVLCache
 from zipvl.cache.hf_compat import AttentionInterface, AttentionMaskInterface
+from zipvl.cache.paged_layer import DECODE
 from zipvl.config import ZipVLConfig
-from zipvl.models.attention import make_cache, prefill_attention, retained_attention_mass
+from zipvl.models.attention import (
+    make_cache,
+    paged_decode,
+    prefill_attention,
+    retained_attention_mass,
+)
 
 __all__ = [
     "SUPPORTED_MODELS",
@@ -109,7 +115,7 @@ class _ZipVLAttentionFunction:
         self.config = config
         self.num_layers = num_layers
         self.original = original
-        self.cache: ZipVLCache = make_cache(config, num_layers)
+        self.cache: ZipVLCache = make_cache(config, num_layers, update_reads="none")
         self.recorder: list[LayerTrace] | None = None
         self.retained_rows = 256
         sdpa = AttentionInterface()["sdpa"]
@@ -161,6 +167,25 @@ class _ZipVLAttentionFunction:
             )
         cache = self.cache
         layer = cache.layer(layer_idx)
+        if isinstance(layer, PagedCacheLayer) and layer.state == DECODE:
+            # the cache appended the new K/V and returned them alone (``update_reads="none"``)
+            if not layer.take_unread(key):
+                raise RuntimeError(
+                    f"zipvl: layer {layer_idx} received K/V that did not come from the "
+                    "ZipVLCache bound to this model. While ZipVL is enabled, pass the cache "
+                    "returned by zipvl.enable(model) (or zipvl.models.new_cache(model)) to "
+                    "generate() / forward; a DynamicCache, another cache or use_cache=False "
+                    "cannot be used."
+                )
+            valid = None
+            if layer_idx == 0 and not layer.mask_checked:
+                # once per generation: the mask may only hide the prompt padding
+                valid = _decode_key_valid(attention_mask, layer.get_seq_length())
+                layer.mask_checked = True
+            out = paged_decode(
+                self.config.decode_impl, query, layer, key_valid=valid, scale=scaling
+            )  # (B, Hq, Sq, D)
+            return out.transpose(1, 2), None
         n_cached, n_in = layer.get_seq_length(), key.shape[-2]
         prefill = layer.has_pending_prefill and n_cached == n_in and query.shape[-2] == n_in
         # a decode step reads more positions than it brings (the layer held tokens before)
@@ -169,7 +194,7 @@ class _ZipVLAttentionFunction:
             raise RuntimeError(
                 f"zipvl: layer {layer_idx} received K/V of {n_in} positions that did not come "
                 f"from the ZipVLCache bound to this model (it holds {n_cached}). While ZipVL is "
-                "enabled, pass past_key_values=<the cache returned by zipvl.enable(model)> (or "
+                "enabled, pass the cache returned by zipvl.enable(model) (or "
                 "zipvl.models.new_cache(model) for a new conversation) to generate() / forward; "
                 "a DynamicCache, another cache or use_cache=False cannot be used."
             )
@@ -187,6 +212,7 @@ class _ZipVLAttentionFunction:
             valid = _decode_key_valid(attention_mask, n_in)
             cache.compress_tail(layer_idx, query, keys=key, scale=scaling, key_valid=valid)
             return out, None
+
         key_valid = _key_valid_from_mask(attention_mask, query.shape[-2])
         lc = self.config.for_layer(layer_idx)
         res = prefill_attention(
@@ -359,7 +385,7 @@ def new_cache(model: nn.Module) -> ZipVLCache:
     fn = _function_of(_text_model(model))
     if fn is None:
         raise RuntimeError("model: ZipVL is not enabled on this model; call zipvl.enable first")
-    fn.cache = make_cache(fn.config, fn.num_layers)
+    fn.cache = make_cache(fn.config, fn.num_layers, update_reads="none")
     return fn.cache
 
 
