@@ -5,6 +5,8 @@ Small shapes on every device: B = 2, Hkv = 2, G = 2 (GQA), D = 16.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -28,6 +30,10 @@ from zipvl.quant import (
 )
 from zipvl.sparsity import CumulativeMassAllocator, TopKSelector
 
+# these tests cover the chunked storage (any KVQuantizer); the paged storage of the
+# ZipCache layouts has its own tests in tests/test_decode.py
+ChunkedCache = functools.partial(ZipVLCache, storage="chunked")
+
 B, HKV, G, D = 2, 2, 2, 16
 BF16 = torch.bfloat16
 
@@ -46,7 +52,7 @@ def test_identity_storage_is_exact_across_boundaries(
     device: str, sink_tokens: int, dtype: torch.dtype
 ) -> None:
     r, s, steps = 8, 13, 30  # 3 decode blocks: boundaries after 8, 16, 24 decode tokens
-    cache = ZipVLCache(
+    cache = ChunkedCache(
         1,
         quantizer=IdentityKVQuantizer(),
         recompress_every=r,
@@ -77,7 +83,7 @@ def test_identity_storage_is_exact_across_boundaries(
 
 
 def test_update_then_compress_prefill_is_the_model_flow(device: str) -> None:
-    cache = ZipVLCache(2, quantizer=IdentityKVQuantizer(), recompress_every=4)
+    cache = ChunkedCache(2, quantizer=IdentityKVQuantizer(), recompress_every=4)
     k, v = make_kv(B, HKV, 6, D, device)
     assert cache.update(k, v, 1)[0] is k  # pending, unchanged
     assert cache.get_seq_length(1) == 6 and cache.get_seq_length(0) == 0
@@ -93,7 +99,7 @@ def test_update_then_compress_prefill_is_the_model_flow(device: str) -> None:
 
 
 def test_auto_commit_prefill_keeps_everything(device: str) -> None:
-    cache = ZipVLCache(quantizer=MixedPrecisionKVQuantizer(), auto_commit_prefill=True)
+    cache = ChunkedCache(quantizer=MixedPrecisionKVQuantizer(), auto_commit_prefill=True)
     k, v = make_kv(B, HKV, 10, D, device)
     cache.update(k, v, 0)
     cache.update(*make_kv(B, HKV, 1, D, device), 0)
@@ -104,7 +110,7 @@ def test_auto_commit_prefill_keeps_everything(device: str) -> None:
 
 def test_later_prefill_chunk_is_compressed_block_by_block(device: str) -> None:
     r = 8
-    cache = ZipVLCache(quantizer=IdentityKVQuantizer(), recompress_every=r)
+    cache = ChunkedCache(quantizer=IdentityKVQuantizer(), recompress_every=r)
     k0, v0 = make_kv(B, HKV, 10, D, device)
     cache.prefill(0, k0, v0, None)
     k1, v1 = make_kv(B, HKV, 20, D, device)  # a second prompt chunk
@@ -146,7 +152,7 @@ def test_mixed_precision_prefill_and_decode_blocks(device: str) -> None:
     the reference scores; sinks and tail are exact."""
     r, s, p, sinks, steps = 8, 24, 8, 2, 26
     quantizer = MixedPrecisionKVQuantizer()
-    cache = ZipVLCache(1, recompress_every=r, sink_tokens=sinks)
+    cache = ChunkedCache(1, recompress_every=r, sink_tokens=sinks)
     k, v = make_kv(B, HKV, s, D, device)
     # sinks kept in every row: the quantized part keeps p - sinks per row
     rest = random_keep(B, HKV, s - sinks, p - sinks, device)
@@ -189,7 +195,7 @@ def test_sinks_promote_latest_unkept_tokens(device: str) -> None:
     """Rows that keep a sink position lose a kept token to the sinks; the latest unkept tokens
     of those rows are promoted to 4 bits so that every row stays rectangular."""
     s, sinks = 12, 3
-    cache = ZipVLCache(sink_tokens=sinks)
+    cache = ChunkedCache(sink_tokens=sinks)
     k, v = make_kv(1, 2, s, D, device)
     keep = torch.zeros(1, 2, s, dtype=torch.bool, device=device)
     keep[0, 0, [0, 1, 5, 6]] = True  # two kept sinks
@@ -208,7 +214,7 @@ def test_sinks_promote_latest_unkept_tokens(device: str) -> None:
 
 
 def test_short_prompt_fills_sinks_first(device: str) -> None:
-    cache = ZipVLCache(quantizer=IdentityKVQuantizer(), sink_tokens=4, recompress_every=4)
+    cache = ChunkedCache(quantizer=IdentityKVQuantizer(), sink_tokens=4, recompress_every=4)
     k, v = make_kv(B, HKV, 2, D, device)
     cache.prefill(0, k, v, None)
     ks = [k]
@@ -225,7 +231,7 @@ def test_short_prompt_fills_sinks_first(device: str) -> None:
 
 
 def test_default_recompress_every_is_100(device: str) -> None:
-    cache = ZipVLCache(1, sink_tokens=1)
+    cache = ChunkedCache(1, sink_tokens=1)
     s, steps = 16, 205
     k, v = make_kv(1, 2, s, D, device)
     cache.prefill(0, k, v, random_keep(1, 2, s, 5, device))
@@ -251,7 +257,7 @@ def test_default_recompress_every_is_100(device: str) -> None:
 
 
 def test_memory_report_equals_held_bytes(device: str) -> None:
-    cache = ZipVLCache(2, recompress_every=4, sink_tokens=2)
+    cache = ChunkedCache(2, recompress_every=4, sink_tokens=2)
     for layer_idx in range(2):
         k, v = make_kv(B, HKV, 9, D, device)
         cache.prefill(layer_idx, k, v, random_keep(B, HKV, 9, 3 + layer_idx, device))
@@ -276,7 +282,7 @@ def test_compression_of_a_long_prefill_matches_the_quantizer_cost(device: str) -
     """At 4/2 bits with 25 % kept, the cache holds what the quantizer says it costs."""
     s, d = 256, 64
     quantizer = MixedPrecisionKVQuantizer()
-    cache = ZipVLCache(quantizer=quantizer)
+    cache = ChunkedCache(quantizer=quantizer)
     k, v = make_kv(1, 2, s, d, device)
     cache.prefill(0, k, v, random_keep(1, 2, s, s // 4, device))
     row = cache.report().layers[0]
@@ -286,7 +292,7 @@ def test_compression_of_a_long_prefill_matches_the_quantizer_cost(device: str) -
 
 
 def test_report_markdown_and_plot(tmp_path, device: str) -> None:
-    cache = ZipVLCache(3, quantizer=ZipCacheKVQuantizer(4), recompress_every=4)
+    cache = ChunkedCache(3, quantizer=ZipCacheKVQuantizer(4), recompress_every=4)
     for i in range(2):  # layer 2 stays empty and does not count in the totals
         k, v = make_kv(1, 2, 10, D, device)
         cache.prefill(i, k, v, random_keep(1, 2, 10, 2 + 3 * i, device))
@@ -306,21 +312,21 @@ def test_report_markdown_and_plot(tmp_path, device: str) -> None:
 
 def test_constructor_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="recompress_every"):
-        ZipVLCache(recompress_every=0)
+        ChunkedCache(recompress_every=0)
     with pytest.raises(ValueError, match="sink_tokens"):
-        ZipVLCache(sink_tokens=-1)
+        ChunkedCache(sink_tokens=-1)
     with pytest.raises(ValueError, match="num_layers"):
-        ZipVLCache(0)
+        ChunkedCache(0)
     with pytest.raises(TypeError, match="quantizer"):
-        ZipVLCache(quantizer=object())  # type: ignore[arg-type]
+        ChunkedCache(quantizer=object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="layer_quantizers"):
-        ZipVLCache(2, layer_quantizers={2: IdentityKVQuantizer()})
+        ChunkedCache(2, layer_quantizers={2: IdentityKVQuantizer()})
     with pytest.raises(TypeError, match="auto_commit_prefill"):
-        ZipVLCache(auto_commit_prefill=1)  # type: ignore[arg-type]
+        ChunkedCache(auto_commit_prefill=1)  # type: ignore[arg-type]
 
 
 def test_group_size_that_does_not_divide_head_dim(device: str) -> None:
-    cache = ZipVLCache(2, layer_quantizers={1: KIVIKVQuantizer(2, group_size=32)})
+    cache = ChunkedCache(2, layer_quantizers={1: KIVIKVQuantizer(2, group_size=32)})
     cache.update(*make_kv(1, 2, 4, D, device), 0)  # layer 0: default ZipCache, fine
     with pytest.raises(ValueError, match=r"quantizer: .*group_size"):
         cache.update(*make_kv(1, 2, 4, D, device), 1)
@@ -328,7 +334,7 @@ def test_group_size_that_does_not_divide_head_dim(device: str) -> None:
 
 
 def test_bad_keep_and_kv_shapes(device: str) -> None:
-    cache = ZipVLCache(quantizer=IdentityKVQuantizer())
+    cache = ChunkedCache(quantizer=IdentityKVQuantizer())
     k, v = make_kv(B, HKV, 6, D, device)
     cache.update(k, v, 0)
     ok = random_keep(B, HKV, 6, 2, device)
@@ -356,7 +362,7 @@ def test_bad_keep_and_kv_shapes(device: str) -> None:
 
 
 def test_transformers_surface() -> None:
-    cache = ZipVLCache()
+    cache = ChunkedCache()
     assert cache.is_compileable is False
     assert cache.get_seq_length() == 0 and cache.get_mask_sizes(5, 0) == (5, 0)
     k, v = make_kv(1, 2, 3, D, "cpu")
@@ -369,7 +375,7 @@ def test_transformers_surface() -> None:
 
 def test_report_shows_no_decode_ratio_before_the_first_block() -> None:
     """The "decode kept" column reads "-" until a decode block was compressed (not 100 %)."""
-    cache = ZipVLCache(1, recompress_every=4)
+    cache = ChunkedCache(1, recompress_every=4)
     k = torch.randn(1, 2, 12, 16)
     keep = torch.zeros(1, 2, 12, dtype=torch.bool)
     keep[..., :6] = True

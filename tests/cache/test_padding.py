@@ -8,6 +8,7 @@ padding keys get no decode attention mass (2d). Plus the host-read budget of the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,6 +25,10 @@ from zipvl.quant import (
     ZipCacheKVQuantizer,
 )
 from zipvl.sparsity import CumulativeMassAllocator, TopKSelector
+
+# these tests cover the chunked storage (any KVQuantizer); the paged storage of the
+# ZipCache layouts has its own tests in tests/test_decode.py
+ChunkedCache = functools.partial(ZipVLCache, storage="chunked")
 
 H, G, D = 2, 2, 16
 S, PAD, P = 12, 4, 5  # prompt length, padding of row 1, kept tokens per row
@@ -66,7 +71,7 @@ def _padded_batch(side: str, device: str, sinks: int = 0) -> tuple[Tensor, Tenso
 
 
 def _cache(quantizer: object, sinks: int = 0) -> ZipVLCache:
-    return ZipVLCache(1, quantizer=quantizer, sink_tokens=sinks)  # type: ignore[arg-type]
+    return ChunkedCache(1, quantizer=quantizer, sink_tokens=sinks)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", list(QUANTIZERS))
@@ -197,7 +202,7 @@ def _decode(
     k: Tensor, v: Tensor, steps: tuple[Tensor, Tensor, Tensor], valid: Tensor | None
 ) -> tuple[ZipVLCache, _Recording]:
     alloc = _Recording()
-    cache = ZipVLCache(
+    cache = ChunkedCache(
         1, quantizer=MixedPrecisionKVQuantizer(), recompress_every=4, allocator=alloc,
         selector=TopKSelector(keep_last=False),
     )  # fmt: skip

@@ -6,6 +6,7 @@ the properties are exact (``torch.equal``) because crop and reorder never re-qua
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,10 @@ from tests.cache.helpers import check_layout, random_keep, reference_block_mass,
 from zipvl.cache import ZipVLCache, last_query_mass
 from zipvl.quant import IdentityKVQuantizer
 from zipvl.types import equalize_keep_counts
+
+# these tests cover the chunked storage (any KVQuantizer); the paged storage of the
+# ZipCache layouts has its own tests in tests/test_decode.py
+ChunkedCache = functools.partial(ZipVLCache, storage="chunked")
 
 HKV, G, D = 2, 2, 8
 
@@ -48,7 +53,7 @@ runs = st.builds(
 def build(run: Run) -> ZipVLCache:
     """Prefill with a random keep mask, then ``steps`` decode steps."""
     torch.manual_seed(run.seed)
-    cache = ZipVLCache(1, recompress_every=run.recompress_every, sink_tokens=run.sink_tokens)
+    cache = ChunkedCache(1, recompress_every=run.recompress_every, sink_tokens=run.sink_tokens)
     b = run.batch
     k = torch.randn(b, HKV, run.prompt, D, dtype=torch.bfloat16)
     v = torch.randn_like(k)
@@ -142,7 +147,7 @@ def test_beam_expansion_and_selection(run: Run, data: st.DataObject) -> None:
 )
 def test_positions_bookkeeping(prompt: int, sizes: list[int], r: int, sinks: int) -> None:
     """Any sequence of update sizes: lengths, mask sizes, contiguous layout, block count."""
-    cache = ZipVLCache(quantizer=IdentityKVQuantizer(), recompress_every=r, sink_tokens=sinks)
+    cache = ChunkedCache(quantizer=IdentityKVQuantizer(), recompress_every=r, sink_tokens=sinks)
     k, v = torch.randn(2, 1, HKV, prompt, D)
     cache.prefill(0, k, v, None)
     ks, n = [k], prompt

@@ -240,8 +240,9 @@ class PagedKVStore:
         recompress_every: R, tokens per decode block.
         sink_tokens: leading positions kept at full precision.
         tail_slack: tail capacity beyond R (tokens a step may add past a full block).
-        reserve_tokens: generated tokens per row the pools grow by when they are full (a
-            larger value copies the pools less often and holds more unused pages).
+        reserve_tokens: generated tokens per row the pools grow by when they are full, at most
+            (an eighth of the sequence below that): a larger value copies the pools less often
+            and holds more unused pages.
 
     Raises:
         ValueError: an argument out of range (the message names it).
@@ -339,7 +340,9 @@ class PagedKVStore:
         need = self.pool_used[cls] + pages
         have = self.pools[cls]["kcode"].shape[0]
         if need > have:
-            grow = max(need - have, self.rows * -(-self.reserve_tokens // self.fmt.page_size))
+            # headroom: reserve_tokens, or an eighth of the length for short sequences
+            ahead = min(self.reserve_tokens, max(self.fmt.page_size, self.length // 8))
+            grow = max(need - have, self.rows * -(-ahead // self.fmt.page_size))
             extra = self._new_pool(cls, grow)
             self.pools[cls] = {k: torch.cat([t, extra[k]]) for k, t in self.pools[cls].items()}
         cols = self.max_pages[cls] + per_row
@@ -418,6 +421,7 @@ class PagedKVStore:
         b, h, s, d = k.shape
         rows, p, dev = self.rows, self.fmt.page_size, k.device
         ns = num_sinks
+        self.length = s
         pos = torch.arange(s, device=dev)
         real = torch.ones(b, s, dtype=torch.bool, device=dev) if valid is None else valid
         compress = (real & (pos >= ns))[:, None, :].expand(b, h, s)  # (B, Hkv, S)
@@ -467,7 +471,6 @@ class PagedKVStore:
         self._reserve_positions(s)
         self.class_bits[:, :, :s] = cls_mask
         self.pad = (~real).sum(-1) if valid is not None else self.pad.zero_()
-        self.length = s
         return {"kept": kept, "real": kept + other}
 
     def append(self, k: Tensor, v: Tensor) -> None:
