@@ -34,7 +34,7 @@ def _triton_runs(device: str) -> bool:
 def _filled_store(case, device, dtype, *, fmt=None, pad=None, seed=0):
     """A store after a ragged prefill (random keep per row, optional left padding) and decode
     steps that cross block and page boundaries; returns (store, all K, all V, valid)."""
-    b, hq, hkv, d, s, steps, page = case
+    b, _, hkv, d, s, steps, page = case
     g = torch.Generator(device="cpu").manual_seed(seed)
     fmt = fmt or PageFormat(page_size=page)
     store = PagedKVStore(fmt, batch_size=b, num_heads=hkv, head_dim=d, dtype=dtype,

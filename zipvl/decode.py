@@ -66,7 +66,8 @@ def fused_decode_problem(q: Tensor, store: PagedKVStore) -> str | None:
 
 def _splits(store: PagedKVStore, device: torch.device) -> int:
     """Page splits per row: about 4 programs per SM over the whole grid, at most 64."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    cuda = device.type == "cuda"
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 4
     return max(1, min(64, -(-4 * sms // store.rows)))
 
 

@@ -1,3 +1,5 @@
+# pyright: reportArgumentType=false, reportOperatorIssue=false, reportAttributeAccessIssue=false, reportCallIssue=false, reportIndexIssue=false, reportGeneralTypeIssues=false
+# (Triton's constexpr arguments and tensor tuples are not statically typed)
 """The fused Triton decode kernel over a ``PagedKVStore`` (imported on first use: triton is
 optional). See ``zipvl.decode`` for the algebra and the reference beside it.
 

@@ -32,7 +32,6 @@ from zipvl.cache.hf_compat import Cache
 from zipvl.cache.layer import ZipVLCacheLayer, _check_quantizer
 from zipvl.cache.paged import page_format_problem
 from zipvl.cache.paged_layer import PagedCacheLayer
-
 from zipvl.cache.report import CacheReport, LayerReport
 from zipvl.checks import check_int
 

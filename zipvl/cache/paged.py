@@ -479,7 +479,7 @@ class PagedKVStore:
         Raises:
             ValueError: the tail would exceed its capacity (``recompress_every + tail_slack``).
         """
-        b, h, t, d = k.shape
+        t, d = k.shape[2], k.shape[3]
         if self.tail_length + t > self.tail_cap:
             raise ValueError(
                 f"key_states: {t} new tokens do not fit the full-precision tail "
@@ -720,7 +720,8 @@ class PagedKVStore:
         ).tolist()  # fmt: skip
         rows = self.rows
         out: dict[int, float] = {}
-        for bits, v in ((16, vals[2]), (self.fmt.high_bits, vals[0]), (self.fmt.low_bits, vals[1])):
+        fmt = self.fmt
+        for bits, v in ((16, vals[2]), (fmt.high_bits, vals[0]), (fmt.low_bits, vals[1])):
             if v:
                 out[bits] = out.get(bits, 0.0) + v / rows
         return dict(sorted(out.items(), reverse=True))

@@ -375,7 +375,9 @@ class PagedCacheLayer(CacheLayerMixin):
         else:
             check_tensor("lse2", lse2, ndim=2)
             if tuple(lse2.shape) != (b, hq):
-                raise ValueError(f"lse2: expected shape (B, Hq) = {(b, hq)}, got {tuple(lse2.shape)}")
+                raise ValueError(
+                    f"lse2: expected shape (B, Hq) = {(b, hq)}, got {tuple(lse2.shape)}"
+                )
         lse = lse2.reshape(b, h, g).float()
         done = 0
         while self.store.tail_length >= r:

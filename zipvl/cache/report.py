@@ -54,7 +54,7 @@ class LayerReport:
     tokens_at_bits: dict[int, float]
     decode_blocks: int
     decode_block_tokens: int
-    decode_kept_tokens: int
+    decode_kept_tokens: float
     bytes: int
     bf16_bytes: int
     live_bytes: int = -1

@@ -474,7 +474,9 @@ def zipvl_attention(
         if config.decode_impl == "triton" and target.store is not None:
             problem = fused_decode_problem(q, target.store)
             if problem is not None:  # refused before anything is stored
-                raise ValueError(f"decode_impl: 'triton' needs {problem}; use 'auto' or 'reference'")
+                raise ValueError(
+                    f"decode_impl: 'triton' needs {problem}; use 'auto' or 'reference'"
+                )
         cache.append(k, v, layer_idx)
         return paged_decode(config.decode_impl, q, target, key_valid=key_valid, scale=scale)
     if not prefill and config.decode_impl == "triton":

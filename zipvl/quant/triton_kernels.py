@@ -1,3 +1,5 @@
+# pyright: reportArgumentType=false, reportOperatorIssue=false, reportAttributeAccessIssue=false, reportCallIssue=false, reportIndexIssue=false
+# (Triton's constexpr arguments and tensor tuples are not statically typed)
 """Fused quantize-and-pack Triton kernel for the token-wise (``axis="channel"``) write path.
 
 One program handles ``BLOCK_R`` rows (tokens) of D channels: it loads the rows once, computes

@@ -1,3 +1,5 @@
+# pyright: reportArgumentType=false, reportOperatorIssue=false, reportAttributeAccessIssue=false, reportCallIssue=false, reportIndexIssue=false
+# (Triton's constexpr arguments and tensor tuples are not statically typed)
 """Fused probe scoring in Triton (ZipVL Alg. 1 step "A' = Softmax(Q'K^T)", Eq. 5 column mass).
 
 The plain PyTorch scorer materialises the fp32 probe map (B, Hq, M, Skv) and makes several passes
