@@ -1,4 +1,4 @@
-.PHONY: install test lint bench-smoke demo
+.PHONY: install test lint bench-smoke bench-compare demo
 
 install:  ## CPU machines: the CPU torch first, so pip never resolves a CUDA build
 	python3 -m pip install torch==2.13.0 && python3 -m pip install -e ".[dev]"
@@ -10,7 +10,11 @@ lint:
 	python3 -m ruff check zipvl tests bench && python3 -m pyright zipvl
 
 bench-smoke:  ## CPU pytest-benchmark suites (host-side costs)
-	python3 -m pytest -q bench/bench_planning.py bench/bench_quant.py bench/bench_cache.py --benchmark-only
+	python3 -m pytest -q bench/ --benchmark-only
+
+bench-compare:  ## time the CPU suites into new.json and compare with the committed baseline
+	python3 -m pytest bench/ --benchmark-only --benchmark-json=new.json
+	pytest-benchmark compare bench/results/cpu/bench_cpu.json new.json --columns=median
 
 demo:
 	zipvl demo
