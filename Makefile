@@ -1,7 +1,12 @@
 .PHONY: install test lint bench-smoke bench-compare demo
 
-install:  ## CPU machines: the CPU torch first, so pip never resolves a CUDA build
-	python3 -m pip install torch==2.13.0 && python3 -m pip install -e ".[dev]"
+# CPU-only machines: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# (PyPI's torch is the CUDA build); GPU machines: leave it empty.
+TORCH_INDEX ?=
+
+install:  ## torch first (from TORCH_INDEX when set), then the project with its dev tools
+	python3 -m pip install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) && \
+		python3 -m pip install -e ".[dev]"
 
 test:
 	python3 -m pytest -q -n 2
