@@ -134,4 +134,5 @@ def test_console_entry_point_help() -> None:
         text=True,
         timeout=120,
     )
-    assert res.returncode == 0 and "--preset" in res.stdout and "method.md" not in res.stdout
+    assert res.returncode == 0 and "--preset" in res.stdout
+    assert "docs/decisions.md#probe-cap" in res.stdout.replace("\n", " ").replace(" ", "")
