@@ -96,7 +96,10 @@ def test_bad_out_and_model(
     argv = ["demo", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)]
     line = _usage_error(argv, capsys)
     assert "argument --model: expected a local checkpoint directory" in line
-    line = _usage_error(["demo", "--model", str(tmp_path), "--frames", "3"], capsys)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    line = _usage_error(["demo", "--model", str(ckpt), "--frames", "3"], capsys)
     assert "argument --frames: only for the built-in model" in line
     assert out_dir_problem(tmp_path / "new") is None and out_dir_problem(tmp_path) is None
 

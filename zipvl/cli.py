@@ -103,6 +103,19 @@ def out_dir_problem(path: str | Path) -> str | None:
     return None
 
 
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a local checkpoint directory (``save_pretrained``), or None."""
+    where = Path(path)
+    if not where.is_dir():
+        return f"expected a local checkpoint directory, got {str(path)!r} (not a directory)"
+    if not (where / "config.json").is_file():
+        return (
+            f"expected a local checkpoint directory (written by save_pretrained), got "
+            f"{str(path)!r}, which has no config.json"
+        )
+    return None
+
+
 def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The ``zipvl`` parser and its ``demo`` subparser."""
     parser = argparse.ArgumentParser(
@@ -176,11 +189,9 @@ def _check_without_torch(parser: argparse.ArgumentParser, args: argparse.Namespa
     if problem is not None:
         parser.error(f"argument --out: {problem}")
     if args.model is not None:
-        if not Path(args.model).is_dir():
-            parser.error(
-                f"argument --model: expected a local checkpoint directory, got {args.model!r} "
-                "(not a directory)"
-            )
+        problem = checkpoint_problem(args.model)
+        if problem is not None:
+            parser.error(f"argument --model: {problem}")
         if args.frames is not None:
             parser.error("argument --frames: only for the built-in model, not with --model")
     if (
@@ -236,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
             demo.check_demo_args(**kwargs)
         except ValueError as err:
             _usage_error(demo_parser, err)
-        demo.run_demo(**kwargs, progress=not args.quiet)
+        try:
+            demo.run_demo(**kwargs, progress=not args.quiet)
+        except ValueError as err:  # found while running (e.g. a checkpoint that does not load)
+            raise SystemExit(f"zipvl demo: error: {err}") from err
     return 0
 
 

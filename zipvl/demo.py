@@ -8,17 +8,21 @@ GPU workload where attention is most of the dense prefill; ``frames`` resizes it
 * the per-layer table of the ZipVL cache report (kept ratio p / n, attention-FLOP reduction,
   tokens per precision, bytes vs bf16, compression),
 * the mean attention-FLOP reduction, KV bytes and compression,
-* prefill time dense vs ZipVL (median of a few timed runs after a warm-up), and ZipVL's time
-  with a 16-bit cache (sparse prefill without the KV quantization), next to the Amdahl bound:
-  the speed-up if attention cost exactly (p / n)^2 of its dense time and nothing else changed
-  (the attention share is measured: one dense causal SDPA at the prompt's shape per layer),
+* prefill time dense vs ZipVL (median, fastest and slowest of ``repeats`` timed runs after
+  ``warmup`` untimed ones, and a verdict when the spread makes the speed-up meaningless), and
+  ZipVL's time with a 16-bit cache (sparse prefill without the KV quantization), next to the
+  Amdahl bound: the speed-up if attention cost exactly (p / n)^2 of its dense time and nothing
+  else changed (the attention share is measured: one dense causal SDPA at the prompt's shape per
+  layer),
 * the greedy tokens of both runs and how many agree,
 
 and writes the per-layer kept-ratio plot (PNG) and a JSON summary to the output directory.
 ``model_path`` runs a local image-text-to-text checkpoint (one synthetic image, the processor's
 chat template) instead.
 
-This module is transformers-free: model building and loading live in ``zipvl.models.lvlm``.
+Importing this module does not import transformers: ``check_demo_args`` validates every argument
+first, and ``run_demo`` imports the model side (``zipvl.models``) only after that. Model building
+and loading live in ``zipvl.models.lvlm``.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from zipvl.checks import check_int
-from zipvl.cli import DEVICE_PATTERN, out_dir_problem
+from zipvl.cli import DEVICE_PATTERN, checkpoint_problem, out_dir_problem
 from zipvl.config import PRESETS, ZipVLConfig
 from zipvl.quant import IdentityKVQuantizer, MixedPrecisionKVQuantizer
 from zipvl.types import Impl
@@ -378,10 +382,9 @@ def check_demo_args(
                 "device(s) exist"
             )
     if model_path is not None:
-        if not Path(model_path).is_dir():
-            raise ValueError(
-                f"model_path: expected a local checkpoint directory, got {str(model_path)!r}"
-            )
+        problem = checkpoint_problem(model_path)
+        if problem is not None:
+            raise ValueError(f"model_path: {problem}")
         if frames is not None:
             raise ValueError(
                 f"frames: only for the built-in model, got frames={frames} with a model"
