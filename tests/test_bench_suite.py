@@ -15,9 +15,12 @@ REGRESSION_CMD = "pytest bench/ --benchmark-only --benchmark-json=new.json"
 
 
 def _pytest(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # a test session run with pytest-xdist leaves its traces in the environment, under which
+    # pytest-benchmark disables timing: the child runs as a plain session, as a user would
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "XDIST_"))}
+    env["PYTHONPATH"] = str(ROOT)
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", *args],
         cwd=cwd,
         env=env,
         capture_output=True,
