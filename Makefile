@@ -1,7 +1,12 @@
-.PHONY: install test lint bench-smoke demo
+.PHONY: install test lint bench-smoke bench-compare demo
 
-install:  ## CPU machines: the CPU torch first, so pip never resolves a CUDA build
-	python3 -m pip install torch==2.13.0 && python3 -m pip install -e ".[dev]"
+# CPU-only machines: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# (PyPI's torch is the CUDA build); GPU machines: leave it empty.
+TORCH_INDEX ?=
+
+install:  ## torch first (from TORCH_INDEX when set), then the project with its dev tools
+	python3 -m pip install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) && \
+		python3 -m pip install -e ".[dev]"
 
 test:
 	python3 -m pytest -q -n 2
@@ -10,7 +15,11 @@ lint:
 	python3 -m ruff check zipvl tests bench && python3 -m pyright zipvl
 
 bench-smoke:  ## CPU pytest-benchmark suites (host-side costs)
-	python3 -m pytest -q bench/bench_planning.py bench/bench_quant.py bench/bench_cache.py --benchmark-only
+	python3 -m pytest -q bench/ --benchmark-only
+
+bench-compare:  ## time the CPU suites into new.json and compare with the committed baseline
+	python3 -m pytest bench/ --benchmark-only --benchmark-json=new.json
+	pytest-benchmark compare bench/results/cpu/bench_cpu.json new.json --columns=median
 
 demo:
 	zipvl demo

@@ -110,23 +110,6 @@ def test_demo_on_a_saved_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "(64 visual)" in out and TABLE_HEADER in out and "[zipvl demo]" not in err
 
 
-def test_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        main(["demo", "--preset", "h2o"])
-    assert "invalid choice: 'h2o'" in capsys.readouterr().err
-    if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match=r"device: 'cuda' requested but CUDA is not"):
-            main(["demo", "--device", "cuda", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"tau: only feeds the default allocator"):
-        main(["demo", "--preset", "fixed", "--tau", "0.9", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"probe_cap: expected an int >= 1, got 0"):
-        main(["demo", "--probe-cap", "0", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"frames: only for the built-in model"):
-        main(["demo", "--model", str(tmp_path), "--frames", "3", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"path: expected a local checkpoint directory"):
-        main(["demo", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
-
-
 def test_synthetic_inputs_are_deterministic() -> None:
     assert torch.equal(synthetic_image(56, seed=1), synthetic_image(56, seed=1))
     assert not torch.equal(synthetic_image(56, seed=1), synthetic_image(56, seed=2))

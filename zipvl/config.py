@@ -1,7 +1,7 @@
 """``ZipVLConfig``: which components ZipVL runs with, per layer, and the paper's defaults.
 
-ZipVL (He et al., arXiv 2410.08584 v1; method.md sections 0, 4, 5 and 10) has five swappable
-parts per attention layer:
+ZipVL (He et al., arXiv 2410.08584 v1; docs/algorithm.md, docs/design.md#configuration) has
+five swappable parts per attention layer:
 
 * prefill: scorer (probe attention, Eq. 7) -> allocator (tau rule, Eq. 6) -> selector
   (top-p per KV head, Eqs. 8/9) -> token-sparse attention (``impl``, ``unkept``);
@@ -171,8 +171,8 @@ class ZipVLConfig:
         sparse_prefill: False runs every layer dense in prefill (quantization-only baselines).
         impl: ``sparse_attention`` implementation (``Impl.SDPA`` default; ``Impl.FLEX``,
             ``Impl.REFERENCE``).
-        unkept: ``"zero"``: unselected queries get no attention output (ZipVL, method.md 4.5);
-            ``"attend"``: they attend to the selected keys.
+        unkept: ``"zero"``: unselected queries get no attention output (ZipVL,
+            docs/decisions.md#unkept-queries); ``"attend"``: they attend to the selected keys.
         scorer: explicit ``Scorer`` (None: ``ProbeScorer`` from the probe settings).
         allocator: explicit ``Allocator`` (None: ``CumulativeMassAllocator(tau)``).
         selector: explicit prefill ``Selector`` (None: ``TopKSelector(sink_tokens=...)``, which

@@ -8,48 +8,84 @@ GPU workload where attention is most of the dense prefill; ``frames`` resizes it
 * the per-layer table of the ZipVL cache report (kept ratio p / n, attention-FLOP reduction,
   tokens per precision, bytes vs bf16, compression),
 * the mean attention-FLOP reduction, KV bytes and compression,
-* prefill time dense vs ZipVL (median of a few timed runs after a warm-up), and ZipVL's time
-  with a 16-bit cache (sparse prefill without the KV quantization), next to the Amdahl bound:
-  the speed-up if attention cost exactly (p / n)^2 of its dense time and nothing else changed
-  (the attention share is measured: one dense causal SDPA at the prompt's shape per layer),
+* prefill time dense vs ZipVL (median, fastest and slowest of ``repeats`` timed runs after
+  ``warmup`` untimed ones, and a verdict when the spread makes the speed-up meaningless), and
+  ZipVL's time with a 16-bit cache (sparse prefill without the KV quantization), next to the
+  Amdahl bound: the speed-up if attention cost exactly (p / n)^2 of its dense time and nothing
+  else changed (the attention share is measured: one dense causal SDPA at the prompt's shape per
+  layer),
 * the greedy tokens of both runs and how many agree,
 
 and writes the per-layer kept-ratio plot (PNG) and a JSON summary to the output directory.
 ``model_path`` runs a local image-text-to-text checkpoint (one synthetic image, the processor's
 chat template) instead.
 
-This module is transformers-free: model building and loading live in ``zipvl.models.lvlm``.
+Importing this module does not import transformers: ``check_demo_args`` validates every argument
+first, and ``run_demo`` imports the model side (``zipvl.models``) only after that. Model building
+and loading live in ``zipvl.models.lvlm``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
-from zipvl.cache.report import CacheReport
 from zipvl.checks import check_int
+from zipvl.cli import DEVICE_PATTERN, checkpoint_problem, out_dir_problem
 from zipvl.config import PRESETS, ZipVLConfig
-from zipvl.models import disable, enable, is_enabled, lvlm, new_cache
-from zipvl.models.hf import forced_generate
-from zipvl.quant import IdentityKVQuantizer
+from zipvl.quant import IdentityKVQuantizer, MixedPrecisionKVQuantizer
 from zipvl.types import Impl
 
-__all__ = ["LARGE_PROBE_CAP", "DemoResult", "amdahl_bound", "run_demo"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from zipvl.cache.report import CacheReport
+
+__all__ = [
+    "DEMO_SIZES",
+    "LARGE_PROBE_CAP",
+    "SPREAD_LIMIT",
+    "DemoResult",
+    "DemoSetup",
+    "Timing",
+    "amdahl_bound",
+    "check_demo_args",
+    "kept_ratio_figure",
+    "plot_kept_ratio",
+    "run_demo",
+    "speedup_note",
+]
+
+DEMO_SIZES = ("tiny", "large")
+"""The built-in model sizes (the keys of ``zipvl.models.lvlm.DEMO_SPECS``; a test keeps them
+equal), here so that arguments are checked without importing transformers."""
 
 LARGE_PROBE_CAP = 64
-"""Probe cap of the large demo when none is given (method.md 4.2: a cap for long prompts)."""
+"""Probe cap of the large demo when none is given (docs/decisions.md#probe-cap: a cap for long
+prompts)."""
 
+SPREAD_LIMIT = 1.5
+"""A speed-up whose range over the timed runs (fastest against slowest) spans more than this
+factor is reported as too noisy to mean anything."""
+
+LARGE_CPU_WARNING = (
+    "warning: --size large is a GPU workload (a prompt of 65k tokens through LongVA-shaped "
+    "layers); on a CPU every prefill takes minutes and tens of GB of memory. Use --device cuda, "
+    "or fewer --frames"
+)
 
 @dataclass(frozen=True)
 class DemoResult:
@@ -65,6 +101,7 @@ class DemoResult:
         prefill_ms_dense: median dense prefill time.
         prefill_ms_zipvl: median ZipVL prefill time.
         prefill_ms_zipvl_16bit: median ZipVL prefill time with a 16-bit cache.
+        timings: every timed run, per setting ("dense", "zipvl", "zipvl_16bit").
         attn_share: measured share of dense attention in the dense prefill, in [0, 1].
         amdahl_bound: the prefill speed-up if only attention changed, to (p / n)^2 of its time.
         plot: path of the PNG plot.
@@ -81,6 +118,7 @@ class DemoResult:
     prefill_ms_dense: float
     prefill_ms_zipvl: float
     prefill_ms_zipvl_16bit: float
+    timings: Mapping[str, Timing]
     attn_share: float
     amdahl_bound: float
     plot: Path
@@ -93,22 +131,99 @@ class DemoResult:
         return sum(a == b for a, b in zip(self.dense_tokens, self.zipvl_tokens, strict=False))
 
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall times of repeated runs of one setting, in milliseconds.
+
+    Attributes:
+        runs_ms: one entry per timed run (after the warm-up runs), in run order.
+    """
+
+    runs_ms: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.runs_ms:
+            raise ValueError("runs_ms: expected at least one timed run, got none")
+
+    @property
+    def min(self) -> float:
+        return min(self.runs_ms)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs_ms)
+
+    @property
+    def max(self) -> float:
+        return max(self.runs_ms)
+
+    def describe(self) -> str:
+        """``"16.4 ms (15.9 to 18.0)"``: the median, then the fastest and the slowest run."""
+        return f"{self.median:.1f} ms ({self.min:.1f} to {self.max:.1f})"
+
+
+def speedup_note(dense: Timing, other: Timing) -> str:
+    """The speed-up of ``other`` over ``dense``, its range over the runs, and a verdict.
+
+    The range goes from the slowest ``other`` run against the fastest dense one to the
+    fastest against the slowest. The verdict says when the range spans more than
+    ``SPREAD_LIMIT`` (too wide to mean anything) or contains 1 (no measurable difference).
+    """
+    mid = dense.median / other.median
+    low, high = dense.min / other.max, dense.max / other.min
+    text = f"{mid:.2f}x (range {low:.2f}x to {high:.2f}x)"
+    if high / low > SPREAD_LIMIT:
+        return (
+            f"{text}: the runs spread too widely for this speed-up to mean anything "
+            "(a busy or throttled machine; try more --repeats on an idle one)"
+        )
+    if low <= 1.0 <= high:
+        return f"{text}: within the spread of the runs, no measurable difference"
+    return text
+
+
+def _bar(items: Iterable[T], label: str, total: int, progress: _Progress) -> Iterator[T]:
+    """``items`` with a tqdm bar (rate, time left) on a terminal; quiet otherwise."""
+    yield from tqdm(
+        items,
+        desc=f"[zipvl demo] {label}",
+        total=total,
+        file=progress.stream,
+        disable=None if progress.enabled else True,  # None: only on a terminal
+        leave=False,
+        unit="run",
+        dynamic_ncols=True,
+    )
+
+
 class _Progress:
-    """Progress lines on stderr (``tqdm``-free), also used as a ``generate`` streamer."""
+    """Stage lines and tqdm bars on stderr; the generation bar doubles as a ``generate``
+    streamer."""
 
     def __init__(self, enabled: bool, stream: TextIO) -> None:
         self.enabled, self.stream = enabled, stream
-        self.total = 0
-        self.done = 0
-        self.label = ""
+        self._bar: Any = None
         self._skip_prompt = True
 
     def stage(self, text: str) -> None:
         if self.enabled:
-            print(f"[zipvl demo] {text}", file=self.stream, flush=True)
+            tqdm.write(f"[zipvl demo] {text}", file=self.stream)
 
     def start(self, label: str, total: int) -> _Progress:
-        self.label, self.total, self.done, self._skip_prompt = label, total, 0, True
+        self.end()
+        self._skip_prompt = True
+        self._bar = tqdm(
+            desc=f"[zipvl demo] {label}",
+            total=total,
+            file=self.stream,
+            disable=None if self.enabled else True,
+            leave=False,
+            unit="tok",
+            dynamic_ncols=True,
+        )
         return self
 
     # the two methods generate() calls on a streamer
@@ -116,24 +231,13 @@ class _Progress:
         if self._skip_prompt:  # the first call carries the prompt
             self._skip_prompt = False
             return
-        self.done += 1
-        if not self.enabled:
-            return
-        bar = "#" * (20 * self.done // max(self.total, 1))
-        line = f"[zipvl demo] {self.label} [{bar:<20}] {self.done}/{self.total}"
-        if self._tty:
-            print(f"\r{line}", end="", file=self.stream, flush=True)
-        elif self.done == self.total or self.done % max(1, self.total // 4) == 0:
-            print(line, file=self.stream, flush=True)  # a few lines when logging to a file
+        if self._bar is not None:
+            self._bar.update(1)
 
     def end(self) -> None:
-        if self.enabled and self._tty and self.total:
-            print(file=self.stream, flush=True)
-
-    @property
-    def _tty(self) -> bool:
-        isatty = getattr(self.stream, "isatty", None)
-        return bool(isatty and isatty())
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def _sync(device: torch.device) -> None:
@@ -141,16 +245,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up (allocations, lazy compilation)
-    _sync(device)
-    times = []
-    for _ in range(repeats):
+def _time_runs(
+    fn: Callable[[], object],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    label: str,
+    progress: _Progress,
+) -> Timing:
+    """``warmup`` untimed runs (allocations, lazy compilation), then ``repeats`` timed ones."""
+    times: list[float] = []
+    for i in _bar(range(warmup + repeats), label, warmup + repeats, progress):
         t0 = time.perf_counter()
         fn()
         _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return Timing(tuple(times))
 
 
 def _config(
@@ -161,6 +272,10 @@ def _config(
     quant_impl: str | None,
 ) -> ZipVLConfig:
     cfg = ZipVLConfig.preset(preset)
+    for name, value in (("tau", tau), ("probe_cap", probe_cap)):
+        why = _no_effect(cfg, name) if value is not None else None
+        if why is not None:
+            raise ValueError(f"{name}: preset {preset!r} has no {name} to set: {why}")
     changes: dict[str, Any] = {}
     if tau is not None:
         changes["tau"] = tau
@@ -173,11 +288,123 @@ def _config(
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
+def _no_effect(cfg: ZipVLConfig, setting: str) -> str | None:
+    """Why ``setting`` ("tau" or "probe_cap") would change nothing under ``cfg``, or None.
+
+    tau feeds the default allocator and probe_cap the default scorer. Their selection decides
+    which tokens the prefill attends to (sparse prefill) and which are stored at high precision
+    (a mixed-precision cache); with neither, it is never used.
+    """
+    component = "allocator" if setting == "tau" else "scorer"
+    given = getattr(cfg, component)
+    if given is not None:
+        return f"its {component} is given explicitly ({given!r})"
+    mixed = isinstance(cfg.for_layer(0).quantizer, MixedPrecisionKVQuantizer)
+    if not cfg.sparse_prefill and not mixed:
+        quantizer = type(cfg.for_layer(0).quantizer).__name__
+        return (
+            f"its prefill is dense and its {quantizer} cache stores every token at the same "
+            "precision, so no token is ever selected"
+        )
+    return None
+
+
 def _probe_cap(cap: int | None, size: str, model_path: str | None) -> tuple[int | None, bool]:
-    """The probe cap to use and whether it is the large demo's default (method.md 4.2)."""
+    """The probe cap to use and whether it is the large demo's default
+    (docs/decisions.md#probe-cap)."""
     if cap is None and model_path is None and size == "large":
         return LARGE_PROBE_CAP, True
     return cap, False
+
+
+@dataclass(frozen=True)
+class DemoSetup:
+    """The demo's arguments, checked and resolved (``check_demo_args``).
+
+    Attributes:
+        config: the preset with the overrides applied.
+        device: the device to run on.
+        capped_by_default: the probe cap is the large demo's default, not a given one.
+        warnings: things worth saying before the run starts (e.g. a GPU workload on a CPU).
+    """
+
+    config: ZipVLConfig
+    device: torch.device
+    capped_by_default: bool
+    warnings: tuple[str, ...]
+
+
+def check_demo_args(
+    *,
+    model_path: str | None = None,
+    size: str = "tiny",
+    frames: int | None = None,
+    preset: str = "zipvl",
+    tau: float | None = None,
+    recompress_every: int | None = None,
+    probe_cap: int | None = None,
+    quant_impl: str | None = None,
+    device: str = "cpu",
+    max_new_tokens: int = 16,
+    out_dir: str | Path = "zipvl_demo_out",
+    repeats: int = 5,
+    warmup: int = 2,
+    seed: int = 0,
+) -> DemoSetup:
+    """Check every argument of ``run_demo`` before anything is built (no transformers import).
+
+    Args: as ``run_demo``.
+
+    Returns:
+        ``DemoSetup``.
+
+    Raises:
+        ValueError: a bad argument; the message starts with the argument's name.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    if size not in DEMO_SIZES:
+        raise ValueError(f"size: expected one of {list(DEMO_SIZES)}, got {size!r}")
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_int("repeats", repeats, 1)
+    check_int("warmup", warmup, 0)
+    check_int("frames", frames, 0, optional=True)
+    check_int("seed", seed, 0)
+    if not isinstance(device, str) or DEVICE_PATTERN.fullmatch(device) is None:
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device: {device!r} requested but only {torch.cuda.device_count()} CUDA "
+                "device(s) exist"
+            )
+    if model_path is not None:
+        problem = checkpoint_problem(model_path)
+        if problem is not None:
+            raise ValueError(f"model_path: {problem}")
+        if frames is not None:
+            raise ValueError(
+                f"frames: only for the built-in model, got frames={frames} with a model"
+            )
+    problem = out_dir_problem(out_dir)
+    if problem is not None:
+        raise ValueError(f"out_dir: {problem}")
+    if quant_impl not in (None, "reference", "triton"):
+        raise ValueError(f"quant_impl: expected 'reference' or 'triton', got {quant_impl!r}")
+    if quant_impl == "triton" and dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "quant_impl: 'triton' runs the fused Triton kernel, which needs a CUDA device (or "
+            "TRITON_INTERPRET=1 for the slow interpreter); got device 'cpu'"
+        )
+    cap, capped_by_default = _probe_cap(probe_cap, size, model_path)
+    config = _config(preset, tau, recompress_every, cap, quant_impl)
+    warnings = (LARGE_CPU_WARNING,) if size == "large" and model_path is None and (
+        dev.type == "cpu"
+    ) else ()
+    return DemoSetup(config, dev, capped_by_default, warnings)
 
 
 def _unquantized(config: ZipVLConfig) -> ZipVLConfig:
@@ -208,9 +435,11 @@ def _dense_attention_ms(
     device: torch.device,
     dtype: torch.dtype,
     repeats: int,
-) -> float:
-    """Median time of one layer's dense causal SDPA at the prompt's shape (what the dense
-    model runs: no mask, GQA in the kernel). Random inputs from a private generator."""
+    warmup: int,
+    progress: _Progress,
+) -> Timing:
+    """Times of one layer's dense causal SDPA at the prompt's shape (what the dense model
+    runs: no mask, GQA in the kernel). Random inputs from a private generator."""
     _, hq, hkv, d = shape
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(1, hq, s, d, generator=gen, device=device, dtype=dtype)  # (1, Hq, S, D)
@@ -218,10 +447,13 @@ def _dense_attention_ms(
     v = torch.randn(1, hkv, s, d, generator=gen, device=device, dtype=dtype)
     gqa = hq != hkv
     with torch.no_grad():
-        return _median_ms(
+        return _time_runs(
             lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa),
             device,
             repeats,
+            warmup,
+            "one layer's dense attention",
+            progress,
         )
 
 
@@ -243,6 +475,69 @@ def amdahl_bound(attn_share: float, kept_ratios: Sequence[float]) -> float:
     return 1.0 / ((1.0 - attn_share) + attn_share * r2)
 
 
+def kept_ratio_figure(report: CacheReport, *, preset: str) -> Figure:
+    """The per-layer kept-ratio bar chart of a report, naming the preset (matplotlib, Agg).
+
+    The legend sits outside the axes, right of them, so it never covers a bar; the title gives
+    the mean attention-FLOP reduction as a non-negative share ("12.3 % fewer").
+
+    Args:
+        report: a cache report with at least one layer.
+        preset: the preset name shown in the title.
+
+    Returns:
+        The figure (drawn by ``plot_kept_ratio``).
+
+    Raises:
+        ValueError: the report has no layer.
+    """
+    if not report.layers:
+        raise ValueError("report: expected a report with at least one layer to plot, got none")
+    # Lazy: matplotlib is slow to import and only the plot needs it. Agg on a figure object
+    # of our own: no process-global backend switch.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(5.5, 0.35 * len(report.layers) + 3.5), 3.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(
+        [r.layer for r in report.layers],
+        [r.kept_ratio for r in report.layers],
+        label="kept ratio per layer",
+    )
+    mean = report.kept_ratio
+    ax.axhline(mean, color="k", linestyle="--", linewidth=1, label=f"mean {mean:.1%}")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("kept ratio p / n")
+    ax.set_ylim(0.0, 1.05)
+    fewer = max(report.attn_flop_reduction, 0.0)  # never "-0.0 %"
+    ax.set_title(
+        f"ZipVL kept ratio per layer, preset {preset!r}\n"
+        f"{fewer:.1%} fewer attention FLOPs (prefill)",
+        fontsize="medium",
+    )
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_kept_ratio(report: CacheReport, path: str | Path, *, preset: str) -> Path:
+    """Write ``kept_ratio_figure(report, preset=preset)`` as a PNG.
+
+    Args:
+        report: a cache report with at least one layer.
+        path: output file; its parent directory must exist.
+        preset: the preset name shown in the title.
+
+    Returns:
+        The path written.
+    """
+    out = Path(path)
+    kept_ratio_figure(report, preset=preset).savefig(out, format="png", bbox_inches="tight")
+    return out
+
+
 def _tokens(out: Tensor, prompt_len: int) -> tuple[int, ...]:
     return tuple(int(t) for t in out[0, prompt_len:].tolist())
 
@@ -260,7 +555,8 @@ def run_demo(
     device: str = "cpu",
     max_new_tokens: int = 16,
     out_dir: str | Path = "zipvl_demo_out",
-    repeats: int = 3,
+    repeats: int = 5,
+    warmup: int = 2,
     seed: int = 0,
     progress: bool = True,
     stdout: TextIO | None = None,
@@ -276,18 +572,21 @@ def run_demo(
         frames: video frames of the built-in prompt (None: the size's default: 7 tiny, 255
             large); each adds 64 (tiny) or 256 (large) visual tokens.
         preset: ``ZipVLConfig`` preset name.
-        tau: overrides the preset's tau.
+        tau: overrides the preset's tau; an error with a preset that has none (an explicit
+            allocator, or a dense prefill with a uniform-precision cache).
         recompress_every: overrides the preset's decode block size.
         probe_cap: caps the recent and the random probe counts of the default scorer (None:
-            64 for ``size="large"``, as method.md 4.2 recommends for long prompts; no cap
-            otherwise).
+            64 for ``size="large"``, as docs/decisions.md#probe-cap recommends for long prompts;
+            no cap otherwise). An error with a preset that never uses the scorer.
         quant_impl: ``"reference"`` or ``"triton"``, the default quantizers' write path.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         max_new_tokens: greedy tokens to generate, >= 1.
-        out_dir: where the plot and the JSON summary go (created if missing).
-        repeats: timed prefill runs (the median is reported), >= 1.
+        out_dir: where the plot and the JSON summary go (created if missing; its parent must
+            exist).
+        repeats: timed prefill runs per setting (min / median / max are reported), >= 1.
+        warmup: untimed prefill runs before the timed ones, >= 0.
         seed: seeds the built-in model and the synthetic inputs.
-        progress: progress lines on ``stderr``.
+        progress: progress on ``stderr``: stage lines, and tqdm bars when it is a terminal.
         stdout: report stream (default ``sys.stdout``).
         stderr: progress stream (default ``sys.stderr``).
 
@@ -295,23 +594,34 @@ def run_demo(
         ``DemoResult``.
 
     Raises:
-        ValueError: bad arguments (unknown preset or size, CUDA requested but unavailable, ...).
+        ValueError: bad arguments (``check_demo_args``), before anything is built.
     """
+    setup = check_demo_args(
+        model_path=model_path,
+        size=size,
+        frames=frames,
+        preset=preset,
+        tau=tau,
+        recompress_every=recompress_every,
+        probe_cap=probe_cap,
+        quant_impl=quant_impl,
+        device=device,
+        max_new_tokens=max_new_tokens,
+        out_dir=out_dir,
+        repeats=repeats,
+        warmup=warmup,
+        seed=seed,
+    )
+    # transformers loads here, after the arguments are known to be good
+    from zipvl.models import disable, enable, is_enabled, lvlm, new_cache
+    from zipvl.models.hf import forced_generate
+
     out_stream = sys.stdout if stdout is None else stdout
-    prog = _Progress(progress, sys.stderr if stderr is None else stderr)
-    if preset not in PRESETS:
-        raise ValueError(f"preset: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    if size not in lvlm.DEMO_SPECS:
-        raise ValueError(f"size: expected one of {sorted(lvlm.DEMO_SPECS)}, got {size!r}")
-    check_int("max_new_tokens", max_new_tokens, 1)
-    check_int("repeats", repeats, 1)
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} requested but CUDA is not available")
-    if frames is not None and model_path is not None:
-        raise ValueError(f"frames: only for the built-in model, got frames={frames} with a model")
-    probe_cap, capped_by_default = _probe_cap(probe_cap, size, model_path)
-    config = _config(preset, tau, recompress_every, probe_cap, quant_impl)
+    err_stream = sys.stderr if stderr is None else stderr
+    prog = _Progress(progress, err_stream)
+    for warning in setup.warnings:
+        print(f"[zipvl demo] {warning}", file=err_stream, flush=True)
+    dev, config, capped_by_default = setup.device, setup.config, setup.capped_by_default
     if size == "tiny" and model_path is None:
         # a 537-token prompt: pages of 32 tokens (128 suits real lengths, where less than a
         # page per precision waits at full precision)
@@ -351,24 +661,38 @@ def run_demo(
     prog.stage(f"ready in {time.perf_counter() - t0:.1f} s: prompt of {prompt_len} tokens")
 
     gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False)
+    runs = f"{warmup} warm-up + {repeats} timed runs"
     with torch.no_grad():
-        prog.stage(f"timing the dense prefill ({repeats} runs + warm-up)")
-        dense_ms = _median_ms(lambda: model(**inputs, use_cache=True), dev, repeats)
+        prog.stage(f"timing the dense prefill ({runs})")
+        dense_t = _time_runs(
+            lambda: model(**inputs, use_cache=True), dev, repeats, warmup, "dense prefill", prog
+        )
         shape = lvlm.attention_shape(model)
         prog.stage(f"timing one layer's dense attention at S = {prompt_len} (Amdahl bound)")
-        attn_ms = _dense_attention_ms(shape, prompt_len, dev, dtype, repeats)
+        attn_t = _dense_attention_ms(shape, prompt_len, dev, dtype, repeats, warmup, prog)
         dense_out = model.generate(
             **inputs, **gen_kwargs, streamer=prog.start("dense generation", max_new_tokens)
         )
+        prog.end()
         try:
-            prog.stage(f"timing the ZipVL prefill ({repeats} runs + warm-up, 2 settings)")
+            prog.stage(f"timing the ZipVL prefill ({runs}, 2 settings)")
             enable(model, _unquantized(config))
-            sparse_ms = _median_ms(
-                lambda: model(**inputs, past_key_values=new_cache(model)), dev, repeats
+            sparse_t = _time_runs(
+                lambda: model(**inputs, past_key_values=new_cache(model)),
+                dev,
+                repeats,
+                warmup,
+                "ZipVL prefill, 16-bit cache",
+                prog,
             )
             enable(model, config)
-            zipvl_ms = _median_ms(
-                lambda: model(**inputs, past_key_values=new_cache(model)), dev, repeats
+            zipvl_t = _time_runs(
+                lambda: model(**inputs, past_key_values=new_cache(model)),
+                dev,
+                repeats,
+                warmup,
+                "ZipVL prefill",
+                prog,
             )
             cache = new_cache(model)
             zipvl_out = model.generate(
@@ -377,20 +701,28 @@ def run_demo(
                 past_key_values=cache,
                 streamer=prog.start("ZipVL generation", max_new_tokens),
             )
+            prog.end()
             prog.stage("teacher-forced pass (ZipVL predicting the dense continuation)")
             forced = forced_generate(
                 model, inputs, dense_out[:, prompt_len:], past_key_values=new_cache(model)
             )
         finally:
+            prog.end()
             if is_enabled(model):
                 disable(model)
+    dense_ms, zipvl_ms, sparse_ms, attn_ms = (
+        dense_t.median,
+        zipvl_t.median,
+        sparse_t.median,
+        attn_t.median,
+    )
     report = cache.report()
     attn_share = min(shape[0] * attn_ms / dense_ms, 1.0)
     bound = amdahl_bound(attn_share, [r.kept_ratio for r in report.prefilled] or [1.0])
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plot = report.plot(out / "kept_ratio.png")
+    out.mkdir(exist_ok=True)  # its parent exists: check_demo_args
+    plot = plot_kept_ratio(report, out / "kept_ratio.png", preset=preset)
     dense_tok = _tokens(dense_out, prompt_len)
     zipvl_tok = _tokens(zipvl_out, prompt_len)
     n = min(len(dense_tok), len(zipvl_tok))
@@ -423,17 +755,20 @@ def run_demo(
     )
     if config.probe_cap is not None:
         why = (
-            " (the default for --size large: method.md 4.2 recommends a cap for long prompts, "
-            "where 5 % + 5 % of the prompt would be thousands of probe rows; not in the paper)"
+            " (the default for --size large: docs/decisions.md#probe-cap recommends a cap for "
+            "long prompts, where 5 % + 5 % of the prompt would be thousands of probe rows; not "
+            "in the paper)"
             if capped_by_default
             else ""
         )
         say(f"probe queries: at most {config.probe_cap} recent + {config.probe_cap} random{why}")
     say(
-        f"prefill time (median of {repeats}): dense {dense_ms:.1f} ms, ZipVL {zipvl_ms:.1f} ms "
-        f"({dense_ms / zipvl_ms:.2f}x); ZipVL without KV quantization (16-bit cache) "
-        f"{sparse_ms:.1f} ms ({dense_ms / sparse_ms:.2f}x)"
+        f"prefill time, median (fastest to slowest) of {repeats} runs after {warmup} warm-up: "
+        f"dense {dense_t.describe()}, ZipVL {zipvl_t.describe()}, ZipVL with a 16-bit cache "
+        f"(no KV quantization) {sparse_t.describe()}"
     )
+    say(f"speed-up of ZipVL: {speedup_note(dense_t, zipvl_t)}")
+    say(f"speed-up of ZipVL with a 16-bit cache: {speedup_note(dense_t, sparse_t)}")
     say(
         f"Amdahl bound {bound:.2f}x: dense attention is {attn_share:.1%} of the dense prefill "
         f"({shape[0]} layers x {attn_ms:.1f} ms of {dense_ms:.1f} ms); shrinking it to the kept "
@@ -475,6 +810,12 @@ def run_demo(
                 "prefill_ms_dense": dense_ms,
                 "prefill_ms_zipvl": zipvl_ms,
                 "prefill_ms_zipvl_16bit_cache": sparse_ms,
+                "prefill_runs_ms": {
+                    "dense": list(dense_t.runs_ms),
+                    "zipvl": list(zipvl_t.runs_ms),
+                    "zipvl_16bit_cache": list(sparse_t.runs_ms),
+                },
+                "warmup_runs": warmup,
                 "attn_ms_per_layer_dense": attn_ms,
                 "attn_share_dense": attn_share,
                 "amdahl_bound": bound,
@@ -497,6 +838,7 @@ def run_demo(
         prefill_ms_dense=dense_ms,
         prefill_ms_zipvl=zipvl_ms,
         prefill_ms_zipvl_16bit=sparse_ms,
+        timings={"dense": dense_t, "zipvl": zipvl_t, "zipvl_16bit": sparse_t},
         attn_share=attn_share,
         amdahl_bound=bound,
         plot=plot,

@@ -103,8 +103,9 @@ def dense(cache: ZipVLCache, layer_idx: int = 0) -> tuple[Tensor, Tensor]:
 
 
 def zipcache_error_bound(x: Tensor, group: Tensor, bits: int, *, values: bool) -> Tensor:
-    """Worst-case |x - dequant(quant(x))| of ZipCache's quantizers (method.md 5.2) for the tokens
-    of ``group``, quantized together: half a step of an asymmetric b-bit quantizer.
+    """Worst-case |x - dequant(quant(x))| of ZipCache's quantizers
+    (docs/algorithm.md#mixed-precision-quantization) for the tokens of ``group``, quantized
+    together: half a step of an asymmetric b-bit quantizer.
 
     Keys: one range per (b, h, channel) over the group's tokens. Values (channel-separable
     token-wise): divide by s_c = sqrt(max |x_tc|) over the group's tokens, one range per token

@@ -84,8 +84,8 @@ def test_planted_keys_are_found(seed: int) -> None:
     # default scorer: Eq. 6 budget = the planted count (the forced last token takes one slot)
     res = prefill_attention(inp.q, inp.k, inp.v, layer=ZipVLConfig().for_layer(0))
     assert 12 <= res.kept_tokens[0] <= 14
-    # ZipCache's (n - j) denominator favours recent tokens (method.md 4.4), so some early planted
-    # keys can lose their slot; the probe-count denominator has no such bias
+    # ZipCache's (n - j) denominator favours recent tokens (docs/decisions.md#denominator), so
+    # some early planted keys can lose their slot; the probe-count denominator has no such bias
     assert retained_attention_mass(inp.q, inp.k, res.keep) > 0.8
     cfg = ZipVLConfig(scorer=ProbeScorer(denominator="probe_count"))
     res = prefill_attention(inp.q, inp.k, inp.v, layer=cfg.for_layer(0))

@@ -329,3 +329,31 @@ def test_triton_without_the_package_raises_value_error(monkeypatch: pytest.Monke
     monkeypatch.setitem(sys.modules, "zipvl.quant.triton_kernels", None)
     with pytest.raises(ValueError, match="impl: 'triton' needs the triton package"):
         quantize_pack(torch.randn(2, 32), QuantSpec(2, "channel"), impl="triton")
+
+
+# ----------------------------------------------------------------------------- rounding of codes
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_codes_round_half_up(bits: int, axis: str, device: str) -> None:
+    """Exact ties go up: ``floor(y + 0.5)``, not torch.round's half-to-even. Each group holds 0
+    and the top level, so scale = 1 and zero = 0 exactly, and every k + 0.5 is a tie."""
+    spec = QuantSpec(bits, axis)  # type: ignore[arg-type]
+    levels = spec.levels
+    ties = [k + 0.5 for k in range(levels)]
+    vals = torch.tensor([0.0, float(levels), *ties], device=device)  # (T,)
+    # the scale is shared along `axis`: lay the values out along it, 3 copies the other way
+    x = vals[:, None].expand(-1, 3) if axis == "token" else vals[None, :].expand(3, -1)
+    x = x[None].contiguous()  # (1, T, D)
+    scale, zero = choose_qparams(x, spec)
+    assert torch.all(scale == 1.0) and torch.all(zero == 0.0)
+    codes = quantize(x, spec, scale, zero)
+    got = codes[0, :, 0] if axis == "token" else codes[0, 0, :]
+    expected = [0, levels, *range(1, levels + 1)]  # k + 0.5 -> k + 1
+    assert got.tolist() == expected
+    assert torch.round(torch.tensor(ties)).tolist() != expected[2:]  # half-to-even differs
+    # just below a tie rounds down
+    below = quantize(x - 1e-3 * (x % 1 == 0.5), spec, scale, zero)
+    got_below = below[0, :, 0] if axis == "token" else below[0, 0, :]
+    assert got_below.tolist() == [0, levels, *range(levels)]

@@ -181,3 +181,60 @@ def test_nonfinite_mass_gives_the_sentinel_not_min_keep(tau: float, bad: float) 
     # the schedule wrapper passes it through unchanged
     sched = PerLayerSchedule([CumulativeMassAllocator(tau)])
     assert (sched(mass, layer_idx=0) == NONFINITE_MASS_BUDGET).all()
+
+
+def _brute_force_budget(a: list[int], tau: float, min_keep: int) -> int:
+    """Eq. 6 by enumeration, in exact arithmetic: the fewest tokens whose summed mass reaches
+    (>=) tau of the total; tau = 1 keeps every token."""
+    skv = len(a)
+    if tau == 1.0:
+        return skv
+    top = sorted(a, reverse=True)
+    target = tau * sum(a)  # exact: dyadic tau, integer masses below 2^24
+    p = next(n for n in range(1, skv + 1) if sum(top[:n]) >= target)
+    return max(min(min_keep, skv), p)
+
+
+@st.composite
+def _dyadic_mass_and_tau(draw: st.DrawFn) -> tuple[list[int], float, bool]:
+    """Integer masses padded to a power-of-two total, and a dyadic tau that is exact in float32;
+    half the time tau * total equals a cumulative sum of the sorted masses (a tie)."""
+    a = draw(st.lists(st.integers(0, 9), min_size=1, max_size=24))
+    total = 1 << max(1, (sum(a) + 1).bit_length())
+    a = [*a, total - sum(a)]  # one more token: the total is a power of two
+    a = draw(st.permutations(a))
+    tie = draw(st.booleans())
+    if tie:
+        cums = sorted({c for c in _cumsums(sorted(a, reverse=True)) if 0 < c <= total})
+        tau = draw(st.sampled_from(cums)) / total
+    else:
+        tau = draw(st.integers(1, total)) / total
+    return list(a), tau, tie
+
+
+def _cumsums(values: list[int]) -> list[int]:
+    out, run = [], 0
+    for v in values:
+        run += v
+        out.append(run)
+    return out
+
+
+@given(_dyadic_mass_and_tau(), st.integers(1, 4), st.sampled_from([(1, 1), (2, 3)]))
+def test_cumulative_mass_budget_equals_brute_force(
+    case: tuple[list[int], float, bool], min_keep: int, heads: tuple[int, int]
+) -> None:
+    """Exactly at the boundary (a prefix of the sorted mass carries exactly tau of the total)
+    that prefix is enough: the rule is "reaches", not "exceeds"."""
+    a, tau, _ = case
+    b, hkv = heads
+    mass = torch.zeros(b, hkv, len(a))
+    mass[0, 0] = torch.tensor(a, dtype=torch.float32)  # the layer vector sums over (B, Hkv)
+    if b * hkv > 1:  # split each token's mass over two rows: the sum is unchanged, exactly
+        half = torch.tensor([x // 2 for x in a], dtype=torch.float32)
+        mass[0, 0] -= half
+        mass[-1, -1] += half
+    budget = CumulativeMassAllocator(tau=tau, min_keep=min_keep)(mass)
+    assert budget.shape == (b, hkv) and budget.dtype == torch.int32
+    expected = _brute_force_budget(a, tau, min_keep)
+    assert torch.all(budget == expected), (a, tau, budget.flatten()[0].item(), expected)

@@ -281,3 +281,38 @@ def test_row_count_check_costs_one_read_and_none_after_the_selector(
     sparse_attention(q, k, v, by_hand, impl=impl)
     sparse_attention(q, k, v, by_hand, impl=impl)
     assert reads.count == 2  # one read for a hand-built selection, remembered afterwards
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 4, 7])
+def test_sdpa_attend_runs_in_row_chunks(
+    device: str, rows_per_chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``impl="sdpa", unkept="attend"`` builds its boolean mask in chunks of query rows: with a
+    small chunk the loop runs many times (the last one partial) and must still equal the
+    oracle, rows that see no kept key included."""
+    import zipvl.sparsity.attention as attention_module
+
+    case = Case(2, 4, 2, 45, 16, 0.3, 16)
+    q, k, v = random_qkv(case.b, case.hq, case.hkv, case.s, case.d, device=device)
+    sel = make_selection(case, device, seed=3)
+    sel = Selection(sel.keep.clone(), sel.num_kept)
+    assert not sel.keep[..., 0].all()  # some leading rows see no kept key yet
+    p = sel.num_kept
+    monkeypatch.setattr(
+        attention_module, "_SDPA_ATTEND_CHUNK", case.b * case.hq * p * rows_per_chunk
+    )
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(args[0].shape)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting_sdpa)
+    out = sparse_attention(q, k, v, sel, impl="sdpa", unkept="attend")
+    chunks = -(-case.s // rows_per_chunk)
+    assert len(calls) == chunks > 1
+    check_against_oracle(out, q, k, v, dense_selection_mask(sel.keep, unkept="attend"))
+    monkeypatch.undo()
+    whole = sparse_attention(q, k, v, sel, impl="sdpa", unkept="attend")  # one chunk
+    torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-6)

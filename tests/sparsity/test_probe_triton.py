@@ -74,11 +74,65 @@ def test_probe_scorer_rejects_unknown_impl() -> None:
         ProbeScorer(impl="cuda-magic")  # type: ignore[arg-type]
 
 
-def test_probe_scorer_auto_dispatch(device: str) -> None:
-    """impl='auto' picks the fused kernel for eager CUDA inputs and PyTorch elsewhere; both
-    give the same scores within the fp32 band."""
-    q = torch.randn(1, 4, 45, 16, device=device)
-    k = torch.randn(1, 2, 45, 16, device=device)
+@pytest.mark.parametrize("d", [16, 12])
+def test_probe_scorer_auto_dispatch(d: int, device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """impl='auto' runs the fused kernel for eager CUDA inputs with a power-of-two D >= 16 and
+    the PyTorch path otherwise: the path that ran is recorded, and the scores equal those of
+    the other implementation wherever both can run."""
+    import zipvl.sparsity.probe_triton as probe_triton
+    import zipvl.sparsity.scorers as scorers
+
+    ran: list[str] = []
+    torch_path, triton_path = scorers._probe_mass, probe_triton.probe_mass_triton
+
+    def spy_torch(*args, **kwargs):  # type: ignore[no-untyped-def]
+        ran.append("torch")
+        return torch_path(*args, **kwargs)
+
+    def spy_triton(*args, **kwargs):  # type: ignore[no-untyped-def]
+        ran.append("triton")
+        return triton_path(*args, **kwargs)
+
+    monkeypatch.setattr(scorers, "_probe_mass", spy_torch)
+    monkeypatch.setattr(probe_triton, "probe_mass_triton", spy_triton)
+    q = torch.randn(1, 4, 45, d, device=device)
+    k = torch.randn(1, 2, 45, d, device=device)
     auto = ProbeScorer(recent_frac=0.1, random_frac=0.1)(q, k)
-    slow = ProbeScorer(recent_frac=0.1, random_frac=0.1, impl="torch")(q, k)
-    torch.testing.assert_close(auto.mass, slow.mass, rtol=1e-5, atol=1e-5)
+    expected = "triton" if device == "cuda" and d == 16 else "torch"
+    assert ran == [expected]
+    other = "torch" if expected == "triton" else "triton"
+    if other == "triton" and (d != 16 or not triton_probe_available(torch.device(device))):
+        return  # the fused kernel cannot run here: nothing to compare against
+    ran.clear()
+    explicit = ProbeScorer(recent_frac=0.1, random_frac=0.1, impl=other)(q, k)  # type: ignore[arg-type]
+    assert ran == [other]
+    torch.testing.assert_close(auto.mass, explicit.mass, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(auto.normalized, explicit.normalized, rtol=1e-5, atol=1e-5)
+
+
+KEY_BLOCK = 64  # BLOCK_N of probe_mass_triton
+
+
+@pytest.mark.parametrize(
+    ("b", "hq", "hkv", "sq", "skv"),
+    [(1, 4, 2, 65, 65), (1, 2, 1, 40, 129), (2, 2, 2, 1, 65)],
+)
+def test_probe_mass_when_the_last_key_opens_a_block(
+    b: int, hq: int, hkv: int, sq: int, skv: int, device: str
+) -> None:
+    """``Skv - 1`` a multiple of the key block: the last probe's own key (position Skv - 1) is
+    the only key of the last block, which the key loop must still visit."""
+    assert (skv - 1) % KEY_BLOCK == 0
+    if not triton_probe_available(torch.device(device)):
+        pytest.skip("no Triton on this device without the interpreter")
+    d = 16
+    rows = probe_positions(sq, recent_frac=0.2, random_frac=0.2, min_probes=1, device=device)
+    assert int(rows.max()) == sq - 1  # the last query row probes, at key position Skv - 1
+    q = torch.randn(b, hq, sq, d, device=device)
+    k = torch.randn(b, hkv, skv, d, device=device)
+    k[..., -1, :] = 4.0 * q[:, :: hq // hkv, -1, :]  # the last key matters to the last probe
+    ref = _probe_mass(q.double(), k.double(), rows, scale=d**-0.5, heads_per_chunk=1)
+    for splits in (None, 2):
+        got = probe_mass_triton(q, k, rows, scale=d**-0.5, key_splits=splits)
+        torch.testing.assert_close(got.double(), ref.double(), rtol=1e-4, atol=1e-4)
+        assert got.sum().item() == pytest.approx(b * hq * rows.numel(), rel=1e-4)

@@ -87,10 +87,39 @@ def test_probe_positions_random_part_is_spread_and_seeded() -> None:
     assert torch.histc(drawn, bins=10, min=0, max=9500).min() >= 25
 
 
-def test_probe_positions_same_on_every_device(device: str) -> None:
-    assert torch.equal(
-        probe_positions(777, seed=5, device=device).cpu(), probe_positions(777, seed=5)
-    )
+_HASH_MULS = (0x2C1B3C6D, 0x297A2D39, 0x1B873593)
+
+
+def _hash31(x: int) -> int:
+    for mul in _HASH_MULS:
+        x = ((x ^ (x >> 16)) * mul) & 0x7FFFFFFF
+    return x ^ (x >> 16)
+
+
+def _reference_probe_positions(sq: int, recent: float, random: float, seed: int) -> list[int]:
+    """The documented draw in plain Python integers (no tensor, so no device): the last
+    floor(recent * sq) rows, plus the floor(random * sq) rows of the rest with the smallest
+    keys hash(row ^ hash(seed)) * n_rest + row."""
+    m_recent = int(recent * sq + 1e-9)
+    n_rest = sq - m_recent
+    m_random = min(int(random * sq + 1e-9), n_rest)
+    key = _hash31(seed & 0x7FFFFFFF)
+    drawn = sorted(range(n_rest), key=lambda r: _hash31(r ^ key) * n_rest + r)[:m_random]
+    return sorted(drawn) + list(range(n_rest, sq))
+
+
+@pytest.mark.parametrize(
+    ("sq", "recent", "random", "seed"),
+    [(777, 0.05, 0.05, 5), (100, 0.1, 0.3, 0), (9, 0.0, 1.0, 123456789), (50, 0.5, 0.5, 2**40)],
+)
+def test_probe_positions_equal_a_device_free_reference(
+    sq: int, recent: float, random: float, seed: int, device: str
+) -> None:
+    """Every device computes the same draw: the device's result equals a pure-Python reference
+    of the keyed hash, which involves no device at all."""
+    got = probe_positions(sq, recent_frac=recent, random_frac=random, seed=seed, device=device)
+    assert got.device.type == torch.device(device).type
+    assert got.tolist() == _reference_probe_positions(sq, recent, random, seed)
 
 
 @pytest.mark.parametrize(

@@ -252,7 +252,7 @@ class ZipVLCache(Cache):
         """Store new K/V of ``layer_idx`` without the dense read of ``update``.
 
         For attention that reads the stored runs itself (``zipvl.decode_attention`` over
-        ``zipvl.layer_segments(cache.layer(i))``).
+        the pages of ``cache.layer(i).store``).
 
         Returns:
             True when the K/V became the layer's pending prefill (the layer was empty).

@@ -142,7 +142,8 @@ TRANSFORMER_CONFIGS: Mapping[str, Mapping[str, Any]] = {
         vocab_size=1024, n_layer=4, n_head=8, n_local_heads=2, dim=512, intermediate_size=1408
     ),
     "qwen2-7b": _QWEN2_7B,
-    # LongVA-7B's language model is Qwen2-7B-Instruct-224K (method.md section 3)
+    # LongVA-7B's language model is Qwen2-7B-Instruct-224K
+    # (docs/decisions.md#model-facts-used-by-the-benchmarks)
     "longva-7b": _QWEN2_7B,
     "llama-2-7b": dict(n_layer=32, n_head=32, dim=4096, intermediate_size=11008),
 }

@@ -1,0 +1,5 @@
+"""``python -m zipvl``: the ``zipvl`` console script."""
+
+from zipvl.cli import main
+
+raise SystemExit(main())
