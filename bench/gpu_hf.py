@@ -16,11 +16,12 @@ forced backend is run again with the memory-efficient kernel allowed as a fallba
 column then says so).
 
 Model: LongVA-7B / Qwen2-7B shapes (hidden 3584, 28 query heads, 4 KV heads, head dim 128, MLP
-18944), ``--layers`` (default 28), bf16, eval mode, built directly on the device with transformers'
-own random init (normal, std 0.02). The vocabulary is cut to ``--vocab`` (default 32000 instead
-of 152064) to save memory; it only changes the embedding and LM head (the LM head runs on the last
-position only). Random weights give nearly flat attention: the tau rule of the "zipvl" preset then
-keeps most tokens (its kept ratio is reported), while "fixed" keeps 42 % whatever the input.
+18944), ``--layers`` (default 28), bf16, eval mode, built directly on the device with a cheap
+random init (matrices normal with std 0.02, norms 1, biases 0). The vocabulary is cut to
+``--vocab`` (default 32000 instead of 152064) to save memory; it only changes the embedding and
+LM head (the LM head runs on the last position only). Random weights give nearly flat attention:
+the tau rule of the "zipvl" preset then keeps most tokens (its kept ratio is reported), while
+"fixed" keeps 42 % whatever the input.
 
 How: prompts are random token ids (``--lengths`` x ``--batch``). Each variant is warmed up once
 at a short length. Prefill = one ``model(input_ids, past_key_values=cache, use_cache=True,
@@ -28,9 +29,10 @@ logits_to_keep=1)`` call between CUDA syncs (what ``generate`` does first). Deco
 of ``model(next_token, past_key_values=cache)`` (greedy); at each ``--decode-points`` value a
 window of ``--window`` steps is timed with CUDA events and the median ms per token is reported.
 Between points the cache is advanced untimed by ``--ff-chunk``-token forward calls (default 512;
-``--ff-chunk 1`` steps token by token): the ZipVL cache ends in the same layout (quantized blocks
-of ``recompress_every`` tokens plus an fp tail) as after single steps, only the blocks' 4-/2-bit
-split is scored by the chunk's last query instead of each step's. These untimed calls run without
+32 for ZipVL caches, whose fp tail may have a fixed capacity; ``--ff-chunk 1`` steps token by
+token): the ZipVL cache ends in the same layout (quantized blocks of ``recompress_every`` tokens
+plus an fp tail) as after single steps, only the blocks' 4-/2-bit split is scored by the chunk's
+last query instead of each step's. These untimed calls run without
 the forced backend (they need a mask, which flash does not take) and outside the peak-memory
 windows: peak memory (``torch.cuda.max_memory_allocated``) covers prefill and the timed decode
 windows.
@@ -140,7 +142,7 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
             hidden_size=64,
             num_attention_heads=4,
             num_key_value_heads=2,
-            head_dim=32,  # KIVI's group of 32 must divide it
+            head_dim=64,  # KIVI groups of 32; packed 2-bit rows of >= 16 bytes
             intermediate_size=128,
             num_hidden_layers=2,
             vocab_size=min(args.vocab, 512),
@@ -167,12 +169,23 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        # built on the device: transformers' init (normal, std 0.02) runs there, in bf16
-        with torch.device(args.device):
+        with torch.device(args.device):  # built on the device, in bf16
             model = transformers.Qwen2ForCausalLM(cfg)
     finally:
         torch.set_default_dtype(old)
-    return model.to(dtype).eval()
+    model = model.to(dtype).eval()
+    # explicit cheap init (transformers may leave weights built this way uninitialised):
+    # matrices normal(0, 0.02), norm weights 1, biases 0
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim >= 2:
+                param.normal_(0.0, cfg.initializer_range, generator=gen)
+            elif "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.zero_()
+    return model
 
 
 def _kv_bytes(cache: Any) -> int:
@@ -275,13 +288,20 @@ class Session:
             0, self.vocab, (batch, length), device=self.args.device, generator=self.gen
         )
 
-    def fast_forward(self, cache: Any, n: int) -> None:
+    def fast_forward(self, v: Variant, cache: Any, batch: int, n: int) -> None:
         """Advance the cache by ``n`` tokens, untimed, in chunks of ``--ff-chunk`` (default SDPA
-        dispatch: chunks need a mask)."""
-        b = _batch_of(cache)
+        dispatch: chunks need a mask). A ZipVL cache takes at most ``--ff-chunk-zipvl`` tokens a
+        call (and no more than its ``tail_slack``, where it has one): its fp tail has a fixed
+        capacity of ``recompress_every`` plus that slack."""
+        chunk = self.args.ff_chunk
+        if v.preset is not None:
+            chunk = min(chunk, self.args.ff_chunk_zipvl)
+            slack = getattr(cache, "tail_slack", None)
+            if isinstance(slack, int) and slack > 0:
+                chunk = min(chunk, slack)
         while n > 0:
-            c = min(n, self.args.ff_chunk)
-            self.forward(self.random_ids(b, c), cache)
+            c = min(n, chunk)
+            self.forward(self.random_ids(batch, c), cache)
             n -= c
 
     # -- one case ---------------------------------------------------------------------------------
@@ -312,7 +332,7 @@ class Session:
 
         for p in points:
             if p > generated:
-                self.fast_forward(cache, p - generated)
+                self.fast_forward(v, cache, batch, p - generated)
                 generated = p
             clock.reset_peak()
             with _backends(v):
@@ -333,7 +353,8 @@ class Session:
             "generated": generated,
         }
         if v.preset is not None:
-            row["kept_ratio"] = cache.report().kept_ratio
+            with contextlib.suppress(AttributeError, NotImplementedError):
+                row["kept_ratio"] = cache.report().kept_ratio
         return row
 
     def guarded(self, v: Variant, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -360,12 +381,6 @@ class Session:
                      "retrying with the memory-efficient fallback")  # fmt: skip
             v.fallback = True
         raise AssertionError("unreachable")
-
-
-def _batch_of(cache: Any) -> int:
-    if hasattr(cache, "layer"):  # ZipVLCache
-        return int(cache.layer(0).batch_size)
-    return int(cache.layers[0].keys.shape[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -541,11 +556,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--decode-points", type=int, nargs="+", default=[0, 1000, 4000])
     ap.add_argument("--window", type=int, default=32, help="timed decode steps per point")
     ap.add_argument("--ff-chunk", type=int, default=512, help="tokens per untimed advance call")
+    ap.add_argument("--ff-chunk-zipvl", type=int, default=32, help="the same, ZipVL caches")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--vocab", type=int, default=32000, help="cut vocabulary (memory)")
     ap.add_argument("--warmup-length", type=int, default=2048)
     ap.add_argument("--capacity", action="store_true", help="largest batch per variant")
+    ap.add_argument("--capacity-only", action="store_true", help="skip the length x batch runs")
     ap.add_argument("--capacity-length", type=int, default=131072)
     ap.add_argument("--capacity-steps", type=int, default=8, help="decode steps per try")
     ap.add_argument("--capacity-tries", type=int, default=4, help="runs after the estimate")
@@ -561,6 +578,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.decode_points = [0, 1000]
         args.window = min(args.window, 16)
         args.capacity_steps = min(args.capacity_steps, 4)
+    if args.capacity_only:
+        args.capacity = True
     if args.tiny:
         args.warmup_length = min(args.warmup_length, 32)
         args.capacity_length = min(args.capacity_length, 128)
@@ -595,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         Variant(name, "cpu" if cpu else BACKEND_OF[name], PRESET_OF.get(name))
         for name in args.variants
     ]
-    cases = [(s, b) for s in args.lengths for b in args.batch]
+    cases = [] if args.capacity_only else [(s, b) for s in args.lengths for b in args.batch]
     rows: list[dict[str, Any]] = []
     caps: dict[str, Any] = {}
     for vi, v in enumerate(variants):
