@@ -11,9 +11,9 @@ and (``--capacity``) the largest batch of 128k-token prompts that fits, for
 
 all in one process, one model. The ZipVL variants run their dense SDPA calls (dense layers, decode
 attention over the dequantized cache, and the gathered causal SDPA of the sparse prefill) under
-the flash backend too; the table names the backend of each row. A case that finds no kernel of the
-forced backend is run again with the memory-efficient kernel allowed as a fallback (the backend
-column then says so).
+the flash backend too; the table names the backend of each row. A case that fails under the forced
+backend (no kernel of it for some call, e.g.) is run again with the memory-efficient kernel allowed
+as a fallback, for the rest of that variant (the backend column then says so).
 
 Model: LongVA-7B / Qwen2-7B shapes (hidden 3584, 28 query heads, 4 KV heads, head dim 128, MLP
 18944), ``--layers`` (default 28), bf16, eval mode, built directly on the device with a cheap
@@ -122,10 +122,6 @@ def _backends(v: Variant) -> contextlib.AbstractContextManager[Any]:
     if not v.fallback:
         return sdpa_kernel([first])
     return sdpa_kernel([first, SDPBackend.EFFICIENT_ATTENTION], set_priority=True)
-
-
-def _no_kernel(err: BaseException) -> bool:
-    return isinstance(err, RuntimeError) and "No available kernel" in str(err)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,29 +354,31 @@ class Session:
         return row
 
     def guarded(self, v: Variant, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Run ``fn``; OOM -> {"status": "OOM"}; no kernel of the forced backend -> retry with the
-        memory-efficient fallback allowed (for the rest of the variant)."""
-        for _ in range(2):
-            why = ""  # the message only: a kept exception would keep the case's tensors alive
+        """Run ``fn``. Out of memory: {"status": "OOM"}. Another RuntimeError under the forced
+        backend (no kernel of it, e.g.): run again with the memory-efficient fallback allowed (for
+        the rest of the variant). Any other error, or one with the fallback too:
+        {"status": "error"}, logged, so that one case does not end a long run."""
+        while True:
+            why, retry = "", False  # no exception kept: it would keep the case's tensors alive
             try:
                 row = fn()
                 row["status"] = "ok"
                 return row
             except torch.OutOfMemoryError:
                 status = "OOM"
-            except RuntimeError as e:
-                if not _no_kernel(e) or v.fallback:
-                    raise
-                why = str(e).splitlines()[0][:120]
-                status = "no kernel"
+            except Exception as e:  # one failing case must not end a long run
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                retry = isinstance(e, RuntimeError)  # kernel dispatch errors are RuntimeErrors
+                status = "error"
             finally:
                 free_memory(self.model, v)
             if status == "OOM":
                 return {"status": "OOM"}
-            progress(f"  {v.name}: no {v.backend} kernel ({why}); "
-                     "retrying with the memory-efficient fallback")  # fmt: skip
+            if not retry or v.fallback or v.backend == "cpu":
+                progress(f"  {v.name}: {why}")
+                return {"status": "error", "error": why}
+            progress(f"  {v.name} under {v.backend}: {why}; again with the efficient fallback")
             v.fallback = True
-        raise AssertionError("unreachable")
 
 
 # ------------------------------------------------------------------------------------------------
