@@ -1,8 +1,8 @@
 """Draw the committed GPU results as PNGs (latency against sequence length, speed-ups).
 
-Reads ``bench/results/<device>/gpu_prefill.json``, ``gpu_decode.json`` and ``gpu_e2e.json`` (the
-last JSON line of the GPU scripts) and writes ``prefill_latency.png``, ``decode_latency.png`` and
-``e2e_prefill.png`` next to them.
+Reads ``bench/results/<device>/gpu_prefill.json``, ``gpu_decode.json``, ``gpu_e2e.json`` and
+``gpu_hf.json`` (the last JSON line of the GPU scripts) and writes ``prefill_latency.png``,
+``decode_latency.png``, ``e2e_prefill.png`` and ``gpu_hf.png`` next to them.
 
 Run:  python bench/plot_results.py bench/results/h200
 """
@@ -109,6 +109,13 @@ def main() -> None:
         out = args.folder / "e2e_prefill.png"
         fig.savefig(out, dpi=110)
         written.append(out)
+    hf = _load(args.folder, "gpu_hf")
+    if hf:
+        from gpu_hf import plot as plot_hf  # bench/ is on sys.path when run as a script
+
+        out = plot_hf(hf, args.folder / "gpu_hf.png")
+        if out:
+            written.append(out)
     for path in written:
         print(path)
 

@@ -1,0 +1,53 @@
+"""bench/gpu_hf.py runs end to end on the CPU with the tiny model (every variant, sane ratios)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "gpu_hf.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_gpu_hf", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_cpu_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gpu_hf = _load()
+    out = tmp_path / "gpu_hf.json"
+    args = ["--device", "cpu", "--tiny", "--lengths", "64", "--batch", "1"]
+    args += ["--decode-points", "0", "8", "--window", "3", "--out", str(out)]
+    payload = gpu_hf.main(args)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(printed[-1]) == json.loads(out.read_text())  # the JSON line comes last
+    table = [line for line in printed if line.startswith("| ")]
+    assert table[0].startswith("| variant | SDPA backend | length | batch | prefill ms |")
+    body = table[1:]
+    assert sorted(line.split(" | ")[0].removeprefix("| ") for line in body) == sorted(
+        gpu_hf.VARIANTS
+    )
+    assert all("cpu default (not forced)" in line for line in body)
+    rows = payload["rows"]
+    assert {r["variant"] for r in rows} == set(gpu_hf.VARIANTS)
+    for r in rows:
+        assert r["status"] == "ok"
+        assert r["S"] == 64 and r["B"] == 1
+        ratios = [r["prefill_x"], *r["decode_x"].values()]
+        assert len(ratios) == 3
+        assert all(isinstance(x, float) and x > 0 and math.isfinite(x) for x in ratios)
+        assert [d["start"] for d in r["decode"].values()] == [0, 8]
+    # the fastest dense variant has speed-up 1 at each point
+    dense = [r for r in rows if r["dense"]]
+    assert max(r["prefill_x"] for r in dense) == pytest.approx(1.0)
+    fixed = next(r for r in rows if r["variant"] == "fixed")
+    assert fixed["kept_ratio"] == pytest.approx(0.42, abs=0.02)
