@@ -1,16 +1,17 @@
-"""Decode attention over a mixed 4/2-bit cache vs bf16 SDPA on the GPU (targets P4, P5, P6).
+"""Decode attention over the paged 4/2-bit cache vs bf16 SDPA on the GPU (one layer).
 
-LongVA-7B shapes (28 query heads, 4 KV heads, head dim 128), one layer, one decoding query, a
-cache of N tokens of which a fraction r (default 0.4) are important (4-bit) and the rest 2-bit
-(ZipCache quantizers), plus a 50-token bf16 tail, as ZipVLCache stores it.
+LongVA-7B shapes (28 query heads, 4 KV heads, head dim 128), one decoding query per row, a cache
+of N prompt tokens of which a fraction r (default 0.4) is important (4-bit pages) and the rest
+2-bit pages (pages of 128 tokens, ZipCache's layout per page), plus 50 generated tokens in the
+full-precision tail, exactly as ``PagedCacheLayer`` stores them.
 
-Variants, all in one process:
-    bf16_sdpa      SDPA over the bf16 cache (the baseline; PyTorch picks its decode kernel)
-                   (both it and the fused path are also timed as CUDA-graph replays)
-    fused          zipvl.decode.decode_attention(impl="triton"): reads the packed codes
-    dequant_sdpa   dequantize the chunk to bf16, then SDPA (what a dequantize-on-read cache does)
-
-Floor: the bytes each variant must read over the measured copy bandwidth.
+Variants, all in one process, eager and as CUDA-graph replays:
+    sdpa-<backend>  SDPA over the bf16 cache of the same N + 50 tokens, forced to one backend
+                    (flash, cudnn, efficient; a backend that cannot run the call says "n/a")
+    fused           zipvl.decode.decode_attention(impl="triton"): one launch over all pages and
+                    the fp regions + one merge launch
+Every ratio is against the fastest dense backend of the same row. Floor: the bytes the variant
+must read (``decode_read_bytes``; bf16 K and V for SDPA) over the measured copy bandwidth.
 
 Run:  python bench/gpu_decode.py --batch 1 8 --tokens 32768 131072
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
@@ -35,19 +37,39 @@ from common import (
     write_result,
 )
 
+from zipvl.cache import PagedKVStore, PageFormat
 from zipvl.decode import decode_attention, decode_read_bytes
-from zipvl.quant import MixedPrecisionKVQuantizer
+
+BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
 
 
 def random_keep(b: int, h: int, n: int, ratio: float, device: str) -> torch.Tensor:
     """(B, Hkv, N) bool with exactly round(ratio * N) True per row."""
     kept = round(ratio * n)
-    scores = torch.rand(b, h, n, device=device)
-    idx = scores.topk(kept, dim=-1).indices
+    idx = torch.rand(b, h, n, device=device).topk(kept, dim=-1).indices
     return torch.zeros(b, h, n, dtype=torch.bool, device=device).scatter_(-1, idx, True)
 
 
-def main() -> None:
+def build(b: int, n: int, hkv: int, d: int, ratio: float, page: int, tail: int):
+    """A store of N prompt tokens + ``tail`` generated ones, and the same tokens in bf16."""
+    dev = "cuda"
+    k = torch.randn(b, hkv, n, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(b, hkv, n, d, device=dev, dtype=torch.bfloat16)
+    store = PagedKVStore(PageFormat(page_size=page), batch_size=b, num_heads=hkv, head_dim=d,
+                         dtype=torch.bfloat16, device=dev, recompress_every=100,
+                         sink_tokens=0)  # fmt: skip
+    store.write_prefill(k, v, random_keep(b, hkv, n, ratio, dev), None, 0)
+    tk = torch.randn(b, hkv, tail, d, device=dev, dtype=torch.bfloat16)
+    tv = torch.randn(b, hkv, tail, d, device=dev, dtype=torch.bfloat16)
+    store.append(tk, tv)
+    return store, torch.cat([k, tk], 2), torch.cat([v, tv], 2)
+
+
+def main(argv: list[str] | None = None) -> None:
     fmt = argparse.RawTextHelpFormatter
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -56,88 +78,75 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=28)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--block-t", type=int, nargs="+", default=[0, 64, 128], help="0 = autotuned")
-    args = ap.parse_args()
+    ap.add_argument("--page", type=int, default=128)
+    args = ap.parse_args(argv)
 
     env = env_info()
     progress(f"device {env['device']}, torch {env['torch']}, commit {env['commit']}")
     ceil = ceilings()
     bw = ceil["copy_gbs"] * 1e9
     hq, hkv, d = args.heads, args.kv_heads, args.head_dim
-    quantizer = MixedPrecisionKVQuantizer()
     rows = []
     for b in args.batch:
         for n in args.tokens:
             progress(f"B = {b}, N = {n}")
-            dev = "cuda"
-            k = torch.randn(b, hkv, n, d, device=dev, dtype=torch.bfloat16)
-            v = torch.randn(b, hkv, n, d, device=dev, dtype=torch.bfloat16)
-            tk = torch.randn(b, hkv, 50, d, device=dev, dtype=torch.bfloat16)
-            tv = torch.randn(b, hkv, 50, d, device=dev, dtype=torch.bfloat16)
-            q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.bfloat16)
-            chunk = quantizer.quantize(k, v, random_keep(b, hkv, n, args.ratio, dev))
-            segs = [chunk, (tk, tv)]
-            kf = torch.cat([k, tk], dim=2)  # (B, Hkv, N + 50, D) the bf16 cache
-            vf = torch.cat([v, tv], dim=2)
+            store, kf, vf = build(b, n, hkv, d, args.ratio, args.page, 50)
+            q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+            # correctness on these inputs: fused vs the float32 reference of the same store
+            out, _ = decode_attention(q, store, impl="triton")
+            ref, _ = decode_attention(q, store, impl="reference")
+            rel_err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            row: dict = {"B": b, "N": n}
+            dense: dict[str, tuple[float, float]] = {}
+            for name, backend in BACKENDS.items():
 
-            def bf16_sdpa():
-                return F.scaled_dot_product_attention(q, kf, vf, enable_gqa=True)
+                def sdpa(backend=backend):
+                    with sdpa_kernel(backend):
+                        return F.scaled_dot_product_attention(q, kf, vf, enable_gqa=True)
 
-            def dequant_sdpa():
-                kd, vd = chunk.dequantize(torch.bfloat16)
-                kd = torch.cat([kd, tk], dim=2)
-                vd = torch.cat([vd, tv], dim=2)
-                return F.scaled_dot_product_attention(q, kd, vd, enable_gqa=True)
+                try:
+                    sdpa()
+                    dense[name] = (median_ms(sdpa), median_ms_graph(sdpa))
+                except RuntimeError as err:  # no kernel of this backend for the call
+                    progress(f"  sdpa-{name}: n/a ({str(err).splitlines()[0][:80]})")
+                    continue
+                row[f"sdpa_{name}_ms"], row[f"sdpa_{name}_graph_ms"] = dense[name]
 
-            # correctness on these inputs: fused vs float32 attention over the same stored cache
-            kd, vd = chunk.dequantize(torch.float32)
-            ref = F.scaled_dot_product_attention(
-                q.float(), torch.cat([kd, tk.float()], 2), torch.cat([vd, tv.float()], 2),
-                enable_gqa=True,
-            )  # fmt: skip
-            t_base = median_ms(bf16_sdpa)
-            t_deq = median_ms(dequant_sdpa)
-            fused_ms: dict[int, float] = {}
-            rel_err = 0.0
-            for bt in args.block_t:
-                tile = bt or None
-                out = decode_attention(q, segs, impl="triton", block_t=tile)
-                rel_err = max(rel_err, ((out.float() - ref).norm() / ref.norm()).item())
-                fused_ms[bt] = median_ms(lambda tile=tile: decode_attention(q, segs, block_t=tile))
-            best_bt = min(fused_ms, key=lambda x: fused_ms[x])
-            t_fused = fused_ms[best_bt]
-            # decode steps run from CUDA graphs in practice (no host sync in the step): the
-            # graph replay removes the Python launch overhead of both paths
-            t_base_g = median_ms_graph(bf16_sdpa)
-            t_fused_g = median_ms_graph(lambda: decode_attention(q, segs, block_t=best_bt or None))
+            def fused():
+                return decode_attention(q, store, impl="triton")
+
+            t_fused, t_fused_g = median_ms(fused), median_ms_graph(fused)
+            best = min(dense, key=lambda k: dense[k][1])
+            t_base, t_base_g = dense[best]
             bf16_bytes = kf.nbytes + vf.nbytes
-            fused_bytes = decode_read_bytes(segs)
-            rows.append(
+            fused_bytes = decode_read_bytes(store)
+            row.update(
                 {
-                    "B": b,
-                    "N": n,
-                    "bf16_sdpa_ms": t_base,
+                    "fastest_dense": best,
                     "fused_ms": t_fused,
-                    "block_t": best_bt,
-                    "dequant_sdpa_ms": t_deq,
-                    "speedup_vs_bf16": t_base / t_fused,
-                    "bf16_sdpa_graph_ms": t_base_g,
                     "fused_graph_ms": t_fused_g,
+                    "speedup_eager": t_base / t_fused,
                     "speedup_graph": t_base_g / t_fused_g,
-                    "fused_graph_frac_of_copy_bw": fused_bytes / (t_fused_g * 1e-3) / bw,
-                    "dequant_slowdown": t_deq / t_base,
+                    "eager_over_graph": t_fused / t_fused_g,
                     "bytes_ratio": fused_bytes / bf16_bytes,
-                    "bf16_frac_of_copy_bw": bf16_bytes / (t_base * 1e-3) / bw,
-                    "fused_frac_of_copy_bw": fused_bytes / (t_fused * 1e-3) / bw,
-                    "fused_rel_err": rel_err,
-                    **{f"fused_bt{bt}_ms": ms for bt, ms in fused_ms.items()},
+                    "fused_frac_of_copy_bw": fused_bytes / (t_fused_g * 1e-3) / bw,
+                    "dense_frac_of_copy_bw": bf16_bytes / (t_base_g * 1e-3) / bw,
+                    "fused_rel_err_vs_fp32_ref": rel_err,
+                    "splits": store._decode_ws["splits"],  # type: ignore[attr-defined]
                 }
             )
+            rows.append(row)
+            store = kf = vf = None  # free before the next case
             torch.cuda.empty_cache()
 
-    print(f"# decode attention, one layer, Hq={hq} Hkv={hkv} D={d}, r={args.ratio} (4/2 bits)")
+    cols = ["B", "N", "fastest_dense", "sdpa_flash_graph_ms", "sdpa_cudnn_graph_ms",
+            "sdpa_efficient_graph_ms", "fused_graph_ms", "fused_ms", "speedup_graph",
+            "speedup_eager", "eager_over_graph", "bytes_ratio", "fused_frac_of_copy_bw",
+            "dense_frac_of_copy_bw", "fused_rel_err_vs_fp32_ref"]  # fmt: skip
+    print(f"# decode attention, one layer, Hq={hq} Hkv={hkv} D={d}, r={args.ratio} (4/2 bits), "
+          f"pages of {args.page}; graph = CUDA-graph replay")  # fmt: skip
     print(f"# {env['device']} torch {env['torch']} triton {env['triton']} commit {env['commit']}")
-    print(markdown_table(rows))
+    print(markdown_table(rows, [c for c in cols if any(c in r for r in rows)]))
     write_result("gpu_decode", {"bench": "gpu_decode", "env": env, "ceilings": ceil, "rows": rows})
 
 
