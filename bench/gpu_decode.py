@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--page", type=int, default=128)
+    ap.add_argument(
+        "--sweep", type=lambda t: tuple(int(x) for x in t.split(",")), nargs="+",
+        default=[(4, 1, 2), (4, 2, 2), (4, 3, 2), (8, 2, 2), (4, 2, 1), (4, 2, 4), (2, 2, 2)],
+        help="launch configurations warps,stages,splits-multiple-of-half-the-default",
+    )  # fmt: skip
     args = ap.parse_args(argv)
 
     env = env_info()
@@ -115,6 +120,26 @@ def main(argv: list[str] | None = None) -> None:
             def fused():
                 return decode_attention(q, store, impl="triton")
 
+            # launch configurations of the fused kernel: warps, pipeline stages, page splits
+            ws = store._decode_ws  # type: ignore[attr-defined]
+            default_ns = ws["splits"]
+            tried = {}
+            for warps, stages, ns_mult in args.sweep:
+                ns = max(1, default_ns * ns_mult // 2)
+                ws.update(warps=warps, stages=stages, splits=ns,
+                          m=torch.empty(b, hq, ns + 1, device="cuda"),
+                          l=torch.empty(b, hq, ns + 1, device="cuda"),
+                          o=torch.empty(b, hq, ns + 1, d, device="cuda"))  # fmt: skip
+                fused()
+                tried[(warps, stages, ns)] = median_ms_graph(fused)
+            best_cfg = min(tried, key=lambda c: tried[c])
+            warps, stages, ns = best_cfg
+            ws.update(warps=warps, stages=stages, splits=ns,
+                      m=torch.empty(b, hq, ns + 1, device="cuda"),
+                      l=torch.empty(b, hq, ns + 1, device="cuda"),
+                      o=torch.empty(b, hq, ns + 1, d, device="cuda"))  # fmt: skip
+            row["launch_sweep"] = {f"w{w}s{st}n{n}": ms for (w, st, n), ms in tried.items()}
+            row["best_launch"] = f"warps {warps}, stages {stages}, splits {ns}"
             t_fused, t_fused_g = median_ms(fused), median_ms_graph(fused)
             best = min(dense, key=lambda k: dense[k][1])
             t_base, t_base_g = dense[best]
@@ -140,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
 
     cols = ["B", "N", "fastest_dense", "sdpa_flash_graph_ms", "sdpa_cudnn_graph_ms",
-            "sdpa_efficient_graph_ms", "fused_graph_ms", "fused_ms", "speedup_graph",
+            "sdpa_efficient_graph_ms", "fused_graph_ms", "fused_ms", "best_launch",
+            "speedup_graph",
             "speedup_eager", "eager_over_graph", "bytes_ratio", "fused_frac_of_copy_bw",
             "dense_frac_of_copy_bw", "fused_rel_err_vs_fp32_ref"]  # fmt: skip
     print(f"# decode attention, one layer, Hq={hq} Hkv={hkv} D={d}, r={args.ratio} (4/2 bits), "

@@ -30,16 +30,44 @@ Triton reads the variable too), so CPU tensors can run them."""
 
 
 @triton.jit
-def _codes(base, offs_t, t_valid, offs_d, ROW: tl.constexpr, BITS: tl.constexpr):
-    # contiguous-slice packing: channel c is bits [(c // ROW) * BITS, ...) of byte c % ROW
-    byte = tl.load(base + offs_t[:, None] * ROW + (offs_d % ROW)[None, :], mask=t_valid[:, None],
-                   other=0)  # fmt: skip
-    shift = (offs_d // ROW) * BITS
-    return ((byte.to(tl.int32) >> shift[None, :]) & ((1 << BITS) - 1)).to(tl.float16)
+def _quarters(base, offs_t, tv, offs_c, QD: tl.constexpr, BITS: tl.constexpr):
+    """Codes of a (BT, D) tile as four (BT, D / 4) fp16 quarters of channels, read as whole
+    bytes (contiguous-slice packing: channel c sits in byte c % ROW at shift (c // ROW) * BITS,
+    ROW = D * BITS / 8 bytes per token)."""
+    ROW: tl.constexpr = 4 * QD * BITS // 8
+    rows = base + offs_t[:, None] * ROW + offs_c[None, :]
+    m = tv[:, None]
+    if BITS == 2:  # one quarter of bytes holds all four quarters of channels
+        b0 = tl.load(rows, mask=m, other=0).to(tl.int32)
+        c0, c1, c2, c3 = b0 & 3, (b0 >> 2) & 3, (b0 >> 4) & 3, (b0 >> 6) & 3
+    elif BITS == 4:  # bytes [0, QD): channels q0 | q2 << 4; bytes [QD, 2 QD): q1 | q3 << 4
+        b0 = tl.load(rows, mask=m, other=0).to(tl.int32)
+        b1 = tl.load(rows + QD, mask=m, other=0).to(tl.int32)
+        c0, c1, c2, c3 = b0 & 15, b1 & 15, b0 >> 4, b1 >> 4
+    else:  # 8 bits: one byte per channel
+        c0 = tl.load(rows, mask=m, other=0).to(tl.int32)
+        c1 = tl.load(rows + QD, mask=m, other=0).to(tl.int32)
+        c2 = tl.load(rows + 2 * QD, mask=m, other=0).to(tl.int32)
+        c3 = tl.load(rows + 3 * QD, mask=m, other=0).to(tl.int32)
+    return c0.to(tl.float16), c1.to(tl.float16), c2.to(tl.float16), c3.to(tl.float16)
 
 
 @triton.jit
-def _online(s, m_i, l_i, acc):
+def _split16(x):
+    """x (float32) as hi + lo fp16 terms (about 22 mantissa bits together)."""
+    hi = x.to(tl.float16)
+    return hi, (x - hi.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def _dot2(a, b):
+    """float32-grade a @ b for float32 a and fp16 b exact in fp16 (codes): two fp16 dots."""
+    hi, lo = _split16(a)
+    return tl.dot(hi, b) + tl.dot(lo, b)
+
+
+@triton.jit
+def _online(s, m_i, l_i):
     """One online-softmax step: returns (m_new, p, alpha, l_new)."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -49,42 +77,45 @@ def _online(s, m_i, l_i, acc):
 
 
 @triton.jit
-def _attend_page(q, m_i, l_i, acc, kc_ptr, vc_ptr, ks_ptr, kz_ptr, va_ptr, vb_ptr, cs_ptr,
-                 page, fill, offs_d,
-                 HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_T: tl.constexpr,
+def _attend_page(q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
+                 kc_ptr, vc_ptr, ks_ptr, kz_ptr, va_ptr, vb_ptr, cs_ptr, page, fill, offs_c,
+                 QD: tl.constexpr, PAGE: tl.constexpr, BLOCK_T: tl.constexpr,
                  BITS: tl.constexpr):  # fmt: skip
-    ROW: tl.constexpr = HEAD_DIM * BITS // 8
+    ROW: tl.constexpr = 4 * QD * BITS // 8
     page = page.to(tl.int64)
-    ks = tl.load(ks_ptr + page * HEAD_DIM + offs_d).to(tl.float32)
-    kz = tl.load(kz_ptr + page * HEAD_DIM + offs_d).to(tl.float32)
-    cs = tl.load(cs_ptr + page * HEAD_DIM + offs_d).to(tl.float32)
-    # q in code space as two fp16 terms (hi + lo ~ 22 mantissa bits): the codes are exact in
-    # fp16, so the two dots give float32-grade logits at tensor-core speed
-    qs32 = q * ks[None, :]  # (GP, D)
-    qs = qs32.to(tl.float16)
-    qs_lo = (qs32 - qs.to(tl.float32)).to(tl.float16)
-    qz = tl.sum(q * kz[None, :], axis=1)  # (GP,): the zero-point term
-    kbase = kc_ptr + page * PAGE * ROW
-    vbase = vc_ptr + page * PAGE * ROW
-    for t0 in range(0, fill, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
+    par = ks_ptr + page * 4 * QD + offs_c
+    ks0, ks1 = tl.load(par).to(tl.float32), tl.load(par + QD).to(tl.float32)
+    ks2, ks3 = tl.load(par + 2 * QD).to(tl.float32), tl.load(par + 3 * QD).to(tl.float32)
+    par = kz_ptr + page * 4 * QD + offs_c
+    qz = tl.sum(q0 * tl.load(par).to(tl.float32)[None, :], axis=1)
+    qz += tl.sum(q1 * tl.load(par + QD).to(tl.float32)[None, :], axis=1)
+    qz += tl.sum(q2 * tl.load(par + 2 * QD).to(tl.float32)[None, :], axis=1)
+    qz += tl.sum(q3 * tl.load(par + 3 * QD).to(tl.float32)[None, :], axis=1)
+    par = cs_ptr + page * 4 * QD + offs_c
+    cs0, cs1 = tl.load(par).to(tl.float32), tl.load(par + QD).to(tl.float32)
+    cs2, cs3 = tl.load(par + 2 * QD).to(tl.float32), tl.load(par + 3 * QD).to(tl.float32)
+    # q in code space (keys are per channel over the page): k = code * s + z
+    qs0, qs1 = q0 * ks0[None, :], q1 * ks1[None, :]
+    qs2, qs3 = q2 * ks2[None, :], q3 * ks3[None, :]
+    for sub in tl.static_range(PAGE // BLOCK_T):
+        offs_t = sub * BLOCK_T + tl.arange(0, BLOCK_T)
         tv = offs_t < fill
-        kcode = _codes(kbase, offs_t, tv, offs_d, ROW, BITS)  # (BT, D)
-        s = tl.dot(qs, tl.trans(kcode)) + tl.dot(qs_lo, tl.trans(kcode)) + qz[:, None]
-        s = tl.where(tv[None, :], s, float("-inf"))
-        m_i, p, alpha, l_i = _online(s, m_i, l_i, acc)
+        k0, k1, k2, k3 = _quarters(kc_ptr + page * PAGE * ROW, offs_t, tv, offs_c, QD, BITS)
+        s = _dot2(qs0, tl.trans(k0)) + _dot2(qs1, tl.trans(k1))
+        s += _dot2(qs2, tl.trans(k2)) + _dot2(qs3, tl.trans(k3))
+        s = tl.where(tv[None, :], s + qz[:, None], float("-inf"))  # (GP, BT) log2 domain
+        m_i, p, alpha, l_i = _online(s, m_i, l_i)
         va = tl.load(va_ptr + page * PAGE + offs_t, mask=tv, other=0.0).to(tl.float32)
         vb = tl.load(vb_ptr + page * PAGE + offs_t, mask=tv, other=0.0).to(tl.float32)
-        vcode = _codes(vbase, offs_t, tv, offs_d, ROW, BITS)  # (BT, D)
-        # in code space the zero point cancels most of sum p a code: the weights need float32
-        # grade too (two fp16 terms), or the output loses ~3 bits to the cancellation
+        # values per token after the page's channel divisor: v = (code * a + b) * cs
         pa = p * va[None, :]
-        pa_hi = pa.to(tl.float16)
-        pa_lo = (pa - pa_hi.to(tl.float32)).to(tl.float16)
-        pv = tl.dot(pa_hi, vcode) + tl.dot(pa_lo, vcode)  # (GP, D) in code space
-        pv = (pv + tl.sum(p * vb[None, :], axis=1)[:, None]) * cs[None, :]
-        acc = acc * alpha[:, None] + pv
-    return m_i, l_i, acc
+        pz = tl.sum(p * vb[None, :], axis=1)[:, None]
+        v0, v1, v2, v3 = _quarters(vc_ptr + page * PAGE * ROW, offs_t, tv, offs_c, QD, BITS)
+        a0 = a0 * alpha[:, None] + (_dot2(pa, v0) + pz) * cs0[None, :]
+        a1 = a1 * alpha[:, None] + (_dot2(pa, v1) + pz) * cs1[None, :]
+        a2 = a2 * alpha[:, None] + (_dot2(pa, v2) + pz) * cs2[None, :]
+        a3 = a3 * alpha[:, None] + (_dot2(pa, v3) + pz) * cs3[None, :]
+    return m_i, l_i, a0, a1, a2, a3
 
 
 @triton.jit
@@ -99,22 +130,30 @@ def _paged_decode_kernel(
     B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,  # region bases
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     HBITS: tl.constexpr, LBITS: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
+    QD: tl.constexpr = HEAD_DIM // 4
     row = tl.program_id(0)
     split = tl.program_id(1)
     b = row // num_kv_heads
     hkv = row % num_kv_heads
     offs_g = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_c = tl.arange(0, QD)
     g_valid = offs_g < group
     heads = hkv * group + offs_g
     num_heads = num_kv_heads * group
-    q_rows = (b * num_heads + heads).to(tl.int64)
-    q = tl.load(q_ptr + q_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=g_valid[:, None],
-                other=0.0).to(tl.float32) * sm_scale  # fmt: skip
+    q_rows = q_ptr + ((b * num_heads + heads).to(tl.int64) * HEAD_DIM)[:, None] + offs_c[None, :]
+    gm = g_valid[:, None]
+    q0 = tl.load(q_rows, mask=gm, other=0.0).to(tl.float32) * sm_scale  # (GP, QD) each
+    q1 = tl.load(q_rows + QD, mask=gm, other=0.0).to(tl.float32) * sm_scale
+    q2 = tl.load(q_rows + 2 * QD, mask=gm, other=0.0).to(tl.float32) * sm_scale
+    q3 = tl.load(q_rows + 3 * QD, mask=gm, other=0.0).to(tl.float32) * sm_scale
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    a0 = tl.zeros([GROUP_PAD, QD], tl.float32)
+    a1 = tl.zeros([GROUP_PAD, QD], tl.float32)
+    a2 = tl.zeros([GROUP_PAD, QD], tl.float32)
+    a3 = tl.zeros([GROUP_PAD, QD], tl.float32)
     if split < NUM_SPLITS:
         nh = tl.load(hnp + row)
         nl = tl.load(lnp + row)
@@ -122,16 +161,18 @@ def _paged_decode_kernel(
         per = tl.cdiv(total, NUM_SPLITS)
         u0 = split * per
         u1 = tl.minimum(u0 + per, total)
-        for u in range(u0, tl.minimum(u1, nh)):
+        for u in tl.range(u0, tl.minimum(u1, nh), num_stages=STAGES):
             page = tl.load(hpt + row * hcols + u)
             fill = tl.load(hpf + row * hcols + u)
-            m_i, l_i, acc = _attend_page(q, m_i, l_i, acc, hkc, hvc, hks, hkz, hva, hvb, hcs,
-                                         page, fill, offs_d, HEAD_DIM, PAGE, BLOCK_T, HBITS)
-        for u in range(tl.maximum(u0, nh), u1):
+            m_i, l_i, a0, a1, a2, a3 = _attend_page(
+                q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, hkc, hvc, hks, hkz, hva, hvb, hcs,
+                page, fill, offs_c, QD, PAGE, BLOCK_T, HBITS)  # fmt: skip
+        for u in tl.range(tl.maximum(u0, nh), u1, num_stages=STAGES):
             page = tl.load(lpt + row * lcols + (u - nh))
             fill = tl.load(lpf + row * lcols + (u - nh))
-            m_i, l_i, acc = _attend_page(q, m_i, l_i, acc, lkc, lvc, lks, lkz, lva, lvb, lcs,
-                                         page, fill, offs_d, HEAD_DIM, PAGE, BLOCK_T, LBITS)
+            m_i, l_i, a0, a1, a2, a3 = _attend_page(
+                q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, lkc, lvc, lks, lkz, lva, lvb, lcs,
+                page, fill, offs_c, QD, PAGE, BLOCK_T, LBITS)  # fmt: skip
     else:
         fbase = row.to(tl.int64) * fp_stride * HEAD_DIM
         for r in tl.static_range(4):
@@ -146,18 +187,34 @@ def _paged_decode_kernel(
             n = tl.load(fcnt_ptr + row * 4 + r)
             for t0 in range(0, n, BLOCK_T):
                 offs_t = t0 + tl.arange(0, BLOCK_T)
-                tv = offs_t < n
-                ptrs = fbase + (base + offs_t)[:, None] * HEAD_DIM + offs_d[None, :]
-                k = tl.load(fk_ptr + ptrs, mask=tv[:, None], other=0.0).to(tl.float32)
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (GP, BT)
-                s = tl.where(tv[None, :], s, float("-inf"))
-                m_i, p, alpha, l_i = _online(s, m_i, l_i, acc)
-                v = tl.load(fv_ptr + ptrs, mask=tv[:, None], other=0.0).to(tl.float32)
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+                tv = (offs_t < n)[:, None]
+                ptrs = fbase + (base + offs_t)[:, None] * HEAD_DIM + offs_c[None, :]
+                k0 = tl.load(fk_ptr + ptrs, mask=tv, other=0.0).to(tl.float32)
+                k1 = tl.load(fk_ptr + ptrs + QD, mask=tv, other=0.0).to(tl.float32)
+                k2 = tl.load(fk_ptr + ptrs + 2 * QD, mask=tv, other=0.0).to(tl.float32)
+                k3 = tl.load(fk_ptr + ptrs + 3 * QD, mask=tv, other=0.0).to(tl.float32)
+                s = tl.dot(q0, tl.trans(k0), input_precision="ieee")
+                s += tl.dot(q1, tl.trans(k1), input_precision="ieee")
+                s += tl.dot(q2, tl.trans(k2), input_precision="ieee")
+                s += tl.dot(q3, tl.trans(k3), input_precision="ieee")
+                s = tl.where(tl.trans(tv), s, float("-inf"))
+                m_i, p, alpha, l_i = _online(s, m_i, l_i)
+                v0 = tl.load(fv_ptr + ptrs, mask=tv, other=0.0).to(tl.float32)
+                v1 = tl.load(fv_ptr + ptrs + QD, mask=tv, other=0.0).to(tl.float32)
+                v2 = tl.load(fv_ptr + ptrs + 2 * QD, mask=tv, other=0.0).to(tl.float32)
+                v3 = tl.load(fv_ptr + ptrs + 3 * QD, mask=tv, other=0.0).to(tl.float32)
+                a0 = a0 * alpha[:, None] + tl.dot(p, v0, input_precision="ieee")
+                a1 = a1 * alpha[:, None] + tl.dot(p, v1, input_precision="ieee")
+                a2 = a2 * alpha[:, None] + tl.dot(p, v2, input_precision="ieee")
+                a3 = a3 * alpha[:, None] + tl.dot(p, v3, input_precision="ieee")
     out_row = (b * num_heads + heads).to(tl.int64) * (NUM_SPLITS + 1) + split
     tl.store(m_ptr + out_row, m_i, mask=g_valid)
     tl.store(l_ptr + out_row, l_i, mask=g_valid)
-    tl.store(o_ptr + out_row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_valid[:, None])
+    o_rows = o_ptr + (out_row * HEAD_DIM)[:, None] + offs_c[None, :]
+    tl.store(o_rows, a0, mask=gm)
+    tl.store(o_rows + QD, a1, mask=gm)
+    tl.store(o_rows + 2 * QD, a2, mask=gm)
+    tl.store(o_rows + 3 * QD, a3, mask=gm)
 
 
 @triton.jit
@@ -197,7 +254,7 @@ def paged_decode_triton(
     m, lsum, o = workspace["m"], workspace["l"], workspace["o"]
     hp, lp = store.pools[HIGH], store.pools[LOW]
     fmt = store.fmt
-    block_t = min(fmt.page_size, 64)
+    block_t = min(fmt.page_size, 64)  # a page is PAGE / BLOCK_T unrolled tiles
     _paged_decode_kernel[(store.rows, int(ns) + 1)](
         q,
         hp["kcode"], hp["vcode"], hp["kscale"], hp["kzero"], hp["vscale"], hp["vzero"],
@@ -214,6 +271,7 @@ def paged_decode_triton(
         NUM_SPLITS=int(ns), HEAD_DIM=d, PAGE=fmt.page_size,
         HBITS=fmt.high_bits, LBITS=fmt.low_bits,
         GROUP_PAD=max(16, int(triton.next_power_of_2(g))), BLOCK_T=block_t,
+        STAGES=int(workspace.get("stages", 2)), num_warps=int(workspace.get("warps", 4)),
     )  # fmt: skip
     # The interpreter converts float32 to bf16 / fp16 by truncation (compiled Triton rounds to
     # nearest even): interpreted runs write float32 and let PyTorch round.
