@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--page", type=int, default=128)
     ap.add_argument(
         "--sweep", type=lambda t: tuple(int(x) for x in t.split(",")), nargs="+",
-        default=[(4, 1, 2), (4, 2, 2), (4, 3, 2), (8, 2, 2), (4, 2, 1), (4, 2, 4), (2, 2, 2)],
-        help="launch configurations warps,stages,splits-multiple-of-half-the-default",
+        default=[(4, 2, 4, 1), (4, 2, 4, 0), (8, 2, 4, 1), (4, 1, 4, 1), (4, 3, 4, 1),
+                 (4, 2, 1, 1), (4, 2, 2, 1)],
+        help="launch configurations warps,stages,splits (quarters of the default),precise",
     )  # fmt: skip
     args = ap.parse_args(argv)
 
@@ -124,22 +125,23 @@ def main(argv: list[str] | None = None) -> None:
             ws = store._decode_ws  # type: ignore[attr-defined]
             default_ns = ws["splits"]
             tried = {}
-            for warps, stages, ns_mult in args.sweep:
-                ns = max(1, default_ns * ns_mult // 2)
-                ws.update(warps=warps, stages=stages, splits=ns,
+            for warps, stages, ns_mult, precise in args.sweep:
+                ns = max(1, default_ns * ns_mult // 4)
+                ws.update(warps=warps, stages=stages, splits=ns, precise=bool(precise),
                           m=torch.empty(b, hq, ns + 1, device="cuda"),
                           l=torch.empty(b, hq, ns + 1, device="cuda"),
                           o=torch.empty(b, hq, ns + 1, d, device="cuda"))  # fmt: skip
                 fused()
-                tried[(warps, stages, ns)] = median_ms_graph(fused)
-            best_cfg = min(tried, key=lambda c: tried[c])
-            warps, stages, ns = best_cfg
-            ws.update(warps=warps, stages=stages, splits=ns,
+                tried[(warps, stages, ns, precise)] = median_ms_graph(fused, rep_ms=100)
+            # the default launch (warps 4, stages 2, default splits, precise) is what users get
+            warps, stages, ns, precise = (4, 2, default_ns, 1)
+            ws.update(warps=warps, stages=stages, splits=ns, precise=True,
                       m=torch.empty(b, hq, ns + 1, device="cuda"),
                       l=torch.empty(b, hq, ns + 1, device="cuda"),
                       o=torch.empty(b, hq, ns + 1, d, device="cuda"))  # fmt: skip
-            row["launch_sweep"] = {f"w{w}s{st}n{n}": ms for (w, st, n), ms in tried.items()}
-            row["best_launch"] = f"warps {warps}, stages {stages}, splits {ns}"
+            row["launch_sweep"] = {"w{}s{}n{}p{}".format(*c): ms for c, ms in tried.items()}
+            fastest = min(tried, key=lambda c: tried[c])
+            row["best_launch"] = "w{}s{}n{}p{}".format(*fastest) + f" {tried[fastest]:.3g} ms"
             t_fused, t_fused_g = median_ms(fused), median_ms_graph(fused)
             best = min(dense, key=lambda k: dense[k][1])
             t_base, t_base_g = dense[best]
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                 }
             )
             rows.append(row)
+            progress(f"  fused {t_fused_g:.4g} ms (graph) vs {best} {t_base_g:.4g} ms: "
+                     f"{t_base_g / t_fused_g:.3g}x; sweep {row['launch_sweep']}")  # fmt: skip
             store = kf = vf = None  # free before the next case
             torch.cuda.empty_cache()
 

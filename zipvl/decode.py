@@ -65,10 +65,11 @@ def fused_decode_problem(q: Tensor, store: PagedKVStore) -> str | None:
 
 
 def _splits(store: PagedKVStore, device: torch.device) -> int:
-    """Page splits per row: about 4 programs per SM over the whole grid, at most 64."""
+    """Page splits per row: about 16 programs per SM over the whole grid (a program reads its
+    pages one after the other: many programs hide the latency), at most 256."""
     cuda = device.type == "cuda"
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 4
-    return max(1, min(64, -(-4 * sms // store.rows)))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 1
+    return max(1, min(256, -(-16 * sms // store.rows)))
 
 
 def workspace(store: PagedKVStore, hq: int) -> dict[str, Any]:

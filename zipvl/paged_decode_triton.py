@@ -60,10 +60,13 @@ def _split16(x):
 
 
 @triton.jit
-def _dot2(a, b):
-    """float32-grade a @ b for float32 a and fp16 b exact in fp16 (codes): two fp16 dots."""
-    hi, lo = _split16(a)
-    return tl.dot(hi, b) + tl.dot(lo, b)
+def _dot2(a, b, PRECISE: tl.constexpr):
+    """a @ b for float32 a and fp16 b exact in fp16 (codes): with PRECISE, float32-grade (two
+    fp16 dots on the hi and lo parts of a); else one fp16 dot."""
+    if PRECISE:
+        hi, lo = _split16(a)
+        return tl.dot(hi, b) + tl.dot(lo, b)
+    return tl.dot(a.to(tl.float16), b)
 
 
 @triton.jit
@@ -80,7 +83,7 @@ def _online(s, m_i, l_i):
 def _attend_page(q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
                  kc_ptr, vc_ptr, ks_ptr, kz_ptr, va_ptr, vb_ptr, cs_ptr, page, fill, offs_c,
                  QD: tl.constexpr, PAGE: tl.constexpr, BLOCK_T: tl.constexpr,
-                 BITS: tl.constexpr):  # fmt: skip
+                 BITS: tl.constexpr, PRECISE: tl.constexpr):  # fmt: skip
     ROW: tl.constexpr = 4 * QD * BITS // 8
     page = page.to(tl.int64)
     par = ks_ptr + page * 4 * QD + offs_c
@@ -101,8 +104,8 @@ def _attend_page(q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
         offs_t = sub * BLOCK_T + tl.arange(0, BLOCK_T)
         tv = offs_t < fill
         k0, k1, k2, k3 = _quarters(kc_ptr + page * PAGE * ROW, offs_t, tv, offs_c, QD, BITS)
-        s = _dot2(qs0, tl.trans(k0)) + _dot2(qs1, tl.trans(k1))
-        s += _dot2(qs2, tl.trans(k2)) + _dot2(qs3, tl.trans(k3))
+        s = _dot2(qs0, tl.trans(k0), PRECISE) + _dot2(qs1, tl.trans(k1), PRECISE)
+        s += _dot2(qs2, tl.trans(k2), PRECISE) + _dot2(qs3, tl.trans(k3), PRECISE)
         s = tl.where(tv[None, :], s + qz[:, None], float("-inf"))  # (GP, BT) log2 domain
         m_i, p, alpha, l_i = _online(s, m_i, l_i)
         va = tl.load(va_ptr + page * PAGE + offs_t, mask=tv, other=0.0).to(tl.float32)
@@ -111,10 +114,10 @@ def _attend_page(q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
         pa = p * va[None, :]
         pz = tl.sum(p * vb[None, :], axis=1)[:, None]
         v0, v1, v2, v3 = _quarters(vc_ptr + page * PAGE * ROW, offs_t, tv, offs_c, QD, BITS)
-        a0 = a0 * alpha[:, None] + (_dot2(pa, v0) + pz) * cs0[None, :]
-        a1 = a1 * alpha[:, None] + (_dot2(pa, v1) + pz) * cs1[None, :]
-        a2 = a2 * alpha[:, None] + (_dot2(pa, v2) + pz) * cs2[None, :]
-        a3 = a3 * alpha[:, None] + (_dot2(pa, v3) + pz) * cs3[None, :]
+        a0 = a0 * alpha[:, None] + (_dot2(pa, v0, PRECISE) + pz) * cs0[None, :]
+        a1 = a1 * alpha[:, None] + (_dot2(pa, v1, PRECISE) + pz) * cs1[None, :]
+        a2 = a2 * alpha[:, None] + (_dot2(pa, v2, PRECISE) + pz) * cs2[None, :]
+        a3 = a3 * alpha[:, None] + (_dot2(pa, v3, PRECISE) + pz) * cs3[None, :]
     return m_i, l_i, a0, a1, a2, a3
 
 
@@ -130,7 +133,7 @@ def _paged_decode_kernel(
     B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,  # region bases
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     HBITS: tl.constexpr, LBITS: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, PRECISE: tl.constexpr,
 ):  # fmt: skip
     QD: tl.constexpr = HEAD_DIM // 4
     row = tl.program_id(0)
@@ -166,13 +169,13 @@ def _paged_decode_kernel(
             fill = tl.load(hpf + row * hcols + u)
             m_i, l_i, a0, a1, a2, a3 = _attend_page(
                 q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, hkc, hvc, hks, hkz, hva, hvb, hcs,
-                page, fill, offs_c, QD, PAGE, BLOCK_T, HBITS)  # fmt: skip
+                page, fill, offs_c, QD, PAGE, BLOCK_T, HBITS, PRECISE)  # fmt: skip
         for u in tl.range(tl.maximum(u0, nh), u1, num_stages=STAGES):
             page = tl.load(lpt + row * lcols + (u - nh))
             fill = tl.load(lpf + row * lcols + (u - nh))
             m_i, l_i, a0, a1, a2, a3 = _attend_page(
                 q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, lkc, lvc, lks, lkz, lva, lvb, lcs,
-                page, fill, offs_c, QD, PAGE, BLOCK_T, LBITS)  # fmt: skip
+                page, fill, offs_c, QD, PAGE, BLOCK_T, LBITS, PRECISE)  # fmt: skip
     else:
         fbase = row.to(tl.int64) * fp_stride * HEAD_DIM
         for r in tl.static_range(4):
@@ -272,6 +275,7 @@ def paged_decode_triton(
         HBITS=fmt.high_bits, LBITS=fmt.low_bits,
         GROUP_PAD=max(16, int(triton.next_power_of_2(g))), BLOCK_T=block_t,
         STAGES=int(workspace.get("stages", 2)), num_warps=int(workspace.get("warps", 4)),
+        PRECISE=bool(workspace.get("precise", True)),
     )  # fmt: skip
     # The interpreter converts float32 to bf16 / fp16 by truncation (compiled Triton rounds to
     # nearest even): interpreted runs write float32 and let PyTorch round.
