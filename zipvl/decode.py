@@ -65,11 +65,11 @@ def fused_decode_problem(q: Tensor, store: PagedKVStore) -> str | None:
 
 
 def _splits(store: PagedKVStore, device: torch.device) -> int:
-    """Page splits per row: about 16 programs per SM over the whole grid (a program reads its
-    pages one after the other: many programs hide the latency), at most 256."""
+    """Page splits per row: about 4 programs per SM over the whole grid, at most 64 (H200,
+    B = 1, 128k tokens: 64 splits 0.108 ms, 128 splits 0.145 ms, 256 splits 0.164 ms)."""
     cuda = device.type == "cuda"
     sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 1
-    return max(1, min(256, -(-16 * sms // store.rows)))
+    return max(1, min(64, -(-4 * sms // store.rows)))
 
 
 def workspace(store: PagedKVStore, hq: int) -> dict[str, Any]:
