@@ -1,11 +1,12 @@
 """``ZipVLCache``: ZipVL's mixed-precision KV cache as a transformers ``Cache``.
 
-ZipVL (He et al., arXiv 2410.08584 v1, Algorithm 1; method.md sections 5 and 7.4) stores the
-prompt's important tokens at high precision and the rest at low precision (4 / 2 bits by
-default), keeps newly generated tokens in a full-precision tail and, every ``recompress_every``
-(100) tokens, scores the oldest tail block with the current query, splits it with the same
-adaptive rule (Eq. 6, tau x block mass) and quantizes it as a new append-only chunk. Earlier
-chunks are never re-quantized (unlike ZipCache's streaming code, section 7.4).
+ZipVL (He et al., arXiv 2410.08584 v1, Algorithm 1; docs/algorithm.md#decoding,
+docs/decisions.md#append-only-chunks) stores the prompt's important tokens at high precision and
+the rest at low precision (4 / 2 bits by default), keeps newly generated tokens in a full-precision
+tail and, every ``recompress_every`` (100) tokens, scores the oldest tail block with the current
+query, splits it with the same adaptive rule (Eq. 6, tau x block mass) and quantizes it as a new
+append-only chunk. Earlier chunks are never re-quantized (unlike ZipCache's streaming code, section
+7.4).
 
 This class is thin (style G5): a list of ``ZipVLCacheLayer`` plus the calls the model side
 makes. The call sequence of one attention layer::

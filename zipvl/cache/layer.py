@@ -1,4 +1,5 @@
-"""One layer of ZipVL's mixed-precision KV cache (arXiv 2410.08584 v1, Algorithm 1; method.md 5).
+"""One layer of ZipVL's mixed-precision KV cache (arXiv 2410.08584 v1, Algorithm 1;
+docs/algorithm.md#decoding).
 
 The layer only stores and routes (style G5): scores come from ``zipvl.cache.scoring``, budgets
 from an allocator, the keep mask from a selector and all bit-level work from a ``KVQuantizer``.

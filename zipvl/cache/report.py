@@ -1,6 +1,6 @@
 """What a ZipVL cache reports: token-sparsity and memory, per layer and in total.
 
-The numbers are the ones the paper tabulates (method.md sections 6.1-6.3 and 10.1 item 3):
+The numbers are the ones the paper tabulates (docs/algorithm.md#accounting):
 
 * kept ratio p / n of the prefill selection per layer, and its attention-FLOP reduction
   ``1 - (p / n)^2`` (dense causal attention versus attention over the kept tokens only);

@@ -1,7 +1,7 @@
 """Decode-time importance of cached tokens (ZipVL, arXiv 2410.08584 v1, Algorithm 1 decode branch).
 
 Every ``recompress_every`` generated tokens ZipVL scores the newest block of the full-precision
-tail with the attention of the *current* query (method.md section 5.1)::
+tail with the attention of the *current* query (docs/algorithm.md#decode-blocks)::
 
     a = Softmax(q K^T / sqrt(D))[-block:]        q: the last query row, K: ALL cached keys
 

@@ -1,6 +1,6 @@
 """ZipVL attention for custom stacks: ``ZipVLAttention`` and the functional ``zipvl_attention``.
 
-ZipVL (He et al., arXiv 2410.08584 v1, Algorithm 1; method.md sections 0, 4 and 5), per layer:
+ZipVL (He et al., arXiv 2410.08584 v1, Algorithm 1; docs/algorithm.md), per layer:
 
 * **prefill** (the layer's cache is empty): the scorer rates every key from a few probe queries,
   the allocator turns the attention mass into one budget p per layer (Eq. 6), the selector keeps

@@ -1,9 +1,9 @@
 """The `KVQuantizer` protocol and the compressed-chunk containers (`QuantizedKV`).
 
-ZipVL (arXiv 2410.08584 v1, Algorithm 1; method.md section 5) compresses the KV cache chunk by
-chunk (the prompt at prefill, then every 100 generated tokens): important tokens at b_h bits,
-the others at b_l bits. A chunk is quantized exactly once; what is stored are the packed codes
-and their parameters, never re-quantized (style G3).
+ZipVL (arXiv 2410.08584 v1, Algorithm 1; docs/algorithm.md#mixed-precision-quantization) compresses
+the KV cache chunk by chunk (the prompt at prefill, then every 100 generated tokens): important
+tokens at b_h bits, the others at b_l bits. A chunk is quantized exactly once; what is stored are
+the packed codes and their parameters, never re-quantized (style G3).
 
 Containers:
     * ``QuantizedTensor``: one quantized (B, Hkv, T, D) tensor (packed codes + parameters), or

@@ -1,8 +1,9 @@
 """Pure quantization primitives: choose_qparams / quantize / dequantize / pack / unpack.
 
-The reference (and CPU) implementation of the uniform quantizers of method.md section 5.2
-(ZipCache / KIVI lineage). Every function is pure tensor work: no host syncs, no data-dependent
-shapes, so all of them run under ``torch.compile(fullgraph=True)``.
+The reference (and CPU) implementation of the uniform quantizers of
+docs/algorithm.md#mixed-precision-quantization (ZipCache / KIVI lineage). Every function is pure
+tensor work: no host syncs, no data-dependent shapes, so all of them run under
+``torch.compile(fullgraph=True)``.
 
 Conventions:
     * ``x`` has shape (..., T, D); ``spec.axis`` is the axis the scale is shared along (see

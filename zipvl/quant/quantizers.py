@@ -1,13 +1,14 @@
 """KV quantizers: identity (16-bit), ZipCache, KIVI, per-token, and the mixed-precision composer.
 
-ZipVL (arXiv 2410.08584 v1, Algorithm 1, method.md sections 5.2 and 10) stores important tokens
-at b_h = 4 bits and the others at b_l = 2 bits with ZipCache's quantizers:
+ZipVL (arXiv 2410.08584 v1, Algorithm 1, docs/algorithm.md#mixed-precision-quantization,
+docs/decisions.md#bit-widths) stores important tokens at b_h = 4 bits and the others at b_l = 2
+bits with ZipCache's quantizers:
 
 * keys: channel-wise asymmetric min/max over the chunk's tokens, per (b, h, channel);
 * values: channel-separable token-wise (CST): per-channel divisor s_c = sqrt(max_t |v_tc|),
   then token-wise asymmetric min/max of v / s per (b, h, token) over the D channels.
 
-Differences from ZipCache's code, on purpose (documented in method.md terms):
+Differences from ZipCache's code, on purpose (docs/decisions.md#bit-widths):
     * parameters are per KV head: ZipCache flattens heads into channels, so its "token row"
       mixes the i-th selected token of every head (different positions per head); here a
       token-wise range is the range of one (b, h, t) row. Costs 2 more parameters per token
@@ -17,7 +18,7 @@ Differences from ZipCache's code, on purpose (documented in method.md terms):
       what makes mixed precision a plain composition of two quantizers (style G4); it costs D
       extra parameters per (b, h) per chunk.
 
-Baselines: KIVI (method.md 8.8: keys per channel in groups of G tokens, values per token in
+Baselines: KIVI (Liu et al. 2024: keys per channel in groups of G tokens, values per token in
 groups of G channels) and a per-token group-wise quantizer. The full-precision residual window
 of KIVI is the cache's business, not the quantizer's.
 
@@ -341,7 +342,7 @@ class _UniformKV:
 
 @dataclass(frozen=True)
 class ZipCacheKVQuantizer(_UniformKV):
-    """ZipCache's quantizers at one bit-width (method.md 5.2, 7.3).
+    """ZipCache's quantizers at one bit-width (docs/algorithm.md#mixed-precision-quantization).
 
     Keys: channel-wise asymmetric over the chunk's tokens, one (scale, zero) per (b, h, channel)
     (``key_spec = QuantSpec(bits, "token")``). Values: channel-separable token-wise (CST):
@@ -381,7 +382,7 @@ class ZipCacheKVQuantizer(_UniformKV):
 
 @dataclass(frozen=True)
 class KIVIKVQuantizer(_UniformKV):
-    """KIVI (Liu et al. 2024; method.md 8.8): keys per channel in groups of ``group_size``
+    """KIVI (Liu et al. 2024): keys per channel in groups of ``group_size``
     tokens, values per token in groups of ``group_size`` channels, asymmetric.
 
     Remainder: a chunk whose length is not a multiple of ``group_size`` is handled explicitly:
@@ -477,7 +478,7 @@ class MixedPrecisionKVQuantizer:
     which token went where is stored as a packed keep bitmap (1 bit per (b, h, t), counted in
     ``nbytes``), from which dequantization restores the original order.
 
-    Defaults: ZipCache quantizers at b_h = 4 / b_l = 2 bits (method.md 5.2, 10).
+    Defaults: ZipCache quantizers at b_h = 4 / b_l = 2 bits (docs/decisions.md#bit-widths).
 
     Attributes:
         high: uniform quantizer of the kept (important) tokens.

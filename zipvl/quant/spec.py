@@ -1,8 +1,9 @@
 """`QuantSpec`: what one uniform quantization looks like, with ONE axis convention.
 
-ZipVL (arXiv 2410.08584 v1, method.md section 5.2) stores the KV cache of important tokens at
-b_h = 4 bits and the rest at b_l = 2 bits with asymmetric uniform quantizers inherited from
-ZipCache. This module only describes a quantizer; the maths lives in ``primitives.py``.
+ZipVL (arXiv 2410.08584 v1, docs/algorithm.md#mixed-precision-quantization) stores the KV cache of
+important tokens at b_h = 4 bits and the rest at b_l = 2 bits with asymmetric uniform quantizers
+inherited from ZipCache. This module only describes a quantizer; the maths lives in
+``primitives.py``.
 
 Axis convention (the only one in zipvl): for a tensor ``x`` of shape (..., T, D),
 ``axis`` names THE AXIS THE SCALE IS SHARED ALONG.
