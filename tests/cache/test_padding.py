@@ -272,13 +272,14 @@ def test_prefill_commit_reads_the_host_once(sinks: int, device: str) -> None:
     cache.update(k, v, 0)
     with _count_host_reads() as calls:
         cache.compress_prefill(0, None)
-    assert calls == []
+    assert calls == ["tolist"], calls  # the non-finite check alone
 
 
 def test_prefill_commit_kernel_launch_budget() -> None:
     """The mixed 4/2 commit at LongVA's layout (B=1, Hkv=4, D=128; S shrunk: the count does
-    not depend on S) runs at most 190 kernel-launching ops (188 now, 249 before the reductions;
-    the commit measured ~2 ms per layer on an H200 at S = 16k, more than its sparse attention)."""
+    not depend on S) runs at most 200 kernel-launching ops (196 now with the non-finite check
+    of the prompt, 188 without it, 249 before the reductions; the commit measured ~2 ms per layer
+    on an H200 at S = 16k, more than its sparse attention)."""
     k, v = make_kv(1, 4, 512, 128, "cpu")
     keep = random_keep(1, 4, 512, 215, "cpu")
     cache = _cache(MixedPrecisionKVQuantizer())
@@ -289,7 +290,7 @@ def test_prefill_commit_kernel_launch_budget() -> None:
 
     commit()  # warm-up
     n = count_kernel_ops(commit)
-    assert 100 < n <= 190, n
+    assert 100 < n <= 200, n
 
 
 def test_quantize_with_num_kept_reads_nothing_and_matches(device: str) -> None:

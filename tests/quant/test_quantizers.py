@@ -388,3 +388,24 @@ def test_mixed_dequantize_compiles_fullgraph_without_host_syncs() -> None:
     # inductor may fuse code * scale + zero (FMA): float32 rounding only
     assert torch.allclose(k_c, k_e, rtol=1e-6, atol=1e-6)
     assert torch.allclose(v_c, v_e, rtol=1e-6, atol=1e-6)
+
+
+def test_non_finite_value_stays_in_its_own_token() -> None:
+    """One NaN in a value row used to turn half the chunk into NaN through the channel divisor;
+    now it is stored as 0 in its own token and every other token is unchanged."""
+    from zipvl.quant import MixedPrecisionKVQuantizer
+
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 2, 64, 64), torch.randn(1, 2, 64, 64)
+    keep = torch.zeros(1, 2, 64, dtype=torch.bool)
+    keep[..., ::3] = True
+    q = MixedPrecisionKVQuantizer()
+    k0, v0 = q.dequantize(q.quantize(k, v, keep))
+    v_bad = v.clone()
+    v_bad[0, 1, 10, 5] = float("nan")
+    k1, v1 = q.dequantize(q.quantize(k, v_bad, keep))
+    assert torch.isfinite(v1).all()
+    mask = torch.ones(64, dtype=torch.bool)
+    mask[10] = False
+    torch.testing.assert_close(v1[:, :, mask], v0[:, :, mask], rtol=0, atol=0)
+    torch.testing.assert_close(k1, k0, rtol=0, atol=0)

@@ -350,6 +350,9 @@ class ZipVLCacheLayer(CacheLayerMixin):
             reads["lo"], reads["hi"] = torch.aminmax(keep.sum(-1))  # row counts
             if rest_keep is not None and ns:
                 reads["rest"] = rest_keep[0, 0].sum()  # rows are equal after equalize_keep_counts
+        fin = torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)  # (B, Hkv, S)
+        real = fin.all(1) if key_valid is None else fin.all(1) | ~key_valid
+        reads["finite"] = real.all()  # padding may hold anything
         if key_valid is not None:
             reads["all_real"] = key_valid.all()
             if ns > 0:
@@ -366,6 +369,11 @@ class ZipVLCacheLayer(CacheLayerMixin):
                 )
             kept = host["lo"]
             rest_kept = host.get("rest", kept)
+        if not host["finite"]:
+            raise ValueError(
+                "key_states: the prompt's keys or values hold NaN or infinity; they would "
+                "poison the quantization parameters of every token that shares a chunk"
+            )
         if not host.get("real_sinks", 1):
             raise ValueError(
                 f"key_valid: some batch row has padding among its first sink_tokens={ns} "

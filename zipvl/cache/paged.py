@@ -179,6 +179,11 @@ def quantize_pages(
     """
     if valid is not None:
         k, v = _first_valid_fill(k, valid), _first_valid_fill(v, valid)
+    # a NaN or infinity must not reach the page's statistics (it would spread to every token
+    # of the page through the key scale and the channel divisor): it is stored as 0 instead,
+    # in its own token only (the prompt commit raises before getting here)
+    k = torch.nan_to_num(k.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    v = torch.nan_to_num(v.float(), nan=0.0, posinf=0.0, neginf=0.0)
     bits = fmt.bits(cls)
     pd = fmt.param_dtype
     kf = k.float()
@@ -417,6 +422,9 @@ class PagedKVStore:
         Returns:
             Host statistics read in the one host read: ``kept`` (sum of high tokens over real
             rows), ``real`` (real compressible tokens summed over rows).
+
+        Raises:
+            ValueError: the keys or values hold NaN or infinity (checked on the same read).
         """
         b, h, s, d = k.shape
         rows, p, dev = self.rows, self.fmt.page_size, k.device
@@ -430,8 +438,16 @@ class PagedKVStore:
         cls_mask = torch.stack([hi, lo]).reshape(2, rows, s)  # (2, rows, S)
         counts = cls_mask.sum(-1)  # (2, rows)
         pages = counts // p  # (2, rows)
-        stats = torch.stack([pages.amax(1), pages.sum(1), counts.sum(1)]).reshape(-1)
-        pmax_h, pmax_l, psum_h, psum_l, kept, other = stats.tolist()  # the one host read
+        fin = torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)  # (B, Hkv, S)
+        finite = (fin.all(1) | ~real).all().to(torch.int64)  # padding may hold anything
+        stats = torch.cat([torch.stack([pages.amax(1), pages.sum(1), counts.sum(1)]).reshape(-1),
+                           finite.reshape(1)])  # fmt: skip
+        pmax_h, pmax_l, psum_h, psum_l, kept, other, ok = stats.tolist()  # the one host read
+        if not ok:
+            raise ValueError(
+                "key_states: the prompt's keys or values hold NaN or infinity; they would "
+                "poison the quantization parameters of every token that shares a page"
+            )
         kf, vf = k.reshape(rows, s, d), v.reshape(rows, s, d)
         # sinks
         if ns:
@@ -474,7 +490,20 @@ class PagedKVStore:
         return {"kept": kept, "real": kept + other}
 
     def append(self, k: Tensor, v: Tensor) -> None:
-        """Append T new tokens (B, Hkv, T, D) of every row to the tail (no host sync).
+        """Append T new tokens (B, Hkv, T, D) of every row to the tail (no host sync):
+        ``append_device`` then ``advance``.
+
+        Raises:
+            ValueError: the tail would exceed its capacity (``recompress_every + tail_slack``).
+        """
+        self.append_device(k, v)
+        self.advance(k.shape[2])
+
+    def append_device(self, k: Tensor, v: Tensor) -> None:
+        """The device half of ``append``: write the tokens at the device-side tail count and
+        bump it. Nothing here reads a host counter that changes per step, so a decode step
+        (``append_device`` + ``decode_attention``) can be captured in a CUDA graph and replayed;
+        call ``advance(T)`` after every replay to keep the host bookkeeping in step.
 
         Raises:
             ValueError: the tail would exceed its capacity (``recompress_every + tail_slack``).
@@ -486,12 +515,23 @@ class PagedKVStore:
                 f"({self.tail_length} of {self.tail_cap} held; capacity = recompress_every + "
                 f"tail_slack): commit full blocks first or raise tail_slack"
             )
-        base = self.region_base[TAIL] + self.tail_length
-        self.fp_k[:, base : base + t] = k.reshape(self.rows, t, d)
-        self.fp_v[:, base : base + t] = v.reshape(self.rows, t, d)
-        self.tail_length += t
+        ar = self._arange(t)
+        slot = self.region_base[TAIL] + self.fp_count[:, TAIL : TAIL + 1].long() + ar  # (rows, T)
+        idx = slot[..., None].expand(self.rows, t, d)
+        self.fp_k.scatter_(1, idx, k.reshape(self.rows, t, d).to(self.dtype))
+        self.fp_v.scatter_(1, idx, v.reshape(self.rows, t, d).to(self.dtype))
         self.fp_count[:, TAIL] += t
+
+    def advance(self, t: int) -> None:
+        """The host half of ``append``: ``t`` more positions in the tail."""
+        self.tail_length += t
         self.length += t
+
+    def _arange(self, t: int) -> Tensor:
+        cached = getattr(self, "_ar", None)
+        if cached is None or cached.shape[0] < t:
+            cached = self._ar = torch.arange(max(t, 16), device=self.device)
+        return cached[:t]
 
     def tail_block(self) -> tuple[Tensor, Tensor]:
         """The oldest R tail tokens (B, Hkv, R, D) each (views)."""

@@ -176,6 +176,11 @@ def quantize_tensor(
     """
     b, h, n, d = x.shape
     pd = spec.param_dtype
+    # NaN or infinity would reach the shared parameters and spread to every token of the group
+    # (and through the channel divisor to every token of the chunk): stored as 0 instead, in
+    # its own token only (docs/decisions.md#non-finite-values)
+    if x.is_floating_point():
+        x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     if n == 0:
         data = torch.empty(b, h, 0, d * spec.bits // 8, dtype=torch.uint8, device=x.device)
         return QuantizedTensor(data=data, bits=spec.bits, head_dim=d, spec=spec)
