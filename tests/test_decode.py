@@ -396,3 +396,36 @@ def test_decode_step_replays_from_a_cuda_graph() -> None:
         torch.testing.assert_close(out, want, rtol=0, atol=0)
         torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
     assert store.tail_length == twin.tail_length
+
+
+def test_decode_block_budget_is_per_row() -> None:
+    """A decode block is budgeted on each row's own mass: a row with peaked attention keeps few
+    tokens, a row with flat attention many, exactly as each would alone."""
+    from zipvl.quant import MixedPrecisionKVQuantizer
+    from zipvl.sparsity import CumulativeMassAllocator, TopKSelector
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 2, 1, 64)
+    k = torch.randn(2, 1, 32, 64) * 0.1
+    kb = torch.randn(2, 1, 16, 64) * 0.1
+    kb[0, 0, :3] = q[0, :, 0].mean(0) * 3.0  # row 0: three keys dominate its block
+    v, vb = torch.randn(2, 1, 32, 64), torch.randn(2, 1, 16, 64)
+
+    def block_classes(rows: list[int]) -> torch.Tensor:
+        layer = PagedCacheLayer(
+            quantizer=MixedPrecisionKVQuantizer(), allocator=CumulativeMassAllocator(0.9),
+            selector=TopKSelector(keep_last=False), recompress_every=16, sink_tokens=0,
+            page_size=16,
+        )  # fmt: skip
+        layer.update(k[rows], v[rows])
+        layer.compress_prefill(None)
+        layer.append(kb[rows], vb[rows])
+        assert layer.compress_tail(q[rows]) == 1
+        assert layer.store is not None
+        return layer.store.class_bits[0, :, 32:48]  # (rows, 16): high-precision flags
+
+    both = block_classes([0, 1])
+    counts = both.sum(-1).tolist()
+    assert counts[0] < counts[1], counts  # the peaked row keeps fewer
+    for i in (0, 1):
+        assert torch.equal(both[i], block_classes([i])[0]), i

@@ -299,3 +299,94 @@ def test_builders_restore_the_global_rng_states() -> None:
     assert torch.equal(torch.get_rng_state(), cpu)
     after = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     assert all(torch.equal(a, b) for a, b in zip(after, cuda, strict=True))
+
+
+def _qwen2_d64() -> Any:
+    """A tiny Qwen2 with head dim 64, the smallest the fused kernel reads at 2 bits."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, vocab_size=256, attn_implementation="sdpa",
+    )  # fmt: skip
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+def test_decode_reads_the_pages_never_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under zipvl.enable, decode steps go through the fused kernel (the Triton interpreter on
+    the CPU) and never materialise dense K/V."""
+    import zipvl.paged_decode_triton as kernels
+    from zipvl.cache import PagedCacheLayer, PagedKVStore
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("dense read in decode")
+
+    launches = []
+    real = kernels.paged_decode_triton
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        launches.append(1)
+        return real(*args, **kwargs)
+
+    model = _qwen2_d64()
+    ids = torch.randint(3, 256, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :6], ids[1, :6] = 0, 0
+    cache = enable(model, ZipVLConfig.preset("fixed", recompress_every=4, page_size=16))
+    monkeypatch.setattr(PagedKVStore, "dense_kv", refuse)
+    monkeypatch.setattr(PagedCacheLayer, "dense_kv", refuse)
+    monkeypatch.setattr(kernels, "paged_decode_triton", counting)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9,
+                             do_sample=False, pad_token_id=0, past_key_values=cache)  # fmt: skip
+    disable(model)
+    assert out.shape == (2, 49)
+    assert len(launches) == 2 * 8  # every layer, every decode step
+    assert all(r.decode_blocks == 2 and r.decode_read == "fused" for r in cache.report().layers)
+
+
+def test_batch_rows_decode_as_if_alone() -> None:
+    """Row i of a left-padded batch gets the logits it gets alone, in prefill and through decode
+    blocks: its own budgets, its own pages, no padding stored."""
+    model = _qwen2_d64()
+    with torch.no_grad():  # peaked attention: budgets that differ from row to row
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+    # tau-based budgets depend on the mass: a batch-wide budget would differ from a row's own
+    cfg = ZipVLConfig(tau=0.9, recompress_every=16, page_size=16)
+    ids = torch.randint(3, 256, (2, 40))
+    lens = [40, 29]
+    follow = torch.randint(3, 256, (2, 34))
+
+    def run(rows: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        s = max(lens[i] for i in rows)
+        x = torch.zeros(len(rows), s, dtype=torch.long)
+        m = torch.zeros(len(rows), s, dtype=torch.long)
+        for j, i in enumerate(rows):
+            x[j, s - lens[i] :], m[j, s - lens[i] :] = ids[i, : lens[i]], 1
+        cache = enable(model, cfg)
+        pos = (m.cumsum(-1) - 1).clamp(min=0)
+        logits = []
+        with torch.no_grad():
+            out = model(input_ids=x, attention_mask=m, position_ids=pos, past_key_values=cache)
+            logits.append(out.logits[:, -1])
+            for t in range(follow.shape[1]):
+                pos = pos[:, -1:] + 1
+                m = torch.cat([m, m.new_ones(len(rows), 1)], 1)
+                out = model(input_ids=follow[rows, t : t + 1], attention_mask=m,
+                            position_ids=pos, past_key_values=cache)  # fmt: skip
+                logits.append(out.logits[:, -1])
+        disable(model)
+        # which precision every position went to, per (row, KV head), padding cut off
+        classes = []
+        for layer in cache.layers:
+            bits = layer.store.class_bits[:, :, : layer.store.length]  # (2, B * Hkv, N)
+            classes.append([bits[:, j, s - lens[i] :] for j, i in enumerate(rows)])
+        return logits, classes
+
+    both, both_classes = run([0, 1])
+    for i in (0, 1):
+        alone, alone_classes = run([i])
+        for step, (a, b) in enumerate(zip(both, alone, strict=True)):
+            torch.testing.assert_close(a[i : i + 1], b, rtol=0, atol=1e-4, msg=f"row {i} {step}")
+        for layer, (cb, ca) in enumerate(zip(both_classes, alone_classes, strict=True)):
+            assert torch.equal(cb[i], ca[0]), (i, layer)  # the same kept set, prompt and blocks
