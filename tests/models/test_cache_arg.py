@@ -156,16 +156,22 @@ def test_the_cache_is_used_and_nothing_warns(arch: str) -> None:
 
 
 def test_the_other_spelling_is_what_the_helper_avoids() -> None:
-    """On 5.24+ the old name warns; on 5.17 - 5.23 the new name is swallowed by ``**kwargs``
-    and the cache silently stays empty."""
+    """On 5.24+ the old name warns (and the suite's filter makes that an error); on 5.17 - 5.23
+    the new name is swallowed by ``**kwargs`` and the cache silently stays empty."""
     model = build_tiny_model("llama")
     inputs = tiny_inputs(model, batch=1, text_len=10)
     dense = DynamicCache()
     with torch.no_grad():
         if RENAMED:
-            with pytest.warns(FutureWarning, match=r"past_key_values"):
+            with pytest.raises(FutureWarning, match=r"past_key_values"):
                 model(**inputs, past_key_values=dense)
         else:
             model(**inputs, cache=dense)
             assert dense.get_seq_length() == 0
 
+
+def test_the_suite_turns_past_key_values_future_warnings_into_errors() -> None:
+    with pytest.raises(FutureWarning):
+        warnings.warn("`past_key_values` is deprecated; use `cache`", FutureWarning, stacklevel=1)
+    with pytest.warns(FutureWarning):  # other FutureWarnings keep their default handling
+        warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
