@@ -1,4 +1,4 @@
-.PHONY: install test lint bench-smoke bench-compare demo
+.PHONY: install test test-oldest lint bench-smoke bench-compare demo
 
 # CPU-only machines: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # (PyPI's torch is the CUDA build); GPU machines: leave it empty.
@@ -10,6 +10,9 @@ install:  ## torch first (from TORCH_INDEX when set), then the project with its 
 
 test:
 	python3 -m pytest -q -n 2
+
+test-oldest:  ## the transformers-facing tests with transformers 5.17 (a throwaway env)
+	.ci/oldest_transformers
 
 lint:
 	python3 -m ruff check zipvl tests bench && python3 -m pyright zipvl

@@ -24,9 +24,9 @@ the tau rule of the "zipvl" preset then keeps most tokens (its kept ratio is rep
 "fixed" keeps 42 % whatever the input.
 
 How: prompts are random token ids (``--lengths`` x ``--batch``). Each variant is warmed up once
-at a short length. Prefill = one ``model(input_ids, past_key_values=cache, use_cache=True,
+at a short length. Prefill = one ``model(input_ids, cache=cache, use_cache=True,
 logits_to_keep=1)`` call between CUDA syncs (what ``generate`` does first). Decode = a manual loop
-of ``model(next_token, past_key_values=cache)`` (greedy); at each ``--decode-points`` value a
+of ``model(next_token, cache=cache)`` (greedy); at each ``--decode-points`` value a
 window of ``--window`` steps is timed with CUDA events and the median ms per token is reported.
 Between points the cache is advanced untimed by ``--ff-chunk``-token forward calls (default 512;
 32 for ZipVL caches, whose fp tail may have a fixed capacity; ``--ff-chunk 1`` steps token by
@@ -47,7 +47,8 @@ same length and batch (and decode point): > 1 is faster than the best dense back
 
 Transformers >= 5.24 renames the cache argument of ``generate`` and ``forward`` from
 ``past_key_values=`` to ``cache=`` (the old name warns); the forward calls pass the cache under
-whichever name the installed ``forward`` declares (5.17: ``past_key_values``).
+the name ``zipvl.cache_kwargs`` gives for the installed ``forward`` (5.17 - 5.23:
+``past_key_values``), recorded as ``cache_argument`` in the JSON.
 
 Run:  python bench/gpu_hf.py --quick
       python bench/gpu_hf.py --capacity --plot
@@ -59,7 +60,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import inspect
 import json
 import os
 import statistics
@@ -80,7 +80,7 @@ from common import env_info, markdown_table, progress, write_result
 
 import zipvl
 from zipvl import ZipVLConfig
-from zipvl.models import is_enabled
+from zipvl.models import cache_argument, is_enabled
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "h200" / "gpu_hf.json"
@@ -263,8 +263,7 @@ class Session:
         self.clock = Clock(args.device)
         self.vocab = model.config.vocab_size
         self.gen = torch.Generator(device=args.device).manual_seed(0)
-        params = inspect.signature(model.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache_kw = cache_argument(model.forward)
 
     # -- one forward ------------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, cache: Any) -> torch.Tensor:

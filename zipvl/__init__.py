@@ -27,7 +27,14 @@ if TYPE_CHECKING:  # the static view of the lazy names below
     from zipvl.cache import CacheReport, LayerReport, ZipVLCache, ZipVLCacheLayer
     from zipvl.config import ZipVLConfig
     from zipvl.decode import decode_attention
-    from zipvl.models import ZipVLAttention, disable, enable, new_cache, zipvl_attention
+    from zipvl.models import (
+        ZipVLAttention,
+        cache_kwargs,
+        disable,
+        enable,
+        new_cache,
+        zipvl_attention,
+    )
     from zipvl.quant import (
         IdentityKVQuantizer,
         KIVIKVQuantizer,
@@ -59,7 +66,14 @@ _LAZY: dict[str, tuple[str, ...]] = {
     "zipvl.cache": ("CacheReport", "LayerReport", "ZipVLCache", "ZipVLCacheLayer"),
     "zipvl.config": ("ZipVLConfig",),
     "zipvl.decode": ("decode_attention",),
-    "zipvl.models": ("ZipVLAttention", "disable", "enable", "new_cache", "zipvl_attention"),
+    "zipvl.models": (
+        "ZipVLAttention",
+        "cache_kwargs",
+        "disable",
+        "enable",
+        "new_cache",
+        "zipvl_attention",
+    ),
     "zipvl.quant": (
         "IdentityKVQuantizer",
         "KIVIKVQuantizer",
@@ -147,6 +161,7 @@ __all__ = [
     "ZipVLCacheLayer",
     "ZipVLConfig",
     "__version__",
+    "cache_kwargs",
     "decode_attention",
     "disable",
     "enable",

@@ -613,7 +613,7 @@ def run_demo(
         seed=seed,
     )
     # transformers loads here, after the arguments are known to be good
-    from zipvl.models import disable, enable, is_enabled, lvlm, new_cache
+    from zipvl.models import cache_kwargs, disable, enable, is_enabled, lvlm, new_cache
     from zipvl.models.hf import forced_generate
 
     out_stream = sys.stdout if stdout is None else stdout
@@ -678,7 +678,7 @@ def run_demo(
             prog.stage(f"timing the ZipVL prefill ({runs}, 2 settings)")
             enable(model, _unquantized(config))
             sparse_t = _time_runs(
-                lambda: model(**inputs, past_key_values=new_cache(model)),
+                lambda: model(**inputs, **cache_kwargs(model, new_cache(model))),
                 dev,
                 repeats,
                 warmup,
@@ -687,7 +687,7 @@ def run_demo(
             )
             enable(model, config)
             zipvl_t = _time_runs(
-                lambda: model(**inputs, past_key_values=new_cache(model)),
+                lambda: model(**inputs, **cache_kwargs(model, new_cache(model))),
                 dev,
                 repeats,
                 warmup,
@@ -698,13 +698,13 @@ def run_demo(
             zipvl_out = model.generate(
                 **inputs,
                 **gen_kwargs,
-                past_key_values=cache,
+                **cache_kwargs(model, cache),
                 streamer=prog.start("ZipVL generation", max_new_tokens),
             )
             prog.end()
             prog.stage("teacher-forced pass (ZipVL predicting the dense continuation)")
             forced = forced_generate(
-                model, inputs, dense_out[:, prompt_len:], past_key_values=new_cache(model)
+                model, inputs, dense_out[:, prompt_len:], **cache_kwargs(model, new_cache(model))
             )
         finally:
             prog.end()

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from zipvl.config import ZipVLConfig
+from zipvl.models.cache_arg import cache_kwargs
 from zipvl.models.hf import disable, enable, forced_generate, is_enabled, recording
 
 __all__ = ["EvalReport", "LayerEval", "evaluate", "kl_divergence"]
@@ -170,7 +171,7 @@ def evaluate(
     cache = enable(model, config)
     try:
         with recording(model, max_rows=max_rows) as traces:
-            run = forced_generate(model, inputs, dense_tokens, past_key_values=cache)
+            run = forced_generate(model, inputs, dense_tokens, **cache_kwargs(model, cache))
     finally:
         disable(model)
     matches = int((run.argmax == dense_tokens.cpu()).sum())

@@ -15,6 +15,7 @@ import transformers
 
 from zipvl.cache import ZipVLCache
 from zipvl.cache.hf_compat import TRANSFORMERS_VERSION, DynamicCache, check_transformers_version
+from zipvl.models import cache_kwargs
 from zipvl.quant import IdentityKVQuantizer
 
 NEW_TOKENS = 12
@@ -43,7 +44,7 @@ def _generate(model: torch.nn.Module, ids: torch.Tensor, cache: object, **kw: ob
     with torch.no_grad():
         return model.generate(  # type: ignore[operator]
             ids,
-            past_key_values=cache,
+            **cache_kwargs(model, cache),
             max_new_tokens=NEW_TOKENS,
             do_sample=False,
             pad_token_id=0,

@@ -19,7 +19,15 @@ import transformers
 from zipvl.cache.hf_compat import AttentionInterface, AttentionMaskInterface, DynamicCache
 from zipvl.config import ZipVLConfig
 from zipvl.eval import evaluate, kl_divergence
-from zipvl.models import SUPPORTED_MODELS, disable, enable, is_enabled, new_cache
+from zipvl.models import (
+    SUPPORTED_MODELS,
+    cache_argument,
+    cache_kwargs,
+    disable,
+    enable,
+    is_enabled,
+    new_cache,
+)
 from zipvl.models.llama import generate
 from zipvl.models.lvlm import SUPPORTED_ARCHITECTURES, build_tiny_model, tiny_inputs
 from zipvl.sparsity import FixedRatioAllocator
@@ -47,9 +55,9 @@ CASES = [(arch, vis) for arch in SUPPORTED_ARCHITECTURES for vis in _visuals(arc
 def test_dense_preset_is_token_identical(arch: str, visual: str) -> None:
     model = build_tiny_model(arch)
     inputs = tiny_inputs(model, batch=2, pad=3, visual=visual)  # type: ignore[arg-type]
-    want = _generate(model, inputs, past_key_values=DynamicCache())
+    want = _generate(model, inputs, **cache_kwargs(model, DynamicCache()))
     cache = enable(model, ZipVLConfig.preset("dense", recompress_every=4))
-    got = _generate(model, inputs, past_key_values=cache)
+    got = _generate(model, inputs, **cache_kwargs(model, cache))
     disable(model)
     assert torch.equal(got, want)
     assert all(r.decode_blocks == 3 for r in cache.report().layers)
@@ -62,7 +70,7 @@ def test_defaults_run_past_recompression_boundaries(arch: str) -> None:
     prompt = inputs["input_ids"].shape[1]
     cfg = ZipVLConfig(recompress_every=4)
     cache = enable(model, cfg)
-    out = _generate(model, inputs, past_key_values=cache)
+    out = _generate(model, inputs, **cache_kwargs(model, cache))
     disable(model)
     assert out.shape == (2, prompt + NEW_TOKENS)
     rep = cache.report()
@@ -84,7 +92,7 @@ def test_default_block_of_100() -> None:
     inputs = tiny_inputs(model, batch=1, text_len=30)
     cache = enable(model, ZipVLConfig())
     with torch.no_grad():
-        model.generate(**inputs, max_new_tokens=102, do_sample=False, past_key_values=cache)
+        model.generate(**inputs, max_new_tokens=102, do_sample=False, **cache_kwargs(model, cache))
     disable(model)
     rep = cache.report()
     assert all(r.decode_blocks == 1 and r.decode_block_tokens == 100 for r in rep.layers)
@@ -97,9 +105,9 @@ def test_sampling_and_beam_search() -> None:
     inputs = tiny_inputs(model, batch=2, pad=2, text_len=20)
     want = _generate(model, inputs, num_beams=3)
     cache = enable(model, ZipVLConfig.preset("dense", recompress_every=4))
-    assert torch.equal(_generate(model, inputs, num_beams=3, past_key_values=cache), want)
+    assert torch.equal(_generate(model, inputs, num_beams=3, **cache_kwargs(model, cache)), want)
     enable(model, ZipVLConfig(recompress_every=4))
-    beams = _generate(model, inputs, num_beams=3, past_key_values=new_cache(model))
+    beams = _generate(model, inputs, num_beams=3, **cache_kwargs(model, new_cache(model)))
     assert beams.shape == want.shape
     prompt = inputs["input_ids"].shape[1]
 
@@ -111,13 +119,13 @@ def test_sampling_and_beam_search() -> None:
             )
 
     cache = new_cache(model)
-    sampled = sample(past_key_values=cache)
+    sampled = sample(**cache_kwargs(model, cache))
     assert sampled.shape == want.shape
     assert torch.equal(sampled[:, :prompt], inputs["input_ids"])
     assert all(r.decode_blocks == 3 for r in cache.report().layers)
     # the dense preset draws the same samples as the model's own attention (same seed)
     enable(model, ZipVLConfig.preset("dense", recompress_every=4))
-    dense_sampled = sample(past_key_values=new_cache(model))
+    dense_sampled = sample(**cache_kwargs(model, new_cache(model)))
     disable(model)
     assert torch.equal(dense_sampled, sample())
     assert not torch.equal(dense_sampled, _generate(model, inputs))  # not greedy
@@ -149,14 +157,16 @@ def test_wrong_or_missing_cache_raises() -> None:
     with pytest.raises(
         RuntimeError, match=r"did not come from the ZipVLCache bound to this model"
     ):
-        _generate(model, inputs, past_key_values=DynamicCache())
+        _generate(model, inputs, **cache_kwargs(model, DynamicCache()))
     with pytest.raises(RuntimeError, match=r"did not come from the ZipVLCache bound"):
         _generate(model, inputs)  # generate() builds a DynamicCache itself
-    _generate(model, inputs, past_key_values=cache)
+    _generate(model, inputs, **cache_kwargs(model, cache))
     stale = new_cache(model)  # an unused cache, then rebinding: only the newest one is read
     new_cache(model)
-    with pytest.raises(RuntimeError, match=r"\(it holds 0\)"):
-        _generate(model, inputs, past_key_values=stale)
+    with pytest.raises(RuntimeError, match=r"\(it holds 0\)") as err:
+        _generate(model, inputs, **cache_kwargs(model, stale))
+    # the message names the keyword the installed transformers takes
+    assert f"to generate() / forward as {cache_argument(model)}= " in str(err.value)
     disable(model)
 
 
@@ -234,7 +244,7 @@ def test_sparse_zipvl_in_transformers_equals_reference_decoder() -> None:
         max_new_tokens=steps,
         do_sample=False,
         pad_token_id=0,
-        past_key_values=hf_cache,
+        **cache_kwargs(hf, hf_cache),
     )
     our_cache = ours.new_cache(cfg)
     assert torch.equal(
@@ -255,7 +265,7 @@ def test_sparse_zipvl_in_transformers_equals_reference_decoder() -> None:
     hf_cache, our_cache = new_cache(hf), ours.new_cache(cfg)
     pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
     got = ours(idx, cache=our_cache, key_valid=valid, positions=pos, config=cfg)
-    ref = hf(input_ids=idx, attention_mask=mask, position_ids=pos, past_key_values=hf_cache)
+    ref = hf(input_ids=idx, attention_mask=mask, position_ids=pos, **cache_kwargs(hf, hf_cache))
     assert torch.equal(got[valid], ref.logits[valid])  # type: ignore[union-attr]
     for t in range(40, 40 + steps - 1):
         pos = pos[:, -1:] + 1
@@ -266,7 +276,7 @@ def test_sparse_zipvl_in_transformers_equals_reference_decoder() -> None:
             input_ids=tok,
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=hf_cache,
+            **cache_kwargs(hf, hf_cache),
         )
         torch.testing.assert_close(got, ref.logits, rtol=0, atol=1e-6)  # type: ignore[union-attr]
     disable(hf)

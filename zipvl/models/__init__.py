@@ -4,6 +4,8 @@
 * ``llama.py``: a single-file reference decoder (gpt-fast style) built on ``ZipVLAttention``;
 * ``enable`` / ``disable`` / ``new_cache`` (``hf.py``): transformers models through the public
   ``AttentionInterface`` and ``AttentionMaskInterface``;
+* ``cache_kwargs`` (``cache_arg.py``): the keyword (``cache=`` or ``past_key_values=``) under
+  which the installed transformers' ``generate`` / ``forward`` take a cache;
 * ``lvlm.py``: tiny LVLMs built in code for tests and the demo.
 """
 
@@ -19,6 +21,7 @@ from zipvl.models.attention import (
     retained_attention_mass,
     zipvl_attention,
 )
+from zipvl.models.cache_arg import cache_argument, cache_kwargs
 from zipvl.models.hf import (
     SUPPORTED_MODELS,
     disable,
@@ -32,6 +35,8 @@ __all__ = [
     "SUPPORTED_MODELS",
     "PrefillResult",
     "ZipVLAttention",
+    "cache_argument",
+    "cache_kwargs",
     "decode_attention",
     "dense_causal_attention",
     "disable",

@@ -12,7 +12,7 @@ to the user's modules):
 * a mask function is registered under the same name with ``AttentionMaskInterface.register``
   (transformers' own SDPA mask). Without it transformers would pass ``attention_mask=None``
   and silently drop causal and padding masking;
-* transformers does not hand ``past_key_values`` to attention functions, so the registered
+* transformers does not hand the cache to attention functions, so the registered
   function is a small callable object that holds the per-model state: the config and the
   ``ZipVLCache`` returned by ``enable`` (never the model itself). It checks on every call that
   the K/V it receives came from that cache (a ``DynamicCache`` or a missing cache raises a
@@ -63,6 +63,7 @@ from zipvl.models.attention import (
     prefill_attention,
     retained_attention_mass,
 )
+from zipvl.models.cache_arg import cache_argument
 
 __all__ = [
     "SUPPORTED_MODELS",
@@ -174,8 +175,8 @@ class _ZipVLAttentionFunction:
                     f"zipvl: layer {layer_idx} received K/V that did not come from the "
                     "ZipVLCache bound to this model. While ZipVL is enabled, pass the cache "
                     "returned by zipvl.enable(model) (or zipvl.models.new_cache(model)) to "
-                    "generate() / forward; a DynamicCache, another cache or use_cache=False "
-                    "cannot be used."
+                    f"generate() / forward as {cache_argument()}= (zipvl.cache_kwargs(model, "
+                    "cache)); a DynamicCache, another cache or use_cache=False cannot be used."
                 )
             valid = None
             if layer_idx == 0 and not layer.mask_checked:
@@ -195,8 +196,9 @@ class _ZipVLAttentionFunction:
                 f"zipvl: layer {layer_idx} received K/V of {n_in} positions that did not come "
                 f"from the ZipVLCache bound to this model (it holds {n_cached}). While ZipVL is "
                 "enabled, pass the cache returned by zipvl.enable(model) (or "
-                "zipvl.models.new_cache(model) for a new conversation) to generate() / forward; "
-                "a DynamicCache, another cache or use_cache=False cannot be used."
+                "zipvl.models.new_cache(model) for a new conversation) to generate() / forward "
+                f"as {cache_argument()}= (zipvl.cache_kwargs(model, cache)); a DynamicCache, "
+                "another cache or use_cache=False cannot be used."
             )
 
         def dense(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -319,8 +321,10 @@ def enable(model: nn.Module, config: ZipVLConfig | None = None) -> ZipVLCache:
         config: ZipVL configuration (None: ``ZipVLConfig()``, the paper's defaults).
 
     Returns:
-        The ``ZipVLCache`` to pass as ``past_key_values`` to ``generate`` / ``forward``. One
-        cache serves one generation; get a fresh one with ``new_cache(model)``.
+        The ``ZipVLCache`` to pass to ``generate`` / ``forward``, as ``cache=`` (transformers
+        >= 5.24) or ``past_key_values=`` (5.17 - 5.23): ``**cache_kwargs(model, cache)``
+        picks the installed one. One cache serves one generation; get a fresh one with
+        ``new_cache(model)``.
 
     Raises:
         ValueError: unsupported architecture (the message lists the supported ones), sliding-
@@ -330,7 +334,7 @@ def enable(model: nn.Module, config: ZipVLConfig | None = None) -> ZipVLCache:
     Example::
 
         cache = zipvl.enable(model, ZipVLConfig(tau=0.975))
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+        out = model.generate(**inputs, **zipvl.cache_kwargs(model, cache), max_new_tokens=64)
         print(cache.report().to_markdown())
         zipvl.disable(model)
     """
@@ -429,7 +433,7 @@ class recording:
     Example::
 
         with recording(model) as traces:
-            model.generate(**inputs, past_key_values=cache, max_new_tokens=1)
+            model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=1)
         [t.retained_mass for t in traces]
 
     Args:
@@ -501,7 +505,7 @@ def forced_generate(
         model: a transformers generation model (ZipVL enabled or not).
         inputs: the prompt inputs (``input_ids`` (B, S), masks, pixels).
         tokens: (B, T) tokens to force, e.g. a dense greedy continuation.
-        **generate_kwargs: e.g. ``past_key_values=cache``.
+        **generate_kwargs: e.g. ``**cache_kwargs(model, cache)``.
 
     Returns:
         ``ForcedRun`` with the per-step argmax and the first-step logits.
