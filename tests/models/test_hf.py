@@ -347,7 +347,8 @@ def test_decode_reads_the_pages_never_dense(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(kernels, "paged_decode_triton", counting)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9,
-                             do_sample=False, pad_token_id=0, past_key_values=cache)  # fmt: skip
+                             do_sample=False, pad_token_id=0,
+                             **cache_kwargs(model, cache))  # fmt: skip
     disable(model)
     assert out.shape == (2, 49)
     assert len(launches) == 2 * 8  # every layer, every decode step
@@ -377,13 +378,14 @@ def test_batch_rows_decode_as_if_alone() -> None:
         pos = (m.cumsum(-1) - 1).clamp(min=0)
         logits = []
         with torch.no_grad():
-            out = model(input_ids=x, attention_mask=m, position_ids=pos, past_key_values=cache)
+            kw = cache_kwargs(model.forward, cache)
+            out = model(input_ids=x, attention_mask=m, position_ids=pos, **kw)
             logits.append(out.logits[:, -1])
             for t in range(follow.shape[1]):
                 pos = pos[:, -1:] + 1
                 m = torch.cat([m, m.new_ones(len(rows), 1)], 1)
                 out = model(input_ids=follow[rows, t : t + 1], attention_mask=m,
-                            position_ids=pos, past_key_values=cache)  # fmt: skip
+                            position_ids=pos, **kw)  # fmt: skip
                 logits.append(out.logits[:, -1])
         disable(model)
         # which precision every position went to, per (row, KV head), padding cut off
