@@ -23,6 +23,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from zipvl.impl import QUANT_IMPLS
+
 PRESET_NAMES = ("dense", "fixed", "kivi", "zipvl", "zipvl-fast")
 """The ``--preset`` choices: the names of ``zipvl.config.PRESETS`` (a test keeps them equal),
 spelled out here so that the command line parses without importing torch."""
@@ -161,7 +163,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     demo.add_argument(
         "--quant-impl",
-        choices=("reference", "triton"),
+        choices=[i.value for i in QUANT_IMPLS],
         help="KV write path of the default quantizers (triton: fused kernel, CUDA)",
     )
     demo.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 
 from zipvl.checks import check_fraction, check_int
+from zipvl.impl import DECODE_IMPLS, QUANT_IMPLS, SPARSE_ATTENTION_IMPLS, Impl, parse_impl
 from zipvl.quant import (
     IdentityKVQuantizer,
     KIVIKVQuantizer,
@@ -50,7 +51,7 @@ from zipvl.sparsity import (
     SnapKVScorer,
     TopKSelector,
 )
-from zipvl.types import Allocator, Impl, Scorer, Selector
+from zipvl.types import Allocator, Scorer, Selector
 
 __all__ = [
     "LAYER_OVERRIDE_FIELDS",
@@ -62,9 +63,6 @@ __all__ = [
 
 _BITS = (2, 4, 8, 16)
 _UNKEPT = ("zero", "attend")
-_DECODE_IMPLS = ("auto", "reference", "triton")
-# what zipvl.sparsity.sparse_attention implements (tests check the two lists agree)
-_SPARSE_IMPLS = (Impl.SDPA, Impl.FLEX, Impl.REFERENCE)
 
 LAYER_OVERRIDE_FIELDS: frozenset[str] = frozenset(
     {
@@ -213,7 +211,7 @@ class ZipVLConfig:
     selector: Selector | None = None
     quantizer: KVQuantizer | None = None
     decode_selector: Selector | None = None
-    decode_impl: Literal["auto", "reference", "triton"] = "auto"
+    decode_impl: Impl = Impl.AUTO
     page_size: int = 128
     layers: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -280,36 +278,17 @@ class ZipVLConfig:
             raise TypeError(
                 f"sparse_prefill: expected a bool, got {type(self.sparse_prefill).__name__}"
             )
-        sparse_impls = [i.value for i in _SPARSE_IMPLS]
-        try:
-            impl = Impl(self.impl)
-        except ValueError:
-            raise ValueError(f"impl: expected one of {sparse_impls}, got {self.impl!r}") from None
-        if impl not in _SPARSE_IMPLS:
-            raise ValueError(
-                f"impl: expected one of {sparse_impls} (the sparse_attention implementations), "
-                f"got {impl.value!r}"
-            )
-        object.__setattr__(self, "impl", impl)
-        try:
-            object.__setattr__(self, "quant_impl", Impl(self.quant_impl))
-        except ValueError:
-            raise ValueError(
-                f"quant_impl: expected 'reference' or 'triton', got {self.quant_impl!r}"
-            ) from None
-        if self.quant_impl not in (Impl.REFERENCE, Impl.TRITON):
-            raise ValueError(
-                f"quant_impl: expected 'reference' or 'triton', got {self.quant_impl!r}"
-            )
+        for name, allowed in (
+            ("impl", SPARSE_ATTENTION_IMPLS),
+            ("quant_impl", QUANT_IMPLS),
+            ("decode_impl", DECODE_IMPLS),
+        ):
+            object.__setattr__(self, name, parse_impl(name, getattr(self, name), allowed))
         if self.unkept not in _UNKEPT:
             raise ValueError(f"unkept: expected one of {_UNKEPT}, got {self.unkept!r}")
         check_int("page_size", self.page_size, 16)
         if self.page_size % 16:
             raise ValueError(f"page_size: expected a multiple of 16, got {self.page_size}")
-        if self.decode_impl not in _DECODE_IMPLS:
-            raise ValueError(
-                f"decode_impl: expected one of {_DECODE_IMPLS}, got {self.decode_impl!r}"
-            )
         for name in ("scorer", "allocator", "selector", "decode_selector"):
             _check_callable(name, getattr(self, name))
         if self.quantizer is not None and not isinstance(self.quantizer, KVQuantizer):
@@ -571,7 +550,7 @@ def _decode(value: Any, where: str) -> Any:
         return value
     kind = value.get("type")
     if kind == "Impl":
-        return Impl(value["value"])
+        return parse_impl(f"{where}.value", value.get("value"), tuple(Impl))
     if kind == "dtype":
         if value.get("value") not in _DTYPES:
             raise ValueError(f"{where}: unknown dtype {value.get('value')!r}")

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .cache.paged import HIGH, LOW, SINK, TAIL, PagedKVStore
 from .checks import check_scale, check_tensor
+from .impl import Impl, parse_impl
 
 __all__ = [
     "DECODE_IMPLS",
@@ -126,8 +127,7 @@ def decode_attention(
             f"q: expected (B={store.batch_size}, Hq a multiple of {store.num_heads}, 1, "
             f"D={store.head_dim}) like the store, got {tuple(q.shape)}"
         )
-    if impl not in DECODE_IMPLS:
-        raise ValueError(f"impl: expected one of {DECODE_IMPLS}, got {impl!r}")
+    impl = parse_impl("impl", impl, [Impl(i) for i in DECODE_IMPLS])
     sm = check_scale("scale", scale)
     sm = sm if sm is not None else 1.0 / math.sqrt(d)
     if impl != "reference":

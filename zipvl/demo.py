@@ -46,8 +46,8 @@ from tqdm import tqdm
 from zipvl.checks import check_int
 from zipvl.cli import DEVICE_PATTERN, checkpoint_problem, out_dir_problem
 from zipvl.config import PRESETS, ZipVLConfig
+from zipvl.impl import QUANT_IMPLS, Impl, parse_impl
 from zipvl.quant import IdentityKVQuantizer, MixedPrecisionKVQuantizer
-from zipvl.types import Impl
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -392,8 +392,8 @@ def check_demo_args(
     problem = out_dir_problem(out_dir)
     if problem is not None:
         raise ValueError(f"out_dir: {problem}")
-    if quant_impl not in (None, "reference", "triton"):
-        raise ValueError(f"quant_impl: expected 'reference' or 'triton', got {quant_impl!r}")
+    if quant_impl is not None:
+        quant_impl = parse_impl("quant_impl", quant_impl, QUANT_IMPLS)
     if quant_impl == "triton" and dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "quant_impl: 'triton' runs the fused Triton kernel, which needs a CUDA device (or "

@@ -26,7 +26,6 @@ Dependency direction: ``types`` <- ``sparsity``, ``quant`` <- ``cache`` <- ``dec
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor
 
 from zipvl.checks import check_int, check_tensor
+from zipvl.impl import Impl, parse_impl
 
 __all__ = [
     "NONFINITE_MASS_BUDGET",
@@ -47,6 +47,7 @@ __all__ = [
     "Selection",
     "Selector",
     "equalize_keep_counts",
+    "parse_impl",
 ]
 
 NONFINITE_MASS_BUDGET = -1
@@ -60,15 +61,6 @@ MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 """FlexAttention score_mod: (score, b, h, q_idx, kv_idx) -> score."""
-
-
-class Impl(str, enum.Enum):
-    """Implementation selector of a public operation. A requested impl never falls back."""
-
-    REFERENCE = "reference"  # dense, eager, the oracle
-    FLEX = "flex"  # gather + FlexAttention
-    SDPA = "sdpa"  # gather + scaled_dot_product_attention
-    TRITON = "triton"  # hand-written Triton kernel
 
 
 @dataclass(frozen=True)

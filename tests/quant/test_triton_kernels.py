@@ -60,9 +60,10 @@ def test_triton_on_a_cpu_tensor_without_the_interpreter_raises() -> None:
 
 
 def test_unknown_impl_raises() -> None:
-    with pytest.raises(ValueError, match="impl: expected 'reference' or 'triton', got 'flex'"):
+    listed = "'reference', 'triton'"
+    with pytest.raises(ValueError, match=f"impl: expected one of {listed}, got 'flex'"):
         quantize_pack(torch.randn(2, 32), QuantSpec(2, "channel"), impl="flex")
-    with pytest.raises(ValueError, match="impl: expected 'reference' or 'triton', got 'cuda'"):
+    with pytest.raises(ValueError, match=f"impl: expected one of {listed}, got 'cuda'"):
         quantize_pack(torch.randn(2, 32), QuantSpec(2, "channel"), impl="cuda")
 
 

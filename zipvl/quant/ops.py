@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..types import Impl
+from ..impl import QUANT_IMPLS, Impl, parse_impl
 from .primitives import choose_qparams, pack, quantize
 from .spec import QuantSpec
 
@@ -39,10 +39,7 @@ def quantize_pack(
             on a CPU tensor without TRITON_INTERPRET=1 (like every other ``impl="triton"`` of
             zipvl: an impossible request is a bad argument, and nothing falls back).
     """
-    try:
-        impl = Impl(impl)
-    except ValueError:
-        raise ValueError(f"impl: expected 'reference' or 'triton', got {impl!r}") from None
+    impl = parse_impl("impl", impl, QUANT_IMPLS)
     if not isinstance(x, Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x: expected a floating-point tensor, got {got}")
@@ -57,4 +54,5 @@ def quantize_pack(
             raise ValueError(f"impl: 'triton' needs the triton package ({e})") from e
 
         return quantize_pack_tokenwise(x, spec)
-    raise ValueError(f"impl: expected 'reference' or 'triton', got {impl.value!r}")
+    # parse_impl admits QUANT_IMPLS only
+    raise AssertionError(f"unhandled impl {impl!r}")  # pragma: no cover

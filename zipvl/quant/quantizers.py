@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_fraction, check_same_device, check_tensor
-from ..types import Impl
+from ..impl import QUANT_IMPLS, Impl, parse_impl
 from .base import KVPart, KVQuantizer, QuantizedKV, QuantizedTensor, keep_permutation
 from .ops import quantize_pack
 from .primitives import pack_bitmap, round_param
@@ -121,14 +121,7 @@ def _check_param_dtype(dtype: torch.dtype) -> None:
 
 
 def _check_impl(obj: object, name: str) -> None:
-    try:
-        object.__setattr__(obj, name, Impl(getattr(obj, name)))
-    except ValueError:
-        raise ValueError(
-            f"{name}: expected 'reference' or 'triton', got {getattr(obj, name)!r}"
-        ) from None
-    if getattr(obj, name) not in (Impl.REFERENCE, Impl.TRITON):
-        raise ValueError(f"{name}: expected 'reference' or 'triton', got {getattr(obj, name)!r}")
+    object.__setattr__(obj, name, parse_impl(name, getattr(obj, name), QUANT_IMPLS))
 
 
 def _check_group(group_size: int | None, *, optional: bool) -> None:

@@ -10,12 +10,14 @@ leaves almost every 128 x 128 tile partial, while the gathered sequence is dense
 Implementations (``impl``), all with the same semantics:
 
 * ``"reference"``: dense S x S masked softmax in fp32 (``zipvl.sparsity.reference``), the oracle.
-* ``"flex"`` (default): gather the kept q/k/v of each KV head (the G query heads of a KV head use
+* ``"sdpa"`` (default): gather exactly P tokens and run ``scaled_dot_product_attention(
+  is_causal=True, enable_gqa=True)`` (flash / memory-efficient kernels where available), scatter
+  back. The fastest path measured (H200, 128k tokens: 5.49x over dense SDPA against Flex's
+  3.83x), and it needs no compilation.
+* ``"flex"``: gather the kept q/k/v of each KV head (the G query heads of a KV head use
   its indices), pad to a multiple of ``block_size``, run FlexAttention with the compacted causal
   BlockMask and ``enable_gqa``, scatter back. FlexAttention is compiled lazily on first use (see
   ``compiled_flex_attention``); ``compile=False`` runs it eagerly (slow, materialises scores).
-* ``"sdpa"``: gather exactly P tokens and run ``scaled_dot_product_attention(is_causal=True,
-  enable_gqa=True)`` (flash / memory-efficient kernels where available), scatter back.
 
 ``unkept="attend"`` lets every query attend to the kept keys at positions <= its own (higher
 fidelity, more work: S x P instead of P x P). In the compacted key order those keys are a prefix
@@ -49,13 +51,13 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from zipvl.checks import check_int, check_qkv, check_scale
+from zipvl.impl import SPARSE_ATTENTION_IMPLS, Impl, parse_impl
 from zipvl.sparsity.block_mask import compacted_causal_block_mask, compacted_prefix_block_mask
 from zipvl.sparsity.reference import reference_sparse_attention
-from zipvl.types import Impl, Selection
+from zipvl.types import Selection
 
 __all__ = ["compiled_flex_attention", "sparse_attention"]
 
-_IMPLS = (Impl.REFERENCE, Impl.FLEX, Impl.SDPA)
 # elements of one chunk of the boolean mask of sdpa's "attend" path (B * Hq * rows * P)
 _SDPA_ATTEND_CHUNK = 1 << 26
 # BlockMask index tensors whose trailing dims grow with the sequence length (torch >= 2.11)
@@ -79,20 +81,6 @@ def compiled_flex_attention() -> Callable[..., Tensor]:
     its C++ flex template, on CUDA to the Triton kernels.
     """
     return torch.compile(flex_attention, dynamic=True, fullgraph=True)
-
-
-def _parse_impl(impl: object) -> Impl:
-    names = ", ".join(repr(i.value) for i in _IMPLS)
-    try:
-        value = Impl(impl)
-    except ValueError:
-        raise ValueError(f"impl: expected one of {names}, got {impl!r}") from None
-    if value not in _IMPLS:
-        raise ValueError(
-            f"impl: {value.value!r} is not implemented for sparse_attention; expected one of "
-            f"{names}"
-        )
-    return value
 
 
 def _check_selection(selection: object, q: Tensor, k: Tensor) -> Selection:
@@ -230,7 +218,7 @@ def sparse_attention(
     v: Tensor,
     selection: Selection,
     *,
-    impl: Impl | str = "flex",
+    impl: Impl | str = "sdpa",
     unkept: Literal["zero", "attend"] = "zero",
     scale: float | None = None,
     block_size: int = 128,
@@ -257,7 +245,9 @@ def sparse_attention(
             The row counts are verified (``Selection.check_counts``: one host read for a
             selection built by hand, none for one from ``TopKSelector``; skipped while
             ``torch.compile`` traces).
-        impl: ``"flex"`` (default), ``"sdpa"`` or ``"reference"``.
+        impl: ``"sdpa"`` (default: the fastest measured path, on the GPU and on the CPU, where
+            ``"flex"`` also compiles for tens of seconds on its first call), ``"flex"`` or
+            ``"reference"``.
         unkept: ``"zero"`` or ``"attend"``.
         scale: softmax scale; None = 1 / sqrt(D).
         block_size: FlexAttention tile size; the gathered length is padded to a multiple of it.
@@ -276,7 +266,7 @@ def sparse_attention(
         TypeError: ``selection`` is not a ``Selection``; ``scale``, ``block_size`` or
             ``compile`` of the wrong type.
     """
-    impl_ = _parse_impl(impl)
+    impl_ = parse_impl("impl", impl, SPARSE_ATTENTION_IMPLS)
     check_qkv(q, k, v)
     if q.shape[2] != k.shape[2]:
         raise ValueError(

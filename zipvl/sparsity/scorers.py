@@ -28,13 +28,14 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from zipvl.checks import check_fraction, check_int, check_qkv, check_scale
+from zipvl.impl import SCORER_IMPLS, Impl, parse_impl
 from zipvl.types import Scores
 
 __all__ = [
@@ -249,8 +250,9 @@ class ProbeScorer:
             probe map; CUDA, or the CPU under ``TRITON_INTERPRET=1``; power-of-two D >= 16).
             ``"auto"`` (default) is a documented dispatch, decided per call: ``"triton"`` for
             eager CUDA inputs with a power-of-two D >= 16, ``"torch"`` otherwise (CPU, other
-            head dims, inside ``torch.compile``). An explicitly requested impl that cannot run
-            raises ``ValueError``; nothing falls back.
+            head dims, inside ``torch.compile``); ``impl_for(q)`` says which a call runs. An
+            explicitly requested impl that cannot run raises ``ValueError``; nothing falls
+            back. Stored as an ``Impl`` (strings are accepted).
     """
 
     recent_frac: float = 0.05
@@ -262,11 +264,10 @@ class ProbeScorer:
     denominator: Literal["causal", "probe_count"] = "causal"
     scale: float | None = None
     heads_per_chunk: int = 1
-    impl: Literal["auto", "torch", "triton"] = "auto"
+    impl: Impl | Literal["auto", "torch", "triton"] = Impl.AUTO
 
     def __post_init__(self) -> None:
-        if self.impl not in ("auto", "torch", "triton"):
-            raise ValueError(f"impl: expected 'auto', 'torch' or 'triton', got {self.impl!r}")
+        object.__setattr__(self, "impl", parse_impl("impl", self.impl, SCORER_IMPLS))
         check_fraction("recent_frac", self.recent_frac, low_open=False)
         check_fraction("random_frac", self.random_frac, low_open=False)
         check_int("max_recent", self.max_recent, 0, optional=True)
@@ -301,6 +302,16 @@ class ProbeScorer:
             return _probe_positions_cached.__wrapped__(*args)
         return _probe_positions_cached(*args)
 
+    def impl_for(self, q: Tensor) -> Impl:
+        """The impl a call with queries ``q`` runs: ``impl`` itself unless it is ``"auto"``, then
+        ``Impl.TRITON`` for eager CUDA inputs with a power-of-two D >= 16, ``Impl.TORCH``
+        otherwise."""
+        if self.impl is not Impl.AUTO:
+            return cast(Impl, self.impl)  # parsed in __post_init__
+        d = q.shape[-1]
+        fused = q.is_cuda and d >= 16 and d & (d - 1) == 0 and not torch.compiler.is_compiling()
+        return Impl.TRITON if fused else Impl.TORCH
+
     def __call__(self, q: Tensor, k: Tensor, /) -> Scores:
         """Score every key by probe attention.
 
@@ -317,15 +328,7 @@ class ProbeScorer:
         _, _, g, sq, skv = _check_inputs(q, k)
         scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
         rows = self.probe_rows(sq, device=q.device)  # (M,)
-        d = q.shape[-1]
-        use_triton = self.impl == "triton" or (
-            self.impl == "auto"
-            and q.is_cuda
-            and d >= 16
-            and d & (d - 1) == 0
-            and not torch.compiler.is_compiling()
-        )
-        if use_triton:
+        if self.impl_for(q) is Impl.TRITON:
             # lazy import: triton is an optional, Linux-only dependency
             from zipvl.sparsity.probe_triton import probe_mass_triton
 
