@@ -86,3 +86,46 @@ def test_per_layer_schedule_needs_layer_idx() -> None:
     assert select_tokens(q, k, allocator=sched, layer_idx=1).num_kept == 10
     with pytest.raises(ValueError, match="layer_idx"):
         select_tokens(q, k, allocator=sched)
+
+
+@pytest.mark.parametrize("pad_side", ["left", "right"])
+def test_padded_batch_plans_and_attends_as_rows_alone(pad_side: str) -> None:
+    """plan_tokens + sparse_attention with key_valid: every row equals the row run alone (its
+    own budget and kept set; padding never scored, never attended; padding rows are 0)."""
+    import torch
+
+    from zipvl.sparsity import CumulativeMassAllocator, ProbeScorer, TopKSelector
+    from zipvl.sparsity import plan_tokens as plan
+    from zipvl.sparsity import sparse_attention as attend
+
+    torch.manual_seed(0)
+    b, hq, hkv, s, d = 3, 4, 2, 48, 16
+    q, k, v = torch.randn(b, hq, s, d), torch.randn(b, hkv, s, d), torch.randn(b, hkv, s, d)
+    lens = [48, 31, 20]
+    valid = torch.zeros(b, s, dtype=torch.bool)
+    for i, n in enumerate(lens):
+        if pad_side == "left":
+            valid[i, s - n :] = True
+        else:
+            valid[i, :n] = True
+    comps = {"scorer": ProbeScorer(), "allocator": CumulativeMassAllocator(0.8),
+             "selector": TopKSelector()}  # fmt: skip
+    p = plan(q, k, key_valid=valid, **comps)
+    out = attend(q, k, v, p.selection, key_valid=valid)
+    assert p.row_kept is not None and p.row_keep is not None
+    assert not (p.row_keep & ~valid[:, None, :]).any()
+    assert torch.equal(out[~valid[:, None, :, None].expand_as(out)].abs().sum(), torch.tensor(0.0))
+    for i in range(b):
+        span = valid[i].nonzero().flatten()
+        sl = slice(int(span[0]), int(span[-1]) + 1)
+        qi, ki, vi = q[i : i + 1, :, sl], k[i : i + 1, :, sl], v[i : i + 1, :, sl]
+        alone = plan(qi, ki, **comps)
+        assert alone.selection.num_kept == p.row_kept[i]
+        assert torch.equal(alone.selection.keep[0], p.row_keep[i, :, sl])
+        want = attend(qi, ki, vi, alone.selection)
+        torch.testing.assert_close(out[i : i + 1, :, sl], want, rtol=0, atol=1e-6)
+    # without key_valid the same batch attends to padding: the rows differ (what the mask fixes)
+    naive = attend(q, k, v, plan(q, k, **comps).selection)
+    assert (naive[1:] - out[1:]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="key_valid"):
+        plan(q, k, key_valid=valid[:, :10], **comps)

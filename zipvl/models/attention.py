@@ -43,7 +43,8 @@ from zipvl.config import LayerConfig, ZipVLConfig
 from zipvl.decode import decode_attention as paged_decode_attention
 from zipvl.decode import fused_decode_problem
 from zipvl.sparsity import PerLayerSchedule, sparse_attention
-from zipvl.types import Allocator, Selection, equalize_keep_counts
+from zipvl.sparsity.pipeline import plan_tokens, row_spans
+from zipvl.types import Allocator
 
 __all__ = [
     "DenseAttention",
@@ -124,46 +125,25 @@ class PrefillResult:
             was kept (dense layers, tau = 1).
         kept_tokens: real tokens kept per (b, h) row, one entry per batch row.
         real_tokens: real (non-padding) tokens per batch row.
+        row_keep: with padding, ``keep`` without the top-up (every row its own count, padding
+            False): what a paged cache commits; None otherwise (then ``keep`` is already so).
     """
 
     output: Tensor
     keep: Tensor | None
     kept_tokens: tuple[int, ...]
     real_tokens: tuple[int, ...]
+    row_keep: Tensor | None = None
+
+    @property
+    def commit_keep(self) -> Tensor | None:
+        """The keep mask for a cache that takes ragged rows (``row_keep`` or ``keep``)."""
+        return self.row_keep if self.row_keep is not None else self.keep
 
     @property
     def kept_ratio(self) -> float:
         """Kept real tokens over real tokens, over the batch."""
         return sum(self.kept_tokens) / max(sum(self.real_tokens), 1)
-
-
-def row_spans(key_valid: Tensor) -> list[tuple[int, int]]:
-    """The [start, end) run of real tokens of every row (one host read).
-
-    Args:
-        key_valid: (B, S) bool, True = real token.
-
-    Returns:
-        One (start, end) per row.
-
-    Raises:
-        ValueError: a row has no real token or its real tokens are not contiguous.
-    """
-    check_tensor("key_valid", key_valid, ndim=2, dtype=torch.bool)
-    host = key_valid.detach().to("cpu")
-    spans = []
-    for b in range(host.shape[0]):
-        idx = host[b].nonzero().flatten()
-        if idx.numel() == 0:
-            raise ValueError(f"key_valid: row {b} has no real token")
-        start, end = int(idx[0]), int(idx[-1]) + 1
-        if end - start != idx.numel():
-            raise ValueError(
-                f"key_valid: expected one contiguous run of real tokens per row (left or right "
-                f"padding), row {b} has {idx.numel()} real tokens spread over [{start}, {end})"
-            )
-        spans.append((start, end))
-    return spans
 
 
 def dense_causal_attention(
@@ -190,42 +170,6 @@ def dense_causal_attention(
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     # padded query rows see no key: define their output as 0 (SDPA may give NaN there)
     return out.masked_fill(~key_valid[:, None, :, None], 0.0)
-
-
-def _select(
-    q: Tensor, k: Tensor, layer: LayerConfig, spans: list[tuple[int, int]] | None
-) -> list[Selection]:
-    """Score, allocate and select: one Selection per row span (or one for the batch)."""
-    if spans is None:
-        scores = layer.scorer(q, k)
-        budget = layer.allocator(scores.mass, layer_idx=layer.layer_idx)  # (B, Hkv)
-        return [layer.selector(scores.normalized, budget)]
-    # padded batch: each row is scored, budgeted and selected on its own real tokens, exactly
-    # as if it ran alone (a ratio budget is a share of the row's real length, not of S)
-    sels = []
-    for r, (start, end) in enumerate(spans):
-        sc = layer.scorer(q[r : r + 1, :, start:end], k[r : r + 1, :, start:end])
-        row_budget = layer.allocator(sc.mass, layer_idx=layer.layer_idx)  # (1, Hkv)
-        sels.append(layer.selector(sc.normalized, row_budget))
-    return sels
-
-
-def _topped_up_keep(sels: list[Selection], spans: list[tuple[int, int]], s: int) -> Tensor:
-    """Full-length keep (B, Hkv, S) with equal row counts: each row's selection placed on its
-    span, short rows topped up with padding positions, then (if padding runs out) with their
-    latest unkept real tokens."""
-    target = max(sel.num_kept for sel in sels)
-    rows = []
-    for sel, (start, end) in zip(sels, spans, strict=True):
-        keep = torch.zeros(1, sel.keep.shape[1], s, dtype=torch.bool, device=sel.keep.device)
-        keep[:, :, start:end] = sel.keep
-        missing = target - sel.num_kept
-        if missing:
-            pads = [p for p in range(s) if p < start or p >= end][:missing]
-            keep[:, :, pads] = True
-        rows.append(keep)
-    # rows still short of the target (padding ran out) promote their latest unkept real tokens
-    return equalize_keep_counts(torch.cat(rows, dim=0))  # (B, Hkv, S)
 
 
 def prefill_attention(
@@ -285,29 +229,24 @@ def prefill_attention(
 
     if layer.dense:
         return PrefillResult(run_dense(), None, real, real)
-    sels = _select(q, k, layer, spans)
+    plan = plan_tokens(
+        q, k, scorer=layer.scorer, allocator=layer.allocator, selector=layer.selector,
+        layer_idx=layer.layer_idx, key_valid=key_valid if spans is not None else None,
+    )  # fmt: skip
+    sel = plan.selection
     if spans is None:
-        sel = sels[0]
         if sel.num_kept >= s:
             return PrefillResult(run_dense(), None, real, real)
         out = sparse_attention(q, k, v, sel, impl=layer.impl, unkept=layer.unkept, scale=scale)
         return PrefillResult(out, sel.keep, (sel.num_kept,) * b, real)
-    kept = tuple(sel.num_kept for sel in sels)
+    assert plan.row_kept is not None and key_valid is not None
+    kept = plan.row_kept
     if all(n >= r for n, r in zip(kept, real, strict=True)):
         return PrefillResult(run_dense(), None, real, real)
-    out = q.new_zeros(b, q.shape[1], s, v.shape[-1])  # (B, Hq, S, Dv); padding rows stay 0
-    for r, (sel, (start, end)) in enumerate(zip(sels, spans, strict=True)):
-        qs, ks, vs = (t[r : r + 1, :, start:end] for t in (q, k, v))
-        if sel.num_kept >= end - start:
-            o = F.scaled_dot_product_attention(
-                qs, ks, vs, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-            )
-        else:
-            o = sparse_attention(
-                qs, ks, vs, sel, impl=layer.impl, unkept=layer.unkept, scale=scale
-            )
-        out[r : r + 1, :, start:end] = o
-    return PrefillResult(out, _topped_up_keep(sels, spans, s), kept, real)
+    out = sparse_attention(
+        q, k, v, sel, impl=layer.impl, unkept=layer.unkept, scale=scale, key_valid=key_valid
+    )  # padding rows stay 0
+    return PrefillResult(out, sel.keep, kept, real, row_keep=plan.row_keep)
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,7 +427,10 @@ def zipvl_attention(
     keys, values = cache.update(k, v, layer_idx)
     if prefill:
         res = prefill_attention(q, keys, values, layer=layer, key_valid=key_valid, scale=scale)
-        cache.compress_prefill(layer_idx, res.keep, key_valid=key_valid)
+        # a paged layer takes every row's own kept set; chunks need equal counts
+        paged = isinstance(cache.layer(layer_idx), PagedCacheLayer)
+        keep = res.commit_keep if paged else res.keep
+        cache.compress_prefill(layer_idx, keep, key_valid=key_valid)
         return res.output
     out = decode_attention(q, keys, values, key_valid=key_valid, scale=scale)
     cache.compress_tail(layer_idx, q, keys=keys, scale=scale, key_valid=key_valid)

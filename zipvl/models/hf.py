@@ -230,7 +230,10 @@ class _ZipVLAttentionFunction:
                 max_rows=self.retained_rows,
             )
             self.recorder.append(LayerTrace(layer_idx, res.kept_ratio, retained))
-        cache.compress_prefill(layer_idx, res.keep, key_valid=key_valid)
+        # a paged layer takes every row's own kept set; chunks need equal counts
+        paged = isinstance(cache.layer(layer_idx), PagedCacheLayer)
+        keep = res.commit_keep if paged else res.keep
+        cache.compress_prefill(layer_idx, keep, key_valid=key_valid)
         return res.output.transpose(1, 2).contiguous(), None  # (B, S, Hq, Dv)
 
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from zipvl.checks import check_int, check_qkv, check_scale
+from zipvl.checks import check_int, check_qkv, check_scale, check_tensor
 from zipvl.impl import SPARSE_ATTENTION_IMPLS, Impl, parse_impl
 from zipvl.sparsity.block_mask import compacted_causal_block_mask, compacted_prefix_block_mask
 from zipvl.sparsity.reference import reference_sparse_attention
@@ -212,6 +212,39 @@ def _sdpa_sparse(
     return out.view(b, hq, s, dv)
 
 
+def _padded_rows(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    selection: Selection,
+    spans: list[tuple[int, int]],
+    kw: dict,
+) -> Tensor:
+    """Row by row on the real span: the row's own kept tokens (padding never attended)."""
+    b, hq, s, _ = q.shape
+    counts = torch.stack(
+        [selection.keep[r, :, start:end].sum(-1) for r, (start, end) in enumerate(spans)]
+    ).tolist()  # (B, Hkv): one host read
+    out = q.new_zeros(b, hq, s, v.shape[-1])
+    for r, (start, end) in enumerate(spans):
+        if len(set(counts[r])) != 1:
+            raise ValueError(
+                f"selection: row {r} keeps different numbers of real tokens per KV head "
+                f"({counts[r]}); expected one count per row"
+            )
+        n = counts[r][0]
+        qs, ks, vs = (t[r : r + 1, :, start:end] for t in (q, k, v))
+        if n >= end - start:  # every real token kept: dense causal attention of the row
+            o = F.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=True, scale=kw["scale"], enable_gqa=hq != k.shape[1]
+            )
+        else:
+            row_sel = Selection(keep=selection.keep[r : r + 1, :, start:end], num_kept=n)
+            o = sparse_attention(qs, ks, vs, row_sel, **kw)
+        out[r : r + 1, :, start:end] = o
+    return out
+
+
 def sparse_attention(
     q: Tensor,
     k: Tensor,
@@ -223,6 +256,7 @@ def sparse_attention(
     scale: float | None = None,
     block_size: int = 128,
     compile: bool = True,
+    key_valid: Tensor | None = None,
 ) -> Tensor:
     """Causal prefill attention restricted to the selected tokens of each KV head.
 
@@ -254,6 +288,11 @@ def sparse_attention(
             Only used by ``impl="flex"``.
         compile: ``impl="flex"`` only: run the lazily compiled FlexAttention (True) or eager
             FlexAttention (False, slow).
+        key_valid: optional (B, S) bool, True = real token (one contiguous run per row, left or
+            right padding): every row attends among its own real kept tokens only, exactly as
+            if it ran alone (the selection of ``plan_tokens(key_valid=...)``, whose top-up
+            padding positions are never attended); padding query rows are 0. Two host reads
+            (the spans and the row counts).
 
     Returns:
         (B, Hq, S, Dv) in q's dtype; rows of queries that attend to nothing are zero. A selection
@@ -280,8 +319,21 @@ def sparse_attention(
     if not isinstance(compile, bool):
         raise TypeError(f"compile: expected a bool, got {type(compile).__name__}")
     _check_selection(selection, q, k)  # last: its row-count check reads the device
-
     b, hq, s, _ = q.shape
+    if key_valid is not None:
+        from zipvl.sparsity.pipeline import row_spans
+
+        check_tensor("key_valid", key_valid, ndim=2, dtype=torch.bool)
+        if tuple(key_valid.shape) != (b, s):
+            raise ValueError(
+                f"key_valid: expected shape (B, S) = {(b, s)}, got {tuple(key_valid.shape)}"
+            )
+        spans = row_spans(key_valid)
+        if any(span != (0, s) for span in spans):
+            kw = {"impl": impl_, "unkept": unkept, "scale": scale, "block_size": block_size,
+                  "compile": compile}  # fmt: skip
+            return _padded_rows(q, k, v, selection, spans, kw)
+
     if selection.num_kept == 0:
         return q.new_zeros(b, hq, s, v.shape[-1])
     if impl_ is Impl.REFERENCE:
