@@ -320,8 +320,19 @@ class ZipVLConfig:
 
         Raises:
             ValueError: negative ``layer_idx`` or an invalid override value.
+
+        Resolved once: the result is kept on this (immutable) config, so every forward of a
+        layer reuses the same components.
         """
         check_int("layer_idx", layer_idx, 0)
+        resolved: dict[int, LayerConfig] = self.__dict__.setdefault("_resolved", {})
+        hit = resolved.get(layer_idx)
+        if hit is not None:
+            return hit
+        resolved[layer_idx] = layer = self._resolve(layer_idx)
+        return layer
+
+    def _resolve(self, layer_idx: int) -> LayerConfig:
         cfg = self
         override = self.layers.get(layer_idx)
         if override:

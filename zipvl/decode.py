@@ -181,13 +181,11 @@ def reference_decode(q: Tensor, store: PagedKVStore, scale: float) -> tuple[Tens
 def decode_read_bytes(store: PagedKVStore) -> int:
     """Bytes the fused decode must read: live pages whole (codes and parameters), live fp
     tokens, page tables and counts (one host read)."""
-    p, d = store.fmt.page_size, store.head_dim
+    d = store.head_dim
     esz = torch.empty((), dtype=store.dtype).element_size()
-    n = torch.stack([store.num_pages[HIGH].sum(), store.num_pages[LOW].sum(),
-                     store.fp_count.sum()]).tolist()  # fmt: skip
-    del p
+    high, low, fp = store.live_counts()
     return (
-        n[0] * (store.fmt.page_bytes(HIGH, d) + 8)
-        + n[1] * (store.fmt.page_bytes(LOW, d) + 8)
-        + n[2] * 2 * d * esz
+        high * (store.fmt.page_bytes(HIGH, d) + 8)
+        + low * (store.fmt.page_bytes(LOW, d) + 8)
+        + fp * 2 * d * esz
     )

@@ -234,3 +234,18 @@ def test_impl_accepted_iff_sparse_attention_implements_it(impl: Impl) -> None:
             ZipVLConfig(impl=impl)
     else:
         assert ZipVLConfig(impl=impl).for_layer(0).impl is impl
+
+
+def test_layers_are_resolved_once() -> None:
+    """for_layer builds a layer's components once per config: every forward reuses them, and a
+    replaced config resolves afresh."""
+    import dataclasses
+
+    cfg = ZipVLConfig(layers={2: {"tau": 0.9}})
+    first = cfg.for_layer(2)
+    assert cfg.for_layer(2) is first and cfg.for_layer(2).scorer is first.scorer
+    assert cfg.for_layer(0) is not first and cfg.for_layer(0).allocator != first.allocator
+    other = dataclasses.replace(cfg, tau=0.5)
+    assert other.for_layer(0) is not cfg.for_layer(0)
+    assert other.for_layer(0).allocator != cfg.for_layer(0).allocator
+    assert cfg == ZipVLConfig(layers={2: {"tau": 0.9}})  # the cache is not part of equality

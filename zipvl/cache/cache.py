@@ -168,27 +168,20 @@ class ZipVLCache(Cache):
         problem = self.storage_problem(layer_idx)
         if self.storage == "paged" and problem is not None:
             raise ValueError(f"storage: 'paged' for layer {layer_idx}, but {problem}")
+        common = {
+            "quantizer": quantizer,
+            "allocator": self.allocator,
+            "selector": self.selector,
+            "recompress_every": self.recompress_every,
+            "sink_tokens": self.sink_tokens,
+            "auto_commit_prefill": self.auto_commit_prefill,
+            "layer_idx": layer_idx,
+        }
         if problem is None:
             return PagedCacheLayer(
-                quantizer=quantizer,
-                allocator=self.allocator,
-                selector=self.selector,
-                recompress_every=self.recompress_every,
-                sink_tokens=self.sink_tokens,
-                auto_commit_prefill=self.auto_commit_prefill,
-                layer_idx=layer_idx,
-                page_size=self.page_size,
-                update_reads=self.update_reads,
+                **common, page_size=self.page_size, update_reads=self.update_reads
             )
-        return ZipVLCacheLayer(
-            quantizer=quantizer,
-            allocator=self.allocator,
-            selector=self.selector,
-            recompress_every=self.recompress_every,
-            sink_tokens=self.sink_tokens,
-            auto_commit_prefill=self.auto_commit_prefill,
-            layer_idx=layer_idx,
-        )
+        return ZipVLCacheLayer(**common)
 
     def layer(self, layer_idx: int) -> CacheLayer:
         """The layer ``layer_idx``, created (with all lower ones) when layers are lazy.

@@ -6,7 +6,7 @@ checks the installed version against the range zipvl is tested with and re-expor
 cache needs, so that ``zipvl.cache.layer`` / ``zipvl.cache.cache`` never import transformers
 themselves and a future break is fixed here only.
 
-Tested range: transformers >= 5.17, < 6 (CI runs 5.17.0 and 5.23.0).
+Tested range: transformers >= 5.17, < 6 (CI: the newest 5.x, and 5.17 for the transformers tests).
 """
 
 from __future__ import annotations

@@ -730,17 +730,22 @@ class PagedKVStore:
         total = sum(t.nbytes for t in self.tensors() if t is not self.class_bits)
         return total + self.class_bits.numel() // 8
 
-    def live_nbytes(self) -> int:
-        """Bytes of the live pages and fp tokens (what a perfectly sized store would hold)."""
-        p, d = self.fmt.page_size, self.head_dim
-        esz = torch.empty((), dtype=self.dtype).element_size()
+    def live_counts(self) -> tuple[int, int, int]:
+        """(live high pages, live low pages, live full-precision tokens) over all rows (one
+        host read)."""
         counts = torch.stack([self.num_pages[HIGH].sum(), self.num_pages[LOW].sum(),
                               self.fp_count.sum()]).tolist()  # fmt: skip
-        del p
+        return counts[0], counts[1], counts[2]
+
+    def live_nbytes(self) -> int:
+        """Bytes of the live pages and fp tokens (what a perfectly sized store would hold)."""
+        d = self.head_dim
+        esz = torch.empty((), dtype=self.dtype).element_size()
+        high, low, fp = self.live_counts()
         return (
-            counts[0] * self.fmt.page_bytes(HIGH, d)
-            + counts[1] * self.fmt.page_bytes(LOW, d)
-            + counts[2] * 2 * d * esz
+            high * self.fmt.page_bytes(HIGH, d)
+            + low * self.fmt.page_bytes(LOW, d)
+            + fp * 2 * d * esz
             + 2 * self.rows * self.length // 8
         )
 

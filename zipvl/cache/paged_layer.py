@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from zipvl.cache.hf_compat import CacheLayerMixin
+from zipvl.cache.layer_base import CacheLayerBase
 from zipvl.cache.paged import PagedKVStore, PageFormat
 from zipvl.cache.scoring import check_key_valid
 from zipvl.checks import check_int, check_scale, check_tensor
@@ -40,7 +40,7 @@ EMPTY, PENDING, DECODE = "empty", "pending", "decode"
 _LOG2E = 1.4426950408889634
 
 
-class PagedCacheLayer(CacheLayerMixin):
+class PagedCacheLayer(CacheLayerBase):
     """Mixed-precision cache of one attention layer in pages (module docstring).
 
     Args:
@@ -142,13 +142,6 @@ class PagedCacheLayer(CacheLayerMixin):
         )
         self.is_initialized = True
 
-    @property
-    def batch_size(self) -> int:
-        """Batch size B (an AttributeError before the first update, as transformers expects)."""
-        if not self.is_initialized:
-            raise AttributeError("batch_size: the layer is not initialized yet")
-        return self._batch_size
-
     def reset(self) -> None:
         """Drop every token and statistic; the next ``update`` is a prefill again."""
         self._clear()
@@ -173,37 +166,7 @@ class PagedCacheLayer(CacheLayerMixin):
             return self.pending_keys.shape[-2]
         return 0 if self.store is None or self.state == EMPTY else self.store.length
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
     # ------------------------------------------------------------------ write path
-    def _check_kv(self, key_states: Tensor, value_states: Tensor) -> None:
-        check_tensor("key_states", key_states, ndim=4, floating=True)
-        check_tensor("value_states", value_states, ndim=4, floating=True)
-        if value_states.shape != key_states.shape:
-            raise ValueError(
-                f"value_states: expected shape (B, Hkv, S, D) = {tuple(key_states.shape)} like "
-                f"key_states, got {tuple(value_states.shape)}"
-            )
-        if value_states.dtype != key_states.dtype or value_states.device != key_states.device:
-            raise ValueError(
-                f"value_states: expected dtype {key_states.dtype} on {key_states.device} like "
-                f"key_states, got {value_states.dtype} on {value_states.device}"
-            )
-        if not self.is_initialized:
-            return
-        want = (self.batch_size, self.num_heads, self.head_dim)
-        got = (key_states.shape[0], key_states.shape[1], key_states.shape[3])
-        if got != want or key_states.dtype != self.dtype or key_states.device != self.device:
-            raise ValueError(
-                f"key_states: expected (B, Hkv, *, D) = {want}, {self.dtype} on {self.device} "
-                f"like the cache of layer {self.layer_idx}, got shape "
-                f"{tuple(key_states.shape)}, {key_states.dtype} on {key_states.device}"
-            )
-
     def append(self, key_states: Tensor, value_states: Tensor) -> bool:
         """Store new K/V without reading anything back.
 
@@ -420,18 +383,6 @@ class PagedCacheLayer(CacheLayerMixin):
         return pos[None, :] >= self.store.pad[:, None]
 
     # ------------------------------------------------------------------ edits
-    def crop(self, tokens_to_remove: int) -> None:
-        """Drop trailing positions (transformers' convention, see ``ZipVLCache.crop``)."""
-        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int):
-            raise TypeError(
-                f"tokens_to_remove: expected an int, got {type(tokens_to_remove).__name__}"
-            )
-        n = self.get_seq_length()
-        if tokens_to_remove == 0 or n == 0:
-            return
-        keep_len = max(n + tokens_to_remove, 0) if tokens_to_remove < 0 else tokens_to_remove
-        self.crop_to(keep_len)
-
     def crop_to(self, max_length: int) -> None:
         """Keep the first ``max_length`` positions exactly (``0`` empties the layer). Pages are
         never re-quantized: a page the crop cuts only counts its live prefix from then on."""
@@ -471,28 +422,6 @@ class PagedCacheLayer(CacheLayerMixin):
                 self.store.index_rows(idx)
         self._batch_size = idx.shape[0]
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-            raise ValueError(f"repeats: expected an int >= 1, got {repeats!r}")
-        if not self.is_initialized:
-            return
-        idx = torch.arange(self.batch_size, device=self.device).repeat_interleave(repeats)
-        self.reorder_cache(idx)  # type: ignore[arg-type]
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        if not self.is_initialized:
-            return
-        check_tensor("indices", indices, ndim=1)
-        if indices.dtype == torch.bool:
-            indices = indices.nonzero().flatten()
-        self.reorder_cache(indices)  # type: ignore[arg-type]
-
-    def offload(self) -> None:
-        raise NotImplementedError("PagedCacheLayer does not support offloading")
-
-    def prefetch(self) -> None:
-        raise NotImplementedError("PagedCacheLayer does not support offloading")
-
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> int:
         """Bytes held: every tensor of the store (capacity included) plus a pending prefill."""
@@ -505,15 +434,6 @@ class PagedCacheLayer(CacheLayerMixin):
     def live_nbytes(self) -> int:
         """Bytes of live pages and fp tokens only (what a perfectly sized store holds)."""
         return 0 if self.store is None or self.state != DECODE else self.store.live_nbytes()
-
-    def bf16_bytes(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return self.get_seq_length() * self.batch_size * self.num_heads * 2 * self.head_dim * 2
-
-    def bytes_per_token(self) -> float:
-        n = self.get_seq_length()
-        return self.nbytes() / n if n else 0.0
 
     def tokens_at_bits(self) -> dict[int, float]:
         """Bit width -> mean positions per row stored at it (16 = full precision)."""

@@ -1,0 +1,131 @@
+"""What both cache layers share (``ZipVLCacheLayer``, chunks; ``PagedCacheLayer``, pages):
+input checks, transformers' size queries, the crop convention, batch selection, accounting."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from zipvl.cache.hf_compat import CacheLayerMixin
+from zipvl.checks import check_tensor
+
+__all__ = ["CacheLayerBase"]
+
+
+class CacheLayerBase(CacheLayerMixin):
+    """Shared behaviour of the cache layers. Subclasses define ``get_seq_length``,
+    ``crop_to``, ``reorder_cache``, ``nbytes`` and set ``layer_idx``, ``dtype``, ``device``,
+    ``num_heads``, ``head_dim`` and ``_batch_size`` on their first update."""
+
+    layer_idx: int
+    num_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    _batch_size: int
+
+    def crop_to(self, max_length: int) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def nbytes(self) -> int:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    @property
+    def batch_size(self) -> int:
+        """Batch size B (an AttributeError before the first update, as transformers expects)."""
+        if not self.is_initialized:
+            raise AttributeError("batch_size: the layer is not initialized yet")
+        return self._batch_size
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) of the next attention call: all positions, offset 0."""
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        """-1: the cache grows without bound."""
+        return -1
+
+    def _check_kv(self, key_states: Tensor, value_states: Tensor) -> None:
+        check_tensor("key_states", key_states, ndim=4, floating=True)
+        check_tensor("value_states", value_states, ndim=4, floating=True)
+        if value_states.shape != key_states.shape:
+            raise ValueError(
+                f"value_states: expected shape (B, Hkv, S, D) = {tuple(key_states.shape)} like "
+                f"key_states (the KV quantizers need equal head dims), "
+                f"got {tuple(value_states.shape)}"
+            )
+        if value_states.dtype != key_states.dtype or value_states.device != key_states.device:
+            raise ValueError(
+                f"value_states: expected dtype {key_states.dtype} on {key_states.device} like "
+                f"key_states, got {value_states.dtype} on {value_states.device}"
+            )
+        if not self.is_initialized:
+            return
+        want = (self.batch_size, self.num_heads, self.head_dim)
+        got = (key_states.shape[0], key_states.shape[1], key_states.shape[3])
+        if got != want:
+            raise ValueError(
+                f"key_states: expected (B, Hkv, *, D) = {want} like the cache of layer "
+                f"{self.layer_idx}, got shape {tuple(key_states.shape)}"
+            )
+        if key_states.dtype != self.dtype or key_states.device != self.device:
+            raise ValueError(
+                f"key_states: expected dtype {self.dtype} on {self.device} like the cache of "
+                f"layer {self.layer_idx}, got {key_states.dtype} on {key_states.device}"
+            )
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop trailing positions (transformers' convention, see ``ZipVLCache.crop``).
+
+        Args:
+            tokens_to_remove: ``< 0``: remove ``-tokens_to_remove`` trailing positions;
+                ``> 0``: keep the first ``tokens_to_remove`` positions (legacy absolute length);
+                ``0``: no-op.
+        """
+        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int):
+            raise TypeError(
+                f"tokens_to_remove: expected an int, got {type(tokens_to_remove).__name__}"
+            )
+        n = self.get_seq_length()
+        if tokens_to_remove == 0 or n == 0:
+            return
+        keep_len = max(n + tokens_to_remove, 0) if tokens_to_remove < 0 else tokens_to_remove
+        self.crop_to(keep_len)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch row ``repeats`` times in place (contrastive search, beams)."""
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats: expected an int >= 1, got {repeats!r}")
+        if not self.is_initialized:
+            return
+        idx = torch.arange(self.batch_size, device=self.device).repeat_interleave(repeats)
+        self.reorder_cache(idx)  # type: ignore[arg-type]
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        """Keep only the batch rows ``indices`` (int indices or a (B,) bool mask)."""
+        if not self.is_initialized:
+            return
+        check_tensor("indices", indices, ndim=1)
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().flatten()
+        self.reorder_cache(indices)  # type: ignore[arg-type]
+
+    def offload(self) -> None:
+        """Not supported: build the cache without ``offloading``."""
+        raise NotImplementedError("this cache layer does not support offloading")
+
+    def prefetch(self) -> None:
+        """Not supported: build the cache without ``offloading``."""
+        raise NotImplementedError("this cache layer does not support offloading")
+
+    def bf16_bytes(self) -> int:
+        """Bytes a bf16 cache of the same positions would hold."""
+        if not self.is_initialized:
+            return 0
+        per_pos = self.batch_size * self.num_heads * (2 * self.head_dim) * 2
+        return self.get_seq_length() * per_pos
+
+    def bytes_per_token(self) -> float:
+        """Held bytes per cached position (all batch rows and heads; 0.0 when empty)."""
+        n = self.get_seq_length()
+        return self.nbytes() / n if n else 0.0
