@@ -26,7 +26,7 @@ from zipvl.demo import (
     plot_kept_ratio,
     speedup_note,
 )
-from zipvl.models import lvlm
+from zipvl.testing import demo_lvlm as lvlm
 
 
 def _usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

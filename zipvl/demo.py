@@ -1,9 +1,10 @@
 """``zipvl demo``: one LVLM prompt, run dense and with ZipVL, side by side.
 
-With no arguments it builds the tiny LLaVA-style model of ``zipvl.models.lvlm`` (random weights
-with planted attention structure, seeded, nothing downloaded) and a prompt of one synthetic image
-plus a synthetic multi-frame video (hundreds of visual tokens; 65,536 with ``size="large"``, a
-GPU workload where attention is most of the dense prefill; ``frames`` resizes it), then prints:
+With no arguments it builds the tiny LLaVA-style model of ``zipvl.testing.demo_lvlm``
+(random weights with planted attention structure, seeded, nothing downloaded) and a prompt of
+one synthetic image plus a synthetic multi-frame video (hundreds of visual tokens; 65,536 with
+``size="large"``, a GPU workload where attention is most of the dense prefill; ``frames``
+resizes it), then prints:
 
 * the per-layer table of the ZipVL cache report (kept ratio p / n, attention-FLOP reduction,
   tokens per precision, bytes vs bf16, compression),
@@ -22,7 +23,7 @@ chat template) instead.
 
 Importing this module does not import transformers: ``check_demo_args`` validates every argument
 first, and ``run_demo`` imports the model side (``zipvl.models``) only after that. Model building
-and loading live in ``zipvl.models.lvlm``.
+and loading live in ``zipvl.testing.demo_lvlm``.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ __all__ = [
 ]
 
 DEMO_SIZES = ("tiny", "large")
-"""The built-in model sizes (the keys of ``zipvl.models.lvlm.DEMO_SPECS``; a test keeps them
-equal), here so that arguments are checked without importing transformers."""
+"""The built-in model sizes (the keys of ``zipvl.testing.demo_lvlm.DEMO_SPECS``; a test keeps
+them equal), here so that arguments are checked without importing transformers."""
 
 LARGE_PROBE_CAP = 64
 """Probe cap of the large demo when none is given (docs/decisions.md#probe-cap: a cap for long
@@ -613,8 +614,9 @@ def run_demo(
         seed=seed,
     )
     # transformers loads here, after the arguments are known to be good
-    from zipvl.models import cache_kwargs, disable, enable, is_enabled, lvlm, new_cache
+    from zipvl.models import cache_kwargs, disable, enable, is_enabled, new_cache
     from zipvl.models.hf import forced_generate
+    from zipvl.testing import demo_lvlm as lvlm
 
     out_stream = sys.stdout if stdout is None else stdout
     err_stream = sys.stderr if stderr is None else stderr
