@@ -2,6 +2,8 @@
 
 * The core (everything under ``zipvl/`` but the application: the demo, the evaluation, the
   command line and the testing helpers) never imports the application.
+* transformers is imported by one module, ``zipvl.cache.hf_compat``; everything else takes its
+  names from there.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "zipvl"
 
 APPLICATION = ("zipvl.demo", "zipvl.eval", "zipvl.cli", "zipvl.__main__", "zipvl.testing")
 """Modules (and packages) that use the library and that the library must not import."""
+
+HF_COMPAT = "zipvl.cache.hf_compat"
+"""The one module that imports transformers."""
 
 
 def _module_name(path: Path) -> str:
@@ -77,3 +82,19 @@ def test_the_scan_finds_an_application_import() -> None:
     src = "from zipvl import demo\nfrom ..testing.lvlm import tiny_inputs\nimport zipvl.eval\n"
     found = {m for _, m in _imports(PACKAGE / "sparsity" / "probe.py", src)}
     assert {"zipvl.demo", "zipvl.testing.lvlm", "zipvl.eval"} <= found
+
+
+@pytest.mark.parametrize("path", _sources(), ids=lambda p: _module_name(p))
+def test_only_hf_compat_imports_transformers(path: Path) -> None:
+    if _module_name(path) == HF_COMPAT:
+        return
+    bad = [f"line {n}: {m}" for n, m in _imports(path) if _is_under(m, ("transformers",))]
+    assert not bad, f"{_module_name(path)} imports transformers (use {HF_COMPAT}): {bad}"
+
+
+def test_hf_compat_imports_transformers() -> None:
+    path = PACKAGE / "cache" / "hf_compat.py"
+    assert _module_name(path) == HF_COMPAT
+    assert any(m == "transformers" for _, m in _imports(path))
+    found = {m for _, m in _imports(path, "def f():\n    from transformers import Cache\n")}
+    assert "transformers.Cache" in found  # imports inside functions count too

@@ -38,14 +38,14 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from transformers import (
+
+from zipvl.cache.hf_compat import (
     CLIPVisionConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     PreTrainedModel,
     Qwen2Config,
 )
-
 from zipvl.testing.lvlm import (
     _TEXT_HIGH,
     BOS,
@@ -348,7 +348,12 @@ def build_tiny_processor(size: Literal["tiny", "large"] = "tiny") -> Any:
         A ``LlavaProcessor``.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    from zipvl.cache.hf_compat import (
+        CLIPImageProcessor,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     if size not in DEMO_SPECS:
         raise ValueError(f"size: expected one of {tuple(DEMO_SPECS)}, got {size!r}")
@@ -397,7 +402,7 @@ def load_local_model(
     """
     from pathlib import Path
 
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from zipvl.cache.hf_compat import AutoModelForImageTextToText, AutoProcessor
 
     if not Path(path).is_dir():
         raise ValueError(f"path: expected a local checkpoint directory, got {path!r}")

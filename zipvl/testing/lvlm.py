@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from transformers import (
+
+from zipvl.cache.hf_compat import (
     CLIPVisionConfig,
     LlamaConfig,
     LlamaForCausalLM,
