@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from zipvl import plotting
 from zipvl.checks import check_int
 from zipvl.cli import DEVICE_PATTERN, checkpoint_problem, out_dir_problem
 from zipvl.config import PRESETS, ZipVLConfig
@@ -105,7 +106,7 @@ class DemoResult:
         timings: every timed run, per setting ("dense", "zipvl", "zipvl_16bit").
         attn_share: measured share of dense attention in the dense prefill, in [0, 1].
         amdahl_bound: the prefill speed-up if only attention changed, to (p / n)^2 of its time.
-        plot: path of the PNG plot.
+        plot: path of the PNG plot (None: matplotlib is not installed).
         summary: path of the JSON summary.
         text: everything that was printed.
     """
@@ -122,7 +123,7 @@ class DemoResult:
     timings: Mapping[str, Timing]
     attn_share: float
     amdahl_bound: float
-    plot: Path
+    plot: Path | None
     summary: Path
     text: str
 
@@ -491,16 +492,13 @@ def kept_ratio_figure(report: CacheReport, *, preset: str) -> Figure:
 
     Raises:
         ValueError: the report has no layer.
+        ImportError: matplotlib is not installed (``pip install "zipvl[plot]"``).
     """
     if not report.layers:
         raise ValueError("report: expected a report with at least one layer to plot, got none")
-    # Lazy: matplotlib is slow to import and only the plot needs it. Agg on a figure object
-    # of our own: no process-global backend switch.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(max(5.5, 0.35 * len(report.layers) + 3.5), 3.2))
-    FigureCanvasAgg(fig)
+    fig = plotting.figure(
+        (max(5.5, 0.35 * len(report.layers) + 3.5), 3.2), what="the kept-ratio plot"
+    )
     ax = fig.add_subplot(1, 1, 1)
     ax.bar(
         [r.layer for r in report.layers],
@@ -724,7 +722,9 @@ def run_demo(
 
     out = Path(out_dir)
     out.mkdir(exist_ok=True)  # its parent exists: check_demo_args
-    plot = plot_kept_ratio(report, out / "kept_ratio.png", preset=preset)
+    plot = None
+    if plotting.available():
+        plot = plot_kept_ratio(report, out / "kept_ratio.png", preset=preset)
     dense_tok = _tokens(dense_out, prompt_len)
     zipvl_tok = _tokens(zipvl_out, prompt_len)
     n = min(len(dense_tok), len(zipvl_tok))
@@ -791,7 +791,9 @@ def run_demo(
             "diverge after tiny perturbations; judge accuracy on a real checkpoint (--model PATH)"
         )
     summary = out / "summary.json"
-    say(f"plot: {plot}  summary: {summary}")
+    if plot is None:
+        say(f"plot: none ({plotting.missing_message('the kept-ratio plot')})")
+    say(f"plot: {plot}  summary: {summary}" if plot else f"summary: {summary}")
     summary.write_text(
         json.dumps(
             {
