@@ -16,7 +16,14 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "zipvl"
 
-APPLICATION = ("zipvl.demo", "zipvl.eval", "zipvl.cli", "zipvl.__main__", "zipvl.testing")
+APPLICATION = (
+    "zipvl.demo",
+    "zipvl.demo_args",
+    "zipvl.eval",
+    "zipvl.cli",
+    "zipvl.__main__",
+    "zipvl.testing",
+)
 """Modules (and packages) that use the library and that the library must not import."""
 
 HF_COMPAT = "zipvl.cache.hf_compat"
