@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from zipvl.cli import main
-from zipvl.demo import LARGE_PROBE_CAP, _probe_cap, amdahl_bound, run_demo
-from zipvl.models.lvlm import (
+from zipvl.demo import amdahl_bound, run_demo
+from zipvl.demo_args import LARGE_PROBE_CAP, _probe_cap
+from zipvl.testing.demo_lvlm import (
     DEMO_SPECS,
     build_demo_lvlm,
     build_tiny_processor,

@@ -16,7 +16,6 @@ from zipvl.cli import PRESET_NAMES, main, out_dir_problem
 from zipvl.config import PRESETS
 from zipvl.demo import (
     DEMO_SIZES,
-    LARGE_CPU_WARNING,
     SPREAD_LIMIT,
     Timing,
     _bar,
@@ -26,7 +25,8 @@ from zipvl.demo import (
     plot_kept_ratio,
     speedup_note,
 )
-from zipvl.models import lvlm
+from zipvl.demo_args import LARGE_CPU_WARNING
+from zipvl.testing import demo_lvlm as lvlm
 
 
 def _usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

@@ -1,9 +1,10 @@
 """``zipvl demo``: one LVLM prompt, run dense and with ZipVL, side by side.
 
-With no arguments it builds the tiny LLaVA-style model of ``zipvl.models.lvlm`` (random weights
-with planted attention structure, seeded, nothing downloaded) and a prompt of one synthetic image
-plus a synthetic multi-frame video (hundreds of visual tokens; 65,536 with ``size="large"``, a
-GPU workload where attention is most of the dense prefill; ``frames`` resizes it), then prints:
+With no arguments it builds the tiny LLaVA-style model of ``zipvl.testing.demo_lvlm``
+(random weights with planted attention structure, seeded, nothing downloaded) and a prompt of
+one synthetic image plus a synthetic multi-frame video (hundreds of visual tokens; 65,536 with
+``size="large"``, a GPU workload where attention is most of the dense prefill; ``frames``
+resizes it), then prints:
 
 * the per-layer table of the ZipVL cache report (kept ratio p / n, attention-FLOP reduction,
   tokens per precision, bytes vs bf16, compression),
@@ -20,16 +21,15 @@ and writes the per-layer kept-ratio plot (PNG) and a JSON summary to the output 
 ``model_path`` runs a local image-text-to-text checkpoint (one synthetic image, the processor's
 chat template) instead.
 
-Importing this module does not import transformers: ``check_demo_args`` validates every argument
-first, and ``run_demo`` imports the model side (``zipvl.models``) only after that. Model building
-and loading live in ``zipvl.models.lvlm``.
+Importing this module does not import transformers: ``check_demo_args`` (``zipvl.demo_args``)
+validates every argument first, and ``run_demo`` imports the model side (``zipvl.models``) only
+after that. Model building and loading live in ``zipvl.testing.demo_lvlm``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import time
@@ -43,11 +43,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from zipvl.checks import check_int
-from zipvl.cli import DEVICE_PATTERN, checkpoint_problem, out_dir_problem
-from zipvl.config import PRESETS, ZipVLConfig
-from zipvl.impl import QUANT_IMPLS, Impl, parse_impl
-from zipvl.quant import IdentityKVQuantizer, MixedPrecisionKVQuantizer
+from zipvl import plotting
+from zipvl.config import ZipVLConfig
+from zipvl.demo_args import (
+    DEMO_SIZES,
+    LARGE_PROBE_CAP,
+    DemoSetup,
+    check_demo_args,
+)
+from zipvl.impl import Impl
+from zipvl.quant import IdentityKVQuantizer
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -69,23 +74,10 @@ __all__ = [
     "speedup_note",
 ]
 
-DEMO_SIZES = ("tiny", "large")
-"""The built-in model sizes (the keys of ``zipvl.models.lvlm.DEMO_SPECS``; a test keeps them
-equal), here so that arguments are checked without importing transformers."""
-
-LARGE_PROBE_CAP = 64
-"""Probe cap of the large demo when none is given (docs/decisions.md#probe-cap: a cap for long
-prompts)."""
-
 SPREAD_LIMIT = 1.5
 """A speed-up whose range over the timed runs (fastest against slowest) spans more than this
 factor is reported as too noisy to mean anything."""
 
-LARGE_CPU_WARNING = (
-    "warning: --size large is a GPU workload (a prompt of 65k tokens through LongVA-shaped "
-    "layers); on a CPU every prefill takes minutes and tens of GB of memory. Use --device cuda, "
-    "or fewer --frames"
-)
 
 @dataclass(frozen=True)
 class DemoResult:
@@ -104,7 +96,7 @@ class DemoResult:
         timings: every timed run, per setting ("dense", "zipvl", "zipvl_16bit").
         attn_share: measured share of dense attention in the dense prefill, in [0, 1].
         amdahl_bound: the prefill speed-up if only attention changed, to (p / n)^2 of its time.
-        plot: path of the PNG plot.
+        plot: path of the PNG plot (None: matplotlib is not installed).
         summary: path of the JSON summary.
         text: everything that was printed.
     """
@@ -121,7 +113,7 @@ class DemoResult:
     timings: Mapping[str, Timing]
     attn_share: float
     amdahl_bound: float
-    plot: Path
+    plot: Path | None
     summary: Path
     text: str
 
@@ -264,147 +256,6 @@ def _time_runs(
     return Timing(tuple(times))
 
 
-def _config(
-    preset: str,
-    tau: float | None,
-    recompress_every: int | None,
-    probe_cap: int | None,
-    quant_impl: str | None,
-) -> ZipVLConfig:
-    cfg = ZipVLConfig.preset(preset)
-    for name, value in (("tau", tau), ("probe_cap", probe_cap)):
-        why = _no_effect(cfg, name) if value is not None else None
-        if why is not None:
-            raise ValueError(f"{name}: preset {preset!r} has no {name} to set: {why}")
-    changes: dict[str, Any] = {}
-    if tau is not None:
-        changes["tau"] = tau
-    if recompress_every is not None:
-        changes["recompress_every"] = recompress_every
-    if probe_cap is not None:
-        changes["probe_cap"] = probe_cap
-    if quant_impl is not None:
-        changes["quant_impl"] = quant_impl
-    return dataclasses.replace(cfg, **changes) if changes else cfg
-
-
-def _no_effect(cfg: ZipVLConfig, setting: str) -> str | None:
-    """Why ``setting`` ("tau" or "probe_cap") would change nothing under ``cfg``, or None.
-
-    tau feeds the default allocator and probe_cap the default scorer. Their selection decides
-    which tokens the prefill attends to (sparse prefill) and which are stored at high precision
-    (a mixed-precision cache); with neither, it is never used.
-    """
-    component = "allocator" if setting == "tau" else "scorer"
-    given = getattr(cfg, component)
-    if given is not None:
-        return f"its {component} is given explicitly ({given!r})"
-    mixed = isinstance(cfg.for_layer(0).quantizer, MixedPrecisionKVQuantizer)
-    if not cfg.sparse_prefill and not mixed:
-        quantizer = type(cfg.for_layer(0).quantizer).__name__
-        return (
-            f"its prefill is dense and its {quantizer} cache stores every token at the same "
-            "precision, so no token is ever selected"
-        )
-    return None
-
-
-def _probe_cap(cap: int | None, size: str, model_path: str | None) -> tuple[int | None, bool]:
-    """The probe cap to use and whether it is the large demo's default
-    (docs/decisions.md#probe-cap)."""
-    if cap is None and model_path is None and size == "large":
-        return LARGE_PROBE_CAP, True
-    return cap, False
-
-
-@dataclass(frozen=True)
-class DemoSetup:
-    """The demo's arguments, checked and resolved (``check_demo_args``).
-
-    Attributes:
-        config: the preset with the overrides applied.
-        device: the device to run on.
-        capped_by_default: the probe cap is the large demo's default, not a given one.
-        warnings: things worth saying before the run starts (e.g. a GPU workload on a CPU).
-    """
-
-    config: ZipVLConfig
-    device: torch.device
-    capped_by_default: bool
-    warnings: tuple[str, ...]
-
-
-def check_demo_args(
-    *,
-    model_path: str | None = None,
-    size: str = "tiny",
-    frames: int | None = None,
-    preset: str = "zipvl",
-    tau: float | None = None,
-    recompress_every: int | None = None,
-    probe_cap: int | None = None,
-    quant_impl: str | None = None,
-    device: str = "cpu",
-    max_new_tokens: int = 16,
-    out_dir: str | Path = "zipvl_demo_out",
-    repeats: int = 5,
-    warmup: int = 2,
-    seed: int = 0,
-) -> DemoSetup:
-    """Check every argument of ``run_demo`` before anything is built (no transformers import).
-
-    Args: as ``run_demo``.
-
-    Returns:
-        ``DemoSetup``.
-
-    Raises:
-        ValueError: a bad argument; the message starts with the argument's name.
-    """
-    if preset not in PRESETS:
-        raise ValueError(f"preset: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    if size not in DEMO_SIZES:
-        raise ValueError(f"size: expected one of {list(DEMO_SIZES)}, got {size!r}")
-    check_int("max_new_tokens", max_new_tokens, 1)
-    check_int("repeats", repeats, 1)
-    check_int("warmup", warmup, 0)
-    check_int("frames", frames, 0, optional=True)
-    check_int("seed", seed, 0)
-    if not isinstance(device, str) or DEVICE_PATTERN.fullmatch(device) is None:
-        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: {device!r} requested but CUDA is not available")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device: {device!r} requested but only {torch.cuda.device_count()} CUDA "
-                "device(s) exist"
-            )
-    if model_path is not None:
-        problem = checkpoint_problem(model_path)
-        if problem is not None:
-            raise ValueError(f"model_path: {problem}")
-        if frames is not None:
-            raise ValueError(
-                f"frames: only for the built-in model, got frames={frames} with a model"
-            )
-    problem = out_dir_problem(out_dir)
-    if problem is not None:
-        raise ValueError(f"out_dir: {problem}")
-    if quant_impl is not None:
-        quant_impl = parse_impl("quant_impl", quant_impl, QUANT_IMPLS)
-    if quant_impl == "triton" and dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            "quant_impl: 'triton' runs the fused Triton kernel, which needs a CUDA device (or "
-            "TRITON_INTERPRET=1 for the slow interpreter); got device 'cpu'"
-        )
-    cap, capped_by_default = _probe_cap(probe_cap, size, model_path)
-    config = _config(preset, tau, recompress_every, cap, quant_impl)
-    warnings = (LARGE_CPU_WARNING,) if size == "large" and model_path is None and (
-        dev.type == "cpu"
-    ) else ()
-    return DemoSetup(config, dev, capped_by_default, warnings)
 
 
 def _unquantized(config: ZipVLConfig) -> ZipVLConfig:
@@ -490,16 +341,13 @@ def kept_ratio_figure(report: CacheReport, *, preset: str) -> Figure:
 
     Raises:
         ValueError: the report has no layer.
+        ImportError: matplotlib is not installed (``pip install "zipvl[plot]"``).
     """
     if not report.layers:
         raise ValueError("report: expected a report with at least one layer to plot, got none")
-    # Lazy: matplotlib is slow to import and only the plot needs it. Agg on a figure object
-    # of our own: no process-global backend switch.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(max(5.5, 0.35 * len(report.layers) + 3.5), 3.2))
-    FigureCanvasAgg(fig)
+    fig = plotting.figure(
+        (max(5.5, 0.35 * len(report.layers) + 3.5), 3.2), what="the kept-ratio plot"
+    )
     ax = fig.add_subplot(1, 1, 1)
     ax.bar(
         [r.layer for r in report.layers],
@@ -613,8 +461,9 @@ def run_demo(
         seed=seed,
     )
     # transformers loads here, after the arguments are known to be good
-    from zipvl.models import cache_kwargs, disable, enable, is_enabled, lvlm, new_cache
+    from zipvl.models import cache_kwargs, disable, enable, is_enabled, new_cache
     from zipvl.models.hf import forced_generate
+    from zipvl.testing import demo_lvlm as lvlm
 
     out_stream = sys.stdout if stdout is None else stdout
     err_stream = sys.stderr if stderr is None else stderr
@@ -722,7 +571,9 @@ def run_demo(
 
     out = Path(out_dir)
     out.mkdir(exist_ok=True)  # its parent exists: check_demo_args
-    plot = plot_kept_ratio(report, out / "kept_ratio.png", preset=preset)
+    plot = None
+    if plotting.available():
+        plot = plot_kept_ratio(report, out / "kept_ratio.png", preset=preset)
     dense_tok = _tokens(dense_out, prompt_len)
     zipvl_tok = _tokens(zipvl_out, prompt_len)
     n = min(len(dense_tok), len(zipvl_tok))
@@ -789,7 +640,9 @@ def run_demo(
             "diverge after tiny perturbations; judge accuracy on a real checkpoint (--model PATH)"
         )
     summary = out / "summary.json"
-    say(f"plot: {plot}  summary: {summary}")
+    if plot is None:
+        say(f"plot: none ({plotting.missing_message('the kept-ratio plot')})")
+    say(f"plot: {plot}  summary: {summary}" if plot else f"summary: {summary}")
     summary.write_text(
         json.dumps(
             {

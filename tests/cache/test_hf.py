@@ -102,3 +102,12 @@ def test_version_gate() -> None:
     for bad in ("5.16.2", "6.0.0", "4.57.1"):
         with pytest.raises(ImportError, match="transformers version"):
             check_transformers_version(bad)
+
+
+def test_hf_compat_reexports_transformers_names_lazily() -> None:
+    from zipvl.cache import hf_compat
+
+    for name in sorted(hf_compat.LAZY_NAMES):
+        assert getattr(hf_compat, name) is getattr(transformers, name), name
+    with pytest.raises(AttributeError, match="NoSuchModel"):
+        hf_compat.NoSuchModel  # noqa: B018

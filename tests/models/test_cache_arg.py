@@ -16,7 +16,7 @@ from packaging.version import Version
 import zipvl
 from zipvl.cache.hf_compat import DynamicCache
 from zipvl.models import cache_arg, cache_argument, cache_kwargs, disable, enable, new_cache
-from zipvl.models.lvlm import build_tiny_model, tiny_inputs
+from zipvl.testing.lvlm import build_tiny_model, tiny_inputs
 
 INSTALLED = Version(transformers.__version__).release
 RENAMED = INSTALLED >= (5, 24)

@@ -29,8 +29,8 @@ from zipvl.models import (
     new_cache,
 )
 from zipvl.models.llama import generate
-from zipvl.models.lvlm import SUPPORTED_ARCHITECTURES, build_tiny_model, tiny_inputs
 from zipvl.sparsity import FixedRatioAllocator
+from zipvl.testing.lvlm import SUPPORTED_ARCHITECTURES, build_tiny_model, tiny_inputs
 
 from .test_llama import _pair
 

@@ -6,7 +6,7 @@
 * ``CacheReport`` / ``LayerReport``: kept ratio, attention-FLOP reduction and memory.
 * ``last_query_mass``: the decode-block importance score.
 
-``hf_compat`` is the only module here that imports transformers.
+``hf_compat`` is the only module of zipvl that imports transformers.
 """
 
 from __future__ import annotations

@@ -1,15 +1,23 @@
-"""The one place where zipvl's cache touches transformers internals (style rule A3).
+"""The one module of zipvl that imports transformers (style rule A3).
 
 transformers restructured ``cache_utils`` twice in 2025 (per-layer ``CacheLayerMixin`` objects,
 then the ``crop(-n)`` convention and ``get_max_cache_shape`` -> ``get_max_length``). This module
-checks the installed version against the range zipvl is tested with and re-exports the names the
-cache needs, so that ``zipvl.cache.layer`` / ``zipvl.cache.cache`` never import transformers
-themselves and a future break is fixed here only.
+checks the installed version against the range zipvl is tested with and re-exports every
+transformers name zipvl uses, so that no other module imports transformers itself and a future
+break is fixed here only (``tests/test_layering.py`` enforces it):
+
+* the cache and attention API (``Cache``, ``CacheLayerMixin``, ``DynamicCache``,
+  ``AttentionInterface``, ``AttentionMaskInterface``), imported with this module;
+* the model, config, processor and generation classes (``LlavaForConditionalGeneration``,
+  ``Qwen2Config``, ``AutoProcessor``, ``LogitsProcessor``, ...), loaded on first use (PEP 562)
+  so that importing the cache does not load every supported architecture's modeling code.
 
 Tested range: transformers >= 5.17, < 6 (CI: the newest 5.x, and 5.17 for the transformers tests).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import transformers
 from packaging.version import Version
@@ -17,7 +25,71 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
+if TYPE_CHECKING:  # the static view of the lazy names below
+    from transformers import (
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaProcessor,
+        LogitsProcessor,
+        LogitsProcessorList,
+        PreTrainedModel,
+        PreTrainedTokenizerFast,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        SiglipVisionConfig,
+    )
+
+
 __all__ = [
+    "MAX_VERSION",
+    "MIN_VERSION",
+    "TRANSFORMERS_VERSION",
+    "AttentionInterface",
+    "AttentionMaskInterface",
+    "AutoModelForImageTextToText",
+    "AutoProcessor",
+    "CLIPImageProcessor",
+    "CLIPVisionConfig",
+    "Cache",
+    "CacheLayerMixin",
+    "DynamicCache",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "LlavaConfig",
+    "LlavaForConditionalGeneration",
+    "LlavaNextConfig",
+    "LlavaNextForConditionalGeneration",
+    "LlavaOnevisionConfig",
+    "LlavaOnevisionForConditionalGeneration",
+    "LlavaProcessor",
+    "LogitsProcessor",
+    "LogitsProcessorList",
+    "PreTrainedModel",
+    "PreTrainedTokenizerFast",
+    "Qwen2Config",
+    "Qwen2ForCausalLM",
+    "Qwen2VLConfig",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLConfig",
+    "Qwen2_5_VLForConditionalGeneration",
+    "SiglipVisionConfig",
+    "check_transformers_version",
+]
+_EAGER = (
     "MAX_VERSION",
     "MIN_VERSION",
     "TRANSFORMERS_VERSION",
@@ -27,7 +99,19 @@ __all__ = [
     "CacheLayerMixin",
     "DynamicCache",
     "check_transformers_version",
-]
+)
+LAZY_NAMES: frozenset[str] = frozenset(__all__) - frozenset(_EAGER)
+"""transformers' top-level names re-exported here on first use."""
+
+
+def __getattr__(name: str) -> Any:
+    """Load a model, config, processor or generation class of transformers on first use."""
+    if name in LAZY_NAMES:
+        value = getattr(transformers, name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 MIN_VERSION = Version("5.17")
 MAX_VERSION = Version("6")  # exclusive

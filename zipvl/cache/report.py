@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from zipvl import plotting
+
 __all__ = ["CacheReport", "LayerReport"]
 
 
@@ -177,17 +179,15 @@ class CacheReport:
 
         Raises:
             ValueError: the report has no layer.
+            ImportError: matplotlib is not installed (``pip install "zipvl[plot]"``).
         """
         if not self.layers:
             raise ValueError("self: expected a report with at least one layer to plot, got none")
-        # Lazy: matplotlib is slow to import and only the plot needs it. Agg is selected on a
-        # figure object of our own, so no process-global backend switch (style C5).
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
         out = Path(path)
-        fig = Figure(figsize=(max(4.0, 0.35 * len(self.layers) + 2.0), 3.0))
-        FigureCanvasAgg(fig)
+        # matplotlib is imported here (slow, optional); the figure has its own Agg canvas
+        fig = plotting.figure(
+            (max(4.0, 0.35 * len(self.layers) + 2.0), 3.0), what="CacheReport.plot"
+        )
         ax = fig.add_subplot(1, 1, 1)
         ax.bar([r.layer for r in self.layers], [r.kept_ratio for r in self.layers])
         ax.axhline(self.kept_ratio, color="k", linestyle="--", linewidth=1, label="mean")

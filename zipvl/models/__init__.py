@@ -5,8 +5,10 @@
 * ``enable`` / ``disable`` / ``new_cache`` (``hf.py``): transformers models through the public
   ``AttentionInterface`` and ``AttentionMaskInterface``;
 * ``cache_kwargs`` (``cache_arg.py``): the keyword (``cache=`` or ``past_key_values=``) under
-  which the installed transformers' ``generate`` / ``forward`` take a cache;
-* ``lvlm.py``: tiny LVLMs built in code for tests and the demo.
+  which the installed transformers' ``generate`` / ``forward`` take a cache.
+
+The tiny models built in code for tests and the demo are in ``zipvl.testing.lvlm`` and
+``zipvl.testing.demo_lvlm``.
 """
 
 from __future__ import annotations

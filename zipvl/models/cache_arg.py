@@ -17,7 +17,8 @@ How the name is found:
 * for a model both ``forward`` and ``generate`` are resolved; if they disagree the call raises
   rather than guess (pass ``model.forward`` or ``model.generate`` instead).
 
-This module imports nothing from transformers until it needs the installed version.
+This module imports nothing from transformers until it needs the installed version (which it
+reads from ``zipvl.cache.hf_compat``).
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ CACHE_RENAMED_IN = Version("5.24")
 
 
 def _transformers_version() -> str:
-    import transformers  # already imported wherever a model exists
+    # lazy: transformers is already imported wherever a model exists
+    from zipvl.cache.hf_compat import TRANSFORMERS_VERSION
 
-    return transformers.__version__
+    return str(TRANSFORMERS_VERSION)
 
 
 def _installed_argument() -> str:

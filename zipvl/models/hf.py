@@ -40,7 +40,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import (
+
+from zipvl.cache import PagedCacheLayer, ZipVLCache
+from zipvl.cache.hf_compat import (
+    AttentionInterface,
+    AttentionMaskInterface,
     LlamaForCausalLM,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
@@ -52,9 +56,6 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen2VLForConditionalGeneration,
 )
-
-from zipvl.cache import PagedCacheLayer, ZipVLCache
-from zipvl.cache.hf_compat import AttentionInterface, AttentionMaskInterface
 from zipvl.cache.paged_layer import DECODE
 from zipvl.config import ZipVLConfig
 from zipvl.models.attention import (
