@@ -11,8 +11,8 @@ one-line usage error that names it (exit status 2). The checks come in two steps
    ``--device`` syntax, ``--out``, ``--model``, ``--frames`` with ``--model``, and
    ``--quant-impl triton`` on a CPU;
 2. with torch but without transformers: the preset's configuration with the overrides applied
-   (``zipvl.demo.demo_config``, e.g. ``--tau`` on a preset whose prefill is dense) and whether
-   the CUDA device exists.
+   (``zipvl.demo_args.check_demo_args``, e.g. ``--tau`` on a preset whose prefill is dense)
+   and whether the CUDA device exists.
 """
 
 from __future__ import annotations
