@@ -413,21 +413,28 @@ class ZipVLConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ZipVLConfig:
-        """Rebuild a config written by ``to_dict``; class names resolve only through
-        ``SERIALIZABLE_COMPONENTS`` (no import paths).
+    def from_dict(
+        cls, data: Mapping[str, Any], *, components: Iterable[type] = ()
+    ) -> ZipVLConfig:
+        """Rebuild a config written by ``to_dict``; class names resolve through
+        ``SERIALIZABLE_COMPONENTS`` and the user's own ``components`` (no import paths).
+
+        Args:
+            data: what ``to_dict`` wrote.
+            components: your own component classes (dataclasses) that ``data`` names.
 
         Raises:
             ValueError: an unknown field or component type.
         """
+        extra = {c.__name__: c for c in components}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"data: unknown ZipVLConfig field(s) {unknown}")
-        kwargs = {k: _decode(v, k) for k, v in data.items() if k != "layers"}
+        kwargs = {k: _decode(v, k, extra) for k, v in data.items() if k != "layers"}
         layers = data.get("layers", {})
         kwargs["layers"] = {
-            int(i): {k: _decode(v, f"layers[{i}].{k}") for k, v in o.items()}
+            int(i): {k: _decode(v, f"layers[{i}].{k}", extra) for k, v in o.items()}
             for i, o in layers.items()
         }
         return cls(**kwargs)
@@ -541,7 +548,10 @@ def _encode(value: Any, where: str) -> Any:
     if isinstance(value, (list, tuple)):
         return [_encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
     cls = type(value)
-    if dataclasses.is_dataclass(value) and SERIALIZABLE_COMPONENTS.get(cls.__name__) is cls:
+    # the project's components, and any user component that is a dataclass (rebuilt by
+    # from_dict(components=...): class names, never import paths)
+    registered = SERIALIZABLE_COMPONENTS.get(cls.__name__)
+    if dataclasses.is_dataclass(value) and registered in (cls, None):
         fields = {
             f.name: _encode(getattr(value, f.name), f"{where}.{f.name}")
             for f in dataclasses.fields(value)
@@ -549,14 +559,14 @@ def _encode(value: Any, where: str) -> Any:
         }
         return {"type": cls.__name__, "fields": fields}
     raise TypeError(
-        f"{where}: cannot serialise {value!r}; expected a setting value or a component from "
-        f"SERIALIZABLE_COMPONENTS"
+        f"{where}: cannot serialise {value!r}; expected a setting value or a dataclass "
+        f"component (the project's SERIALIZABLE_COMPONENTS or your own)"
     )
 
 
-def _decode(value: Any, where: str) -> Any:
+def _decode(value: Any, where: str, extra: Mapping[str, type] | None = None) -> Any:
     if isinstance(value, list):
-        return [_decode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_decode(v, f"{where}[{i}]", extra) for i, v in enumerate(value)]
     if not isinstance(value, Mapping):
         return value
     kind = value.get("type")
@@ -566,11 +576,12 @@ def _decode(value: Any, where: str) -> Any:
         if value.get("value") not in _DTYPES:
             raise ValueError(f"{where}: unknown dtype {value.get('value')!r}")
         return _DTYPES[value["value"]]
-    cls = SERIALIZABLE_COMPONENTS.get(str(kind))
+    known = {**SERIALIZABLE_COMPONENTS, **(extra or {})}
+    cls = known.get(str(kind))
     if cls is None:
         raise ValueError(
-            f"{where}: unknown component type {kind!r}; expected one of "
-            f"{sorted(SERIALIZABLE_COMPONENTS)}"
+            f"{where}: unknown component type {kind!r}; expected one of {sorted(known)} (pass "
+            f"your own classes as from_dict(data, components=[...]))"
         )
-    fields = {k: _decode(v, f"{where}.{k}") for k, v in value.get("fields", {}).items()}
+    fields = {k: _decode(v, f"{where}.{k}", extra) for k, v in value.get("fields", {}).items()}
     return cls(**fields)

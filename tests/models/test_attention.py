@@ -243,6 +243,13 @@ def test_make_cache_follows_config() -> None:
     assert isinstance(cache, ZipVLCache)
     assert (cache.recompress_every, cache.sink_tokens) == (7, 2)
     assert cache.layer_quantizers == {1: cfg.for_layer(1).quantizer}
+    assert cache.layer_allocators == {}
+    per_layer = ZipVLConfig(layers={2: {"tau": 0.9}})
+    cache = make_cache(per_layer, 3)
+    # the layer's decode allocator is the very object the config resolved: one source
+    assert cache.layer_allocators == {2: per_layer.for_layer(2).allocator}
+    assert cache.layer(2).allocator is per_layer.for_layer(2).allocator
+    assert cache.layer(0).allocator == per_layer.for_layer(0).allocator
     with pytest.raises(ValueError, match=r"num_layers=3"):
         make_cache(ZipVLConfig(dense_layers={3}), 3)
 

@@ -249,3 +249,24 @@ def test_layers_are_resolved_once() -> None:
     assert other.for_layer(0) is not cfg.for_layer(0)
     assert other.for_layer(0).allocator != cfg.for_layer(0).allocator
     assert cfg == ZipVLConfig(layers={2: {"tau": 0.9}})  # the cache is not part of equality
+
+
+@dataclasses.dataclass(frozen=True)
+class _TopHalf:
+    """A user allocator: keep half of every row (a frozen dataclass, like the project's)."""
+
+    floor: int = 1
+
+    def __call__(self, mass: torch.Tensor, /, *, layer_idx: int | None = None) -> torch.Tensor:
+        b, h, s = mass.shape
+        return torch.full((b, h), max(self.floor, s // 2), dtype=torch.int32)
+
+
+def test_from_dict_takes_user_components() -> None:
+    cfg = ZipVLConfig(allocator=_TopHalf(3), layers={2: {"allocator": _TopHalf(5)}})
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert data["allocator"] == {"type": "_TopHalf", "fields": {"floor": 3}}
+    with pytest.raises(ValueError, match=r"unknown component type '_TopHalf'.*components="):
+        ZipVLConfig.from_dict(data)
+    again = ZipVLConfig.from_dict(data, components=[_TopHalf])
+    assert again == cfg and again.for_layer(2).allocator == _TopHalf(5)

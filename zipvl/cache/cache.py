@@ -58,6 +58,7 @@ class ZipVLCache(Cache):
         allocator: decode-block budget (default ``CumulativeMassAllocator(0.975)``).
         selector: decode-block keep mask (default ``TopKSelector(keep_last=False)``).
         layer_quantizers: per-layer overrides ``{layer_idx: KVQuantizer}``.
+        layer_allocators: per-layer decode-block allocators ``{layer_idx: Allocator}``.
         storage: ``"auto"`` (paged storage for every layer whose quantizer has a paged layout,
             ``zipvl.cache.paged.page_format_problem``; append-only chunks otherwise),
             ``"paged"`` (raises for a quantizer without a paged layout) or ``"chunked"``.
@@ -96,6 +97,7 @@ class ZipVLCache(Cache):
         allocator: Allocator | None = None,
         selector: Selector | None = None,
         layer_quantizers: Mapping[int, KVQuantizer] | None = None,
+        layer_allocators: Mapping[int, Allocator] | None = None,
         auto_commit_prefill: bool = False,
         storage: str = "auto",
         page_size: int = 128,
@@ -141,6 +143,19 @@ class ZipVLCache(Cache):
         if not callable(allocator):
             raise TypeError(f"allocator: expected a callable Allocator, got {allocator!r}")
         self.allocator: Allocator = allocator
+        allocs = dict(layer_allocators or {})
+        for idx, a in allocs.items():
+            check_int("layer_allocators key", idx, 0)
+            if num_layers is not None and idx >= num_layers:
+                raise ValueError(
+                    f"layer_allocators: expected layer indices < num_layers={num_layers}, "
+                    f"got {idx}"
+                )
+            if not callable(a):
+                raise TypeError(
+                    f"layer_allocators[{idx}]: expected a callable Allocator, got {a!r}"
+                )
+        self.layer_allocators: dict[int, Allocator] = allocs
         if selector is None:
             from zipvl.sparsity import TopKSelector
 
@@ -170,7 +185,7 @@ class ZipVLCache(Cache):
             raise ValueError(f"storage: 'paged' for layer {layer_idx}, but {problem}")
         common = {
             "quantizer": quantizer,
-            "allocator": self.allocator,
+            "allocator": self.layer_allocators.get(layer_idx, self.allocator),
             "selector": self.selector,
             "recompress_every": self.recompress_every,
             "sink_tokens": self.sink_tokens,

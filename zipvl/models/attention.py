@@ -42,9 +42,8 @@ from zipvl.checks import check_qkv, check_tensor
 from zipvl.config import LayerConfig, ZipVLConfig
 from zipvl.decode import decode_attention as paged_decode_attention
 from zipvl.decode import fused_decode_problem
-from zipvl.sparsity import PerLayerSchedule, sparse_attention
+from zipvl.sparsity import sparse_attention
 from zipvl.sparsity.pipeline import plan_tokens, row_spans
-from zipvl.types import Allocator
 
 __all__ = [
     "DenseAttention",
@@ -81,7 +80,7 @@ def make_cache(config: ZipVLConfig, num_layers: int, *, update_reads: str = "den
 
     Returns:
         A fresh cache with ``num_layers`` layers. Layers with overrides get their own quantizer
-        and decode-block allocator (through ``PerLayerSchedule``).
+        and decode-block allocator (``ZipVLCache(layer_quantizers=, layer_allocators=)``).
 
     Raises:
         ValueError: ``config`` names layers >= ``num_layers``.
@@ -92,16 +91,19 @@ def make_cache(config: ZipVLConfig, num_layers: int, *, update_reads: str = "den
     layer_quantizers = {
         lc.layer_idx: lc.quantizer for lc in layers if lc.quantizer != base.quantizer
     }
-    allocator: Allocator = base.allocator
-    if any(lc.allocator != base.allocator for lc in layers):
-        allocator = PerLayerSchedule(tuple(lc.allocator for lc in layers))
+    # the per-layer components come from the config's one resolution (for_layer), not from a
+    # second schedule object
+    layer_allocators = {
+        lc.layer_idx: lc.allocator for lc in layers if lc.allocator != base.allocator
+    }
     return ZipVLCache(
         num_layers,
         quantizer=base.quantizer,
         recompress_every=config.recompress_every,
         page_size=config.page_size,
         sink_tokens=config.sink_tokens,
-        allocator=allocator,
+        allocator=base.allocator,
+        layer_allocators=layer_allocators,
         selector=config.decode_selector,
         layer_quantizers=layer_quantizers,
         update_reads=update_reads,
