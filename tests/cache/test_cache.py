@@ -392,3 +392,26 @@ def test_report_shows_no_decode_ratio_before_the_first_block() -> None:
         cache.decode_step(0, torch.randn(1, 4, 1, 16), x, x)
     assert cache.layer(0).decode_blocks == 1
     assert decode_cell().endswith("%")
+
+
+def test_crop_through_a_chunk_then_reorder_recounts_bits() -> None:
+    """After a crop cuts a chunk, the per-width token counts depend on which rows remain: a
+    reorder that keeps row 0 twice must count like a cache of row 0 twice."""
+    k, v = torch.randn(2, 1, 32, 64), torch.randn(2, 1, 32, 64)
+    keep = torch.zeros(2, 1, 32, dtype=torch.bool)
+    keep[0, :, :12] = True  # row 0 keeps its first 12 tokens at high precision
+    keep[1, :, 20:] = True  # row 1 its last 12
+
+    def built(rows: list[int]) -> ZipVLCache:
+        cache = ChunkedCache(1)
+        cache.prefill(0, k[rows], v[rows], keep[rows])
+        cache.crop_to(16)  # through the chunk
+        return cache
+
+    both = built([0, 1])
+    assert both.layer(0).tokens_at_bits() == {4: 6.0, 2: 10.0}  # mean of 12/4 and 0/16
+    both.layer(0).reorder_cache(torch.tensor([0, 0]))
+    assert both.layer(0).tokens_at_bits() == built([0, 0]).layer(0).tokens_at_bits() == {
+        4: 12.0,
+        2: 4.0,
+    }

@@ -402,3 +402,57 @@ def test_batch_rows_decode_as_if_alone() -> None:
             torch.testing.assert_close(a[i : i + 1], b, rtol=0, atol=1e-4, msg=f"row {i} {step}")
         for layer, (cb, ca) in enumerate(zip(both_classes, alone_classes, strict=True)):
             assert torch.equal(cb[i], ca[0]), (i, layer)  # the same kept set, prompt and blocks
+
+
+@pytest.mark.parametrize("preset", ["zipvl", "dense"])  # paged and chunked storage
+def test_a_cache_that_holds_a_generation_is_refused(preset: str) -> None:
+    """generate() again with the cache of a finished generation (a new, longer prompt) raises
+    instead of treating the compressed old prompt as the new one's prefix."""
+    model = _qwen2_d64()
+    cache = enable(model, ZipVLConfig.preset(preset, page_size=16))
+    with torch.no_grad():
+        model.generate(input_ids=torch.randint(3, 256, (1, 30)), max_new_tokens=3,
+                       do_sample=False, **cache_kwargs(model, cache))  # fmt: skip
+        with pytest.raises(RuntimeError, match=r"already holds a generation .*new_cache"):
+            model.generate(input_ids=torch.randint(3, 256, (1, 45)), max_new_tokens=3,
+                           do_sample=False, **cache_kwargs(model, cache))  # fmt: skip
+        fresh = new_cache(model)  # what the message says works
+        out = model.generate(input_ids=torch.randint(3, 256, (1, 45)), max_new_tokens=3,
+                             do_sample=False, **cache_kwargs(model, fresh))  # fmt: skip
+    disable(model)
+    assert out.shape == (1, 48)
+
+
+def test_a_reused_cache_is_refused_before_the_model_runs() -> None:
+    """On an LVLM the model code itself fails on a reused cache (image tokens without image
+    features) before any attention runs: the cache refuses at the start of generate, when
+    transformers marks it as the caller's. transformers versions that do not mark it are
+    covered by the attention check of the first step (text models)."""
+    import inspect
+
+    from transformers.generation.utils import GenerationMixin
+
+    if "_is_user_defined" not in inspect.getsource(GenerationMixin._prepare_cache_for_generation):
+        pytest.skip("this transformers version does not mark the caller's cache in generate")
+    model = build_tiny_model("llava")
+    inputs = tiny_inputs(model, batch=1, text_len=20)
+    cache = enable(model, ZipVLConfig(page_size=16))
+    _generate(model, inputs, **cache_kwargs(model, cache))
+    with pytest.raises(RuntimeError, match=r"already holds a generation"):
+        _generate(model, inputs, **cache_kwargs(model, cache))
+    disable(model)
+
+
+def test_a_multi_token_step_on_a_decoding_cache_is_refused() -> None:
+    """The attention-level check alone (forward calls, no generate): a second prompt chunk on
+    a cache that already decodes raises, on paged and on chunked storage."""
+    for preset in ("zipvl", "dense"):
+        model = _qwen2_d64()
+        cache = enable(model, ZipVLConfig.preset(preset, page_size=16))
+        kw = cache_kwargs(model.forward, cache)
+        with torch.no_grad():
+            model(input_ids=torch.randint(3, 256, (1, 30)), **kw)
+            model(input_ids=torch.randint(3, 256, (1, 1)), **kw)  # one decode step: fine
+            with pytest.raises(RuntimeError, match=r"already holds a generation \(31 positions\)"):
+                model(input_ids=torch.randint(3, 256, (1, 6)), **kw)
+        disable(model)

@@ -470,6 +470,25 @@ class ZipVLCache(Cache):
             )
         return CacheReport(layers=tuple(rows))
 
+    # transformers' generate marks a cache the caller passed in by setting this attribute at the
+    # start of every call (5.24; versions that do not set it are covered by the attention
+    # function's check of the first step). A cache that already holds a generation refuses
+    # there, before any model code runs on a prompt it was not compressed for.
+    @property
+    def _is_user_defined(self) -> bool:
+        return bool(self.__dict__.get("_user_defined", False))
+
+    @_is_user_defined.setter
+    def _is_user_defined(self, value: bool) -> None:
+        held = self.get_seq_length() if value and self.layers else 0
+        if held:
+            raise RuntimeError(
+                f"zipvl: this cache already holds a generation ({held} positions): a ZipVLCache "
+                "serves one generation, compressed for its own prompt. Start every generate() "
+                "with a fresh cache, zipvl.models.new_cache(model)"
+            )
+        self.__dict__["_user_defined"] = value
+
     def __repr__(self) -> str:
         return (
             f"ZipVLCache(num_layers={self.num_layers}, layers={len(self.layers)}, "

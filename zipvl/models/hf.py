@@ -179,6 +179,7 @@ class _ZipVLAttentionFunction:
                     f"generate() / forward as {cache_argument()}= (zipvl.cache_kwargs(model, "
                     "cache)); a DynamicCache, another cache or use_cache=False cannot be used."
                 )
+            _refuse_multi_token_step(query, layer.get_seq_length() - query.shape[-2])
             valid = None
             if layer_idx == 0 and not layer.mask_checked:
                 # once per generation: the mask may only hide the prompt padding
@@ -209,6 +210,7 @@ class _ZipVLAttentionFunction:
             return out.transpose(1, 2)  # (B, Hq, S, Dv)
 
         if decode:
+            _refuse_multi_token_step(query, n_in - query.shape[-2])
             out, _ = self._sdpa(
                 module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs
             )  # (B, Sq, Hq, Dv)
@@ -236,6 +238,20 @@ class _ZipVLAttentionFunction:
         keep = res.commit_keep if paged else res.keep
         cache.compress_prefill(layer_idx, keep, key_valid=key_valid)
         return res.output.transpose(1, 2).contiguous(), None  # (B, S, Hq, Dv)
+
+
+def _refuse_multi_token_step(query: Tensor, held: int) -> None:
+    """A step of several queries on a layer that already decodes is a new prompt on a cache
+    that holds a generation (``generate`` called again with the same cache, or a multi-turn
+    continuation): ZipVL compressed that cache for the old prompt, so it refuses."""
+    if query.shape[-2] > 1:
+        raise RuntimeError(
+            f"zipvl: this cache already holds a generation ({held} positions) and received "
+            f"{query.shape[-2]} new positions at once: a ZipVLCache serves one generation, "
+            "compressed for its own prompt. Start every generate() with a fresh cache, "
+            "zipvl.models.new_cache(model) (continuing on a compressed cache, assisted and "
+            "prompt-lookup decoding are not supported)"
+        )
 
 
 def _decode_key_valid(mask: Tensor | None, n: int) -> Tensor | None:
