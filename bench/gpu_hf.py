@@ -28,11 +28,10 @@ at a short length. Prefill = one ``model(input_ids, cache=cache, use_cache=True,
 logits_to_keep=1)`` call between CUDA syncs (what ``generate`` does first). Decode = a manual loop
 of ``model(next_token, cache=cache)`` (greedy); at each ``--decode-points`` value a
 window of ``--window`` steps is timed with CUDA events and the median ms per token is reported.
-Between points the cache is advanced untimed by ``--ff-chunk``-token forward calls (default 512;
-32 for ZipVL caches, whose fp tail may have a fixed capacity; ``--ff-chunk 1`` steps token by
-token): the ZipVL cache ends in the same layout (quantized blocks of ``recompress_every`` tokens
-plus an fp tail) as after single steps, only the blocks' 4-/2-bit split is scored by the chunk's
-last query instead of each step's. These untimed calls run without
+Between points the cache is advanced untimed by ``--ff-chunk``-token forward calls (default 512)
+for dense caches, and one token a step for ZipVL caches (a ZipVL cache refuses several new tokens
+at once on a decoding layer: that is a new prompt on a cache compressed for the old one), so the
+ZipVL cache reaches each point exactly as generation does. These untimed calls run without
 the forced backend (they need a mask, which flash does not take) and outside the peak-memory
 windows: peak memory (``torch.cuda.max_memory_allocated``) covers prefill and the timed decode
 windows.
@@ -285,15 +284,8 @@ class Session:
 
     def fast_forward(self, v: Variant, cache: Any, batch: int, n: int) -> None:
         """Advance the cache by ``n`` tokens, untimed, in chunks of ``--ff-chunk`` (default SDPA
-        dispatch: chunks need a mask). A ZipVL cache takes at most ``--ff-chunk-zipvl`` tokens a
-        call (and no more than its ``tail_slack``, where it has one): its fp tail has a fixed
-        capacity of ``recompress_every`` plus that slack."""
-        chunk = self.args.ff_chunk
-        if v.preset is not None:
-            chunk = min(chunk, self.args.ff_chunk_zipvl)
-            slack = getattr(cache, "tail_slack", None)
-            if isinstance(slack, int) and slack > 0:
-                chunk = min(chunk, slack)
+        dispatch: chunks need a mask); a ZipVL cache one token a call, as generation does."""
+        chunk = 1 if v.preset is not None else self.args.ff_chunk
         while n > 0:
             c = min(n, chunk)
             self.forward(self.random_ids(batch, c), cache)
@@ -553,7 +545,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--decode-points", type=int, nargs="+", default=[0, 1000, 4000])
     ap.add_argument("--window", type=int, default=32, help="timed decode steps per point")
     ap.add_argument("--ff-chunk", type=int, default=512, help="tokens per untimed advance call")
-    ap.add_argument("--ff-chunk-zipvl", type=int, default=32, help="the same, ZipVL caches")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--vocab", type=int, default=32000, help="cut vocabulary (memory)")
@@ -616,7 +607,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     caps: dict[str, Any] = {}
     for vi, v in enumerate(variants):
         if v.preset is not None:
-            v.config = ZipVLConfig.preset(v.preset)
+            # on the CPU smoke run, decode reads the pages with the float32 reference (the fused
+            # kernel would run under the Triton interpreter: correct, but minutes per run)
+            extra = {"decode_impl": "reference"} if cpu else {}
+            v.config = ZipVLConfig.preset(v.preset, **extra)
             zipvl.enable(model, v.config)
         try:
             progress(f"[{vi + 1}/{len(variants)}] {v.name}: warm-up at {args.warmup_length}")
