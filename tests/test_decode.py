@@ -429,3 +429,33 @@ def test_decode_block_budget_is_per_row() -> None:
     assert counts[0] < counts[1], counts  # the peaked row keeps fewer
     for i in (0, 1):
         assert torch.equal(both[i], block_classes([i])[0]), i
+
+
+def test_sinks_stay_exact_and_are_read() -> None:
+    """Sink positions are stored at full precision (exact in dense_kv), both decode paths read
+    them, and a crop into the sinks keeps exactly the first positions."""
+    torch.manual_seed(2)
+    store = PagedKVStore(PageFormat(page_size=16), batch_size=2, num_heads=2, head_dim=64,
+                         dtype=torch.float32, device="cpu", recompress_every=8,
+                         sink_tokens=4)  # fmt: skip
+    k, v = torch.randn(2, 2, 50, 64), torch.randn(2, 2, 50, 64)
+    store.write_prefill(k, v, torch.rand(2, 2, 50) < 0.5, None, 4)
+    for _ in range(9):
+        store.append(torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64))
+        if store.tail_length >= 8:
+            store.commit_block(torch.rand(2, 2, 8) < 0.5)
+    dk, dv = store.dense_kv()
+    assert torch.equal(dk[:, :, :4], k[:, :, :4]) and torch.equal(dv[:, :, :4], v[:, :, :4])
+    assert store.tokens_at_bits()[16] >= 4
+    q = torch.randn(2, 4, 1, 64)
+    ref, _ = decode_attention(q, store, impl="reference")
+    want = F.scaled_dot_product_attention(q, dk, dv, enable_gqa=True)
+    torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)
+    if _triton_runs("cpu"):
+        fused, _ = decode_attention(q, store, impl="triton")
+        torch.testing.assert_close(fused, ref, rtol=0, atol=1e-4)
+    store.crop_to(2)
+    k2, _ = store.dense_kv()
+    assert store.length == 2 and torch.equal(k2, k[:, :, :2])
+    store.append(torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64))
+    assert store.dense_kv()[0].shape[2] == 3
