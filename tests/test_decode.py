@@ -459,3 +459,15 @@ def test_sinks_stay_exact_and_are_read() -> None:
     assert store.length == 2 and torch.equal(k2, k[:, :, :2])
     store.append(torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64))
     assert store.dense_kv()[0].shape[2] == 3
+
+
+def test_left_padding_under_sinks_raises_before_storing() -> None:
+    store = PagedKVStore(PageFormat(page_size=16), batch_size=2, num_heads=1, head_dim=64,
+                         dtype=torch.float32, device="cpu", recompress_every=8,
+                         sink_tokens=4)  # fmt: skip
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    valid[1, :2] = False
+    with pytest.raises(ValueError, match=r"padding among its first sink_tokens=4"):
+        store.write_prefill(torch.randn(2, 1, 20, 64), torch.randn(2, 1, 20, 64), None, valid, 4)
+    assert store.length == store.num_sinks == int(store.fp_count.sum()) == 0
+    assert int(store.num_pages[0].sum() + store.num_pages[1].sum()) == 0

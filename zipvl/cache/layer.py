@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 
 from zipvl.cache.layer_base import CacheLayerBase
-from zipvl.cache.scoring import check_key_valid, last_query_mass
-from zipvl.checks import check_int, check_tensor
+from zipvl.cache.scoring import check_key_valid, last_query_mass, sink_padding_error
+from zipvl.checks import check_tensor
 from zipvl.types import equalize_keep_counts
 
 if TYPE_CHECKING:
@@ -96,20 +96,10 @@ class ZipVLCacheLayer(CacheLayerBase):
     ) -> None:
         super().__init__()
         _check_quantizer("quantizer", quantizer)
-        for name, fn in (("allocator", allocator), ("selector", selector)):
-            if not callable(fn):
-                raise TypeError(f"{name}: expected a callable {name.title()}, got {fn!r}")
-        if not isinstance(auto_commit_prefill, bool):
-            raise TypeError(
-                f"auto_commit_prefill: expected a bool, got {type(auto_commit_prefill).__name__}"
-            )
-        self.quantizer = quantizer
-        self.allocator = allocator
-        self.selector = selector
-        self.recompress_every = check_int("recompress_every", recompress_every, 1)
-        self.sink_tokens = check_int("sink_tokens", sink_tokens, 0)
-        self.auto_commit_prefill = auto_commit_prefill
-        self.layer_idx = check_int("layer_idx", layer_idx, 0)
+        self._init_settings(
+            quantizer, allocator, selector, recompress_every, sink_tokens, auto_commit_prefill,
+            layer_idx,
+        )  # fmt: skip
         self._clear()
 
     # ------------------------------------------------------------------ state
@@ -202,12 +192,7 @@ class ZipVLCacheLayer(CacheLayerBase):
             self.lazy_initialization(key_states, value_states)
         if self.pending_keys is not None:
             if not self.auto_commit_prefill:
-                raise RuntimeError(
-                    f"layer {self.layer_idx}: a new update arrived while the prefill K/V of this "
-                    "layer are still pending: call compress_prefill(layer_idx, keep) after the "
-                    "prefill attention (or build the cache with auto_commit_prefill=True to keep "
-                    "every prefill token at high precision)"
-                )
+                raise self._pending_error()
             self.compress_prefill(None)
         if self.get_seq_length() == 0:
             self.pending_keys, self.pending_values = key_states, value_states
@@ -331,11 +316,7 @@ class ZipVLCacheLayer(CacheLayerBase):
                 "poison the quantization parameters of every token that shares a chunk"
             )
         if not host.get("real_sinks", 1):
-            raise ValueError(
-                f"key_valid: some batch row has padding among its first sink_tokens={ns} "
-                "positions (left padding), which would become full-precision sinks; sinks are "
-                "positional, so build the cache with sink_tokens=0 for left-padded batches"
-            )
+            raise sink_padding_error(ns)
         if ns > 0:
             # clone: a slice would keep the whole prefill storage alive behind the sinks
             self.sink_keys, self.sink_values = k[:, :, :ns].clone(), v[:, :, :ns].clone()
@@ -396,14 +377,7 @@ class ZipVLCacheLayer(CacheLayerBase):
                 f"layer {self.layer_idx}: compress_tail called while the prefill is still "
                 "pending: call compress_prefill(layer_idx, keep) first"
             )
-        check_tensor("query", query, ndim=4, floating=True)
-        b, hq, _, d = query.shape
-        if b != self.batch_size or d != self.head_dim or hq % self.num_heads:
-            raise ValueError(
-                f"query: expected (B, Hq, Sq, D) with B={self.batch_size}, D={self.head_dim} and "
-                f"Hq a multiple of Hkv={self.num_heads} (layer {self.layer_idx}), "
-                f"got shape {tuple(query.shape)}"
-            )
+        self._check_query(query)
         if keys is not None:
             check_tensor("keys", keys, ndim=4, floating=True)
             want = (self.batch_size, self.num_heads, self.get_seq_length(), self.head_dim)

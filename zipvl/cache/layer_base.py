@@ -3,11 +3,13 @@ input checks, transformers' size queries, the crop convention, batch selection, 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from zipvl.cache.hf_compat import CacheLayerMixin
-from zipvl.checks import check_tensor
+from zipvl.checks import check_int, check_tensor
 
 __all__ = ["CacheLayerBase"]
 
@@ -23,6 +25,53 @@ class CacheLayerBase(CacheLayerMixin):
     dtype: torch.dtype
     device: torch.device
     _batch_size: int
+
+    def _init_settings(
+        self,
+        quantizer: object,
+        allocator: object,
+        selector: object,
+        recompress_every: int,
+        sink_tokens: int,
+        auto_commit_prefill: bool,
+        layer_idx: int,
+    ) -> None:
+        """Validate and store the settings both layers take (the quantizer is checked by the
+        subclass, which knows what it can store)."""
+        for name, fn in (("allocator", allocator), ("selector", selector)):
+            if not callable(fn):
+                raise TypeError(f"{name}: expected a callable {name.title()}, got {fn!r}")
+        if not isinstance(auto_commit_prefill, bool):
+            raise TypeError(
+                f"auto_commit_prefill: expected a bool, got {type(auto_commit_prefill).__name__}"
+            )
+        self.quantizer: Any = quantizer
+        self.allocator: Any = allocator
+        self.selector: Any = selector
+        self.recompress_every = check_int("recompress_every", recompress_every, 1)
+        self.sink_tokens = check_int("sink_tokens", sink_tokens, 0)
+        self.auto_commit_prefill = auto_commit_prefill
+        self.layer_idx = check_int("layer_idx", layer_idx, 0)
+
+    def _pending_error(self) -> RuntimeError:
+        return RuntimeError(
+            f"layer {self.layer_idx}: a new update arrived while the prefill K/V of this "
+            "layer are still pending: call compress_prefill(layer_idx, keep) after the "
+            "prefill attention (or build the cache with auto_commit_prefill=True to keep "
+            "every prefill token at high precision)"
+        )
+
+    def _check_query(self, query: Tensor) -> tuple[int, int, int]:
+        """Check a step's (B, Hq, Sq, D) queries against the layer; returns (B, Hq, D)."""
+        check_tensor("query", query, ndim=4, floating=True)
+        b, hq, _, d = query.shape
+        if b != self.batch_size or d != self.head_dim or hq % self.num_heads:
+            raise ValueError(
+                f"query: expected (B, Hq, Sq, D) with B={self.batch_size}, D={self.head_dim} and "
+                f"Hq a multiple of Hkv={self.num_heads} (layer {self.layer_idx}), "
+                f"got shape {tuple(query.shape)}"
+            )
+        return b, hq, d
 
     def crop_to(self, max_length: int) -> None:  # pragma: no cover - every subclass defines it
         raise NotImplementedError

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from zipvl.cache.scoring import sink_padding_error
 from zipvl.checks import check_int
 from zipvl.quant.primitives import choose_qparams, dequantize, pack, quantize, round_param, unpack
 from zipvl.quant.spec import PARAM_DTYPES, QuantSpec
@@ -424,12 +425,12 @@ class PagedKVStore:
             rows), ``real`` (real compressible tokens summed over rows).
 
         Raises:
-            ValueError: the keys or values hold NaN or infinity (checked on the same read).
+            ValueError: the keys or values hold NaN or infinity, or a row has padding among the
+                sinks (checked on the same read, before anything is stored).
         """
         b, h, s, d = k.shape
         rows, p, dev = self.rows, self.fmt.page_size, k.device
         ns = num_sinks
-        self.length = s
         pos = torch.arange(s, device=dev)
         real = torch.ones(b, s, dtype=torch.bool, device=dev) if valid is None else valid
         compress = (real & (pos >= ns))[:, None, :].expand(b, h, s)  # (B, Hkv, S)
@@ -440,14 +441,18 @@ class PagedKVStore:
         pages = counts // p  # (2, rows)
         fin = torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)  # (B, Hkv, S)
         finite = (fin.all(1) | ~real).all().to(torch.int64)  # padding may hold anything
+        real_sinks = real[:, :ns].all().to(torch.int64)  # sinks are positional: no padding
         stats = torch.cat([torch.stack([pages.amax(1), pages.sum(1), counts.sum(1)]).reshape(-1),
-                           finite.reshape(1)])  # fmt: skip
-        pmax_h, pmax_l, psum_h, psum_l, kept, other, ok = stats.tolist()  # the one host read
+                           finite.reshape(1), real_sinks.reshape(1)])  # fmt: skip
+        pmax_h, pmax_l, psum_h, psum_l, kept, other, ok, sinks_ok = stats.tolist()  # one read
+        if not sinks_ok:
+            raise sink_padding_error(ns)
         if not ok:
             raise ValueError(
                 "key_states: the prompt's keys or values hold NaN or infinity; they would "
                 "poison the quantization parameters of every token that shares a page"
             )
+        self.length = s  # from here on the prompt is stored (the pools' headroom reads it)
         kf, vf = k.reshape(rows, s, d), v.reshape(rows, s, d)
         # sinks
         if ns:

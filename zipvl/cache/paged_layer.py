@@ -86,20 +86,10 @@ class PagedCacheLayer(CacheLayerBase):
             raise ValueError(f"update_reads: expected 'dense' or 'none', got {update_reads!r}")
         self.update_reads = update_reads
         self.fmt = PageFormat.from_quantizer(quantizer, check_int("page_size", page_size, 16))
-        for name, fn in (("allocator", allocator), ("selector", selector)):
-            if not callable(fn):
-                raise TypeError(f"{name}: expected a callable {name.title()}, got {fn!r}")
-        if not isinstance(auto_commit_prefill, bool):
-            raise TypeError(
-                f"auto_commit_prefill: expected a bool, got {type(auto_commit_prefill).__name__}"
-            )
-        self.quantizer = quantizer
-        self.allocator = allocator
-        self.selector = selector
-        self.recompress_every = check_int("recompress_every", recompress_every, 1)
-        self.sink_tokens = check_int("sink_tokens", sink_tokens, 0)
-        self.auto_commit_prefill = auto_commit_prefill
-        self.layer_idx = check_int("layer_idx", layer_idx, 0)
+        self._init_settings(
+            quantizer, allocator, selector, recompress_every, sink_tokens, auto_commit_prefill,
+            layer_idx,
+        )  # fmt: skip
         self.tail_slack = check_int("tail_slack", tail_slack, 1)
         self._clear()
 
@@ -183,12 +173,7 @@ class PagedCacheLayer(CacheLayerBase):
             self.lazy_initialization(key_states, value_states)
         if self.state == PENDING:
             if not self.auto_commit_prefill:
-                raise RuntimeError(
-                    f"layer {self.layer_idx}: a new update arrived while the prefill K/V of this "
-                    "layer are still pending: call compress_prefill(layer_idx, keep) after the "
-                    "prefill attention (or build the cache with auto_commit_prefill=True to keep "
-                    "every prefill token at high precision)"
-                )
+                raise self._pending_error()
             self.compress_prefill(None)
         if self.state == EMPTY:
             self.pending_keys, self.pending_values = key_states, value_states
@@ -264,13 +249,6 @@ class PagedCacheLayer(CacheLayerBase):
                 )
         if key_valid is not None:
             check_key_valid(key_valid, b, s, k.device)
-            if ns and not bool(key_valid[:, :ns].all()):
-                raise ValueError(
-                    f"key_valid: some batch row has padding among its first sink_tokens={ns} "
-                    "positions (left padding), which would become full-precision sinks; sinks "
-                    "are positional, so build the cache with sink_tokens=0 for left-padded "
-                    "batches"
-                )
         stats = self.store.write_prefill(k, v, keep, key_valid, ns)
         self.pending_keys = self.pending_values = None
         self.state = DECODE
@@ -310,14 +288,7 @@ class PagedCacheLayer(CacheLayerBase):
                 f"layer {self.layer_idx}: compress_tail needs a committed prefill (state "
                 f"{self.state!r})"
             )
-        check_tensor("query", query, ndim=4, floating=True)
-        b, hq, _, d = query.shape
-        if b != self.batch_size or d != self.head_dim or hq % self.num_heads:
-            raise ValueError(
-                f"query: expected (B, Hq, Sq, D) with B={self.batch_size}, D={self.head_dim} and "
-                f"Hq a multiple of Hkv={self.num_heads} (layer {self.layer_idx}), "
-                f"got shape {tuple(query.shape)}"
-            )
+        b, hq, d = self._check_query(query)
         r = self.recompress_every
         if self.store.tail_length < r:
             return 0

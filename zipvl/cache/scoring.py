@@ -83,3 +83,12 @@ def check_key_valid(key_valid: object, batch: int, length: int, device: torch.de
     if key_valid.device != device:
         raise ValueError(f"key_valid: expected device {device}, got {key_valid.device}")
     return key_valid
+
+
+def sink_padding_error(num_sinks: int) -> ValueError:
+    """What both layers raise when left padding would become full-precision sinks."""
+    return ValueError(
+        f"key_valid: some batch row has padding among its first sink_tokens={num_sinks} "
+        "positions (left padding), which would become full-precision sinks; sinks are "
+        "positional, so build the cache with sink_tokens=0 for left-padded batches"
+    )
