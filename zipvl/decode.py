@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .cache.paged import HIGH, LOW, SINK, TAIL, PagedKVStore
 from .checks import check_scale, check_tensor
-from .impl import Impl, parse_impl
+from .impl import DECODE_IMPLS, parse_impl
 
 __all__ = [
     "DECODE_IMPLS",
@@ -38,7 +38,6 @@ __all__ = [
     "fused_decode_problem",
 ]
 
-DECODE_IMPLS = ("auto", "triton", "reference")
 _LOG2E = 1.4426950408889634
 
 
@@ -127,7 +126,7 @@ def decode_attention(
             f"q: expected (B={store.batch_size}, Hq a multiple of {store.num_heads}, 1, "
             f"D={store.head_dim}) like the store, got {tuple(q.shape)}"
         )
-    impl = parse_impl("impl", impl, [Impl(i) for i in DECODE_IMPLS])
+    impl = parse_impl("impl", impl, DECODE_IMPLS)
     sm = check_scale("scale", scale)
     sm = sm if sm is not None else 1.0 / math.sqrt(d)
     if impl != "reference":

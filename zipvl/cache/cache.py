@@ -23,7 +23,7 @@ Plain PyTorch, device-agnostic; ``is_compileable`` is False (the cache grows by 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -126,36 +126,18 @@ class ZipVLCache(Cache):
             quantizer = MixedPrecisionKVQuantizer()
         _check_quantizer("quantizer", quantizer)
         self.quantizer: KVQuantizer = quantizer
-        overrides = dict(layer_quantizers or {})
-        for idx, q in overrides.items():
-            check_int("layer_quantizers key", idx, 0)
-            if num_layers is not None and idx >= num_layers:
-                raise ValueError(
-                    f"layer_quantizers: expected layer indices < num_layers={num_layers}, "
-                    f"got {idx}"
-                )
-            _check_quantizer(f"layer_quantizers[{idx}]", q)
-        self.layer_quantizers: dict[int, KVQuantizer] = overrides
+        self.layer_quantizers: dict[int, KVQuantizer] = _layer_overrides(
+            "layer_quantizers", layer_quantizers, num_layers, _check_quantizer
+        )
         if allocator is None:
             from zipvl.sparsity import CumulativeMassAllocator
 
             allocator = CumulativeMassAllocator(0.975)
-        if not callable(allocator):
-            raise TypeError(f"allocator: expected a callable Allocator, got {allocator!r}")
+        _check_allocator("allocator", allocator)
         self.allocator: Allocator = allocator
-        allocs = dict(layer_allocators or {})
-        for idx, a in allocs.items():
-            check_int("layer_allocators key", idx, 0)
-            if num_layers is not None and idx >= num_layers:
-                raise ValueError(
-                    f"layer_allocators: expected layer indices < num_layers={num_layers}, "
-                    f"got {idx}"
-                )
-            if not callable(a):
-                raise TypeError(
-                    f"layer_allocators[{idx}]: expected a callable Allocator, got {a!r}"
-                )
-        self.layer_allocators: dict[int, Allocator] = allocs
+        self.layer_allocators: dict[int, Allocator] = _layer_overrides(
+            "layer_allocators", layer_allocators, num_layers, _check_allocator
+        )
         if selector is None:
             from zipvl.sparsity import TopKSelector
 
@@ -495,3 +477,26 @@ class ZipVLCache(Cache):
             f"quantizer={self.quantizer!r}, recompress_every={self.recompress_every}, "
             f"sink_tokens={self.sink_tokens})"
         )
+
+
+def _check_allocator(name: str, allocator: object) -> None:
+    if not callable(allocator):
+        raise TypeError(f"{name}: expected a callable Allocator, got {allocator!r}")
+
+
+def _layer_overrides(
+    name: str,
+    overrides: Mapping[int, Any] | None,
+    num_layers: int | None,
+    check: Callable[[str, Any], None],
+) -> dict[int, Any]:
+    """A validated copy of a per-layer override mapping ``{layer_idx: component}``."""
+    out = dict(overrides or {})
+    for idx, component in out.items():
+        check_int(f"{name} key", idx, 0)
+        if num_layers is not None and idx >= num_layers:
+            raise ValueError(
+                f"{name}: expected layer indices < num_layers={num_layers}, got {idx}"
+            )
+        check(f"{name}[{idx}]", component)
+    return out

@@ -43,7 +43,7 @@ from zipvl.config import LayerConfig, ZipVLConfig
 from zipvl.decode import decode_attention as paged_decode_attention
 from zipvl.decode import fused_decode_problem
 from zipvl.sparsity import sparse_attention
-from zipvl.sparsity.pipeline import plan_tokens, row_spans
+from zipvl.sparsity.pipeline import padded_spans, plan_tokens, row_spans
 
 __all__ = [
     "DenseAttention",
@@ -212,16 +212,9 @@ def prefill_attention(
     s = q.shape[-2]
     if k.shape[-2] != s:
         raise ValueError(f"k: expected Skv = Sq = {s} in prefill, got shape {tuple(k.shape)}")
-    spans = None
-    if key_valid is not None:
-        check_tensor("key_valid", key_valid, ndim=2, dtype=torch.bool)
-        if tuple(key_valid.shape) != (b, s):
-            raise ValueError(
-                f"key_valid: expected shape (B, S) = {(b, s)}, got {tuple(key_valid.shape)}"
-            )
-        spans = row_spans(key_valid)
-        if all(span == (0, s) for span in spans):
-            spans, key_valid = None, None  # no padding after all
+    spans = None if key_valid is None else padded_spans(key_valid, b, s)
+    if spans is None:
+        key_valid = None  # no padding (after all)
     real = tuple((end - start) for start, end in spans) if spans else (s,) * b
 
     def run_dense() -> Tensor:

@@ -50,9 +50,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from zipvl.checks import check_int, check_qkv, check_scale, check_tensor
+from zipvl.checks import check_int, check_qkv, check_scale
 from zipvl.impl import SPARSE_ATTENTION_IMPLS, Impl, parse_impl
 from zipvl.sparsity.block_mask import compacted_causal_block_mask, compacted_prefix_block_mask
+from zipvl.sparsity.pipeline import padded_spans
 from zipvl.sparsity.reference import reference_sparse_attention
 from zipvl.types import Selection
 
@@ -321,15 +322,8 @@ def sparse_attention(
     _check_selection(selection, q, k)  # last: its row-count check reads the device
     b, hq, s, _ = q.shape
     if key_valid is not None:
-        from zipvl.sparsity.pipeline import row_spans
-
-        check_tensor("key_valid", key_valid, ndim=2, dtype=torch.bool)
-        if tuple(key_valid.shape) != (b, s):
-            raise ValueError(
-                f"key_valid: expected shape (B, S) = {(b, s)}, got {tuple(key_valid.shape)}"
-            )
-        spans = row_spans(key_valid)
-        if any(span != (0, s) for span in spans):
+        spans = padded_spans(key_valid, b, s)
+        if spans is not None:
             kw = {"impl": impl_, "unkept": unkept, "scale": scale, "block_size": block_size,
                   "compile": compile}  # fmt: skip
             return _padded_rows(q, k, v, selection, spans, kw)

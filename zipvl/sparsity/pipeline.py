@@ -19,7 +19,7 @@ from zipvl.sparsity.scorers import ProbeScorer
 from zipvl.sparsity.selectors import TopKSelector
 from zipvl.types import Allocator, Scorer, Scores, Selection, Selector, equalize_keep_counts
 
-__all__ = ["TokenPlan", "plan_tokens", "row_spans", "select_tokens"]
+__all__ = ["TokenPlan", "padded_spans", "plan_tokens", "row_spans", "select_tokens"]
 
 _DEFAULT_SCORER = ProbeScorer()
 _DEFAULT_ALLOCATOR = CumulativeMassAllocator(0.975)
@@ -75,6 +75,21 @@ def row_spans(key_valid: Tensor) -> list[tuple[int, int]]:
     return spans
 
 
+def padded_spans(key_valid: Tensor, batch: int, length: int) -> list[tuple[int, int]] | None:
+    """Check a (B, S) padding mask and return its row spans, or None when no row is padded.
+
+    Raises:
+        ValueError: the wrong shape or dtype, or padding inside a row (see ``row_spans``).
+    """
+    check_tensor("key_valid", key_valid, ndim=2, dtype=torch.bool)
+    if tuple(key_valid.shape) != (batch, length):
+        raise ValueError(
+            f"key_valid: expected shape (B, S) = {(batch, length)}, got {tuple(key_valid.shape)}"
+        )
+    spans = row_spans(key_valid)
+    return None if all(span == (0, length) for span in spans) else spans
+
+
 def _topped_up_keep(sels: list[Selection], spans: list[tuple[int, int]], s: int) -> Tensor:
     """Full-length keep (B, Hkv, S) with equal row counts: each row's selection placed on its
     span, short rows topped up with padding positions, then (if padding runs out) with their
@@ -128,15 +143,14 @@ def plan_tokens(
         ValueError: ``key_valid`` of the wrong shape or with padding inside a row.
     """
     if key_valid is not None:
-        b, s = k.shape[0], k.shape[-2]
-        check_tensor("key_valid", key_valid, ndim=2, dtype=torch.bool)
-        if tuple(key_valid.shape) != (b, s) or q.shape[-2] != s:
+        s = k.shape[-2]
+        if q.shape[-2] != s:
             raise ValueError(
-                f"key_valid: expected shape (B, S) = {(b, s)} of a prefill (Sq = Skv), got "
-                f"{tuple(key_valid.shape)} with Sq = {q.shape[-2]}"
+                f"key_valid: a padding mask plans a prefill (Sq = Skv = {s}), got Sq = "
+                f"{q.shape[-2]}"
             )
-        spans = row_spans(key_valid)
-        if any(span != (0, s) for span in spans):
+        spans = padded_spans(key_valid, k.shape[0], s)
+        if spans is not None:
             return _plan_rows(q, k, spans, scorer, allocator, selector, layer_idx)
     scores = scorer(q, k)
     budget = allocator(scores.mass, layer_idx=layer_idx)
