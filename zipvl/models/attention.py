@@ -337,8 +337,7 @@ def paged_decode(
                 f"(B, N) = {(q.shape[0], n)}), got a different mask"
             )
     if q.shape[-2] == 1:
-        impl = decode_impl if decode_impl != "reference" else "reference"
-        out, lse2 = paged_decode_attention(q, layer.store, scale=scale, impl=impl)
+        out, lse2 = paged_decode_attention(q, layer.store, scale=scale, impl=decode_impl)
         layer.compress_tail(q, lse2=lse2, scale=scale)
         return out
     if decode_impl == "triton":
