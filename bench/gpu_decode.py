@@ -69,6 +69,49 @@ def build(b: int, n: int, hkv: int, d: int, ratio: float, page: int, tail: int):
     return store, torch.cat([k, tk], 2), torch.cat([v, tv], 2)
 
 
+LAUNCH_KEYS = {"warps": int, "stages": int, "splits": int, "precise": int, "convert": str,
+               "block_t": int, "maxnreg": int}  # fmt: skip
+LAUNCH_DEFAULTS = {"warps": 4, "stages": 2, "splits": 4, "precise": 1, "block_t": 64,
+                   "maxnreg": 0}  # fmt: skip
+DEFAULT_SWEEP = [
+    {"convert": "cvt"}, {"convert": "magic"}, {"convert": "asm"},
+    {"convert": "asm", "precise": 0}, {"convert": "asm", "block_t": 128},
+    {"convert": "asm", "warps": 8}, {"convert": "asm", "stages": 3},
+    {"convert": "asm", "splits": 8},
+]  # fmt: skip
+
+
+def parse_launch(text: str) -> dict:
+    """'convert=asm,warps=8' -> {'convert': 'asm', 'warps': 8}."""
+    out = {}
+    for item in text.split(","):
+        key, _, val = item.partition("=")
+        if key not in LAUNCH_KEYS or not val:
+            raise argparse.ArgumentTypeError(
+                f"--sweep: expected key=value pairs over {sorted(LAUNCH_KEYS)}, got {item!r}"
+            )
+        out[key] = LAUNCH_KEYS[key](val)
+    return out
+
+
+def launch_name(launch: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in launch.items()) or "default"
+
+
+def set_launch(ws: dict, launch: dict, default_splits: int, b: int, hq: int, d: int) -> None:
+    """Point the kernel's workspace at one launch setting (defaults for the keys not given)."""
+    from zipvl.paged_decode_triton import DEFAULT_CONVERT
+
+    full = {**LAUNCH_DEFAULTS, "convert": DEFAULT_CONVERT, **launch}
+    ns = max(1, default_splits * full["splits"] // 4)
+    ws.update(warps=full["warps"], stages=full["stages"], splits=ns,
+              precise=bool(full["precise"]), convert=full["convert"], block_t=full["block_t"],
+              maxnreg=full["maxnreg"],
+              m=torch.empty(b, hq, ns + 1, device="cuda"),
+              l=torch.empty(b, hq, ns + 1, device="cuda"),
+              o=torch.empty(b, hq, ns + 1, d, device="cuda"))  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     fmt = argparse.RawTextHelpFormatter
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
@@ -80,10 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--page", type=int, default=128)
     ap.add_argument(
-        "--sweep", type=lambda t: tuple(int(x) for x in t.split(",")), nargs="+",
-        default=[(4, 2, 4, 1), (4, 2, 4, 0), (4, 2, 2, 1)],
-        help="launch configurations warps,stages,splits (quarters of the default),precise; "
-        "a long sweep takes minutes at B = 8 (the H200 run of 886d235 timed out with 7)",
+        "--sweep", type=parse_launch, nargs="+", default=DEFAULT_SWEEP,
+        help="launch settings to time besides the default, each 'key=value,...' over "
+        f"{sorted(LAUNCH_KEYS)} (splits in quarters of the default count; convert one of "
+        "cvt / magic / asm); a long sweep takes minutes at B = 8",
     )  # fmt: skip
     args = ap.parse_args(argv)
 
@@ -121,27 +164,18 @@ def main(argv: list[str] | None = None) -> None:
             def fused():
                 return decode_attention(q, store, impl="triton")
 
-            # launch configurations of the fused kernel: warps, pipeline stages, page splits
+            # launch settings of the fused kernel; the default (what users get) is timed last
             ws = store._decode_ws  # type: ignore[attr-defined]
-            default_ns = ws["splits"]
+            default = {k: ws[k] for k in ("splits",)}
             tried = {}
-            for warps, stages, ns_mult, precise in args.sweep:
-                ns = max(1, default_ns * ns_mult // 4)
-                ws.update(warps=warps, stages=stages, splits=ns, precise=bool(precise),
-                          m=torch.empty(b, hq, ns + 1, device="cuda"),
-                          l=torch.empty(b, hq, ns + 1, device="cuda"),
-                          o=torch.empty(b, hq, ns + 1, d, device="cuda"))  # fmt: skip
+            for launch in args.sweep:
+                set_launch(ws, launch, default["splits"], b, hq, d)
                 fused()
-                tried[(warps, stages, ns, precise)] = median_ms_graph(fused, rep_ms=100)
-            # the default launch (warps 4, stages 2, default splits, precise) is what users get
-            warps, stages, ns, precise = (4, 2, default_ns, 1)
-            ws.update(warps=warps, stages=stages, splits=ns, precise=True,
-                      m=torch.empty(b, hq, ns + 1, device="cuda"),
-                      l=torch.empty(b, hq, ns + 1, device="cuda"),
-                      o=torch.empty(b, hq, ns + 1, d, device="cuda"))  # fmt: skip
-            row["launch_sweep"] = {"w{}s{}n{}p{}".format(*c): ms for c, ms in tried.items()}
-            fastest = min(tried, key=lambda c: tried[c])
-            row["best_launch"] = "w{}s{}n{}p{}".format(*fastest) + f" {tried[fastest]:.3g} ms"
+                tried[launch_name(launch)] = median_ms_graph(fused, rep_ms=100)
+            set_launch(ws, {}, default["splits"], b, hq, d)
+            row["launch_sweep"] = tried
+            fastest = min(tried, key=lambda c: tried[c]) if tried else "default"
+            row["best_launch"] = f"{fastest} {tried.get(fastest, float('nan')):.3g} ms"
             t_fused, t_fused_g = median_ms(fused), median_ms_graph(fused)
             best = min(dense, key=lambda k: dense[k][1])
             t_base, t_base_g = dense[best]

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from zipvl.cache import PagedKVStore, PageFormat, ZipVLCache
 from zipvl.cache.paged_layer import PagedCacheLayer
-from zipvl.decode import decode_attention, decode_read_bytes
+from zipvl.decode import decode_attention, decode_read_bytes, workspace
 from zipvl.quant import KIVIKVQuantizer, MixedPrecisionKVQuantizer, ZipCacheKVQuantizer
 
 # (B, Hq, Hkv, D, prompt, decode steps, page): GQA, batch > 1, lengths off the page and tile
@@ -58,6 +58,11 @@ def _filled_store(case, device, dtype, *, fmt=None, pad=None, seed=0):
     return store, k, v, valid
 
 
+def _converts(device: str) -> list[str]:
+    """The kernel's code -> fp16 conversions that run here (inline PTX only compiled on CUDA)."""
+    return ["cvt", "magic", "asm"] if device == "cuda" else ["cvt", "magic"]
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [(4, 2), (8, 4)])
@@ -76,10 +81,17 @@ def test_fused_decode_matches_dense(case, dtype, bits, device: str) -> None:
         with pytest.raises(ValueError, match="needs a CUDA tensor"):
             decode_attention(q, store, impl="triton")
         return
-    fused, lse = decode_attention(q, store, impl="triton")
     oracle, lse_ref = decode_attention(q, store, impl="reference")
-    assert fused.shape == (b, hq, 1, d) and fused.dtype == dtype
     plain_err = (plain.double() - ref).abs().max().item()
+    ws = workspace(store, hq)
+    outs = {}
+    for convert in _converts(device):  # every conversion gives the same codes
+        ws["convert"] = convert
+        outs[convert] = decode_attention(q, store, impl="triton")
+    fused, lse = outs["cvt"]
+    for convert, (out, _) in outs.items():
+        torch.testing.assert_close(out, fused, rtol=0, atol=0, msg=convert)
+    assert fused.shape == (b, hq, 1, d) and fused.dtype == dtype
     fused_err = (fused.double() - ref).abs().max().item()
     assert fused_err <= 2 * plain_err + 1e-4, (fused_err, plain_err)
     assert (oracle.double() - ref).abs().max().item() <= 2 * plain_err + 1e-4

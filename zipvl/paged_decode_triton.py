@@ -22,34 +22,126 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["INTERPRETED", "paged_decode_triton"]
+__all__ = ["CONVERTS", "DEFAULT_CONVERT", "INTERPRETED", "paged_decode_triton"]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 """Whether the kernels below were decorated for the Triton interpreter (read at import, when
 Triton reads the variable too), so CPU tensors can run them."""
 
+CONVERTS = ("cvt", "magic", "asm")
+"""How the kernel turns codes into fp16 (see ``_fields_asm``): the workspace key ``convert``."""
+DEFAULT_CONVERT = "magic" if INTERPRETED else "asm"
+
+
+# Code -> fp16 conversion, three ways (``CONVERT``):
+#   0 "cvt":   integer fields converted by the int -> float unit (a quarter of the integer
+#              throughput on Hopper: the conversion bounds the page loop);
+#   1 "magic": field | 0x6400 read as fp16 is 1024 + field exactly; subtract 1024 (integer and
+#              fp16 ops only, one field at a time);
+#   2 "asm":   the same with two fields per 32-bit register (prmt + and/or + sub.f16x2 in inline
+#              PTX, four bytes per instance); compiled CUDA only (the interpreter has no PTX).
+@triton.jit
+def _fields_asm(b, BITS: tl.constexpr):
+    """uint8 bytes -> their 8 / BITS fields as fp16 tensors (field k at shift k * BITS)."""
+    if BITS == 4:
+        return tl.inline_asm_elementwise(
+            """
+            {
+            .reg .b32 t0, t1, u0, u1, k;
+            mov.b32 k, 0x64006400;
+            prmt.b32 t0, $4, 0, 0x4140;
+            prmt.b32 t1, $4, 0, 0x4342;
+            shr.b32 u0, t0, 4;
+            shr.b32 u1, t1, 4;
+            lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 $2, u0, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 $3, u1, 0x000F000F, 0x64006400, 0xEA;
+            sub.f16x2 $0, $0, k;
+            sub.f16x2 $1, $1, k;
+            sub.f16x2 $2, $2, k;
+            sub.f16x2 $3, $3, k;
+            }
+            """,
+            "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16), is_pure=True, pack=4,
+        )  # fmt: skip
+    else:
+        return tl.inline_asm_elementwise(
+            """
+            {
+            .reg .b32 t0, t1, u0, u1, w0, w1, x0, x1, k;
+            mov.b32 k, 0x64006400;
+            prmt.b32 t0, $8, 0, 0x4140;
+            prmt.b32 t1, $8, 0, 0x4342;
+            shr.b32 u0, t0, 2;
+            shr.b32 u1, t1, 2;
+            shr.b32 w0, t0, 4;
+            shr.b32 w1, t1, 4;
+            shr.b32 x0, t0, 6;
+            shr.b32 x1, t1, 6;
+            lop3.b32 $0, t0, 0x00030003, 0x64006400, 0xEA;
+            lop3.b32 $1, t1, 0x00030003, 0x64006400, 0xEA;
+            lop3.b32 $2, u0, 0x00030003, 0x64006400, 0xEA;
+            lop3.b32 $3, u1, 0x00030003, 0x64006400, 0xEA;
+            lop3.b32 $4, w0, 0x00030003, 0x64006400, 0xEA;
+            lop3.b32 $5, w1, 0x00030003, 0x64006400, 0xEA;
+            lop3.b32 $6, x0, 0x00030003, 0x64006400, 0xEA;
+            lop3.b32 $7, x1, 0x00030003, 0x64006400, 0xEA;
+            sub.f16x2 $0, $0, k;
+            sub.f16x2 $1, $1, k;
+            sub.f16x2 $2, $2, k;
+            sub.f16x2 $3, $3, k;
+            sub.f16x2 $4, $4, k;
+            sub.f16x2 $5, $5, k;
+            sub.f16x2 $6, $6, k;
+            sub.f16x2 $7, $7, k;
+            }
+            """,
+            "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4,
+        )  # fmt: skip
+
 
 @triton.jit
-def _quarters(base, offs_t, tv, offs_c, QD: tl.constexpr, BITS: tl.constexpr):
+def _field(b, SHIFT: tl.constexpr, MASK: tl.constexpr, CONVERT: tl.constexpr):
+    """One field of int32 bytes as fp16 (CONVERT 0 or 1, see above)."""
+    f = (b >> SHIFT) & MASK if SHIFT > 0 else b & MASK
+    if CONVERT == 0:
+        return f.to(tl.float16)
+    return (f | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
+def _quarters(base, offs_t, tv, offs_c, QD: tl.constexpr, BITS: tl.constexpr,
+              CONVERT: tl.constexpr):  # fmt: skip
     """Codes of a (BT, D) tile as four (BT, D / 4) fp16 quarters of channels, read as whole
     bytes (contiguous-slice packing: channel c sits in byte c % ROW at shift (c // ROW) * BITS,
     ROW = D * BITS / 8 bytes per token)."""
     ROW: tl.constexpr = 4 * QD * BITS // 8
     rows = base + offs_t[:, None] * ROW + offs_c[None, :]
     m = tv[:, None]
-    if BITS == 2:  # one quarter of bytes holds all four quarters of channels
-        b0 = tl.load(rows, mask=m, other=0).to(tl.int32)
-        c0, c1, c2, c3 = b0 & 3, (b0 >> 2) & 3, (b0 >> 4) & 3, (b0 >> 6) & 3
-    elif BITS == 4:  # bytes [0, QD): channels q0 | q2 << 4; bytes [QD, 2 QD): q1 | q3 << 4
-        b0 = tl.load(rows, mask=m, other=0).to(tl.int32)
-        b1 = tl.load(rows + QD, mask=m, other=0).to(tl.int32)
-        c0, c1, c2, c3 = b0 & 15, b1 & 15, b0 >> 4, b1 >> 4
-    else:  # 8 bits: one byte per channel
+    if BITS == 8:  # one byte per channel
         c0 = tl.load(rows, mask=m, other=0).to(tl.int32)
         c1 = tl.load(rows + QD, mask=m, other=0).to(tl.int32)
         c2 = tl.load(rows + 2 * QD, mask=m, other=0).to(tl.int32)
         c3 = tl.load(rows + 3 * QD, mask=m, other=0).to(tl.int32)
-    return c0.to(tl.float16), c1.to(tl.float16), c2.to(tl.float16), c3.to(tl.float16)
+        return (_field(c0, 0, 255, CONVERT), _field(c1, 0, 255, CONVERT),
+                _field(c2, 0, 255, CONVERT), _field(c3, 0, 255, CONVERT))  # fmt: skip
+    if CONVERT == 2:
+        if BITS == 2:  # one quarter of bytes holds all four quarters of channels
+            return _fields_asm(tl.load(rows, mask=m, other=0), 2)
+        # bytes [0, QD): channels q0 | q2 << 4; bytes [QD, 2 QD): q1 | q3 << 4
+        c0, c2 = _fields_asm(tl.load(rows, mask=m, other=0), 4)
+        c1, c3 = _fields_asm(tl.load(rows + QD, mask=m, other=0), 4)
+        return c0, c1, c2, c3
+    if BITS == 2:
+        b0 = tl.load(rows, mask=m, other=0).to(tl.int32)
+        return (_field(b0, 0, 3, CONVERT), _field(b0, 2, 3, CONVERT),
+                _field(b0, 4, 3, CONVERT), _field(b0, 6, 3, CONVERT))  # fmt: skip
+    b0 = tl.load(rows, mask=m, other=0).to(tl.int32)
+    b1 = tl.load(rows + QD, mask=m, other=0).to(tl.int32)
+    return (_field(b0, 0, 15, CONVERT), _field(b1, 0, 15, CONVERT),
+            _field(b0, 4, 15, CONVERT), _field(b1, 4, 15, CONVERT))  # fmt: skip
 
 
 @triton.jit
@@ -83,7 +175,7 @@ def _online(s, m_i, l_i):
 def _attend_page(q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
                  kc_ptr, vc_ptr, ks_ptr, kz_ptr, va_ptr, vb_ptr, cs_ptr, page, fill, offs_c,
                  QD: tl.constexpr, PAGE: tl.constexpr, BLOCK_T: tl.constexpr,
-                 BITS: tl.constexpr, PRECISE: tl.constexpr):  # fmt: skip
+                 BITS: tl.constexpr, PRECISE: tl.constexpr, CONVERT: tl.constexpr):  # fmt: skip
     ROW: tl.constexpr = 4 * QD * BITS // 8
     page = page.to(tl.int64)
     par = ks_ptr + page * 4 * QD + offs_c
@@ -103,7 +195,8 @@ def _attend_page(q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
     for sub in tl.static_range(PAGE // BLOCK_T):
         offs_t = sub * BLOCK_T + tl.arange(0, BLOCK_T)
         tv = offs_t < fill
-        k0, k1, k2, k3 = _quarters(kc_ptr + page * PAGE * ROW, offs_t, tv, offs_c, QD, BITS)
+        kbase = kc_ptr + page * PAGE * ROW
+        k0, k1, k2, k3 = _quarters(kbase, offs_t, tv, offs_c, QD, BITS, CONVERT)
         s = _dot2(qs0, tl.trans(k0), PRECISE) + _dot2(qs1, tl.trans(k1), PRECISE)
         s += _dot2(qs2, tl.trans(k2), PRECISE) + _dot2(qs3, tl.trans(k3), PRECISE)
         s = tl.where(tv[None, :], s + qz[:, None], float("-inf"))  # (GP, BT) log2 domain
@@ -113,7 +206,8 @@ def _attend_page(q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
         # values per token after the page's channel divisor: v = (code * a + b) * cs
         pa = p * va[None, :]
         pz = tl.sum(p * vb[None, :], axis=1)[:, None]
-        v0, v1, v2, v3 = _quarters(vc_ptr + page * PAGE * ROW, offs_t, tv, offs_c, QD, BITS)
+        vbase = vc_ptr + page * PAGE * ROW
+        v0, v1, v2, v3 = _quarters(vbase, offs_t, tv, offs_c, QD, BITS, CONVERT)
         a0 = a0 * alpha[:, None] + (_dot2(pa, v0, PRECISE) + pz) * cs0[None, :]
         a1 = a1 * alpha[:, None] + (_dot2(pa, v1, PRECISE) + pz) * cs1[None, :]
         a2 = a2 * alpha[:, None] + (_dot2(pa, v2, PRECISE) + pz) * cs2[None, :]
@@ -133,7 +227,7 @@ def _paged_decode_kernel(
     B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,  # region bases
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     HBITS: tl.constexpr, LBITS: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    STAGES: tl.constexpr, PRECISE: tl.constexpr,
+    STAGES: tl.constexpr, PRECISE: tl.constexpr, CONVERT: tl.constexpr, FP_BLOCK: tl.constexpr,
 ):  # fmt: skip
     QD: tl.constexpr = HEAD_DIM // 4
     row = tl.program_id(0)
@@ -169,13 +263,13 @@ def _paged_decode_kernel(
             fill = tl.load(hpf + row * hcols + u)
             m_i, l_i, a0, a1, a2, a3 = _attend_page(
                 q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, hkc, hvc, hks, hkz, hva, hvb, hcs,
-                page, fill, offs_c, QD, PAGE, BLOCK_T, HBITS, PRECISE)  # fmt: skip
+                page, fill, offs_c, QD, PAGE, BLOCK_T, HBITS, PRECISE, CONVERT)  # fmt: skip
         for u in tl.range(tl.maximum(u0, nh), u1, num_stages=STAGES):
             page = tl.load(lpt + row * lcols + (u - nh))
             fill = tl.load(lpf + row * lcols + (u - nh))
             m_i, l_i, a0, a1, a2, a3 = _attend_page(
                 q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, lkc, lvc, lks, lkz, lva, lvb, lcs,
-                page, fill, offs_c, QD, PAGE, BLOCK_T, LBITS, PRECISE)  # fmt: skip
+                page, fill, offs_c, QD, PAGE, BLOCK_T, LBITS, PRECISE, CONVERT)  # fmt: skip
     else:
         fbase = row.to(tl.int64) * fp_stride * HEAD_DIM
         for r in tl.static_range(4):
@@ -188,8 +282,8 @@ def _paged_decode_kernel(
             else:
                 base = B3
             n = tl.load(fcnt_ptr + row * 4 + r)
-            for t0 in range(0, n, BLOCK_T):
-                offs_t = t0 + tl.arange(0, BLOCK_T)
+            for t0 in range(0, n, FP_BLOCK):
+                offs_t = t0 + tl.arange(0, FP_BLOCK)
                 tv = (offs_t < n)[:, None]
                 ptrs = fbase + (base + offs_t)[:, None] * HEAD_DIM + offs_c[None, :]
                 k0 = tl.load(fk_ptr + ptrs, mask=tv, other=0.0).to(tl.float32)
@@ -257,7 +351,11 @@ def paged_decode_triton(
     m, lsum, o = workspace["m"], workspace["l"], workspace["o"]
     hp, lp = store.pools[HIGH], store.pools[LOW]
     fmt = store.fmt
-    block_t = min(fmt.page_size, 64)  # a page is PAGE / BLOCK_T unrolled tiles
+    block_t = int(workspace.get("block_t", min(fmt.page_size, 64)))  # PAGE / BLOCK_T tiles
+    convert = CONVERTS.index(workspace.get("convert", DEFAULT_CONVERT))
+    if convert == 2 and INTERPRETED:
+        raise ValueError("convert: 'asm' is inline PTX, which the Triton interpreter cannot run")
+    extra = {"maxnreg": int(workspace["maxnreg"])} if workspace.get("maxnreg") else {}
     _paged_decode_kernel[(store.rows, int(ns) + 1)](
         q,
         hp["kcode"], hp["vcode"], hp["kscale"], hp["kzero"], hp["vscale"], hp["vzero"],
@@ -275,7 +373,8 @@ def paged_decode_triton(
         HBITS=fmt.high_bits, LBITS=fmt.low_bits,
         GROUP_PAD=max(16, int(triton.next_power_of_2(g))), BLOCK_T=block_t,
         STAGES=int(workspace.get("stages", 2)), num_warps=int(workspace.get("warps", 4)),
-        PRECISE=bool(workspace.get("precise", True)),
+        PRECISE=bool(workspace.get("precise", True)), CONVERT=convert,
+        FP_BLOCK=int(workspace.get("fp_block", 16)), **extra,
     )  # fmt: skip
     # The interpreter converts float32 to bf16 / fp16 by truncation (compiled Triton rounds to
     # nearest even): interpreted runs write float32 and let PyTorch round.
