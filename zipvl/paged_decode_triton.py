@@ -33,115 +33,200 @@ CONVERTS = ("cvt", "magic", "asm")
 DEFAULT_CONVERT = "magic" if INTERPRETED else "asm"
 
 
-# Code -> fp16 conversion, three ways (``CONVERT``):
-#   0 "cvt":   integer fields converted by the int -> float unit (a quarter of the integer
-#              throughput on Hopper: the conversion bounds the page loop);
+# Codes are read as int32 words: four bytes of one token row, i.e. channels 4j .. 4j + 3 of
+# every field (contiguous-slice packing: byte i of a row holds channel i + f * ROW at shift
+# f * BITS). Code -> fp16, three ways (``CONVERT``):
+#   0 "cvt":   fields converted by the int -> float unit (a quarter of the integer throughput
+#              on Hopper);
 #   1 "magic": field | 0x6400 read as fp16 is 1024 + field exactly; subtract 1024 (integer and
 #              fp16 ops only, one field at a time);
-#   2 "asm":   the same with two fields per 32-bit register (prmt + and/or + sub.f16x2 in inline
-#              PTX, four bytes per instance); compiled CUDA only (the interpreter has no PTX).
+#   2 "asm":   the same on two fields per 32-bit register (prmt + lop3 + sub.f16x2 in inline
+#              PTX, one word per instance); compiled CUDA only (the interpreter has no PTX).
+
+
 @triton.jit
-def _fields_asm(b, BITS: tl.constexpr):
-    """uint8 bytes -> their 8 / BITS fields as fp16 tensors (field k at shift k * BITS)."""
-    if BITS == 4:
-        return tl.inline_asm_elementwise(
-            """
+def _word_asm_4(w):
+    """int32 words -> 8 int16 tensors (the bits of fp16 codes): output 4 f + r is field f of
+    byte r of each word (one word per instance)."""
+    return tl.inline_asm_elementwise(
+        """
             {
-            .reg .b32 t0, t1, u0, u1, k;
-            mov.b32 k, 0x64006400;
-            prmt.b32 t0, $4, 0, 0x4140;
-            prmt.b32 t1, $4, 0, 0x4342;
-            shr.b32 u0, t0, 4;
-            shr.b32 u1, t1, 4;
-            lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 $2, u0, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 $3, u1, 0x000F000F, 0x64006400, 0xEA;
-            sub.f16x2 $0, $0, k;
-            sub.f16x2 $1, $1, k;
-            sub.f16x2 $2, $2, k;
-            sub.f16x2 $3, $3, k;
-            }
-            """,
-            "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16), is_pure=True, pack=4,
-        )  # fmt: skip
-    else:
-        return tl.inline_asm_elementwise(
-            """
-            {
-            .reg .b32 t0, t1, u0, u1, w0, w1, x0, x1, k;
+            .reg .b32 t0, t1, t2, t3, k;
             mov.b32 k, 0x64006400;
             prmt.b32 t0, $8, 0, 0x4140;
             prmt.b32 t1, $8, 0, 0x4342;
-            shr.b32 u0, t0, 2;
-            shr.b32 u1, t1, 2;
-            shr.b32 w0, t0, 4;
-            shr.b32 w1, t1, 4;
-            shr.b32 x0, t0, 6;
-            shr.b32 x1, t1, 6;
-            lop3.b32 $0, t0, 0x00030003, 0x64006400, 0xEA;
-            lop3.b32 $1, t1, 0x00030003, 0x64006400, 0xEA;
-            lop3.b32 $2, u0, 0x00030003, 0x64006400, 0xEA;
-            lop3.b32 $3, u1, 0x00030003, 0x64006400, 0xEA;
-            lop3.b32 $4, w0, 0x00030003, 0x64006400, 0xEA;
-            lop3.b32 $5, w1, 0x00030003, 0x64006400, 0xEA;
-            lop3.b32 $6, x0, 0x00030003, 0x64006400, 0xEA;
-            lop3.b32 $7, x1, 0x00030003, 0x64006400, 0xEA;
-            sub.f16x2 $0, $0, k;
-            sub.f16x2 $1, $1, k;
-            sub.f16x2 $2, $2, k;
-            sub.f16x2 $3, $3, k;
-            sub.f16x2 $4, $4, k;
-            sub.f16x2 $5, $5, k;
-            sub.f16x2 $6, $6, k;
-            sub.f16x2 $7, $7, k;
+            shr.b32 t2, t0, 4;
+            shr.b32 t3, t1, 4;
+            lop3.b32 t0, t0, 0x000F000F, 0x64006400, 0xEA;
+            sub.f16x2 t0, t0, k;
+            lop3.b32 t1, t1, 0x000F000F, 0x64006400, 0xEA;
+            sub.f16x2 t1, t1, k;
+            lop3.b32 t2, t2, 0x000F000F, 0x64006400, 0xEA;
+            sub.f16x2 t2, t2, k;
+            lop3.b32 t3, t3, 0x000F000F, 0x64006400, 0xEA;
+            sub.f16x2 t3, t3, k;
+            mov.b32 {$0, $1}, t0;
+            mov.b32 {$2, $3}, t1;
+            mov.b32 {$4, $5}, t2;
+            mov.b32 {$6, $7}, t3;
             }
-            """,
-            "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
-            dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4,
-        )  # fmt: skip
+        """,
+        "=h,=h,=h,=h,=h,=h,=h,=h,r", [w],
+        dtype=(tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16),
+        is_pure=True, pack=1,
+    )  # fmt: skip
 
 
 @triton.jit
-def _field(b, SHIFT: tl.constexpr, MASK: tl.constexpr, CONVERT: tl.constexpr):
-    """One field of int32 bytes as fp16 (CONVERT 0 or 1, see above)."""
-    f = (b >> SHIFT) & MASK if SHIFT > 0 else b & MASK
+def _word_asm_2(w):
+    """int32 words -> 16 int16 tensors (the bits of fp16 codes): output 4 f + r is field f of
+    byte r of each word (one word per instance)."""
+    return tl.inline_asm_elementwise(
+        """
+            {
+            .reg .b32 t0, t1, t2, t3, t4, t5, t6, t7, k;
+            mov.b32 k, 0x64006400;
+            prmt.b32 t0, $16, 0, 0x4140;
+            prmt.b32 t1, $16, 0, 0x4342;
+            shr.b32 t2, t0, 2;
+            shr.b32 t3, t1, 2;
+            shr.b32 t4, t0, 4;
+            shr.b32 t5, t1, 4;
+            shr.b32 t6, t0, 6;
+            shr.b32 t7, t1, 6;
+            lop3.b32 t0, t0, 0x00030003, 0x64006400, 0xEA;
+            sub.f16x2 t0, t0, k;
+            lop3.b32 t1, t1, 0x00030003, 0x64006400, 0xEA;
+            sub.f16x2 t1, t1, k;
+            lop3.b32 t2, t2, 0x00030003, 0x64006400, 0xEA;
+            sub.f16x2 t2, t2, k;
+            lop3.b32 t3, t3, 0x00030003, 0x64006400, 0xEA;
+            sub.f16x2 t3, t3, k;
+            lop3.b32 t4, t4, 0x00030003, 0x64006400, 0xEA;
+            sub.f16x2 t4, t4, k;
+            lop3.b32 t5, t5, 0x00030003, 0x64006400, 0xEA;
+            sub.f16x2 t5, t5, k;
+            lop3.b32 t6, t6, 0x00030003, 0x64006400, 0xEA;
+            sub.f16x2 t6, t6, k;
+            lop3.b32 t7, t7, 0x00030003, 0x64006400, 0xEA;
+            sub.f16x2 t7, t7, k;
+            mov.b32 {$0, $1}, t0;
+            mov.b32 {$2, $3}, t1;
+            mov.b32 {$4, $5}, t2;
+            mov.b32 {$6, $7}, t3;
+            mov.b32 {$8, $9}, t4;
+            mov.b32 {$10, $11}, t5;
+            mov.b32 {$12, $13}, t6;
+            mov.b32 {$14, $15}, t7;
+            }
+        """,
+        "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r", [w],
+        dtype=(tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16,
+               tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16),
+        is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _word_asm_8(w):
+    """int32 words -> 4 int16 tensors (the bits of fp16 codes): output 4 f + r is field f of
+    byte r of each word (one word per instance)."""
+    return tl.inline_asm_elementwise(
+        """
+            {
+            .reg .b32 t0, t1, k;
+            mov.b32 k, 0x64006400;
+            prmt.b32 t0, $4, 0, 0x4140;
+            prmt.b32 t1, $4, 0, 0x4342;
+            lop3.b32 t0, t0, 0x00FF00FF, 0x64006400, 0xEA;
+            sub.f16x2 t0, t0, k;
+            lop3.b32 t1, t1, 0x00FF00FF, 0x64006400, 0xEA;
+            sub.f16x2 t1, t1, k;
+            mov.b32 {$0, $1}, t0;
+            mov.b32 {$2, $3}, t1;
+            }
+        """,
+        "=h,=h,=h,=h,r", [w],
+        dtype=(tl.int16, tl.int16, tl.int16, tl.int16),
+        is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _h(x):
+    """int16 bits -> fp16."""
+    return x.to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _interleave4(a, b, c, d):
+    """Four (BT, W) tiles -> (BT, 4 W): element [t, 4 j + r] is tile r's [t, j]."""
+    x = tl.join(tl.join(a, c), tl.join(b, d))  # [t, j, i, k] = tile 2 i + k
+    return tl.reshape(x, (x.shape[0], 4 * x.shape[1]))
+
+
+@triton.jit
+def _field(w, SHIFT: tl.constexpr, MASK: tl.constexpr, CONVERT: tl.constexpr):
+    """The field at bit SHIFT of int32 words, as fp16 (CONVERT 0 or 1, see above)."""
+    f = (w >> SHIFT) & MASK if SHIFT > 0 else w & MASK
     if CONVERT == 0:
         return f.to(tl.float16)
     return (f | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
 
 
 @triton.jit
-def _quarters(base, offs_t, tv, offs_c, QD: tl.constexpr, BITS: tl.constexpr,
-              CONVERT: tl.constexpr):  # fmt: skip
-    """Codes of a (BT, D) tile as four (BT, D / 4) fp16 quarters of channels, read as whole
-    bytes (contiguous-slice packing: channel c sits in byte c % ROW at shift (c // ROW) * BITS,
-    ROW = D * BITS / 8 bytes per token)."""
-    ROW: tl.constexpr = 4 * QD * BITS // 8
-    rows = base + offs_t[:, None] * ROW + offs_c[None, :]
+def _field_quarter(w, F: tl.constexpr, BITS: tl.constexpr, CONVERT: tl.constexpr):
+    """Field F of every byte of (BT, W) words as a (BT, 4 W) fp16 tile (CONVERT 0 or 1)."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    return _interleave4(_field(w, F * BITS, MASK, CONVERT), _field(w, 8 + F * BITS, MASK, CONVERT),
+                        _field(w, 16 + F * BITS, MASK, CONVERT),
+                        _field(w, 24 + F * BITS, MASK, CONVERT))  # fmt: skip
+
+
+@triton.jit
+def _quarters(base, offs_t, tv, QD: tl.constexpr, BITS: tl.constexpr, CONVERT: tl.constexpr):
+    """Codes of a (BT, D) tile as four (BT, D / 4) fp16 quarters of channels, read as int32
+    words (W = QD / 4 words per quarter row)."""
+    ROW: tl.constexpr = 4 * QD * BITS // 8  # bytes per token
+    W: tl.constexpr = QD // 4
+    offs_w = tl.arange(0, W)
+    words = base.to(tl.pointer_type(tl.int32)) + offs_t[:, None] * (ROW // 4) + offs_w[None, :]
     m = tv[:, None]
-    if BITS == 8:  # one byte per channel
-        c0 = tl.load(rows, mask=m, other=0).to(tl.int32)
-        c1 = tl.load(rows + QD, mask=m, other=0).to(tl.int32)
-        c2 = tl.load(rows + 2 * QD, mask=m, other=0).to(tl.int32)
-        c3 = tl.load(rows + 3 * QD, mask=m, other=0).to(tl.int32)
-        return (_field(c0, 0, 255, CONVERT), _field(c1, 0, 255, CONVERT),
-                _field(c2, 0, 255, CONVERT), _field(c3, 0, 255, CONVERT))  # fmt: skip
+    if BITS == 2:  # one quarter of the words holds all four quarters (fields 0 .. 3)
+        w0 = tl.load(words, mask=m, other=0)
+        if CONVERT == 2:
+            r = _word_asm_2(w0)
+            return (_interleave4(_h(r[0]), _h(r[1]), _h(r[2]), _h(r[3])),
+                    _interleave4(_h(r[4]), _h(r[5]), _h(r[6]), _h(r[7])),
+                    _interleave4(_h(r[8]), _h(r[9]), _h(r[10]), _h(r[11])),
+                    _interleave4(_h(r[12]), _h(r[13]), _h(r[14]), _h(r[15])))  # fmt: skip
+        return (_field_quarter(w0, 0, 2, CONVERT), _field_quarter(w0, 1, 2, CONVERT),
+                _field_quarter(w0, 2, 2, CONVERT), _field_quarter(w0, 3, 2, CONVERT))  # fmt: skip
+    if BITS == 4:  # words [0, W): quarters 0 (low) and 2 (high); [W, 2 W): quarters 1 and 3
+        w0 = tl.load(words, mask=m, other=0)
+        w1 = tl.load(words + W, mask=m, other=0)
+        if CONVERT == 2:
+            r = _word_asm_4(w0)
+            u = _word_asm_4(w1)
+            return (_interleave4(_h(r[0]), _h(r[1]), _h(r[2]), _h(r[3])),
+                    _interleave4(_h(u[0]), _h(u[1]), _h(u[2]), _h(u[3])),
+                    _interleave4(_h(r[4]), _h(r[5]), _h(r[6]), _h(r[7])),
+                    _interleave4(_h(u[4]), _h(u[5]), _h(u[6]), _h(u[7])))  # fmt: skip
+        return (_field_quarter(w0, 0, 4, CONVERT), _field_quarter(w1, 0, 4, CONVERT),
+                _field_quarter(w0, 1, 4, CONVERT), _field_quarter(w1, 1, 4, CONVERT))  # fmt: skip
+    # 8 bits: quarter q is words [q W, (q + 1) W)
+    w0 = tl.load(words, mask=m, other=0)
+    w1 = tl.load(words + W, mask=m, other=0)
+    w2 = tl.load(words + 2 * W, mask=m, other=0)
+    w3 = tl.load(words + 3 * W, mask=m, other=0)
     if CONVERT == 2:
-        if BITS == 2:  # one quarter of bytes holds all four quarters of channels
-            return _fields_asm(tl.load(rows, mask=m, other=0), 2)
-        # bytes [0, QD): channels q0 | q2 << 4; bytes [QD, 2 QD): q1 | q3 << 4
-        c0, c2 = _fields_asm(tl.load(rows, mask=m, other=0), 4)
-        c1, c3 = _fields_asm(tl.load(rows + QD, mask=m, other=0), 4)
-        return c0, c1, c2, c3
-    if BITS == 2:
-        b0 = tl.load(rows, mask=m, other=0).to(tl.int32)
-        return (_field(b0, 0, 3, CONVERT), _field(b0, 2, 3, CONVERT),
-                _field(b0, 4, 3, CONVERT), _field(b0, 6, 3, CONVERT))  # fmt: skip
-    b0 = tl.load(rows, mask=m, other=0).to(tl.int32)
-    b1 = tl.load(rows + QD, mask=m, other=0).to(tl.int32)
-    return (_field(b0, 0, 15, CONVERT), _field(b1, 0, 15, CONVERT),
-            _field(b0, 4, 15, CONVERT), _field(b1, 4, 15, CONVERT))  # fmt: skip
+        r0, r1, r2, r3 = _word_asm_8(w0), _word_asm_8(w1), _word_asm_8(w2), _word_asm_8(w3)
+        return (_interleave4(_h(r0[0]), _h(r0[1]), _h(r0[2]), _h(r0[3])),
+                _interleave4(_h(r1[0]), _h(r1[1]), _h(r1[2]), _h(r1[3])),
+                _interleave4(_h(r2[0]), _h(r2[1]), _h(r2[2]), _h(r2[3])),
+                _interleave4(_h(r3[0]), _h(r3[1]), _h(r3[2]), _h(r3[3])))  # fmt: skip
+    return (_field_quarter(w0, 0, 8, CONVERT), _field_quarter(w1, 0, 8, CONVERT),
+            _field_quarter(w2, 0, 8, CONVERT), _field_quarter(w3, 0, 8, CONVERT))  # fmt: skip
 
 
 @triton.jit
@@ -196,7 +281,7 @@ def _attend_page(q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
         offs_t = sub * BLOCK_T + tl.arange(0, BLOCK_T)
         tv = offs_t < fill
         kbase = kc_ptr + page * PAGE * ROW
-        k0, k1, k2, k3 = _quarters(kbase, offs_t, tv, offs_c, QD, BITS, CONVERT)
+        k0, k1, k2, k3 = _quarters(kbase, offs_t, tv, QD, BITS, CONVERT)
         s = _dot2(qs0, tl.trans(k0), PRECISE) + _dot2(qs1, tl.trans(k1), PRECISE)
         s += _dot2(qs2, tl.trans(k2), PRECISE) + _dot2(qs3, tl.trans(k3), PRECISE)
         s = tl.where(tv[None, :], s + qz[:, None], float("-inf"))  # (GP, BT) log2 domain
@@ -207,7 +292,7 @@ def _attend_page(q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
         pa = p * va[None, :]
         pz = tl.sum(p * vb[None, :], axis=1)[:, None]
         vbase = vc_ptr + page * PAGE * ROW
-        v0, v1, v2, v3 = _quarters(vbase, offs_t, tv, offs_c, QD, BITS, CONVERT)
+        v0, v1, v2, v3 = _quarters(vbase, offs_t, tv, QD, BITS, CONVERT)
         a0 = a0 * alpha[:, None] + (_dot2(pa, v0, PRECISE) + pz) * cs0[None, :]
         a1 = a1 * alpha[:, None] + (_dot2(pa, v1, PRECISE) + pz) * cs1[None, :]
         a2 = a2 * alpha[:, None] + (_dot2(pa, v2, PRECISE) + pz) * cs2[None, :]
