@@ -36,6 +36,7 @@ from zipvl.cache.paged import page_format_problem
 from zipvl.cache.paged_layer import PagedCacheLayer
 from zipvl.cache.report import CacheReport, LayerReport
 from zipvl.checks import check_int
+from zipvl.sparsity.allocators import layer_allocator
 
 CacheLayer = ZipVLCacheLayer | PagedCacheLayer
 STORAGES = ("auto", "paged", "chunked")
@@ -177,7 +178,10 @@ class ZipVLCache(Cache):
             raise ValueError(f"storage: 'paged' for layer {layer_idx}, but {problem}")
         common = {
             "quantizer": quantizer,
-            "allocator": self.layer_allocators.get(layer_idx, self.allocator),
+            # resolved once per layer: no forward looks a schedule up again
+            "allocator": layer_allocator(
+                self.layer_allocators.get(layer_idx, self.allocator), layer_idx
+            ),
             "selector": self.selector,
             "recompress_every": self.recompress_every,
             "sink_tokens": self.sink_tokens,

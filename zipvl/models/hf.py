@@ -57,7 +57,7 @@ from zipvl.cache.hf_compat import (
     Qwen2VLForConditionalGeneration,
 )
 from zipvl.cache.paged_layer import DECODE
-from zipvl.config import ZipVLConfig
+from zipvl.config import LayerConfig, ZipVLConfig
 from zipvl.models.attention import (
     make_cache,
     paged_decode,
@@ -127,6 +127,10 @@ class _ZipVLAttentionFunction:
         self.num_layers = num_layers
         self.original = original
         self.mass_reduce = mass_reduce  # every cache of this model gets it (new_cache too)
+        # every layer's components, resolved once here: a forward only indexes this tuple
+        self.layers: tuple[LayerConfig, ...] = tuple(
+            config.for_layer(i) for i in range(num_layers)
+        )
         self.cache: ZipVLCache = self.new_cache()
         self.recorder: list[LayerTrace] | None = None
         self.retained_rows = 256
@@ -235,7 +239,7 @@ class _ZipVLAttentionFunction:
             return out, None
 
         key_valid = _key_valid_from_mask(attention_mask, query.shape[-2])
-        lc = self.config.for_layer(layer_idx)
+        lc = self.layers[layer_idx]
         res = prefill_attention(
             query, key, value, layer=lc, key_valid=key_valid, scale=scaling, dense=dense,
             mass_reduce=cache.mass_reduce,
