@@ -221,3 +221,72 @@ def test_all_reduce_mass_over_a_single_process_group() -> None:
         assert torch.equal(got.selection.keep, want.selection.keep)
     finally:
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- host reads
+
+
+@pytest.mark.parametrize(
+    "components",
+    [
+        {},
+        {"allocator": FixedRatioAllocator(0.3)},
+        {"allocator": PerLayerSchedule([0.5, CumulativeMassAllocator(0.9)]), "layer_idx": 1},
+        {"selector": TopKSelector(granularity="layer", sink_tokens=4, recent_window=8)},
+        {"scorer": ProbeScorer(denominator="probe_count", max_recent=8, max_random=8)},
+    ],
+    ids=["defaults", "fixed", "schedule", "layer-sinks-window", "probe-count"],
+)
+def test_an_unpadded_plan_reads_the_host_once(
+    monkeypatch: pytest.MonkeyPatch, components: dict
+) -> None:
+    """Exactly one device-to-host read per layer plan without padding (the selector's): a
+    second read anywhere on the path (scorer, allocator, selector, mass_reduce, the sparse
+    attention that consumes the plan) fails this test."""
+    from tests.sparsity.host_reads import HostReads
+    from zipvl.sparsity import sparse_attention
+
+    q, k, v = random_qkv(2, 8, 4, 160, 16, seed=2)
+    plan_tokens(q, k, **components)  # warm caches (probe positions) outside the count
+    reads = HostReads(monkeypatch)
+    plan = plan_tokens(q, k, **components)
+    assert reads.count == 1, reads.where
+    sparse_attention(q, k, v, plan.selection, impl="sdpa")
+    assert reads.count == 1, reads.where
+    reads.reset()
+    plan_tokens(q, k, mass_reduce=lambda m: m, **components)
+    assert reads.count == 1, reads.where
+
+
+def test_prefill_attention_reads_the_host_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.sparsity.host_reads import HostReads
+    from zipvl.config import ZipVLConfig
+    from zipvl.models.attention import prefill_attention
+
+    q, k, v = random_qkv(2, 8, 4, 160, 16, seed=3)
+    layer = ZipVLConfig(tau=0.9).for_layer(0)
+    prefill_attention(q, k, v, layer=layer)  # warm-up
+    reads = HostReads(monkeypatch)
+    res = prefill_attention(q, k, v, layer=layer)
+    assert res.keep is not None, "the sparse branch ran"
+    assert reads.count == 1, reads.where
+
+
+def test_paged_decode_blocks_plan_without_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode step stays free of host syncs, the block plans (plan_row_keep) included."""
+    from tests.sparsity.host_reads import HostReads
+    from zipvl.cache import PagedCacheLayer
+    from zipvl.config import ZipVLConfig
+    from zipvl.models import make_cache, zipvl_attention
+
+    cfg = ZipVLConfig(recompress_every=4)
+    q, k, v = random_qkv(2, 8, 4, 40, 16, seed=4)
+    cache = make_cache(cfg, 1, mass_reduce=lambda m: m)
+    zipvl_attention(q[:, :, :30], k[:, :, :30], v[:, :, :30], config=cfg, cache=cache)
+    assert isinstance(cache.layer(0), PagedCacheLayer)
+    reads = HostReads(monkeypatch)
+    for t in range(30, 39):
+        sl = slice(t, t + 1)
+        zipvl_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], config=cfg, cache=cache)
+    assert reads.count == 0, reads.where
+    assert cache.layer(0).decode_blocks == 2
