@@ -4,6 +4,8 @@
   command line and the testing helpers) never imports the application.
 * transformers is imported by one module, ``zipvl.cache.hf_compat``; everything else takes its
   names from there.
+* Planning (allocate -> select) happens in one module, ``zipvl.sparsity.pipeline``: no other core
+  module calls an allocator, a selector or a keep mask itself.
 """
 
 from __future__ import annotations
@@ -28,6 +30,17 @@ APPLICATION = (
 
 HF_COMPAT = "zipvl.cache.hf_compat"
 """The one module that imports transformers."""
+
+PIPELINE = "zipvl.sparsity.pipeline"
+"""The one module that runs allocate -> select (``plan_tokens``, ``plan_scores``,
+``plan_row_keep``)."""
+
+PLANNING_CALLS = frozenset({"allocator", "selector", "keep_mask", "decode_selector"})
+"""Names whose call is a planning step (``self.allocator(...)``, ``selector(...)``, ...)."""
+
+COMPONENT_MODULES = ("zipvl.sparsity.allocators", "zipvl.sparsity.selectors")
+"""Components that call themselves or the components they wrap (``PerLayerSchedule``,
+``TopKSelector.__call__`` -> ``keep_mask``)."""
 
 
 def _module_name(path: Path) -> str:
@@ -105,3 +118,37 @@ def test_hf_compat_imports_transformers() -> None:
     assert any(m == "transformers" for _, m in _imports(path))
     found = {m for _, m in _imports(path, "def f():\n    from transformers import Cache\n")}
     assert "transformers.Cache" in found  # imports inside functions count too
+
+
+def _planning_calls(path: Path, source: str | None = None) -> list[str]:
+    """``line: name`` of every call of an allocator, selector or keep mask in ``path``."""
+    tree = ast.parse(path.read_text() if source is None else source, filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+        if name in PLANNING_CALLS:
+            found.append(f"line {node.lineno}: {name}")
+    return found
+
+
+@pytest.mark.parametrize("path", _core_sources(), ids=lambda p: _module_name(p))
+def test_only_the_pipeline_allocates_and_selects(path: Path) -> None:
+    if _module_name(path) in (PIPELINE, *COMPONENT_MODULES):
+        return
+    bad = _planning_calls(path)
+    assert not bad, f"{_module_name(path)} plans by itself (use {PIPELINE}): {bad}"
+
+
+def test_the_planning_scan_finds_direct_calls() -> None:
+    src = (
+        "budget = self.allocator(mass, layer_idx=0)\n"
+        "keep = getattr(sel, 'keep_mask')\n"
+        "keep = selector.keep_mask(mass, budget)\n"
+        "sel = selector(scores, budget)\n"
+    )
+    found = _planning_calls(PACKAGE / "cache" / "layer.py", src)
+    assert [f.split(": ")[1] for f in found] == ["allocator", "keep_mask", "selector"]
+    assert _planning_calls(PACKAGE / "sparsity" / "pipeline.py")  # the pipeline itself does

@@ -51,6 +51,7 @@ from zipvl.sparsity import (
     SnapKVScorer,
     TopKSelector,
 )
+from zipvl.sparsity.allocators import layer_allocator
 from zipvl.types import Allocator, Scorer, Selector
 
 __all__ = [
@@ -94,7 +95,8 @@ class LayerConfig:
         dense: True for a dense layer (``dense_layers`` or ``sparse_prefill=False``): plain
             causal attention in prefill and every token committed as important.
         scorer: prefill importance scorer (``Scorer``).
-        allocator: prefill budget rule (``Allocator``); also budgets the decode blocks.
+        allocator: prefill budget rule (``Allocator``); also budgets the decode blocks. A
+            ``PerLayerSchedule`` is resolved to this layer's entry.
         selector: prefill token selector (``Selector``).
         quantizer: the layer's ``KVQuantizer``.
         impl: ``sparse_attention`` implementation.
@@ -358,6 +360,8 @@ class ZipVLConfig:
         allocator = (
             cfg.allocator if cfg.allocator is not None else CumulativeMassAllocator(cfg.tau)
         )
+        # a schedule is resolved here, once, to the layer's own allocator
+        allocator = layer_allocator(allocator, layer_idx)
         selector = cfg.selector
         if selector is None:
             selector = TopKSelector(sink_tokens=cfg.sink_tokens)

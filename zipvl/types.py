@@ -41,6 +41,7 @@ __all__ = [
     "Allocator",
     "Impl",
     "MaskMod",
+    "MassReduce",
     "ScoreMod",
     "Scorer",
     "Scores",
@@ -61,6 +62,14 @@ MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 """FlexAttention score_mod: (score, b, h, q_idx, kv_idx) -> score."""
+
+MassReduce = Callable[[Tensor], Tensor]
+"""Cross-process sum of attention mass: (B, 1, Skv) float32 -> (B, 1, Skv) float32.
+
+The input is this process's mass summed over its own KV heads; the output must be that tensor
+summed over every process that holds heads of the same layer (an all-reduce SUM, e.g.
+``zipvl.sparsity.all_reduce_mass(group)``), so that every process allocates the same budget.
+It may return a new tensor or reduce in place and return its input."""
 
 
 @dataclass(frozen=True)

@@ -270,3 +270,18 @@ def test_from_dict_takes_user_components() -> None:
         ZipVLConfig.from_dict(data)
     again = ZipVLConfig.from_dict(data, components=[_TopHalf])
     assert again == cfg and again.for_layer(2).allocator == _TopHalf(5)
+
+
+def test_a_schedule_resolves_to_the_layer_entry() -> None:
+    """for_layer hands each layer its schedule entry (no per-forward lookup); the cache does the
+    same for a schedule given to it directly."""
+    from zipvl.cache import ZipVLCache
+
+    sched = PerLayerSchedule([CumulativeMassAllocator(0.99), 0.5])
+    cfg = ZipVLConfig(allocator=sched)
+    assert cfg.for_layer(0).allocator is sched.schedule[0]
+    assert cfg.for_layer(1).allocator == FixedRatioAllocator(0.5)
+    with pytest.raises(ValueError, match=r"layer_idx: expected 0 <= layer_idx < 2"):
+        cfg.for_layer(2)
+    cache = ZipVLCache(2, allocator=sched)
+    assert [cache.layer(i).allocator for i in range(2)] == list(sched.schedule)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import weakref
 from typing import Any
 
@@ -456,3 +457,44 @@ def test_a_multi_token_step_on_a_decoding_cache_is_refused() -> None:
             with pytest.raises(RuntimeError, match=r"already holds a generation \(31 positions\)"):
                 model(input_ids=torch.randint(3, 256, (1, 6)), **kw)
         disable(model)
+
+
+def test_layers_are_resolved_at_enable_not_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-layer overrides and a PerLayerSchedule are resolved once, by enable: during
+    generation no forward resolves a layer (ZipVLConfig.for_layer / _resolve) or looks a layer
+    up in a schedule (PerLayerSchedule.__call__ / for_layer); the schedule's own budgets are
+    used all the same (prefill and decode blocks)."""
+    from zipvl.sparsity import PerLayerSchedule
+
+    model = build_tiny_model("llama", num_layers=3)
+    inputs = tiny_inputs(model, batch=1, text_len=40, visual="none")
+    schedule = PerLayerSchedule([0.5, 0.25, FixedRatioAllocator(0.75)])
+    cfg = ZipVLConfig(allocator=schedule, recompress_every=4, layers={1: {"impl": "reference"}})
+    cache = enable(model, cfg)
+    counts = {"for_layer": 0, "_resolve": 0, "schedule": 0}
+
+    def counted(cls: type, name: str, key: str) -> None:
+        original = getattr(cls, name)
+
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            counts[key] += 1
+            return original(*a, **kw)
+
+        monkeypatch.setattr(cls, name, wrapper)
+
+    counted(ZipVLConfig, "for_layer", "for_layer")
+    counted(ZipVLConfig, "_resolve", "_resolve")
+    counted(PerLayerSchedule, "__call__", "schedule")
+    counted(PerLayerSchedule, "for_layer", "schedule")
+    _generate(model, inputs, **cache_kwargs(model, cache))
+    disable(model)
+    assert counts == {"for_layer": 0, "_resolve": 0, "schedule": 0}
+    rep = cache.report()
+    prompt = inputs["input_ids"].shape[1]
+    want = [math.ceil(r * prompt) for r in (0.5, 0.25, 0.75)]
+    assert [r.kept_tokens for r in rep.layers] == want
+    assert [r.decode_blocks for r in rep.layers] == [3, 3, 3]
+    assert [r.decode_kept_tokens for r in rep.layers] == [6.0, 3.0, 9.0]  # blocks of 4
+    # a schedule shorter than the model fails at enable, not in the middle of a forward
+    with pytest.raises(ValueError, match=r"layer_idx: expected 0 <= layer_idx < 2"):
+        enable(model, ZipVLConfig(allocator=PerLayerSchedule([0.5, 0.5])))

@@ -238,3 +238,21 @@ def test_cumulative_mass_budget_equals_brute_force(
     assert budget.shape == (b, hkv) and budget.dtype == torch.int32
     expected = _brute_force_budget(a, tau, min_keep)
     assert torch.all(budget == expected), (a, tau, budget.flatten()[0].item(), expected)
+
+
+def test_layer_allocator_resolves_schedules_once() -> None:
+    from zipvl.sparsity.allocators import layer_allocator
+
+    inner = PerLayerSchedule([CumulativeMassAllocator(0.9), 0.5])
+    outer = PerLayerSchedule([inner, 0.25])
+    assert layer_allocator(outer, 0) is inner.schedule[0]  # nested: down to a plain allocator
+    assert layer_allocator(outer, 1) == FixedRatioAllocator(0.25)
+    plain = CumulativeMassAllocator(0.8)
+    assert layer_allocator(plain, 7) is plain
+    mass = torch.rand(1, 2, 20)
+    for i in range(2):
+        assert torch.equal(layer_allocator(outer, i)(mass, layer_idx=i), outer(mass, layer_idx=i))
+    with pytest.raises(ValueError, match=r"layer_idx: expected 0 <= layer_idx < 2 \(a Per"):
+        layer_allocator(outer, 2)
+    with pytest.raises(TypeError, match=r"layer_idx: expected an int, got str"):
+        outer.for_layer("1")  # type: ignore[arg-type]

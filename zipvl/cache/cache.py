@@ -31,17 +31,19 @@ from torch import Tensor
 
 from zipvl.cache.hf_compat import Cache
 from zipvl.cache.layer import ZipVLCacheLayer, _check_quantizer
+from zipvl.cache.layer_base import check_mass_reduce
 from zipvl.cache.paged import page_format_problem
 from zipvl.cache.paged_layer import PagedCacheLayer
 from zipvl.cache.report import CacheReport, LayerReport
 from zipvl.checks import check_int
+from zipvl.sparsity.allocators import layer_allocator
 
 CacheLayer = ZipVLCacheLayer | PagedCacheLayer
 STORAGES = ("auto", "paged", "chunked")
 
 if TYPE_CHECKING:
     from zipvl.quant import KVQuantizer
-    from zipvl.types import Allocator, Selector
+    from zipvl.types import Allocator, MassReduce, Selector
 
 __all__ = ["ZipVLCache"]
 
@@ -72,6 +74,12 @@ class ZipVLCache(Cache):
             high precision when the next ``update`` of that layer arrives. It lets a model whose
             attention never calls ``compress_prefill`` (e.g. stock transformers attention) run
             with this cache. Off by default: then a missing ``compress_prefill`` raises.
+        mass_reduce: for KV heads split over processes (tensor parallelism): a
+            ``zipvl.types.MassReduce`` that sums a (B, 1, Skv) head-summed attention mass over
+            the processes (e.g. ``zipvl.sparsity.AllReduceMass(group)``), so that every process
+            budgets the same number of tokens. Every layer's decode-block plan calls it once per
+            block, and the prefill attention of ``zipvl_attention`` / ``ZipVLAttention`` /
+            ``zipvl.enable`` takes it from here for the prefill plan. None: one process.
 
     Raises:
         TypeError / ValueError: a bad argument (the message names it).
@@ -102,7 +110,10 @@ class ZipVLCache(Cache):
         storage: str = "auto",
         page_size: int = 128,
         update_reads: str = "dense",
+        mass_reduce: MassReduce | None = None,
     ) -> None:
+        check_mass_reduce(mass_reduce)
+        self.mass_reduce = mass_reduce
         if update_reads not in ("dense", "none"):
             raise ValueError(f"update_reads: expected 'dense' or 'none', got {update_reads!r}")
         self.update_reads = update_reads
@@ -167,12 +178,16 @@ class ZipVLCache(Cache):
             raise ValueError(f"storage: 'paged' for layer {layer_idx}, but {problem}")
         common = {
             "quantizer": quantizer,
-            "allocator": self.layer_allocators.get(layer_idx, self.allocator),
+            # resolved once per layer: no forward looks a schedule up again
+            "allocator": layer_allocator(
+                self.layer_allocators.get(layer_idx, self.allocator), layer_idx
+            ),
             "selector": self.selector,
             "recompress_every": self.recompress_every,
             "sink_tokens": self.sink_tokens,
             "auto_commit_prefill": self.auto_commit_prefill,
             "layer_idx": layer_idx,
+            "mass_reduce": self.mass_reduce,
         }
         if problem is None:
             return PagedCacheLayer(

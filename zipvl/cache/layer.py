@@ -1,8 +1,9 @@
 """One layer of ZipVL's mixed-precision KV cache (arXiv 2410.08584 v1, Algorithm 1;
 docs/algorithm.md#decoding).
 
-The layer only stores and routes (style G5): scores come from ``zipvl.cache.scoring``, budgets
-from an allocator, the keep mask from a selector and all bit-level work from a ``KVQuantizer``.
+The layer only stores and routes (style G5): scores come from ``zipvl.cache.scoring``, budget and
+keep mask from the planning pipeline (``zipvl.sparsity.plan_scores``: the layer's allocator, then
+its selector) and all bit-level work from a ``KVQuantizer``.
 
 Storage, in position order (every region is contiguous in positions)::
 
@@ -28,7 +29,7 @@ Life cycle of a layer::
     compress_prefill(keep)               -> sinks + one quantized prefill chunk
     update(k, v)          non-empty      -> appended to sinks (positions < sink_tokens) / tail,
                                             returns the dense K/V of all positions
-    compress_tail(q)      after attention -> while tail >= recompress_every: score, select,
+    compress_tail(q)      after attention -> while tail >= recompress_every: score, plan,
                                             quantize the oldest block, append a chunk
 
 Everything is plain PyTorch on the device of the first ``update``.
@@ -44,11 +45,12 @@ from torch import Tensor
 from zipvl.cache.layer_base import CacheLayerBase
 from zipvl.cache.scoring import check_key_valid, last_query_mass, sink_padding_error
 from zipvl.checks import check_tensor
-from zipvl.types import equalize_keep_counts
+from zipvl.sparsity.pipeline import plan_scores
+from zipvl.types import Scores, equalize_keep_counts
 
 if TYPE_CHECKING:
     from zipvl.quant import KVQuantizer, QuantizedKV
-    from zipvl.types import Allocator, Selector
+    from zipvl.types import Allocator, MassReduce, Selector
 
 __all__ = ["ZipVLCacheLayer"]
 
@@ -67,6 +69,8 @@ class ZipVLCacheLayer(CacheLayerBase):
         auto_commit_prefill: commit a pending prefill with every token kept when the next
             ``update`` arrives, instead of raising.
         layer_idx: index of this layer, >= 0 (passed to the allocator, used in messages).
+        mass_reduce: optional cross-process sum of a decode block's head-summed mass (KV heads
+            split over processes), called once per block (``zipvl.sparsity.plan_scores``).
 
     Raises:
         TypeError: an argument of the wrong type (the message names it).
@@ -93,12 +97,13 @@ class ZipVLCacheLayer(CacheLayerBase):
         sink_tokens: int,
         auto_commit_prefill: bool = False,
         layer_idx: int = 0,
+        mass_reduce: MassReduce | None = None,
     ) -> None:
         super().__init__()
         _check_quantizer("quantizer", quantizer)
         self._init_settings(
             quantizer, allocator, selector, recompress_every, sink_tokens, auto_commit_prefill,
-            layer_idx,
+            layer_idx, mass_reduce,
         )  # fmt: skip
         self._clear()
 
@@ -399,8 +404,14 @@ class ZipVLCacheLayer(CacheLayerBase):
             assert self.tail_keys is not None and self.tail_values is not None
             start = self.get_seq_length() - self.tail_length
             block_mass = mass[:, :, start : start + r]  # (B, Hkv, R)
-            budget = self.allocator(block_mass, layer_idx=self.layer_idx)  # (B, Hkv)
-            selection = self.selector(block_mass, budget)
+            # one decode query row: the normalized score of Eq. 7 is the raw mass
+            selection = plan_scores(
+                Scores(mass=block_mass, normalized=block_mass),
+                allocator=self.allocator,
+                selector=self.selector,
+                layer_idx=self.layer_idx,
+                mass_reduce=self.mass_reduce,
+            ).selection
             chunk = self.quantizer.quantize(
                 self.tail_keys[:, :, :r],
                 self.tail_values[:, :, :r],

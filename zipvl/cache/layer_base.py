@@ -11,7 +11,17 @@ from torch import Tensor
 from zipvl.cache.hf_compat import CacheLayerMixin
 from zipvl.checks import check_int, check_tensor
 
-__all__ = ["CacheLayerBase"]
+__all__ = ["CacheLayerBase", "check_mass_reduce"]
+
+
+def check_mass_reduce(mass_reduce: object) -> None:
+    """``mass_reduce``: None or a callable (``zipvl.types.MassReduce``)."""
+    if mass_reduce is not None and not callable(mass_reduce):
+        raise TypeError(
+            "mass_reduce: expected None or a callable (B, 1, Skv) -> (B, 1, Skv) that sums the "
+            f"attention mass over processes (e.g. zipvl.sparsity.AllReduceMass), got "
+            f"{type(mass_reduce).__name__}"
+        )
 
 
 class CacheLayerBase(CacheLayerMixin):
@@ -35,12 +45,14 @@ class CacheLayerBase(CacheLayerMixin):
         sink_tokens: int,
         auto_commit_prefill: bool,
         layer_idx: int,
+        mass_reduce: object = None,
     ) -> None:
         """Validate and store the settings both layers take (the quantizer is checked by the
         subclass, which knows what it can store)."""
         for name, fn in (("allocator", allocator), ("selector", selector)):
             if not callable(fn):
                 raise TypeError(f"{name}: expected a callable {name.title()}, got {fn!r}")
+        check_mass_reduce(mass_reduce)
         if not isinstance(auto_commit_prefill, bool):
             raise TypeError(
                 f"auto_commit_prefill: expected a bool, got {type(auto_commit_prefill).__name__}"
@@ -52,6 +64,7 @@ class CacheLayerBase(CacheLayerMixin):
         self.sink_tokens = check_int("sink_tokens", sink_tokens, 0)
         self.auto_commit_prefill = auto_commit_prefill
         self.layer_idx = check_int("layer_idx", layer_idx, 0)
+        self.mass_reduce: Any = mass_reduce
 
     def _pending_error(self) -> RuntimeError:
         return RuntimeError(

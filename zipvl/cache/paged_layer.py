@@ -27,12 +27,14 @@ from torch import Tensor
 
 from zipvl.cache.layer_base import CacheLayerBase
 from zipvl.cache.paged import PagedKVStore, PageFormat
-from zipvl.cache.scoring import check_key_valid
+from zipvl.cache.scoring import check_key_valid, lse_block_mass
 from zipvl.checks import check_int, check_scale, check_tensor
+from zipvl.sparsity.pipeline import plan_row_keep
+from zipvl.types import Scores
 
 if TYPE_CHECKING:
     from zipvl.quant import KVQuantizer
-    from zipvl.types import Allocator, Selector
+    from zipvl.types import Allocator, MassReduce, Selector
 
 __all__ = ["DECODE", "EMPTY", "PENDING", "PagedCacheLayer"]
 
@@ -52,6 +54,8 @@ class PagedCacheLayer(CacheLayerBase):
         auto_commit_prefill: commit a pending prefill with every token kept when the next
             ``update`` arrives, instead of raising.
         layer_idx: index of this layer (used in messages).
+        mass_reduce: optional cross-process sum of a decode block's head-summed mass (KV heads
+            split over processes), called once per block (``zipvl.sparsity.plan_row_keep``).
         page_size: tokens per page (a multiple of 16).
         tail_slack: tail capacity beyond R (tokens one step may add past a full block).
         update_reads: what ``update`` returns in decode: ``"dense"`` (every position, the
@@ -77,6 +81,7 @@ class PagedCacheLayer(CacheLayerBase):
         sink_tokens: int,
         auto_commit_prefill: bool = False,
         layer_idx: int = 0,
+        mass_reduce: MassReduce | None = None,
         page_size: int = 128,
         tail_slack: int = 64,
         update_reads: str = "dense",
@@ -88,7 +93,7 @@ class PagedCacheLayer(CacheLayerBase):
         self.fmt = PageFormat.from_quantizer(quantizer, check_int("page_size", page_size, 16))
         self._init_settings(
             quantizer, allocator, selector, recompress_every, sink_tokens, auto_commit_prefill,
-            layer_idx,
+            layer_idx, mass_reduce,
         )  # fmt: skip
         self.tail_slack = check_int("tail_slack", tail_slack, 1)
         self._clear()
@@ -270,8 +275,8 @@ class PagedCacheLayer(CacheLayerBase):
         A block's scores are the softmax probabilities of the step's last query row on the
         block's keys, summed over each GQA group: ``exp2(q2 . k - lse2)`` with ``lse2`` the
         step's log-sum-exp over ALL cached keys (from ``decode_attention``; computed from the
-        dense keys when not given). The allocator budgets each batch row on its own; the
-        selector's ``keep_mask`` picks the tokens. No host sync.
+        dense keys when not given). ``zipvl.sparsity.plan_row_keep`` budgets each batch row on
+        its own and the selector's ``keep_mask`` picks the tokens. No host sync.
 
         Args:
             query: (B, Hq, Sq, D) queries of the step, RoPE applied; the last row is used.
@@ -316,16 +321,15 @@ class PagedCacheLayer(CacheLayerBase):
         done = 0
         while self.store.tail_length >= r:
             bk, _ = self.store.tail_block()  # (B, Hkv, R, D)
-            s = torch.einsum("bhgd,bhrd->bhgr", q2, bk.float())
-            mass = torch.exp2(s - lse[..., None]).sum(2)  # (B, Hkv, R)
-            budget = torch.cat(
-                [self.allocator(mass[i : i + 1], layer_idx=self.layer_idx) for i in range(b)]
-            )  # (B, Hkv): every row on its own mass
-            keep_mask = getattr(self.selector, "keep_mask", None)
-            if keep_mask is not None:
-                keep = keep_mask(mass, budget)
-            else:  # a custom selector: its Selection (it may read back)
-                keep = self.selector(mass, budget).keep
+            mass = lse_block_mass(q2, bk, lse)  # (B, Hkv, R)
+            # every row on its own mass; the normalized score of one query row is the mass
+            keep = plan_row_keep(
+                Scores(mass=mass, normalized=mass),
+                allocator=self.allocator,
+                selector=self.selector,
+                layer_idx=self.layer_idx,
+                mass_reduce=self.mass_reduce,
+            ).keep  # (B, Hkv, R)
             self.store.commit_block(keep)
             kept = keep.sum(-1, dtype=torch.float32).mean()
             self._decode_kept = kept if self._decode_kept is None else self._decode_kept + kept

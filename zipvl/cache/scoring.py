@@ -21,7 +21,7 @@ from torch import Tensor
 
 from zipvl.checks import check_qkv, check_scale, check_tensor
 
-__all__ = ["check_key_valid", "last_query_mass"]
+__all__ = ["check_key_valid", "last_query_mass", "lse_block_mass"]
 
 
 def last_query_mass(
@@ -70,6 +70,24 @@ def last_query_mass(
     logits = logits.masked_fill(pad, torch.finfo(torch.float32).min)  # (B, Hkv, G, N)
     probs = torch.softmax(logits, dim=-1).masked_fill(pad, 0.0)  # (B, Hkv, G, N)
     return probs.sum(dim=2)  # (B, Hkv, N)
+
+
+def lse_block_mass(q2: Tensor, block_keys: Tensor, lse2: Tensor) -> Tensor:
+    """The same mass for a block of keys, from the log-sum-exp over ALL cached keys.
+
+    The paged decode kernel returns the step's log-sum-exp, so a block is scored from its own
+    keys alone: ``p = exp2(q2 . k - lse2)`` is the softmax probability over every cached key.
+
+    Args:
+        q2: (B, Hkv, G, D) float32 last query row, pre-scaled by ``scale * log2(e)``.
+        block_keys: (B, Hkv, R, D) the block's keys.
+        lse2: (B, Hkv, G) float32 log2-domain log-sum-exp of the same row over all keys.
+
+    Returns:
+        (B, Hkv, R) float32, summed over the G query heads of each KV head.
+    """
+    s = torch.einsum("bhgd,bhrd->bhgr", q2, block_keys.float())  # (B, Hkv, G, R)
+    return torch.exp2(s - lse2[..., None]).sum(2)  # (B, Hkv, R)
 
 
 def check_key_valid(key_valid: object, batch: int, length: int, device: torch.device) -> Tensor:

@@ -44,6 +44,7 @@ from zipvl.decode import decode_attention as paged_decode_attention
 from zipvl.decode import fused_decode_problem
 from zipvl.sparsity import sparse_attention
 from zipvl.sparsity.pipeline import padded_spans, plan_tokens, row_spans
+from zipvl.types import MassReduce
 
 __all__ = [
     "DenseAttention",
@@ -71,12 +72,22 @@ DenseAttention = Callable[[Tensor, Tensor, Tensor], Tensor]
 # --------------------------------------------------------------------------------------------
 
 
-def make_cache(config: ZipVLConfig, num_layers: int, *, update_reads: str = "dense") -> ZipVLCache:
+def make_cache(
+    config: ZipVLConfig,
+    num_layers: int,
+    *,
+    update_reads: str = "dense",
+    mass_reduce: MassReduce | None = None,
+) -> ZipVLCache:
     """A ``ZipVLCache`` whose per-layer quantizers and decode budgets follow ``config``.
 
     Args:
         config: the ZipVL configuration.
         num_layers: L, the model's attention layers.
+        update_reads: what paged layers return in decode (``ZipVLCache``).
+        mass_reduce: cross-process sum of the attention mass when the KV heads are split over
+            processes (``ZipVLCache``); the prefill plans of the attention code take it from
+            the cache too.
 
     Returns:
         A fresh cache with ``num_layers`` layers. Layers with overrides get their own quantizer
@@ -107,6 +118,7 @@ def make_cache(config: ZipVLConfig, num_layers: int, *, update_reads: str = "den
         selector=config.decode_selector,
         layer_quantizers=layer_quantizers,
         update_reads=update_reads,
+        mass_reduce=mass_reduce,
     )
 
 
@@ -183,6 +195,7 @@ def prefill_attention(
     key_valid: Tensor | None = None,
     scale: float | None = None,
     dense: DenseAttention | None = None,
+    mass_reduce: MassReduce | None = None,
 ) -> PrefillResult:
     """ZipVL's token-sparse prefill attention of one layer (no cache access).
 
@@ -201,6 +214,9 @@ def prefill_attention(
         scale: softmax scale of the model (None: 1 / sqrt(D)).
         dense: dense causal attention to use for dense layers and keep-everything selections
             (None: ``dense_causal_attention``).
+        mass_reduce: cross-process sum of the attention mass when the KV heads are split over
+            processes (``zipvl.sparsity.plan_scores``); the cache's ``mass_reduce`` in
+            ``zipvl_attention`` and ``zipvl.enable``.
 
     Returns:
         ``PrefillResult`` (output (B, Hq, S, Dv), keep to commit, kept counts).
@@ -227,6 +243,7 @@ def prefill_attention(
     plan = plan_tokens(
         q, k, scorer=layer.scorer, allocator=layer.allocator, selector=layer.selector,
         layer_idx=layer.layer_idx, key_valid=key_valid if spans is not None else None,
+        mass_reduce=mass_reduce,
     )  # fmt: skip
     sel = plan.selection
     if spans is None:
@@ -420,7 +437,10 @@ def zipvl_attention(
         )
     keys, values = cache.update(k, v, layer_idx)
     if prefill:
-        res = prefill_attention(q, keys, values, layer=layer, key_valid=key_valid, scale=scale)
+        res = prefill_attention(
+            q, keys, values, layer=layer, key_valid=key_valid, scale=scale,
+            mass_reduce=cache.mass_reduce,
+        )  # fmt: skip
         # a paged layer takes every row's own kept set; chunks need equal counts
         paged = isinstance(cache.layer(layer_idx), PagedCacheLayer)
         keep = res.commit_keep if paged else res.keep

@@ -57,7 +57,7 @@ from zipvl.cache.hf_compat import (
     Qwen2VLForConditionalGeneration,
 )
 from zipvl.cache.paged_layer import DECODE
-from zipvl.config import ZipVLConfig
+from zipvl.config import LayerConfig, ZipVLConfig
 from zipvl.models.attention import (
     make_cache,
     paged_decode,
@@ -65,6 +65,7 @@ from zipvl.models.attention import (
     retained_attention_mass,
 )
 from zipvl.models.cache_arg import cache_argument
+from zipvl.types import MassReduce
 
 __all__ = [
     "SUPPORTED_MODELS",
@@ -112,16 +113,35 @@ class LayerTrace:
 class _ZipVLAttentionFunction:
     """The attention function registered for one model; holds that model's ZipVL state."""
 
-    def __init__(self, name: str, config: ZipVLConfig, num_layers: int, original: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: ZipVLConfig,
+        num_layers: int,
+        original: str,
+        *,
+        mass_reduce: MassReduce | None = None,
+    ) -> None:
         self.name = name
         self.config = config
         self.num_layers = num_layers
         self.original = original
-        self.cache: ZipVLCache = make_cache(config, num_layers, update_reads="none")
+        self.mass_reduce = mass_reduce  # every cache of this model gets it (new_cache too)
+        # every layer's components, resolved once here: a forward only indexes this tuple
+        self.layers: tuple[LayerConfig, ...] = tuple(
+            config.for_layer(i) for i in range(num_layers)
+        )
+        self.cache: ZipVLCache = self.new_cache()
         self.recorder: list[LayerTrace] | None = None
         self.retained_rows = 256
         sdpa = AttentionInterface()["sdpa"]
         self._sdpa: Callable[..., tuple[Tensor, Any]] = sdpa
+
+    def new_cache(self) -> ZipVLCache:
+        """A fresh cache for this model (its config, its ``mass_reduce``)."""
+        return make_cache(
+            self.config, self.num_layers, update_reads="none", mass_reduce=self.mass_reduce
+        )
 
     def __call__(
         self,
@@ -219,10 +239,11 @@ class _ZipVLAttentionFunction:
             return out, None
 
         key_valid = _key_valid_from_mask(attention_mask, query.shape[-2])
-        lc = self.config.for_layer(layer_idx)
+        lc = self.layers[layer_idx]
         res = prefill_attention(
-            query, key, value, layer=lc, key_valid=key_valid, scale=scaling, dense=dense
-        )
+            query, key, value, layer=lc, key_valid=key_valid, scale=scaling, dense=dense,
+            mass_reduce=cache.mass_reduce,
+        )  # fmt: skip
         if self.recorder is not None:
             retained = retained_attention_mass(
                 query,
@@ -409,7 +430,7 @@ def new_cache(model: nn.Module) -> ZipVLCache:
     fn = _function_of(_text_model(model))
     if fn is None:
         raise RuntimeError("model: ZipVL is not enabled on this model; call zipvl.enable first")
-    fn.cache = make_cache(fn.config, fn.num_layers, update_reads="none")
+    fn.cache = fn.new_cache()
     return fn.cache
 
 

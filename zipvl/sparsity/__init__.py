@@ -7,7 +7,10 @@ Each stage is a small frozen-dataclass component (see ``zipvl.types`` for the pr
 * selectors: normalized scores + budget -> ``Selection`` (keep (B, Hkv, Skv) bool);
 * block masks and ``sparse_attention``: token-level sparse prefill attention.
 
-``select_tokens`` / ``plan_tokens`` compose the first three with ZipVL's defaults.
+``select_tokens`` / ``plan_tokens`` compose the first three with ZipVL's defaults; ``plan_scores``
+and ``plan_row_keep`` run allocate -> select on scores computed elsewhere (the cache's decode
+blocks). ``mass_reduce`` (e.g. ``AllReduceMass(group)``) sums the mass over processes that hold
+different KV heads, so that every process allocates the same budget.
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ from zipvl.sparsity.masks import (
     prefix_count_mask_mod,
     selection_mask_mod,
 )
-from zipvl.sparsity.pipeline import TokenPlan, plan_tokens, select_tokens
+from zipvl.sparsity.pipeline import (
+    AllReduceMass,
+    RowKeep,
+    TokenPlan,
+    plan_row_keep,
+    plan_scores,
+    plan_tokens,
+    select_tokens,
+)
 from zipvl.sparsity.scorers import (
     AccumulatedAttentionScorer,
     KeyNormScorer,
@@ -42,11 +53,13 @@ from zipvl.types import Scores, Selection
 
 __all__ = [
     "AccumulatedAttentionScorer",
+    "AllReduceMass",
     "CumulativeMassAllocator",
     "FixedRatioAllocator",
     "KeyNormScorer",
     "PerLayerSchedule",
     "ProbeScorer",
+    "RowKeep",
     "Scores",
     "Selection",
     "SnapKVScorer",
@@ -57,6 +70,8 @@ __all__ = [
     "compacted_causal_mask_mod",
     "compacted_prefix_block_mask",
     "compiled_flex_attention",
+    "plan_row_keep",
+    "plan_scores",
     "plan_tokens",
     "prefix_count_mask_mod",
     "probe_positions",

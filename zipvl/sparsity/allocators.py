@@ -30,7 +30,12 @@ from torch import Tensor
 from zipvl.checks import check_fraction, check_int, check_tensor
 from zipvl.types import NONFINITE_MASS_BUDGET, Allocator
 
-__all__ = ["CumulativeMassAllocator", "FixedRatioAllocator", "PerLayerSchedule"]
+__all__ = [
+    "CumulativeMassAllocator",
+    "FixedRatioAllocator",
+    "PerLayerSchedule",
+    "layer_allocator",
+]
 
 
 def _check_mass(mass: object) -> Tensor:
@@ -205,6 +210,27 @@ class PerLayerSchedule:
         ratios = [max(min_ratio, max_ratio - i * step) for i in range(num_layers)]
         return cls(tuple(FixedRatioAllocator(r, min_keep) for r in ratios))
 
+    def for_layer(self, layer_idx: int) -> Allocator:
+        """The allocator of layer ``layer_idx`` (what ``__call__`` delegates to).
+
+        Setup code (``ZipVLConfig.for_layer``, ``ZipVLCache``) resolves a schedule once per
+        layer with this, so no forward looks the layer up, and a schedule shorter than the
+        model fails when the model is set up rather than in the middle of a forward.
+
+        Raises:
+            TypeError / ValueError: ``layer_idx`` is not an int in [0, len(schedule)).
+        """
+        n = len(self.schedule)
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
+            raise TypeError(f"layer_idx: expected an int, got {type(layer_idx).__name__}")
+        if not 0 <= layer_idx < n:
+            raise ValueError(
+                f"layer_idx: expected 0 <= layer_idx < {n} (a PerLayerSchedule of {n} layers), "
+                f"got {layer_idx}"
+            )
+        # ratios were wrapped in FixedRatioAllocator by __post_init__
+        return cast(Allocator, self.schedule[layer_idx])
+
     def __call__(self, mass: Tensor, /, *, layer_idx: int | None = None) -> Tensor:
         """Budget of layer ``layer_idx`` from its own allocator.
 
@@ -224,10 +250,19 @@ class PerLayerSchedule:
                 f"layer_idx: PerLayerSchedule needs the layer index (0 <= layer_idx < {n}), "
                 "got None"
             )
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
-            raise TypeError(f"layer_idx: expected an int, got {type(layer_idx).__name__}")
-        if not 0 <= layer_idx < n:
-            raise ValueError(f"layer_idx: expected 0 <= layer_idx < {n}, got {layer_idx}")
-        # ratios were wrapped in FixedRatioAllocator by __post_init__
-        allocator = cast(Allocator, self.schedule[layer_idx])
-        return allocator(mass, layer_idx=layer_idx)
+        return self.for_layer(layer_idx)(mass, layer_idx=layer_idx)
+
+
+def layer_allocator(allocator: Allocator, layer_idx: int) -> Allocator:
+    """The allocator layer ``layer_idx`` runs: a ``PerLayerSchedule`` resolved to that layer's
+    entry (nested schedules too), any other allocator as it is.
+
+    Called once per layer when a model or cache is set up; the result is still called with
+    ``layer_idx``, so the budgets are those of the schedule itself.
+
+    Raises:
+        TypeError / ValueError: ``layer_idx`` is outside a schedule.
+    """
+    while isinstance(allocator, PerLayerSchedule):
+        allocator = allocator.for_layer(layer_idx)
+    return allocator

@@ -1,14 +1,24 @@
-"""ZipVL's per-layer prefill plan: score -> allocate -> select (arXiv 2410.08584 v1, Alg. 1).
+"""ZipVL's per-layer plan: score -> allocate -> select (arXiv 2410.08584 v1, Alg. 1).
 
 Algorithm 1 order: probe attention A' -> Eq. 6 (the budget p from the raw mass) -> Eq. 7
 (normalized scores) -> Eqs. 8/9 (T = top-p by normalized score, U = the rest). The components are
 swappable; the defaults are ZipVL's (5 % + 5 % probes, tau = 0.975, per-KV-head top-p keeping the
 last token).
+
+This module is the one place where a budget is allocated and tokens are selected:
+
+* ``plan_tokens`` (prefill) scores q against k and then runs ``plan_scores``;
+* ``plan_scores`` allocates and selects on scores computed elsewhere (the decode blocks of the
+  chunked cache, scored by ``zipvl.cache.scoring``); one budget for the whole batch, one host
+  read (the selector's);
+* ``plan_row_keep`` allocates every batch row on its own and builds the keep mask without any
+  host read (the decode blocks of the paged cache, scored from the decode kernel's LSE).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,9 +27,27 @@ from zipvl.checks import check_tensor
 from zipvl.sparsity.allocators import CumulativeMassAllocator
 from zipvl.sparsity.scorers import ProbeScorer
 from zipvl.sparsity.selectors import TopKSelector
-from zipvl.types import Allocator, Scorer, Scores, Selection, Selector, equalize_keep_counts
+from zipvl.types import (
+    Allocator,
+    MassReduce,
+    Scorer,
+    Scores,
+    Selection,
+    Selector,
+    equalize_keep_counts,
+)
 
-__all__ = ["TokenPlan", "padded_spans", "plan_tokens", "row_spans", "select_tokens"]
+__all__ = [
+    "AllReduceMass",
+    "RowKeep",
+    "TokenPlan",
+    "padded_spans",
+    "plan_row_keep",
+    "plan_scores",
+    "plan_tokens",
+    "row_spans",
+    "select_tokens",
+]
 
 _DEFAULT_SCORER = ProbeScorer()
 _DEFAULT_ALLOCATOR = CumulativeMassAllocator(0.975)
@@ -117,6 +145,7 @@ def plan_tokens(
     selector: Selector = _DEFAULT_SELECTOR,
     layer_idx: int | None = None,
     key_valid: Tensor | None = None,
+    mass_reduce: MassReduce | None = None,
 ) -> TokenPlan:
     """Score, allocate and select, returning the intermediate results too.
 
@@ -134,6 +163,9 @@ def plan_tokens(
         selector: (Scores.normalized, budget) -> Selection. Default ``TopKSelector()``.
         layer_idx: passed to the allocator (required by ``PerLayerSchedule``).
         key_valid: optional (B, Skv) bool, True = real token (Sq = Skv: prefill).
+        mass_reduce: optional cross-process sum of the head-summed mass, for heads split over
+            processes (tensor parallelism); see ``plan_scores``. Called once per call of
+            ``plan_tokens``, with or without padding.
 
     Returns:
         ``TokenPlan``. The only host sync is the selector reading the budget back once (with
@@ -151,11 +183,188 @@ def plan_tokens(
             )
         spans = padded_spans(key_valid, k.shape[0], s)
         if spans is not None:
-            return _plan_rows(q, k, spans, scorer, allocator, selector, layer_idx)
-    scores = scorer(q, k)
-    budget = allocator(scores.mass, layer_idx=layer_idx)
+            return _plan_rows(q, k, spans, scorer, allocator, selector, layer_idx, mass_reduce)
+    return plan_scores(
+        scorer(q, k),
+        allocator=allocator,
+        selector=selector,
+        layer_idx=layer_idx,
+        mass_reduce=mass_reduce,
+    )
+
+
+def plan_scores(
+    scores: Scores,
+    *,
+    allocator: Allocator = _DEFAULT_ALLOCATOR,
+    selector: Selector = _DEFAULT_SELECTOR,
+    layer_idx: int | None = None,
+    mass_reduce: MassReduce | None = None,
+) -> TokenPlan:
+    """Allocate and select on scores computed elsewhere: the step ``plan_tokens`` runs after its
+    scorer, and what the chunked cache runs on every decode block.
+
+    One budget for the whole batch (the allocator sees ``scores.mass`` as it is), then the
+    selector on ``scores.normalized``.
+
+    Heads split over processes (``mass_reduce``): the allocator must see the mass of ALL KV
+    heads, but this process holds only some of them. Instead of ``scores.mass`` the allocator
+    then gets ``mass_reduce(scores.mass.sum(dim=1, keepdim=True))``, (B, 1, Skv): the mass
+    summed over the local heads and then over the processes (one all-reduce of B * Skv floats
+    per plan), and its (B, 1) budget is broadcast to the local (B, Hkv). For an allocator that
+    sums over heads (``CumulativeMassAllocator``) or reads only the shape (``FixedRatioAllocator``)
+    that is the single-process budget of the whole model, on every process (up to the fp32
+    rounding of the summation order); no head count is needed because no allocator averages
+    over heads. The selection stays local: with ``granularity="kv_head"`` each process selects
+    for its own heads exactly what a single process would (``"layer"`` sums the scores of the
+    local heads only).
+
+    Args:
+        scores: ``Scores`` with mass and normalized (B, Hkv, Skv) float32.
+        allocator: mass -> budget (B, Hkv). Default ``CumulativeMassAllocator(0.975)``.
+        selector: (normalized, budget) -> Selection. Default ``TopKSelector()``.
+        layer_idx: passed to the allocator.
+        mass_reduce: ``MassReduce`` (B, 1, Skv) -> (B, 1, Skv) summing over processes, called
+            exactly once; None: the heads are all here.
+
+    Returns:
+        ``TokenPlan`` (scores as given). One host read: the selector's.
+
+    Raises:
+        TypeError / ValueError: ``mass_reduce`` is not callable or returns the wrong shape, or
+            the allocator gives a budget of the wrong shape for the head-summed mass.
+    """
+    mass = scores.mass
+    if mass_reduce is not None:
+        mass = _summed_over_processes(mass, mass_reduce)  # (B, 1, Skv)
+    budget = _budget(mass, allocator, layer_idx, _num_heads(scores.mass))  # (B, Hkv)
     selection = selector(scores.normalized, budget)
     return TokenPlan(scores=scores, budget=budget, selection=selection)
+
+
+@dataclass(frozen=True)
+class RowKeep:
+    """What ``plan_row_keep`` produced (device tensors only: nothing was read back).
+
+    Attributes:
+        budget: (B, Hkv) int32, every batch row's own budget.
+        keep: (B, Hkv, Skv) bool, the selector's keep mask for those budgets.
+    """
+
+    budget: Tensor
+    keep: Tensor
+
+
+def plan_row_keep(
+    scores: Scores,
+    *,
+    allocator: Allocator = _DEFAULT_ALLOCATOR,
+    selector: Selector = _DEFAULT_SELECTOR,
+    layer_idx: int | None = None,
+    mass_reduce: MassReduce | None = None,
+) -> RowKeep:
+    """Allocate every batch row on its own mass and build the keep mask, without a host read.
+
+    What the paged cache runs on every decode block (rows are independent there: each keeps
+    its own count). The allocator runs once per row on ``scores.mass[b : b + 1]``; the keep
+    mask comes from the selector's ``keep_mask(normalized, budget)`` (fixed-shape, no host
+    sync; ``TopKSelector`` has it) or, for a selector without one, from its ``Selection``
+    (which may read back).
+
+    Args:
+        scores: ``Scores`` with mass and normalized (B, Hkv, Skv) float32.
+        allocator: one row's mass (1, Hkv, Skv) -> budget (1, Hkv).
+        selector: a ``Selector``, preferably with ``keep_mask``.
+        layer_idx: passed to the allocator.
+        mass_reduce: as in ``plan_scores``: called once for the whole batch, then every row
+            is allocated on its slice of the reduced (B, 1, Skv) mass.
+
+    Returns:
+        ``RowKeep`` (budget (B, Hkv) int32, keep (B, Hkv, Skv) bool).
+    """
+    mass = scores.mass
+    hkv = _num_heads(mass)
+    if mass_reduce is not None:
+        mass = _summed_over_processes(mass, mass_reduce)  # (B, 1, Skv)
+    budget = torch.cat(
+        [_budget(mass[i : i + 1], allocator, layer_idx, hkv) for i in range(mass.shape[0])]
+    )  # (B, Hkv): every row on its own mass
+    keep_mask = getattr(selector, "keep_mask", None)
+    if keep_mask is not None:
+        keep = keep_mask(scores.normalized, budget)  # (B, Hkv, Skv)
+    else:  # a custom selector: its Selection (it may read back)
+        keep = selector(scores.normalized, budget).keep
+    return RowKeep(budget=budget, keep=keep)
+
+
+@dataclass(frozen=True)
+class AllReduceMass:
+    """A ``MassReduce`` over a ``torch.distributed`` process group: all-reduce SUM.
+
+    Pass it as ``mass_reduce`` when the KV heads of a layer are split over the ranks of
+    ``group`` (tensor parallelism), so that every rank allocates the same budget. One
+    collective per layer plan (per decode block on the cache).
+
+    Attributes:
+        group: the process group (None: the default group).
+    """
+
+    group: Any = None
+
+    def __call__(self, mass: Tensor, /) -> Tensor:
+        """(B, 1, Skv) local head-summed mass -> the same summed over the group's ranks."""
+        import torch.distributed as dist
+
+        total = mass.clone()  # the caller's tensor is left as it was
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        return total
+
+
+def _num_heads(mass: object) -> int:
+    return check_tensor("Scores.mass", mass, ndim=3, floating=True).shape[1]
+
+
+def _summed_over_processes(mass: Tensor, mass_reduce: MassReduce) -> Tensor:
+    """The one call of ``mass_reduce`` in the package: (B, Hkv, Skv) local mass -> (B, 1, Skv)
+    mass summed over the KV heads of every process."""
+    if not callable(mass_reduce):
+        raise TypeError(
+            "mass_reduce: expected a callable (B, 1, Skv) -> (B, 1, Skv) that sums over "
+            f"processes, or None, got {type(mass_reduce).__name__}"
+        )
+    local = mass.float().sum(dim=1, keepdim=True)  # (B, 1, Skv)
+    total = mass_reduce(local)
+    if (
+        not isinstance(total, Tensor)
+        or tuple(total.shape) != tuple(local.shape)
+        or not total.is_floating_point()
+    ):
+        got = (
+            f"{tuple(total.shape)} {total.dtype}"
+            if isinstance(total, Tensor)
+            else type(total).__name__
+        )
+        raise ValueError(
+            f"mass_reduce: expected it to return a float tensor of shape (B, 1, Skv) = "
+            f"{tuple(local.shape)} (its input summed over processes), got {got}"
+        )
+    return total
+
+
+def _budget(mass: Tensor, allocator: Allocator, layer_idx: int | None, num_heads: int) -> Tensor:
+    """The allocator's budget (B, num_heads); a head-summed (B, 1, Skv) mass gets one budget
+    per row, shared by the local heads."""
+    budget = allocator(mass, layer_idx=layer_idx)
+    if mass.shape[1] == num_heads:
+        return budget
+    want = (mass.shape[0], 1)
+    if not isinstance(budget, Tensor) or tuple(budget.shape) != want:
+        got = tuple(budget.shape) if isinstance(budget, Tensor) else type(budget).__name__
+        raise ValueError(
+            f"allocator: expected a budget of shape (B, 1) = {want} for the head-summed mass "
+            f"of mass_reduce, got {got}"
+        )
+    return budget.expand(mass.shape[0], num_heads).contiguous()  # (B, Hkv)
 
 
 def _plan_rows(
@@ -166,18 +375,25 @@ def _plan_rows(
     allocator: Allocator,
     selector: Selector,
     layer_idx: int | None,
+    mass_reduce: MassReduce | None,
 ) -> TokenPlan:
     """One plan per row on its real span, assembled over the padded length."""
     b, hkv, s = k.shape[0], k.shape[1], k.shape[-2]
     mass = torch.zeros(b, hkv, s, dtype=torch.float32, device=k.device)
     normalized = torch.zeros_like(mass)
-    budgets, sels = [], []
+    row_scores = []
     for r, (start, end) in enumerate(spans):
         sc = scorer(q[r : r + 1, :, start:end], k[r : r + 1, :, start:end])
-        row_budget = allocator(sc.mass, layer_idx=layer_idx)  # (1, Hkv)
+        row_scores.append(sc)
+        mass[r, :, start:end], normalized[r, :, start:end] = sc.mass[0], sc.normalized[0]
+    # one collective for the whole batch: padding holds zero mass and is sliced off per row
+    total = None if mass_reduce is None else _summed_over_processes(mass, mass_reduce)
+    budgets, sels = [], []
+    for r, (sc, (start, end)) in enumerate(zip(row_scores, spans, strict=True)):
+        row_mass = sc.mass if total is None else total[r : r + 1, :, start:end]
+        row_budget = _budget(row_mass, allocator, layer_idx, hkv)  # (1, Hkv)
         sels.append(selector(sc.normalized, row_budget))
         budgets.append(row_budget)
-        mass[r, :, start:end], normalized[r, :, start:end] = sc.mass[0], sc.normalized[0]
     keep = _topped_up_keep(sels, spans, s)
     row_keep = torch.zeros_like(keep)
     for r, (sel, (start, end)) in enumerate(zip(sels, spans, strict=True)):
