@@ -71,7 +71,7 @@ def build(b: int, n: int, hkv: int, d: int, ratio: float, page: int, tail: int):
 
 LAUNCH_KEYS = {"warps": int, "stages": int, "splits": int, "precise": int, "convert": str,
                "block_t": int, "maxnreg": int}  # fmt: skip
-LAUNCH_DEFAULTS = {"warps": 4, "stages": 2, "splits": 4, "precise": 1, "block_t": 64,
+LAUNCH_DEFAULTS = {"warps": 4, "stages": 2, "splits": 4, "precise": 0, "block_t": 64,
                    "maxnreg": 0}  # fmt: skip
 DEFAULT_SWEEP = [
     {"convert": "cvt"}, {"convert": "magic"}, {"convert": "asm"},

@@ -238,8 +238,11 @@ def _split16(x):
 
 @triton.jit
 def _dot2(a, b, PRECISE: tl.constexpr):
-    """a @ b for float32 a and fp16 b exact in fp16 (codes): with PRECISE, float32-grade (two
-    fp16 dots on the hi and lo parts of a); else one fp16 dot."""
+    """a @ b for float32 a and fp16 b exact in fp16 (codes). Default: one fp16 dot (a rounded
+    to fp16: 11 bits, finer than the bf16 of the plain path, and within the 2x rule of
+    tests/test_decode.py). With PRECISE (workspace ``precise=True``), two fp16 dots on the hi
+    and lo parts of a: float32-grade, at about 1.4x the instructions per page and register
+    spills (sm_90 SASS)."""
     if PRECISE:
         hi, lo = _split16(a)
         return tl.dot(hi, b) + tl.dot(lo, b)
@@ -257,7 +260,7 @@ def _online(s, m_i, l_i):
 
 
 @triton.jit
-def _attend_page(q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
+def _attend_page(qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
                  kc_ptr, vc_ptr, ks_ptr, kz_ptr, va_ptr, vb_ptr, cs_ptr, page, fill, offs_c,
                  QD: tl.constexpr, PAGE: tl.constexpr, BLOCK_T: tl.constexpr,
                  BITS: tl.constexpr, PRECISE: tl.constexpr, CONVERT: tl.constexpr):  # fmt: skip
@@ -266,11 +269,8 @@ def _attend_page(q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
     par = ks_ptr + page * 4 * QD + offs_c
     ks0, ks1 = tl.load(par).to(tl.float32), tl.load(par + QD).to(tl.float32)
     ks2, ks3 = tl.load(par + 2 * QD).to(tl.float32), tl.load(par + 3 * QD).to(tl.float32)
-    par = kz_ptr + page * 4 * QD + offs_c
-    qz = tl.sum(q0 * tl.load(par).to(tl.float32)[None, :], axis=1)
-    qz += tl.sum(q1 * tl.load(par + QD).to(tl.float32)[None, :], axis=1)
-    qz += tl.sum(q2 * tl.load(par + 2 * QD).to(tl.float32)[None, :], axis=1)
-    qz += tl.sum(q3 * tl.load(par + 3 * QD).to(tl.float32)[None, :], axis=1)
+    kz = tl.load(kz_ptr + page * 4 * QD + tl.arange(0, 4 * QD)).to(tl.float32)
+    qz = tl.sum(qf * kz[None, :], axis=1)  # (GP,): q . z, one reduction over all channels
     par = cs_ptr + page * 4 * QD + offs_c
     cs0, cs1 = tl.load(par).to(tl.float32), tl.load(par + QD).to(tl.float32)
     cs2, cs3 = tl.load(par + 2 * QD).to(tl.float32), tl.load(par + 3 * QD).to(tl.float32)
@@ -330,6 +330,9 @@ def _paged_decode_kernel(
     q1 = tl.load(q_rows + QD, mask=gm, other=0.0).to(tl.float32) * sm_scale
     q2 = tl.load(q_rows + 2 * QD, mask=gm, other=0.0).to(tl.float32) * sm_scale
     q3 = tl.load(q_rows + 3 * QD, mask=gm, other=0.0).to(tl.float32) * sm_scale
+    q_full = q_ptr + ((b * num_heads + heads).to(tl.int64) * HEAD_DIM)[:, None]
+    qf = tl.load(q_full + tl.arange(0, HEAD_DIM)[None, :], mask=gm, other=0.0)
+    qf = qf.to(tl.float32) * sm_scale  # (GP, D), for q . z
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     a0 = tl.zeros([GROUP_PAD, QD], tl.float32)
@@ -347,13 +350,13 @@ def _paged_decode_kernel(
             page = tl.load(hpt + row * hcols + u)
             fill = tl.load(hpf + row * hcols + u)
             m_i, l_i, a0, a1, a2, a3 = _attend_page(
-                q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, hkc, hvc, hks, hkz, hva, hvb, hcs,
+                qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, hkc, hvc, hks, hkz, hva, hvb, hcs,
                 page, fill, offs_c, QD, PAGE, BLOCK_T, HBITS, PRECISE, CONVERT)  # fmt: skip
         for u in tl.range(tl.maximum(u0, nh), u1, num_stages=STAGES):
             page = tl.load(lpt + row * lcols + (u - nh))
             fill = tl.load(lpf + row * lcols + (u - nh))
             m_i, l_i, a0, a1, a2, a3 = _attend_page(
-                q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, lkc, lvc, lks, lkz, lva, lvb, lcs,
+                qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, lkc, lvc, lks, lkz, lva, lvb, lcs,
                 page, fill, offs_c, QD, PAGE, BLOCK_T, LBITS, PRECISE, CONVERT)  # fmt: skip
     else:
         fbase = row.to(tl.int64) * fp_stride * HEAD_DIM
@@ -458,7 +461,7 @@ def paged_decode_triton(
         HBITS=fmt.high_bits, LBITS=fmt.low_bits,
         GROUP_PAD=max(16, int(triton.next_power_of_2(g))), BLOCK_T=block_t,
         STAGES=int(workspace.get("stages", 2)), num_warps=int(workspace.get("warps", 4)),
-        PRECISE=bool(workspace.get("precise", True)), CONVERT=convert,
+        PRECISE=bool(workspace.get("precise", False)), CONVERT=convert,
         FP_BLOCK=int(workspace.get("fp_block", 16)), **extra,
     )  # fmt: skip
     # The interpreter converts float32 to bf16 / fp16 by truncation (compiled Triton rounds to
