@@ -239,10 +239,10 @@ def _split16(x):
 @triton.jit
 def _dot2(a, b, PRECISE: tl.constexpr):
     """a @ b for float32 a and fp16 b exact in fp16 (codes). Default: one fp16 dot (a rounded
-    to fp16: 11 bits, finer than the bf16 of the plain path, and within the 2x rule of
-    tests/test_decode.py). With PRECISE (workspace ``precise=True``), two fp16 dots on the hi
-    and lo parts of a: float32-grade, at about 1.4x the instructions per page and register
-    spills (sm_90 SASS)."""
+    to fp16: 11 bits, finer than bf16, within the 2x rule of tests/test_decode.py for bf16 and
+    fp16 inputs). With PRECISE (the default for float32 inputs, or workspace ``precise``), two
+    fp16 dots on the hi and lo parts of a: float32-grade, at about 1.4x the instructions per
+    page and register spills (sm_90 SASS)."""
     if PRECISE:
         hi, lo = _split16(a)
         return tl.dot(hi, b) + tl.dot(lo, b)
@@ -461,7 +461,7 @@ def paged_decode_triton(
         HBITS=fmt.high_bits, LBITS=fmt.low_bits,
         GROUP_PAD=max(16, int(triton.next_power_of_2(g))), BLOCK_T=block_t,
         STAGES=int(workspace.get("stages", 2)), num_warps=int(workspace.get("warps", 4)),
-        PRECISE=bool(workspace.get("precise", False)), CONVERT=convert,
+        PRECISE=bool(workspace.get("precise", q.dtype == torch.float32)), CONVERT=convert,
         FP_BLOCK=int(workspace.get("fp_block", 16)), **extra,
     )  # fmt: skip
     # The interpreter converts float32 to bf16 / fp16 by truncation (compiled Triton rounds to

@@ -501,8 +501,19 @@ class PagedKVStore:
         Raises:
             ValueError: the tail would exceed its capacity (``recompress_every + tail_slack``).
         """
-        self.append_device(k, v)
-        self.advance(k.shape[2])
+        t = k.shape[2]
+        capturing = k.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing or self.tail_length + t > self.tail_cap:
+            self.append_device(k, v)  # (raises on overflow)
+        else:
+            # eager: every row's tail holds ``tail_length`` tokens (the host knows the slot), so
+            # two slice copies and one count update instead of the device-count scatter
+            s0 = self.region_base[TAIL] + self.tail_length
+            d = k.shape[3]
+            self.fp_k[:, s0 : s0 + t].copy_(k.reshape(self.rows, t, d))
+            self.fp_v[:, s0 : s0 + t].copy_(v.reshape(self.rows, t, d))
+            self.fp_count[:, TAIL] += t
+        self.advance(t)
 
     def append_device(self, k: Tensor, v: Tensor) -> None:
         """The device half of ``append``: write the tokens at the device-side tail count and
