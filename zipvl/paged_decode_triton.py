@@ -261,19 +261,18 @@ def _online(s, m_i, l_i):
 
 @triton.jit
 def _attend_page(qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
-                 kc_ptr, vc_ptr, ks_ptr, kz_ptr, va_ptr, vb_ptr, cs_ptr, page, fill, offs_c,
+                 kc_ptr, vc_ptr, va_ptr, vb_ptr, page, fill,
+                 ks0, ks1, ks2, ks3, kz, cs0, cs1, cs2, cs3,
                  QD: tl.constexpr, PAGE: tl.constexpr, BLOCK_T: tl.constexpr,
                  BITS: tl.constexpr, PRECISE: tl.constexpr, CONVERT: tl.constexpr):  # fmt: skip
+    """One page (its parameters loaded one page ahead by ``_page_ahead``)."""
     ROW: tl.constexpr = 4 * QD * BITS // 8
     page = page.to(tl.int64)
-    par = ks_ptr + page * 4 * QD + offs_c
-    ks0, ks1 = tl.load(par).to(tl.float32), tl.load(par + QD).to(tl.float32)
-    ks2, ks3 = tl.load(par + 2 * QD).to(tl.float32), tl.load(par + 3 * QD).to(tl.float32)
-    kz = tl.load(kz_ptr + page * 4 * QD + tl.arange(0, 4 * QD)).to(tl.float32)
-    qz = tl.sum(qf * kz[None, :], axis=1)  # (GP,): q . z, one reduction over all channels
-    par = cs_ptr + page * 4 * QD + offs_c
-    cs0, cs1 = tl.load(par).to(tl.float32), tl.load(par + QD).to(tl.float32)
-    cs2, cs3 = tl.load(par + 2 * QD).to(tl.float32), tl.load(par + 3 * QD).to(tl.float32)
+    ks0, ks1 = ks0.to(tl.float32), ks1.to(tl.float32)
+    ks2, ks3 = ks2.to(tl.float32), ks3.to(tl.float32)
+    cs0, cs1 = cs0.to(tl.float32), cs1.to(tl.float32)
+    cs2, cs3 = cs2.to(tl.float32), cs3.to(tl.float32)
+    qz = tl.sum(qf * kz.to(tl.float32)[None, :], axis=1)  # (GP,): q . z, one reduction
     # q in code space (keys are per channel over the page): k = code * s + z
     qs0, qs1 = q0 * ks0[None, :], q1 * ks1[None, :]
     qs2, qs3 = q2 * ks2[None, :], q3 * ks3[None, :]
@@ -297,6 +296,52 @@ def _attend_page(qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3,
         a1 = a1 * alpha[:, None] + (_dot2(pa, v1, PRECISE) + pz) * cs1[None, :]
         a2 = a2 * alpha[:, None] + (_dot2(pa, v2, PRECISE) + pz) * cs2[None, :]
         a3 = a3 * alpha[:, None] + (_dot2(pa, v3, PRECISE) + pz) * cs3[None, :]
+    return m_i, l_i, a0, a1, a2, a3
+
+
+@triton.jit
+def _page_ahead(pt_ptr, pf_ptr, ks_ptr, kz_ptr, cs_ptr, idx, valid, offs_c, QD: tl.constexpr):
+    """Page id, fill and per-channel parameters of table entry ``idx`` (raw fp16), issued one
+    page before use so their latency hides behind the current page (masked when ``valid`` is
+    false: the entry may not exist)."""
+    page = tl.load(pt_ptr + idx, mask=valid, other=0)
+    fill = tl.load(pf_ptr + idx, mask=valid, other=0)
+    base = page.to(tl.int64) * 4 * QD
+    vm = offs_c < tl.where(valid, QD, 0)  # the scalar mask as a vector (for the interpreter)
+    par = ks_ptr + base + offs_c
+    ks0 = tl.load(par, mask=vm, other=0.0)
+    ks1 = tl.load(par + QD, mask=vm, other=0.0)
+    ks2 = tl.load(par + 2 * QD, mask=vm, other=0.0)
+    ks3 = tl.load(par + 3 * QD, mask=vm, other=0.0)
+    offs_d = tl.arange(0, 4 * QD)
+    kz = tl.load(kz_ptr + base + offs_d, mask=offs_d < tl.where(valid, 4 * QD, 0), other=0.0)
+    par = cs_ptr + base + offs_c
+    cs0 = tl.load(par, mask=vm, other=0.0)
+    cs1 = tl.load(par + QD, mask=vm, other=0.0)
+    cs2 = tl.load(par + 2 * QD, mask=vm, other=0.0)
+    cs3 = tl.load(par + 3 * QD, mask=vm, other=0.0)
+    return page, fill, ks0, ks1, ks2, ks3, kz, cs0, cs1, cs2, cs3
+
+
+@triton.jit
+def _page_loop(qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, start, end, base_idx,
+               kc_ptr, vc_ptr, ks_ptr, kz_ptr, va_ptr, vb_ptr, cs_ptr, pt_ptr, pf_ptr, offs_c,
+               QD: tl.constexpr, PAGE: tl.constexpr, BLOCK_T: tl.constexpr, BITS: tl.constexpr,
+               PRECISE: tl.constexpr, CONVERT: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+    """Pages ``start .. end - 1`` of one pool's table row (entries ``base_idx + u``)."""
+    last = tl.maximum(end - 1, start)
+    (page, fill, ks0, ks1, ks2, ks3, kz, cs0, cs1, cs2, cs3) = _page_ahead(
+        pt_ptr, pf_ptr, ks_ptr, kz_ptr, cs_ptr, base_idx + start, start < end, offs_c, QD)
+    for u in tl.range(start, end, num_stages=STAGES):
+        (npage, nfill, nks0, nks1, nks2, nks3, nkz, ncs0, ncs1, ncs2, ncs3) = _page_ahead(
+            pt_ptr, pf_ptr, ks_ptr, kz_ptr, cs_ptr, base_idx + tl.minimum(u + 1, last),
+            start < end, offs_c, QD)  # in the loop every entry up to ``last`` exists
+        m_i, l_i, a0, a1, a2, a3 = _attend_page(
+            qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, kc_ptr, vc_ptr, va_ptr, vb_ptr,
+            page, fill, ks0, ks1, ks2, ks3, kz, cs0, cs1, cs2, cs3,
+            QD, PAGE, BLOCK_T, BITS, PRECISE, CONVERT)
+        page, fill, ks0, ks1, ks2, ks3, kz = npage, nfill, nks0, nks1, nks2, nks3, nkz
+        cs0, cs1, cs2, cs3 = ncs0, ncs1, ncs2, ncs3
     return m_i, l_i, a0, a1, a2, a3
 
 
@@ -346,18 +391,14 @@ def _paged_decode_kernel(
         per = tl.cdiv(total, NUM_SPLITS)
         u0 = split * per
         u1 = tl.minimum(u0 + per, total)
-        for u in tl.range(u0, tl.minimum(u1, nh), num_stages=STAGES):
-            page = tl.load(hpt + row * hcols + u)
-            fill = tl.load(hpf + row * hcols + u)
-            m_i, l_i, a0, a1, a2, a3 = _attend_page(
-                qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, hkc, hvc, hks, hkz, hva, hvb, hcs,
-                page, fill, offs_c, QD, PAGE, BLOCK_T, HBITS, PRECISE, CONVERT)  # fmt: skip
-        for u in tl.range(tl.maximum(u0, nh), u1, num_stages=STAGES):
-            page = tl.load(lpt + row * lcols + (u - nh))
-            fill = tl.load(lpf + row * lcols + (u - nh))
-            m_i, l_i, a0, a1, a2, a3 = _attend_page(
-                qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, lkc, lvc, lks, lkz, lva, lvb, lcs,
-                page, fill, offs_c, QD, PAGE, BLOCK_T, LBITS, PRECISE, CONVERT)  # fmt: skip
+        m_i, l_i, a0, a1, a2, a3 = _page_loop(
+            qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, u0, tl.minimum(u1, nh), row * hcols,
+            hkc, hvc, hks, hkz, hva, hvb, hcs, hpt, hpf, offs_c,
+            QD, PAGE, BLOCK_T, HBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
+        m_i, l_i, a0, a1, a2, a3 = _page_loop(
+            qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, tl.maximum(u0, nh) - nh, u1 - nh,
+            row * lcols, lkc, lvc, lks, lkz, lva, lvb, lcs, lpt, lpf, offs_c,
+            QD, PAGE, BLOCK_T, LBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
     else:
         fbase = row.to(tl.int64) * fp_stride * HEAD_DIM
         for r in tl.static_range(4):
