@@ -1,9 +1,9 @@
 """Tensor-parallel checks on the CPU: a tiny Qwen2 sharded with ``tp_plan="auto"`` over gloo.
 
-``save_uneven_heads_model`` writes a tiny random Qwen2 whose KV heads differ in peakedness (the
-key projection of KV head 0 is scaled up x100, that of the last head is left as it is), so that a rank that
-budgets only its own heads keeps a different number of tokens than the whole model would: the
-set-up that shows whether the mass is reduced across the tensor-parallel group.
+``save_uneven_heads_model`` writes a tiny random Qwen2 whose KV heads differ in peakedness
+(the key projection of KV head 0 is scaled up x100, that of the last head is left as it is), so
+that a rank that budgets only its own heads keeps a different number of tokens than the whole
+model would: the set-up that shows whether the mass is reduced across the tensor-parallel group.
 
 Run under ``torchrun`` (every rank writes ``<out>/rank<r>.json``)::
 
@@ -150,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "mass_reduce_size": _error(
             lambda: zipvl.enable(tp, sparse, mass_reduce=AllReduceMass(mine))
         ),
-        "not_sharded": _error(
-            lambda: zipvl.enable(whole, sparse, process_group=dist.group.WORLD)
-        ),
+        "not_sharded": _error(lambda: zipvl.enable(whole, sparse, process_group=dist.group.WORLD)),
     }
     # a cache made for another world size, bound by hand (enable always builds a matching one)
     from zipvl.models.hf import _function_of
@@ -160,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     zipvl.enable(tp, sparse)
     fn = _function_of(tp.get_decoder())
     assert fn is not None
-    fn.cache = make_cache(sparse, fn.num_layers, update_reads="none", mass_reduce=AllReduceMass(mine))
+    fn.cache = make_cache(
+        sparse, fn.num_layers, update_reads="none", mass_reduce=AllReduceMass(mine)
+    )
     errors["cache_world_size"] = _error(
         lambda: tp(ids, **zipvl.cache_kwargs(tp, fn.cache))  # type: ignore[union-attr]
     )
