@@ -133,12 +133,12 @@ def test_demo_over_two_processes_keeps_what_one_process_keeps(tmp_path: Path) ->
     """``zipvl demo --tp 2`` starts torchrun itself: the built-in model's heads are sharded
     over 2 CPU processes (gloo), and every layer keeps what the one-process demo keeps."""
     args = ["--frames", "1", "--repeats", "1", "--warmup", "0", "--max-new-tokens", "2"]
+    argv = ["-m", "zipvl", "demo", "--tp", "2", "--quiet", "--out", str(tmp_path), *args]
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "zipvl", "demo", "--tp", "2", "--quiet", "--out", str(tmp_path)]
-        + args,
+        [sys.executable, *argv],
         cwd=root,
         env=env,
         capture_output=True,
