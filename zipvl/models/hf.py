@@ -500,7 +500,10 @@ def _group_ranks(group: Any) -> list[int]:
 
 
 def _head_split(
-    model: nn.Module, decoder: PreTrainedModel, process_group: Any, mass_reduce: object
+    model: nn.Module,
+    decoder: PreTrainedModel,
+    process_group: Any,
+    mass_reduce: MassReduce | None,
 ) -> HeadSplit | None:
     """The model's head split and the reduction of its caches (None: one process, none).
 

@@ -53,7 +53,7 @@ def save_uneven_heads_model(
 
     cfg = Qwen2Config(**_text_kwargs(num_layers, 64, 4, kv_heads))
     with _seeded(seed):
-        model = Qwen2ForCausalLM(cfg)
+        model: Any = Qwen2ForCausalLM(cfg)
     head_dim = 64 // 4
     with torch.no_grad():
         for layer in model.model.layers:
