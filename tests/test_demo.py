@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -120,3 +123,43 @@ def test_synthetic_inputs_are_deterministic() -> None:
     spec = DEMO_SPECS["tiny"]
     assert inputs["pixel_values"].shape == (1 + spec.frames, 3, spec.image_size, spec.image_size)
     assert int((inputs["input_ids"] == 255).sum()) == spec.visual_tokens
+
+
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
+def test_demo_over_two_processes_keeps_what_one_process_keeps(tmp_path: Path) -> None:
+    """``zipvl demo --tp 2`` starts torchrun itself: the built-in model's heads are sharded
+    over 2 CPU processes (gloo), and every layer keeps what the one-process demo keeps."""
+    args = ["--frames", "1", "--repeats", "1", "--warmup", "0", "--max-new-tokens", "2"]
+    argv = ["-m", "zipvl", "demo", "--tp", "2", "--quiet", "--out", str(tmp_path), *args]
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run(
+        [sys.executable, *argv],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count(TABLE_HEADER) == 1  # rank 0 prints, rank 1 does not
+    assert "tensor parallel: 2 processes (cpu)" in proc.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    one = run_demo(
+        frames=1,
+        repeats=1,
+        warmup=0,
+        max_new_tokens=2,
+        out_dir=tmp_path / "one",
+        progress=False,
+        stdout=open(os.devnull, "w"),  # noqa: SIM115
+    )
+    assert summary["tp"] == 2
+    kept = [r.kept_tokens for r in one.report.layers]
+    assert summary["rank_kept_tokens"] == [kept, kept]
+    assert summary["layer_kept_ratio"] == [r.kept_ratio for r in one.report.layers]

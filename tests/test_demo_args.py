@@ -50,6 +50,7 @@ def nothing_built(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(lvlm, "build_demo_lvlm", fail)
     monkeypatch.setattr(lvlm, "load_local_model", fail)
+    monkeypatch.setattr(lvlm, "load_demo_lvlm_tp", fail)
 
 
 @pytest.mark.parametrize(
@@ -70,6 +71,7 @@ def nothing_built(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--recompress-every", "0"], "argument --recompress-every: expected an int >= 1"),
         (["--seed", "-1"], "argument --seed: expected an int >= 0, got -1"),
         (["--preset", "h2o"], "argument --preset: invalid choice: 'h2o'"),
+        (["--tp", "0"], "argument --tp: expected an int >= 1, got 0"),
     ],
 )
 def test_bad_arguments_are_usage_errors(
@@ -102,6 +104,25 @@ def test_bad_out_and_model(
     line = _usage_error(["demo", "--model", str(ckpt), "--frames", "3"], capsys)
     assert "argument --frames: only for the built-in model" in line
     assert out_dir_problem(tmp_path / "new") is None and out_dir_problem(tmp_path) is None
+
+
+def test_tp_inside_torchrun_must_match_its_world_size(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    nothing_built: None,
+) -> None:
+    """Under torchrun (WORLD_SIZE set) ``--tp`` runs the demo in this process, so the two must
+    agree; a GPU index cannot be chosen (each process takes its LOCAL_RANK's)."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    line = _usage_error(["demo", "--tp", "2", "--out", str(tmp_path)], capsys)
+    assert "argument --tp: expected to run in one of 2 torchrun processes (WORLD_SIZE=2)" in line
+    assert "got WORLD_SIZE=3" in line
+    with pytest.raises(ValueError, match=r"^tp: expected to run in one of 2 torchrun"):
+        check_demo_args(tp=2, out_dir=tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"^device: expected 'cpu' or 'cuda' with tp=2"):
+        check_demo_args(tp=2, device="cuda:0", out_dir=tmp_path)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write to any directory")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,6 +50,7 @@ _OPTION_OF = {
     "warmup": "--warmup",
     "out_dir": "--out",
     "seed": "--seed",
+    "tp": "--tp",
 }
 
 
@@ -180,6 +182,14 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         default=2,
         help="untimed prefill runs before the timed ones",
     )
+    demo.add_argument(
+        "--tp",
+        type=_int_at_least(1),
+        default=1,
+        help="tensor-parallel processes: the model's heads are sharded over N processes "
+        "(transformers tp_plan='auto'; gloo on the CPU, NCCL with --device cuda); started "
+        "with torchrun when not already running under it",
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="zipvl_demo_out", help="output dir for the plot/summary")
     demo.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -214,6 +224,16 @@ def _usage_error(parser: argparse.ArgumentParser, err: ValueError) -> None:
     parser.error(f"argument {option}:{rest}" if sep and option else text)
 
 
+def _under_torchrun(tp: int, argv: list[str]) -> int:
+    """Run ``zipvl <argv>`` in ``tp`` processes of one host (``torchrun --standalone``) and
+    return its exit status; each process sees WORLD_SIZE and runs the demo itself."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={tp}", "-m", "zipvl", *argv]
+    return subprocess.call(cmd)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``zipvl`` console script.
 
@@ -227,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         _check_without_torch(demo_parser, args)
+        if args.tp > 1 and "WORLD_SIZE" not in os.environ:
+            return _under_torchrun(args.tp, sys.argv[1:] if argv is None else argv)
         from zipvl import demo  # lazy: torch loads only for the demo, transformers later
 
         kwargs = dict(
@@ -244,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             repeats=args.repeats,
             warmup=args.warmup,
             seed=args.seed,
+            tp=args.tp,
         )
         try:
             demo.check_demo_args(**kwargs)

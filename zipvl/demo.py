@@ -29,7 +29,9 @@ after that. Model building and loading live in ``zipvl.testing.demo_lvlm``.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import os
 import statistics
 import sys
 import time
@@ -256,8 +258,6 @@ def _time_runs(
     return Timing(tuple(times))
 
 
-
-
 def _unquantized(config: ZipVLConfig) -> ZipVLConfig:
     """The same sparsity with a 16-bit cache: separates attention from quantization time."""
     quant_keys = ("quantizer", "bits_high", "bits_low", "quant_impl")
@@ -406,6 +406,7 @@ def run_demo(
     repeats: int = 5,
     warmup: int = 2,
     seed: int = 0,
+    tp: int = 1,
     progress: bool = True,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
@@ -434,6 +435,9 @@ def run_demo(
         repeats: timed prefill runs per setting (min / median / max are reported), >= 1.
         warmup: untimed prefill runs before the timed ones, >= 0.
         seed: seeds the built-in model and the synthetic inputs.
+        tp: tensor-parallel processes (> 1: this is one of ``tp`` torchrun processes; the
+            model is loaded with ``tp_plan="auto"``, ZipVL reduces the attention mass over
+            them, and only rank 0 prints and writes files; every rank returns the result).
         progress: progress on ``stderr``: stage lines, and tqdm bars when it is a terminal.
         stdout: report stream (default ``sys.stdout``).
         stderr: progress stream (default ``sys.stderr``).
@@ -459,6 +463,7 @@ def run_demo(
         repeats=repeats,
         warmup=warmup,
         seed=seed,
+        tp=tp,
     )
     # transformers loads here, after the arguments are known to be good
     from zipvl.models import cache_kwargs, disable, enable, is_enabled, new_cache
@@ -467,6 +472,9 @@ def run_demo(
 
     out_stream = sys.stdout if stdout is None else stdout
     err_stream = sys.stderr if stderr is None else stderr
+    lead = int(os.environ.get("RANK", "0")) == 0 if tp > 1 else True  # prints, writes files
+    if not lead:
+        out_stream, progress = io.StringIO(), False
     prog = _Progress(progress, err_stream)
     for warning in setup.warnings:
         print(f"[zipvl demo] {warning}", file=err_stream, flush=True)
@@ -485,9 +493,18 @@ def run_demo(
     t0 = time.perf_counter()
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     inputs: Mapping[str, Any]
-    if model_path is None:
-        model: Any = lvlm.build_demo_lvlm(size, seed=seed)  # type: ignore[arg-type]
+    if model_path is None and tp > 1:
+        model: Any = lvlm.load_demo_lvlm_tp(size, seed=seed, dtype=dtype)  # type: ignore[arg-type]
+    elif model_path is None:
+        model = lvlm.build_demo_lvlm(size, seed=seed)  # type: ignore[arg-type]
         model.to(device=dev, dtype=dtype)
+    else:
+        model, processor = lvlm.load_local_model(
+            model_path, device=str(dev), dtype=dtype, tensor_parallel=tp > 1
+        )
+    if tp > 1:
+        dev = next(model.parameters()).device  # transformers put this rank's shard there
+    if model_path is None:
         inputs = lvlm.demo_inputs(size, frames=frames, seed=seed)  # type: ignore[arg-type]
         spec = lvlm.DEMO_SPECS[size]
         n_frames = spec.frames if frames is None else frames
@@ -497,7 +514,6 @@ def run_demo(
             f"1 image + {n_frames}-frame video, {spec.tokens_per_picture} tokens each)"
         )
     else:
-        model, processor = lvlm.load_local_model(model_path, device=str(dev), dtype=dtype)
         image = lvlm.synthetic_image(getattr(model.config.vision_config, "image_size", 336))
         inputs = lvlm.processor_inputs(processor, lvlm.to_pil(image))
         image_token = getattr(model.config, "image_token_id", None)
@@ -517,6 +533,8 @@ def run_demo(
             lambda: model(**inputs, use_cache=True), dev, repeats, warmup, "dense prefill", prog
         )
         shape = lvlm.attention_shape(model)
+        if tp > 1:  # every process attends over its own share of the heads
+            shape = (shape[0], shape[1] // tp, shape[2] // tp, shape[3])
         prog.stage(f"timing one layer's dense attention at S = {prompt_len} (Amdahl bound)")
         attn_t = _dense_attention_ms(shape, prompt_len, dev, dtype, repeats, warmup, prog)
         dense_out = model.generate(
@@ -570,9 +588,10 @@ def run_demo(
     bound = amdahl_bound(attn_share, [r.kept_ratio for r in report.prefilled] or [1.0])
 
     out = Path(out_dir)
-    out.mkdir(exist_ok=True)  # its parent exists: check_demo_args
+    if lead:
+        out.mkdir(exist_ok=True)  # its parent exists: check_demo_args
     plot = None
-    if plotting.available():
+    if lead and plotting.available():
         plot = plot_kept_ratio(report, out / "kept_ratio.png", preset=preset)
     dense_tok = _tokens(dense_out, prompt_len)
     zipvl_tok = _tokens(zipvl_out, prompt_len)
@@ -587,6 +606,16 @@ def run_demo(
         f"device {dev}, {str(dtype).replace('torch.', '')}; prompt {prompt_len} tokens "
         f"({visual} visual); preset {preset!r}: {config.describe()}"
     )
+    if tp > 1:
+        rank_kept = [[r.kept_tokens for r in rep.layers] for rep in report.ranks]
+        same = all(k == rank_kept[0] for k in rank_kept)
+        say(
+            f"tensor parallel: {tp} processes ({dev.type}), each holding {shape[2]} of "
+            f"{shape[2] * tp} KV heads per layer; every layer's budget is chosen on the "
+            "attention mass all-reduced over them, so every process keeps the same tokens "
+            f"per head ({'yes' if same else 'NO'}: {rank_kept}); the table is the whole "
+            "model (bytes summed over the processes)"
+        )
     say()
     say("## Per-layer kept ratio and KV cache (ZipVL)")
     say()
@@ -643,44 +672,46 @@ def run_demo(
     if plot is None:
         say(f"plot: none ({plotting.missing_message('the kept-ratio plot')})")
     say(f"plot: {plot}  summary: {summary}" if plot else f"summary: {summary}")
-    summary.write_text(
-        json.dumps(
-            {
-                "model": title,
-                "device": str(dev),
-                "preset": preset,
-                "config": config.describe(),
-                "prompt_tokens": prompt_len,
-                "visual_tokens": visual,
-                "kept_ratio": report.kept_ratio,
-                "layer_kept_ratio": [r.kept_ratio for r in report.layers],
-                "attn_flop_reduction": report.attn_flop_reduction,
-                "kv_bytes": report.bytes,
-                "kv_bf16_bytes": report.bf16_bytes,
-                "compression": report.bf16_bytes / report.live_bytes,
-                "compression_held": report.compression,
-                "kv_live_bytes": report.live_bytes,
-                "prefill_ms_dense": dense_ms,
-                "prefill_ms_zipvl": zipvl_ms,
-                "prefill_ms_zipvl_16bit_cache": sparse_ms,
-                "prefill_runs_ms": {
-                    "dense": list(dense_t.runs_ms),
-                    "zipvl": list(zipvl_t.runs_ms),
-                    "zipvl_16bit_cache": list(sparse_t.runs_ms),
-                },
-                "warmup_runs": warmup,
-                "attn_ms_per_layer_dense": attn_ms,
-                "attn_share_dense": attn_share,
-                "amdahl_bound": bound,
-                "probe_cap": config.probe_cap,
-                "dense_tokens": list(dense_tok),
-                "zipvl_tokens": list(zipvl_tok),
-                "agreement": agree,
-                "teacher_forced_agreement": forced_agree,
+    summary_doc = json.dumps(
+        {
+            "model": title,
+            "device": str(dev),
+            "preset": preset,
+            "config": config.describe(),
+            "prompt_tokens": prompt_len,
+            "visual_tokens": visual,
+            "kept_ratio": report.kept_ratio,
+            "layer_kept_ratio": [r.kept_ratio for r in report.layers],
+            "attn_flop_reduction": report.attn_flop_reduction,
+            "kv_bytes": report.bytes,
+            "kv_bf16_bytes": report.bf16_bytes,
+            "compression": report.bf16_bytes / report.live_bytes,
+            "compression_held": report.compression,
+            "kv_live_bytes": report.live_bytes,
+            "prefill_ms_dense": dense_ms,
+            "prefill_ms_zipvl": zipvl_ms,
+            "prefill_ms_zipvl_16bit_cache": sparse_ms,
+            "prefill_runs_ms": {
+                "dense": list(dense_t.runs_ms),
+                "zipvl": list(zipvl_t.runs_ms),
+                "zipvl_16bit_cache": list(sparse_t.runs_ms),
             },
-            indent=2,
-        )
+            "warmup_runs": warmup,
+            "attn_ms_per_layer_dense": attn_ms,
+            "attn_share_dense": attn_share,
+            "amdahl_bound": bound,
+            "probe_cap": config.probe_cap,
+            "dense_tokens": list(dense_tok),
+            "zipvl_tokens": list(zipvl_tok),
+            "agreement": agree,
+            "teacher_forced_agreement": forced_agree,
+            "tp": tp,
+            "rank_kept_tokens": [[r.kept_tokens for r in rep.layers] for rep in report.ranks],
+        },
+        indent=2,
     )
+    if lead:  # with tp > 1, rank 0 writes the files
+        summary.write_text(summary_doc)
     return DemoResult(
         report=report,
         prompt_tokens=prompt_len,

@@ -129,6 +129,7 @@ def check_demo_args(
     repeats: int = 5,
     warmup: int = 2,
     seed: int = 0,
+    tp: int = 1,
 ) -> DemoSetup:
     """Check every argument of ``run_demo`` before anything is built (no transformers import).
 
@@ -152,6 +153,20 @@ def check_demo_args(
     if not isinstance(device, str) or DEVICE_PATTERN.fullmatch(device) is None:
         raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     dev = torch.device(device)
+    check_int("tp", tp, 1)
+    if tp > 1:
+        world = os.environ.get("WORLD_SIZE")
+        if world != str(tp):
+            raise ValueError(
+                f"tp: expected to run in one of {tp} torchrun processes (WORLD_SIZE={tp}), got "
+                f"WORLD_SIZE={world}: run `zipvl demo --tp {tp}` (it starts torchrun) or "
+                f"`torchrun --nproc-per-node {tp} -m zipvl demo --tp {tp}`"
+            )
+        if dev.index is not None:
+            raise ValueError(
+                f"device: expected 'cpu' or 'cuda' with tp={tp} (every process takes the GPU "
+                f"of its LOCAL_RANK), got {device!r}"
+            )
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device: {device!r} requested but CUDA is not available")
@@ -160,6 +175,11 @@ def check_demo_args(
                 f"device: {device!r} requested but only {torch.cuda.device_count()} CUDA "
                 "device(s) exist"
             )
+    if tp > 1 and dev.type == "cuda" and torch.cuda.device_count() < tp:
+        raise ValueError(
+            f"tp: expected at most the {torch.cuda.device_count()} CUDA device(s) of this "
+            f"host, got tp={tp}"
+        )
     if model_path is not None:
         problem = checkpoint_problem(model_path)
         if problem is not None:

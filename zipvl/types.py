@@ -68,8 +68,13 @@ MassReduce = Callable[[Tensor], Tensor]
 
 The input is this process's mass summed over its own KV heads; the output must be that tensor
 summed over every process that holds heads of the same layer (an all-reduce SUM, e.g.
-``zipvl.sparsity.all_reduce_mass(group)``), so that every process allocates the same budget.
-It may return a new tensor or reduce in place and return its input."""
+``zipvl.sparsity.AllReduceMass(group)``), so that every process allocates the same budget.
+It may return a new tensor or reduce in place and return its input.
+
+A reduction over a process group may also have ``world_size`` and ``rank`` (ints) and
+``gather(obj) -> list`` (every rank's ``obj``, in rank order), as ``AllReduceMass`` has:
+``ZipVLCache`` then reports its world size (checked against the model by ``zipvl.enable``) and
+``report()`` gathers the figures of every rank. A plain callable reduces the mass only."""
 
 
 @dataclass(frozen=True)

@@ -439,8 +439,37 @@ class ZipVLCache(Cache):
         """Bytes held by all layers (exact: sum of ``nbytes`` of every tensor)."""
         return sum(layer.nbytes() for layer in self.layers)
 
-    def report(self) -> CacheReport:
-        """Per-layer kept ratio, attention-FLOP reduction, precision mix and memory."""
+    @property
+    def world_size(self) -> int | None:
+        """The processes this cache's KV heads are split over: 1 without ``mass_reduce``, the
+        ``world_size`` of a ``mass_reduce`` over a process group (``AllReduceMass``), None
+        for a plain ``mass_reduce`` callable (unknown)."""
+        if self.mass_reduce is None:
+            return 1
+        size = getattr(self.mass_reduce, "world_size", None)
+        return size if isinstance(size, int) else None
+
+    def report(self, *, gather: bool = True) -> CacheReport:
+        """Per-layer kept ratio, attention-FLOP reduction, precision mix and memory.
+
+        KV heads split over processes (a ``mass_reduce`` over a group of several ranks, such
+        as ``AllReduceMass``, the one ``zipvl.enable`` builds on a tensor-parallel model): this
+        cache holds this rank's heads only. With ``gather`` (the default) every rank's figures
+        are gathered (one ``all_gather_object`` of a few numbers per layer: a collective, so
+        every rank must call ``report()``) and the report is the whole model's
+        (``CacheReport.merge``: bytes summed over the ranks, per-row token counts averaged),
+        with each rank's own report in ``ranks``. ``gather=False`` (or a plain ``mass_reduce``
+        callable, which cannot gather) reports this rank alone, without a collective.
+        """
+        rank = getattr(self.mass_reduce, "rank", 0)
+        local = self._local_report(rank if isinstance(rank, int) else 0)
+        gather_fn = getattr(self.mass_reduce, "gather", None)
+        size = self.world_size
+        if not gather or gather_fn is None or size is None or size <= 1:
+            return local
+        return CacheReport.merge(tuple(gather_fn(local)), rank=local.rank)
+
+    def _local_report(self, rank: int) -> CacheReport:
         rows = []
         for i, layer in enumerate(self.layers):
             ratio = layer.kept_tokens / layer.prompt_tokens if layer.prompt_tokens else 1.0
@@ -465,7 +494,7 @@ class ZipVLCache(Cache):
                     decode_read=self._decode_read(i),
                 )
             )
-        return CacheReport(layers=tuple(rows))
+        return CacheReport(layers=tuple(rows), rank=rank)
 
     # transformers' generate marks a cache the caller passed in by setting this attribute at the
     # start of every call (5.24; versions that do not set it are covered by the attention

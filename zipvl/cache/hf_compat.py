@@ -88,6 +88,8 @@ __all__ = [
     "Qwen2_5_VLForConditionalGeneration",
     "SiglipVisionConfig",
     "check_transformers_version",
+    "local_kv_heads",
+    "tensor_parallel",
 ]
 _EAGER = (
     "MAX_VERSION",
@@ -99,6 +101,8 @@ _EAGER = (
     "CacheLayerMixin",
     "DynamicCache",
     "check_transformers_version",
+    "local_kv_heads",
+    "tensor_parallel",
 )
 LAZY_NAMES: frozenset[str] = frozenset(__all__) - frozenset(_EAGER)
 """transformers' top-level names re-exported here on first use."""
@@ -141,3 +145,64 @@ def check_transformers_version(version: str) -> Version:
 
 
 TRANSFORMERS_VERSION: Version = check_transformers_version(transformers.__version__)
+
+
+def tensor_parallel(model: Any) -> tuple[int, Any] | None:
+    """The tensor-parallel degree and process group of a model transformers sharded, or None.
+
+    ``from_pretrained(tp_plan="auto")`` (or ``distributed_config=DistributedConfig(...)``) sets,
+    on the model it returns, ``tp_size`` (a property over ``_tp_size``) and ``_device_mesh``:
+    in 5.17 the 1-D tensor-parallel mesh, in 5.24 the (pp, fsdp, tp) mesh whose ``"tp"``
+    dimension is the tensor-parallel one (both versions name it ``"tp"`` when the mesh has
+    several dimensions). A model that was not sharded has ``tp_size`` None (or 1).
+
+    Args:
+        model: a transformers model (the one ``from_pretrained`` returned: its language model
+            does not carry the attributes).
+
+    Returns:
+        (tp_size, group): the degree and the ``torch.distributed`` group of the ranks that
+        share the model's heads; None when the model is not tensor-parallel.
+
+    Raises:
+        ValueError: ``tp_size`` > 1 but no device mesh with a tensor-parallel dimension.
+    """
+    size = getattr(model, "tp_size", None)
+    if not isinstance(size, int) or size <= 1:
+        return None
+    mesh = getattr(model, "_device_mesh", None)
+    names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+    if mesh is not None and "tp" in names:
+        mesh = mesh["tp"]
+    elif mesh is None or mesh.ndim != 1:
+        raise ValueError(
+            f"model: expected a tensor-parallel device mesh (a 1-D mesh or one with a 'tp' "
+            f"dimension) on a model with tp_size={size}, got {mesh!r}"
+        )
+    return size, mesh.get_group()
+
+
+def local_kv_heads(decoder: Any) -> dict[int, int]:
+    """The KV heads this process holds, per layer, read from the key projections.
+
+    A transformers attention module has ``layer_idx``, ``head_dim`` and a ``k_proj`` linear
+    whose output is the keys of its KV heads. Under tensor parallelism the weight is a
+    ``DTensor`` sharded over the heads (rows); its local shard holds this process's heads.
+
+    Args:
+        decoder: the language model (``get_decoder()``).
+
+    Returns:
+        {layer_idx: local KV heads}; empty when no attention module has that layout (then only
+        the check at the first forward applies).
+    """
+    heads: dict[int, int] = {}
+    for module in decoder.modules():
+        layer_idx = getattr(module, "layer_idx", None)
+        head_dim = getattr(module, "head_dim", None)
+        weight = getattr(getattr(module, "k_proj", None), "weight", None)
+        if not isinstance(layer_idx, int) or not isinstance(head_dim, int) or weight is None:
+            continue
+        local = weight.to_local() if hasattr(weight, "to_local") else weight  # DTensor shard
+        heads[layer_idx] = int(local.shape[0]) // head_dim
+    return heads

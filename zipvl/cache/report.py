@@ -89,11 +89,84 @@ class LayerReport:
 class CacheReport:
     """All layers of a cache, with totals.
 
+    A cache whose KV heads are split over processes (tensor parallelism) reports the whole
+    model (``merge`` of the ranks' reports) and keeps each rank's own report in ``ranks``.
+
     Attributes:
         layers: one ``LayerReport`` per created layer, in layer order.
+        ranks: every rank's own report, in rank order (empty: one process).
+        rank: the rank that built this report (0 for one process).
     """
 
     layers: tuple[LayerReport, ...]
+    ranks: tuple[CacheReport, ...] = ()
+    rank: int = 0
+
+    @property
+    def world_size(self) -> int:
+        """Processes this report covers (1 for one process)."""
+        return max(len(self.ranks), 1)
+
+    @staticmethod
+    def merge(ranks: tuple[CacheReport, ...], *, rank: int = 0) -> CacheReport:
+        """The whole model's report from every rank's report of its own KV heads.
+
+        Every rank holds the same number of KV heads (the model's are split evenly), so a
+        per-row figure of the whole model is the mean over the ranks, and a byte count the sum:
+
+        * ``prompt_tokens``, ``seq_length``, ``decode_blocks``, ``decode_block_tokens``,
+          ``storage``, ``decode_read``: rank 0's (the same on every rank);
+        * ``kept_tokens``: the mean over the ranks, rounded (the same on every rank when the
+          budget is reduced over them, as ``zipvl.enable`` does), and ``kept_ratio`` from it;
+        * ``tokens_at_bits`` and ``decode_kept_tokens``: the mean over the ranks;
+        * ``bytes``, ``bf16_bytes``, ``live_bytes``: the sum over the ranks.
+
+        Args:
+            ranks: one report per rank, in rank order, each with the same layers.
+            rank: the rank building the merged report.
+
+        Raises:
+            ValueError: no report, or reports with different layers.
+        """
+        if not ranks:
+            raise ValueError("ranks: expected one report per rank, got none")
+        first = ranks[0]
+        layer_ids = [r.layer for r in first.layers]
+        for i, other in enumerate(ranks):
+            if [r.layer for r in other.layers] != layer_ids:
+                raise ValueError(
+                    f"ranks: expected every rank to report layers {layer_ids}, rank {i} reports "
+                    f"{[r.layer for r in other.layers]}"
+                )
+        n = len(ranks)
+        rows = []
+        for j, base in enumerate(first.layers):
+            per = [other.layers[j] for other in ranks]
+            kept = round(sum(r.kept_tokens for r in per) / n)
+            ratio = kept / base.prompt_tokens if base.prompt_tokens else 1.0
+            bits = sorted({b for r in per for b in r.tokens_at_bits})
+            rows.append(
+                LayerReport(
+                    layer=base.layer,
+                    prompt_tokens=base.prompt_tokens,
+                    kept_tokens=kept,
+                    kept_ratio=ratio,
+                    attn_flop_reduction=1.0 - ratio**2,
+                    seq_length=base.seq_length,
+                    tokens_at_bits={
+                        b: sum(r.tokens_at_bits.get(b, 0) for r in per) / n for b in bits
+                    },
+                    decode_blocks=base.decode_blocks,
+                    decode_block_tokens=base.decode_block_tokens,
+                    decode_kept_tokens=sum(r.decode_kept_tokens for r in per) / n,
+                    bytes=sum(r.bytes for r in per),
+                    bf16_bytes=sum(r.bf16_bytes for r in per),
+                    live_bytes=sum(r.live_bytes for r in per),
+                    storage=base.storage,
+                    decode_read=base.decode_read,
+                )
+            )
+        return CacheReport(layers=tuple(rows), ranks=tuple(ranks), rank=rank)
 
     @property
     def prefilled(self) -> tuple[LayerReport, ...]:

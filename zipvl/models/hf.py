@@ -55,6 +55,8 @@ from zipvl.cache.hf_compat import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2ForCausalLM,
     Qwen2VLForConditionalGeneration,
+    local_kv_heads,
+    tensor_parallel,
 )
 from zipvl.cache.paged_layer import DECODE
 from zipvl.config import LayerConfig, ZipVLConfig
@@ -65,6 +67,7 @@ from zipvl.models.attention import (
     retained_attention_mass,
 )
 from zipvl.models.cache_arg import cache_argument
+from zipvl.sparsity.pipeline import AllReduceMass
 from zipvl.types import MassReduce
 
 __all__ = [
@@ -110,6 +113,27 @@ class LayerTrace:
     retained_mass: float
 
 
+@dataclass(frozen=True)
+class HeadSplit:
+    """How a model's KV heads are split over processes (tensor parallelism).
+
+    Attributes:
+        world_size: processes holding the heads of every layer (1: all heads are here).
+        kv_heads: the model's KV heads per layer (``num_key_value_heads``).
+        mass_reduce: the cross-process sum of the attention mass every cache of the model
+            gets (None with one process).
+    """
+
+    world_size: int
+    kv_heads: int
+    mass_reduce: MassReduce | None = None
+
+    @property
+    def local_kv_heads(self) -> int:
+        """KV heads per process."""
+        return self.kv_heads // self.world_size
+
+
 class _ZipVLAttentionFunction:
     """The attention function registered for one model; holds that model's ZipVL state."""
 
@@ -120,13 +144,15 @@ class _ZipVLAttentionFunction:
         num_layers: int,
         original: str,
         *,
-        mass_reduce: MassReduce | None = None,
+        split: HeadSplit | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self.num_layers = num_layers
         self.original = original
-        self.mass_reduce = mass_reduce  # every cache of this model gets it (new_cache too)
+        self.split = split
+        # every cache of this model gets it (new_cache too)
+        self.mass_reduce = None if split is None else split.mass_reduce
         # every layer's components, resolved once here: a forward only indexes this tuple
         self.layers: tuple[LayerConfig, ...] = tuple(
             config.for_layer(i) for i in range(num_layers)
@@ -238,6 +264,8 @@ class _ZipVLAttentionFunction:
             cache.compress_tail(layer_idx, query, keys=key, scale=scaling, key_valid=valid)
             return out, None
 
+        if self.split is not None:
+            _check_split(self.split, cache, key, layer_idx)
         key_valid = _key_valid_from_mask(attention_mask, query.shape[-2])
         lc = self.layers[layer_idx]
         res = prefill_attention(
@@ -259,6 +287,28 @@ class _ZipVLAttentionFunction:
         keep = res.commit_keep if paged else res.keep
         cache.compress_prefill(layer_idx, keep, key_valid=key_valid)
         return res.output.transpose(1, 2).contiguous(), None  # (B, S, Hq, Dv)
+
+
+def _check_split(split: HeadSplit, cache: ZipVLCache, key: Tensor, layer_idx: int) -> None:
+    """A prefill on a model whose heads are split: the K/V hold this process's share of the
+    heads, and the cache was made for the same number of processes (shapes only, no sync).
+
+    Raises:
+        ValueError: either does not match.
+    """
+    if key.shape[1] != split.local_kv_heads:
+        raise ValueError(
+            f"model: expected K/V with {split.local_kv_heads} KV heads per process in layer "
+            f"{layer_idx} (num_key_value_heads={split.kv_heads} split over {split.world_size} "
+            f"processes), got {key.shape[1]}: the model is not sharded as zipvl.enable found it"
+        )
+    size = cache.world_size
+    if size is not None and size != split.world_size:
+        raise ValueError(
+            f"cache: expected a ZipVLCache for KV heads split over {split.world_size} "
+            f"processes (this model's tensor-parallel size), got one for {size}; get the "
+            "model's cache from zipvl.enable(model) or zipvl.models.new_cache(model)"
+        )
 
 
 def _refuse_multi_token_step(query: Tensor, held: int) -> None:
@@ -352,14 +402,33 @@ def is_enabled(model: nn.Module) -> bool:
     return _function_of(_text_model(model)) is not None
 
 
-def enable(model: nn.Module, config: ZipVLConfig | None = None) -> ZipVLCache:
+def enable(
+    model: nn.Module,
+    config: ZipVLConfig | None = None,
+    *,
+    process_group: Any = None,
+    mass_reduce: MassReduce | None = None,
+) -> ZipVLCache:
     """Switch a transformers model's language-model attention to ZipVL.
 
     Enabling an already enabled model replaces its config (and cache).
 
+    Tensor parallelism (a model loaded with ``tp_plan="auto"`` under ``torchrun``): every rank
+    calls ``enable`` and holds, in its cache, only its own KV heads. Eq. 6 budgets the mass of
+    ALL heads, so the head-summed mass is all-reduced over the tensor-parallel group before
+    the budget is chosen (``AllReduceMass``, one collective per layer plan); every rank then
+    keeps the same number of tokens, the budget one process would choose. Selection stays per
+    KV head and local. The group is found on the model (``hf_compat.tensor_parallel``);
+    ``process_group`` or ``mass_reduce`` replace it.
+
     Args:
         model: one of ``SUPPORTED_MODELS`` (in eval mode).
         config: ZipVL configuration (None: ``ZipVLConfig()``, the paper's defaults).
+        process_group: the ``torch.distributed`` group the model's heads are split over
+            (None: the model's tensor-parallel group, or none for a model that is not
+            sharded). Must have the model's ``tp_size`` ranks, the ranks of its mesh.
+        mass_reduce: instead of ``process_group``, the ``zipvl.types.MassReduce`` every cache
+            of the model gets (a reduction with a ``world_size`` must match ``tp_size``).
 
     Returns:
         The ``ZipVLCache`` to pass to ``generate`` / ``forward``, as ``cache=`` (transformers
@@ -369,8 +438,10 @@ def enable(model: nn.Module, config: ZipVLConfig | None = None) -> ZipVLCache:
 
     Raises:
         ValueError: unsupported architecture (the message lists the supported ones), sliding-
-            window layers, or a config that names layers the model does not have.
-        TypeError: ``config`` is not a ``ZipVLConfig``.
+            window layers, a config that names layers the model does not have, a
+            ``process_group`` / ``mass_reduce`` that does not match the model's tensor-parallel
+            group, or KV heads that are not split evenly over it.
+        TypeError: ``config`` is not a ``ZipVLConfig``, or ``mass_reduce`` is not callable.
 
     Example::
 
@@ -403,7 +474,8 @@ def enable(model: nn.Module, config: ZipVLConfig | None = None) -> ZipVLCache:
     # a fresh name per model (a counter: ids are reused after garbage collection); re-enabling
     # rebinds the model's current name
     name = current.name if current is not None else f"{_PREFIX}{next(_NAME_IDS)}"
-    fn = _ZipVLAttentionFunction(name, config, num_layers, original)
+    split = _head_split(model, decoder, process_group, mass_reduce)
+    fn = _ZipVLAttentionFunction(name, config, num_layers, original, split=split)
     AttentionInterface.register(name, fn)
     AttentionMaskInterface.register(name, AttentionMaskInterface()["sdpa"])
     if current is None:
@@ -419,6 +491,83 @@ def enable(model: nn.Module, config: ZipVLConfig | None = None) -> ZipVLCache:
             f"(its attn implementation is still {decoder.config._attn_implementation!r})"
         )
     return fn.cache
+
+
+def _group_ranks(group: Any) -> list[int]:
+    import torch.distributed as dist
+
+    return dist.get_process_group_ranks(dist.group.WORLD if group is None else group)
+
+
+def _head_split(
+    model: nn.Module,
+    decoder: PreTrainedModel,
+    process_group: Any,
+    mass_reduce: MassReduce | None,
+) -> HeadSplit | None:
+    """The model's head split and the reduction of its caches (None: one process, none).
+
+    Raises:
+        ValueError / TypeError: see ``enable``.
+    """
+    if process_group is not None and mass_reduce is not None:
+        raise ValueError(
+            "process_group, mass_reduce: expected at most one of them (mass_reduce replaces "
+            "the all-reduce over process_group)"
+        )
+    if mass_reduce is not None and not callable(mass_reduce):
+        raise TypeError(
+            "mass_reduce: expected None or a callable (B, 1, Skv) -> (B, 1, Skv) that sums "
+            f"over processes, got {type(mass_reduce).__name__}"
+        )
+    tp = tensor_parallel(model) or tensor_parallel(decoder)
+    tp_size = 1 if tp is None else tp[0]
+    if process_group is not None:
+        import torch.distributed as dist
+
+        size = dist.get_world_size(process_group)
+        if size != tp_size:
+            raise ValueError(
+                f"process_group: expected a group of {tp_size} ranks (the model's "
+                f"tensor-parallel size tp_size={tp_size}), got one of {size} ranks"
+            )
+        mass_reduce = AllReduceMass(process_group) if tp_size > 1 else None
+    elif mass_reduce is None and tp is not None:
+        mass_reduce = AllReduceMass(tp[1])
+    elif mass_reduce is not None:
+        size = getattr(mass_reduce, "world_size", None)
+        if isinstance(size, int) and size != tp_size:
+            raise ValueError(
+                f"mass_reduce: expected a reduction over {tp_size} ranks (the model's "
+                f"tensor-parallel size tp_size={tp_size}), got one over {size} ranks"
+            )
+    if tp is not None and isinstance(mass_reduce, AllReduceMass):
+        want, got = _group_ranks(tp[1]), _group_ranks(mass_reduce.group)
+        if got != want:
+            name = "process_group" if process_group is not None else "mass_reduce"
+            raise ValueError(
+                f"{name}: expected the ranks {want} of the model's tensor-parallel group (the "
+                f"processes that share its heads), got a group of ranks {got}"
+            )
+    text_cfg = decoder.config
+    kv_heads = getattr(text_cfg, "num_key_value_heads", None) or text_cfg.num_attention_heads
+    kv_heads = int(kv_heads)
+    if kv_heads % tp_size:
+        raise ValueError(
+            f"model: expected num_key_value_heads={kv_heads} to split evenly over "
+            f"tp_size={tp_size} processes"
+        )
+    for layer_idx, heads in sorted(local_kv_heads(decoder).items()):
+        if heads * tp_size != kv_heads:
+            raise ValueError(
+                f"model: expected {kv_heads // tp_size} KV heads per process in every layer "
+                f"(num_key_value_heads={kv_heads} over tp_size={tp_size}), layer {layer_idx} "
+                f"holds {heads}: its key projection is not sharded over the tensor-parallel "
+                "group"
+            )
+    if tp_size == 1 and mass_reduce is None:
+        return None
+    return HeadSplit(world_size=tp_size, kv_heads=kv_heads, mass_reduce=mass_reduce)
 
 
 def new_cache(model: nn.Module) -> ZipVLCache:

@@ -319,6 +319,30 @@ class AllReduceMass:
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
         return total
 
+    @property
+    def world_size(self) -> int:
+        """Ranks in ``group`` (the processes the KV heads are split over)."""
+        import torch.distributed as dist
+
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        """This process's rank within ``group``."""
+        import torch.distributed as dist
+
+        return dist.get_rank(self.group)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order: one ``all_gather_object`` over
+        ``group``, a collective that every rank must call (``ZipVLCache.report`` gathers its
+        small per-rank figures with it)."""
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
 
 def _num_heads(mass: object) -> int:
     return check_tensor("Scores.mass", mass, ndim=3, floating=True).shape[1]

@@ -65,6 +65,7 @@ __all__ = [
     "build_demo_lvlm",
     "build_tiny_processor",
     "demo_inputs",
+    "load_demo_lvlm_tp",
     "load_local_model",
     "processor_inputs",
     "synthetic_image",
@@ -384,15 +385,21 @@ def build_tiny_processor(size: Literal["tiny", "large"] = "tiny") -> Any:
 
 
 def load_local_model(
-    path: str, *, device: str = "cpu", dtype: torch.dtype | None = None
+    path: str,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    tensor_parallel: bool = False,
 ) -> tuple[PreTrainedModel, Any]:
     """Load an image-text-to-text checkpoint and its processor from a local directory.
 
     Args:
         path: a directory written by ``save_pretrained`` (model and processor). Nothing is
             downloaded (``local_files_only``).
-        device: where to put the model.
+        device: where to put the model (ignored with ``tensor_parallel``: transformers puts
+            every rank's shard on its own device).
         dtype: weight dtype (None: float32 on the CPU, bfloat16 on CUDA).
+        tensor_parallel: shard the model over the ``torchrun`` processes (``tp_plan="auto"``).
 
     Returns:
         (model in eval mode, processor).
@@ -408,13 +415,42 @@ def load_local_model(
         raise ValueError(f"path: expected a local checkpoint directory, got {path!r}")
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    extra: dict[str, Any] = {"tp_plan": "auto"} if tensor_parallel else {}
     model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+        path, dtype=dtype, local_files_only=True, attn_implementation="sdpa", **extra
     )
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    model.to(device)  # type: ignore[arg-type]
+    if not tensor_parallel:
+        model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model, processor
+
+
+def load_demo_lvlm_tp(
+    size: Literal["tiny", "large"] = "tiny", *, seed: int = 0, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """``build_demo_lvlm(size, seed=seed)`` sharded over the ``torchrun`` processes.
+
+    Every rank builds the same seeded model, saves it to a temporary directory of its own (no
+    rank waits for another before the process group exists) and loads it back with
+    ``tp_plan="auto"``: transformers creates the process group (gloo on the CPU, NCCL on
+    CUDA), shards the language model's heads and places each shard on the rank's device.
+
+    Returns:
+        The sharded model, in eval mode.
+    """
+    import tempfile
+
+    model = build_demo_lvlm(size, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="zipvl_demo_tp_") as where:
+        model.save_pretrained(where)
+        del model
+        sharded = LlavaForConditionalGeneration.from_pretrained(
+            where, tp_plan="auto", dtype=dtype, local_files_only=True
+        )
+    sharded.eval()
+    _quiet_generation_config(sharded)
+    return sharded
 
 
 def to_pil(image: Tensor) -> Any:

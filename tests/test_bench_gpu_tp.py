@@ -1,0 +1,57 @@
+"""bench/gpu_tp.py parses its arguments and runs a tiny smoke case on 2 CPU processes (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_tp.py"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.pop("OUT", None)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_help_parses_without_a_gpu() -> None:
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), "--help"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "--lengths" in res.stdout and "--no-single" in res.stdout
+
+
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
+def test_tiny_run_on_two_cpu_processes(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_tp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += [str(SCRIPT), "--tiny", "--device", "cpu", "--lengths", "64", "--steps", "2"]
+    cmd += ["--warmup-length", "32", "--ckpt", str(tmp_path / "ckpt"), "--out", str(out)]
+    res = subprocess.run(
+        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180, check=False
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    payload = json.loads(res.stdout.strip().splitlines()[-1])  # the JSON line comes last
+    assert payload == json.loads(out.read_text())
+    rows = {r["variant"]: r for r in payload["rows"]}
+    assert set(rows) == {"tp-zipvl", "tp-dense", "1gpu-zipvl"}
+    assert all(r["status"] == "ok" and r["prefill_ms"] > 0 for r in rows.values())
+    # the sharded model keeps what the whole model keeps (the mass is all-reduced)
+    assert rows["tp-zipvl"]["kept_ratio"] == rows["1gpu-zipvl"]["kept_ratio"]
