@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_hf  # noqa: E402
+import gpu_hf
 
-import zipvl  # noqa: E402
-from zipvl import ZipVLConfig  # noqa: E402
-from zipvl.models.cache_arg import cache_argument  # noqa: E402
+import zipvl
+from zipvl import ZipVLConfig
+from zipvl.models.cache_arg import cache_argument
 
 
 def main() -> None:

@@ -483,3 +483,37 @@ def test_left_padding_under_sinks_raises_before_storing() -> None:
         store.write_prefill(torch.randn(2, 1, 20, 64), torch.randn(2, 1, 20, 64), None, valid, 4)
     assert store.length == store.num_sinks == int(store.fp_count.sum()) == 0
     assert int(store.num_pages[0].sum() + store.num_pages[1].sum()) == 0
+
+
+def test_decode_step_compiles_whole(device: str) -> None:
+    """append_device + decode_attention(impl="triton") under torch.compile(fullgraph=True): the
+    fused kernel is an opaque operator (zipvl::paged_decode), the store's in-place append is
+    traced, and the compiled step equals the eager one on a twin store, step after step, with
+    one graph for all steps (the host bookkeeping, ``advance``, stays outside)."""
+    if not _triton_runs(device):
+        pytest.skip("the fused kernel runs on CUDA or under TRITON_INTERPRET=1")
+    case = (1, 4, 2, 64, 70, 3, 16)
+    store, *_ = _filled_store(case, device, torch.bfloat16, seed=3)
+    twin, *_ = _filled_store(case, device, torch.bfloat16, seed=3)
+
+    def step(st: PagedKVStore, q, k, v):
+        st.append_device(k, v)
+        return decode_attention(q, st, impl="triton")
+
+    torch._dynamo.reset()
+    # dynamic=True: the tail count (a host int the capacity check reads) is symbolic from the
+    # start instead of after one recompile
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    counts = []
+    for i in range(3):
+        g = torch.Generator().manual_seed(i)
+        k, v = (torch.randn(1, 2, 1, 64, generator=g).to(device, torch.bfloat16) for _ in "kv")
+        q = torch.randn(1, 4, 1, 64, generator=g).to(device, torch.bfloat16)
+        out, lse = compiled(store, q, k, v)
+        store.advance(1)
+        twin.append(k, v)
+        want, want_lse = decode_attention(q, twin, impl="triton")
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+        counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert counts == [1, 1, 1], counts  # one graph, no recompile per step

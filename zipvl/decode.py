@@ -22,6 +22,7 @@ block without reading any key again.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,6 +63,82 @@ def fused_decode_problem(q: Tensor, store: PagedKVStore) -> str | None:
             f"device {q.device}"
         )
     return None
+
+
+_POOL_KEYS: tuple[str, ...] = ("kcode", "vcode", "kscale", "kzero", "vscale", "vzero", "vcs")
+
+
+@dataclass(frozen=True)
+class _Format:
+    page_size: int
+    high_bits: int
+    low_bits: int
+
+
+@dataclass(frozen=True)
+class _StoreView:
+    """What the fused kernel reads of a ``PagedKVStore``, rebuilt from plain operands (a custom
+    op takes tensors and numbers, not the store object)."""
+
+    pools: tuple[dict[str, Tensor], dict[str, Tensor]]
+    page_table: tuple[Tensor, Tensor]
+    page_fill: tuple[Tensor, Tensor]
+    num_pages: tuple[Tensor, Tensor]
+    fp_k: Tensor
+    fp_v: Tensor
+    fp_count: Tensor
+    region_base: tuple[int, ...]
+    num_heads: int
+    rows: int
+    fmt: _Format
+
+
+def _operands(store: PagedKVStore) -> tuple[list[Tensor], list[int]]:
+    """The tensors and numbers the fused kernel reads, in ``_StoreView`` order."""
+    tensors = [store.pools[c][key] for c in (HIGH, LOW) for key in _POOL_KEYS]
+    for c in (HIGH, LOW):
+        tensors += [store.page_table[c], store.page_fill[c], store.num_pages[c]]
+    tensors += [store.fp_k, store.fp_v, store.fp_count]
+    f = store.fmt
+    ints = [store.num_heads, store.rows, f.page_size, f.high_bits, f.low_bits, *store.region_base]
+    return tensors, ints
+
+
+def _view(tensors: list[Tensor], ints: list[int]) -> _StoreView:
+    n = len(_POOL_KEYS)
+    pools = (dict(zip(_POOL_KEYS, tensors[:n], strict=True)),
+             dict(zip(_POOL_KEYS, tensors[n : 2 * n], strict=True)))  # fmt: skip
+    t = tensors[2 * n :]
+    return _StoreView(
+        pools=pools, page_table=(t[0], t[3]), page_fill=(t[1], t[4]), num_pages=(t[2], t[5]),
+        fp_k=t[6], fp_v=t[7], fp_count=t[8], region_base=tuple(ints[5:]), num_heads=ints[0],
+        rows=ints[1], fmt=_Format(ints[2], ints[3], ints[4]),
+    )  # fmt: skip
+
+
+@torch.library.custom_op("zipvl::paged_decode", mutates_args=())
+def _paged_decode_op(
+    q: Tensor, tensors: list[Tensor], ints: list[int], scale: float, splits: int
+) -> tuple[Tensor, Tensor]:
+    """The fused decode as an opaque operator, so ``torch.compile`` traces around it (a
+    compiled decode step: ``append_device`` + this)."""
+    from zipvl.paged_decode_triton import paged_decode_triton
+
+    b, hq, d = q.shape
+    f32 = {"dtype": torch.float32, "device": q.device}
+    ws = {
+        "splits": splits,
+        "m": torch.empty(b, hq, splits + 1, **f32),
+        "l": torch.empty(b, hq, splits + 1, **f32),
+        "o": torch.empty(b, hq, splits + 1, d, **f32),
+    }
+    return paged_decode_triton(q, _view(tensors, ints), scale, ws)  # fresh outputs
+
+
+@_paged_decode_op.register_fake
+def _(q: Tensor, tensors: list[Tensor], ints: list[int], scale: float, splits: int):
+    b, hq, d = q.shape
+    return q.new_empty(b, hq, d), q.new_empty(b, hq, dtype=torch.float32)
 
 
 def _splits(store: PagedKVStore, device: torch.device) -> int:
@@ -132,11 +209,15 @@ def decode_attention(
     if impl != "reference":
         problem = fused_decode_problem(q, store)
         if problem is None:
+            q1 = q[:, :, 0].contiguous()
+            if torch.compiler.is_compiling():  # traced: the kernel as an opaque operator
+                tensors, ints = _operands(store)
+                ns = _splits(store, store.device)
+                out, lse = _paged_decode_op(q1, tensors, ints, sm, ns)
+                return out.unsqueeze(2), lse
             from zipvl.paged_decode_triton import paged_decode_triton
 
-            out, lse = paged_decode_triton(
-                q[:, :, 0].contiguous(), store, sm, workspace(store, hq)
-            )
+            out, lse = paged_decode_triton(q1, store, sm, workspace(store, hq))
             return out.unsqueeze(2), lse
         if impl == "triton":
             raise ValueError(f"impl: 'triton' needs {problem}; use 'auto' or 'reference'")

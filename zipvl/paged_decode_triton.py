@@ -470,9 +470,9 @@ def paged_decode_triton(
     lse2 (B, Hq) float32: log2 of the softmax denominator of the log2-scaled logits).
 
     ``workspace`` holds the partial-state buffers (sized once per batch shape, reused)."""
-    from zipvl.cache.paged import HIGH, LOW, STAGE_HIGH, STAGE_LOW, TAIL, PagedKVStore
+    from zipvl.cache.paged import HIGH, LOW, STAGE_HIGH, STAGE_LOW, TAIL
 
-    assert isinstance(store, PagedKVStore)
+    # ``store``: a PagedKVStore, or zipvl.decode's view of one rebuilt from a custom op's operands
     b, hq, d = q.shape
     hkv = store.num_heads
     g = hq // hkv

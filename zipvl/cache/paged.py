@@ -324,6 +324,7 @@ class PagedKVStore:
         self.length = 0  # positions held (host int; equal for every row, padding included)
         self.num_sinks = 0  # host int, the same for every row
         self.tail_length = 0  # host int, the same for every row
+        self._ar = torch.arange(16, device=self.device)
         self.pad = torch.zeros(self.batch_size, dtype=torch.int64, device=dev)  # left padding
 
     def _new_pool(self, cls: int, pages: int) -> dict[str, Tensor]:
@@ -544,9 +545,9 @@ class PagedKVStore:
         self.length += t
 
     def _arange(self, t: int) -> Tensor:
-        cached = getattr(self, "_ar", None)
-        if cached is None or cached.shape[0] < t:
-            cached = self._ar = torch.arange(max(t, 16), device=self.device)
+        cached = self._ar  # made in __init__: a traced step sees the same attributes every time
+        if cached.shape[0] < t:
+            cached = self._ar = torch.arange(t, device=self.device)
         return cached[:t]
 
     def tail_block(self) -> tuple[Tensor, Tensor]:
