@@ -169,7 +169,8 @@ class ZipVLConfig:
             (not in the paper; default 0).
         dense_layers: layers that run dense prefill attention (not in the paper; default none).
         sparse_prefill: False runs every layer dense in prefill (quantization-only baselines).
-        impl: ``sparse_attention`` implementation (``Impl.SDPA`` default; ``Impl.FLEX``,
+        impl: ``sparse_attention`` implementation (``Impl.AUTO`` default: the sdpa path on the
+            fastest SDPA backend measured per shape bucket; ``Impl.SDPA``, ``Impl.FLEX``,
             ``Impl.REFERENCE``).
         unkept: ``"zero"``: unselected queries get no attention output (ZipVL,
             docs/decisions.md#unkept-queries); ``"attend"``: they attend to the selected keys.
@@ -206,7 +207,7 @@ class ZipVLConfig:
     sink_tokens: int = 0
     dense_layers: frozenset[int] = frozenset()
     sparse_prefill: bool = True
-    impl: Impl = Impl.SDPA
+    impl: Impl = Impl.AUTO
     unkept: Literal["zero", "attend"] = "zero"
     scorer: Scorer | None = None
     allocator: Allocator | None = None

@@ -12,7 +12,7 @@ documents and exposes (see the table below).
 =========================================  ==================================  ==============
 operation (argument)                        accepts                             default
 =========================================  ==================================  ==============
-``sparse_attention(impl=)``,                ``SPARSE_ATTENTION_IMPLS``          ``"sdpa"``
+``sparse_attention(impl=)``,                ``SPARSE_ATTENTION_IMPLS``          ``"auto"``
 ``ZipVLConfig.impl``
 ``ProbeScorer.impl``                        ``SCORER_IMPLS``                    ``"auto"``
 ``quantize_pack(impl=)``, quantizers'       ``QUANT_IMPLS``                     ``"reference"``
@@ -22,7 +22,10 @@ quant_impl``, ``zipvl demo --quant-impl``
 ``ZipVLConfig.decode_impl``
 =========================================  ==================================  ==============
 
-The ``"auto"`` rules: ``ProbeScorer.impl_for(q)`` returns what a call picks (``"triton"`` for
+The ``"auto"`` rules: ``sparse_attention`` runs the ``"sdpa"`` path with every SDPA call on the
+backend ``zipvl.sparsity.sdpa_backend.fastest_backend`` measured for its shape bucket (PyTorch's
+own dispatch on the CPU, inside ``torch.compile`` and during CUDA-graph capture);
+``ProbeScorer.impl_for(q)`` returns what a call picks (``"triton"`` for
 eager CUDA inputs with a power-of-two D >= 16, ``"torch"`` otherwise); ``decode_attention`` runs
 ``"triton"`` exactly when ``zipvl.decode.fused_decode_problem(q, store)`` is None (CUDA, or the
 Triton interpreter; one query per row; a head dim the kernel reads) and ``"reference"``
@@ -61,7 +64,7 @@ class Impl(str, enum.Enum):
         return format(self.value, spec)
 
 
-SPARSE_ATTENTION_IMPLS: tuple[Impl, ...] = (Impl.SDPA, Impl.FLEX, Impl.REFERENCE)
+SPARSE_ATTENTION_IMPLS: tuple[Impl, ...] = (Impl.AUTO, Impl.SDPA, Impl.FLEX, Impl.REFERENCE)
 """``zipvl.sparsity.sparse_attention`` and ``ZipVLConfig.impl`` (the first is the default)."""
 
 SCORER_IMPLS: tuple[Impl, ...] = (Impl.AUTO, Impl.TORCH, Impl.TRITON)

@@ -204,7 +204,7 @@ def test_hot_path_compiles_fullgraph_without_host_sync(device: str) -> None:
 def test_bad_inputs_raise_naming_the_argument(device: str) -> None:
     q, k, v = random_qkv(1, 4, 2, 8, 8, device=device)
     sel = make_selection(Case(1, 4, 2, 8, 8, 0.5, 16), device)
-    listed = "'sdpa', 'flex', 'reference'"
+    listed = "'auto', 'sdpa', 'flex', 'reference'"
     with pytest.raises(ValueError, match=f"impl: expected one of {listed}, got 'cuda'"):
         sparse_attention(q, k, v, sel, impl="cuda")
     with pytest.raises(ValueError, match=f"impl: expected one of {listed}, got 'triton'"):

@@ -42,8 +42,10 @@ from zipvl.checks import check_qkv, check_tensor
 from zipvl.config import LayerConfig, ZipVLConfig
 from zipvl.decode import decode_attention as paged_decode_attention
 from zipvl.decode import fused_decode_problem
+from zipvl.impl import Impl
 from zipvl.sparsity import sparse_attention
 from zipvl.sparsity.pipeline import padded_spans, plan_tokens, row_spans
+from zipvl.sparsity.sdpa_backend import fastest_backend, sdpa
 from zipvl.types import MassReduce
 
 __all__ = [
@@ -161,7 +163,13 @@ class PrefillResult:
 
 
 def dense_causal_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, key_valid: Tensor | None = None, scale: float | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_valid: Tensor | None = None,
+    scale: float | None = None,
+    tuned: bool = False,
 ) -> Tensor:
     """Plain causal SDPA (what a dense layer runs), padding-aware.
 
@@ -171,17 +179,22 @@ def dense_causal_attention(
         v: (B, Hkv, S, Dv).
         key_valid: optional (B, S) bool; padded keys are masked out and padded query rows are 0.
         scale: softmax scale (None: 1 / sqrt(D)).
+        tuned: run on the SDPA backend measured fastest for the shape
+            (``zipvl.sparsity.sdpa_backend``; what ``impl="auto"`` layers do), else on
+            PyTorch's own dispatch.
 
     Returns:
         (B, Hq, S, Dv).
     """
     gqa = q.shape[1] != k.shape[1]
     if key_valid is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        kw = {"is_causal": True, "scale": scale, "enable_gqa": gqa}
+        return sdpa(q, k, v, backend=fastest_backend(q, k, v, **kw) if tuned else None, **kw)
     s = q.shape[-2]
     causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()  # (S, S)
     mask = causal & key_valid[:, None, None, :]  # (B, 1, S, S)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    kw = {"attn_mask": mask, "scale": scale, "enable_gqa": gqa}
+    out = sdpa(q, k, v, backend=fastest_backend(q, k, v, **kw) if tuned else None, **kw)
     # padded query rows see no key: define their output as 0 (SDPA may give NaN there)
     return out.masked_fill(~key_valid[:, None, :, None], 0.0)
 
@@ -236,7 +249,9 @@ def prefill_attention(
     def run_dense() -> Tensor:
         if dense is not None:
             return dense(q, k, v)
-        return dense_causal_attention(q, k, v, key_valid=key_valid, scale=scale)
+        return dense_causal_attention(
+            q, k, v, key_valid=key_valid, scale=scale, tuned=layer.impl is Impl.AUTO
+        )
 
     if layer.dense:
         return PrefillResult(run_dense(), None, real, real)

@@ -10,10 +10,12 @@ leaves almost every 128 x 128 tile partial, while the gathered sequence is dense
 Implementations (``impl``), all with the same semantics:
 
 * ``"reference"``: dense S x S masked softmax in fp32 (``zipvl.sparsity.reference``), the oracle.
-* ``"sdpa"`` (default): gather exactly P tokens and run ``scaled_dot_product_attention(
-  is_causal=True, enable_gqa=True)`` (flash / memory-efficient kernels where available), scatter
-  back. The fastest path measured (H200, 128k tokens: 5.49x over dense SDPA against Flex's
-  3.83x), and it needs no compilation.
+* ``"sdpa"``: gather exactly P tokens and run ``scaled_dot_product_attention(is_causal=True,
+  enable_gqa=True)`` (PyTorch's backend dispatch), scatter back. The fastest path measured
+  (H200, 128k tokens: 5.49x over dense SDPA against Flex's 3.83x), and it needs no compilation.
+* ``"auto"`` (default): the ``"sdpa"`` path with every SDPA call on the backend measured fastest
+  for its shape bucket (``zipvl.sparsity.sdpa_backend``: cuDNN, flash, efficient or math; on
+  the CPU, in ``torch.compile`` and in CUDA-graph capture, PyTorch's own dispatch).
 * ``"flex"``: gather the kept q/k/v of each KV head (the G query heads of a KV head use
   its indices), pad to a multiple of ``block_size``, run FlexAttention with the compacted causal
   BlockMask and ``enable_gqa``, scatter back. FlexAttention is compiled lazily on first use (see
@@ -43,7 +45,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +57,7 @@ from zipvl.impl import SPARSE_ATTENTION_IMPLS, Impl, parse_impl
 from zipvl.sparsity.block_mask import compacted_causal_block_mask, compacted_prefix_block_mask
 from zipvl.sparsity.pipeline import padded_spans
 from zipvl.sparsity.reference import reference_sparse_attention
+from zipvl.sparsity.sdpa_backend import fastest_backend, sdpa
 from zipvl.types import Selection
 
 __all__ = ["compiled_flex_attention", "sparse_attention"]
@@ -179,8 +182,21 @@ def _flex_sparse(
     return _flex(q, kg, vg, bm, scale, compile)  # (B, Hq, S, Dv)
 
 
+def _call(q: Tensor, k: Tensor, v: Tensor, tuned: bool, **kw: Any) -> Tensor:
+    """One SDPA call: on the fastest measured backend (``tuned``) or PyTorch's own dispatch."""
+    backend = fastest_backend(q, k, v, **kw) if tuned else None
+    return sdpa(q, k, v, backend=backend, **kw)
+
+
 def _sdpa_sparse(
-    q: Tensor, k: Tensor, v: Tensor, selection: Selection, *, unkept: str, scale: float | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    selection: Selection,
+    *,
+    unkept: str,
+    scale: float | None,
+    tuned: bool = False,
 ) -> Tensor:
     b, hq, s, d = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
@@ -190,8 +206,8 @@ def _sdpa_sparse(
     kg, vg = _gather_kv(k, v, idx)  # (B, Hkv, P, D), (B, Hkv, P, Dv)
     if unkept == "zero":
         qg = _gather_q(q, idx)  # (B, Hq, P, D)
-        out = F.scaled_dot_product_attention(
-            qg, kg, vg, is_causal=True, scale=scale, enable_gqa=True
+        out = _call(
+            qg, kg, vg, tuned, is_causal=True, scale=scale, enable_gqa=True
         )  # (B, Hq, P, Dv)
         return _scatter_rows(out, idx, s)
     # attend: query row t sees the first visible[t] gathered keys (kept positions <= t)
@@ -206,7 +222,7 @@ def _sdpa_sparse(
         mask = slot < vis[..., None]  # (B, Hkv, c, P)
         mask = mask[:, :, None].expand(b, hkv, g, r1 - r0, p).reshape(b, hkv, -1, p)
         qc = q5[:, :, :, r0:r1].reshape(b, hkv, -1, d)  # (B, Hkv, G*c, D)
-        oc = F.scaled_dot_product_attention(qc, kg, vg, attn_mask=mask, scale=scale)
+        oc = _call(qc, kg, vg, tuned, attn_mask=mask, scale=scale)
         oc = oc.view(b, hkv, g, r1 - r0, dv)  # (B, Hkv, G, c, Dv)
         # rows that see no kept key are fully masked (NaN in SDPA); their output is zero
         out[:, :, :, r0:r1] = torch.where((vis > 0)[:, :, None, :, None], oc, 0.0)
@@ -236,9 +252,8 @@ def _padded_rows(
         n = counts[r][0]
         qs, ks, vs = (t[r : r + 1, :, start:end] for t in (q, k, v))
         if n >= end - start:  # every real token kept: dense causal attention of the row
-            o = F.scaled_dot_product_attention(
-                qs, ks, vs, is_causal=True, scale=kw["scale"], enable_gqa=hq != k.shape[1]
-            )
+            o = _call(qs, ks, vs, kw["impl"] is Impl.AUTO, is_causal=True, scale=kw["scale"],
+                      enable_gqa=hq != k.shape[1])  # fmt: skip
         else:
             row_sel = Selection(keep=selection.keep[r : r + 1, :, start:end], num_kept=n)
             o = sparse_attention(qs, ks, vs, row_sel, **kw)
@@ -252,7 +267,7 @@ def sparse_attention(
     v: Tensor,
     selection: Selection,
     *,
-    impl: Impl | str = "sdpa",
+    impl: Impl | str = "auto",
     unkept: Literal["zero", "attend"] = "zero",
     scale: float | None = None,
     block_size: int = 128,
@@ -280,9 +295,10 @@ def sparse_attention(
             The row counts are verified (``Selection.check_counts``: one host read for a
             selection built by hand, none for one from ``TopKSelector``; skipped while
             ``torch.compile`` traces).
-        impl: ``"sdpa"`` (default: the fastest measured path, on the GPU and on the CPU, where
-            ``"flex"`` also compiles for tens of seconds on its first call), ``"flex"`` or
-            ``"reference"``.
+        impl: ``"auto"`` (default: the gather + SDPA path on the SDPA backend measured fastest
+            for the shape, see ``zipvl.sparsity.sdpa_backend``), ``"sdpa"`` (the same path on
+            PyTorch's own backend dispatch; both faster than ``"flex"``, which also compiles
+            for tens of seconds on its first call), ``"flex"`` or ``"reference"``.
         unkept: ``"zero"`` or ``"attend"``.
         scale: softmax scale; None = 1 / sqrt(D).
         block_size: FlexAttention tile size; the gathered length is padded to a multiple of it.
@@ -332,8 +348,9 @@ def sparse_attention(
         return q.new_zeros(b, hq, s, v.shape[-1])
     if impl_ is Impl.REFERENCE:
         return reference_sparse_attention(q, k, v, selection, unkept=unkept, scale=scale)
-    if impl_ is Impl.SDPA:
-        return _sdpa_sparse(q, k, v, selection, unkept=unkept, scale=scale)
+    if impl_ in (Impl.SDPA, Impl.AUTO):
+        tuned = impl_ is Impl.AUTO
+        return _sdpa_sparse(q, k, v, selection, unkept=unkept, scale=scale, tuned=tuned)
     return _flex_sparse(
         q,
         k,

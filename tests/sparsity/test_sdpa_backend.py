@@ -1,0 +1,123 @@
+"""The measured SDPA backend choice (``impl="auto"``): picks the fastest, measures once per
+shape bucket, skips backends that cannot run or are disabled, and never changes the result
+beyond the 2x rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from zipvl.sparsity import sdpa_backend as sb
+from zipvl.sparsity.attention import sparse_attention
+from zipvl.types import Selection
+
+
+@pytest.fixture(autouse=True)
+def _fresh() -> None:
+    sb.clear_choices()
+
+
+def _qkv(s: int = 40, device: str = "cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, s, 32, generator=g).to(device, dtype)
+    k = torch.randn(1, 2, s, 32, generator=g).to(device, dtype)
+    v = torch.randn(1, 2, s, 32, generator=g).to(device, dtype)
+    return q, k, v
+
+
+def test_picks_the_fastest_and_measures_once_per_bucket() -> None:
+    fake = {"cudnn": 3.0, "flash": 1.0, "efficient": 2.0, "math": 9.0}
+    calls: list[str] = []
+
+    def timer(name, run):
+        calls.append(name)
+        return fake[name]
+
+    q, k, v = _qkv(40)
+    kw = {"is_causal": True, "enable_gqa": True}
+    assert sb.fastest_backend(q, k, v, timer=timer, **kw) == "flash"
+    assert sorted(calls) == sorted(fake)
+    # same bucket (40 and 60 both round up to 64): no new measurement
+    q2, k2, v2 = _qkv(60)
+    assert sb.fastest_backend(q2, k2, v2, timer=timer, **kw) == "flash"
+    assert len(calls) == 4
+    # a new bucket measures again; a faster backend there wins there
+    fake["cudnn"] = 0.5
+    q3, k3, v3 = _qkv(100)
+    assert sb.fastest_backend(q3, k3, v3, timer=timer, **kw) == "cudnn"
+    assert len(calls) == 8
+    (choice,) = [c for name, c in sb.choices().items() if "Skv<=128" in name]
+    assert choice.backend == "cudnn" and choice.times_ms["cudnn"] == 0.5
+
+
+def test_skips_backends_that_cannot_run_or_are_disabled() -> None:
+    def timer(name, run):
+        if name == "cudnn":
+            raise RuntimeError("no kernel")
+        return {"flash": 2.0, "efficient": 1.0, "math": 5.0}[name]
+
+    q, k, v = _qkv()
+    assert sb.fastest_backend(q, k, v, timer=timer, is_causal=True, enable_gqa=True) == (
+        "efficient"
+    )
+    sb.clear_choices()
+    seen: list[str] = []
+
+    def record(name, run):
+        seen.append(name)
+        return 1.0
+
+    with sdpa_kernel([SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]):  # the caller's restriction
+        sb.fastest_backend(q, k, v, timer=record, is_causal=True, enable_gqa=True)
+    assert sorted(seen) == ["flash", "math"]
+
+    def broken(name, run):
+        raise RuntimeError(f"{name}: no kernel")
+
+    sb.clear_choices()
+    with pytest.raises(RuntimeError, match="no enabled SDPA backend"):
+        sb.fastest_backend(q, k, v, timer=broken, is_causal=True)
+
+
+def test_cpu_calls_use_pytorch_dispatch_and_remember_nothing() -> None:
+    q, k, v = _qkv()
+    assert sb.fastest_backend(q, k, v, is_causal=True, enable_gqa=True) is None
+    assert sb.choices() == {}
+    with pytest.raises(ValueError, match="backend"):
+        sb.sdpa(q, k, v, backend="fast")
+
+
+def test_auto_equals_sdpa_on_the_cpu() -> None:
+    q, k, v = _qkv(48)
+    keep = torch.zeros(1, 2, 48, dtype=torch.bool)
+    keep[..., ::3] = True
+    keep[..., -1] = True
+    sel = Selection(keep=keep, num_kept=int(keep[0, 0].sum()))
+    for unkept in ("zero", "attend"):
+        a = sparse_attention(q, k, v, sel, impl="auto", unkept=unkept)
+        b = sparse_attention(q, k, v, sel, impl="sdpa", unkept=unkept)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_backend_within_the_2x_rule_on_the_gpu(causal: bool) -> None:
+    """Whichever backend is chosen, the result is within twice the error of PyTorch's own
+    dispatch against float64 (the backend choice never changes the result beyond that)."""
+    q, k, v = _qkv(1024, "cuda", torch.bfloat16)
+    kw = {"is_causal": causal, "enable_gqa": True}
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kw)
+    plain = (F.scaled_dot_product_attention(q, k, v, **kw).double() - ref).abs().max().item()
+    ran = 0
+    for name in sb.BACKENDS:
+        try:
+            out = sb.sdpa(q, k, v, backend=name, **kw)
+        except RuntimeError:
+            continue
+        ran += 1
+        assert (out.double() - ref).abs().max().item() <= 2 * plain + 1e-3, name
+    assert ran >= 2
+    assert sb.fastest_backend(q, k, v, **kw) in sb.BACKENDS
