@@ -11,6 +11,7 @@ from zipvl import ZipVLConfig
 from zipvl.impl import Impl
 from zipvl.sparsity import (
     AccumulatedAttentionScorer,
+    CumulativeMassAllocator,
     ProbeScorer,
     Scores,
     probe_positions,
@@ -127,3 +128,20 @@ def test_defaults_are_unchanged() -> None:
     scorer = ProbeScorer()
     assert (scorer.sampling, scorer.estimator) == ("uniform", "sum")
     assert torch.equal(scorer.probe_rows(1000), probe_positions(1000))
+
+
+@pytest.mark.slow
+def test_offset_estimator_compiles_fullgraph() -> None:
+    """Fixed shapes and no host read: the corrected scorer and the budget trace as one graph."""
+    scorer = ProbeScorer.estimator_preset(32)
+    allocator = CumulativeMassAllocator(0.9)
+
+    def budget(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mass = scorer(q, k).mass
+        return mass, allocator(mass)
+
+    q, k, _ = random_qkv(1, 4, 2, 400, 32, seed=4)
+    mass, p = torch.compile(budget, fullgraph=True)(q, k)
+    mass_e, p_e = budget(q, k)
+    torch.testing.assert_close(mass, mass_e, rtol=1e-4, atol=1e-5)
+    assert torch.equal(p, p_e)
