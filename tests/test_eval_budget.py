@@ -58,7 +58,8 @@ def test_oracle_budget_is_the_brute_force_count(
 ) -> None:
     q, k, _ = random_qkv(1, hkv * g, hkv, s, 16, seed=seed)
     got = layer_budgets(q, k, {"all rows": ProbeScorer(recent_frac=1.0)}, [tau])
-    oracle, est = got[("all rows", tau)]
+    oracle, est = got[("all rows", tau, None)]
+    assert {key[2] for key in got} == {None, *range(hkv)}
     # float32 sums against float64: a threshold a hair away may move the count by one step
     lo = _brute_force_budget(q, k, tau * (1 - 1e-5))
     hi = _brute_force_budget(q, k, min(tau * (1 + 1e-5), 1.0))
@@ -75,7 +76,7 @@ def test_offset_estimator_with_every_row_as_a_probe_gives_the_oracle_budget(
     scorer = ProbeScorer(
         random_frac=1.0, recent_frac=0.0, sampling="stratified", estimator="offset"
     )
-    oracle, est = layer_budgets(q, k, {"x": scorer}, [tau])[("x", tau)]
+    oracle, est = layer_budgets(q, k, {"x": scorer}, [tau])[("x", tau, None)]
     lo = _brute_force_budget(q, k, tau * (1 - 1e-5))
     hi = _brute_force_budget(q, k, min(tau * (1 + 1e-5), 1.0))
     assert lo <= est <= hi and lo <= oracle <= hi
@@ -111,11 +112,14 @@ def test_measurement_on_a_tiny_model_saved_by_the_test(tmp_path: Path) -> None:
     )
     assert isinstance(report, BudgetEstimatorReport)
     assert report.lengths == (128, 256)  # 512 is longer than the text: skipped
-    assert len(report.samples) == 2 * 2 * 2  # lengths x layers x scorers
+    # lengths x layers x scorers x (the layer + its 2 KV heads)
+    assert len(report.samples) == 2 * 2 * 2 * 3
     assert {s.layer for s in report.samples} == {0, 1}
+    assert {s.head for s in report.samples} == {None, 0, 1}
     assert report.median_abs("all rows", 0.9) == 0.0
+    assert report.median_abs("all rows", 0.9, "kv head") == 0.0
     md = report.to_markdown()
-    assert "| all rows | 0.9 | 0.0% |" in md and "131072" in md
+    assert "| layer | all rows | 0.9 | 0.0% |" in md and "131072" in md
     json.dumps(report.to_dict())  # JSON-ready
     with pytest.raises(ValueError, match="texts"):
         measure_budget_estimator(model, {"random": ids}, lengths=[4096], scorers=scorers)
@@ -145,6 +149,7 @@ def test_measurement_on_the_packaged_real_model() -> None:
         model, {"reference": ids}, lengths=[512], taus=[0.9], scorers=scorers, model_name="smol"
     )
     assert {s.layer for s in report.samples} == set(range(30))
+    assert {s.head for s in report.samples} == {None, 0, 1, 2}
     paper, better = report.median_abs("paper", 0.9), report.median_abs("preset", 0.9)
     print(f"median relative budget error at tau 0.9, 512 tokens: {paper:.1%} -> {better:.1%}")
     # real attention: the paper's probe sum keeps too few tokens, the corrected estimate does not

@@ -6,7 +6,9 @@ full causal map of all query rows; the probe scorer only sees a few rows. This m
 the gap on a real model:
 
 * ``layer_budgets(q, k, scorers, taus)``: for one layer, the oracle budget (all query rows,
-  ``AccumulatedAttentionScorer``) and each scorer's budget, through the same allocator;
+  ``AccumulatedAttentionScorer``) and each scorer's budget, through the same allocator: the
+  layer's budget (one p per layer, what ``CumulativeMassAllocator`` uses) and, as a diagnostic,
+  each KV head's own budget;
 * ``measure_budget_estimator(model, texts, lengths=...)``: runs a transformers causal LM on token
   sequences, takes every layer's q and k (RoPE applied) from inside its attention, and returns a
   ``BudgetEstimatorReport`` of relative errors ``|p_est - p_oracle| / p_oracle`` per layer,
@@ -112,8 +114,8 @@ def layer_budgets(
     taus: Sequence[float],
     *,
     scale: float | None = None,
-) -> dict[tuple[str, float], tuple[int, int]]:
-    """Oracle and estimated Eq. 6 budgets of one layer.
+) -> dict[tuple[str, float, int | None], tuple[int, int]]:
+    """Oracle and estimated Eq. 6 budgets of one layer, and of each of its KV heads.
 
     Args:
         q: (B, Hq, S, D) queries of a prefill (RoPE applied), all S rows.
@@ -124,29 +126,34 @@ def layer_budgets(
             ``scale`` is None.
 
     Returns:
-        ``(name, tau) -> (oracle budget, estimated budget)``; the oracle sums the causal softmax
-        of all S query rows (``AccumulatedAttentionScorer``), both go through
-        ``CumulativeMassAllocator(tau)`` (one budget per layer).
+        ``(name, tau, head) -> (oracle budget, estimated budget)``; the oracle sums the causal
+        softmax of all S query rows (``AccumulatedAttentionScorer``), both go through
+        ``CumulativeMassAllocator(tau)``: on the whole layer's mass for ``head=None`` (the
+        budget ZipVL uses), on KV head ``head``'s mass alone for ``head = 0 .. Hkv - 1``.
     """
     oracle = AccumulatedAttentionScorer(scale=scale, rows_per_chunk=256)(q, k).mass
-    out: dict[tuple[str, float], tuple[int, int]] = {}
+    out: dict[tuple[str, float, int | None], tuple[int, int]] = {}
+    heads: list[int | None] = [None, *range(k.shape[1])]
     for name, scorer in scorers.items():
         if scale is not None and getattr(scorer, "scale", 0.0) is None:
             scorer = dataclasses.replace(scorer, scale=scale)  # type: ignore[type-var]
         mass = scorer(q, k).mass  # (B, Hkv, S)
-        for tau in taus:
-            out[(name, tau)] = (_budget(oracle, tau), _budget(mass, tau))
+        for tau, h in itertools.product(taus, heads):
+            sl = slice(None) if h is None else slice(h, h + 1)
+            out[(name, tau, h)] = (_budget(oracle[:, sl], tau), _budget(mass[:, sl], tau))
     return out
 
 
 @dataclass(frozen=True)
 class BudgetSample:
-    """One layer of one text at one length, one scorer and one tau.
+    """One layer (or one KV head of it) of one text at one length, one scorer and one tau.
 
     Attributes:
         text, length, layer, estimator, tau: what was measured.
         oracle: the full-attention budget (tokens).
         estimate: the scorer's budget (tokens).
+        head: None for the layer's budget (the one ZipVL uses), else the KV head whose own
+            budget this is.
     """
 
     text: str
@@ -156,6 +163,7 @@ class BudgetSample:
     tau: float
     oracle: int
     estimate: int
+    head: int | None = None
 
     @property
     def rel_error(self) -> float:
@@ -170,6 +178,7 @@ class EstimatorSummary:
     Attributes:
         estimator: the scorer's name.
         tau: the threshold.
+        budget_of: ``"layer"`` (the budget ZipVL uses) or ``"kv head"`` (each head's own).
         median_abs: median of ``|rel_error|``.
         p90_abs: 90th percentile of ``|rel_error|``.
         median_signed: median of ``rel_error`` (the bias).
@@ -179,6 +188,7 @@ class EstimatorSummary:
 
     estimator: str
     tau: float
+    budget_of: str
     median_abs: float
     p90_abs: float
     median_signed: float
@@ -210,18 +220,21 @@ class BudgetEstimatorReport:
     samples: tuple[BudgetSample, ...]
 
     def summary(self) -> list[EstimatorSummary]:
-        """One row per (scorer, tau), in the order of ``scorers`` and ``taus``."""
+        """One row per (budget of, scorer, tau): layers first, then KV heads."""
         rows = []
-        for name in self.scorers:
-            for tau in self.taus:
-                s = [x for x in self.samples if x.estimator == name and x.tau == tau]
-                if not s:
-                    continue
+        for per_head, name, tau in itertools.product((False, True), self.scorers, self.taus):
+            s = [
+                x
+                for x in self.samples
+                if x.estimator == name and x.tau == tau and (x.head is not None) == per_head
+            ]
+            if s:
                 errs = sorted(abs(x.rel_error) for x in s)
                 rows.append(
                     EstimatorSummary(
                         estimator=name,
                         tau=tau,
+                        budget_of="kv head" if per_head else "layer",
                         median_abs=statistics.median(errs),
                         p90_abs=errs[min(len(errs) - 1, int(0.9 * len(errs)))],
                         median_signed=statistics.median(x.rel_error for x in s),
@@ -231,12 +244,12 @@ class BudgetEstimatorReport:
                 )
         return rows
 
-    def median_abs(self, estimator: str, tau: float) -> float:
-        """Median relative error of one scorer at one tau."""
+    def median_abs(self, estimator: str, tau: float, budget_of: str = "layer") -> float:
+        """Median relative error of one scorer at one tau (layer budgets, or ``"kv head"``)."""
         for row in self.summary():
-            if row.estimator == estimator and row.tau == tau:
+            if (row.estimator, row.tau, row.budget_of) == (estimator, tau, budget_of):
                 return row.median_abs
-        raise KeyError(f"estimator: no samples for {estimator!r} at tau {tau}")
+        raise KeyError(f"estimator: no {budget_of} samples for {estimator!r} at tau {tau}")
 
     def to_markdown(self) -> str:
         """A header and two GitHub-markdown tables: errors per (scorer, tau), and costs."""
@@ -245,13 +258,13 @@ class BudgetEstimatorReport:
             f"Eq. 6 budget, probe scorer vs full attention ({self.model}; texts "
             f"{', '.join(self.texts)}; lengths {lengths} tokens)",
             "",
-            "| estimator | tau | median abs. rel. error | p90 abs. rel. error | median signed "
-            "error | oracle kept ratio (median) | samples |",
-            "|---|---|---|---|---|---|---|",
+            "| budget of | estimator | tau | median abs. rel. error | p90 abs. rel. error | "
+            "median signed error | oracle kept ratio (median) | samples |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {r.estimator} | {r.tau:g} | {r.median_abs:.1%} | {r.p90_abs:.1%} | "
-            f"{r.median_signed:+.1%} | {r.oracle_ratio:.1%} | {r.samples} |"
+            f"| {r.budget_of} | {r.estimator} | {r.tau:g} | {r.median_abs:.1%} | "
+            f"{r.p90_abs:.1%} | {r.median_signed:+.1%} | {r.oracle_ratio:.1%} | {r.samples} |"
             for r in self.summary()
         ]
         cols = sorted({n for c in self.cost.values() for n in c})
@@ -290,7 +303,7 @@ class _LayerProbe:
     def __init__(self, scorers: Mapping[str, Scorer], taus: Sequence[float]) -> None:
         self.scorers = scorers
         self.taus = tuple(taus)
-        self.results: dict[int, dict[tuple[str, float], tuple[int, int]]] = {}
+        self.results: dict[int, dict[tuple[str, float, int | None], tuple[int, int]]] = {}
         self._sdpa: Callable[..., Any] = AttentionInterface()["sdpa"]
 
     def __call__(
@@ -322,7 +335,7 @@ class _LayerProbe:
 @torch.no_grad()
 def _measure_one(
     model: nn.Module, ids: Tensor, scorers: Mapping[str, Scorer], taus: Sequence[float]
-) -> dict[int, dict[tuple[str, float], tuple[int, int]]]:
+) -> dict[int, dict[tuple[str, float, int | None], tuple[int, int]]]:
     name = f"zipvl_budget_{next(_NAME_IDS)}"
     probe = _LayerProbe(scorers, taus)
     AttentionInterface.register(name, probe)
@@ -388,8 +401,8 @@ def measure_budget_estimator(
             res = _measure_one(model, ids[:, :n], scorers, taus)
             used.append(n)
             for layer, by_key in sorted(res.items()):
-                for (name, tau), (oracle, est) in by_key.items():
-                    samples.append(BudgetSample(text, n, layer, name, tau, oracle, est))
+                for (name, tau, head), (oracle, est) in by_key.items():
+                    samples.append(BudgetSample(text, n, layer, name, tau, oracle, est, head))
     if not samples:
         raise ValueError(
             f"texts: none of the texts has {min(lengths)} tokens or more "
