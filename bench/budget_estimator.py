@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.write:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{args.name}.json").write_text(
-            json.dumps(payload, sort_keys=True, indent=1) + "\n"
-        )
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(payload, sort_keys=True) + "\n")
     write_result(args.name, payload)
 
 
