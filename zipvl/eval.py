@@ -20,6 +20,10 @@ Metrics (``EvalReport``):
 * the cache report's totals (kept ratio, attention-FLOP reduction, KV compression).
 
 transformers-free: the generation helpers live in ``zipvl.models.hf``.
+
+The budget-estimator measurement (probe-estimated vs full-attention Eq. 6 budgets per layer on a
+real causal LM) lives in ``zipvl.eval_budget`` and is re-exported here:
+``measure_budget_estimator``, ``BudgetEstimatorReport``, ``layer_budgets``, ...
 """
 
 from __future__ import annotations
@@ -32,10 +36,37 @@ import torch
 from torch import nn
 
 from zipvl.config import ZipVLConfig
+from zipvl.eval_budget import (
+    BudgetEstimatorReport,
+    BudgetSample,
+    EstimatorSummary,
+    default_scorers,
+    layer_budgets,
+    load_causal_lm,
+    measure_budget_estimator,
+    packaged_model_path,
+    packaged_texts,
+    scoring_cost,
+)
 from zipvl.models.cache_arg import cache_kwargs
 from zipvl.models.hf import disable, enable, forced_generate, is_enabled, recording
 
-__all__ = ["EvalReport", "LayerEval", "evaluate", "kl_divergence"]
+__all__ = [
+    "BudgetEstimatorReport",
+    "BudgetSample",
+    "EstimatorSummary",
+    "EvalReport",
+    "LayerEval",
+    "default_scorers",
+    "evaluate",
+    "kl_divergence",
+    "layer_budgets",
+    "load_causal_lm",
+    "measure_budget_estimator",
+    "packaged_model_path",
+    "packaged_texts",
+    "scoring_cost",
+]
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,10 @@ from transformers.masking_utils import AttentionMaskInterface
 
 if TYPE_CHECKING:  # the static view of the lazy names below
     from transformers import (
+        AutoModelForCausalLM,
         AutoModelForImageTextToText,
         AutoProcessor,
+        AutoTokenizer,
         CLIPImageProcessor,
         CLIPVisionConfig,
         LlamaConfig,
@@ -60,8 +62,10 @@ __all__ = [
     "TRANSFORMERS_VERSION",
     "AttentionInterface",
     "AttentionMaskInterface",
+    "AutoModelForCausalLM",
     "AutoModelForImageTextToText",
     "AutoProcessor",
+    "AutoTokenizer",
     "CLIPImageProcessor",
     "CLIPVisionConfig",
     "Cache",
