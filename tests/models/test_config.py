@@ -73,11 +73,12 @@ def test_unknown_preset_lists_names() -> None:
         (dict(probe_cap=0), ValueError, r"probe_cap: expected an int >= 1, got 0"),
         (dict(probe_recent_frac=0.0, probe_random_frac=0.0), ValueError, r"at least one > 0"),
         (dict(impl="cuda"), ValueError, r"impl: expected one of .*'sdpa'.*got 'cuda'"),
-        (dict(impl="triton"), ValueError, r"impl: expected one of 'auto', 'sdpa', 'flex', .*'triton'"),
+        (dict(impl="triton"), ValueError, r"impl: expected one of 'auto', 'sdpa', .*'triton'"),
         (
             dict(layers={2: {"impl": "triton"}}),
             ValueError,
-            r"layers\[2\]: impl: expected one of 'auto', 'sdpa', 'flex', 'reference', got 'triton'",
+            r"layers\[2\]: impl: expected one of 'auto', 'sdpa', 'flex', 'reference', got "
+            r"'triton'",
         ),
         (dict(quant_impl="flex"), ValueError, r"quant_impl: expected one of .*, got 'flex'"),
         (
