@@ -7,6 +7,9 @@ and (``--capacity``) the largest batch of 128k-token prompts that fits, for
     dense-cudnn   the same, SDPA forced to cuDNN attention
     zipvl         ``zipvl.enable(model, ZipVLConfig.preset("zipvl"))`` (tau 0.975, 4/2-bit cache)
     fixed         preset "fixed": FixedRatioAllocator(0.42), the same 4/2-bit cache
+    fixed-auto    the same, nothing forced: ``impl="auto"`` runs its gathered prefill attention
+                  on the SDPA backend it measured fastest per shape (recorded as
+                  ``sdpa_choices``); transformers' own SDPA calls use PyTorch's dispatch
     kivi          preset "kivi": dense prefill, KIVI 2-bit cache with a 128-token fp residual
 
 all in one process, one model. The ZipVL variants run their dense SDPA calls (dense layers, decode
@@ -83,13 +86,14 @@ from zipvl.models import cache_argument, is_enabled
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "h200" / "gpu_hf.json"
-VARIANTS = ("dense-flash", "dense-cudnn", "zipvl", "fixed", "kivi")
-PRESET_OF = {"zipvl": "zipvl", "fixed": "fixed", "kivi": "kivi"}
+VARIANTS = ("dense-flash", "dense-cudnn", "zipvl", "fixed", "fixed-auto", "kivi")
+PRESET_OF = {"zipvl": "zipvl", "fixed": "fixed", "fixed-auto": "fixed", "kivi": "kivi"}
 BACKEND_OF = {
     "dense-flash": "flash",
     "dense-cudnn": "cudnn",
     "zipvl": "flash",
     "fixed": "flash",
+    "fixed-auto": "auto",  # nothing forced: impl="auto" measures its SDPA backend per shape
     "kivi": "flash",
 }
 
@@ -99,7 +103,7 @@ class Variant:
     """One measured configuration: dense (``preset`` None) or a ZipVL preset, and its backend."""
 
     name: str
-    backend: str  # "flash" | "cudnn" | "cpu"
+    backend: str  # "flash" | "cudnn" | "auto" | "cpu"
     preset: str | None
     fallback: bool = False  # memory-efficient SDPA allowed where the forced kernel has none
     config: ZipVLConfig | None = field(default=None, repr=False)
@@ -108,12 +112,14 @@ class Variant:
     def label(self) -> str:
         if self.backend == "cpu":
             return "cpu default (not forced)"
+        if self.backend == "auto":
+            return "auto (measured per shape)"
         return f"{self.backend} + efficient fallback" if self.fallback else self.backend
 
 
 def _backends(v: Variant) -> contextlib.AbstractContextManager[Any]:
-    """The forced SDPA backend(s) of ``v`` (nothing on the CPU)."""
-    if v.backend == "cpu":
+    """The forced SDPA backend(s) of ``v`` (nothing on the CPU or for "auto")."""
+    if v.backend in ("cpu", "auto"):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -342,6 +348,10 @@ class Session:
         if v.preset is not None:
             with contextlib.suppress(AttributeError, NotImplementedError):
                 row["kept_ratio"] = cache.report().kept_ratio
+        if v.backend == "auto":  # what impl="auto" chose, per shape bucket
+            from zipvl.sparsity.sdpa_backend import choices
+
+            row["sdpa_choices"] = {name: c.backend for name, c in choices().items()}
         return row
 
     def guarded(self, v: Variant, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
