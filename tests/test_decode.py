@@ -258,7 +258,7 @@ def test_bad_inputs_raise() -> None:
     small = PagedKVStore(PageFormat(page_size=16), batch_size=1, num_heads=1, head_dim=16,
                          dtype=torch.float32, device="cpu", recompress_every=8, sink_tokens=0)
     small.write_prefill(torch.randn(1, 1, 20, 16), torch.randn(1, 1, 20, 16), None, None, 0)
-    with pytest.raises(ValueError, match="head_dim \\* bits / 8 >= 16"):
+    with pytest.raises(ValueError, match="head_dim >= 64"):
         decode_attention(torch.randn(1, 2, 1, 16), small, impl="triton")
     decode_attention(torch.randn(1, 2, 1, 16), small, impl="auto")
     with pytest.raises(ValueError, match="storage"):
@@ -520,3 +520,46 @@ def test_decode_step_compiles_whole(device: str) -> None:
         torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
         counts.append(counter.frame_count)
     assert counts == [1, 1, 1], counts  # one graph, no recompile per step
+
+
+def test_compiled_step_keeps_the_launch_settings() -> None:
+    """Settings put in the store's workspace (here float32-grade dots for bf16 and the cvt
+    conversion) reach the compiled step's operator, whose output equals the eager one."""
+    if not _triton_runs("cpu"):
+        pytest.skip("the fused kernel runs on CUDA or under TRITON_INTERPRET=1")
+    from zipvl.decode import _settings
+
+    case = (1, 4, 2, 64, 70, 3, 16)
+    store, *_ = _filled_store(case, "cpu", torch.bfloat16, seed=4)
+    q = torch.randn(1, 4, 1, 64, dtype=torch.bfloat16)
+    workspace(store, 4)["precise"] = True
+    workspace(store, 4)["convert"] = "cvt"
+    assert _settings(store)[2] == 1 and _settings(store)[-1] == 0
+    eager, _ = decode_attention(q, store, impl="triton")
+    import zipvl.paged_decode_triton as kernels
+
+    seen: list[dict] = []
+    real = kernels.paged_decode_triton
+
+    def spy(q, st, scale, ws):
+        seen.append(dict(ws))
+        return real(q, st, scale, ws)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q: decode_attention(q, store, impl="triton"), fullgraph=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "paged_decode_triton", spy)
+        out, _ = compiled(q)
+    assert seen and seen[-1]["precise"] == 1 and seen[-1]["convert"] == "cvt"
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+
+
+def test_append_inside_a_capture_raises() -> None:
+    case = (1, 4, 2, 64, 40, 0, 16)
+    store, *_ = _filled_store(case, "cpu", torch.float32)
+    k = torch.randn(1, 2, 1, 64)
+    with pytest.MonkeyPatch.context() as mp:  # a CUDA tensor inside a capture, simulated
+        mp.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        mp.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+        with pytest.raises(RuntimeError, match="append_device"):
+            store.append(k, k)

@@ -47,11 +47,10 @@ def fused_decode_problem(q: Tensor, store: PagedKVStore) -> str | None:
     if q.shape[-2] != 1:
         return f"one query per step (got Sq = {q.shape[-2]})"
     d = store.head_dim
-    low = min(store.fmt.high_bits, store.fmt.low_bits)
-    if d & (d - 1) or d * low // 8 < 16:
+    if d & (d - 1) or d < 64:
         return (
-            f"a power-of-two head dim with head_dim * bits / 8 >= 16 (a packed row is a "
-            f"matrix-multiply operand), got {d} at {low} bits"
+            f"a power-of-two head_dim >= 64 (each quarter of the channels is a matrix-multiply "
+            f"operand of >= 16), got {d}"
         )
     try:
         from zipvl import paged_decode_triton
@@ -116,9 +115,31 @@ def _view(tensors: list[Tensor], ints: list[int]) -> _StoreView:
     )  # fmt: skip
 
 
+_SETTINGS = ("warps", "stages", "precise", "block_t", "fp_block", "maxnreg")
+
+
+def _settings(store: PagedKVStore) -> list[int]:
+    """The launch settings a caller put in the store's workspace (-1: the kernel's default),
+    so a compiled step launches exactly as an eager one."""
+    ws = getattr(store, "_decode_ws", None) or {}
+    out = [int(ws[key]) if ws.get(key) is not None else -1 for key in _SETTINGS]
+    if "convert" in ws:
+        from zipvl.paged_decode_triton import CONVERTS
+
+        out.append(CONVERTS.index(ws["convert"]))
+    else:
+        out.append(-1)
+    return out
+
+
 @torch.library.custom_op("zipvl::paged_decode", mutates_args=())
 def _paged_decode_op(
-    q: Tensor, tensors: list[Tensor], ints: list[int], scale: float, splits: int
+    q: Tensor,
+    tensors: list[Tensor],
+    ints: list[int],
+    scale: float,
+    splits: int,
+    settings: list[int],
 ) -> tuple[Tensor, Tensor]:
     """The fused decode as an opaque operator, so ``torch.compile`` traces around it (a
     compiled decode step: ``append_device`` + this)."""
@@ -126,17 +147,23 @@ def _paged_decode_op(
 
     b, hq, d = q.shape
     f32 = {"dtype": torch.float32, "device": q.device}
-    ws = {
+    from zipvl.paged_decode_triton import CONVERTS
+
+    ws: dict[str, Any] = {
         "splits": splits,
         "m": torch.empty(b, hq, splits + 1, **f32),
         "l": torch.empty(b, hq, splits + 1, **f32),
         "o": torch.empty(b, hq, splits + 1, d, **f32),
     }
+    ws.update({key: val for key, val in zip(_SETTINGS, settings, strict=False) if val >= 0})
+    if settings[-1] >= 0:
+        ws["convert"] = CONVERTS[settings[-1]]
     return paged_decode_triton(q, _view(tensors, ints), scale, ws)  # fresh outputs
 
 
 @_paged_decode_op.register_fake
-def _(q: Tensor, tensors: list[Tensor], ints: list[int], scale: float, splits: int):
+def _(q: Tensor, tensors: list[Tensor], ints: list[int], scale: float, splits: int,
+      settings: list[int]):  # fmt: skip
     b, hq, d = q.shape
     return q.new_empty(b, hq, d), q.new_empty(b, hq, dtype=torch.float32)
 
@@ -212,8 +239,9 @@ def decode_attention(
             q1 = q[:, :, 0].contiguous()
             if torch.compiler.is_compiling():  # traced: the kernel as an opaque operator
                 tensors, ints = _operands(store)
-                ns = _splits(store, store.device)
-                out, lse = _paged_decode_op(q1, tensors, ints, sm, ns)
+                ws = getattr(store, "_decode_ws", None)
+                ns = ws["splits"] if ws is not None else _splits(store, store.device)
+                out, lse = _paged_decode_op(q1, tensors, ints, sm, ns, _settings(store))
                 return out.unsqueeze(2), lse
             from zipvl.paged_decode_triton import paged_decode_triton
 

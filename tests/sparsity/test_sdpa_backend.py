@@ -38,16 +38,16 @@ def test_picks_the_fastest_and_measures_once_per_bucket() -> None:
     q, k, v = _qkv(40)
     kw = {"is_causal": True, "enable_gqa": True}
     assert sb.fastest_backend(q, k, v, timer=timer, **kw) == "flash"
-    assert sorted(calls) == sorted(fake)
+    assert sorted(calls) == ["cudnn", "efficient", "flash"]  # math only when nothing else runs
     # same bucket (40 and 60 both round up to 64): no new measurement
     q2, k2, v2 = _qkv(60)
     assert sb.fastest_backend(q2, k2, v2, timer=timer, **kw) == "flash"
-    assert len(calls) == 4
+    assert len(calls) == 3
     # a new bucket measures again; a faster backend there wins there
     fake["cudnn"] = 0.5
     q3, k3, v3 = _qkv(100)
     assert sb.fastest_backend(q3, k3, v3, timer=timer, **kw) == "cudnn"
-    assert len(calls) == 8
+    assert len(calls) == 6
     (choice,) = [c for name, c in sb.choices().items() if "Skv<=128" in name]
     assert choice.backend == "cudnn" and choice.times_ms["cudnn"] == 0.5
 
@@ -69,9 +69,9 @@ def test_skips_backends_that_cannot_run_or_are_disabled() -> None:
         seen.append(name)
         return 1.0
 
-    with sdpa_kernel([SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]):  # the caller's restriction
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]):
         sb.fastest_backend(q, k, v, timer=record, is_causal=True, enable_gqa=True)
-    assert sorted(seen) == ["flash", "math"]
+    assert sorted(seen) == ["efficient", "flash"]  # the caller's restriction
 
     def broken(name, run):
         raise RuntimeError(f"{name}: no kernel")
@@ -81,7 +81,7 @@ def test_skips_backends_that_cannot_run_or_are_disabled() -> None:
         sb.fastest_backend(q, k, v, timer=broken, is_causal=True)
 
 
-def test_cpu_calls_use_pytorch_dispatch_and_remember_nothing() -> None:
+def test_unseeded_cpu_calls_use_pytorch_dispatch_and_remember_nothing() -> None:
     q, k, v = _qkv()
     assert sb.fastest_backend(q, k, v, is_causal=True, enable_gqa=True) is None
     assert sb.choices() == {}
@@ -89,16 +89,89 @@ def test_cpu_calls_use_pytorch_dispatch_and_remember_nothing() -> None:
         sb.sdpa(q, k, v, backend="fast")
 
 
-def test_auto_equals_sdpa_on_the_cpu() -> None:
-    q, k, v = _qkv(48)
-    keep = torch.zeros(1, 2, 48, dtype=torch.bool)
+def _selection(s: int) -> Selection:
+    keep = torch.zeros(1, 2, s, dtype=torch.bool)
     keep[..., ::3] = True
     keep[..., -1] = True
-    sel = Selection(keep=keep, num_kept=int(keep[0, 0].sum()))
-    for unkept in ("zero", "attend"):
-        a = sparse_attention(q, k, v, sel, impl="auto", unkept=unkept)
-        b = sparse_attention(q, k, v, sel, impl="sdpa", unkept=unkept)
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    return Selection(keep=keep, num_kept=int(keep[0, 0].sum()))
+
+
+def _seed(q, k, v, backend: str, **kw) -> None:
+    """Remember ``backend`` for the bucket of this call (a timer under which only it runs)."""
+
+    def timer(name, run):
+        if name != backend:
+            raise RuntimeError(f"{name}: not in this test")
+        return 1.0
+
+    assert sb.fastest_backend(q, k, v, timer=timer, **kw) == backend
+
+
+def test_auto_runs_the_remembered_backend() -> None:
+    """sparse_attention(impl="auto") runs the gathered call on the backend remembered for its
+    bucket (math here, seeded), with the same result as PyTorch's dispatch."""
+    q, k, v = _qkv(48)
+    sel = _selection(48)
+    p = sel.num_kept
+    gq, gk, gv = q[:, :, :p], k[:, :, :p], v[:, :, :p]  # the gathered call's shapes
+    _seed(gq, gk, gv, "math", is_causal=True, scale=None, enable_gqa=True)
+    ran: list[str] = []
+    real = sb.sdpa
+
+    def spy(q, k, v, *, backend, **kw):
+        ran.append(backend)
+        return real(q, k, v, backend=backend, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sb, "sdpa", spy)
+        a = sparse_attention(q, k, v, sel, impl="auto")
+    assert ran == ["math"]
+    b = sparse_attention(q, k, v, sel, impl="sdpa")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cached_choice_is_never_a_disabled_backend() -> None:
+    q, k, v = _qkv()
+    kw = {"is_causal": True, "enable_gqa": True}
+    _seed(q, k, v, "math", **kw)
+    assert sb.fastest_backend(q, k, v, **kw) == "math"
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # math off: another bucket, measured anew
+        got = sb.fastest_backend(q, k, v, timer=lambda name, run: 1.0, **kw)
+        assert got == "flash"
+        assert sb.sdpa_auto(q, k, v, **kw).shape == q.shape  # runs flash (CPU), not math
+
+
+def test_a_refused_call_is_measured_again() -> None:
+    """A remembered backend that cannot run a later call of its bucket (cudnn on CPU tensors
+    here) is measured again on that call; the result is PyTorch's and the reason is recorded."""
+    q, k, v = _qkv()
+    kw = {"is_causal": True, "enable_gqa": True}
+    _seed(q, k, v, "cudnn", **kw)
+
+    def timer(name, run):
+        run()  # cudnn and efficient refuse CPU tensors; flash (CPU) and math run
+        return {"flash": 1.0, "math": 2.0}[name]
+
+    out = sb.sdpa_auto(q, k, v, timer=timer, **kw)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, **kw))
+    (choice,) = sb.choices().values()
+    assert choice.backend == "flash" and "cudnn refused" in choice.why
+    assert "math" not in choice.times_ms  # math is timed only when nothing else runs
+
+
+def test_dense_layers_of_auto_layers_use_the_choice() -> None:
+    from zipvl.models.attention import dense_causal_attention
+
+    q, k, v = _qkv(40)
+    _seed(q, k, v, "math", is_causal=True, scale=None, enable_gqa=True)
+    ran: list[str] = []
+    real = sb.sdpa
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sb, "sdpa", lambda *a, backend, **kw: ran.append(backend) or real(
+            *a, backend=backend, **kw))
+        out = dense_causal_attention(q, k, v, tuned=True)
+    assert ran == ["math"]
+    torch.testing.assert_close(out, dense_causal_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu

@@ -240,7 +240,7 @@ class PagedKVStore:
         batch_size: B.
         num_heads: Hkv.
         head_dim: D, a multiple of the codes per byte (the fused decode also needs a power of
-            two with ``D * bits / 8 >= 16``: a packed row is a matrix operand).
+            two >= 64: each quarter of the channels is a matrix operand of >= 16).
         dtype: dtype of the full-precision regions (the model's K/V dtype).
         device: where everything lives.
         recompress_every: R, tokens per decode block.
@@ -503,9 +503,14 @@ class PagedKVStore:
             ValueError: the tail would exceed its capacity (``recompress_every + tail_slack``).
         """
         t = k.shape[2]
-        capturing = k.is_cuda and torch.cuda.is_current_stream_capturing()
-        if capturing or self.tail_length + t > self.tail_cap:
-            self.append_device(k, v)  # (raises on overflow)
+        if k.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "append: inside a CUDA-graph capture call append_device (the captured half) "
+                "and advance(T) after every replay; append would advance the host count once, "
+                "at capture time"
+            )
+        if self.tail_length + t > self.tail_cap:
+            self.append_device(k, v)  # raises: the tail is full
         else:
             # eager: every row's tail holds ``tail_length`` tokens (the host knows the slot), so
             # two slice copies and one count update instead of the device-count scatter

@@ -57,7 +57,7 @@ from zipvl.impl import SPARSE_ATTENTION_IMPLS, Impl, parse_impl
 from zipvl.sparsity.block_mask import compacted_causal_block_mask, compacted_prefix_block_mask
 from zipvl.sparsity.pipeline import padded_spans
 from zipvl.sparsity.reference import reference_sparse_attention
-from zipvl.sparsity.sdpa_backend import fastest_backend, sdpa
+from zipvl.sparsity.sdpa_backend import sdpa_auto
 from zipvl.types import Selection
 
 __all__ = ["compiled_flex_attention", "sparse_attention"]
@@ -184,8 +184,7 @@ def _flex_sparse(
 
 def _call(q: Tensor, k: Tensor, v: Tensor, tuned: bool, **kw: Any) -> Tensor:
     """One SDPA call: on the fastest measured backend (``tuned``) or PyTorch's own dispatch."""
-    backend = fastest_backend(q, k, v, **kw) if tuned else None
-    return sdpa(q, k, v, backend=backend, **kw)
+    return sdpa_auto(q, k, v, **kw) if tuned else F.scaled_dot_product_attention(q, k, v, **kw)
 
 
 def _sdpa_sparse(

@@ -7,18 +7,28 @@ both. ``fastest_backend`` times every backend that can run a call (cuDNN, flash,
 math; only those the caller left enabled, e.g. inside ``torch.nn.attention.sdpa_kernel``) the
 first time a shape bucket is seen, and remembers the winner:
 
-* bucket = (device, dtype, Hq, Hkv, D, Dv, causal, masked, Sq and Skv rounded up to a power of
-  two, B): one measurement per bucket, a few ms, with host syncs (like Triton's autotuning);
-* no measurement on the CPU, while compiling or while a CUDA graph is being captured: those calls
-  use PyTorch's own dispatch (``None``), and say so in ``choices()``.
+* bucket = (device, dtype, B, Hq, Hkv, D, Dv, Sq and Skv rounded up to a power of two, causal,
+  Sq == Skv, the mask's dtype and shape, dropout, requires_grad, unit last strides, 16-byte
+  alignment, deterministic mode, the enabled backends): everything that decides which backends
+  can run a call, so one measurement per bucket (a few ms, with host syncs, like Triton's
+  autotuning) holds for the bucket's later calls;
+* should the remembered backend still refuse a later call, ``sdpa_auto`` measures that call
+  again (all backends compute the same function) and records why in ``choices()``;
+* the math backend is timed only when no other backend runs (it materialises the score matrix);
+* no measurement, and no remembered choice, on the CPU, while compiling or while a CUDA graph is
+  captured: those calls use PyTorch's own dispatch (``None``).
 
-``sdpa(q, k, v, backend=..., **kw)`` runs one call on a chosen backend. ``choices()`` lists what
-was chosen (benchmarks print it next to their tables).
+``sdpa(q, k, v, backend=..., **kw)`` runs one call on a chosen backend, ``sdpa_auto`` on the
+measured one. ``choices()`` lists what was chosen (benchmarks print it next to their tables).
+``torch.nn.attention.sdpa_kernel`` switches process-wide flags, so measuring (and every call on
+a named backend) is not thread-safe across threads that run SDPA concurrently; measurement
+holds a lock against concurrent measurements.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +38,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["BACKENDS", "BackendChoice", "choices", "clear_choices", "fastest_backend", "sdpa"]
+__all__ = [
+    "BACKENDS",
+    "BackendChoice",
+    "choices",
+    "clear_choices",
+    "fastest_backend",
+    "sdpa",
+    "sdpa_auto",
+]
 
 BACKENDS: dict[str, SDPBackend] = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -62,25 +80,40 @@ class BackendChoice:
 
 
 _CHOICES: dict[tuple[Any, ...], BackendChoice] = {}
+_LOCK = threading.Lock()
 
 
 def _bucket(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
-def _key(q: Tensor, k: Tensor, v: Tensor, causal: bool, masked: bool) -> tuple[Any, ...]:
-    return (str(q.device), q.dtype, q.shape[0], q.shape[1], k.shape[1], q.shape[-1],
-            v.shape[-1], causal, masked, _bucket(q.shape[-2]), _bucket(k.shape[-2]))  # fmt: skip
+def _enabled() -> tuple[str, ...]:
+    return tuple(name for name in BACKENDS if _ENABLED[name]())
+
+
+def _key(q: Tensor, k: Tensor, v: Tensor, kw: dict[str, Any]) -> tuple[Any, ...]:
+    mask = kw.get("attn_mask")
+    tensors = (q, k, v)
+    return (
+        str(q.device), q.dtype, q.shape[0], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1],
+        _bucket(q.shape[-2]), _bucket(k.shape[-2]),
+        bool(kw.get("is_causal", False)), q.shape[-2] == k.shape[-2],
+        None if mask is None else (mask.dtype, tuple(mask.shape)),
+        float(kw.get("dropout_p", 0.0)), bool(kw.get("enable_gqa", False)),
+        any(t.requires_grad for t in tensors), all(t.stride(-1) == 1 for t in tensors),
+        all(t.data_ptr() % 16 == 0 for t in tensors),
+        torch.are_deterministic_algorithms_enabled(), _enabled(),
+    )  # fmt: skip
 
 
 def choices() -> dict[str, BackendChoice]:
     """Every choice made so far, keyed by a readable description of its bucket."""
     out = {}
     for key, choice in _CHOICES.items():
-        dev, dtype, b, hq, hkv, d, dv, causal, masked, sq, skv = key
-        flags = (" causal" if causal else "") + (" masked" if masked else "")
+        dev, dtype, b, hq, hkv, d, dv, sq, skv, causal, _, mask = key[:12]
+        flags = (" causal" if causal else "") + (" masked" if mask is not None else "")
         name = (f"{dev} {str(dtype).removeprefix('torch.')} B={b} Hq={hq} Hkv={hkv} D={d} "
-                f"Dv={dv} Sq<={sq} Skv<={skv}{flags}")  # fmt: skip
+                f"Dv={dv} Sq<={sq} Skv<={skv}{flags} enabled={'/'.join(key[-1])}")  # fmt: skip
         out[name] = choice
     return out
 
@@ -143,33 +176,66 @@ def fastest_backend(
     Raises:
         RuntimeError: no enabled backend can run the call (PyTorch's own error of the last one).
     """
-    causal = bool(kw.get("is_causal", False))
-    masked = kw.get("attn_mask") is not None
-    key = _key(q, k, v, causal, masked)
+    if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return None
+    key = _key(q, k, v, kw)
     hit = _CHOICES.get(key)
     if hit is not None:
         return hit.backend
     if not q.is_cuda and timer is None:
-        return None  # not remembered: a CPU call costs nothing to decide
-    if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return None
+        return None  # not measured on the CPU: PyTorch's dispatch (tests seed choices)
+    return _measure(key, q, k, v, timer, kw, "measured on the first call of the bucket")
+
+
+def _measure(
+    key: tuple[Any, ...],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    timer: Callable[[str, Callable[[], object]], float] | None,
+    kw: dict[str, Any],
+    why: str,
+) -> str:
     measure = timer if timer is not None else _default_timer
+    with _LOCK:
+        times: dict[str, float] = {}
+        last_error: RuntimeError | None = None
+        for name in key[-1]:  # the enabled backends, math last
+            if name == "math" and times:
+                continue  # math materialises the scores: only when nothing else runs
 
-    times: dict[str, float] = {}
-    last_error: RuntimeError | None = None
-    for name in BACKENDS:
-        if not _ENABLED[name]():
-            continue
+            def run(name: str = name) -> Tensor:
+                return sdpa(q, k, v, backend=name, **kw)
 
-        def run(name: str = name) -> Tensor:
-            return sdpa(q, k, v, backend=name, **kw)
-
-        try:
-            times[name] = float(measure(name, run))
-        except RuntimeError as err:  # no kernel of this backend for the call
-            last_error = err
-    if not times:
-        raise RuntimeError(f"no enabled SDPA backend runs this call: {last_error}")
-    best = min(times, key=lambda n: times[n])
-    _CHOICES[key] = BackendChoice(best, times, "measured on the first call of the bucket")
+            try:
+                times[name] = float(measure(name, run))
+            except RuntimeError as err:  # no kernel of this backend for the call
+                last_error = err
+        if not times:
+            raise RuntimeError(f"no enabled SDPA backend runs this call: {last_error}")
+        best = min(times, key=lambda n: times[n])
+        _CHOICES[key] = BackendChoice(best, times, why)
     return best
+
+
+def sdpa_auto(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    timer: Callable[[str, Callable[[], object]], float] | None = None,
+    **kw: Any,
+) -> Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, **kw)`` on ``fastest_backend``'s choice. If
+    the remembered backend refuses this call (something outside the bucket key), the call is
+    measured again and the new choice (with the reason) replaces the old one."""
+    backend = fastest_backend(q, k, v, timer=timer, **kw)
+    try:
+        return sdpa(q, k, v, backend=backend, **kw)
+    except RuntimeError as err:
+        if backend is None:
+            raise
+        why = f"measured again: {backend} refused a later call ({str(err).splitlines()[0][:80]})"
+        key = _key(q, k, v, kw)
+        _CHOICES.pop(key, None)
+        return sdpa(q, k, v, backend=_measure(key, q, k, v, timer, kw, why), **kw)
