@@ -4,6 +4,8 @@ beyond the 2x rule."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,6 +89,9 @@ def test_unseeded_cpu_calls_use_pytorch_dispatch_and_remember_nothing() -> None:
     assert sb.choices() == {}
     with pytest.raises(ValueError, match="backend"):
         sb.sdpa(q, k, v, backend="fast")
+    torch.testing.assert_close(  # "auto" unseeded on the CPU: PyTorch's dispatch
+        sb.sdpa(q, k, v, backend="auto", is_causal=True, enable_gqa=True),
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), rtol=0, atol=0)
 
 
 def _selection(s: int) -> Selection:
@@ -94,6 +99,22 @@ def _selection(s: int) -> Selection:
     keep[..., ::3] = True
     keep[..., -1] = True
     return Selection(keep=keep, num_kept=int(keep[0, 0].sum()))
+
+
+@contextlib.contextmanager
+def _named_backends_run():
+    """Records the backend of every call ``sdpa_auto`` makes (its calls go through the module's
+    ``sdpa``)."""
+    ran: list[str] = []
+    real = sb.sdpa
+
+    def spy(q, k, v, *, backend, **kw):
+        ran.append(backend)
+        return real(q, k, v, backend=backend, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sb, "sdpa", spy)
+        yield ran
 
 
 def _seed(q, k, v, backend: str, **kw) -> None:
@@ -115,15 +136,7 @@ def test_auto_runs_the_remembered_backend() -> None:
     p = sel.num_kept
     gq, gk, gv = q[:, :, :p], k[:, :, :p], v[:, :, :p]  # the gathered call's shapes
     _seed(gq, gk, gv, "math", is_causal=True, scale=None, enable_gqa=True)
-    ran: list[str] = []
-    real = sb.sdpa
-
-    def spy(q, k, v, *, backend, **kw):
-        ran.append(backend)
-        return real(q, k, v, backend=backend, **kw)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sb, "sdpa", spy)
+    with _named_backends_run() as ran:
         a = sparse_attention(q, k, v, sel, impl="auto")
     assert ran == ["math"]
     b = sparse_attention(q, k, v, sel, impl="sdpa")
@@ -164,11 +177,7 @@ def test_dense_layers_of_auto_layers_use_the_choice() -> None:
 
     q, k, v = _qkv(40)
     _seed(q, k, v, "math", is_causal=True, scale=None, enable_gqa=True)
-    ran: list[str] = []
-    real = sb.sdpa
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sb, "sdpa", lambda *a, backend, **kw: ran.append(backend) or real(
-            *a, backend=backend, **kw))
+    with _named_backends_run() as ran:
         out = dense_causal_attention(q, k, v, tuned=True)
     assert ran == ["math"]
     torch.testing.assert_close(out, dense_causal_attention(q, k, v), rtol=1e-5, atol=1e-5)

@@ -45,7 +45,7 @@ from zipvl.decode import fused_decode_problem
 from zipvl.impl import Impl
 from zipvl.sparsity import sparse_attention
 from zipvl.sparsity.pipeline import padded_spans, plan_tokens, row_spans
-from zipvl.sparsity.sdpa_backend import sdpa_auto
+from zipvl.sparsity.sdpa_backend import sdpa
 from zipvl.types import MassReduce
 
 __all__ = [
@@ -187,14 +187,13 @@ def dense_causal_attention(
         (B, Hq, S, Dv).
     """
     gqa = q.shape[1] != k.shape[1]
+    backend = "auto" if tuned else None  # the measured SDPA backend, or PyTorch's dispatch
     if key_valid is None:
-        kw = {"is_causal": True, "scale": scale, "enable_gqa": gqa}
-        return sdpa_auto(q, k, v, **kw) if tuned else F.scaled_dot_product_attention(q, k, v, **kw)
+        return sdpa(q, k, v, backend=backend, is_causal=True, scale=scale, enable_gqa=gqa)
     s = q.shape[-2]
     causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()  # (S, S)
     mask = causal & key_valid[:, None, None, :]  # (B, 1, S, S)
-    kw = {"attn_mask": mask, "scale": scale, "enable_gqa": gqa}
-    out = sdpa_auto(q, k, v, **kw) if tuned else F.scaled_dot_product_attention(q, k, v, **kw)
+    out = sdpa(q, k, v, backend=backend, attn_mask=mask, scale=scale, enable_gqa=gqa)
     # padded query rows see no key: define their output as 0 (SDPA may give NaN there)
     return out.masked_fill(~key_valid[:, None, :, None], 0.0)
 

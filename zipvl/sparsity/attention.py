@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ from zipvl.impl import SPARSE_ATTENTION_IMPLS, Impl, parse_impl
 from zipvl.sparsity.block_mask import compacted_causal_block_mask, compacted_prefix_block_mask
 from zipvl.sparsity.pipeline import padded_spans
 from zipvl.sparsity.reference import reference_sparse_attention
-from zipvl.sparsity.sdpa_backend import sdpa_auto
+from zipvl.sparsity.sdpa_backend import sdpa
 from zipvl.types import Selection
 
 __all__ = ["compiled_flex_attention", "sparse_attention"]
@@ -182,11 +182,6 @@ def _flex_sparse(
     return _flex(q, kg, vg, bm, scale, compile)  # (B, Hq, S, Dv)
 
 
-def _call(q: Tensor, k: Tensor, v: Tensor, tuned: bool, **kw: Any) -> Tensor:
-    """One SDPA call: on the fastest measured backend (``tuned``) or PyTorch's own dispatch."""
-    return sdpa_auto(q, k, v, **kw) if tuned else F.scaled_dot_product_attention(q, k, v, **kw)
-
-
 def _sdpa_sparse(
     q: Tensor,
     k: Tensor,
@@ -197,6 +192,7 @@ def _sdpa_sparse(
     scale: float | None,
     tuned: bool = False,
 ) -> Tensor:
+    backend = "auto" if tuned else None  # the measured SDPA backend, or PyTorch's dispatch
     b, hq, s, d = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
     g = hq // hkv
@@ -205,8 +201,8 @@ def _sdpa_sparse(
     kg, vg = _gather_kv(k, v, idx)  # (B, Hkv, P, D), (B, Hkv, P, Dv)
     if unkept == "zero":
         qg = _gather_q(q, idx)  # (B, Hq, P, D)
-        out = _call(
-            qg, kg, vg, tuned, is_causal=True, scale=scale, enable_gqa=True
+        out = sdpa(
+            qg, kg, vg, backend=backend, is_causal=True, scale=scale, enable_gqa=True
         )  # (B, Hq, P, Dv)
         return _scatter_rows(out, idx, s)
     # attend: query row t sees the first visible[t] gathered keys (kept positions <= t)
@@ -221,7 +217,7 @@ def _sdpa_sparse(
         mask = slot < vis[..., None]  # (B, Hkv, c, P)
         mask = mask[:, :, None].expand(b, hkv, g, r1 - r0, p).reshape(b, hkv, -1, p)
         qc = q5[:, :, :, r0:r1].reshape(b, hkv, -1, d)  # (B, Hkv, G*c, D)
-        oc = _call(qc, kg, vg, tuned, attn_mask=mask, scale=scale)
+        oc = sdpa(qc, kg, vg, backend=backend, attn_mask=mask, scale=scale)
         oc = oc.view(b, hkv, g, r1 - r0, dv)  # (B, Hkv, G, c, Dv)
         # rows that see no kept key are fully masked (NaN in SDPA); their output is zero
         out[:, :, :, r0:r1] = torch.where((vis > 0)[:, :, None, :, None], oc, 0.0)
@@ -251,8 +247,8 @@ def _padded_rows(
         n = counts[r][0]
         qs, ks, vs = (t[r : r + 1, :, start:end] for t in (q, k, v))
         if n >= end - start:  # every real token kept: dense causal attention of the row
-            o = _call(qs, ks, vs, kw["impl"] is Impl.AUTO, is_causal=True, scale=kw["scale"],
-                      enable_gqa=hq != k.shape[1])  # fmt: skip
+            o = sdpa(qs, ks, vs, backend="auto" if kw["impl"] is Impl.AUTO else None,
+                     is_causal=True, scale=kw["scale"], enable_gqa=hq != k.shape[1])  # fmt: skip
         else:
             row_sel = Selection(keep=selection.keep[r : r + 1, :, start:end], num_kept=n)
             o = sparse_attention(qs, ks, vs, row_sel, **kw)

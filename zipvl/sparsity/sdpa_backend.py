@@ -124,12 +124,17 @@ def clear_choices() -> None:
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, *, backend: str | None, **kw: Any) -> Tensor:
-    """``F.scaled_dot_product_attention(q, k, v, **kw)`` on ``backend`` (None: PyTorch's own
-    dispatch). A named backend that cannot run the call raises (PyTorch's RuntimeError)."""
+    """``F.scaled_dot_product_attention(q, k, v, **kw)`` on ``backend``: a key of ``BACKENDS``
+    (one that cannot run the call raises PyTorch's RuntimeError), ``"auto"`` (``sdpa_auto``: the
+    one measured fastest for the shape) or None (PyTorch's own dispatch)."""
     if backend is None:
         return F.scaled_dot_product_attention(q, k, v, **kw)
+    if backend == "auto":
+        return sdpa_auto(q, k, v, **kw)
     if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {sorted(BACKENDS)} or None, got {backend!r}")
+        raise ValueError(
+            f"backend: expected one of {sorted(BACKENDS)}, 'auto' or None, got {backend!r}"
+        )
     with sdpa_kernel([BACKENDS[backend]]):
         return F.scaled_dot_product_attention(q, k, v, **kw)
 
