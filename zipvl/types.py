@@ -102,8 +102,9 @@ class Selection:
     the min and max row count), which every consumer that sizes tensors by ``num_kept``
     (``sparse_attention``, ``indices``) calls first, outside ``torch.compile`` tracing. The result
     is remembered on the instance, so one selection is read back at most once;
-    ``TopKSelector`` verifies the counts within its own single host read and returns a selection
-    that is already checked. (``dataclasses.replace`` gives a new, unchecked selection.)
+    ``TopKSelector`` builds its mask with exactly ``num_kept`` entries per row (property-tested)
+    and returns a selection marked as checked. (``dataclasses.replace`` gives a new, unchecked
+    selection.)
 
     Attributes:
         keep: (B, Hkv, Skv) bool, True for important tokens. Every (b, h) row has the same
@@ -182,11 +183,14 @@ class Selection:
         import ``quant``, so the few lines live in both places).
         """
         self.check_counts()
-        skv = self.keep.shape[-1]
-        pos = torch.arange(skv, device=self.keep.device).expand_as(self.keep)  # (B, Hkv, Skv)
-        # kept positions sort first, in position order (stable sort on the inverted flag)
-        key = (~self.keep).to(torch.int64) * skv + pos  # (B, Hkv, Skv)
-        return key.sort(dim=-1).values[..., : self.num_kept] % max(skv, 1)  # (B, Hkv, P)
+        b, h, skv = self.keep.shape
+        p = self.num_kept
+        # compaction without a sort: the j-th kept position of a row goes to slot j (its
+        # running count); the other positions all go to a spare slot P, dropped at the end
+        slot = torch.where(self.keep, self.keep.cumsum(dim=-1) - 1, p)  # (B, Hkv, Skv) int64
+        pos = torch.arange(skv, device=self.keep.device).expand(b, h, skv)
+        out = torch.empty(b, h, p + 1, dtype=torch.int64, device=self.keep.device)
+        return out.scatter_(-1, slot, pos)[..., :p]  # (B, Hkv, P)
 
 
 @runtime_checkable

@@ -132,13 +132,64 @@ def test_nonfinite_mass_raises_through_the_pipeline_instead_of_budget_one() -> N
         plan_tokens(q, k, scorer=ProbeScorer(impl="torch"), allocator=FixedRatioAllocator(0.5))
 
 
-def test_selector_result_is_verified_on_its_one_read() -> None:
+def test_selector_result_is_checked_by_construction() -> None:
     scores = random_scores(2, 3, 20, seed=4)
     sel = TopKSelector(granularity="layer", sink_tokens=2)(
         scores, torch.full((2, 3), 6, dtype=torch.int32)
     )
     assert (sel.keep.sum(-1) == sel.num_kept).all()
     assert sel.check_counts() is sel
+
+
+@FIXTURE_OK
+@given(
+    sel=selectors,
+    s=st.integers(1, 48),
+    b=st.integers(1, 2),
+    h=st.integers(1, 3),
+    k=st.integers(-3, 52),
+    seed=st.integers(0, 10_000),
+    ties=st.booleans(),
+    specials=st.booleans(),
+)
+def test_threshold_select_equals_the_sorted_reference(
+    device: str,
+    sel: TopKSelector,
+    s: int,
+    b: int,
+    h: int,
+    k: int,
+    seed: int,
+    ties: bool,
+    specials: bool,
+) -> None:
+    """keep_mask_k (threshold select, no sort) == keep_mask (stable sort of every row), for
+    budgets on both sides of Skv / 2 (the two topk directions), out of range, ties, NaN, inf."""
+    scores = random_scores(b, h, s, seed=seed, ties=ties, device=device)
+    if specials:
+        g = torch.Generator().manual_seed(seed)
+        pick = torch.randint(0, 4, (b, h, s), generator=g).to(device)
+        special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0], device=device)
+        scores = torch.where(pick < 3, special[pick], scores)
+    budget = torch.full((b, h), k, dtype=torch.int64, device=device)
+    fast = sel.keep_mask_k(scores, k)
+    assert torch.equal(fast, sel.keep_mask(scores, budget))
+    assert (fast.sum(-1) == min(max(k, sel.num_forced(s)), s)).all()
+
+
+@FIXTURE_OK
+@given(s=st.integers(1, 40), p_frac=st.floats(0.0, 1.0), seed=st.integers(0, 10_000))
+def test_indices_are_the_kept_positions_in_order(device: str, s: int, p_frac: float,
+                                                 seed: int) -> None:  # fmt: skip
+    """Selection.indices (a running-count compaction) == the nonzero positions of every row."""
+    g = torch.Generator().manual_seed(seed)
+    p = round(p_frac * s)
+    keep = torch.zeros(2, 3, s, dtype=torch.bool)
+    for r in range(6):
+        keep.view(6, s)[r, torch.randperm(s, generator=g)[:p]] = True
+    sel = Selection(keep=keep.to(device), num_kept=p)
+    ref = torch.stack([row.nonzero().flatten() for row in keep.view(6, s)]).view(2, 3, p)
+    assert torch.equal(sel.indices().cpu(), ref)
 
 
 def test_keep_mask_is_sync_free_and_matches_call() -> None:

@@ -11,9 +11,9 @@ Contract (``zipvl.types.Selector``)::
     budget  (B, Hkv)      int32, the same value in every row (one budget per layer)
 
 The keep mask itself (``TopKSelector.keep_mask``) is fixed-shape tensor work with no host sync;
-only ``__call__`` reads back to the host, once: the budget (to report ``Selection.num_kept`` as a
-host int), whether the scores hold NaN, and the keep mask's row counts, so that the returned
-``Selection`` is already verified and ``sparse_attention`` reads nothing more.
+``__call__`` reads back to the host once, the budget and whether the scores hold NaN, and then
+builds the mask for the budget it read by a threshold select (``keep_mask_k``: no sort), with
+exactly ``num_kept`` entries per row by construction, so ``sparse_attention`` reads nothing more.
 """
 
 from __future__ import annotations
@@ -87,8 +87,25 @@ class TopKSelector:
         recent = max(self.recent_window, 1 if self.keep_last else 0)
         return (pos < self.sink_tokens) | (pos >= skv - recent)  # (Skv,)
 
+    def _ranked(self, scores: Tensor) -> Tensor:
+        """The float32 scores the selection ranks, (B, Hs, Skv) with Hs = Hkv (``"kv_head"``) or
+        1 (``"layer"``): NaN below every finite score, -inf / +inf clamped to the finite range,
+        and the forced positions at +inf, above everything else."""
+        s = scores.float()
+        if self.granularity == "layer":
+            s = s.sum(dim=1, keepdim=True)  # (B, 1, Skv)
+        # Forced tokens rank above everything, including +inf scores; NaN ranks below -inf would,
+        # and stays deterministic through the position tie-break.
+        finite_max = torch.finfo(torch.float32).max
+        s = torch.nan_to_num(s, nan=-finite_max, posinf=finite_max, neginf=-finite_max)
+        forced = self.forced_mask(s.shape[-1], device=scores.device)  # (Skv,)
+        return s.masked_fill(forced, float("inf"))  # (B, Hs, Skv)
+
     def keep_mask(self, scores: Tensor, budget: Tensor) -> Tensor:
         """The keep mask, fixed-shape and without host sync (safe under ``fullgraph=True``).
+
+        The reference of ``keep_mask_k`` (a stable descending sort of every row): used where the
+        budget is a device tensor that must not be read back.
 
         Args:
             scores: (B, Hkv, Skv) float, higher = keep. NaN ranks lowest; +inf ranks above every
@@ -100,15 +117,7 @@ class TopKSelector:
             entries.
         """
         b, hkv, skv = scores.shape
-        s = scores.float()
-        if self.granularity == "layer":
-            s = s.sum(dim=1, keepdim=True)  # (B, 1, Skv)
-        # Forced tokens rank above everything, including +inf scores; NaN ranks below -inf would,
-        # and stays deterministic through the position tie-break.
-        finite_max = torch.finfo(torch.float32).max
-        s = torch.nan_to_num(s, nan=-finite_max, posinf=finite_max, neginf=-finite_max)
-        forced = self.forced_mask(skv, device=scores.device)  # (Skv,)
-        s = s.masked_fill(forced, float("inf"))  # (B, Hs, Skv), Hs = Hkv or 1
+        s = self._ranked(scores)  # (B, Hs, Skv)
         # Stable descending sort: equal scores keep position order, so lower positions win ties.
         order = s.sort(dim=-1, descending=True, stable=True).indices  # (B, Hs, Skv)
         ranks = torch.empty_like(order).scatter_(
@@ -119,6 +128,39 @@ class TopKSelector:
             # one budget per batch row; rows are uniform in practice (one p per layer)
             k = k.amax(dim=1, keepdim=True)  # (B, 1)
         keep = ranks < k[..., None]  # (B, Hs, Skv)
+        return keep.expand(b, hkv, skv).contiguous()  # (B, Hkv, Skv)
+
+    def keep_mask_k(self, scores: Tensor, k: int) -> Tensor:
+        """``keep_mask`` for a budget the host knows (one ``k`` for every row): the same mask,
+        by a threshold select instead of a sort of every row.
+
+        The ``kk = clamp(max(k, |forced|), 0, Skv)``-th largest ranked score of a row is its
+        threshold t (one ``topk`` of ``min(kk, Skv - kk + 1)`` entries, the smaller side); the
+        row keeps every score above t and, of the scores equal to t, the ones at the lowest
+        positions, as many as are still missing (a cumulative count): exactly the first ``kk``
+        entries of the stable descending sort.
+
+        Args:
+            scores: (B, Hkv, Skv) float, higher = keep (as in ``keep_mask``).
+            k: the budget, a host int (values outside [0, Skv] are clamped).
+
+        Returns:
+            (B, Hkv, Skv) bool with ``kk`` True entries per row.
+        """
+        b, hkv, skv = scores.shape
+        kk = min(max(int(k), self.num_forced(skv)), skv)
+        if kk == 0 or kk == skv or scores.numel() == 0:
+            return torch.full((b, hkv, skv), kk > 0, dtype=torch.bool, device=scores.device)
+        s = self._ranked(scores)  # (B, Hs, Skv)
+        if kk <= skv - kk + 1:
+            t = s.topk(kk, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
+        else:
+            t = s.topk(skv - kk + 1, dim=-1, largest=False, sorted=False).values
+            t = t.amax(dim=-1, keepdim=True)  # (B, Hs, 1): the kk-th largest
+        above = s > t  # (B, Hs, Skv)
+        tie = s == t
+        missing = kk - above.sum(dim=-1, keepdim=True)  # (B, Hs, 1), >= 1
+        keep = above | (tie & (tie.cumsum(dim=-1) <= missing))  # lowest tied positions first
         return keep.expand(b, hkv, skv).contiguous()  # (B, Hkv, Skv)
 
     def __call__(self, scores: Tensor, budget: Tensor, /) -> Selection:
@@ -147,19 +189,12 @@ class TopKSelector:
                 f"budget: expected shape (B, Hkv) = {(b, hkv)} like scores, "
                 f"got {tuple(budget.shape)}"
             )
-        # Queue the keep mask first, so the device works while the host waits on the read-back.
-        keep = self.keep_mask(scores, budget)  # (B, Hkv, Skv)
-        counts = keep.sum(dim=-1)  # (B, Hkv) kept tokens per row
+        # The one host read of the plan step: the budget sizes the gathered tensors and picks
+        # the threshold of the keep mask; the same transfer carries the NaN check of the scores.
         stats = torch.stack(
-            [
-                *torch.aminmax(budget.to(torch.int64)),
-                *torch.aminmax(counts),
-                scores.isnan().any().to(torch.int64),
-            ]
-        )  # (5,) int64
-        # The one host read of the plan step: the kept count sizes the gathered tensors, and the
-        # same transfer carries the checks of the scores and of the keep mask's row counts.
-        p_min, p_max, n_min, n_max, has_nan = stats.tolist()
+            [*torch.aminmax(budget.to(torch.int64)), scores.isnan().any().to(torch.int64)]
+        )  # (3,) int64
+        p_min, p_max, has_nan = stats.tolist()
         if p_min == NONFINITE_MASS_BUDGET:
             raise ValueError(
                 f"budget: got {NONFINITE_MASS_BUDGET}, the allocators' sentinel for NaN or inf in "
@@ -178,6 +213,10 @@ class TopKSelector:
             )
         if not 0 <= p_max <= skv:
             raise ValueError(f"budget: expected values in [0, Skv={skv}], got {p_max}")
-        selection = Selection(keep=keep, num_kept=max(p_max, self.num_forced(skv)))
-        # keep_mask gives num_kept per row by construction; verified here on the same read
-        return selection.check_counts(count_range=(n_min, n_max))
+        num_kept = min(max(p_max, self.num_forced(skv)), skv)
+        keep = self.keep_mask_k(scores, p_max)  # (B, Hkv, Skv), num_kept per row
+        # keep_mask_k keeps exactly num_kept per row by construction (property-tested against
+        # the sort of keep_mask), so the selection is returned as checked without another read
+        return Selection(keep=keep, num_kept=num_kept).check_counts(
+            count_range=(num_kept, num_kept)
+        )

@@ -1,0 +1,91 @@
+"""Where the fixed cost of a sparse prefill layer goes at short prompts (GPU): the plan
+(score + allocate + select) and the sparse attention (gather + SDPA + scatter) of one layer,
+profiled with torch.profiler (CPU + CUDA: kernel count, GPU busy time, host time per op) and
+cProfile (Python time per function).
+
+Run:  python bench/profile_prefill_plan.py --lengths 8192 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import env_info, progress
+
+from zipvl.sparsity import (
+    FixedRatioAllocator,
+    ProbeScorer,
+    TopKSelector,
+    plan_tokens,
+    sparse_attention,
+)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--ratio", type=float, default=0.42)
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args()
+    from torch.profiler import ProfilerActivity, profile
+
+    env = env_info()
+    progress(f"device {env['device']}, torch {env['torch']}, commit {env['commit']}")
+    hq, hkv, d = 28, 4, 128
+    scorer = ProbeScorer(max_recent=64, max_random=64)
+    alloc, sel = FixedRatioAllocator(args.ratio), TopKSelector()
+    for s in args.lengths:
+        q = torch.randn(1, hq, s, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, hkv, s, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, hkv, s, d, device="cuda", dtype=torch.bfloat16)
+
+        def plan():
+            return plan_tokens(q, k, scorer=scorer, allocator=alloc, selector=sel)
+
+        def layer():
+            return sparse_attention(q, k, v, plan().selection, impl="auto")
+
+        for _ in range(5):
+            layer()
+        torch.cuda.synchronize()
+        for name, fn in (("plan", plan), ("layer", layer)):
+            t0 = time.perf_counter()
+            for _ in range(args.reps):
+                fn()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) / args.reps * 1e3
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.reps):
+                    fn()
+                torch.cuda.synchronize()
+            ev = prof.key_averages()
+            kernels = sum(e.count for e in ev if e.device_type.name == "CUDA")
+            gpu_us = sum(e.self_device_time_total for e in ev if e.device_type.name == "CUDA")
+            print(
+                f"\n## S={s} {name}: wall {wall:.3f} ms/call, {kernels / args.reps:.0f} GPU "
+                f"kernels/call, GPU busy {gpu_us / args.reps / 1e3:.3f} ms/call"
+            )
+            print(ev.table(sort_by="self_cpu_time_total", row_limit=25))
+            print(ev.table(sort_by="self_device_time_total", row_limit=15))
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(args.reps):
+                fn()
+            torch.cuda.synchronize()
+            pr.disable()
+            buf = io.StringIO()
+            pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(30)
+            print(buf.getvalue())
+
+
+if __name__ == "__main__":
+    main()
