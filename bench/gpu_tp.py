@@ -10,6 +10,7 @@ collective ZipVL adds per layer plan) as a share of the prefill and decode time,
     tp-dense    the same sharded model without zipvl (transformers SDPA + ``DynamicCache``)
     1gpu-zipvl  the whole model on rank 0's GPU with zipvl (skipped with ``--no-single`` or when
                 it runs out of memory: reported as OOM)
+    1gpu-dense  the whole model on rank 0's GPU without zipvl (the 1-GPU baseline)
 
 Model: Qwen2 with Qwen2-72B attention and MLP shapes (hidden 8192, 64 query heads, 8 KV heads,
 head dim 128, MLP 29568), ``--layers`` (default 16: about 28 GB of bf16 weights, 14 GB per GPU
@@ -28,6 +29,7 @@ summed event time over the prefill (or decode) time on this rank, max over ranks
 Run:  torchrun --nproc-per-node 2 bench/gpu_tp.py                      (NCCL, 2 GPUs)
       torchrun --nproc-per-node 2 bench/gpu_tp.py --lengths 32768 --layers 8 --no-single
       torchrun --nproc-per-node 2 bench/gpu_tp.py --tiny --device cpu  (gloo smoke run)
+      torchrun --nproc-per-node 1 bench/gpu_tp.py --variants 1gpu-zipvl 1gpu-dense  (one GPU only)
 Prints the table on rank 0 and, as its last line, one JSON document (also $OUT/gpu_tp.json).
 """
 
@@ -52,7 +54,7 @@ from common import env_info, markdown_table, progress, write_result
 
 from zipvl.sparsity import AllReduceMass
 
-VARIANTS = ("tp-zipvl", "tp-dense", "1gpu-zipvl")
+VARIANTS = ("tp-zipvl", "tp-dense", "1gpu-zipvl", "1gpu-dense")
 
 SHAPES_72B = dict(
     hidden_size=8192,
@@ -110,7 +112,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     if args.no_single:
-        args.variants = [v for v in args.variants if v != "1gpu-zipvl"]
+        args.variants = [v for v in args.variants if not v.startswith("1gpu-")]
     return args
 
 
@@ -334,35 +336,43 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     ckpt = write_checkpoint(args, rank)
     rows: list[Result] = []
-    tp_model = load(ckpt, tp=True, device=args.device)
-    from zipvl.cache.hf_compat import tensor_parallel
+    tp_variants = [v for v in args.variants if v.startswith("tp-")]
+    if tp_variants and world < 2:
+        raise SystemExit(f"gpu_tp.py: {tp_variants} need >= 2 ranks; one rank runs --variants "
+                         "1gpu-zipvl 1gpu-dense")  # fmt: skip
+    if tp_variants:
+        tp_model = load(ckpt, tp=True, device=args.device)
+        from zipvl.cache.hf_compat import tensor_parallel
 
-    found = tensor_parallel(tp_model)
-    assert found is not None and found[0] == world, (found, world)
-    group = found[1]
-    for variant in [v for v in args.variants if v.startswith("tp-")]:
-        # warm-up at a short length, then the cases
-        run_case(tp_model, Case(variant, args.warmup_length), args, group, single=False)
-        for length in args.lengths:
-            progress(f"rank {rank}: {variant} at {length} tokens")
-            mine = run_case(tp_model, Case(variant, length), args, group, single=False)
-            everyone: list[Any] = [None] * world
-            dist.all_gather_object(everyone, mine)
-            rows.append(_merge(everyone))
-    del tp_model
-    if args.device == "cuda":
-        torch.cuda.empty_cache()
-    if "1gpu-zipvl" in args.variants:
+        found = tensor_parallel(tp_model)
+        assert found is not None and found[0] == world, (found, world)
+        group = found[1]
+        for variant in tp_variants:
+            # warm-up at a short length, then the cases
+            run_case(tp_model, Case(variant, args.warmup_length), args, group, single=False)
+            for length in args.lengths:
+                progress(f"rank {rank}: {variant} at {length} tokens")
+                mine = run_case(tp_model, Case(variant, length), args, group, single=False)
+                everyone: list[Any] = [None] * world
+                dist.all_gather_object(everyone, mine)
+                rows.append(_merge(everyone))
+        del tp_model
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    singles = [v for v in args.variants if v.startswith("1gpu-")]
+    if singles:
         if rank == 0:
             try:
                 whole = load(ckpt, tp=False, device=args.device)
-                run_case(whole, Case("1gpu-zipvl", args.warmup_length), args, None, single=True)
-                for length in args.lengths:
-                    progress(f"rank 0: 1gpu-zipvl at {length} tokens")
-                    rows.append(run_case(whole, Case("1gpu-zipvl", length), args, None, True))
-                del whole
             except torch.OutOfMemoryError:
-                rows += [Result("1gpu-zipvl", n, status="OOM") for n in args.lengths]
+                whole = None
+                rows += [Result(v, n, status="OOM") for v in singles for n in args.lengths]
+            for variant in singles if whole is not None else []:
+                run_case(whole, Case(variant, args.warmup_length), args, None, single=True)
+                for length in args.lengths:
+                    progress(f"rank 0: {variant} at {length} tokens")
+                    rows.append(run_case(whole, Case(variant, length), args, None, True))
+            del whole
         dist.barrier()
     payload: dict[str, Any] = {}
     if rank == 0:
@@ -393,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "layers": _config(args).num_hidden_layers,
             "shapes": SHAPES_TINY if args.tiny else SHAPES_72B,
             "rows": [r.__dict__ for r in rows],
-            "repro": "torchrun --nproc-per-node 2 " + " ".join(sys.argv),
+            "repro": f"torchrun --nproc-per-node {world} " + " ".join(sys.argv),
         }
         write_result("gpu_tp", payload)
         if args.out:
