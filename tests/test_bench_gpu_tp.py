@@ -51,7 +51,7 @@ def test_tiny_run_on_two_cpu_processes(tmp_path: Path) -> None:
     payload = json.loads(res.stdout.strip().splitlines()[-1])  # the JSON line comes last
     assert payload == json.loads(out.read_text())
     rows = {r["variant"]: r for r in payload["rows"]}
-    assert set(rows) == {"tp-zipvl", "tp-dense", "1gpu-zipvl"}
+    assert set(rows) == {"tp-zipvl", "tp-dense", "1gpu-zipvl", "1gpu-dense"}
     assert all(r["status"] == "ok" and r["prefill_ms"] > 0 for r in rows.values())
     # the sharded model keeps what the whole model keeps (the mass is all-reduced)
     assert rows["tp-zipvl"]["kept_ratio"] == rows["1gpu-zipvl"]["kept_ratio"]
