@@ -11,6 +11,8 @@ and (``--capacity``) the largest batch of 128k-token prompts that fits, for
                   on the SDPA backend it measured fastest per shape (recorded as
                   ``sdpa_choices``); transformers' own SDPA calls use PyTorch's dispatch
     kivi          preset "kivi": dense prefill, KIVI 2-bit cache with a 128-token fp residual
+    dense-noattn  the dense model with every attention call replaced by zeros (the cache still
+                  filled): what the model costs without attention, for the Amdahl bound below
 
 all in one process, one model. The ZipVL variants run their dense SDPA calls (dense layers, decode
 attention over the dequantized cache, and the gathered causal SDPA of the sparse prefill) under
@@ -46,6 +48,13 @@ prefill activations, not the KV cache, usually set that limit.
 
 Ratios: "prefill x" and "decode x" are speed-ups, fastest dense time / variant time, at the
 same length and batch (and decode point): > 1 is faster than the best dense backend.
+
+Amdahl bound (with ``dense-noattn`` in the run): the attention share of the fastest dense prefill
+is f = 1 - noattn / dense; sparse prefill makes attention r^2 as costly at kept ratio r, so no
+variant can beat 1 / ((1 - f) + f r^2). "of bound" is prefill x over that bound.
+
+Compiles: torch._dynamo's counters (graphs compiled, recompiles, frames) are read after each
+variant's warm-up and after its cases; "compiles after warm-up" is the difference (target 0).
 
 Transformers >= 5.24 renames the cache argument of ``generate`` and ``forward`` from
 ``past_key_values=`` to ``cache=`` (the old name warns); the forward calls pass the cache under
@@ -86,7 +95,7 @@ from zipvl.models import cache_argument, is_enabled
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "h200" / "gpu_hf.json"
-VARIANTS = ("dense-flash", "dense-cudnn", "zipvl", "fixed", "fixed-auto", "kivi")
+VARIANTS = ("dense-flash", "dense-cudnn", "zipvl", "fixed", "fixed-auto", "kivi", "dense-noattn")
 PRESET_OF = {"zipvl": "zipvl", "fixed": "fixed", "fixed-auto": "fixed", "kivi": "kivi"}
 BACKEND_OF = {
     "dense-flash": "flash",
@@ -95,7 +104,43 @@ BACKEND_OF = {
     "fixed": "flash",
     "fixed-auto": "auto",  # nothing forced: impl="auto" measures its SDPA backend per shape
     "kivi": "flash",
+    "dense-noattn": "flash",
 }
+NULL_ATTENTION = "zipvl_bench_noattn"
+
+
+def _null_attention(module: Any, query: torch.Tensor, key: Any, value: Any, attention_mask: Any,
+                    **kwargs: Any) -> tuple[torch.Tensor, None]:  # fmt: skip
+    """An attention function that attends to nothing: zeros of the output shape (B, S, H, D)."""
+    b, h, s, d = query.shape
+    return query.new_zeros(b, s, h, d), None
+
+
+@contextlib.contextmanager
+def _no_attention(model: torch.nn.Module) -> Any:
+    """Every attention call of ``model`` returns zeros while inside (the cache is still filled)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(NULL_ATTENTION, _null_attention)
+    AttentionMaskInterface.register(NULL_ATTENTION, AttentionMaskInterface()["sdpa"])
+    gen: Any = model
+    original = gen.config._attn_implementation
+    gen.set_attn_implementation(NULL_ATTENTION)
+    try:
+        yield
+    finally:
+        gen.set_attn_implementation(original)
+
+
+def compile_counters() -> dict[str, int]:
+    """torch._dynamo's running totals: graphs compiled, recompiles, frames."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+        "recompiles": int(sum(counters["recompiles"].values())),
+        "frames_ok": int(counters["frames"].get("ok", 0)),
+    }
 
 
 @dataclass
@@ -443,13 +488,33 @@ def _tries(runs: dict[int, dict[str, Any]]) -> dict[str, str]:
 
 
 def add_ratios(rows: list[dict[str, Any]], points: Sequence[int]) -> None:
-    """Speed-ups vs the fastest dense variant at the same length, batch (and decode point)."""
+    """Speed-ups vs the fastest dense variant at the same length, batch (and decode point), and
+    the Amdahl bound of the prefill speed-up where ``dense-noattn`` ran at that length."""
     for r in rows:
         same = [
             d
             for d in rows
-            if d["dense"] and d["status"] == "ok" and (d["S"], d["B"]) == (r["S"], r["B"])
+            if d["dense"]
+            and d["variant"] != "dense-noattn"
+            and d["status"] == "ok"
+            and (d["S"], d["B"]) == (r["S"], r["B"])
         ]
+        null = [
+            d
+            for d in rows
+            if d["variant"] == "dense-noattn"
+            and d["status"] == "ok"
+            and (d["S"], d["B"]) == (r["S"], r["B"])
+        ]
+        r["amdahl_bound"] = r["frac_of_bound"] = r["attn_share"] = None
+        if same and null and r["status"] == "ok":
+            dense_ms = min(d["prefill_ms"] for d in same)
+            f = max(0.0, 1.0 - null[0]["prefill_ms"] / dense_ms)
+            r["attn_share"] = f
+            kept = r.get("kept_ratio")
+            if kept is not None and not r["dense"]:
+                r["amdahl_bound"] = 1.0 / ((1.0 - f) + f * kept**2)
+                r["frac_of_bound"] = dense_ms / r["prefill_ms"] / r["amdahl_bound"]
         r["prefill_x"] = None
         r["decode_x"] = {}
         if r["status"] != "ok" or not same:
@@ -480,6 +545,10 @@ def table_rows(rows: list[dict[str, Any]], points: Sequence[int]) -> list[dict[s
         t["peak GiB"] = r["peak_gib"] if ok and r.get("peak_gib") is not None else "n/a"
         t["KV GiB"] = r["kv_gib"] if ok else "n/a"
         t["kept"] = r["kept_ratio"] if ok and "kept_ratio" in r else "-"
+        if any(d.get("attn_share") is not None for d in rows):
+            t["attn share"] = r["attn_share"] if r.get("attn_share") is not None else "-"
+            t["Amdahl bound"] = r["amdahl_bound"] if r.get("amdahl_bound") is not None else "-"
+            t["of bound"] = r["frac_of_bound"] if r.get("frac_of_bound") is not None else "-"
         out.append(t)
     return out
 
@@ -615,6 +684,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cases = [] if args.capacity_only else [(s, b) for s in args.lengths for b in args.batch]
     rows: list[dict[str, Any]] = []
     caps: dict[str, Any] = {}
+    compiles: dict[str, dict[str, int]] = {}  # per variant: dynamo counters after the warm-up
     for vi, v in enumerate(variants):
         if v.preset is not None:
             # on the CPU smoke run, decode reads the pages with the float32 reference (the fused
@@ -622,13 +692,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             extra = {"decode_impl": "reference"} if cpu else {}
             v.config = ZipVLConfig.preset(v.preset, **extra)
             zipvl.enable(model, v.config)
+        null = _no_attention(model) if v.name == "dense-noattn" else contextlib.nullcontext()
         try:
+            null.__enter__()
             progress(f"[{vi + 1}/{len(variants)}] {v.name}: warm-up at {args.warmup_length}")
             warm = sess.guarded(
                 v, lambda v=v: sess.case(v, args.warmup_length, 1, [0, 160], 4)
             )  # 160 > recompress_every: the block kernels run once too
             if warm["status"] != "ok":
                 progress(f"  warm-up: {warm['status']}")
+            before = compile_counters()
             for ci, (s, b) in enumerate(cases):
                 progress(f"[{vi + 1}/{len(variants)}] {v.name} ({v.label}): S={s} B={b} "
                          f"({ci + 1}/{len(cases)})")  # fmt: skip
@@ -643,10 +716,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 else:
                     progress(f"  {row['status']}")
                 rows.append(row)
+            after = compile_counters()
+            compiles[v.name] = {k: after[k] - before[k] for k in after}
             if args.capacity:
                 caps[v.name] = capacity(sess, v) | {"backend": v.label}
                 progress(f"  capacity {v.name}: {caps[v.name]}")
         finally:
+            null.__exit__(None, None, None)
             if v.preset is not None:
                 zipvl.disable(model)
             free_memory(model, v)
@@ -680,6 +756,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(markdown_table(cap_rows))
         print()
     print(markdown_table(table_rows(rows, args.decode_points)))
+    if compiles:
+        print("# compiles after warm-up (torch._dynamo counters): " + "; ".join(
+            f"{n}: {c['unique_graphs']} graphs, {c['recompiles']} recompiles"
+            for n, c in compiles.items()))  # fmt: skip
     payload = {
         "bench": "gpu_hf",
         "env": env,
@@ -694,6 +774,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "decode_points": args.decode_points,
         "rows": rows,
         "capacity": caps,
+        "compiles_after_warmup": compiles,
     }
     # last stdout line: the JSON document, written to --out (write_result writes under $OUT)
     old = os.environ.get("OUT")
