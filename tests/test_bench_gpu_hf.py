@@ -47,7 +47,16 @@ def test_tiny_cpu_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         assert all(isinstance(x, float) and x > 0 and math.isfinite(x) for x in ratios)
         assert [d["start"] for d in r["decode"].values()] == [0, 8]
     # the fastest dense variant has speed-up 1 at each point
-    dense = [r for r in rows if r["dense"]]
+    dense = [r for r in rows if r["dense"] and r["variant"] != "dense-noattn"]
     assert max(r["prefill_x"] for r in dense) == pytest.approx(1.0)
     fixed = next(r for r in rows if r["variant"] == "fixed")
     assert fixed["kept_ratio"] == pytest.approx(0.42, abs=0.02)
+    # the Amdahl bound: the attention share from dense-noattn against the fastest dense prefill
+    null = next(r for r in rows if r["variant"] == "dense-noattn")
+    f = 1 - null["prefill_ms"] / min(r["prefill_ms"] for r in dense)
+    assert fixed["attn_share"] == pytest.approx(max(f, 0.0))
+    bound = 1 / ((1 - fixed["attn_share"]) + fixed["attn_share"] * fixed["kept_ratio"] ** 2)
+    assert fixed["amdahl_bound"] == pytest.approx(bound)
+    assert fixed["frac_of_bound"] == pytest.approx(fixed["prefill_x"] / bound)
+    assert all(r["amdahl_bound"] is None for r in dense)
+    assert set(payload["compiles_after_warmup"]) == set(gpu_hf.VARIANTS)
