@@ -40,6 +40,11 @@ ZipVL cache reaches each point exactly as generation does. These untimed calls r
 the forced backend (they need a mask, which flash does not take) and outside the peak-memory
 windows: peak memory (``torch.cuda.max_memory_allocated``) covers prefill and the timed decode
 windows.
+``--replicate``: a single forward of 8 x 128k tokens does not fit the H200 (its MLP
+activations alone are ~80 GB), so each case prefills one row and repeats that row's cache to the
+batch (``cache.batch_repeat_interleave``, what beam search uses): the decode rows are copies, the
+"prefill ms" is one row's (``prefill_rows`` in the JSON), and capacity counts the sequences whose
+caches fit, as a server that prefills one request at a time holds them.
 Out-of-memory cases are reported as OOM and skipped. ``--capacity``: per variant, bytes per
 sequence from a batch-1 run at ``--capacity-length`` give an estimate, which is verified by runs
 (up, then bisection) of prefill + ``--capacity-steps`` decode steps; decode tokens/s at that
@@ -354,12 +359,16 @@ class Session:
     ) -> dict[str, Any]:
         """Prefill ``batch`` x ``length`` random ids, then decode windows at ``points``."""
         clock = self.clock
-        ids = self.random_ids(batch, length)
+        rows = 1 if self.args.replicate else batch  # rows prefilled in the one forward
+        ids = self.random_ids(rows, length)
         cache = self.new_cache(v)
         gc.collect()
         clock.reset_peak()
         with _backends(v):
             prefill_ms, tok = clock.wall_ms(lambda: self.forward(ids, cache))
+        if rows < batch:  # --replicate: the batch decodes copies of the prefilled row
+            cache.batch_repeat_interleave(batch)
+            tok = tok.repeat_interleave(batch, dim=0)
         peak = clock.peak_bytes()
         generated = 0  # tokens fed back into the cache after the prompt
         decode: dict[str, dict[str, float]] = {}
@@ -385,6 +394,7 @@ class Session:
             generated += window
         row: dict[str, Any] = {
             "prefill_ms": prefill_ms,
+            "prefill_rows": rows,
             "decode": decode,
             "peak_gib": peak / 2**30 if clock.cuda else None,
             "kv_gib": _kv_bytes(cache) / 2**30,
@@ -451,9 +461,14 @@ def capacity(sess: Session, v: Variant) -> dict[str, Any]:
     one = runs[1]
     est = 1
     if sess.clock.cuda and one.get("peak_gib"):
-        per_seq = (one["peak_gib"] - one["base_gib"]) * 2**30
         free, _ = torch.cuda.mem_get_info()
-        est = max(1, int(free * 0.97 // max(per_seq, 1)))
+        if args.replicate:  # one row's prefill transient once, then the cache of every row
+            kv = one["kv_gib"] * 2**30 * 1.05
+            transient = (one["peak_gib"] - one["base_gib"]) * 2**30 - kv
+            est = max(1, int((free * 0.97 - max(transient, 0)) // max(kv, 1)))
+        else:
+            per_seq = (one["peak_gib"] - one["base_gib"]) * 2**30
+            est = max(1, int(free * 0.97 // max(per_seq, 1)))
     lo, hi, cand, step = 1, None, max(est, 2), 1
     for _ in range(args.capacity_tries):
         if cand <= lo or (hi is not None and cand >= hi):
@@ -634,6 +649,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--capacity-steps", type=int, default=8, help="decode steps per try")
     ap.add_argument("--capacity-tries", type=int, default=4, help="runs after the estimate")
     ap.add_argument("--quick", action="store_true", help="smoke run: batch 1, points 0 1000")
+    ap.add_argument(
+        "--replicate",
+        action="store_true",
+        help="prefill one row, then repeat its cache to the batch (batches whose single "
+        "prefill forward does not fit; prefill ms is then one row's)",
+    )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU tests)")
     ap.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT})")

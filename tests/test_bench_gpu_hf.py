@@ -60,3 +60,17 @@ def test_tiny_cpu_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert fixed["frac_of_bound"] == pytest.approx(fixed["prefill_x"] / bound)
     assert all(r["amdahl_bound"] is None for r in dense)
     assert set(payload["compiles_after_warmup"]) == set(gpu_hf.VARIANTS)
+
+
+def test_replicate_prefills_one_row_and_decodes_the_batch(tmp_path: Path) -> None:
+    """--replicate: one row is prefilled, its cache repeated to the batch (dense and ZipVL); the
+    repeated caches hold as many bytes as a batch prefilled in one forward."""
+    gpu_hf = _load()
+    args = ["--device", "cpu", "--tiny", "--lengths", "64", "--batch", "3"]
+    args += ["--decode-points", "0", "4", "--window", "2", "--variants", "dense-flash", "fixed"]
+    rep = gpu_hf.main([*args, "--replicate", "--out", str(tmp_path / "r.json")])["rows"]
+    one = gpu_hf.main([*args, "--out", str(tmp_path / "o.json")])["rows"]
+    for r, o in zip(rep, one, strict=True):
+        assert r["status"] == "ok" and r["B"] == 3 and r["generated"] == 6
+        assert (r["prefill_rows"], o["prefill_rows"]) == (1, 3)
+        assert r["kv_gib"] == pytest.approx(o["kv_gib"])
