@@ -42,7 +42,9 @@ windows: peak memory (``torch.cuda.max_memory_allocated``) covers prefill and th
 windows.
 ``--replicate``: a single forward of 8 x 128k tokens does not fit the H200 (its MLP
 activations alone are ~80 GB), so each case prefills one row and repeats that row's cache to the
-batch (``cache.batch_repeat_interleave``, what beam search uses): the decode rows are copies, the
+batch (``cache.batch_repeat_interleave``, what beam search uses; a ZipVL cache then copies the
+shared pages with ``PagedKVStore.own_pages``, so each row reads and holds its own, as dense rows
+do): the decode rows are copies, the
 "prefill ms" is one row's (``prefill_rows`` in the JSON), and capacity counts the sequences whose
 caches fit, as a server that prefills one request at a time holds them.
 Out-of-memory cases are reported as OOM and skipped. ``--capacity``: per variant, bytes per
@@ -368,6 +370,10 @@ class Session:
             prefill_ms, tok = clock.wall_ms(lambda: self.forward(ids, cache))
         if rows < batch:  # --replicate: the batch decodes copies of the prefilled row
             cache.batch_repeat_interleave(batch)
+            for layer in getattr(cache, "layers", []):  # ZipVL rows share the repeated pages:
+                store = getattr(layer, "store", None)  # copy them, so every row reads its own
+                if store is not None:
+                    store.own_pages()
             tok = tok.repeat_interleave(batch, dim=0)
         peak = clock.peak_bytes()
         generated = 0  # tokens fed back into the cache after the prompt

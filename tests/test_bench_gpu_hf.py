@@ -66,7 +66,7 @@ def test_replicate_prefills_one_row_and_decodes_the_batch(tmp_path: Path) -> Non
     """--replicate: one row is prefilled, its cache repeated to the batch (dense and ZipVL); the
     repeated caches hold as many bytes as a batch prefilled in one forward."""
     gpu_hf = _load()
-    args = ["--device", "cpu", "--tiny", "--lengths", "64", "--batch", "3"]
+    args = ["--device", "cpu", "--tiny", "--lengths", "300", "--batch", "3"]
     args += ["--decode-points", "0", "4", "--window", "2", "--variants", "dense-flash", "fixed"]
     rep = gpu_hf.main([*args, "--replicate", "--out", str(tmp_path / "r.json")])["rows"]
     one = gpu_hf.main([*args, "--out", str(tmp_path / "o.json")])["rows"]
@@ -74,3 +74,6 @@ def test_replicate_prefills_one_row_and_decodes_the_batch(tmp_path: Path) -> Non
         assert r["status"] == "ok" and r["B"] == 3 and r["generated"] == 6
         assert (r["prefill_rows"], o["prefill_rows"]) == (1, 3)
         assert r["kv_gib"] == pytest.approx(o["kv_gib"])
+    # 300 tokens fill pages: the ZipVL rows hold their own copies, as if prefilled together
+    fixed = next(r for r in rep if r["variant"] == "fixed")
+    assert fixed["kept_ratio"] == pytest.approx(0.42, abs=0.02)

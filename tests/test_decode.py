@@ -166,6 +166,30 @@ def test_reorder_shares_pages_and_repeats_rows() -> None:
     assert [int(store.page_used[c]) for c in (0, 1)] == used  # no page was copied
 
 
+def test_own_pages_copies_shared_pages_and_keeps_every_row() -> None:
+    case = (2, 4, 2, 64, 97, 23, 32)
+    store, _, _, _ = _filled_store(case, "cpu", torch.float32)
+    k0, v0 = store.dense_kv()
+    q = torch.randn(3, 4, 1, 64)
+    store.index_rows(torch.tensor([1, 1, 0]))
+    before, _ = decode_attention(q, store, impl="reference")
+    store.own_pages()
+    k1, v1 = store.dense_kv()
+    torch.testing.assert_close(k1, k0[[1, 1, 0]], rtol=0, atol=0)
+    torch.testing.assert_close(v1, v0[[1, 1, 0]], rtol=0, atol=0)
+    after, _ = decode_attention(q, store, impl="reference")
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    for c in (0, 1):  # one pool page per live table entry (+ the scratch page), none shared
+        n = int(store.num_pages[c].sum())
+        assert int(store.page_used[c]) == store.pool_used[c] == n + 1
+        live = torch.arange(store.page_table[c].shape[1])[None] < store.num_pages[c][:, None]
+        ids = store.page_table[c][live]
+        assert ids.unique().numel() == n and int(ids.min()) >= 1
+    # the store keeps working: a decode-block append after the copy
+    store.append(torch.randn(3, 2, 1, 64), torch.randn(3, 2, 1, 64))
+    assert decode_attention(q, store, impl="reference")[0].isfinite().all()
+
+
 def test_read_bytes_and_accounting() -> None:
     case = (2, 6, 2, 64, 97, 23, 32)
     store, _, _, _ = _filled_store(case, "cpu", torch.bfloat16)

@@ -737,6 +737,26 @@ class PagedKVStore:
         self.pad = self.pad[batch_idx]
         self.batch_size = b_new
 
+    def own_pages(self) -> None:
+        """Give every row its own copy of each page it references. ``index_rows`` shares the
+        pages of a repeated row (beam search: they are never written again); after this the
+        pools hold what the same rows written one by one would (benchmarks that replicate one
+        prefilled row measure memory and bandwidth per row). One host read (the live count)."""
+        ar = torch.arange
+        for cls in (HIGH, LOW):
+            pt, n = self.page_table[cls], self.num_pages[cls]
+            live = ar(pt.shape[1], device=self.device)[None, :] < n[:, None]  # (rows, cols)
+            src = pt[live].long()  # (N,) every live reference, row by row
+            total = src.numel()
+            pool = self._new_pool(cls, total + 1)  # page 0: the scratch page
+            for key, t in self.pools[cls].items():
+                pool[key][1:] = t[src]
+            table = torch.zeros_like(pt)
+            table[live] = ar(1, total + 1, device=self.device, dtype=pt.dtype)
+            self.pools[cls], self.page_table[cls] = pool, table
+            self.pool_used[cls] = total + 1
+            self.page_used[cls] = torch.full((), total + 1, dtype=torch.int64, device=self.device)
+
     # ------------------------------------------------------------------ accounting
     def tensors(self) -> list[Tensor]:
         """Every tensor held (pools, tables, fp buffer, class maps)."""
