@@ -36,6 +36,7 @@ Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (how CI tests it, at s
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -110,17 +111,22 @@ class ProbeKernelConfig:
         products run on the FMA units, not the tensor cores) get smaller tiles, 4 warps and 2
         stages, so that the tiles fit in shared memory and the registers do not spill.
         """
-        if dtype != torch.float32 and head_dim <= 256:
-            return cls()
-        if dtype == torch.float32:
-            tile = 32 if head_dim <= 256 else 16
-        else:
-            tile = 64 if head_dim <= 512 else 32
-        step = min(tile, 32)
-        return cls(
-            lse_block_m=tile, lse_block_n=step, lse_warps=4, lse_stages=2,
-            col_block_n=tile, col_block_m=step, col_warps=4, col_stages=2,
-        )  # fmt: skip
+        return _default_config(dtype, head_dim)  # cached: building one costs ~3 us a call
+
+
+@functools.cache
+def _default_config(dtype: torch.dtype, head_dim: int) -> ProbeKernelConfig:
+    if dtype != torch.float32 and head_dim <= 256:
+        return ProbeKernelConfig()
+    if dtype == torch.float32:
+        tile = 32 if head_dim <= 256 else 16
+    else:
+        tile = 64 if head_dim <= 512 else 32
+    step = min(tile, 32)
+    return ProbeKernelConfig(
+        lse_block_m=tile, lse_block_n=step, lse_warps=4, lse_stages=2,
+        col_block_n=tile, col_block_m=step, col_warps=4, col_stages=2,
+    )  # fmt: skip
 
 
 @triton.jit
