@@ -10,7 +10,11 @@ import pytest
 import torch
 
 from zipvl.sparsity import ProbeScorer
-from zipvl.sparsity.probe_triton import probe_mass_triton, triton_probe_available
+from zipvl.sparsity.probe_triton import (
+    ProbeKernelConfig,
+    probe_mass_triton,
+    triton_probe_available,
+)
 from zipvl.sparsity.scorers import _probe_mass, probe_positions
 
 # (B, Hq, Hkv, Sq, Skv, D): GQA, Sq < Skv, lengths that are not multiples of the 64-wide blocks
@@ -110,7 +114,8 @@ def test_probe_scorer_auto_dispatch(d: int, device: str, monkeypatch: pytest.Mon
     torch.testing.assert_close(auto.normalized, explicit.normalized, rtol=1e-5, atol=1e-5)
 
 
-KEY_BLOCK = 64  # BLOCK_N of probe_mass_triton
+KEY_BLOCK = ProbeKernelConfig().lse_block_n  # the row pass's key block
+assert KEY_BLOCK == 64
 
 
 @pytest.mark.parametrize(
@@ -136,3 +141,91 @@ def test_probe_mass_when_the_last_key_opens_a_block(
         got = probe_mass_triton(q, k, rows, scale=d**-0.5, key_splits=splits)
         torch.testing.assert_close(got.double(), ref.double(), rtol=1e-4, atol=1e-4)
         assert got.sum().item() == pytest.approx(b * hq * rows.numel(), rel=1e-4)
+
+
+# every launch setting is another code path: row chunks larger / smaller than the column pass's
+# chunks, key blocks smaller than the shapes (so unmasked, boundary and empty tiles all occur)
+CONFIGS = {
+    "default": ProbeKernelConfig(),
+    "lse_chunks_below_col": ProbeKernelConfig(
+        lse_block_m=16, lse_block_n=16, lse_warps=4, col_block_n=16, col_block_m=32, col_warps=4
+    ),
+    "lse_chunks_above_col": ProbeKernelConfig(
+        lse_block_m=64, lse_block_n=16, lse_warps=4, col_block_n=32, col_block_m=16, col_warps=4
+    ),
+    "stages2": ProbeKernelConfig(
+        lse_block_m=32,
+        lse_block_n=32,
+        lse_warps=4,
+        lse_stages=2,
+        col_block_n=64,
+        col_block_m=32,
+        col_warps=4,
+        col_stages=2,
+    ),
+}
+
+
+def _rows(kind: str, sq: int, device: str) -> torch.Tensor:
+    rows = probe_positions(sq, recent_frac=0.15, random_frac=0.25, device=device)  # ascending
+    if kind == "shuffled":  # any order, a duplicate, a strided view: only the skipped work
+        gen = torch.Generator().manual_seed(1)  # may change
+        perm = torch.randperm(rows.numel(), generator=gen).to(device)
+        rows = torch.cat([rows[perm], rows[2:3]]).repeat_interleave(2)[::2]
+    return rows
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("rows_kind", ["ascending", "shuffled"])
+def test_probe_mass_every_config_matches_float64(name: str, rows_kind: str, device: str) -> None:
+    """Each launch setting, with several key splits (one, a few, more than the key blocks),
+    against the float64 eager column mass: GQA, Sq < Skv, lengths off the block multiples."""
+    if not triton_probe_available(torch.device(device)):
+        pytest.skip("no Triton on this device without the interpreter")
+    cfg = CONFIGS[name]
+    # the interpreter's bf16 dot is not faithful: fp32 there (exact products), bf16 on CUDA
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    b, hq, hkv, sq, skv, d = 2, 6, 2, 50, 110, 16
+    rows = _rows(rows_kind, sq, device)
+    q = torch.randn(b, hq, sq, d, device=device, dtype=dtype)
+    k = torch.randn(b, hkv, skv, d, device=device, dtype=dtype)
+    ref = _probe_mass(q.double(), k.double(), rows, scale=d**-0.5, heads_per_chunk=1)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for splits in (None, 2, 64):
+        got = probe_mass_triton(q, k, rows, scale=d**-0.5, key_splits=splits, config=cfg)
+        assert got.shape == (b, hkv, skv) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), ref.double(), rtol=tol, atol=tol)
+        assert got.sum().item() == pytest.approx(b * hq * rows.numel(), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("lse_block_m", 48), ("col_block_n", 8), ("col_warps", 3), ("lse_stages", 0)],
+)
+def test_probe_kernel_config_rejects_bad_settings(field: str, value: int) -> None:
+    with pytest.raises(ValueError, match=field):
+        ProbeKernelConfig(**{field: value})
+
+
+def test_probe_mass_triton_rejects_a_non_positive_scale() -> None:
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="scale"):
+        probe_mass_triton(q, q, torch.arange(8), scale=-1.0)
+
+
+def test_probe_kernel_default_for_fits_dtype_and_head_dim() -> None:
+    """16-bit heads up to 256 get the class defaults; float32 and wider heads smaller tiles."""
+    assert ProbeKernelConfig.default_for(torch.bfloat16, 128) == ProbeKernelConfig()
+    assert ProbeKernelConfig.default_for(torch.float16, 256) == ProbeKernelConfig()
+    fp32 = ProbeKernelConfig.default_for(torch.float32, 128)
+    wide = ProbeKernelConfig.default_for(torch.bfloat16, 512)
+    for cfg in (fp32, wide):
+        assert cfg.lse_block_m < 128 and cfg.col_block_n < 128 and cfg.lse_warps == 4
+
+
+def test_probe_mass_triton_without_probe_rows_is_zero(device: str) -> None:
+    if not triton_probe_available(torch.device(device)):
+        pytest.skip("no Triton on this device without the interpreter")
+    q = torch.randn(1, 4, 8, 16, device=device)
+    got = probe_mass_triton(q, q[:, :2], torch.zeros(0, dtype=torch.int64), scale=0.25)
+    assert got.shape == (1, 2, 8) and not got.any()

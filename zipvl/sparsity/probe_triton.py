@@ -4,24 +4,41 @@
 
 The plain PyTorch scorer materialises the fp32 probe map (B, Hq, M, Skv) and makes several passes
 over it (matmul, cast, scale, mask, softmax, sum). This module computes the same column mass with
-two kernels that never write the map:
+two kernels that never write the map.
 
-1. ``_probe_lse_kernel``: per probe row, the log-sum-exp of its causal logits (an online softmax
-   over key blocks, like a flash-attention forward without V). Output (B, Hq, M) fp32.
-2. ``_probe_colsum_kernel``: per key block of one KV head, recompute the logits of the G·M probe
-   rows of that head, ``exp(logit - lse)`` under the causal mask, summed over the rows.
-   Output (B, Hkv, Skv) fp32.
+Packed rows: the G query heads of a KV head share its keys, so both kernels work on the G·M
+probe rows of one KV head at once, "packed" position-major (packed row ``r`` is probe ``r // G``
+of query head ``r % G``). One key tile then feeds 64-256 rows of a wgmma, and with ascending
+probe rows (as ``probe_positions`` returns them) each chunk of packed rows spans a narrow band of
+positions, so causally empty (chunk, key block) pairs are skipped and only the few pairs that
+straddle the diagonal pay for a mask. Any order is correct: the bounds are per-chunk minima and
+maxima, only their tightness depends on the order.
 
-Cost: the logits are computed twice (2 · 2·Hq·M·Skv·D FLOPs, ~1 % of dense causal attention at
-M = 128) and K is read twice; nothing of size M·Skv touches memory. Logits are accumulated in fp32
-from the input dtype (more precise than the eager path, which rounds the matmul to bf16 first).
+1. ``_probe_lse_kernel``, grid (row chunks, B·Hkv, key splits): per packed row, the log-sum-exp of
+   its causal logits over one key range (an online softmax over key blocks, like a
+   flash-attention forward without V); key blocks every row of the chunk sees run unmasked. The
+   last split of a chunk to finish (an atomic ticket) merges the splits' partial states into the
+   row's log-sum-exp, so no host-side merge is needed. The first split also writes the chunk's
+   query rows in packed order, its probe positions and its position range for the second kernel.
+2. ``_probe_colsum_kernel``, grid (key blocks, B·Hkv): keys are the M side of the product
+   (``S^T = K Q^T``), so the key tile stays in place while the packed query chunks stream past it;
+   ``exp2(logit - lse)`` is summed over the chunk's rows (a row reduction, no cross-warp sum).
+   Chunks no key of the block is visible to are not visited; chunks that see the whole block run
+   without the causal mask.
+
+Cost: the logits are computed twice (2 · 2·Hq·M·Skv·D FLOPs at most, less the causally empty
+part, ~1 % of dense causal attention at M = 128) and K is read about twice from memory; nothing
+of size M·Skv touches memory. Logits are accumulated in fp32 from the input dtype (more precise
+than the eager path, which rounds the matmul to bf16 first).
 
 Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (how CI tests it, at small shapes).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,13 +46,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["INTERPRETED", "probe_mass_triton", "triton_probe_available"]
+from zipvl.checks import check_int, check_scale
+
+__all__ = ["INTERPRETED", "ProbeKernelConfig", "probe_mass_triton", "triton_probe_available"]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 """Whether the kernels below were decorated for the Triton interpreter (Triton reads the variable
 when a kernel is decorated, i.e. at this module's import), so CPU tensors can run them."""
 
 _LOG2E = 1.4426950408889634
+_TABLE_BLOCK = 64  # chunk-range entries the column pass reads at once
+_NO_POS = tl.constexpr(2**30)  # the earliest position of a chunk without rows
 
 
 def triton_probe_available(device: torch.device) -> bool:
@@ -44,79 +65,78 @@ def triton_probe_available(device: torch.device) -> bool:
     return device.type == "cuda" or INTERPRETED
 
 
+@dataclass(frozen=True)
+class ProbeKernelConfig:
+    """Launch settings of the two probe kernels (tile sizes are powers of two).
+
+    Attributes:
+        lse_block_m: packed probe rows per program of the row pass (the wgmma M side: 64 per
+            warpgroup; >= 16).
+        lse_block_n: keys per step of the row pass (>= 16).
+        lse_warps, lse_stages: ``num_warps`` and ``num_stages`` of the row pass.
+        col_block_n: keys per program of the column pass (the wgmma M side; >= 16).
+        col_block_m: packed probe rows per step of the column pass (>= 16).
+        col_warps, col_stages: ``num_warps`` and ``num_stages`` of the column pass.
+    """
+
+    lse_block_m: int = 128
+    lse_block_n: int = 64
+    lse_warps: int = 8
+    lse_stages: int = 3
+    col_block_n: int = 128
+    col_block_m: int = 64
+    col_warps: int = 8
+    col_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("lse_block_m", "lse_block_n", "col_block_n", "col_block_m"):
+            value = check_int(name, getattr(self, name), 16)
+            if value & (value - 1):
+                raise ValueError(f"{name}: expected a power of two >= 16, got {value}")
+        for name in ("lse_warps", "col_warps"):
+            value = check_int(name, getattr(self, name), 1)
+            if value & (value - 1):
+                raise ValueError(f"{name}: expected a power of two, got {value}")
+        check_int("lse_stages", self.lse_stages, 1)
+        check_int("col_stages", self.col_stages, 1)
+
+    @classmethod
+    def default_for(cls, dtype: torch.dtype, head_dim: int) -> ProbeKernelConfig:
+        """The settings ``probe_mass_triton`` uses when given none.
+
+        16-bit inputs up to D = 256: the class defaults (128 packed rows by 64 keys per step of
+        the row pass, 128 keys by 64 rows in the column pass, 8 warps, 3 stages: both kernels run
+        wgmma with M = 64 per warpgroup, about 82 registers and 80 KiB of shared memory at
+        D = 128, so two programs share an SM). Wider heads and float32 inputs (whose exact
+        products run on the FMA units, not the tensor cores) get smaller tiles, 4 warps and 2
+        stages, so that the tiles fit in shared memory and the registers do not spill.
+        """
+        return _default_config(dtype, head_dim)  # cached: building one costs ~3 us a call
+
+
+@functools.cache
+def _default_config(dtype: torch.dtype, head_dim: int) -> ProbeKernelConfig:
+    if dtype != torch.float32 and head_dim <= 256:
+        return ProbeKernelConfig()
+    if dtype == torch.float32:
+        tile = 32 if head_dim <= 256 else 16
+    else:
+        tile = 64 if head_dim <= 512 else 32
+    step = min(tile, 32)
+    return ProbeKernelConfig(
+        lse_block_m=tile, lse_block_n=step, lse_warps=4, lse_stages=2,
+        col_block_n=tile, col_block_m=step, col_warps=4, col_stages=2,
+    )  # fmt: skip
+
+
 @triton.jit
 def _probe_lse_kernel(
     q_ptr,
     k_ptr,
-    pos_ptr,
-    m_ptr,
-    l_ptr,
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    num_heads,
-    group,
-    num_probes,
-    kv_len,
-    keys_per_split,
-    num_splits,
-    scale_log2,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    bh = tl.program_id(0)
-    mb = tl.program_id(1)
-    split = tl.program_id(2)
-    b = bh // num_heads
-    h = bh % num_heads
-    hkv = h // group
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)  # probe slots
-    offs_d = tl.arange(0, HEAD_DIM)
-    m_valid = offs_m < num_probes
-    pos = tl.load(pos_ptr + offs_m, mask=m_valid, other=-1)  # query row of each probe
-    q_row = tl.load(pos_ptr + num_probes + offs_m, mask=m_valid, other=0)  # row inside q
-    q = tl.load(
-        q_ptr + b * stride_qb + h * stride_qh + q_row[:, None] * stride_qs + offs_d[None, :],
-        mask=m_valid[:, None],
-        other=0.0,
-    )
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    max_pos = tl.max(pos, axis=0)
-    k_base = k_ptr + b * stride_kb + hkv * stride_kh
-    n_start = split * keys_per_split
-    n_end = tl.minimum(n_start + keys_per_split, max_pos + 1)
-    for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = tl.load(
-            k_base + offs_n[:, None] * stride_ks + offs_d[None, :],
-            mask=(offs_n < kv_len)[:, None],
-            other=0.0,
-        )
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # log2 domain
-        s = tl.where(offs_n[None, :] <= pos[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
-        m_i = m_new
-    # partial softmax state of this key split (log2 domain), merged on the host side of torch
-    out = (bh * num_splits + split) * num_probes + offs_m
-    tl.store(m_ptr + out, m_i, mask=m_valid)
-    tl.store(l_ptr + out, l_i, mask=m_valid)
-
-
-@triton.jit
-def _probe_colsum_kernel(
-    q_ptr,
-    k_ptr,
-    pos_ptr,
-    lse_ptr,
-    out_ptr,
+    rows_ptr,
+    qpack_ptr,
+    f_ptr,
+    i_ptr,
     stride_qb,
     stride_qh,
     stride_qs,
@@ -125,75 +145,252 @@ def _probe_colsum_kernel(
     stride_ks,
     num_kv_heads,
     group,
-    num_probes,
+    packed_rows,
+    pos_offset,
     kv_len,
+    keys_per_split,
+    num_splits,
+    rows_padded,
     scale_log2,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    bhkv = tl.program_id(0)
-    nb = tl.program_id(1)
+    chunk = tl.program_id(0)
+    bhkv = tl.program_id(1)
+    split = tl.program_id(2)
+    n_chunks = tl.num_programs(0)
+    n_bh = tl.num_programs(1)
     b = bhkv // num_kv_heads
     hkv = bhkv % num_kv_heads
-    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = chunk * BLOCK_M + tl.arange(0, BLOCK_M)  # packed rows
+    offs_d = tl.arange(0, HEAD_DIM)
+    r_valid = offs_r < packed_rows
+    row = tl.load(rows_ptr + offs_r // group, mask=r_valid, other=0).to(tl.int32)  # row in q
+    pos = tl.where(r_valid, row + pos_offset, -1)  # absolute position, -1 for padding
+    head = hkv * group + offs_r % group
+    q = tl.load(
+        q_ptr
+        + b.to(tl.int64) * stride_qb
+        + head.to(tl.int64)[:, None] * stride_qh
+        + row[:, None] * stride_qs
+        + offs_d[None, :],
+        mask=r_valid[:, None],
+        other=0.0,
+    )
+    lo = tl.min(tl.where(r_valid, pos, _NO_POS), axis=0)  # the chunk's position range
+    hi = tl.max(pos, axis=0)
+    # int32 workspace: [tickets (B*Hkv, chunks) | lo (chunks) | hi (chunks) | pos (rows_padded)]
+    lo_ptr = i_ptr + n_bh * n_chunks
+    if split == 0:  # inputs of the column pass, written once
+        qpack = qpack_ptr + (bhkv * rows_padded + offs_r)[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(qpack, q)
+        if bhkv == 0:
+            tl.store(lo_ptr + chunk, lo)
+            tl.store(lo_ptr + n_chunks + chunk, hi)
+            tl.store(lo_ptr + 2 * n_chunks + offs_r, pos)
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
+    n_start = split * keys_per_split
+    n_end = tl.minimum(n_start + keys_per_split, hi + 1)
+    # key blocks that every row of the chunk sees: no mask (n_start is a multiple of BLOCK_N)
+    n_mid = tl.maximum(tl.minimum((lo + 1) // BLOCK_N * BLOCK_N, n_end), n_start)
+    # Software-pipelined online softmax: each step issues the next block's product, then
+    # exponentiates the previous block's logits (``x``, already shifted by the running max)
+    # while the tensor cores work. The first block (masked; empty when the range is) is peeled.
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    k = tl.load(
+        k_base + offs_n[:, None] * stride_ks + offs_d[None, :],
+        mask=(offs_n < kv_len)[:, None],
+        other=0.0,
+    )
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BM, BN) fp32
+    s = tl.where((offs_n[None, :] <= pos[:, None]) & (n_start < n_end), s, float("-inf"))
+    m_i = tl.max(s, axis=1)  # running max, raw logit units
+    m_log2 = tl.where(m_i == float("-inf"), 0.0, m_i * scale_log2)  # the scale is positive
+    x = s * scale_log2 - m_log2[:, None]  # pending exponents, log2 units
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for n0 in range(n_start + BLOCK_N, n_mid, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        l_i += tl.sum(tl.exp2(x), axis=1)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every key is visible
+        m_log2 = m_new * scale_log2
+        l_i *= tl.exp2(m_i * scale_log2 - m_log2)
+        x = s * scale_log2 - m_log2[:, None]
+        m_i = m_new
+    for n0 in range(tl.maximum(n_mid, n_start + BLOCK_N), n_end, BLOCK_N):  # causal boundary
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = tl.load(
+            k_base + offs_n[:, None] * stride_ks + offs_d[None, :],
+            mask=(offs_n < kv_len)[:, None],
+            other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s = tl.where(offs_n[None, :] <= pos[:, None], s, float("-inf"))
+        l_i += tl.sum(tl.exp2(x), axis=1)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_log2 = tl.where(m_new == float("-inf"), 0.0, m_new * scale_log2)
+        l_i *= tl.exp2(m_i * scale_log2 - m_log2)
+        x = s * scale_log2 - m_log2[:, None]
+        m_i = m_new
+    l_i += tl.sum(tl.exp2(x), axis=1)
+    # fp32 workspace: [m (B*Hkv, splits, rows_padded) | l (same) | lse (B*Hkv, rows_padded)]
+    part_size = n_bh * num_splits * rows_padded
+    part = f_ptr + (bhkv * num_splits + split) * rows_padded + offs_r
+    tl.store(part, m_i * scale_log2)  # log2 units; -inf where no key was visible
+    tl.store(part + part_size, l_i)
+    # the last split of this chunk to finish merges all of them (acq_rel: the other splits'
+    # stores above, ordered before their tickets by the barrier, are visible to it)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(i_ptr + bhkv * n_chunks + chunk, 1, sem="acq_rel", scope="gpu")
+    if ticket == num_splits - 1:
+        mm = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        ll = tl.zeros([BLOCK_M], tl.float32)
+        for j in range(0, num_splits):
+            pj = f_ptr + (bhkv * num_splits + j) * rows_padded + offs_r
+            m_j = tl.load(pj, cache_modifier=".cg")
+            l_j = tl.load(pj + part_size, cache_modifier=".cg")
+            m_new = tl.maximum(mm, m_j)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            ll = ll * tl.exp2(mm - m_safe) + l_j * tl.exp2(m_j - m_safe)
+            mm = m_new
+        lse = mm + tl.log2(tl.where(r_valid, ll, 1.0))
+        # stored negated (the column pass adds it), -inf on padding rows (they weigh nothing)
+        tl.store(
+            f_ptr + 2 * part_size + bhkv * rows_padded + offs_r,
+            tl.where(r_valid, -lse, -float("inf")),
+        )
+
+
+@triton.jit
+def _probe_colsum_kernel(
+    k_ptr,
+    qpack_ptr,
+    f_ptr,
+    i_ptr,
+    out_ptr,
+    nlse_offset,
+    table_offset,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    num_kv_heads,
+    packed_rows,
+    rows_padded,
+    lse_chunks,
+    lse_block_m,
+    kv_len,
+    scale_log2,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    TABLE_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    nb = tl.program_id(0)
+    bhkv = tl.program_id(1)
+    table_ptr = i_ptr + table_offset  # chunk lo (lse_chunks), chunk hi (lse_chunks), positions
+    b = bhkv // num_kv_heads
+    hkv = bhkv % num_kv_heads
+    n0 = nb * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     n_valid = offs_n < kv_len
     k = tl.load(
-        k_ptr + b * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+        k_ptr
+        + b.to(tl.int64) * stride_kb
+        + hkv.to(tl.int64) * stride_kh
+        + offs_n[:, None] * stride_ks
+        + offs_d[None, :],
         mask=n_valid[:, None],
         other=0.0,
-    )
+    )  # (BN, D), in place for the whole program
+    # which row chunks (of the row pass) matter to this key block: c_lo = the first one whose
+    # latest position reaches n0; c_hi = one past the last one whose earliest position is before
+    # the block's last key (it needs the mask); chunks from max(c_lo, c_hi) on see every key
+    c_lo = lse_chunks
+    c_hi = 0
+    for t0 in range(0, lse_chunks, TABLE_BLOCK):
+        offs_t = t0 + tl.arange(0, TABLE_BLOCK)
+        t_valid = offs_t < lse_chunks
+        lo = tl.load(table_ptr + offs_t, mask=t_valid, other=_NO_POS)
+        hi = tl.load(table_ptr + lse_chunks + offs_t, mask=t_valid, other=-1)
+        c_lo = tl.minimum(c_lo, tl.min(tl.where(hi >= n0, offs_t, lse_chunks), axis=0))
+        c_hi = tl.maximum(c_hi, tl.max(tl.where(lo < n0 + BLOCK_N - 1, offs_t + 1, 0), axis=0))
+    # the same bounds in chunks of BLOCK_M packed rows (rounded outwards)
+    j_end = tl.cdiv(packed_rows, BLOCK_M)
+    j_lo = c_lo * lse_block_m // BLOCK_M
+    j_mid = tl.minimum(tl.maximum(tl.cdiv(c_hi * lse_block_m, BLOCK_M), j_lo), j_end)
+    pos_ptr = table_ptr + 2 * lse_chunks
+    q_base = qpack_ptr + bhkv * rows_padded * HEAD_DIM
+    l_base = f_ptr + nlse_offset + bhkv * rows_padded
+    # Software-pipelined: each step issues the next chunk's product, then exponentiates the
+    # previous chunk's shifted logits (``x``) while the tensor cores work. The first chunk is
+    # peeled (masked; all -inf when the block has no chunk, then chunk j_end - 1 is read).
+    offs_r = tl.minimum(j_lo, j_end - 1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    qc = tl.load(q_base + offs_r[:, None] * HEAD_DIM + offs_d[None, :])
+    nlse = tl.load(l_base + offs_r)  # -lse: -inf on padding rows
+    pos = tl.load(pos_ptr + offs_r)
+    s = tl.dot(k, tl.trans(qc), input_precision=DOT_PRECISION)  # (BN, BM) fp32
+    visible = (offs_n[:, None] <= pos[None, :]) & (j_lo < j_end)
+    x = tl.where(visible, s * scale_log2 + nlse[None, :], float("-inf"))
     acc = tl.zeros([BLOCK_N], tl.float32)
-    num_heads = num_kv_heads * group
-    for gi in range(0, group):
-        h = hkv * group + gi
-        for m0 in range(0, num_probes, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_valid = offs_m < num_probes
-            pos = tl.load(pos_ptr + offs_m, mask=m_valid, other=-1)
-            q_row = tl.load(pos_ptr + num_probes + offs_m, mask=m_valid, other=0)
-            q = tl.load(
-                q_ptr
-                + b * stride_qb
-                + h * stride_qh
-                + q_row[:, None] * stride_qs
-                + offs_d[None, :],
-                mask=m_valid[:, None],
-                other=0.0,
-            )
-            lse = tl.load(
-                lse_ptr + (b * num_heads + h) * num_probes + offs_m,
-                mask=m_valid,
-                other=float("inf"),
-            )
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # (BM, BN)
-            p = tl.exp2(s - lse[:, None])
-            p = tl.where(offs_n[None, :] <= pos[:, None], p, 0.0)
-            acc += tl.sum(p, axis=0)
+    for j in range(j_lo + 1, j_mid):  # chunks on the causal boundary of some key
+        offs_r = j * BLOCK_M + tl.arange(0, BLOCK_M)
+        qc = tl.load(q_base + offs_r[:, None] * HEAD_DIM + offs_d[None, :])
+        nlse = tl.load(l_base + offs_r)
+        pos = tl.load(pos_ptr + offs_r)
+        s = tl.dot(k, tl.trans(qc), input_precision=DOT_PRECISION)
+        acc += tl.sum(tl.exp2(x), axis=1)
+        x = tl.where(
+            offs_n[:, None] <= pos[None, :], s * scale_log2 + nlse[None, :], -float("inf")
+        )
+    for j in range(tl.maximum(j_mid, j_lo + 1), j_end):  # chunks that see the whole block
+        offs_r = j * BLOCK_M + tl.arange(0, BLOCK_M)
+        qc = tl.load(q_base + offs_r[:, None] * HEAD_DIM + offs_d[None, :])
+        nlse = tl.load(l_base + offs_r)
+        s = tl.dot(k, tl.trans(qc), input_precision=DOT_PRECISION)
+        acc += tl.sum(tl.exp2(x), axis=1)
+        x = s * scale_log2 + nlse[None, :]
+    acc += tl.sum(tl.exp2(x), axis=1)
     tl.store(out_ptr + bhkv * kv_len + offs_n, acc, mask=n_valid)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def probe_mass_triton(
-    q: Tensor, k: Tensor, rows: Tensor, *, scale: float, key_splits: int | None = None
+    q: Tensor,
+    k: Tensor,
+    rows: Tensor,
+    *,
+    scale: float,
+    key_splits: int | None = None,
+    config: ProbeKernelConfig | None = None,
 ) -> Tensor:
     """Column mass of the causal softmax of probe rows, fused (no probe map in memory).
 
     Args:
         q: (B, Hq, Sq, D) queries, the last Sq positions of the sequence; D a power of two >= 16.
         k: (B, Hkv, Skv, D) keys, Hq divisible by Hkv.
-        rows: (M,) int64 probe rows (indices into the Sq query rows).
-        scale: softmax scale.
+        rows: (M,) integer probe rows (indices into the Sq query rows), in any order; ascending
+            rows (as ``probe_positions`` returns them) let the kernels skip the most work.
+        scale: softmax scale, positive.
         key_splits: how many key ranges the row pass is split into (None: enough to fill the
             GPU; the splits are merged exactly by log-sum-exp).
+        config: tile sizes, warps and pipeline stages of the two kernels (None:
+            ``ProbeKernelConfig.default_for(q.dtype, D)``).
 
     Returns:
         (B, Hkv, Skv) float32: for each key, the softmax weight it receives summed over the M
         probe rows and the G query heads of its KV head (the same quantity as the eager path).
 
     Raises:
-        ValueError: head dim not a power of two >= 16, or a device the kernels cannot run on.
+        ValueError: head dim not a power of two >= 16, a non-positive scale, or a device the
+            kernels cannot run on.
     """
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
@@ -205,50 +402,53 @@ def probe_mass_triton(
         raise ValueError(
             f"q: impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1), got device {q.device}"
         )
+    check_scale("scale", scale)
+    cfg = config if config is not None else ProbeKernelConfig.default_for(q.dtype, d)
     g = hq // hkv
     m = rows.shape[0]
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
-    # one int64 buffer: absolute positions of the probes, then their rows inside q
-    meta = torch.cat([rows + (skv - sq), rows]).to(device=q.device, dtype=torch.int64)  # (2M,)
-    out = torch.empty(b, hkv, skv, device=q.device, dtype=torch.float32)  # (B, Hkv, Skv)
+    if m == 0:
+        return torch.zeros(b, hkv, skv, device=q.device, dtype=torch.float32)
+    # (M,) a no-op for the scorer's rows
+    rows = rows.to(device=q.device, dtype=torch.int64).contiguous()
     scale_log2 = float(scale) * _LOG2E
-    block_m = 64 if m > 32 else max(16, int(triton.next_power_of_2(m)))
-    block_n = 64
-    m_blocks = -(-m // block_m)
-    # split the keys so that the row pass fills the GPU (~4 CTAs per SM); one split on CPU
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-    n_blocks = -(-skv // block_n)
+    bh = b * hkv
+    packed = g * m  # G*M rows per KV head, position-major
+    bm, bn = cfg.lse_block_m, cfg.lse_block_n
+    rows_padded = _cdiv(packed, max(bm, cfg.col_block_m)) * max(bm, cfg.col_block_m)
+    n_chunks = rows_padded // bm  # chunks past the last packed row are empty
+    n_blocks = _cdiv(skv, bn)
     if key_splits is None:
-        key_splits = (4 * sms) // max(1, b * hq * m_blocks)
+        # enough programs for the row pass to fill the GPU in several waves (~8 per SM; the
+        # causally empty ones end at once), each at least 8 key blocks long; one on the CPU
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
+        key_splits = min(round(8 * sms / (bh * _cdiv(packed, bm))), n_blocks // 8)
     splits = max(1, min(n_blocks, key_splits))
-    per_split = -(-n_blocks // splits) * block_n
-    splits = -(-skv // per_split)
-    m_part = torch.empty(b, hq, splits, m, device=q.device, dtype=torch.float32)
-    l_part = torch.empty_like(m_part)  # (B, Hq, NS, M)
-    common: dict[str, Any] = {
-        "HEAD_DIM": d,
-        "BLOCK_M": block_m,
-        "BLOCK_N": block_n,
-        # fp32 inputs get exact fp32 products (no TF32), like the eager fp32 matmul
-        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
-    }
-    _probe_lse_kernel[(b * hq, m_blocks, splits)](
-        q, k, meta, m_part, l_part,
+    per_split = _cdiv(n_blocks, splits) * bn
+    splits = _cdiv(skv, per_split)
+    dev = q.device
+    qpack = torch.empty(bh, rows_padded, d, device=dev, dtype=q.dtype)  # probe rows, packed
+    fbuf = torch.empty((2 * splits + 1) * bh * rows_padded, device=dev, dtype=torch.float32)
+    ibuf = torch.zeros(bh * n_chunks + 2 * n_chunks + rows_padded, device=dev, dtype=torch.int32)
+    out = torch.empty(b, hkv, skv, device=dev, dtype=torch.float32)  # (B, Hkv, Skv)
+    # fp32 inputs get exact fp32 products (no TF32), like the eager fp32 matmul
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    launch: dict[str, Any] = {"HEAD_DIM": d, "DOT_PRECISION": precision}
+    _probe_lse_kernel[(n_chunks, bh, splits)](
+        q, k, rows, qpack, fbuf, ibuf,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
-        hq, g, m, skv, per_split, splits, scale_log2,
-        **common,
+        hkv, g, packed, skv - sq, skv, per_split, splits, rows_padded, scale_log2,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.lse_warps, num_stages=cfg.lse_stages,
+        **launch,
     )  # fmt: skip
-    # merge the splits: lse = max + log2(sum l * 2^(m - max)); empty splits have m = -inf
-    m_max = m_part.amax(dim=2, keepdim=True)  # (B, Hq, 1, M), finite: key 0 is always visible
-    lse = (m_max + torch.log2((l_part * torch.exp2(m_part - m_max)).sum(2, keepdim=True)))
-    lse = lse.squeeze(2).contiguous()  # (B, Hq, M) log2 domain
-    _probe_colsum_kernel[(b * hkv, triton.cdiv(skv, block_n))](
-        q, k, meta, lse, out,
-        q.stride(0), q.stride(1), q.stride(2),
+    _probe_colsum_kernel[(_cdiv(skv, cfg.col_block_n), bh)](
+        k, qpack, fbuf, ibuf, out, 2 * splits * bh * rows_padded, bh * n_chunks,
         k.stride(0), k.stride(1), k.stride(2),
-        hkv, g, m, skv, scale_log2,
-        **common,
+        hkv, packed, rows_padded, n_chunks, bm, skv, scale_log2,
+        BLOCK_N=cfg.col_block_n, BLOCK_M=cfg.col_block_m, TABLE_BLOCK=_TABLE_BLOCK,
+        num_warps=cfg.col_warps, num_stages=cfg.col_stages,
+        **launch,
     )  # fmt: skip
     return out
