@@ -398,11 +398,11 @@ def probe_mass_triton(
         raise ValueError(
             f"q: the Triton probe scorer needs a power-of-two head dim >= 16, got {d}"
         )
+    check_scale("scale", scale)  # before the device check: a bad argument is named anywhere
     if not triton_probe_available(q.device):
         raise ValueError(
             f"q: impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1), got device {q.device}"
         )
-    check_scale("scale", scale)
     cfg = config if config is not None else ProbeKernelConfig.default_for(q.dtype, d)
     g = hq // hkv
     m = rows.shape[0]
