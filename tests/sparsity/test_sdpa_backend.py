@@ -54,6 +54,21 @@ def test_picks_the_fastest_and_measures_once_per_bucket() -> None:
     assert choice.backend == "cudnn" and choice.times_ms["cudnn"] == 0.5
 
 
+@pytest.mark.parametrize(("first", "runs", "want"), [(5.0, 4, 5.0), (25.0, 2, 25.0)])
+def test_default_timer_times_a_long_call_once(first: float, runs: int, want: float) -> None:
+    """Warm-up, then three timed runs (their median) or, from LONG_CALL_MS on, one."""
+    calls: list[str] = []
+    script = iter([first, first + 2.0, first - 1.0])
+
+    def clock(fn) -> float:
+        fn()
+        return next(script)
+
+    got = sb._default_timer("flash", lambda: calls.append("run"), clock=clock)
+    assert len(calls) == runs  # the warm-up is one of them
+    assert got == want  # a short call: median of (5, 7, 4) = 5
+
+
 def test_skips_backends_that_cannot_run_or_are_disabled() -> None:
     def timer(name, run):
         if name == "cudnn":
