@@ -9,7 +9,8 @@ Variants, all in one process, eager and as CUDA-graph replays:
     sdpa-<backend>  SDPA over the bf16 cache of the same N + 50 tokens, forced to one backend
                     (flash, cudnn, efficient; a backend that cannot run the call says "n/a")
     fused           zipvl.decode.decode_attention(impl="triton"): one launch over all pages and
-                    the fp regions + one merge launch
+                    the fp regions (its last program per KV head merges the partial states;
+                    a separate merge launch before the commit that folded it in)
 Every ratio is against the fastest dense backend of the same row. Floor: the bytes the variant
 must read (``decode_read_bytes``; bf16 K and V for SDPA) over the measured copy bandwidth.
 

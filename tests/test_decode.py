@@ -216,8 +216,8 @@ def test_page_bytes_meet_the_budget() -> None:
 
 
 def test_launches_do_not_grow_with_generated_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A decode step (append + fused read) launches the same kernels with the same arguments
-    shape and issues the same host operators at 10 and at 300 generated tokens."""
+    """A decode step (append + fused read) is one launch with the same arguments shape and the
+    same host operators at 10 and at 300 generated tokens."""
     from torch.profiler import ProfilerActivity, profile
 
     import zipvl.paged_decode_triton as kernels
@@ -236,24 +236,28 @@ def test_launches_do_not_grow_with_generated_tokens(monkeypatch: pytest.MonkeyPa
             return launch
 
     monkeypatch.setattr(kernels, "_paged_decode_kernel", Counting("decode"))
-    monkeypatch.setattr(kernels, "_merge_kernel", Counting("merge"))
     monkeypatch.setattr(kernels, "INTERPRETED", True)
     case = (1, 4, 2, 64, 40, 0, 16)
     store, _, _, _ = _filled_store(case, "cpu", torch.float32)
     q = torch.randn(1, 4, 1, 64)
+    # "convert": the default on a CUDA machine is inline PTX, which the interpreter refuses
     ws = {"splits": 3, "m": torch.empty(1, 4, 4), "l": torch.empty(1, 4, 4),
-          "o": torch.empty(1, 4, 4, 64)}  # fmt: skip
+          "o": torch.empty(1, 4, 4, 64), "convert": "magic"}  # fmt: skip
+
+    def decode() -> None:
+        kernels.paged_decode_triton(q[:, :, 0].contiguous(), store, 0.125, ws)
 
     def step() -> tuple[int, list]:
         launches.clear()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             store.append(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))
-            kernels.paged_decode_triton(q[:, :, 0].contiguous(), store, 0.125, ws)
+            decode()
         ops = sum(1 for e in prof.events() if e.name.startswith("aten::"))
         return ops, list(launches)
 
-    step()  # warm-up: one-time buffers (the cached arange of the tail write)
+    step()  # warm-up: one-time buffers (the cached arange of the tail write, tickets, table)
     first = step()
+    table = ws["table"]
     for _ in range(300):
         store.append(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))
         if store.tail_length >= 8:
@@ -261,9 +265,150 @@ def test_launches_do_not_grow_with_generated_tokens(monkeypatch: pytest.MonkeyPa
     assert int(store.num_pages[0].sum() + store.num_pages[1].sum()) > 10
     if store.tail_length >= 8:
         store.commit_block(torch.rand(1, 2, 8) < 0.5)
+    decode()  # the pools grew: their address table is rebuilt once, here
+    assert ws["table"].table is not table.table
     later = step()
-    assert [name for name, _ in first[1]] == ["decode", "merge"]
+    assert [name for name, _ in first[1]] == ["decode"]
+    grid, kinds, _ = first[1][0][1]
+    assert grid == (store.rows, 4) and len(kinds) <= 12, kinds
     assert later == first
+
+
+def test_address_table_slots_and_reuse() -> None:
+    """The address table holds the store's pointers in the kernel's slot order and its sizes;
+    it is reused while the buffers stay and rebuilt when one is reallocated."""
+    import zipvl.paged_decode_triton as kernels
+    from zipvl.cache.paged import HIGH, LOW
+
+    store, *_ = _filled_store((1, 4, 2, 64, 40, 0, 16), "cpu", torch.float32)
+    entries = kernels.table_entries(store)
+    assert len(entries) == kernels.TABLE_SLOTS
+    for c, base in ((HIGH, kernels.H_POOL), (LOW, kernels.L_POOL)):
+        for i, key in enumerate(kernels.POOL_FIELDS):
+            assert entries[base + i] == store.pools[c][key].data_ptr(), (c, key)
+    slots = {
+        kernels.H_PT: store.page_table[HIGH],
+        kernels.H_PF: store.page_fill[HIGH],
+        kernels.H_NP: store.num_pages[HIGH],
+        kernels.L_PT: store.page_table[LOW],
+        kernels.L_PF: store.page_fill[LOW],
+        kernels.L_NP: store.num_pages[LOW],
+        kernels.FK: store.fp_k,
+        kernels.FV: store.fp_v,
+        kernels.FCNT: store.fp_count,
+    }
+    for slot, t in slots.items():
+        assert entries[slot] == t.data_ptr(), slot
+    assert entries[kernels.HCOLS] == store.page_table[HIGH].shape[1]
+    assert entries[kernels.LCOLS] == store.page_table[LOW].shape[1]
+    assert entries[kernels.FP_STRIDE] == store.fp_k.shape[1] == store.fp_cap + 1
+    ws: dict = {}
+    tab, aligned = kernels._address_table(store, store.device, ws)
+    assert tab.tolist() == entries and tab.dtype == torch.int64 and aligned
+    again, _ = kernels._address_table(store, store.device, {})  # another workspace: the cache
+    assert again is tab and kernels._address_table(store, store.device, ws)[0] is tab
+    store.reserve(HIGH, store.pools[HIGH]["kcode"].shape[0], 0)  # the high pool is copied
+    grown, _ = kernels._address_table(store, store.device, ws)
+    assert grown is not tab and grown.tolist() == kernels.table_entries(store)
+
+
+def test_kernel_reads_no_module_globals() -> None:
+    """Triton re-checks every module global a jitted kernel reads on every launch (the slots
+    of the address table are literals in the kernel for that reason): the compiled kernel's
+    list of such globals stays empty. Checked in a fresh interpreter without TRITON_INTERPRET
+    (the interpreter's kernels do not record them)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import zipvl.paged_decode_triton as k; f = k._paged_decode_kernel; f.cache_key; "
+        "print(sorted(n for n, _ in f.used_global_vals))"
+    )
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120, check=True)  # fmt: skip
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_fused_decode_repeats_exactly_and_leaves_tickets_at_zero() -> None:
+    """The last program of a row merges and zeroes the row's ticket: a second call (and one
+    after another store's call on the same tickets) equals the first bit for bit, and both
+    equal the reference within the tolerance of the dense comparison above."""
+    if not _triton_runs("cpu"):
+        pytest.skip("the fused kernel runs on CUDA or under TRITON_INTERPRET=1")
+    case = (2, 6, 2, 64, 97, 23, 32)
+    store, *_ = _filled_store(case, "cpu", torch.bfloat16, seed=7)
+    q = torch.randn(2, 6, 1, 64, dtype=torch.bfloat16)
+    ws = workspace(store, 6)
+    assert ws["ticket"].shape == (store.rows,) and not ws["ticket"].any()
+    # 40 page splits, one warp: the merge reads the 41 states of a head in three tiles of 16
+    ws.update(splits=40, warps=1, m=torch.empty(2, 6, 41), l=torch.empty(2, 6, 41),
+              o=torch.empty(2, 6, 41, 64))  # fmt: skip
+    out1, lse1 = decode_attention(q, store, impl="triton")
+    assert not ws["ticket"].any()
+    ws["m"].fill_(float("nan")), ws["l"].fill_(float("nan")), ws["o"].fill_(float("nan"))
+    out2, lse2 = decode_attention(q, store, impl="triton")  # every state written anew
+    assert not ws["ticket"].any()
+    torch.testing.assert_close(out2, out1, rtol=0, atol=0)
+    torch.testing.assert_close(lse2, lse1, rtol=0, atol=0)
+    ref, lse_ref = decode_attention(q, store, impl="reference")
+    assert (out1.float() - ref.float()).abs().max().item() < 2e-2
+    torch.testing.assert_close(lse1, lse_ref, rtol=0, atol=1e-3)
+    # a ticket left behind would merge before the row's last state is written: the NaN states
+    # would reach the output, which is how a missing reset would show
+    ws["ticket"].fill_(1)
+    ws["o"].fill_(float("nan"))
+    bad, _ = decode_attention(q, store, impl="triton")
+    assert bad.isnan().any() and bool((ws["ticket"] == 1).all())
+    ws["ticket"].zero_()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_last_program_merge_is_stable_over_many_launches() -> None:
+    """On the GPU the programs of a row finish in any order and on different SMs: 300 launches
+    (64 page splits, the merge tiles of the default launch) all give the first one's output bit
+    for bit, within the tolerance of the reference, and leave the tickets at zero. A missing
+    release / acquire would show as an occasional merge of a stale or half-written state."""
+    case = (2, 28, 4, 128, 3000, 40, 128)
+    store, *_ = _filled_store(case, "cuda", torch.bfloat16, seed=11)
+    q = torch.randn(2, 28, 1, 128, device="cuda", dtype=torch.bfloat16)
+    ws = workspace(store, 28)
+    ws.update(splits=64, m=torch.empty(2, 28, 65, device="cuda"),
+              l=torch.empty(2, 28, 65, device="cuda"),
+              o=torch.empty(2, 28, 65, 128, device="cuda"))  # fmt: skip
+    first, first_lse = decode_attention(q, store, impl="triton")
+    outs = [decode_attention(q, store, impl="triton") for _ in range(300)]
+    for out, lse in outs:
+        torch.testing.assert_close(out, first, rtol=0, atol=0)
+        torch.testing.assert_close(lse, first_lse, rtol=0, atol=0)
+    assert not ws["ticket"].any()
+    ref, lse_ref = decode_attention(q, store, impl="reference")
+    assert (first.float() - ref.float()).abs().max().item() < 2e-2
+    assert (first_lse - lse_ref).abs().max().item() < 2e-2  # as the dense comparison
+
+
+def test_failed_launch_zeroes_the_tickets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launch that raises after some programs took their tickets (the interpreter runs them
+    one by one) leaves the tickets at zero for the next call."""
+    import zipvl.paged_decode_triton as kernels
+
+    class Failing:
+        def __getitem__(self, grid):
+            def launch(q, tab, m, lsum, o, ticket, *args, **meta):
+                ticket += 1  # some programs published, then the launch failed
+                raise RuntimeError("launch failed")
+
+            return launch
+
+    monkeypatch.setattr(kernels, "_paged_decode_kernel", Failing())
+    monkeypatch.setattr(kernels, "INTERPRETED", True)
+    store, *_ = _filled_store((1, 4, 2, 64, 40, 0, 16), "cpu", torch.float32)
+    ws = workspace(store, 4)
+    ws["convert"] = "magic"
+    with pytest.raises(RuntimeError, match="launch failed"):
+        kernels.paged_decode_triton(torch.randn(1, 4, 64), store, 0.125, ws)
+    assert not ws["ticket"].any()
 
 
 def test_bad_inputs_raise() -> None:

@@ -13,10 +13,10 @@ the fast path never materialises K or V. Per page (ZipCache's layout):
 
 Token order does not matter for one decoding query and padding is never stored, so every
 stored token of a row is attended to. ``impl="triton"`` is one launch over all pages of both
-precisions and the full-precision regions (split-K) plus one merge launch
-(``zipvl.paged_decode_triton``); ``impl="reference"`` dequantizes every page and attends in
-float32: the oracle. Both return the log-sum-exp as well, from which the cache scores a decode
-block without reading any key again.
+precisions and the full-precision regions (split-K), whose last program per KV head merges the
+partial states (``zipvl.paged_decode_triton``); ``impl="reference"`` dequantizes every page and
+attends in float32: the oracle. Both return the log-sum-exp as well, from which the cache scores
+a decode block without reading any key again.
 """
 
 from __future__ import annotations
@@ -56,7 +56,13 @@ def fused_decode_problem(q: Tensor, store: PagedKVStore) -> str | None:
         from zipvl import paged_decode_triton
     except ImportError as exc:  # pragma: no cover - triton ships with torch on Linux
         return f"the triton package ({exc})"
-    if not (q.is_cuda or paged_decode_triton.INTERPRETED):
+    if paged_decode_triton.INTERPRETED:
+        if q.device.type != "cpu":
+            return (
+                f"CPU tensors under TRITON_INTERPRET=1 (the interpreted kernel reads the raw host "
+                f"addresses of its address table), got device {q.device}"
+            )
+    elif not q.is_cuda:
         return (
             f"a CUDA tensor (or TRITON_INTERPRET=1 set before the kernels are imported), got "
             f"device {q.device}"
@@ -154,6 +160,10 @@ def _paged_decode_op(
         "m": torch.empty(b, hq, splits + 1, **f32),
         "l": torch.empty(b, hq, splits + 1, **f32),
         "o": torch.empty(b, hq, splits + 1, d, **f32),
+        # fresh, zeroed tickets: the operator keeps no state between calls (its address
+        # tables come from the kernel module's cache)
+        "ticket": torch.zeros(ints[1], dtype=torch.int32, device=q.device),
+        "keep_table": False,
     }
     ws.update({key: val for key, val in zip(_SETTINGS, settings, strict=False) if val >= 0})
     if settings[-1] >= 0:
@@ -177,7 +187,8 @@ def _splits(store: PagedKVStore, device: torch.device) -> int:
 
 
 def workspace(store: PagedKVStore, hq: int) -> dict[str, Any]:
-    """The partial-state buffers of the fused kernel, cached on the store per (B, Hq)."""
+    """The partial-state buffers and per-row tickets of the fused kernel, cached on the store
+    per (B, Hq)."""
     key = (store.batch_size, hq)
     ws = getattr(store, "_decode_ws", None)
     if ws is None or ws["key"] != key:
@@ -190,6 +201,9 @@ def workspace(store: PagedKVStore, hq: int) -> dict[str, Any]:
             "m": torch.empty(b, hq, ns + 1, **f32),
             "l": torch.empty(b, hq, ns + 1, **f32),
             "o": torch.empty(b, hq, ns + 1, d, **f32),
+            # per row: how many of its NS + 1 programs have published their partial state; the
+            # last one merges and zeroes it again, so it is zero between launches
+            "ticket": torch.zeros(store.rows, dtype=torch.int32, device=store.device),
         }
         store._decode_ws = ws  # type: ignore[attr-defined]
     return ws

@@ -7,20 +7,31 @@ One launch reads the whole layer: grid (rows = B * Hkv, NS + 1). Programs 0 .. N
 split its pages (high-precision pages, then low-precision ones) evenly; program NS reads the
 row's full-precision regions (sinks, both staging regions, the tail). Every program handles the
 G query heads of its KV head together (GQA packed into one tile) and writes a partial softmax
-state; a second, tiny launch merges the NS + 1 states of every query head by log-sum-exp and also
-writes the log-sum-exp itself (the decode-block scores are computed from it). The number of
-launches and every launch argument are independent of how many tokens were generated: the
-counts live in device tensors, so a decode step can be captured in a CUDA graph.
+state, then takes a ticket of its row (an atomic counter, release / acquire at GPU scope); the
+program that draws the last ticket merges the NS + 1 states of the row's query heads by
+log-sum-exp, writes the output and the log-sum-exp itself (the decode-block scores are computed
+from it), and zeroes the ticket for the next launch. The store's pointers and sizes reach the
+kernel through one int64 address table (built once per set of buffers) instead of 26 separate
+arguments: Triton's launcher inspects every argument on every call, and a decode step launches
+once per layer. The number of launches and every launch argument are independent of how many
+tokens were generated: the counts live in device tensors, so a decode step can be captured in a
+CUDA graph.
 """
 
 from __future__ import annotations
 
+import operator
 import os
+import weakref
+from collections import OrderedDict
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from zipvl.cache.paged import HIGH, LOW, STAGE_HIGH, STAGE_LOW, TAIL
 
 __all__ = ["CONVERTS", "DEFAULT_CONVERT", "INTERPRETED", "paged_decode_triton"]
 
@@ -345,30 +356,104 @@ def _page_loop(qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, start, end, base_id
     return m_i, l_i, a0, a1, a2, a3
 
 
+# The address table (``_address_table``): one int64 per slot, the pointers of both pool classes
+# and of the store's tables, fills, counts and full-precision buffer, then three sizes. One
+# tensor argument stands for 23 pointers and 3 integers, so a launch specialises a handful of
+# arguments instead of 38 (Triton's launcher inspects every non-constexpr argument per call).
+POOL_FIELDS = ("kcode", "vcode", "kscale", "kzero", "vscale", "vzero", "vcs")
+# Slots. The kernel spells them as literals (with these names beside them): Triton re-checks
+# every global a kernel reads on every launch.
+H_POOL, L_POOL = 0, 7  # + index in POOL_FIELDS
+H_PT, H_PF, H_NP = 14, 15, 16  # high class: page table, page fill, page count per row
+L_PT, L_PF, L_NP = 17, 18, 19  # low class
+FK, FV, FCNT = 20, 21, 22  # full-precision buffers and their counts
+HCOLS, LCOLS, FP_STRIDE = 23, 24, 25  # sizes: table widths, fp buffer row stride (tokens)
+TABLE_SLOTS = 26
+
+
+@triton.jit
+def _addr(tab, SLOT: tl.constexpr, TY: tl.constexpr, ALIGNED: tl.constexpr):
+    """Slot SLOT of the address table as a pointer to TY (16-byte aligned when ALIGNED: the
+    host checked every address, as Triton checks a pointer argument)."""
+    a = tl.load(tab + SLOT).to(tl.pointer_type(TY))
+    if ALIGNED:
+        a = tl.multiple_of(a, 16)
+    return a
+
+
+@triton.jit
+def _pool(tab, BASE: tl.constexpr, PARAM: tl.constexpr, ALIGNED: tl.constexpr):
+    """The seven pool pointers of one class (codes as bytes, parameters as PARAM)."""
+    return (_addr(tab, BASE, tl.uint8, ALIGNED), _addr(tab, BASE + 1, tl.uint8, ALIGNED),
+            _addr(tab, BASE + 2, PARAM, ALIGNED), _addr(tab, BASE + 3, PARAM, ALIGNED),
+            _addr(tab, BASE + 4, PARAM, ALIGNED), _addr(tab, BASE + 5, PARAM, ALIGNED),
+            _addr(tab, BASE + 6, PARAM, ALIGNED))  # fmt: skip
+
+
+@triton.jit
+def _merge_row(m_ptr, l_ptr, o_ptr, out_ptr, lse_ptr, b, hkv,
+               HKV: tl.constexpr, GROUP: tl.constexpr, NS1: tl.constexpr, NS_PAD: tl.constexpr,
+               GM: tl.constexpr, SB: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
+    """Merge the NS1 partial states of the GROUP query heads of KV head ``hkv`` by
+    log-sum-exp; write out (GROUP, D) and the log-sum-exp (GROUP,). Partial states are read
+    past L1 (``.cg``): other SMs wrote them."""
+    offs_h = tl.arange(0, GM)
+    hv = offs_h < GROUP
+    heads = (b * HKV + hkv) * GROUP + offs_h  # query-head rows of (B, Hq)
+    srow = heads.to(tl.int64) * NS1  # first partial state of each head
+    offs_s = tl.arange(0, NS_PAD)
+    sm = hv[:, None] & (offs_s < NS1)[None, :]
+    m = tl.load(m_ptr + srow[:, None] + offs_s[None, :], mask=sm, other=float("-inf"),
+                cache_modifier=".cg")  # fmt: skip
+    m_max = tl.max(m, axis=1)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    lsum = tl.load(l_ptr + srow[:, None] + offs_s[None, :], mask=sm, other=0.0,
+                   cache_modifier=".cg")  # fmt: skip
+    den = tl.sum(lsum * tl.exp2(m - m_max[:, None]), axis=1)
+    den = tl.where(hv, den, 1.0)  # padding heads (not stored): no 0 / 0
+    offs_d = tl.arange(0, HEAD_DIM)
+    num = tl.zeros([GM, HEAD_DIM], tl.float32)
+    for s0 in tl.range(0, NS1, SB):  # SB partial states of every head at a time
+        offs = s0 + tl.arange(0, SB)
+        cm = hv[:, None] & (offs < NS1)[None, :]
+        mc = tl.load(m_ptr + srow[:, None] + offs[None, :], mask=cm, other=float("-inf"),
+                     cache_modifier=".cg")  # fmt: skip
+        w = tl.exp2(mc - m_max[:, None])  # (GM, SB), 0 where masked
+        orow = (srow[:, None] + offs[None, :]) * HEAD_DIM
+        o = tl.load(o_ptr + orow[:, :, None] + offs_d[None, None, :], mask=cm[:, :, None],
+                    other=0.0, cache_modifier=".cg")  # fmt: skip
+        num += tl.sum(o * w[:, :, None], axis=1)
+    out_rows = out_ptr + (heads.to(tl.int64) * HEAD_DIM)[:, None] + offs_d[None, :]
+    tl.store(out_rows, (num / den[:, None]).to(out_ptr.dtype.element_ty), mask=hv[:, None])
+    tl.store(lse_ptr + heads, m_max + tl.log2(den), mask=hv)
+
+
 @triton.jit
 def _paged_decode_kernel(
     q_ptr,  # (B, Hq, D) queries (any float dtype)
-    hkc, hvc, hks, hkz, hva, hvb, hcs, hpt, hpf, hnp,  # high pool, table, fill, page counts
-    lkc, lvc, lks, lkz, lva, lvb, lcs, lpt, lpf, lnp,  # low pool, ...
-    fk_ptr, fv_ptr, fcnt_ptr,  # fp buffer (rows, CAP + 1, D), counts (rows, 4) int32
-    m_ptr, l_ptr, o_ptr,  # out: (B, Hq, NS + 1), (B, Hq, NS + 1), (B, Hq, NS + 1, D) fp32
+    tab,  # address table (TABLE_SLOTS,) int64: pools, tables, fills, counts, fp buffers, sizes
+    m_ptr, l_ptr, o_ptr,  # partial states: (B, Hq, NS + 1), (B, Hq, NS + 1), (B, Hq, NS + 1, D)
+    ticket_ptr,  # (rows,) int32, zero between launches: partial states published per row
+    out_ptr, lse_ptr,  # (B, Hq, D), (B, Hq) float32
     sm_scale,  # softmax scale * log2(e)
-    num_kv_heads, group, hcols, lcols, fp_stride,
+    HKV: tl.constexpr, GROUP: tl.constexpr,  # KV heads, query heads per KV head
     B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,  # region bases
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     HBITS: tl.constexpr, LBITS: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     STAGES: tl.constexpr, PRECISE: tl.constexpr, CONVERT: tl.constexpr, FP_BLOCK: tl.constexpr,
+    PARAM: tl.constexpr, FP: tl.constexpr, ALIGNED: tl.constexpr,  # pool parameter, fp dtypes
+    NS_PAD: tl.constexpr, MERGE_GM: tl.constexpr, MERGE_SB: tl.constexpr,  # merge tiles
 ):  # fmt: skip
     QD: tl.constexpr = HEAD_DIM // 4
     row = tl.program_id(0)
     split = tl.program_id(1)
-    b = row // num_kv_heads
-    hkv = row % num_kv_heads
+    b = row // HKV
+    hkv = row % HKV
     offs_g = tl.arange(0, GROUP_PAD)
     offs_c = tl.arange(0, QD)
-    g_valid = offs_g < group
-    heads = hkv * group + offs_g
-    num_heads = num_kv_heads * group
+    g_valid = offs_g < GROUP
+    heads = hkv * GROUP + offs_g
+    num_heads = HKV * GROUP
     q_rows = q_ptr + ((b * num_heads + heads).to(tl.int64) * HEAD_DIM)[:, None] + offs_c[None, :]
     gm = g_valid[:, None]
     q0 = tl.load(q_rows, mask=gm, other=0.0).to(tl.float32) * sm_scale  # (GP, QD) each
@@ -385,8 +470,12 @@ def _paged_decode_kernel(
     a2 = tl.zeros([GROUP_PAD, QD], tl.float32)
     a3 = tl.zeros([GROUP_PAD, QD], tl.float32)
     if split < NUM_SPLITS:
-        nh = tl.load(hnp + row)
-        nl = tl.load(lnp + row)
+        hkc, hvc, hks, hkz, hva, hvb, hcs = _pool(tab, 0, PARAM, ALIGNED)  # H_POOL
+        hpt = _addr(tab, 14, tl.int32, ALIGNED)  # H_PT
+        hpf = _addr(tab, 15, tl.int32, ALIGNED)  # H_PF
+        nh = tl.load(_addr(tab, 16, tl.int32, ALIGNED) + row)  # H_NP
+        nl = tl.load(_addr(tab, 19, tl.int32, ALIGNED) + row)  # L_NP
+        hcols = tl.load(tab + 23).to(tl.int32)  # HCOLS
         total = nh + nl
         per = tl.cdiv(total, NUM_SPLITS)
         u0 = split * per
@@ -395,12 +484,21 @@ def _paged_decode_kernel(
             qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, u0, tl.minimum(u1, nh), row * hcols,
             hkc, hvc, hks, hkz, hva, hvb, hcs, hpt, hpf, offs_c,
             QD, PAGE, BLOCK_T, HBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
+        # the low class's addresses only now: loaded before the first loop they would hold
+        # 18 registers through it (sm_90: 232 registers instead of 241)
+        lkc, lvc, lks, lkz, lva, lvb, lcs = _pool(tab, 7, PARAM, ALIGNED)  # L_POOL
+        lpt = _addr(tab, 17, tl.int32, ALIGNED)  # L_PT
+        lpf = _addr(tab, 18, tl.int32, ALIGNED)  # L_PF
+        lcols = tl.load(tab + 24).to(tl.int32)  # LCOLS
         m_i, l_i, a0, a1, a2, a3 = _page_loop(
             qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, tl.maximum(u0, nh) - nh, u1 - nh,
             row * lcols, lkc, lvc, lks, lkz, lva, lvb, lcs, lpt, lpf, offs_c,
             QD, PAGE, BLOCK_T, LBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
     else:
-        fbase = row.to(tl.int64) * fp_stride * HEAD_DIM
+        fk_ptr = _addr(tab, 20, FP, ALIGNED)  # FK
+        fv_ptr = _addr(tab, 21, FP, ALIGNED)  # FV
+        fcnt_ptr = _addr(tab, 22, tl.int32, ALIGNED)  # FCNT
+        fbase = row.to(tl.int64) * tl.load(tab + 25) * HEAD_DIM  # FP_STRIDE
         for r in tl.static_range(4):
             if r == 0:
                 base = 0
@@ -441,77 +539,167 @@ def _paged_decode_kernel(
     tl.store(o_rows + QD, a1, mask=gm)
     tl.store(o_rows + 2 * QD, a2, mask=gm)
     tl.store(o_rows + 3 * QD, a3, mask=gm)
+    # Publish the partial state; the last of the row's NS + 1 programs merges. The barrier
+    # orders every warp's stores before the ticket (one thread issues a scalar atomic); the
+    # atomic releases them at GPU scope and, for the last program, acquires the other
+    # programs' states (the same pattern as a cooperative grid sync: bar.sync, then one
+    # thread's fenced atomic).
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr + row, 1, sem="acq_rel", scope="gpu")
+    if ticket == NUM_SPLITS:
+        tl.debug_barrier()  # every thread reads after the acquire
+        _merge_row(m_ptr, l_ptr, o_ptr, out_ptr, lse_ptr, b, hkv, HKV, GROUP,
+                   NUM_SPLITS + 1, NS_PAD, MERGE_GM, MERGE_SB, HEAD_DIM)  # fmt: skip
+        tl.store(ticket_ptr + row, 0)  # zero for the next launch (and a graph replay)
 
 
-@triton.jit
-def _merge_kernel(m_ptr, l_ptr, o_ptr, out_ptr, lse_ptr,
-                  NS1: tl.constexpr, NS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
-    hq = tl.program_id(0).to(tl.int64)
-    offs_s = tl.arange(0, NS_PAD)
-    offs_d = tl.arange(0, HEAD_DIM)
-    sv = offs_s < NS1
-    m = tl.load(m_ptr + hq * NS1 + offs_s, mask=sv, other=float("-inf"))
-    lsum = tl.load(l_ptr + hq * NS1 + offs_s, mask=sv, other=0.0)
-    o = tl.load(o_ptr + (hq * NS1 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=sv[:, None], other=0.0)  # fmt: skip
-    m_max = tl.max(m, axis=0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp2(m - m_max)
-    den = tl.sum(lsum * w, axis=0)
-    num = tl.sum(o * w[:, None], axis=0)
-    tl.store(out_ptr + hq * HEAD_DIM + offs_d, (num / den).to(out_ptr.dtype.element_ty))
-    tl.store(lse_ptr + hq, m_max + tl.log2(den))
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_TABLES: OrderedDict[tuple, tuple[Tensor, bool]] = OrderedDict()
+_TABLES_KEPT = 256  # tables of the stores served by the custom operator
+
+
+_pool_fields = operator.itemgetter(*POOL_FIELDS)
+
+
+def _slot_tensors(store: object) -> list[Tensor]:
+    """The store's tensors in address-table slot order (the sizes excluded)."""
+    pools, pt, pf, npg = store.pools, store.page_table, store.page_fill, store.num_pages
+    return [
+        *_pool_fields(pools[HIGH]), *_pool_fields(pools[LOW]),
+        pt[HIGH], pf[HIGH], npg[HIGH], pt[LOW], pf[LOW], npg[LOW],
+        store.fp_k, store.fp_v, store.fp_count,
+    ]  # fmt: skip
+
+
+def _entries(tensors: list[Tensor]) -> list[int]:
+    sizes = [tensors[H_PT].shape[1], tensors[L_PT].shape[1], tensors[FK].shape[1]]
+    return [*(t.data_ptr() for t in tensors), *sizes]
+
+
+def table_entries(store: object) -> list[int]:
+    """The address table's values for ``store`` (slot order above): data pointers, then the
+    page-table widths and the fp buffer's row stride (in tokens)."""
+    return _entries(_slot_tensors(store))
+
+
+class _HeldTable:
+    """A workspace's address table and the identities of the tensors it was built from: equal
+    ids of objects that are still alive (weak references with a callback) mean the very same
+    tensors."""
+
+    def __init__(self, tensors: list[Tensor], ids: tuple[int, ...], table: Tensor,
+                 aligned: bool) -> None:  # fmt: skip
+        self.ids, self.table, self.aligned, self.alive = ids, table, aligned, True
+        self._refs = [weakref.ref(t, self._died) for t in tensors]
+
+    def _died(self, _ref: object) -> None:
+        self.alive = False
+
+
+def _address_table(
+    store: object, device: torch.device, workspace: dict[str, Any]
+) -> tuple[Tensor, bool]:
+    """The store's address table on ``device`` and whether every address is 16-byte aligned.
+
+    The workspace keeps its store's table with the identities of the tensors it was built
+    from: while the store holds the very same tensor objects (it replaces a buffer that grows or
+    is reordered, never re-points one in place), the table stands, at the cost of comparing 23
+    ids. Otherwise the table comes from a module cache keyed by its own contents (pointers
+    and sizes), so it is rebuilt exactly when an address changed and two stores never share a
+    stale one; that cache also serves the custom operator (a fresh workspace per call, marked
+    ``keep_table=False``: nothing to keep).
+    Building a table copies 208 bytes to the device: the first decode of a store must run
+    before a CUDA-graph capture (it does anyway: it compiles the kernel)."""
+    tensors = _slot_tensors(store)
+    ids = tuple(map(id, tensors))
+    held = workspace.get("table")
+    if held is not None and held.ids == ids and held.alive:
+        return held.table, held.aligned
+    entries = _entries(tensors)
+    key = (device.type, device.index, *entries)
+    hit = _TABLES.get(key)
+    if hit is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "paged decode: the store's buffers changed inside a CUDA-graph capture (their "
+                "address table is built by a host copy); run one decode step before capturing"
+            )
+        aligned = all(p % 16 == 0 for p in entries[:HCOLS])
+        hit = (torch.tensor(entries, dtype=torch.int64, device=device), aligned)
+        _TABLES[key] = hit
+        while len(_TABLES) > _TABLES_KEPT:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    if workspace.get("keep_table", True):
+        workspace["table"] = _HeldTable(tensors, ids, *hit)
+    return hit
+
+
+def _pow2(n: int) -> int:
+    """The least power of two >= n (n >= 1), in plain Python (triton.next_power_of_2 is a
+    constexpr function with a wrapper's cost, and this runs on every decode launch)."""
+    return 1 << (n - 1).bit_length()
 
 
 def paged_decode_triton(
-    q: Tensor, store: object, scale: float, workspace: dict[str, Tensor]
+    q: Tensor, store: object, scale: float, workspace: dict[str, Any]
 ) -> tuple[Tensor, Tensor]:
-    """Launch the two kernels. q (B, Hq, D) contiguous; returns (out (B, Hq, D) in q's dtype,
+    """Launch the kernel. q (B, Hq, D) contiguous; returns (out (B, Hq, D) in q's dtype,
     lse2 (B, Hq) float32: log2 of the softmax denominator of the log2-scaled logits).
 
-    ``workspace`` holds the partial-state buffers (sized once per batch shape, reused)."""
-    from zipvl.cache.paged import HIGH, LOW, STAGE_HIGH, STAGE_LOW, TAIL
-
+    ``workspace`` holds the partial-state buffers (sized once per batch shape, reused), the
+    per-row tickets (``"ticket"``, int32, zero between launches: made here when absent) and
+    the store's address table (``"table"``, kept here)."""
     # ``store``: a PagedKVStore, or zipvl.decode's view of one rebuilt from a custom op's operands
     b, hq, d = q.shape
     hkv = store.num_heads
     g = hq // hkv
-    ns = workspace["splits"]
-    m, lsum, o = workspace["m"], workspace["l"], workspace["o"]
-    hp, lp = store.pools[HIGH], store.pools[LOW]
+    ns = int(workspace["splits"])
+    if INTERPRETED and q.device.type != "cpu":
+        raise ValueError(
+            "TRITON_INTERPRET=1 runs the decode kernel on CPU tensors only (it reads raw host "
+            f"addresses from the address table), got device {q.device}"
+        )
+    ticket = workspace.get("ticket")
+    if ticket is None or ticket.shape[0] < store.rows:
+        ticket = workspace["ticket"] = torch.zeros(store.rows, dtype=torch.int32, device=q.device)
+    tab, aligned = _address_table(store, q.device, workspace)
     fmt = store.fmt
     block_t = int(workspace.get("block_t", min(fmt.page_size, 64)))  # PAGE / BLOCK_T tiles
     convert = CONVERTS.index(workspace.get("convert", DEFAULT_CONVERT))
     if convert == 2 and INTERPRETED:
         raise ValueError("convert: 'asm' is inline PTX, which the Triton interpreter cannot run")
     extra = {"maxnreg": int(workspace["maxnreg"])} if workspace.get("maxnreg") else {}
-    _paged_decode_kernel[(store.rows, int(ns) + 1)](
-        q,
-        hp["kcode"], hp["vcode"], hp["kscale"], hp["kzero"], hp["vscale"], hp["vzero"],
-        hp["vcs"], store.page_table[HIGH], store.page_fill[HIGH], store.num_pages[HIGH],
-        lp["kcode"], lp["vcode"], lp["kscale"], lp["kzero"], lp["vscale"], lp["vzero"],
-        lp["vcs"], store.page_table[LOW], store.page_fill[LOW], store.num_pages[LOW],
-        store.fp_k, store.fp_v, store.fp_count,
-        m, lsum, o,
-        scale * 1.4426950408889634,
-        hkv, g, store.page_table[HIGH].shape[1], store.page_table[LOW].shape[1],
-        store.fp_k.shape[1],
-        B1=store.region_base[STAGE_HIGH], B2=store.region_base[STAGE_LOW],
-        B3=store.region_base[TAIL],
-        NUM_SPLITS=int(ns), HEAD_DIM=d, PAGE=fmt.page_size,
-        HBITS=fmt.high_bits, LBITS=fmt.low_bits,
-        GROUP_PAD=max(16, int(triton.next_power_of_2(g))), BLOCK_T=block_t,
-        STAGES=int(workspace.get("stages", 2)), num_warps=int(workspace.get("warps", 4)),
-        PRECISE=bool(workspace.get("precise", q.dtype == torch.float32)), CONVERT=convert,
-        FP_BLOCK=int(workspace.get("fp_block", 16)), **extra,
-    )  # fmt: skip
     # The interpreter converts float32 to bf16 / fp16 by truncation (compiled Triton rounds to
     # nearest even): interpreted runs write float32 and let PyTorch round.
     out_dtype = torch.float32 if INTERPRETED else q.dtype
     out = torch.empty(b, hq, d, dtype=out_dtype, device=q.device)
     lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
-    ns1 = int(ns) + 1
-    _merge_kernel[(b * hq,)](
-        m, lsum, o, out, lse, NS1=ns1, NS_PAD=int(triton.next_power_of_2(ns1)), HEAD_DIM=d
-    )
+    # merge tiles: (MERGE_GM heads, MERGE_SB states, D), at most 128 floats per thread (sm_90,
+    # 4 warps: 16384 floats cost no register over the page loop; 32768 spill 160 bytes)
+    warps = int(workspace.get("warps", 4))
+    gm = _pow2(g)
+    ns_pad = _pow2(ns + 1)
+    sb = max(1, min(ns_pad, 128 * 32 * warps // (gm * d)))
+    param = _TL_DTYPES[store.pools[HIGH]["kscale"].dtype]  # scales, zeros, divisors
+    try:
+        _paged_decode_kernel[(store.rows, ns + 1)](
+            q, tab, workspace["m"], workspace["l"], workspace["o"], ticket, out, lse,
+            scale * 1.4426950408889634,
+            HKV=hkv, GROUP=g,
+            B1=store.region_base[STAGE_HIGH], B2=store.region_base[STAGE_LOW],
+            B3=store.region_base[TAIL],
+            NUM_SPLITS=ns, HEAD_DIM=d, PAGE=fmt.page_size,
+            HBITS=fmt.high_bits, LBITS=fmt.low_bits,
+            GROUP_PAD=max(16, gm), BLOCK_T=block_t,
+            STAGES=int(workspace.get("stages", 2)), num_warps=warps,
+            PRECISE=bool(workspace.get("precise", q.dtype == torch.float32)), CONVERT=convert,
+            FP_BLOCK=int(workspace.get("fp_block", 16)),
+            PARAM=param, FP=_TL_DTYPES[store.fp_k.dtype], ALIGNED=aligned,
+            NS_PAD=ns_pad, MERGE_GM=gm, MERGE_SB=sb, **extra,
+        )  # fmt: skip
+    except BaseException:
+        ticket.zero_()  # a launch cut short (interpreter) must not leave a row's count behind
+        raise
     return out.to(q.dtype), lse
