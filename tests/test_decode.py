@@ -740,3 +740,39 @@ def test_append_inside_a_capture_raises() -> None:
         mp.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
         with pytest.raises(RuntimeError, match="append_device"):
             store.append(k, k)
+
+
+def _small_store(seed: int) -> PagedKVStore:
+    g = torch.Generator().manual_seed(seed)
+    st = PagedKVStore(PageFormat(page_size=16), batch_size=1, num_heads=2, head_dim=64,
+                      dtype=torch.float32, device="cpu", recompress_every=8,
+                      sink_tokens=0)  # fmt: skip
+    k, v = torch.randn(1, 2, 40, 64, generator=g), torch.randn(1, 2, 40, 64, generator=g)
+    st.write_prefill(k, v, None, None, 0)
+    return st
+
+
+def test_address_tables_live_as_long_as_their_buffers() -> None:
+    """The module cache of address tables (the custom operator's path) keeps a table while
+    every buffer it points at lives, however many other stores come and go, and drops it once
+    a buffer is gone (a count limit once freed the table of a live store, which a captured
+    graph could still read)."""
+    import gc
+    import weakref
+
+    pytest.importorskip("triton")
+    import zipvl.paged_decode_triton as kernels
+
+    a = _small_store(0)
+    tab, _ = kernels._address_table(a, a.device, {"keep_table": False})
+    alive = weakref.ref(tab)
+    del tab
+    for i in range(1, 300):  # many other stores, each built, used and dropped
+        s = _small_store(i)
+        kernels._address_table(s, s.device, {"keep_table": False})
+    gc.collect()
+    assert alive() is not None, "the table of a live, unchanged store was freed"
+    before = len(kernels._TABLES)
+    a.own_pages()  # new pools: the old table's buffers die
+    gc.collect()
+    assert alive() is None and len(kernels._TABLES) == before - 1

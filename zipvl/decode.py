@@ -192,6 +192,12 @@ def workspace(store: PagedKVStore, hq: int) -> dict[str, Any]:
     key = (store.batch_size, hq)
     ws = getattr(store, "_decode_ws", None)
     if ws is None or ws["key"] != key:
+        if store.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "paged decode: the kernel's workspace (zeroed tickets) is made by an eager "
+                f"call; run one decode step with batch {store.batch_size} and {hq} query heads "
+                "before capturing it in a CUDA graph"
+            )
         ns = _splits(store, store.device)
         b, d = store.batch_size, store.head_dim
         f32 = {"dtype": torch.float32, "device": store.device}

@@ -23,7 +23,6 @@ from __future__ import annotations
 import operator
 import os
 import weakref
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -554,8 +553,25 @@ def _paged_decode_kernel(
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-_TABLES: OrderedDict[tuple, tuple[Tensor, bool]] = OrderedDict()
-_TABLES_KEPT = 256  # tables of the stores served by the custom operator
+_TABLES: dict[tuple, _Entry] = {}
+_CAPTURED: list[Tensor] = []  # tables read by a captured CUDA graph (kept for the process)
+
+
+def _drop_table(key: tuple, ref: weakref.ref) -> None:
+    """Forget a table once one of its buffers is gone (unless a newer table took the key). The
+    finalizers hold the entry weakly, so the table is freed with the first buffer that dies."""
+    entry = ref()
+    if entry is not None and _TABLES.get(key) is entry:
+        del _TABLES[key]
+
+
+class _Entry:
+    """A cached (table, aligned) pair, referenced weakly by its buffers' finalizers."""
+
+    __slots__ = ("__weakref__", "hit")
+
+    def __init__(self, hit: tuple[Tensor, bool]) -> None:
+        self.hit = hit
 
 
 _pool_fields = operator.itemgetter(*POOL_FIELDS)
@@ -617,8 +633,8 @@ def _address_table(
         return held.table, held.aligned
     entries = _entries(tensors)
     key = (device.type, device.index, *entries)
-    hit = _TABLES.get(key)
-    if hit is None:
+    entry = _TABLES.get(key)
+    if entry is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "paged decode: the store's buffers changed inside a CUDA-graph capture (their "
@@ -626,11 +642,15 @@ def _address_table(
             )
         aligned = all(p % 16 == 0 for p in entries[:HCOLS])
         hit = (torch.tensor(entries, dtype=torch.int64, device=device), aligned)
-        _TABLES[key] = hit
-        while len(_TABLES) > _TABLES_KEPT:
-            _TABLES.popitem(last=False)
-    else:
-        _TABLES.move_to_end(key)
+        entry = _TABLES[key] = _Entry(hit)
+        # dropped when a buffer it points at dies, never while they all live (a count limit
+        # freed the table of a live store, which a captured graph may still read)
+        ref = weakref.ref(entry)
+        for t in tensors:
+            weakref.finalize(t, _drop_table, key, ref)
+    hit = entry.hit
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        _CAPTURED.append(hit[0])  # a graph now holds this table's address: keep it alive
     if workspace.get("keep_table", True):
         workspace["table"] = _HeldTable(tensors, ids, *hit)
     return hit

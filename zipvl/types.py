@@ -187,9 +187,11 @@ class Selection:
         p = self.num_kept
         # compaction without a sort: the j-th kept position of a row goes to slot j (its
         # running count); the other positions all go to a spare slot P, dropped at the end
-        slot = torch.where(self.keep, self.keep.cumsum(dim=-1) - 1, p)  # (B, Hkv, Skv) int64
+        # (clamped, and zeros where nothing lands: in range even for a selection whose row
+        # counts were not checked, e.g. inside torch.compile)
+        slot = torch.where(self.keep, (self.keep.cumsum(dim=-1) - 1).clamp(max=p), p)
         pos = torch.arange(skv, device=self.keep.device).expand(b, h, skv)
-        out = torch.empty(b, h, p + 1, dtype=torch.int64, device=self.keep.device)
+        out = torch.zeros(b, h, p + 1, dtype=torch.int64, device=self.keep.device)
         return out.scatter_(-1, slot, pos)[..., :p]  # (B, Hkv, P)
 
 

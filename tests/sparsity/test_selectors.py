@@ -232,3 +232,15 @@ def test_selector_validation_messages() -> None:
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="scores on cuda"):
             TopKSelector()(scores.cuda(), torch.full((1, 2), 2, dtype=torch.int32))
+
+
+def test_indices_stay_in_range_for_an_unchecked_selection() -> None:
+    """Inside torch.compile the row counts are not checked: indices stay within [0, Skv) even
+    when a row keeps more (or fewer) tokens than num_kept."""
+    keep = torch.tensor([[[True, True, True, False]], [[False, False, False, False]]])
+    sel = Selection(keep=keep, num_kept=1)
+    object.__setattr__(sel, "_counts_checked", True)  # what torch.compile tracing amounts to
+    idx = sel.indices()
+    assert idx.shape == (2, 1, 1)
+    assert bool(((idx >= 0) & (idx < 4)).all()), idx
+    assert idx[0, 0, 0] == 0  # the first kept position of the over-full row
