@@ -623,7 +623,9 @@ def _address_table(
     ids. Otherwise the table comes from a module cache keyed by its own contents (pointers
     and sizes), so it is rebuilt exactly when an address changed and two stores never share a
     stale one; that cache also serves the custom operator (a fresh workspace per call, marked
-    ``keep_table=False``: nothing to keep).
+    ``keep_table=False``: nothing to keep). A cached table lives exactly as long as every
+    buffer it points at (finalizers on the buffers drop it), and a table read inside a
+    CUDA-graph capture is kept for the process, since the graph holds its address.
     Building a table copies 208 bytes to the device: the first decode of a store must run
     before a CUDA-graph capture (it does anyway: it compiles the kernel)."""
     tensors = _slot_tensors(store)
