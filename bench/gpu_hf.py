@@ -123,20 +123,11 @@ def _null_attention(module: Any, query: torch.Tensor, key: Any, value: Any, atte
     return query.new_zeros(b, s, h, d), None
 
 
-@contextlib.contextmanager
-def _no_attention(model: torch.nn.Module) -> Any:
+def _no_attention(model: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
     """Every attention call of ``model`` returns zeros while inside (the cache is still filled)."""
-    from transformers import AttentionInterface, AttentionMaskInterface
+    from zipvl.cache.hf_compat import attention_function
 
-    AttentionInterface.register(NULL_ATTENTION, _null_attention)
-    AttentionMaskInterface.register(NULL_ATTENTION, AttentionMaskInterface()["sdpa"])
-    gen: Any = model
-    original = gen.config._attn_implementation
-    gen.set_attn_implementation(NULL_ATTENTION)
-    try:
-        yield
-    finally:
-        gen.set_attn_implementation(original)
+    return attention_function(model, NULL_ATTENTION, _null_attention)
 
 
 def compile_counters() -> dict[str, int]:
@@ -302,6 +293,18 @@ class Clock:
         return torch.cuda.max_memory_allocated() if self.cuda else 0
 
 
+def replicate(cache: Any, tok: torch.Tensor, batch: int) -> torch.Tensor:
+    """Repeat a one-row cache (and its next token) to ``batch`` rows. ZipVL rows would share
+    the repeated pages: they get their own copies, so every row holds and reads its own bytes,
+    as dense rows do."""
+    cache.batch_repeat_interleave(batch)
+    for layer in getattr(cache, "layers", []):
+        store = getattr(layer, "store", None)
+        if store is not None:
+            store.own_pages()
+    return tok.repeat_interleave(batch, dim=0)
+
+
 def free_memory(model: torch.nn.Module, v: Variant) -> None:
     """Drop everything a case left behind (the enabled model's cache too)."""
     if v.preset is not None and is_enabled(model):
@@ -369,12 +372,7 @@ class Session:
         with _backends(v):
             prefill_ms, tok = clock.wall_ms(lambda: self.forward(ids, cache))
         if rows < batch:  # --replicate: the batch decodes copies of the prefilled row
-            cache.batch_repeat_interleave(batch)
-            for layer in getattr(cache, "layers", []):  # ZipVL rows share the repeated pages:
-                store = getattr(layer, "store", None)  # copy them, so every row reads its own
-                if store is not None:
-                    store.own_pages()
-            tok = tok.repeat_interleave(batch, dim=0)
+            tok = replicate(cache, tok, batch)
         peak = clock.peak_bytes()
         generated = 0  # tokens fed back into the cache after the prompt
         decode: dict[str, dict[str, float]] = {}

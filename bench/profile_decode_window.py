@@ -92,12 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     progress(f"prefill 1 x {a.length}, repeated to {a.batch} rows")
     tok = step(ids)
     if a.batch > 1:
-        cache.batch_repeat_interleave(a.batch)
-        for layer in getattr(cache, "layers", []):
-            store = getattr(layer, "store", None)
-            if store is not None:
-                store.own_pages()
-        tok = tok.repeat_interleave(a.batch, dim=0)
+        tok = gpu_hf.replicate(cache, tok, a.batch)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     done, points = 0, []
     for p in sorted(a.points):

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zipvl.cache.hf_compat import AttentionInterface, AttentionMaskInterface
+from zipvl.cache.hf_compat import AttentionInterface, attention_function
 from zipvl.sparsity import AccumulatedAttentionScorer, CumulativeMassAllocator, ProbeScorer
 from zipvl.types import Scorer
 
@@ -338,17 +338,9 @@ def _measure_one(
 ) -> dict[int, dict[tuple[str, float, int | None], tuple[int, int]]]:
     name = f"zipvl_budget_{next(_NAME_IDS)}"
     probe = _LayerProbe(scorers, taus)
-    AttentionInterface.register(name, probe)
-    AttentionMaskInterface.register(name, AttentionMaskInterface()["sdpa"])
     gen: Any = model
-    original = gen.config._attn_implementation
-    gen.set_attn_implementation(name)
-    try:
+    with attention_function(gen, name, probe):  # the probe is dropped from the registry after
         gen(input_ids=ids, use_cache=False)
-    finally:
-        gen.set_attn_implementation(original)
-        # the registry is global: drop the probe (and what it holds) under this name
-        AttentionInterface.register(name, AttentionInterface()["sdpa"])
     if not probe.results:
         raise RuntimeError(
             "model: no attention layer went through the measurement (does the model route "

@@ -17,6 +17,8 @@ Tested range: transformers >= 5.17, < 6 (CI: the newest 5.x, and 5.17 for the tr
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import transformers
@@ -91,6 +93,7 @@ __all__ = [
     "Qwen2_5_VLConfig",
     "Qwen2_5_VLForConditionalGeneration",
     "SiglipVisionConfig",
+    "attention_function",
     "check_transformers_version",
     "local_kv_heads",
     "tensor_parallel",
@@ -104,6 +107,7 @@ _EAGER = (
     "Cache",
     "CacheLayerMixin",
     "DynamicCache",
+    "attention_function",
     "check_transformers_version",
     "local_kv_heads",
     "tensor_parallel",
@@ -210,3 +214,19 @@ def local_kv_heads(decoder: Any) -> dict[int, int]:
         local = weight.to_local() if hasattr(weight, "to_local") else weight  # DTensor shard
         heads[layer_idx] = int(local.shape[0]) // head_dim
     return heads
+
+
+@contextmanager
+def attention_function(model: Any, name: str, fn: Callable[..., Any]) -> Iterator[None]:
+    """Run ``model``'s attention through ``fn`` (registered as ``name``, with SDPA's mask
+    function) while inside; on exit the model's own implementation is back and ``name`` maps
+    to SDPA again, so the global registry holds no reference to ``fn``."""
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, AttentionMaskInterface()["sdpa"])
+    original = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(original)
+        AttentionInterface.register(name, AttentionInterface()["sdpa"])
