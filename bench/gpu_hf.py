@@ -510,21 +510,9 @@ def add_ratios(rows: list[dict[str, Any]], points: Sequence[int]) -> None:
     """Speed-ups vs the fastest dense variant at the same length, batch (and decode point), and
     the Amdahl bound of the prefill speed-up where ``dense-noattn`` ran at that length."""
     for r in rows:
-        same = [
-            d
-            for d in rows
-            if d["dense"]
-            and d["variant"] != "dense-noattn"
-            and d["status"] == "ok"
-            and (d["S"], d["B"]) == (r["S"], r["B"])
-        ]
-        null = [
-            d
-            for d in rows
-            if d["variant"] == "dense-noattn"
-            and d["status"] == "ok"
-            and (d["S"], d["B"]) == (r["S"], r["B"])
-        ]
+        here = [d for d in rows if d["status"] == "ok" and (d["S"], d["B"]) == (r["S"], r["B"])]
+        null = [d for d in here if d["variant"] == "dense-noattn"]
+        same = [d for d in here if d["dense"] and d["variant"] != "dense-noattn"]
         r["amdahl_bound"] = r["frac_of_bound"] = r["attn_share"] = None
         if same and null and r["status"] == "ok":
             dense_ms = min(d["prefill_ms"] for d in same)
