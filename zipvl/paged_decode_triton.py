@@ -651,7 +651,8 @@ def _address_table(
         for t in tensors:
             weakref.finalize(t, _drop_table, key, ref)
     hit = entry.hit
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing and all(t is not hit[0] for t in _CAPTURED):
         _CAPTURED.append(hit[0])  # a graph now holds this table's address: keep it alive
     if workspace.get("keep_table", True):
         workspace["table"] = _HeldTable(tensors, ids, *hit)

@@ -179,8 +179,8 @@ class Selection:
         """Positions of the kept tokens in ascending order: (B, Hkv, P) int64.
 
         Checks the row counts first (``check_counts``: one host read unless already checked).
-        ``zipvl.quant.keep_order`` computes the same order on a bare mask (``types`` may not
-        import ``quant``, so the few lines live in both places).
+        ``zipvl.quant.keep_order`` gives the same kept order on a bare mask, together with the
+        other positions (a stable sort, which it needs for those).
         """
         self.check_counts()
         b, h, skv = self.keep.shape
