@@ -8,11 +8,15 @@ Variants, all in one process:
     dense_<b>       causal SDPA over all S tokens forced to backend b (cudnn, flash, efficient;
                     "n/a" where it has no kernel); the fastest is the baseline ("dense_best")
     dense_flex      compiled FlexAttention, causal BlockMask
-    plan            probe scoring + ratio allocation + top-k selection (ProbeScorer 64+64 probes)
+    plan            probe scoring + ratio allocation + top-k selection (ProbeScorer 64+64 probes),
+                    plan_tokens(impl="auto"): replayed from a CUDA graph up to GRAPH_MAX_TOKENS
+                    ("plan_graph" says whether it was), eager above
     plan_tau        the same with CumulativeMassAllocator(tau=0.975)
+    plan_eager      plan_tokens(impl="torch"): the eager plan (and plan_tau_eager)
     zipvl_sdpa      plan + gather + causal SDPA (PyTorch's dispatch) on the kept tokens + scatter
     zipvl_auto      the same with impl="auto": the SDPA backend measured fastest for the shape
-                    (its choice is printed as "auto_backend")
+                    (its choice is printed as "auto_backend"), after the "auto" plan
+    zipvl_auto_eager_plan   the same after the eager plan
     zipvl_flex      plan + gather + compiled FlexAttention on the kept tokens + scatter
 Every speed-up is against dense_best, the fastest dense backend of the same length.
 
@@ -89,11 +93,12 @@ def main() -> None:
         # built from block indices: create_block_mask over an S x S predicate needs S^2 bytes
         bm = compacted_causal_block_mask(s, -(-s // 128) * 128, 128, device="cuda")
 
-        def plan_fixed():
-            return plan_tokens(q, k, scorer=scorer, allocator=fixed, selector=selector)
+        def plan_fixed(impl="auto"):
+            return plan_tokens(q, k, scorer=scorer, allocator=fixed, selector=selector, impl=impl)
 
-        def plan_tau():
-            return plan_tokens(q, k, scorer=scorer, allocator=adaptive, selector=selector)
+        def plan_tau(impl="auto"):
+            return plan_tokens(q, k, scorer=scorer, allocator=adaptive, selector=selector,
+                               impl=impl)  # fmt: skip
 
         sel = plan_fixed().selection
         rows_p = scorer.probe_rows(s, device="cuda")
@@ -103,8 +108,10 @@ def main() -> None:
             ),
             "score_triton": median_ms(lambda: probe_mass_triton(q, k, rows_p, scale=d**-0.5)),
             "dense_flex": median_ms(lambda: flex_c(q, k, v, block_mask=bm, enable_gqa=True)),
-            "plan": median_ms(plan_fixed),
+            "plan": median_ms(plan_fixed),  # "auto": replayed from a CUDA graph up to 64k
             "plan_tau": median_ms(plan_tau),
+            "plan_eager": median_ms(lambda: plan_fixed("torch")),
+            "plan_tau_eager": median_ms(lambda: plan_tau("torch")),
             "attn_sdpa": median_ms(lambda: sparse_attention(q, k, v, sel, impl="sdpa")),
             "attn_flex": median_ms(lambda: sparse_attention(q, k, v, sel, impl="flex")),
         }
@@ -126,6 +133,9 @@ def main() -> None:
         t["dense_sdpa"] = dense[best_dense]
         t["zipvl_auto"] = median_ms(
             lambda: sparse_attention(q, k, v, plan_fixed().selection, impl="auto")
+        )
+        t["zipvl_auto_eager_plan"] = median_ms(
+            lambda: sparse_attention(q, k, v, plan_fixed("torch").selection, impl="auto")
         )
         p = sel.num_kept  # the gathered call's shape: its bucket's choice (measured above)
         auto_backend = sdpa_backend.fastest_backend(
@@ -152,6 +162,10 @@ def main() -> None:
                 "plan_ms": t["plan"],
                 "plan_tau_ms": t["plan_tau"],
                 "plan_%_of_dense": 100 * t["plan"] / t["dense_sdpa"],
+                "plan_eager_ms": t["plan_eager"],
+                "plan_tau_eager_ms": t["plan_tau_eager"],
+                "plan_eager_%_of_dense": 100 * t["plan_eager"] / t["dense_sdpa"],
+                "plan_graph": plan_fixed().selection._indices is not None,
                 "score_torch_ms": t["score_torch"],
                 "score_triton_ms": t["score_triton"],
                 "zipvl_sdpa_ms": t["zipvl_sdpa"],
@@ -159,6 +173,8 @@ def main() -> None:
                 "zipvl_auto_ms": t["zipvl_auto"],
                 "auto_backend": auto_backend,
                 "speedup_auto": t["dense_sdpa"] / t["zipvl_auto"],
+                "zipvl_auto_eager_plan_ms": t["zipvl_auto_eager_plan"],
+                "speedup_auto_eager_plan": t["dense_sdpa"] / t["zipvl_auto_eager_plan"],
                 "speedup_sdpa": t["dense_sdpa"] / t["zipvl_sdpa"],
                 "speedup_flex": t["dense_sdpa"] / t["zipvl_flex"],
                 "ideal_1/r2": 1 / sel.ratio**2,

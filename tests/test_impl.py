@@ -23,6 +23,7 @@ from zipvl.decode import decode_attention
 from zipvl.demo import check_demo_args
 from zipvl.impl import (
     DECODE_IMPLS,
+    PLAN_IMPLS,
     QUANT_IMPLS,
     SCORER_IMPLS,
     SPARSE_ATTENTION_IMPLS,
@@ -37,7 +38,7 @@ from zipvl.quant import (
 )
 from zipvl.quant.ops import quantize_pack
 from zipvl.quant.quantizers import quantize_tensor
-from zipvl.sparsity import ProbeScorer, sparse_attention
+from zipvl.sparsity import ProbeScorer, plan_tokens, sparse_attention
 from zipvl.types import Selection
 
 # ----------------------------------------------------------------------------- the entry points
@@ -57,6 +58,16 @@ def _sparse_attention(impl: Any) -> object:
     keep[..., ::2] = True
     sel = Selection(keep=keep, num_kept=8)
     return sparse_attention(q, k, v, sel, impl=impl, compile=False)
+
+
+def _plan_tokens(impl: Any) -> object:
+    q, k, _ = _qkv()
+    if parse_impl("impl", impl, PLAN_IMPLS) is Impl.GRAPH and not torch.cuda.is_available():
+        # accepted, and it says why it cannot run here instead of planning eagerly
+        with pytest.raises(ValueError, match=r"impl: 'graph' cannot run: q: .*CUDA"):
+            plan_tokens(q, k, impl=impl)
+        return None
+    return plan_tokens(q, k, impl=impl)
 
 
 def _probe_scorer(impl: Any) -> object:
@@ -135,6 +146,8 @@ ENTRY_POINTS: list[tuple[str, str, Collection[Impl], Callable[..., object]]] = [
     ("ZipVLConfig.layers.quant_impl", "layers[0]: quant_impl", QUANT_IMPLS,
      _config("quant_impl", layer=True)),
     ("decode_attention", "impl", DECODE_IMPLS, _decode_attention),
+    ("plan_tokens", "impl", PLAN_IMPLS, _plan_tokens),
+    ("ZipVLConfig.plan_impl", "plan_impl", PLAN_IMPLS, _config("plan_impl")),
     ("check_demo_args", "quant_impl", QUANT_IMPLS, _demo),
 ]  # fmt: skip
 
@@ -185,12 +198,14 @@ def test_other_values_raise_naming_the_argument(fn, name, allowed, value, tmp_pa
 
 def test_every_impl_is_accepted_somewhere_and_the_lists_agree() -> None:
     used = set(SPARSE_ATTENTION_IMPLS) | set(SCORER_IMPLS) | set(QUANT_IMPLS) | set(DECODE_IMPLS)
+    used |= set(PLAN_IMPLS)
     assert used == set(Impl)
     assert [i.value for i in DECODE_IMPLS] == list(zipvl.decode.DECODE_IMPLS)
     # each list's first entry is the default of its operations
     assert ZipVLConfig().impl is SPARSE_ATTENTION_IMPLS[0]
     assert ZipVLConfig().quant_impl is QUANT_IMPLS[0]
     assert ZipVLConfig().decode_impl is DECODE_IMPLS[0]
+    assert ZipVLConfig().plan_impl is PLAN_IMPLS[0]
     assert ProbeScorer().impl is SCORER_IMPLS[0]
     assert ZipCacheKVQuantizer(4).token_wise_impl is QUANT_IMPLS[0]
 

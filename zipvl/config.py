@@ -32,7 +32,14 @@ from typing import Any, Literal
 import torch
 
 from zipvl.checks import check_fraction, check_int
-from zipvl.impl import DECODE_IMPLS, QUANT_IMPLS, SPARSE_ATTENTION_IMPLS, Impl, parse_impl
+from zipvl.impl import (
+    DECODE_IMPLS,
+    PLAN_IMPLS,
+    QUANT_IMPLS,
+    SPARSE_ATTENTION_IMPLS,
+    Impl,
+    parse_impl,
+)
 from zipvl.quant import (
     IdentityKVQuantizer,
     KIVIKVQuantizer,
@@ -76,6 +83,7 @@ LAYER_OVERRIDE_FIELDS: frozenset[str] = frozenset(
         "quant_impl",
         "sparse_prefill",
         "impl",
+        "plan_impl",
         "unkept",
         "scorer",
         "allocator",
@@ -101,6 +109,7 @@ class LayerConfig:
         quantizer: the layer's ``KVQuantizer``.
         impl: ``sparse_attention`` implementation.
         unkept: what unselected queries get in prefill: ``"zero"`` (ZipVL) or ``"attend"``.
+        plan_impl: ``plan_tokens`` implementation (eager or replayed from a CUDA graph).
     """
 
     layer_idx: int
@@ -111,6 +120,7 @@ class LayerConfig:
     quantizer: KVQuantizer
     impl: Impl
     unkept: Literal["zero", "attend"]
+    plan_impl: Impl = Impl.AUTO
 
 
 # which plain settings only feed which default component
@@ -190,6 +200,13 @@ class ZipVLConfig:
             (default: the fused kernel where it can run, the reference elsewhere). Layers
             whose quantizer has no paged layout (KIVI, per-token, 16-bit) are stored in chunks
             and read densely; ``cache.report()`` says which.
+        plan_impl: how the prefill plan (score -> allocate -> select) runs: ``"graph"``
+            replays it from a CUDA graph captured per prompt shape (one host read per layer,
+            about one launch instead of sixty; raises where it cannot run: not CUDA, padded
+            rows, a cross-process reduction), ``"torch"`` runs it eagerly, ``"auto"``
+            (default) replays where ``zipvl.sparsity.plan_graph.graph_plan_problem`` allows it
+            (prompts up to ``GRAPH_MAX_TOKENS``, the default components) and runs eagerly
+            elsewhere.
         page_size: tokens per page of the paged cache (a multiple of 16): one quantization
             group of keys; tokens wait at full precision until their class fills a page.
         layers: per-layer overrides ``{layer_idx: {field: value}}``; fields from
@@ -215,6 +232,7 @@ class ZipVLConfig:
     quantizer: KVQuantizer | None = None
     decode_selector: Selector | None = None
     decode_impl: Impl = Impl.AUTO
+    plan_impl: Impl = Impl.AUTO
     page_size: int = 128
     layers: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -285,6 +303,7 @@ class ZipVLConfig:
             ("impl", SPARSE_ATTENTION_IMPLS),
             ("quant_impl", QUANT_IMPLS),
             ("decode_impl", DECODE_IMPLS),
+            ("plan_impl", PLAN_IMPLS),
         ):
             object.__setattr__(self, name, parse_impl(name, getattr(self, name), allowed))
         if self.unkept not in _UNKEPT:
@@ -378,6 +397,7 @@ class ZipVLConfig:
             quantizer=quantizer,
             impl=cfg.impl,
             unkept=cfg.unkept,
+            plan_impl=cfg.plan_impl,
         )
 
     def check_num_layers(self, num_layers: int) -> None:
@@ -418,9 +438,7 @@ class ZipVLConfig:
         return out
 
     @classmethod
-    def from_dict(
-        cls, data: Mapping[str, Any], *, components: Iterable[type] = ()
-    ) -> ZipVLConfig:
+    def from_dict(cls, data: Mapping[str, Any], *, components: Iterable[type] = ()) -> ZipVLConfig:
         """Rebuild a config written by ``to_dict``; class names resolve through
         ``SERIALIZABLE_COMPONENTS`` and the user's own ``components`` (no import paths).
 

@@ -20,6 +20,8 @@ operation (argument)                        accepts                             
 quant_impl``, ``zipvl demo --quant-impl``
 ``decode_attention(impl=)``,                ``DECODE_IMPLS``                    ``"auto"``
 ``ZipVLConfig.decode_impl``
+``plan_tokens(impl=)``,                     ``PLAN_IMPLS``                      ``"auto"``
+``ZipVLConfig.plan_impl``
 =========================================  ==================================  ==============
 
 The ``"auto"`` rules: ``sparse_attention`` runs the ``"sdpa"`` path with every SDPA call on the
@@ -29,7 +31,10 @@ own dispatch on the CPU, inside ``torch.compile`` and during CUDA-graph capture)
 eager CUDA inputs with a power-of-two D >= 16, ``"torch"`` otherwise); ``decode_attention`` runs
 ``"triton"`` exactly when ``zipvl.decode.fused_decode_problem(q, store)`` is None (CUDA, or the
 Triton interpreter; one query per row; a head dim the kernel reads) and ``"reference"``
-otherwise.
+otherwise; ``plan_tokens`` replays the plan from a CUDA graph (``"graph"``) exactly when
+``zipvl.sparsity.plan_graph.graph_plan_problem`` finds nothing against it (eager CUDA inputs
+without padding or a cross-process reduction, at most ``GRAPH_MAX_TOKENS`` tokens, components
+known to be capturable) and runs it eagerly (``"torch"``) otherwise.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from collections.abc import Collection
 
 __all__ = [
     "DECODE_IMPLS",
+    "PLAN_IMPLS",
     "QUANT_IMPLS",
     "SCORER_IMPLS",
     "SPARSE_ATTENTION_IMPLS",
@@ -56,6 +62,7 @@ class Impl(str, enum.Enum):
     FLEX = "flex"  # gather + FlexAttention
     SDPA = "sdpa"  # gather + scaled_dot_product_attention
     TRITON = "triton"  # hand-written Triton kernel
+    GRAPH = "graph"  # replayed from a captured CUDA graph
 
     def __str__(self) -> str:  # "sdpa", not "Impl.SDPA", in messages and f-strings
         return self.value
@@ -73,6 +80,10 @@ SCORER_IMPLS: tuple[Impl, ...] = (Impl.AUTO, Impl.TORCH, Impl.TRITON)
 QUANT_IMPLS: tuple[Impl, ...] = (Impl.REFERENCE, Impl.TRITON)
 """``quantize_pack``, the quantizers' ``token_wise_impl``, ``ZipVLConfig.quant_impl`` and the
 demo's ``quant_impl`` (the first is the default)."""
+
+PLAN_IMPLS: tuple[Impl, ...] = (Impl.AUTO, Impl.TORCH, Impl.GRAPH)
+"""``zipvl.sparsity.plan_tokens(impl=)`` and ``ZipVLConfig.plan_impl`` (the first is the
+default)."""
 
 DECODE_IMPLS: tuple[Impl, ...] = (Impl.AUTO, Impl.TRITON, Impl.REFERENCE)
 """``zipvl.decode.decode_attention`` and ``ZipVLConfig.decode_impl`` (the first is the

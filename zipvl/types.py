@@ -121,6 +121,8 @@ class Selection:
     num_kept: int
     # set by check_counts once the row counts have been verified (not part of equality / repr)
     _counts_checked: bool = field(default=False, init=False, repr=False, compare=False)
+    # kept positions computed with the mask (``attach_indices``; not part of equality / repr)
+    _indices: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         keep = check_tensor("Selection.keep", self.keep, ndim=3, dtype=torch.bool)
@@ -175,6 +177,29 @@ class Selection:
         object.__setattr__(self, "_counts_checked", True)
         return self
 
+    def attach_indices(self, indices: Tensor) -> Selection:
+        """Remember the kept positions, computed together with ``keep`` by the caller (the
+        captured plan compacts them inside its graph), so that ``indices`` returns them.
+
+        Args:
+            indices: (B, Hkv, num_kept) int64, every row's kept positions in ascending order.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: ``indices`` of another shape or dtype.
+        """
+        b, h, _ = self.keep.shape
+        check_tensor("indices", indices, ndim=3, dtype=torch.int64)
+        if tuple(indices.shape) != (b, h, self.num_kept):
+            raise ValueError(
+                f"indices: expected shape (B, Hkv, num_kept) = {(b, h, self.num_kept)}, got "
+                f"{tuple(indices.shape)}"
+            )
+        object.__setattr__(self, "_indices", indices)
+        return self
+
     def indices(self) -> Tensor:
         """Positions of the kept tokens in ascending order: (B, Hkv, P) int64.
 
@@ -183,6 +208,8 @@ class Selection:
         other positions (a stable sort, which it needs for those).
         """
         self.check_counts()
+        if self._indices is not None:
+            return self._indices
         b, h, skv = self.keep.shape
         p = self.num_kept
         # compaction without a sort: the j-th kept position of a row goes to slot j (its

@@ -257,7 +257,7 @@ def prefill_attention(
     plan = plan_tokens(
         q, k, scorer=layer.scorer, allocator=layer.allocator, selector=layer.selector,
         layer_idx=layer.layer_idx, key_valid=key_valid if spans is not None else None,
-        mass_reduce=mass_reduce,
+        mass_reduce=mass_reduce, impl=layer.plan_impl,
     )  # fmt: skip
     sel = plan.selection
     if spans is None:

@@ -36,11 +36,13 @@ from zipvl.sparsity.pipeline import (
     AllReduceMass,
     RowKeep,
     TokenPlan,
+    plan_keep,
     plan_row_keep,
     plan_scores,
     plan_tokens,
     select_tokens,
 )
+from zipvl.sparsity.plan_graph import PlanGraph
 from zipvl.sparsity.scorers import (
     AccumulatedAttentionScorer,
     KeyNormScorer,
@@ -58,6 +60,7 @@ __all__ = [
     "FixedRatioAllocator",
     "KeyNormScorer",
     "PerLayerSchedule",
+    "PlanGraph",
     "ProbeScorer",
     "RowKeep",
     "Scores",
@@ -70,6 +73,7 @@ __all__ = [
     "compacted_causal_mask_mod",
     "compacted_prefix_block_mask",
     "compiled_flex_attention",
+    "plan_keep",
     "plan_row_keep",
     "plan_scores",
     "plan_tokens",

@@ -18,12 +18,13 @@ This module is the one place where a budget is allocated and tokens are selected
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from zipvl.checks import check_tensor
+from zipvl.impl import PLAN_IMPLS, Impl, parse_impl
 from zipvl.sparsity.allocators import CumulativeMassAllocator
 from zipvl.sparsity.scorers import ProbeScorer
 from zipvl.sparsity.selectors import TopKSelector
@@ -42,6 +43,7 @@ __all__ = [
     "RowKeep",
     "TokenPlan",
     "padded_spans",
+    "plan_keep",
     "plan_row_keep",
     "plan_scores",
     "plan_tokens",
@@ -146,6 +148,7 @@ def plan_tokens(
     layer_idx: int | None = None,
     key_valid: Tensor | None = None,
     mass_reduce: MassReduce | None = None,
+    impl: Impl | str = Impl.AUTO,
 ) -> TokenPlan:
     """Score, allocate and select, returning the intermediate results too.
 
@@ -166,14 +169,23 @@ def plan_tokens(
         mass_reduce: optional cross-process sum of the head-summed mass, for heads split over
             processes (tensor parallelism); see ``plan_scores``. Called once per call of
             ``plan_tokens``, with or without padding.
+        impl: ``"torch"`` runs the components eagerly; ``"graph"`` replays the whole plan from
+            a CUDA graph captured per input shape (``zipvl.sparsity.plan_graph.PlanGraph``: the
+            same plan, one host read, the kept positions computed in the graph); ``"auto"``
+            (default) replays when ``graph_plan_problem`` finds nothing against it (eager CUDA
+            inputs, no padding, no ``mass_reduce``, at most ``GRAPH_MAX_TOKENS`` tokens, a
+            ``ProbeScorer`` / ``CumulativeMassAllocator`` or ``FixedRatioAllocator`` /
+            ``TopKSelector``). A shape is captured the second time it is planned.
 
     Returns:
         ``TokenPlan``. The only host sync is the selector reading the budget back once (with
         padding: once per row, plus the read of the row spans).
 
     Raises:
-        ValueError: ``key_valid`` of the wrong shape or with padding inside a row.
+        ValueError: ``key_valid`` of the wrong shape or with padding inside a row; ``impl``
+            not in ``PLAN_IMPLS``, or ``"graph"`` where it cannot run (naming why).
     """
+    impl = parse_impl("impl", impl, PLAN_IMPLS)
     if key_valid is not None:
         s = k.shape[-2]
         if q.shape[-2] != s:
@@ -183,7 +195,21 @@ def plan_tokens(
             )
         spans = padded_spans(key_valid, k.shape[0], s)
         if spans is not None:
+            if impl is Impl.GRAPH:
+                raise ValueError("impl: 'graph' cannot run: key_valid: padded rows are planned "
+                                 "one by one (eagerly)")  # fmt: skip
             return _plan_rows(q, k, spans, scorer, allocator, selector, layer_idx, mass_reduce)
+    if impl is not Impl.TORCH:
+        from zipvl.sparsity.plan_graph import graph_plan_problem, graph_planner
+
+        problem = graph_plan_problem(
+            q, scorer, allocator, selector, padded=False, mass_reduce=mass_reduce,
+            explicit=impl is Impl.GRAPH,
+        )  # fmt: skip
+        if problem is None:
+            return graph_planner(scorer, allocator, selector)(q, k, layer_idx=layer_idx)
+        if impl is Impl.GRAPH:
+            raise ValueError(f"impl: 'graph' cannot run: {problem}")
     return plan_scores(
         scorer(q, k),
         allocator=allocator,
@@ -240,6 +266,41 @@ def plan_scores(
     budget = _budget(mass, allocator, layer_idx, _num_heads(scores.mass))  # (B, Hkv)
     selection = selector(scores.normalized, budget)
     return TokenPlan(scores=scores, budget=budget, selection=selection)
+
+
+def plan_keep(
+    scores: Scores,
+    *,
+    allocator: Allocator = _DEFAULT_ALLOCATOR,
+    selector: Selector = _DEFAULT_SELECTOR,
+    layer_idx: int | None = None,
+) -> RowKeep:
+    """``plan_scores`` without its host read: one budget for the whole batch, on the device, and
+    the selector's fixed-shape keep mask for it. What the captured plan
+    (``zipvl.sparsity.plan_graph.PlanGraph``) runs inside its CUDA graph; it reads the budget's
+    range afterwards, once, and applies ``plan_scores``'s checks.
+
+    Args:
+        scores: ``Scores`` with mass and normalized (B, Hkv, Skv) float32.
+        allocator: mass -> budget (B, Hkv).
+        selector: a selector with ``keep_mask(scores, budget)`` (``TopKSelector``).
+        layer_idx: passed to the allocator.
+
+    Returns:
+        ``RowKeep`` (budget (B, Hkv) int32, keep (B, Hkv, Skv) bool).
+
+    Raises:
+        ValueError: the selector has no ``keep_mask``.
+    """
+    keep_mask = getattr(selector, "keep_mask", None)
+    if not callable(keep_mask):
+        raise ValueError(
+            "selector: expected a selector with the fixed-shape keep_mask(scores, budget) "
+            f"(TopKSelector has it), got {type(selector).__name__}"
+        )
+    budget = _budget(scores.mass, allocator, layer_idx, _num_heads(scores.mass))  # (B, Hkv)
+    keep = cast(Tensor, keep_mask(scores.normalized, budget))  # (B, Hkv, Skv)
+    return RowKeep(budget=budget, keep=keep)
 
 
 @dataclass(frozen=True)

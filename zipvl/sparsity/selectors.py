@@ -32,6 +32,34 @@ __all__ = ["Selection", "TopKSelector"]
 _GRANULARITIES = ("kv_head", "layer")
 
 
+def check_budget_read(p_min: int, p_max: int, has_nan: int, skv: int) -> None:
+    """The checks of a plan's one host read: the budget's range over the rows and whether the
+    scores hold NaN (``TopKSelector.__call__`` and the captured plan both read these three).
+
+    Raises:
+        ValueError: the allocators' non-finite-mass sentinel, NaN scores, a budget that differs
+            between rows, or one outside [0, Skv].
+    """
+    if p_min == NONFINITE_MASS_BUDGET:
+        raise ValueError(
+            f"budget: got {NONFINITE_MASS_BUDGET}, the allocators' sentinel for NaN or inf in "
+            "the attention mass (Scores.mass): the scorer's logits overflowed (e.g. fp16 keys "
+            "with outlier channels) or its inputs hold NaN/inf"
+        )
+    if has_nan:
+        raise ValueError(
+            "scores: expected no NaN (higher = keep), got NaN entries: the scorer's logits "
+            "overflowed or its inputs hold NaN/inf"
+        )
+    if p_min != p_max:
+        raise ValueError(
+            "budget: expected one value shared by all (b, h) rows so that every row keeps the "
+            f"same number of tokens, got values from {p_min} to {p_max}"
+        )
+    if not 0 <= p_max <= skv:
+        raise ValueError(f"budget: expected values in [0, Skv={skv}], got {p_max}")
+
+
 @dataclass(frozen=True)
 class TopKSelector:
     """Keep the forced tokens plus the highest-scoring others, ``max(p, |forced|)`` per row.
@@ -195,24 +223,7 @@ class TopKSelector:
             [*torch.aminmax(budget.to(torch.int64)), scores.isnan().any().to(torch.int64)]
         )  # (3,) int64
         p_min, p_max, has_nan = stats.tolist()
-        if p_min == NONFINITE_MASS_BUDGET:
-            raise ValueError(
-                f"budget: got {NONFINITE_MASS_BUDGET}, the allocators' sentinel for NaN or inf in "
-                "the attention mass (Scores.mass): the scorer's logits overflowed (e.g. fp16 keys "
-                "with outlier channels) or its inputs hold NaN/inf"
-            )
-        if has_nan:
-            raise ValueError(
-                "scores: expected no NaN (higher = keep), got NaN entries: the scorer's logits "
-                "overflowed or its inputs hold NaN/inf"
-            )
-        if p_min != p_max:
-            raise ValueError(
-                "budget: expected one value shared by all (b, h) rows so that every row keeps the "
-                f"same number of tokens, got values from {p_min} to {p_max}"
-            )
-        if not 0 <= p_max <= skv:
-            raise ValueError(f"budget: expected values in [0, Skv={skv}], got {p_max}")
+        check_budget_read(p_min, p_max, has_nan, skv)
         num_kept = min(max(p_max, self.num_forced(skv)), skv)
         keep = self.keep_mask_k(scores, p_max)  # (B, Hkv, Skv), num_kept per row
         # keep_mask_k keeps exactly num_kept per row by construction (property-tested against

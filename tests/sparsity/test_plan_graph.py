@@ -1,0 +1,219 @@
+"""The captured plan (``PlanGraph``, ``plan_tokens(impl="graph")``): the same plan as the eager
+pipeline (hypothesis, on the CPU with ``capture=False``, which runs the captured function
+eagerly; on a GPU, replays against eager calls on fresh inputs), one host read, errors that name
+the argument, and the ``"auto"`` rule."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+from tests.sparsity.test_plan_pipeline import selectors
+from zipvl.config import ZipVLConfig
+from zipvl.sparsity import (
+    CumulativeMassAllocator,
+    FixedRatioAllocator,
+    KeyNormScorer,
+    PlanGraph,
+    ProbeScorer,
+    TopKSelector,
+    plan_tokens,
+    sparse_attention,
+)
+from zipvl.sparsity.plan_graph import GRAPH_MAX_TOKENS, graph_plan_problem, graph_plannable
+from zipvl.testing.inputs import random_qkv
+from zipvl.types import Selection
+
+allocators = st.one_of(
+    st.floats(0.05, 1.0).map(CumulativeMassAllocator),
+    st.floats(0.05, 1.0).map(FixedRatioAllocator),
+)
+scorers = st.builds(
+    ProbeScorer,
+    max_recent=st.integers(1, 8),
+    max_random=st.integers(0, 8),
+    denominator=st.sampled_from(["causal", "probe_count"]),
+)
+
+
+def _same_plan(a, b) -> None:
+    assert torch.equal(a.budget, b.budget)
+    assert a.selection.num_kept == b.selection.num_kept
+    assert torch.equal(a.selection.keep, b.selection.keep)
+    assert torch.equal(a.selection.indices(), b.selection.indices())
+    torch.testing.assert_close(a.scores.mass, b.scores.mass, rtol=0, atol=0)
+    torch.testing.assert_close(a.scores.normalized, b.scores.normalized, rtol=0, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.tuples(
+        st.integers(1, 2), st.sampled_from([(4, 2), (4, 1), (2, 2)]), st.integers(1, 70)
+    ),
+    scorer=scorers,
+    allocator=allocators,
+    selector=selectors,
+    seed=st.integers(0, 2**16),
+)
+def test_the_captured_function_is_the_eager_plan(shape, scorer, allocator, selector, seed) -> None:
+    """What the graph replays (run eagerly here) gives exactly ``plan_tokens``'s plan: budget,
+    keep mask, kept positions and scores."""
+    b, (hq, hkv), s = shape
+    q, k, _ = random_qkv(b, hq, hkv, s, 16, seed=seed)
+    want = plan_tokens(q, k, scorer=scorer, allocator=allocator, selector=selector, impl="torch")
+    got = PlanGraph(scorer, allocator, selector, capture=False)(q, k)
+    _same_plan(got, want)
+
+
+def test_the_plan_feeds_sparse_attention_with_its_positions() -> None:
+    q, k, v = random_qkv(1, 4, 2, 96, 16, seed=4)
+    comps = {
+        "scorer": ProbeScorer(),
+        "allocator": FixedRatioAllocator(0.4),
+        "selector": TopKSelector(),
+    }
+    plan = PlanGraph(**comps, capture=False)(q, k)
+    eager = plan_tokens(q, k, **comps, impl="torch")
+    assert plan.selection._indices is not None  # attached, not recomputed
+    torch.testing.assert_close(
+        sparse_attention(q, k, v, plan.selection, impl="sdpa"),
+        sparse_attention(q, k, v, eager.selection, impl="sdpa"),
+        rtol=0, atol=0,
+    )  # fmt: skip
+
+
+def test_the_captured_plan_reads_the_host_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.sparsity.host_reads import HostReads
+
+    q, k, _ = random_qkv(2, 8, 4, 160, 16, seed=2)
+    planner = PlanGraph(ProbeScorer(), CumulativeMassAllocator(0.9), TopKSelector(), capture=False)
+    planner(q, k)  # warm caches (probe positions) outside the count
+    reads = HostReads(monkeypatch)
+    planner(q, k)
+    assert reads.count == 1, reads.where
+
+
+def test_errors_name_the_argument() -> None:
+    q, k, _ = random_qkv(1, 4, 2, 32, 16, seed=0)
+    with pytest.raises(ValueError, match=r"impl: 'graph' cannot run: q: .*CUDA"):
+        plan_tokens(q, k, impl="graph")
+    valid = torch.ones(1, 32, dtype=torch.bool)
+    valid[0, :4] = False
+    with pytest.raises(ValueError, match=r"impl: 'graph' cannot run: key_valid"):
+        plan_tokens(q, k, key_valid=valid, impl="graph")
+    with pytest.raises(ValueError, match=r"plan_impl: expected one of"):
+        ZipVLConfig(plan_impl="cuda")  # type: ignore[arg-type]
+
+    class NoMask:
+        def __call__(self, scores, budget):
+            return TopKSelector()(scores, budget)
+
+    with pytest.raises(ValueError, match=r"selector: .*keep_mask"):
+        PlanGraph(ProbeScorer(), CumulativeMassAllocator(), NoMask())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"max_shapes"):
+        PlanGraph(ProbeScorer(), CumulativeMassAllocator(), TopKSelector(), max_shapes=0)
+    with pytest.raises(ValueError, match=r"q: PlanGraph plans a prefill"):
+        PlanGraph(ProbeScorer(), CumulativeMassAllocator(), TopKSelector(), capture=False)(
+            q[:, :, :8], k
+        )
+    sel = Selection(keep=torch.ones(1, 2, 8, dtype=torch.bool), num_kept=8)
+    with pytest.raises(ValueError, match=r"indices: expected shape"):
+        sel.attach_indices(torch.zeros(1, 2, 7, dtype=torch.int64))
+
+
+def test_non_finite_inputs_raise_as_the_eager_plan_does() -> None:
+    q, k, _ = random_qkv(1, 4, 2, 48, 16, seed=1)
+    k[0, 0, 5, 0] = float("nan")
+    comps = {
+        "scorer": ProbeScorer(),
+        "allocator": CumulativeMassAllocator(0.9),
+        "selector": TopKSelector(),
+    }
+    with pytest.raises(ValueError, match=r"budget: got -1") as eager:
+        plan_tokens(q, k, **comps, impl="torch")
+    with pytest.raises(ValueError, match=r"budget: got -1") as graph:
+        PlanGraph(**comps, capture=False)(q, k)
+    assert str(eager.value) == str(graph.value)
+
+
+def test_the_auto_rule() -> None:
+    q, _, _ = random_qkv(1, 4, 2, 32, 16, seed=0)
+    comps = (ProbeScorer(), CumulativeMassAllocator(), TopKSelector())
+    kw = {"padded": False, "mass_reduce": None, "explicit": False}
+    assert "CUDA" in str(graph_plan_problem(q, *comps, **kw))
+    assert graph_plannable(*comps) is None
+    assert "scorer" in str(graph_plannable(KeyNormScorer(), comps[1], comps[2]))
+    assert "offset" not in str(graph_plannable(ProbeScorer(estimator="offset"), *comps[1:]))
+    assert graph_plannable(ProbeScorer(estimator="offset"), *comps[1:]) is not None
+    # plan_tokens' default is "auto": eager here, and the same plan as "torch"
+    q, k, _ = random_qkv(1, 4, 2, 64, 16, seed=3)
+    _same_plan(plan_tokens(q, k), plan_tokens(q, k, impl="torch"))
+    assert GRAPH_MAX_TOKENS >= 32768
+
+
+# -- on a GPU: capture and replay ----------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize(
+    ("allocator", "dtype", "s"),
+    [(CumulativeMassAllocator(0.975), torch.bfloat16, 4096),
+     (FixedRatioAllocator(0.42), torch.bfloat16, 8192),
+     (CumulativeMassAllocator(0.9), torch.float16, 1000)],
+    ids=["tau-bf16-4k", "fixed-bf16-8k", "tau-fp16-1000"],
+)  # fmt: skip
+def test_replays_equal_eager_plans_on_fresh_inputs(allocator, dtype, s) -> None:
+    """Every call draws new inputs; from the second call on the plan is a replay and must equal
+    the eager plan of the same inputs (a replay that reused stale inputs or outputs fails)."""
+    comps = {"scorer": ProbeScorer(), "allocator": allocator, "selector": TopKSelector()}
+    planner = PlanGraph(**comps)
+    for seed in range(4):
+        q, k, _ = random_qkv(1, 28, 4, s, 128, dtype=dtype, device="cuda", seed=seed)
+        got = planner(q, k)
+        want = plan_tokens(q, k, **comps, impl="torch")
+        _same_plan(got, want)
+    assert planner.captures == 1 and planner.replays == 3
+
+
+@cuda
+def test_a_replay_syncs_once_and_shapes_share_buffers() -> None:
+    comps = {
+        "scorer": ProbeScorer(),
+        "allocator": CumulativeMassAllocator(0.9),
+        "selector": TopKSelector(),
+    }
+    a, b = PlanGraph(**comps), PlanGraph(**comps)
+    q, k, _ = random_qkv(1, 28, 4, 2048, 128, dtype=torch.bfloat16, device="cuda", seed=0)
+    for planner in (a, b):
+        planner(q, k)
+        planner(q, k)  # captured
+    assert a._entries and b._entries
+    ea, eb = next(iter(a._entries.values())), next(iter(b._entries.values()))
+    assert ea.q.data_ptr() == eb.q.data_ptr() and ea.packed.data_ptr() == eb.packed.data_ptr()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning, match="synchroniz") as record:
+            a(q, k)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in record if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+
+
+@cuda
+def test_prefill_attention_with_a_captured_plan_equals_eager() -> None:
+    from zipvl.models.attention import prefill_attention
+
+    q, k, v = random_qkv(1, 28, 4, 4096, 128, dtype=torch.bfloat16, device="cuda", seed=5)
+    eager = ZipVLConfig(tau=0.9, plan_impl="torch").for_layer(0)
+    graph = ZipVLConfig(tau=0.9, plan_impl="graph").for_layer(0)
+    want = prefill_attention(q, k, v, layer=eager)
+    for _ in range(3):  # eager, capture, replay
+        got = prefill_attention(q, k, v, layer=graph)
+        torch.testing.assert_close(got.output, want.output, rtol=0, atol=0)
+        assert torch.equal(got.keep, want.keep)

@@ -1,0 +1,368 @@
+"""The plan of one layer as one unit: score -> allocate -> select -> compact, replayed from a CUDA
+graph, with exactly one host read.
+
+Run eagerly, ``plan_tokens`` is about sixty small launches and a host read in the middle: at an
+8k prompt its host time (about 1.1 ms on an H200) exceeds dense attention itself, while its GPU
+work is a fifth of that. ``PlanGraph`` captures the whole fixed-shape part once per input shape
+and replays it:
+
+1. the inputs are copied into the graph's static buffers (all of ``k``; of ``q`` only the probe
+   rows when the scorer is a ``ProbeScorer``, which reads nothing else);
+2. one replay scores (the fused probe kernels), allocates the budget on the device, builds the
+   keep mask with the selector's fixed-shape ``keep_mask`` (the device budget, no read), and
+   compacts the kept positions of every row into ascending order (a running count, no sort);
+3. one copy takes every output out of the graph's memory (the next replay overwrites it), and
+   one host read brings back the budget's range and the NaN flag: the same checks, the same
+   errors and the same selection as ``plan_scores`` with ``TopKSelector`` (``keep_mask`` is the
+   sort reference of ``keep_mask_k``; both are property-tested to keep the first ``p`` entries of
+   the stable descending order).
+
+The kept positions come back with the selection (``Selection.indices`` returns them without
+recomputing), so ``sparse_attention`` gathers straight away.
+
+A shape is captured the second time it is seen (the first call runs eagerly: a prompt length
+that occurs once costs nothing extra), and at most ``max_shapes`` shapes keep their graphs
+(least recently used dropped), because every captured shape holds static copies of q and k.
+Off CUDA, ``capture=False`` runs the same fixed-shape function eagerly: that is what the CPU
+tests compare with ``plan_tokens``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+
+from zipvl.checks import check_int, check_qkv
+from zipvl.sparsity.allocators import CumulativeMassAllocator, FixedRatioAllocator
+from zipvl.sparsity.pipeline import TokenPlan, plan_keep
+from zipvl.sparsity.scorers import ProbeScorer
+from zipvl.sparsity.selectors import TopKSelector, check_budget_read
+from zipvl.types import (
+    Allocator,
+    Scorer,
+    Scores,
+    Selection,
+    Selector,
+)
+
+__all__ = [
+    "GRAPH_MAX_TOKENS",
+    "PlanGraph",
+    "graph_plan_problem",
+    "graph_plannable",
+    "graph_planner",
+]
+
+GRAPH_MAX_TOKENS = 65536
+"""``plan_impl="auto"`` captures prompts up to this many tokens. Above it the eager plan is
+already under 2 % of dense attention (H200: 0.66 % at 128k), and the static copies of q and k
+a captured shape holds (``B * (Hq + Hkv) * S * D`` elements) are not worth their memory."""
+
+# The components whose calls are known to be capturable (fixed shapes, no host read):
+_CAPTURABLE = (ProbeScorer, CumulativeMassAllocator, FixedRatioAllocator, TopKSelector)
+
+
+def graph_plannable(scorer: Scorer, allocator: Allocator, selector: Selector) -> str | None:
+    """Why ``PlanGraph`` cannot plan with these components, or None when it can.
+
+    The rule of ``plan_impl="auto"`` for the components (the rest of the rule is about the call:
+    CUDA, no padding, no cross-process reduction, not inside ``torch.compile``): the scorer is a
+    ``ProbeScorer`` with the fused kernels' estimator, the allocator a ``CumulativeMassAllocator``
+    or ``FixedRatioAllocator``, the selector a ``TopKSelector``. A custom component may well be
+    capturable; ``plan_impl="graph"`` tries it and raises if the capture fails.
+    """
+    if not isinstance(scorer, ProbeScorer) or scorer.estimator == "offset":
+        return f"scorer: {type(scorer).__name__} is not a ProbeScorer with the default estimator"
+    if not isinstance(allocator, _CAPTURABLE[1:3]):
+        return f"allocator: {type(allocator).__name__} is not known to be capturable"
+    if not isinstance(selector, TopKSelector):
+        return f"selector: {type(selector).__name__} is not a TopKSelector"
+    return None
+
+
+# Static inputs and the output buffer of a captured shape, shared by every planner that
+# captured that shape (all layers of a model, typically): replays run one after another and
+# each fills the inputs right before its replay and copies the outputs right after it. The
+# planners' entries hold the tensors; this map only lets a second planner find them.
+_SHARED: weakref.WeakValueDictionary[tuple, Tensor] = weakref.WeakValueDictionary()
+
+
+def _shared(key: tuple, make: Any) -> Tensor:
+    t = _SHARED.get(key)
+    if t is None:
+        t = make()
+        _SHARED[key] = t
+    return t
+
+
+def graph_plan_problem(
+    q: Tensor,
+    scorer: Scorer,
+    allocator: Allocator,
+    selector: Selector,
+    *,
+    padded: bool,
+    mass_reduce: object,
+    explicit: bool,
+) -> str | None:
+    """Why a plan cannot (explicit ``"graph"``) or would not (``"auto"``) be replayed from a CUDA
+    graph, or None. ``explicit`` skips the checks that only ``"auto"`` makes (the length limit
+    and the list of components known to be capturable: an explicit request tries to capture)."""
+    if not q.is_cuda:
+        return f"q: a CUDA graph needs CUDA tensors, got device {q.device}"
+    if torch.compiler.is_compiling():
+        return "plan_impl: inside torch.compile (the compiled region is the unit there)"
+    if torch.cuda.is_current_stream_capturing():
+        return "plan_impl: the stream is already capturing a CUDA graph"
+    if padded:
+        return "key_valid: padded rows are planned one by one (eagerly)"
+    if mass_reduce is not None:
+        return "mass_reduce: the cross-process reduction is not captured"
+    if explicit:
+        return None
+    if q.shape[-2] > GRAPH_MAX_TOKENS:
+        return f"q: {q.shape[-2]} tokens > GRAPH_MAX_TOKENS = {GRAPH_MAX_TOKENS}"
+    return graph_plannable(scorer, allocator, selector)
+
+
+@dataclass
+class _Entry:
+    """One captured shape of one planner."""
+
+    q: Tensor  # static inputs (shared)
+    k: Tensor
+    q_rows: Tensor | None  # the probe rows the scorer reads (None: all of q)
+    packed: Tensor  # uint8, every output of one replay (shared)
+    graph: Any  # torch.cuda.CUDAGraph
+
+
+_Layout = list[tuple[str, torch.dtype, tuple[int, ...], int, int]]
+
+
+def _layout(b: int, hkv: int, s: int) -> tuple[_Layout, int]:
+    """Name, dtype, shape, byte offset (16-byte aligned) and byte size of every output inside
+    one uint8 buffer, and the buffer's size."""
+    items = [
+        ("mass", torch.float32, (b, hkv, s)),
+        ("normalized", torch.float32, (b, hkv, s)),
+        ("idx", torch.int64, (b, hkv, s)),
+        ("stats", torch.int64, (3,)),
+        ("budget", torch.int32, (b, hkv)),
+        ("keep", torch.bool, (b, hkv, s)),
+    ]
+    out: _Layout = []
+    off = 0
+    for name, dtype, shape in items:
+        n = 1
+        for x in shape:
+            n *= x
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        out.append((name, dtype, shape, off, nbytes))
+        off += -(-nbytes // 16) * 16
+    return out, off
+
+
+def _views(packed: Tensor, layout: _Layout) -> dict[str, Tensor]:
+    return {
+        name: packed[off : off + nbytes].view(dtype).view(shape)
+        for name, dtype, shape, off, nbytes in layout
+    }
+
+
+class PlanGraph:
+    """``plan_tokens`` of an unpadded prefill as one captured unit (see the module docstring).
+
+    Args:
+        scorer, allocator, selector: the layer's components. The selector must have the
+            fixed-shape ``keep_mask(scores, budget)`` (``TopKSelector`` has it).
+        capture: False runs the fixed-shape function eagerly on every call (any device): the
+            reference the captured replay is tested against.
+        max_shapes: captured shapes kept (least recently used dropped), >= 1.
+        capture_after: calls of a shape that run eagerly before it is captured (default 1: a
+            shape seen once is never captured), >= 0.
+
+    Attributes:
+        replays, captures: how many calls replayed a graph, and how many shapes were captured.
+
+    Raises:
+        ValueError: a selector without ``keep_mask``, or a bad ``max_shapes`` / ``capture_after``.
+    """
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        allocator: Allocator,
+        selector: Selector,
+        *,
+        capture: bool = True,
+        max_shapes: int = 2,
+        capture_after: int = 1,
+    ) -> None:
+        if not callable(getattr(selector, "keep_mask", None)):
+            raise ValueError(
+                "selector: plan_impl='graph' needs a selector with the fixed-shape "
+                f"keep_mask(scores, budget) (TopKSelector has it), got {type(selector).__name__}"
+            )
+        self.scorer, self.allocator, self.selector = scorer, allocator, selector
+        self.capture = bool(capture)
+        self.max_shapes = check_int("max_shapes", max_shapes, 1)
+        self.capture_after = check_int("capture_after", capture_after, 0)
+        # a known allocator ignores layer_idx: its layers share one graph per shape
+        self._by_layer = not isinstance(allocator, (CumulativeMassAllocator, FixedRatioAllocator))
+        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._seen: dict[tuple, int] = {}
+        self.replays = 0
+        self.captures = 0
+
+    def _static(self, q: Tensor, k: Tensor, layer_idx: int | None, out: dict[str, Tensor]) -> None:
+        """Score, allocate, keep-mask and compact into ``out`` (fixed shapes, no host read)."""
+        b, hkv, s = k.shape[0], k.shape[1], k.shape[-2]
+        sc = self.scorer(q, k)
+        rk = plan_keep(sc, allocator=self.allocator, selector=self.selector, layer_idx=layer_idx)
+        budget, keep = rk.budget, rk.keep  # (B, Hkv), (B, Hkv, S)
+        lo, hi = torch.aminmax(budget.to(torch.int64))
+        out["stats"].copy_(torch.stack([lo, hi, sc.normalized.isnan().any().to(torch.int64)]))
+        out["mass"].copy_(sc.mass)
+        out["normalized"].copy_(sc.normalized)
+        out["budget"].copy_(budget)
+        out["keep"].copy_(keep)
+        # ascending kept positions at slots 0 .. p - 1 of every row (a running count), 0 after
+        slot = torch.where(keep, keep.cumsum(dim=-1) - 1, s)  # (B, Hkv, S); spare slot S
+        pos = torch.arange(s, device=k.device).expand(b, hkv, s)
+        idx = torch.zeros(b, hkv, s + 1, dtype=torch.int64, device=k.device)
+        out["idx"].copy_(idx.scatter_(-1, slot, pos)[..., :s])
+
+    def __call__(self, q: Tensor, k: Tensor, *, layer_idx: int | None = None) -> TokenPlan:
+        """Plan one unpadded prefill (one host read); the selection carries its kept positions.
+
+        Args:
+            q: (B, Hq, S, D) queries with RoPE applied.
+            k: (B, Hkv, S, D) keys with RoPE applied.
+            layer_idx: passed to the allocator.
+
+        Returns:
+            ``TokenPlan`` (scores, budget, selection) equal to ``plan_tokens``'s.
+
+        Raises:
+            ValueError: as ``plan_scores`` with ``TopKSelector`` (the non-finite-mass sentinel,
+                NaN scores, a budget that differs between rows or lies outside [0, Skv]), bad
+                shapes, or a capture that fails (naming the components).
+        """
+        check_qkv(q, k)
+        if q.shape[-2] != k.shape[-2]:
+            raise ValueError(
+                f"q: PlanGraph plans a prefill (Sq = Skv = {k.shape[-2]}), got Sq = {q.shape[-2]}"
+            )
+        b, hkv, s = k.shape[0], k.shape[1], k.shape[-2]
+        layout, nbytes = _layout(b, hkv, s)
+        shape = (tuple(q.shape), tuple(k.shape), q.dtype, k.dtype, q.device)
+        key = (*shape, layer_idx) if self._by_layer else shape
+        entry = self._entries.get(key)
+        if entry is None and self.capture and q.is_cuda:
+            seen = self._seen.get(key, 0)
+            self._seen[key] = seen + 1
+            if seen >= self.capture_after:
+                entry = self._capture(key, shape, q, k, layer_idx, nbytes, layout)
+        if entry is None:  # eager: the same function on fresh buffers
+            packed = torch.empty(nbytes, dtype=torch.uint8, device=k.device)
+            self._static(q, k, layer_idx, _views(packed, layout))
+        else:
+            self._entries.move_to_end(key)
+            self._fill(entry, q, k)
+            entry.graph.replay()
+            self.replays += 1
+            packed = entry.packed.clone()  # one copy out: the next replay overwrites it
+        return self._result(_views(packed, layout), s)
+
+    @staticmethod
+    def _fill(entry: _Entry, q: Tensor, k: Tensor) -> None:
+        entry.k.copy_(k)
+        if entry.q_rows is None:
+            entry.q.copy_(q)
+        else:
+            entry.q.index_copy_(2, entry.q_rows, q.index_select(2, entry.q_rows))
+
+    def _capture(
+        self, key: tuple, shape: tuple, q: Tensor, k: Tensor, layer_idx: int | None,
+        nbytes: int, layout: _Layout,
+    ) -> _Entry:  # fmt: skip
+        while len(self._entries) >= self.max_shapes:
+            self._entries.popitem(last=False)
+        q_rows = None
+        if isinstance(self.scorer, ProbeScorer):
+            q_rows = self.scorer.probe_rows(q.shape[-2], device=q.device)
+        dev = q.device
+        entry = _Entry(
+            q=_shared(("q", *shape), lambda: torch.zeros(q.shape, dtype=q.dtype, device=dev)),
+            k=_shared(("k", *shape), lambda: torch.zeros(k.shape, dtype=k.dtype, device=dev)),
+            q_rows=q_rows,
+            packed=_shared(
+                ("out", *shape), lambda: torch.zeros(nbytes, dtype=torch.uint8, device=dev)
+            ),
+            graph=None,
+        )
+        self._fill(entry, q, k)
+        views = _views(entry.packed, layout)
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        try:
+            with torch.cuda.stream(side):  # warm-up: kernel compiles, cached probe rows
+                self._static(entry.q, entry.k, layer_idx, views)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._static(entry.q, entry.k, layer_idx, views)
+        except RuntimeError as err:
+            raise ValueError(
+                "plan_impl: 'graph' could not capture the plan of "
+                f"{type(self.scorer).__name__} / {type(self.allocator).__name__} / "
+                f"{type(self.selector).__name__} (a host read or a host tensor inside one of "
+                f"them?): {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            ) from err
+        entry.graph = graph
+        self._entries[key] = entry
+        self.captures += 1
+        return entry
+
+    def _result(self, out: dict[str, Tensor], s: int) -> TokenPlan:
+        p_min, p_max, has_nan = out["stats"].tolist()  # the one host read
+        check_budget_read(p_min, p_max, has_nan, s)
+        forced = getattr(self.selector, "num_forced", None)
+        n_forced = int(cast(int, forced(s))) if callable(forced) else 0
+        num_kept = min(max(int(p_max), n_forced), s)
+        # keep_mask keeps clamp(max(budget, |forced|), 0, Skv) per row (property-tested against
+        # keep_mask_k), and the budget is one value: every row has num_kept entries
+        sel = Selection(keep=out["keep"], num_kept=num_kept).check_counts(
+            count_range=(num_kept, num_kept)
+        )
+        sel.attach_indices(out["idx"][..., :num_kept])
+        scores = Scores(mass=out["mass"], normalized=out["normalized"])
+        return TokenPlan(scores=scores, budget=out["budget"], selection=sel)
+
+
+# One planner per set of components (frozen dataclasses: equal components share one), at most
+# _MAX_PLANNERS of them (least recently used dropped).
+_PLANNERS: OrderedDict[tuple, PlanGraph] = OrderedDict()
+_MAX_PLANNERS = 16
+
+
+def graph_planner(scorer: Scorer, allocator: Allocator, selector: Selector) -> PlanGraph:
+    """The shared ``PlanGraph`` of these components (made on first use)."""
+    try:
+        key: tuple = (scorer, allocator, selector)
+        hash(key)
+    except TypeError:  # unhashable custom components: by identity (the planner keeps them alive)
+        key = (id(scorer), id(allocator), id(selector))
+    planner = _PLANNERS.get(key)
+    if planner is None:
+        planner = PlanGraph(scorer, allocator, selector)
+        _PLANNERS[key] = planner
+        while len(_PLANNERS) > _MAX_PLANNERS:
+            _PLANNERS.popitem(last=False)
+    _PLANNERS.move_to_end(key)
+    return planner
