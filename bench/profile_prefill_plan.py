@@ -48,8 +48,11 @@ def main() -> None:
         k = torch.randn(1, hkv, s, d, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(1, hkv, s, d, device="cuda", dtype=torch.bfloat16)
 
-        def plan():
+        def plan():  # impl="auto": replayed from a CUDA graph at these lengths
             return plan_tokens(q, k, scorer=scorer, allocator=alloc, selector=sel)
+
+        def plan_eager():
+            return plan_tokens(q, k, scorer=scorer, allocator=alloc, selector=sel, impl="torch")
 
         def layer():
             return sparse_attention(q, k, v, plan().selection, impl="auto")
@@ -57,7 +60,7 @@ def main() -> None:
         for _ in range(5):
             layer()
         torch.cuda.synchronize()
-        for name, fn in (("plan", plan), ("layer", layer)):
+        for name, fn in (("plan", plan), ("plan_eager", plan_eager), ("layer", layer)):
             t0 = time.perf_counter()
             for _ in range(args.reps):
                 fn()
