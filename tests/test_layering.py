@@ -36,7 +36,9 @@ PIPELINE = "zipvl.sparsity.pipeline"
 """The one module that runs allocate -> select (``plan_tokens``, ``plan_scores``,
 ``plan_row_keep``)."""
 
-PLANNING_CALLS = frozenset({"allocator", "selector", "keep_mask", "decode_selector"})
+PLANNING_CALLS = frozenset(
+    {"allocator", "selector", "keep_mask", "keep_and_indices", "decode_selector"}
+)
 """Names whose call is a planning step (``self.allocator(...)``, ``selector(...)``, ...)."""
 
 COMPONENT_MODULES = ("zipvl.sparsity.allocators", "zipvl.sparsity.selectors")

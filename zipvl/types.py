@@ -222,6 +222,23 @@ class Selection:
         return out.scatter_(-1, slot, pos)[..., :p]  # (B, Hkv, P)
 
 
+def kept_positions(keep: Tensor) -> Tensor:
+    """Every row's kept positions in ascending order, by running count (no sort).
+
+    Args:
+        keep: (..., Skv) bool.
+
+    Returns:
+        (..., Skv) int64: row r's first ``keep[r].sum()`` entries are its True positions in
+        ascending order, the rest 0.
+    """
+    skv = keep.shape[-1]
+    slot = torch.where(keep, keep.cumsum(dim=-1) - 1, skv)  # (..., Skv); spare slot Skv
+    pos = torch.arange(skv, device=keep.device).expand(keep.shape)
+    idx = torch.zeros(*keep.shape[:-1], skv + 1, dtype=torch.int64, device=keep.device)
+    return idx.scatter_(-1, slot, pos)[..., :skv]
+
+
 @runtime_checkable
 class Scorer(Protocol):
     """Importance scorer: (q, k) -> Scores. Higher = more important."""

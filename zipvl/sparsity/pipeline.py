@@ -287,7 +287,7 @@ def plan_keep(
         layer_idx: passed to the allocator.
 
     Returns:
-        ``RowKeep`` (budget (B, Hkv) int32, keep (B, Hkv, Skv) bool).
+        ``RowKeep`` (budget (B, Hkv) int32, keep (B, Hkv, Skv) bool, indices or None).
 
     Raises:
         ValueError: the selector has no ``keep_mask``.
@@ -299,6 +299,10 @@ def plan_keep(
             f"(TopKSelector has it), got {type(selector).__name__}"
         )
     budget = _budget(scores.mass, allocator, layer_idx, _num_heads(scores.mass))  # (B, Hkv)
+    both = getattr(selector, "keep_and_indices", None)
+    if callable(both):  # TopKSelector: one launch on CUDA
+        keep, idx = cast(tuple[Tensor, Tensor], both(scores.normalized, budget))
+        return RowKeep(budget=budget, keep=keep, indices=idx)
     keep = cast(Tensor, keep_mask(scores.normalized, budget))  # (B, Hkv, Skv)
     return RowKeep(budget=budget, keep=keep)
 
@@ -310,10 +314,14 @@ class RowKeep:
     Attributes:
         budget: (B, Hkv) int32, every batch row's own budget.
         keep: (B, Hkv, Skv) bool, the selector's keep mask for those budgets.
+        indices: (B, Hkv, Skv) int64 or None: where the selector computed them with the mask
+            (``plan_keep`` with ``TopKSelector.keep_and_indices``), each row's kept positions in
+            ascending order at its first ``keep.sum(-1)`` slots (0 after).
     """
 
     budget: Tensor
     keep: Tensor
+    indices: Tensor | None = None
 
 
 def plan_row_keep(

@@ -48,6 +48,7 @@ from zipvl.types import (
     Scores,
     Selection,
     Selector,
+    kept_positions,
 )
 
 __all__ = [
@@ -221,21 +222,17 @@ class PlanGraph:
 
     def _static(self, q: Tensor, k: Tensor, layer_idx: int | None, out: dict[str, Tensor]) -> None:
         """Score, allocate, keep-mask and compact into ``out`` (fixed shapes, no host read)."""
-        b, hkv, s = k.shape[0], k.shape[1], k.shape[-2]
         sc = self.scorer(q, k)
         rk = plan_keep(sc, allocator=self.allocator, selector=self.selector, layer_idx=layer_idx)
-        budget, keep = rk.budget, rk.keep  # (B, Hkv), (B, Hkv, S)
+        budget, keep, idx = rk.budget, rk.keep, rk.indices  # (B, Hkv), (B, Hkv, S), ...
         lo, hi = torch.aminmax(budget.to(torch.int64))
         out["stats"].copy_(torch.stack([lo, hi, sc.normalized.isnan().any().to(torch.int64)]))
         out["mass"].copy_(sc.mass)
         out["normalized"].copy_(sc.normalized)
         out["budget"].copy_(budget)
         out["keep"].copy_(keep)
-        # ascending kept positions at slots 0 .. p - 1 of every row (a running count), 0 after
-        slot = torch.where(keep, keep.cumsum(dim=-1) - 1, s)  # (B, Hkv, S); spare slot S
-        pos = torch.arange(s, device=k.device).expand(b, hkv, s)
-        idx = torch.zeros(b, hkv, s + 1, dtype=torch.int64, device=k.device)
-        out["idx"].copy_(idx.scatter_(-1, slot, pos)[..., :s])
+        # a selector without keep_and_indices: compact by running count
+        out["idx"].copy_(kept_positions(keep) if idx is None else idx)
 
     def __call__(self, q: Tensor, k: Tensor, *, layer_idx: int | None = None) -> TokenPlan:
         """Plan one unpadded prefill (one host read); the selection carries its kept positions.

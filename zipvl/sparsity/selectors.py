@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from zipvl.checks import check_int, check_same_device, check_tensor
-from zipvl.types import NONFINITE_MASS_BUDGET, Selection
+from zipvl.impl import SCORER_IMPLS, Impl, parse_impl
+from zipvl.types import NONFINITE_MASS_BUDGET, Selection, kept_positions
 
 __all__ = ["Selection", "TopKSelector"]
 
@@ -128,6 +129,40 @@ class TopKSelector:
         s = torch.nan_to_num(s, nan=-finite_max, posinf=finite_max, neginf=-finite_max)
         forced = self.forced_mask(s.shape[-1], device=scores.device)  # (Skv,)
         return s.masked_fill(forced, float("inf"))  # (B, Hs, Skv)
+
+    def keep_and_indices(
+        self, scores: Tensor, budget: Tensor, *, impl: Impl | str = Impl.AUTO
+    ) -> tuple[Tensor, Tensor]:
+        """``keep_mask`` together with the kept positions, fixed-shape and without host sync.
+
+        Args:
+            scores: (B, Hkv, Skv) float, higher = keep (as in ``keep_mask``).
+            budget: (B, Hkv) integer device tensor (as in ``keep_mask``).
+            impl: ``"triton"``: one launch (``zipvl.sparsity.select_triton``: a radix select of
+                each row's threshold, then the ties by position and the compaction by running
+                count, in one program per row); ``"torch"``: ``keep_mask`` (a stable sort) and a
+                running-count compaction; ``"auto"`` (default): ``"triton"`` on CUDA outside
+                ``torch.compile``, ``"torch"`` elsewhere.
+
+        Returns:
+            keep (B, Hkv, Skv) bool, exactly ``keep_mask``'s, and idx (B, Hkv, Skv) int64: row
+            (b, h)'s first ``keep[b, h].sum()`` entries are its kept positions in ascending
+            order, the rest 0.
+
+        Raises:
+            ValueError: ``impl`` not in ``SCORER_IMPLS`` or ``"triton"`` where it cannot run.
+        """
+        impl = parse_impl("impl", impl, SCORER_IMPLS)
+        if impl is Impl.AUTO:
+            fast = scores.is_cuda and not torch.compiler.is_compiling()
+            impl = Impl.TRITON if fast else Impl.TORCH
+        hkv, skv = scores.shape[1], scores.shape[2]
+        if impl is Impl.TRITON:
+            from zipvl.sparsity.select_triton import keep_and_indices_triton
+
+            return keep_and_indices_triton(self._ranked(scores), budget, self.num_forced(skv), hkv)
+        keep = self.keep_mask(scores, budget)  # (B, Hkv, Skv)
+        return keep, kept_positions(keep)
 
     def keep_mask(self, scores: Tensor, budget: Tensor) -> Tensor:
         """The keep mask, fixed-shape and without host sync (safe under ``fullgraph=True``).
