@@ -29,6 +29,7 @@ tests compare with ``plan_tokens``.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -145,6 +146,7 @@ class _Entry:
 _Layout = list[tuple[str, torch.dtype, tuple[int, ...], int, int]]
 
 
+@functools.lru_cache(maxsize=64)
 def _layout(b: int, hkv: int, s: int) -> tuple[_Layout, int]:
     """Name, dtype, shape, byte offset (16-byte aligned) and byte size of every output inside
     one uint8 buffer, and the buffer's size."""
@@ -162,7 +164,7 @@ def _layout(b: int, hkv: int, s: int) -> tuple[_Layout, int]:
         n = 1
         for x in shape:
             n *= x
-        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        nbytes = n * dtype.itemsize
         out.append((name, dtype, shape, off, nbytes))
         off += -(-nbytes // 16) * 16
     return out, off
