@@ -77,7 +77,7 @@ def _keep_and_indices_kernel(
     pmask = tl.zeros((), tl.uint32)
     missing = tl.maximum(kk, 1)  # kk == 0 keeps nothing: any threshold does, none is taken
     for p in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * p
+        shift = 24 - 8 * p
         hist = tl.zeros((256,), tl.int32)
         for start in range(0, S, BLOCK):
             offs = start + tl.arange(0, BLOCK)
