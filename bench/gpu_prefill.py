@@ -13,6 +13,7 @@ Variants, all in one process:
                     ("plan_graph" says whether it was), eager above
     plan_tau        the same with CumulativeMassAllocator(tau=0.975)
     plan_eager      plan_tokens(impl="torch"): the eager plan (and plan_tau_eager)
+    select_<impl>   TopKSelector.keep_and_indices with the select kernels / the sort path
     zipvl_sdpa      plan + gather + causal SDPA (PyTorch's dispatch) on the kept tokens + scatter
     zipvl_auto      the same with impl="auto": the SDPA backend measured fastest for the shape
                     (its choice is printed as "auto_backend"), after the "auto" plan
@@ -51,6 +52,10 @@ from zipvl.sparsity import (
 )
 from zipvl.sparsity.probe_triton import probe_mass_triton
 from zipvl.sparsity.scorers import _probe_mass
+
+
+def _select(selector: TopKSelector, scores: torch.Tensor, budget: torch.Tensor, impl: str):
+    return selector.keep_and_indices(scores, budget, impl=impl)
 
 
 def causal_flops(s: int, hq: int, d: int) -> float:
@@ -101,6 +106,8 @@ def main() -> None:
                                impl=impl)  # fmt: skip
 
         sel = plan_fixed().selection
+        sc0 = torch.rand(1, hkv, s, device="cuda")  # the keep mask + positions of one plan
+        bud0 = torch.full((1, hkv), sel.num_kept, dtype=torch.int32, device="cuda")
         rows_p = scorer.probe_rows(s, device="cuda")
         t = {
             "score_torch": median_ms(
@@ -111,6 +118,8 @@ def main() -> None:
             "plan": median_ms(plan_fixed),  # "auto": replayed from a CUDA graph up to 64k
             "plan_tau": median_ms(plan_tau),
             "plan_eager": median_ms(lambda: plan_fixed("torch")),
+            "select_triton": median_ms(lambda: _select(selector, sc0, bud0, "triton")),
+            "select_torch": median_ms(lambda: _select(selector, sc0, bud0, "torch")),
             "plan_tau_eager": median_ms(lambda: plan_tau("torch")),
             "attn_sdpa": median_ms(lambda: sparse_attention(q, k, v, sel, impl="sdpa")),
             "attn_flex": median_ms(lambda: sparse_attention(q, k, v, sel, impl="flex")),
@@ -163,6 +172,8 @@ def main() -> None:
                 "plan_tau_ms": t["plan_tau"],
                 "plan_%_of_dense": 100 * t["plan"] / t["dense_sdpa"],
                 "plan_eager_ms": t["plan_eager"],
+                "select_triton_ms": t["select_triton"],
+                "select_torch_ms": t["select_torch"],
                 "plan_tau_eager_ms": t["plan_tau_eager"],
                 "plan_eager_%_of_dense": 100 * t["plan_eager"] / t["dense_sdpa"],
                 "plan_graph": plan_fixed().selection._indices is not None,

@@ -1,21 +1,25 @@
 # pyright: reportArgumentType=false, reportOperatorIssue=false, reportAttributeAccessIssue=false, reportCallIssue=false, reportIndexIssue=false, reportGeneralTypeIssues=false
 # (Triton's constexpr arguments are not statically typed)
-"""The keep mask and the kept positions of a device budget in one launch (imported on first use:
-triton is optional).
+"""The keep mask and the kept positions of a device budget, in launches whose number does not
+depend on the length (imported on first use: triton is optional).
 
 ``TopKSelector.keep_mask`` ranks every row by a stable descending sort (about ten launches at an
 8k prompt: the order-preserving transform, the radix passes, the scatter of ranks, the compare)
 and the captured plan then compacts the kept positions by a running count (a scan, a scatter
-into zeros). This kernel does both in one program per row, in five passes over the row's
-``ranked`` scores (float32, NaN and the forced tokens already mapped by ``TopKSelector._ranked``):
+into zeros). Here every launch spreads each row's ``ranked`` scores (float32, NaN and the forced
+tokens already mapped by ``TopKSelector._ranked``) over blocks of ``block`` positions:
 
-1. four radix passes find the ``kk``-th largest score ``t`` of the row exactly: each pass
-   histograms one byte (high to low) of the order-preserving uint32 keys of the scores whose
-   higher bytes equal the prefix found so far (``tl.histogram`` with a mask), and descends into
-   the byte where the count from the top reaches what is still missing;
-2. a last pass in position order keeps every score above ``t`` and, of the scores equal to
-   ``t``, the lowest positions (a running count), as many as are missing; the running count of
-   kept tokens is each kept position's slot in the compacted list.
+1. four radix passes (``_hist_kernel``, one launch each) find the ``kk``-th largest score ``t``
+   of every row exactly: pass p histograms byte p (high to low) of the order-preserving uint32
+   keys whose higher bytes equal the prefix found so far (``tl.histogram`` with a mask; the
+   blocks add into the row's histogram with atomics), and every program of the next launch
+   replays the descent from the finished histograms (``_descend``: the byte where the count
+   from the top reaches what is still missing);
+2. ``_count_kernel`` counts, per block, the keys equal to ``t`` and above it;
+3. ``_write_kernel`` keeps every key above ``t`` and, of the keys equal to ``t``, the lowest
+   positions (the block's earlier ties from the counts, then a running count), as many as are
+   missing, and writes each kept position at its slot (the keys kept before the block plus a
+   running count).
 
 This is exactly the first ``kk`` entries of the stable descending sort (what ``keep_mask``
 keeps), with ``kk = clamp(max(budget, n_forced), 0, Skv)`` read from the device budget: no host
@@ -49,79 +53,122 @@ def _keys(s_ptr, offs, valid):
 
 
 @triton.jit
-def _keep_and_indices_kernel(
-    s_ptr,  # (B, HS, S) float32 ranked scores, contiguous
-    budget_ptr,  # (B, HKV) integer budget, contiguous
-    keep_ptr,  # (B, HKV, S) bool out
-    idx_ptr,  # (B, HKV, S) int64 out: kept positions at slots 0 .. kk - 1 (the rest untouched)
-    S,
-    n_forced,
-    HKV: tl.constexpr,
-    HKV_PAD: tl.constexpr,
-    LAYER: tl.constexpr,  # one ranked row per batch row, shared by its HKV heads
-    BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0)  # b * HS + hs
+def _row_budget(budget_ptr, row, n_forced, S, HKV: tl.constexpr, HKV_PAD: tl.constexpr,
+                LAYER: tl.constexpr):  # fmt: skip
+    """kk = clamp(max(budget, n_forced), 0, S) of ranked row ``row`` (LAYER: the largest budget
+    of the batch row's heads)."""
     if LAYER:
-        b = row
         offs_h = tl.arange(0, HKV_PAD)
-        bud = tl.load(budget_ptr + b * HKV + offs_h, mask=offs_h < HKV, other=-(2**31) + 1)
+        bud = tl.load(budget_ptr + row * HKV + offs_h, mask=offs_h < HKV, other=-(2**31) + 1)
         kk = tl.max(bud.to(tl.int64), axis=0)
     else:
-        b = row // HKV
         kk = tl.load(budget_ptr + row).to(tl.int64)
-    kk = tl.minimum(tl.maximum(kk, n_forced), S).to(tl.int32)
-    srow = s_ptr + row.to(tl.int64) * S
-    # -- radix select of the kk-th largest key (prefix of bytes found so far, high to low) -----
+    return tl.minimum(tl.maximum(kk, n_forced), S).to(tl.int32)
+
+
+@triton.jit
+def _descend(hist_ptr, kk, PASSES: tl.constexpr):
+    """Replay the decisions of the first PASSES radix passes from their finished histograms:
+    the prefix of the kk-th largest key found so far, its mask, and how many of the keys that
+    share that prefix are still to be taken from the top."""
     prefix = tl.zeros((), tl.uint32)
     pmask = tl.zeros((), tl.uint32)
     missing = tl.maximum(kk, 1)  # kk == 0 keeps nothing: any threshold does, none is taken
-    for p in tl.static_range(4):
+    offs = tl.arange(0, 256)
+    for p in tl.static_range(PASSES):
         shift = 24 - 8 * p
-        hist = tl.zeros((256,), tl.int32)
-        for start in range(0, S, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            valid = offs < S
-            key = _keys(srow, offs, valid)
-            match = valid & ((key & pmask) == prefix)
-            digit = ((key >> shift) & 0xFF).to(tl.int32)
-            hist += tl.histogram(digit, 256, mask=match)
+        hist = tl.load(hist_ptr + p * 256 + offs)
         top = tl.cumsum(tl.flip(hist, 0), 0)  # top[j]: matches with digit >= 255 - j
         j = tl.sum((top < missing).to(tl.int32), axis=0)  # first j with top[j] >= missing
-        above = tl.max(tl.where(top < missing, top, 0), axis=0)  # digits > 255 - j
-        missing -= above
+        missing -= tl.max(tl.where(top < missing, top, 0), axis=0)  # the digits above
         prefix = prefix | ((255 - j).to(tl.uint32) << shift)
         pmask = pmask | (tl.full((), 0xFF, tl.uint32) << shift)
-    # -- keep: above t, and the lowest-positioned ties at t; compact by running count ---------
+    return prefix, pmask, missing
+
+
+@triton.jit
+def _hist_kernel(
+    s_ptr, budget_ptr, hist_ptr, S, n_forced,
+    PASS: tl.constexpr, HKV: tl.constexpr, HKV_PAD: tl.constexpr, LAYER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Radix pass PASS over one block of one ranked row: the histogram of byte PASS (high to low)
+    of the keys that match the prefix of the earlier passes, added to the row's histogram."""
+    row = tl.program_id(0)
+    blk = tl.program_id(1)
+    kk = _row_budget(budget_ptr, row, n_forced, S, HKV, HKV_PAD, LAYER)
+    hrow = hist_ptr + row * (4 * 256)
+    prefix, pmask, _ = _descend(hrow, kk, PASS)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < S
+    key = _keys(s_ptr + row.to(tl.int64) * S, offs, valid)
+    match = valid & ((key & pmask) == prefix)
+    digit = ((key >> (24 - 8 * PASS)) & 0xFF).to(tl.int32)
+    hist = tl.histogram(digit, 256, mask=match)
+    tl.atomic_add(hrow + PASS * 256 + tl.arange(0, 256), hist, sem="relaxed")
+
+
+@triton.jit
+def _count_kernel(
+    s_ptr, budget_ptr, hist_ptr, cnt_ptr, S, n_forced, NB,
+    HKV: tl.constexpr, HKV_PAD: tl.constexpr, LAYER: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Per block: how many keys equal the threshold and how many lie above it."""
+    row = tl.program_id(0)
+    blk = tl.program_id(1)
+    kk = _row_budget(budget_ptr, row, n_forced, S, HKV, HKV_PAD, LAYER)
+    t, _, _ = _descend(hist_ptr + row * (4 * 256), kk, 4)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < S
+    key = _keys(s_ptr + row.to(tl.int64) * S, offs, valid)
+    c = cnt_ptr + (row * NB + blk) * 2
+    tl.store(c, tl.sum((valid & (key == t)).to(tl.int32), axis=0))
+    tl.store(c + 1, tl.sum((valid & (key > t)).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _write_kernel(
+    s_ptr, budget_ptr, hist_ptr, cnt_ptr, keep_ptr, idx_ptr, S, n_forced, NB,
+    HKV: tl.constexpr, HKV_PAD: tl.constexpr, LAYER: tl.constexpr, BLOCK: tl.constexpr,
+    NB_PAD: tl.constexpr,
+):  # fmt: skip
+    """Per block: keep the keys above the threshold and the ties whose rank in position order is
+    within what is missing; write the keep mask and each kept position at its running count."""
+    row = tl.program_id(0)
+    blk = tl.program_id(1)
+    kk = _row_budget(budget_ptr, row, n_forced, S, HKV, HKV_PAD, LAYER)
+    t, _, missing = _descend(hist_ptr + row * (4 * 256), kk, 4)
     missing = tl.where(kk > 0, missing, 0)
-    ties = tl.zeros((), tl.int32)
-    kept = tl.zeros((), tl.int32)
-    for start in range(0, S, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        valid = offs < S
-        key = _keys(srow, offs, valid)
-        tie = valid & (key == prefix)
-        tie_rank = ties + tl.cumsum(tie.to(tl.int32), 0)  # inclusive, in position order
-        # (the block-shaped kk > 0: the interpreter refuses a mask broadcast from a scalar)
-        keep = valid & ((key > prefix) | (tie & (tie_rank <= missing))) & (offs * 0 + kk > 0)
-        slot = kept + tl.cumsum(keep.to(tl.int32), 0) - 1
-        if LAYER:
-            for h in tl.static_range(HKV):
-                out = (b * HKV + h).to(tl.int64) * S
-                tl.store(keep_ptr + out + offs, keep, mask=valid)
-                tl.store(idx_ptr + out + slot, offs.to(tl.int64), mask=keep)
-        else:
-            out = row.to(tl.int64) * S
+    offs_b = tl.arange(0, NB_PAD)
+    before = offs_b < blk
+    c = cnt_ptr + (row * NB + offs_b) * 2
+    ties_before = tl.sum(tl.load(c, mask=before, other=0), axis=0)
+    above_before = tl.sum(tl.load(c + 1, mask=before, other=0), axis=0)
+    kept_before = above_before + tl.minimum(ties_before, missing)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < S
+    key = _keys(s_ptr + row.to(tl.int64) * S, offs, valid)
+    tie = valid & (key == t)
+    tie_rank = ties_before + tl.cumsum(tie.to(tl.int32), 0)  # inclusive, in position order
+    # (the block-shaped kk > 0: the interpreter refuses a mask broadcast from a scalar)
+    keep = valid & ((key > t) | (tie & (tie_rank <= missing))) & (offs * 0 + kk > 0)
+    slot = kept_before + tl.cumsum(keep.to(tl.int32), 0) - 1
+    if LAYER:
+        for h in tl.static_range(HKV):
+            out = (row * HKV + h).to(tl.int64) * S
             tl.store(keep_ptr + out + offs, keep, mask=valid)
             tl.store(idx_ptr + out + slot, offs.to(tl.int64), mask=keep)
-        ties += tl.sum(tie.to(tl.int32), axis=0)
-        kept += tl.sum(keep.to(tl.int32), axis=0)
+    else:
+        out = row.to(tl.int64) * S
+        tl.store(keep_ptr + out + offs, keep, mask=valid)
+        tl.store(idx_ptr + out + slot, offs.to(tl.int64), mask=keep)
 
 
 def keep_and_indices_triton(
     ranked: Tensor, budget: Tensor, n_forced: int, num_heads: int, *, block: int = 1024
 ) -> tuple[Tensor, Tensor]:
-    """The keep mask and the ascending kept positions of every row, in one launch.
+    """The keep mask and the ascending kept positions of every row (six launches and two
+    fills, whatever the length).
 
     Args:
         ranked: (B, Hs, S) float32 scores as ``TopKSelector._ranked`` returns them (Hs = Hkv,
@@ -158,9 +205,17 @@ def keep_and_indices_triton(
     idx = torch.zeros(b, num_heads, s, dtype=torch.int64, device=ranked.device)
     if s == 0 or b == 0:
         return keep, idx
-    _keep_and_indices_kernel[(b * hs,)](
-        ranked.contiguous(), budget.contiguous(), keep, idx, s, int(n_forced),
-        HKV=num_heads, HKV_PAD=triton.next_power_of_2(num_heads), LAYER=layer, BLOCK=block,
-        num_warps=4,
+    rows, nb = b * hs, triton.cdiv(s, block)
+    ranked, budget = ranked.contiguous(), budget.contiguous()
+    hist = torch.zeros(rows, 4, 256, dtype=torch.int32, device=ranked.device)
+    cnt = torch.empty(rows, nb, 2, dtype=torch.int32, device=ranked.device)
+    meta = {"HKV": num_heads, "HKV_PAD": triton.next_power_of_2(num_heads), "LAYER": layer,
+            "BLOCK": block, "num_warps": 4}  # fmt: skip
+    for p in range(4):
+        _hist_kernel[(rows, nb)](ranked, budget, hist, s, int(n_forced), PASS=p, **meta)
+    _count_kernel[(rows, nb)](ranked, budget, hist, cnt, s, int(n_forced), nb, **meta)
+    _write_kernel[(rows, nb)](
+        ranked, budget, hist, cnt, keep, idx, s, int(n_forced), nb,
+        NB_PAD=triton.next_power_of_2(nb), **meta,
     )  # fmt: skip
     return keep, idx

@@ -31,8 +31,11 @@ from zipvl.types import NONFINITE_MASS_BUDGET, Selection, kept_positions
 __all__ = ["SELECT_TRITON_MAX_TOKENS", "Selection", "TopKSelector"]
 
 SELECT_TRITON_MAX_TOKENS = 16384
-"""``TopKSelector.keep_and_indices(impl="auto")`` runs the one-launch select kernel for rows up to
-this many scores (measured crossover on an H200: the kernel wins at 8k, the sort at 32k)."""
+"""``TopKSelector.keep_and_indices(impl="auto")`` runs the select kernels for rows up to this many
+scores. Measured on an H200 with the first form of the kernel (one program per row): 48 us at
+8k against about 80 us for the sort path inside the plan's graph, 182 us at 32k where the sort
+path was faster. The blocked form that replaced it is not yet measured (``bench/gpu_prefill.py``
+times both paths at every length)."""
 
 _GRANULARITIES = ("kv_head", "layer")
 
@@ -142,14 +145,12 @@ class TopKSelector:
         Args:
             scores: (B, Hkv, Skv) float, higher = keep (as in ``keep_mask``).
             budget: (B, Hkv) integer device tensor (as in ``keep_mask``).
-            impl: ``"triton"``: one launch (``zipvl.sparsity.select_triton``: a radix select of
-                each row's threshold, then the ties by position and the compaction by running
-                count, in one program per row); ``"torch"``: ``keep_mask`` (a stable sort) and a
-                running-count compaction; ``"auto"`` (default): ``"triton"`` on CUDA outside
-                ``torch.compile`` for rows of at most ``SELECT_TRITON_MAX_TOKENS`` scores,
-                ``"torch"`` elsewhere (the kernel runs one program per row: 48 us at 8k
-                against about 80 us for the sort path inside the plan's graph, but 182 us at
-                32k, where the sort path is faster; H200).
+            impl: ``"triton"``: ``zipvl.sparsity.select_triton`` (a radix select of each row's
+                threshold, then the ties by position and the compaction by running count,
+                every launch spread over blocks of the row); ``"torch"``: ``keep_mask`` (a
+                stable sort) and a running-count compaction; ``"auto"`` (default): ``"triton"``
+                on CUDA outside ``torch.compile`` for rows of at most
+                ``SELECT_TRITON_MAX_TOKENS`` scores, ``"torch"`` elsewhere.
 
         Returns:
             keep (B, Hkv, Skv) bool, exactly ``keep_mask``'s, and idx (B, Hkv, Skv) int64: row
