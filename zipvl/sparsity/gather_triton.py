@@ -1,6 +1,6 @@
-# pyright: reportArgumentType=false, reportOperatorIssue=false, reportAttributeAccessIssue=false, reportCallIssue=false, reportIndexIssue=false
-# (Triton's constexpr arguments and pointer arithmetic are not statically typed)
-"""The copies of token-sparse prefill in one Triton launch each: gather the kept rows, scatter back.
+# pyright: reportArgumentType=false, reportOperatorIssue=false, reportAttributeAccessIssue=false, reportCallIssue=false, reportIndexIssue=false, reportGeneralTypeIssues=false
+# (Triton's constexpr arguments, pointer arithmetic and static_range are not statically typed)
+"""The copies of token-sparse prefill, one Triton launch each: gather the kept rows, scatter back.
 
 ``sparse_attention(impl="sdpa"|"auto", unkept="zero")`` compacts q, k and v to the P kept
 positions of each KV head, runs causal SDPA on them and writes the result back to the full
@@ -56,14 +56,14 @@ def triton_copy_available(device: torch.device) -> bool:
 
 
 @triton.jit
-def _copy_rows(src, src_rows, src_stride, dst, dst_rows, ok, D: tl.constexpr, BLOCK_D: tl.constexpr):
+def _copy_rows(
+    src, src_rows, src_stride, dst, dst_rows, ok, D: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """Copy rows ``src + src_rows * src_stride`` (D contiguous elements each) to rows
     ``dst + dst_rows * D`` where ``ok``."""
     offs_d = tl.arange(0, BLOCK_D)
-    if BLOCK_D == D:
-        mask = ok[:, None]  # constant along D: whole-row vector accesses
-    else:
-        mask = ok[:, None] & (offs_d < D)[None, :]
+    # a mask constant along D when D is a power of two: whole-row vector accesses
+    mask = ok[:, None] if BLOCK_D == D else ok[:, None] & (offs_d < D)[None, :]
     x = tl.load(src + src_rows[:, None] * src_stride + offs_d[None, :], mask=mask)
     tl.store(dst + dst_rows[:, None] * D + offs_d[None, :], x, mask=mask)
 
@@ -143,18 +143,15 @@ def _scatter_rows_kernel(
         for j in tl.static_range(GROUP):
             h = hkv * GROUP + j
             dst = (b * n_hkv * GROUP + h) * seq_len + pos
-            _copy_rows(o_ptr + b * stride_ob + h * stride_oh, offs_p.to(tl.int64), stride_os, out_ptr, dst,
-                       ok, DV, BLOCK_DV)  # fmt: skip
+            src = o_ptr + b * stride_ob + h * stride_oh
+            _copy_rows(src, offs_p.to(tl.int64), stride_os, out_ptr, dst, ok, DV, BLOCK_DV)
     else:  # unkept positions of this block: zeros
         offs_s = (pid - n_pb) * BLOCK_S + tl.arange(0, BLOCK_S)
         in_seq = offs_s < seq_len
         kept = tl.load(keep_ptr + bh * seq_len + offs_s, mask=in_seq, other=1)
         zero = in_seq & (kept == 0)
         offs_d = tl.arange(0, BLOCK_DV)
-        if BLOCK_DV == DV:
-            mask = zero[:, None]
-        else:
-            mask = zero[:, None] & (offs_d < DV)[None, :]
+        mask = zero[:, None] if BLOCK_DV == DV else zero[:, None] & (offs_d < DV)[None, :]
         zeros = tl.zeros([BLOCK_S, BLOCK_DV], dtype=out_ptr.dtype.element_ty)
         for j in tl.static_range(GROUP):
             h = hkv * GROUP + j
@@ -180,7 +177,9 @@ def _check_idx(idx: object, b: int, hkv: int, device: torch.device) -> Tensor:
         shown = f"{idx.dtype} of {idx.ndim} dims" if isinstance(idx, Tensor) else type(idx)
         raise ValueError(f"idx: expected an int64 (B, Hkv, P) tensor, got {shown}")
     if tuple(idx.shape[:2]) != (b, hkv):
-        raise ValueError(f"idx: expected (B, Hkv) = {(b, hkv)} leading dims, got {tuple(idx.shape)}")
+        raise ValueError(
+            f"idx: expected (B, Hkv) = {(b, hkv)} leading dims, got {tuple(idx.shape)}"
+        )
     if idx.device != device:
         raise ValueError(f"idx: expected device {device}, got {idx.device}")
     return idx.contiguous()  # a no-op for Selection.indices()
@@ -190,7 +189,9 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def gather_qkv_triton(q: Tensor, k: Tensor, v: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def gather_qkv_triton(
+    q: Tensor, k: Tensor, v: Tensor, idx: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """The kept rows of q, k and v, in one launch.
 
     Equal, element for element, to ``q.gather(2, ...)`` with ``idx`` repeated over the G query
@@ -219,8 +220,8 @@ def gather_qkv_triton(q: Tensor, k: Tensor, v: Tensor, idx: Tensor) -> tuple[Ten
     hkv, dv = k.shape[1], v.shape[-1]
     if tuple(k.shape) != (b, hkv, s, d) or hkv == 0 or hq % hkv:
         raise ValueError(
-            f"k: expected (B, Hkv, S, D) with Hq = {hq} divisible by Hkv, like q {tuple(q.shape)}, "
-            f"got {tuple(k.shape)}"
+            f"k: expected (B, Hkv, S, D) with Hq = {hq} divisible by Hkv, like q "
+            f"{tuple(q.shape)}, got {tuple(k.shape)}"
         )
     if tuple(v.shape[:3]) != (b, hkv, s):
         raise ValueError(f"v: expected (B, Hkv, S) = {(b, hkv, s)} like k, got {tuple(v.shape)}")
