@@ -159,6 +159,12 @@ def _scatter_rows_kernel(
             tl.store(out_ptr + rows[:, None] * DV + offs_d[None, :], zeros, mask=mask)
 
 
+def _empty(like: Tensor, *shape: int) -> Tensor:
+    """A new uninitialised contiguous tensor of ``like``'s dtype and device (the outputs; the
+    tests replace it with a poisoned one, to prove that the kernels write every element)."""
+    return like.new_empty(shape)
+
+
 def _pow2(n: int) -> int:
     """The least power of two >= n (n >= 1)."""
     return 1 << (n - 1).bit_length()
@@ -234,9 +240,9 @@ def gather_qkv_triton(
     _check_device("q", q)
     idx = _check_idx(idx, b, hkv, q.device)
     p = idx.shape[2]
-    qg = q.new_empty(b, hq, p, d)
-    kg = k.new_empty(b, hkv, p, d)
-    vg = v.new_empty(b, hkv, p, dv)
+    qg = _empty(q, b, hq, p, d)
+    kg = _empty(q, b, hkv, p, d)
+    vg = _empty(q, b, hkv, p, dv)
     if qg.numel() == 0 and kg.numel() == 0 and vg.numel() == 0:
         return qg, kg, vg
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -293,7 +299,7 @@ def scatter_rows_triton(out_kept: Tensor, idx: Tensor, keep: Tensor, s: int) -> 
     idx = _check_idx(idx, b, hkv, out_kept.device)
     if idx.shape[2] != p:
         raise ValueError(f"idx: expected P = {p} positions like out_kept, got {tuple(idx.shape)}")
-    out = out_kept.new_empty(b, hq, s, dv)
+    out = _empty(out_kept, b, hq, s, dv)
     if out.numel() == 0:
         return out
     out_kept = _last_dim_contiguous(out_kept)
