@@ -182,15 +182,18 @@ def test_copy_impl_rejects_unknown_values() -> None:
         sparse_attention(q, q, q, sel, unkept="attend", copy_impl="triton")
 
 
-def test_triton_copies_refuse_where_they_cannot_run() -> None:
-    if gather_triton.triton_copy_available(torch.device("cpu")):
-        pytest.skip("the interpreter runs CPU tensors")
+def test_triton_copies_refuse_where_they_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CPU tensors where the kernels were not decorated for the interpreter (a CUDA machine)
+    monkeypatch.setattr(gather_triton, "INTERPRETED", False)
     q = torch.randn(1, 2, 8, 16)
     idx = torch.zeros(1, 2, 3, dtype=torch.int64)
-    with pytest.raises(ValueError, match="q: the Triton copies need a CUDA tensor"):
+    with pytest.raises(ValueError, match=r"^q: the Triton copies need a CUDA tensor"):
         gather_qkv_triton(q, q, q, idx)
+    with pytest.raises(ValueError, match=r"^out_kept: the Triton copies need a CUDA tensor"):
+        scatter_rows_triton(q[:, :, :3], idx, torch.ones(1, 2, 8, dtype=torch.bool), 8)
     with pytest.raises(ValueError, match="copy_impl: 'triton' cannot run: it needs a CUDA"):
         copy_impl_for(q, copy_impl="triton")
+    assert copy_impl_for(q) is Impl.TORCH
 
 
 @needs_kernels
