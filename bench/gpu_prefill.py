@@ -19,6 +19,13 @@ Variants, all in one process:
                     (its choice is printed as "auto_backend"), after the "auto" plan
     zipvl_auto_eager_plan   the same after the eager plan
     zipvl_flex      plan + gather + compiled FlexAttention on the kept tokens + scatter
+    attn_only_*     sparse_attention alone on a fixed selection: impl "sdpa" and "flex" (copies
+                    as "auto" picks them: Triton on CUDA), and impl "sdpa" with each copy impl
+                    (attn_only_copy_triton / attn_only_copy_torch, copy_impl="triton"|"torch")
+    copies_*        the copies alone at the same P: gather of q, k, v + scatter of a (B, Hq, P,
+                    D) output, Triton (zipvl.sparsity.gather_triton, two launches) vs PyTorch
+                    (four gathers, a zero fill, a scatter_); copies_floor_ms is their bytes
+                    (kept rows read + written, the output written once) at the copy ceiling
 Every speed-up is against dense_best, the fastest dense backend of the same length.
 
 Floors: dense causal attention FLOPs (4·S²/2·D·Hq) and the ideal token-sparse FLOPs (× r²) over the
@@ -50,6 +57,8 @@ from zipvl.sparsity import (
     sdpa_backend,
     sparse_attention,
 )
+from zipvl.sparsity.attention import _gather_kv, _gather_q, _scatter_rows
+from zipvl.sparsity.gather_triton import gather_qkv_triton, scatter_rows_triton
 from zipvl.sparsity.probe_triton import probe_mass_triton
 from zipvl.sparsity.scorers import _probe_mass
 
@@ -109,6 +118,18 @@ def main() -> None:
         sc0 = torch.rand(1, hkv, s, device="cuda")  # the keep mask + positions of one plan
         bud0 = torch.full((1, hkv), sel.num_kept, dtype=torch.int32, device="cuda")
         rows_p = scorer.probe_rows(s, device="cuda")
+        idx = sel.indices()  # (1, Hkv, P)
+        out_kept = torch.randn(1, hq, sel.num_kept, d, device="cuda", dtype=torch.bfloat16)
+
+        def copies_triton():
+            gather_qkv_triton(q, k, v, idx)
+            return scatter_rows_triton(out_kept, idx, sel.keep, s)
+
+        def copies_torch():
+            _gather_q(q, idx)
+            _gather_kv(k, v, idx)
+            return _scatter_rows(out_kept, idx, s)
+
         t = {
             "score_torch": median_ms(
                 lambda: _probe_mass(q, k, rows_p, scale=d**-0.5, heads_per_chunk=1)
@@ -123,6 +144,14 @@ def main() -> None:
             "plan_tau_eager": median_ms(lambda: plan_tau("torch")),
             "attn_sdpa": median_ms(lambda: sparse_attention(q, k, v, sel, impl="sdpa")),
             "attn_flex": median_ms(lambda: sparse_attention(q, k, v, sel, impl="flex")),
+            "attn_copy_triton": median_ms(
+                lambda: sparse_attention(q, k, v, sel, impl="sdpa", copy_impl="triton")
+            ),
+            "attn_copy_torch": median_ms(
+                lambda: sparse_attention(q, k, v, sel, impl="sdpa", copy_impl="torch")
+            ),
+            "copies_triton": median_ms(copies_triton),
+            "copies_torch": median_ms(copies_torch),
         }
         dense = {}
         for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION),
@@ -159,6 +188,11 @@ def main() -> None:
         rate = ceil["matmul_tflops"] * 1e12
         dense_floor_ms = causal_flops(s, hq, d) / rate * 1e3
         sparse_floor_ms = dense_floor_ms * sel.ratio**2
+        # bytes of the copies: kept rows of q, k, v read and written; the output written once
+        # and its kept rows read (bf16)
+        p_kept = sel.num_kept
+        copy_bytes = 2 * (2 * p_kept * (hq + 2 * hkv) * d + (s + p_kept) * hq * d)
+        copies_floor_ms = copy_bytes / (ceil["copy_gbs"] * 1e9) * 1e3
         best = min(t["zipvl_sdpa"], t["zipvl_flex"], t["zipvl_auto"])
         rows.append(
             {
@@ -193,6 +227,11 @@ def main() -> None:
                 "zipvl_frac_of_floor": sparse_floor_ms / best,
                 "attn_only_sdpa_ms": t["attn_sdpa"],
                 "attn_only_flex_ms": t["attn_flex"],
+                "attn_only_copy_triton_ms": t["attn_copy_triton"],
+                "attn_only_copy_torch_ms": t["attn_copy_torch"],
+                "copies_triton_ms": t["copies_triton"],
+                "copies_torch_ms": t["copies_torch"],
+                "copies_floor_ms": copies_floor_ms,
             }
         )
         torch.cuda.empty_cache()

@@ -22,6 +22,7 @@ from zipvl.config import ZipVLConfig
 from zipvl.decode import decode_attention
 from zipvl.demo import check_demo_args
 from zipvl.impl import (
+    COPY_IMPLS,
     DECODE_IMPLS,
     PLAN_IMPLS,
     QUANT_IMPLS,
@@ -58,6 +59,21 @@ def _sparse_attention(impl: Any) -> object:
     keep[..., ::2] = True
     sel = Selection(keep=keep, num_kept=8)
     return sparse_attention(q, k, v, sel, impl=impl, compile=False)
+
+
+def _sparse_attention_copy(impl: Any) -> object:
+    q, k, v = _qkv()
+    keep = torch.zeros(1, 2, 16, dtype=torch.bool)
+    keep[..., 1::3] = True
+    sel = Selection(keep=keep, num_kept=5)
+    from zipvl.sparsity.attention import triton_copy_problem
+
+    if parse_impl("copy_impl", impl, COPY_IMPLS) is Impl.TRITON and triton_copy_problem(q):
+        # accepted, and it says why it cannot run here instead of copying in PyTorch
+        with pytest.raises(ValueError, match=r"copy_impl: 'triton' cannot run: it needs a CUDA"):
+            sparse_attention(q, k, v, sel, impl="sdpa", copy_impl=impl)
+        return None
+    return sparse_attention(q, k, v, sel, impl="sdpa", copy_impl=impl)
 
 
 def _plan_tokens(impl: Any) -> object:
@@ -129,6 +145,7 @@ def _demo(impl: Any, tmp_path: Path) -> object:
 # (id, argument name in the message, allowed, call)
 ENTRY_POINTS: list[tuple[str, str, Collection[Impl], Callable[..., object]]] = [
     ("sparse_attention", "impl", SPARSE_ATTENTION_IMPLS, _sparse_attention),
+    ("sparse_attention.copy_impl", "copy_impl", COPY_IMPLS, _sparse_attention_copy),
     ("ProbeScorer", "impl", SCORER_IMPLS, _probe_scorer),
     ("quantize_pack", "impl", QUANT_IMPLS, _quantize_pack),
     ("quantize_tensor", "impl", QUANT_IMPLS, _quantize_tensor),
@@ -198,7 +215,7 @@ def test_other_values_raise_naming_the_argument(fn, name, allowed, value, tmp_pa
 
 def test_every_impl_is_accepted_somewhere_and_the_lists_agree() -> None:
     used = set(SPARSE_ATTENTION_IMPLS) | set(SCORER_IMPLS) | set(QUANT_IMPLS) | set(DECODE_IMPLS)
-    used |= set(PLAN_IMPLS)
+    used |= set(PLAN_IMPLS) | set(COPY_IMPLS)
     assert used == set(Impl)
     assert [i.value for i in DECODE_IMPLS] == list(zipvl.decode.DECODE_IMPLS)
     # each list's first entry is the default of its operations

@@ -14,6 +14,7 @@ operation (argument)                        accepts                             
 =========================================  ==================================  ==============
 ``sparse_attention(impl=)``,                ``SPARSE_ATTENTION_IMPLS``          ``"auto"``
 ``ZipVLConfig.impl``
+``sparse_attention(copy_impl=)``            ``COPY_IMPLS``                      ``"auto"``
 ``ProbeScorer.impl``                        ``SCORER_IMPLS``                    ``"auto"``
 ``quantize_pack(impl=)``, quantizers'       ``QUANT_IMPLS``                     ``"reference"``
 ``token_wise_impl``, ``ZipVLConfig.
@@ -26,7 +27,11 @@ quant_impl``, ``zipvl demo --quant-impl``
 
 The ``"auto"`` rules: ``sparse_attention`` runs the ``"sdpa"`` path with every SDPA call on the
 backend ``zipvl.sparsity.sdpa_backend.fastest_backend`` measured for its shape bucket (PyTorch's
-own dispatch on the CPU, inside ``torch.compile`` and during CUDA-graph capture);
+own dispatch on the CPU, inside ``torch.compile`` and during CUDA-graph capture), and its
+gather and scatter (``copy_impl``) in Triton (``zipvl.sparsity.gather_triton``: one launch each)
+exactly when ``zipvl.sparsity.attention.triton_copy_problem`` finds nothing against it and the
+tensors are on CUDA (eager calls of the ``"sdpa"``/``"auto"`` path with ``unkept="zero"``; the
+Triton interpreter's CPU runs only when asked for), in PyTorch (``"torch"``) otherwise;
 ``ProbeScorer.impl_for(q)`` returns what a call picks (``"triton"`` for
 eager CUDA inputs with a power-of-two D >= 16, ``"torch"`` otherwise); ``decode_attention`` runs
 ``"triton"`` exactly when ``zipvl.decode.fused_decode_problem(q, store)`` is None (CUDA, or the
@@ -43,6 +48,7 @@ import enum
 from collections.abc import Collection
 
 __all__ = [
+    "COPY_IMPLS",
     "DECODE_IMPLS",
     "PLAN_IMPLS",
     "QUANT_IMPLS",
@@ -73,6 +79,10 @@ class Impl(str, enum.Enum):
 
 SPARSE_ATTENTION_IMPLS: tuple[Impl, ...] = (Impl.AUTO, Impl.SDPA, Impl.FLEX, Impl.REFERENCE)
 """``zipvl.sparsity.sparse_attention`` and ``ZipVLConfig.impl`` (the first is the default)."""
+
+COPY_IMPLS: tuple[Impl, ...] = (Impl.AUTO, Impl.TORCH, Impl.TRITON)
+"""``sparse_attention(copy_impl=)``: the gather of the kept rows and the scatter of the output
+(the first is the default)."""
 
 SCORER_IMPLS: tuple[Impl, ...] = (Impl.AUTO, Impl.TORCH, Impl.TRITON)
 """``ProbeScorer.impl`` (the first is the default)."""

@@ -21,6 +21,19 @@ Implementations (``impl``), all with the same semantics:
   BlockMask and ``enable_gqa``, scatter back. FlexAttention is compiled lazily on first use (see
   ``compiled_flex_attention``); ``compile=False`` runs it eagerly (slow, materialises scores).
 
+Copies (``copy_impl``): the ``"sdpa"``/``"auto"`` path with ``unkept="zero"`` gathers the kept
+rows of q, k and v and scatters the P output rows back to the full length, either in PyTorch
+(``"torch"``: four ``gather`` kernels, a zero fill and a ``scatter_``, the output written twice)
+or in Triton (``"triton"``, ``zipvl.sparsity.gather_triton``: one launch for the three gathers,
+one for the scatter, which writes every output element once; equal element for element).
+``"auto"`` (default) picks ``"triton"`` exactly when ``triton_copy_problem`` finds nothing
+against it and the tensors are on CUDA: eager calls (not inside ``torch.compile``, where the
+PyTorch copies are traced with the rest; the kernels need no host read, so a CUDA-graph capture
+after a first eager call, which compiles them, is fine), ``impl`` ``"sdpa"`` or ``"auto"``,
+``unkept="zero"``; ``"torch"`` otherwise (the CPU included, also under ``TRITON_INTERPRET=1``,
+whose interpreted kernels run only when asked for). ``copy_impl_for`` says what a call runs; an
+explicit ``"triton"`` that cannot run raises ``ValueError``.
+
 ``unkept="attend"`` lets every query attend to the kept keys at positions <= its own (higher
 fidelity, more work: S x P instead of P x P). In the compacted key order those keys are a prefix
 of length ``cumsum(keep)[q]``, which the flex path encodes in its BlockMask and the sdpa path in
@@ -53,14 +66,19 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from zipvl.checks import check_int, check_qkv, check_scale
-from zipvl.impl import SPARSE_ATTENTION_IMPLS, Impl, parse_impl
+from zipvl.impl import COPY_IMPLS, SPARSE_ATTENTION_IMPLS, Impl, parse_impl
 from zipvl.sparsity.block_mask import compacted_causal_block_mask, compacted_prefix_block_mask
 from zipvl.sparsity.pipeline import padded_spans
 from zipvl.sparsity.reference import reference_sparse_attention
 from zipvl.sparsity.sdpa_backend import sdpa
 from zipvl.types import Selection
 
-__all__ = ["compiled_flex_attention", "sparse_attention"]
+__all__ = [
+    "compiled_flex_attention",
+    "copy_impl_for",
+    "sparse_attention",
+    "triton_copy_problem",
+]
 
 # elements of one chunk of the boolean mask of sdpa's "attend" path (B * Hq * rows * P)
 _SDPA_ATTEND_CHUNK = 1 << 26
@@ -124,6 +142,65 @@ def _scatter_rows(out_kept: Tensor, idx: Tensor, s: int) -> Tensor:
     idx_q = idx.repeat_interleave(hq // idx.shape[1], dim=1)  # (B, Hq, P)
     out = out_kept.new_zeros(b, hq, s, dv)  # (B, Hq, S, Dv)
     return out.scatter_(2, idx_q[..., None].expand(b, hq, n, dv), out_kept)
+
+
+def triton_copy_problem(
+    q: Tensor, *, impl: Impl | str = "auto", unkept: str = "zero"
+) -> str | None:
+    """Why ``copy_impl="triton"`` cannot run a ``sparse_attention`` call, or None when it can.
+
+    Args:
+        q: the call's queries (their device decides).
+        impl: the call's ``impl`` (``"sdpa"`` and ``"auto"`` are the paths with the copies).
+        unkept: the call's ``unkept`` (``"zero"`` is the path with the copies).
+
+    Returns:
+        None, or what is missing, worded to follow "needs" (e.g. ``"a CUDA tensor ..."``).
+    """
+    impl_ = parse_impl("impl", impl, SPARSE_ATTENTION_IMPLS)
+    if impl_ not in (Impl.SDPA, Impl.AUTO):
+        return f"impl 'sdpa' or 'auto' (the path whose copies it replaces), got {impl_.value!r}"
+    if unkept != "zero":
+        return f"unkept='zero' (the path whose copies it replaces), got {unkept!r}"
+    if torch.compiler.is_compiling():
+        return "an eager call (inside torch.compile the PyTorch copies are traced instead)"
+    try:
+        from zipvl.sparsity import gather_triton
+    except ImportError as exc:  # pragma: no cover - triton ships with torch on Linux
+        return f"the triton package ({exc})"
+    if not gather_triton.triton_copy_available(q.device):
+        return (
+            f"a CUDA tensor (or TRITON_INTERPRET=1 set before the kernels are imported), got "
+            f"device {q.device}"
+        )
+    return None
+
+
+def copy_impl_for(
+    q: Tensor,
+    *,
+    impl: Impl | str = "auto",
+    unkept: str = "zero",
+    copy_impl: Impl | str = "auto",
+) -> Impl:
+    """The copies a ``sparse_attention`` call runs: ``Impl.TRITON`` or ``Impl.TORCH``.
+
+    ``"torch"`` and ``"triton"`` are taken as asked; ``"auto"`` is ``Impl.TRITON`` exactly when
+    q is a CUDA tensor and ``triton_copy_problem`` returns None, ``Impl.TORCH`` otherwise.
+
+    Raises:
+        ValueError: an unknown ``copy_impl`` or ``impl``, or ``copy_impl="triton"`` where it
+            cannot run (the message says why).
+    """
+    copy = parse_impl("copy_impl", copy_impl, COPY_IMPLS)
+    if copy is Impl.TORCH or (copy is Impl.AUTO and not q.is_cuda):
+        return Impl.TORCH
+    problem = triton_copy_problem(q, impl=impl, unkept=unkept)
+    if problem is None:
+        return Impl.TRITON
+    if copy is Impl.TRITON:
+        raise ValueError(f"copy_impl: 'triton' cannot run: it needs {problem}")
+    return Impl.TORCH
 
 
 def _mark_dynamic(block_mask: BlockMask, *tensors: Tensor) -> None:
@@ -191,13 +268,25 @@ def _sdpa_sparse(
     unkept: str,
     scale: float | None,
     tuned: bool = False,
+    copy: Impl = Impl.TORCH,
 ) -> Tensor:
+    """The gather + SDPA path; ``copy`` (resolved by ``copy_impl_for``) picks the copies of the
+    ``"zero"`` path: ``Impl.TRITON`` (``zipvl.sparsity.gather_triton``) or ``Impl.TORCH``."""
     backend = "auto" if tuned else None  # the measured SDPA backend, or PyTorch's dispatch
     b, hq, s, d = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
     g = hq // hkv
     p = selection.num_kept
     idx = selection.indices()  # (B, Hkv, P)
+    if unkept == "zero" and copy is Impl.TRITON:
+        # lazy import: triton is an optional, Linux-only dependency
+        from zipvl.sparsity.gather_triton import gather_qkv_triton, scatter_rows_triton
+
+        qg, kg, vg = gather_qkv_triton(q, k, v, idx)  # (B, Hq|Hkv, P, D|Dv): one launch
+        out = sdpa(
+            qg, kg, vg, backend=backend, is_causal=True, scale=scale, enable_gqa=True
+        )  # (B, Hq, P, Dv)
+        return scatter_rows_triton(out, idx, selection.keep, s)  # (B, Hq, S, Dv): one launch
     kg, vg = _gather_kv(k, v, idx)  # (B, Hkv, P, D), (B, Hkv, P, Dv)
     if unkept == "zero":
         qg = _gather_q(q, idx)  # (B, Hq, P, D)
@@ -268,6 +357,7 @@ def sparse_attention(
     block_size: int = 128,
     compile: bool = True,
     key_valid: Tensor | None = None,
+    copy_impl: Impl | str = "auto",
 ) -> Tensor:
     """Causal prefill attention restricted to the selected tokens of each KV head.
 
@@ -305,19 +395,27 @@ def sparse_attention(
             if it ran alone (the selection of ``plan_tokens(key_valid=...)``, whose top-up
             padding positions are never attended); padding query rows are 0. Two host reads
             (the spans and the row counts).
+        copy_impl: the gather of the kept rows and the scatter of the output on the
+            ``"sdpa"``/``"auto"`` path with ``unkept="zero"``: ``"triton"`` (one launch each,
+            ``zipvl.sparsity.gather_triton``; CUDA, or the CPU under ``TRITON_INTERPRET=1``),
+            ``"torch"`` (``gather``, ``new_zeros`` + ``scatter_``) or ``"auto"`` (default:
+            ``"triton"`` for eager CUDA calls of that path, ``"torch"`` otherwise; see
+            ``copy_impl_for``). The results are equal element for element.
 
     Returns:
         (B, Hq, S, Dv) in q's dtype; rows of queries that attend to nothing are zero. A selection
         with ``num_kept = 0`` gives all zeros.
 
     Raises:
-        ValueError: unknown ``impl``/``unkept``, bad shapes/dtypes/devices (``check_qkv``),
+        ValueError: unknown ``impl``/``unkept``/``copy_impl``, ``copy_impl="triton"`` where
+            it cannot run (``triton_copy_problem``), bad shapes/dtypes/devices (``check_qkv``),
             Sq != Skv, a selection that does not match k or whose rows do not all keep
             ``num_kept`` tokens, a non-positive or non-finite ``scale``, ``block_size < 1``.
         TypeError: ``selection`` is not a ``Selection``; ``scale``, ``block_size`` or
             ``compile`` of the wrong type.
     """
     impl_ = parse_impl("impl", impl, SPARSE_ATTENTION_IMPLS)
+    parse_impl("copy_impl", copy_impl, COPY_IMPLS)
     check_qkv(q, k, v)
     if q.shape[2] != k.shape[2]:
         raise ValueError(
@@ -330,13 +428,14 @@ def sparse_attention(
     check_int("block_size", block_size, 1)
     if not isinstance(compile, bool):
         raise TypeError(f"compile: expected a bool, got {type(compile).__name__}")
+    copy = copy_impl_for(q, impl=impl_, unkept=unkept, copy_impl=copy_impl)
     _check_selection(selection, q, k)  # last: its row-count check reads the device
     b, hq, s, _ = q.shape
     if key_valid is not None:
         spans = padded_spans(key_valid, b, s)
         if spans is not None:
             kw = {"impl": impl_, "unkept": unkept, "scale": scale, "block_size": block_size,
-                  "compile": compile}  # fmt: skip
+                  "compile": compile, "copy_impl": copy}  # fmt: skip
             return _padded_rows(q, k, v, selection, spans, kw)
 
     if selection.num_kept == 0:
@@ -345,7 +444,7 @@ def sparse_attention(
         return reference_sparse_attention(q, k, v, selection, unkept=unkept, scale=scale)
     if impl_ in (Impl.SDPA, Impl.AUTO):
         tuned = impl_ is Impl.AUTO
-        return _sdpa_sparse(q, k, v, selection, unkept=unkept, scale=scale, tuned=tuned)
+        return _sdpa_sparse(q, k, v, selection, unkept=unkept, scale=scale, tuned=tuned, copy=copy)
     return _flex_sparse(
         q,
         k,
