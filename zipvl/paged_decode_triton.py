@@ -32,7 +32,14 @@ from torch import Tensor
 
 from zipvl.cache.paged import HIGH, LOW, STAGE_HIGH, STAGE_LOW, TAIL
 
-__all__ = ["CONVERTS", "DEFAULT_CONVERT", "INTERPRETED", "paged_decode_triton"]
+__all__ = [
+    "CONVERTS",
+    "DEFAULT_CONVERT",
+    "DEFAULT_VARIANT",
+    "INTERPRETED",
+    "VARIANTS",
+    "paged_decode_triton",
+]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 """Whether the kernels below were decorated for the Triton interpreter (read at import, when
@@ -41,6 +48,12 @@ Triton reads the variable too), so CPU tensors can run them."""
 CONVERTS = ("cvt", "magic", "asm")
 """How the kernel turns codes into fp16 (see ``_fields_asm``): the workspace key ``convert``."""
 DEFAULT_CONVERT = "magic" if INTERPRETED else "asm"
+
+VARIANTS = ("tile", "pages")
+"""How a program's warps share its pages (the workspace key ``variant``): "tile", the warps
+split every page's tokens (one page at a time); "pages", each warp owns a page (batched dots,
+one softmax state per warp, merged at the end; see ``_slot_loop``)."""
+DEFAULT_VARIANT = "tile"
 
 
 # Codes are read as int32 words: four bytes of one token row, i.e. channels 4j .. 4j + 3 of
@@ -169,10 +182,24 @@ def _h(x):
 
 
 @triton.jit
-def _interleave4(a, b, c, d):
-    """Four (BT, W) tiles -> (BT, 4 W): element [t, 4 j + r] is tile r's [t, j]."""
-    x = tl.join(tl.join(a, c), tl.join(b, d))  # [t, j, i, k] = tile 2 i + k
-    return tl.reshape(x, (x.shape[0], 4 * x.shape[1]))
+def _interleave4(a, b, c, d, FM: tl.constexpr):
+    """Four (BT, W) tiles -> (BT, 4 W): element [t, 4 j + r] is tile r's [t, j] (channel order);
+    with FM ("field-major"), element [t, r W + j]. Also for (NW, BT, W) tiles (one page per
+    slot, the "pages" variant) -> (NW, BT, 4 W)."""
+    x = tl.join(tl.join(a, c), tl.join(b, d))  # [.., t, j, i, k] = tile 2 i + k
+    if len(a.shape) == 3:
+        if FM:  # the tile index above the word index: [s, t, i, k, j]
+            x = tl.permute(x, (0, 1, 3, 4, 2))
+            y = tl.reshape(x, (x.shape[0], x.shape[1], x.shape[2] * x.shape[3] * x.shape[4]))
+        else:
+            y = tl.reshape(x, (x.shape[0], x.shape[1], 4 * x.shape[2]))
+    else:
+        if FM:
+            x = tl.permute(x, (0, 2, 3, 1))
+            y = tl.reshape(x, (x.shape[0], x.shape[1] * x.shape[2] * x.shape[3]))
+        else:
+            y = tl.reshape(x, (x.shape[0], 4 * x.shape[1]))
+    return y
 
 
 @triton.jit
@@ -185,12 +212,13 @@ def _field(w, SHIFT: tl.constexpr, MASK: tl.constexpr, CONVERT: tl.constexpr):
 
 
 @triton.jit
-def _field_quarter(w, F: tl.constexpr, BITS: tl.constexpr, CONVERT: tl.constexpr):
+def _field_quarter(w, F: tl.constexpr, BITS: tl.constexpr, CONVERT: tl.constexpr,
+                   FM: tl.constexpr):
     """Field F of every byte of (BT, W) words as a (BT, 4 W) fp16 tile (CONVERT 0 or 1)."""
     MASK: tl.constexpr = (1 << BITS) - 1
     return _interleave4(_field(w, F * BITS, MASK, CONVERT), _field(w, 8 + F * BITS, MASK, CONVERT),
                         _field(w, 16 + F * BITS, MASK, CONVERT),
-                        _field(w, 24 + F * BITS, MASK, CONVERT))  # fmt: skip
+                        _field(w, 24 + F * BITS, MASK, CONVERT), FM)  # fmt: skip
 
 
 @triton.jit
@@ -201,29 +229,40 @@ def _quarters(base, offs_t, tv, QD: tl.constexpr, BITS: tl.constexpr, CONVERT: t
     W: tl.constexpr = QD // 4
     offs_w = tl.arange(0, W)
     words = base.to(tl.pointer_type(tl.int32)) + offs_t[:, None] * (ROW // 4) + offs_w[None, :]
-    m = tv[:, None]
+    return _quarters_at(words, tv[:, None], QD, BITS, CONVERT, False)
+
+
+@triton.jit
+def _quarters_at(words, m, QD: tl.constexpr, BITS: tl.constexpr, CONVERT: tl.constexpr,
+                 FM: tl.constexpr):
+    """``_quarters`` from the int32 pointers of the first W words of each token row, (.., W),
+    and a mask that broadcasts to them: four (.., 4 W) fp16 quarters of channels (in
+    field-major order with FM, see ``_interleave4``)."""
+    W: tl.constexpr = QD // 4
     if BITS == 2:  # one quarter of the words holds all four quarters (fields 0 .. 3)
         w0 = tl.load(words, mask=m, other=0)
         if CONVERT == 2:
             r = _word_asm_2(w0)
-            return (_interleave4(_h(r[0]), _h(r[1]), _h(r[2]), _h(r[3])),
-                    _interleave4(_h(r[4]), _h(r[5]), _h(r[6]), _h(r[7])),
-                    _interleave4(_h(r[8]), _h(r[9]), _h(r[10]), _h(r[11])),
-                    _interleave4(_h(r[12]), _h(r[13]), _h(r[14]), _h(r[15])))  # fmt: skip
-        return (_field_quarter(w0, 0, 2, CONVERT), _field_quarter(w0, 1, 2, CONVERT),
-                _field_quarter(w0, 2, 2, CONVERT), _field_quarter(w0, 3, 2, CONVERT))  # fmt: skip
+            return (_interleave4(_h(r[0]), _h(r[1]), _h(r[2]), _h(r[3]), FM),
+                    _interleave4(_h(r[4]), _h(r[5]), _h(r[6]), _h(r[7]), FM),
+                    _interleave4(_h(r[8]), _h(r[9]), _h(r[10]), _h(r[11]), FM),
+                    _interleave4(_h(r[12]), _h(r[13]), _h(r[14]), _h(r[15]), FM))  # fmt: skip
+        return (_field_quarter(w0, 0, 2, CONVERT, FM), _field_quarter(w0, 1, 2, CONVERT, FM),
+                _field_quarter(w0, 2, 2, CONVERT, FM),
+                _field_quarter(w0, 3, 2, CONVERT, FM))  # fmt: skip
     if BITS == 4:  # words [0, W): quarters 0 (low) and 2 (high); [W, 2 W): quarters 1 and 3
         w0 = tl.load(words, mask=m, other=0)
         w1 = tl.load(words + W, mask=m, other=0)
         if CONVERT == 2:
             r = _word_asm_4(w0)
             u = _word_asm_4(w1)
-            return (_interleave4(_h(r[0]), _h(r[1]), _h(r[2]), _h(r[3])),
-                    _interleave4(_h(u[0]), _h(u[1]), _h(u[2]), _h(u[3])),
-                    _interleave4(_h(r[4]), _h(r[5]), _h(r[6]), _h(r[7])),
-                    _interleave4(_h(u[4]), _h(u[5]), _h(u[6]), _h(u[7])))  # fmt: skip
-        return (_field_quarter(w0, 0, 4, CONVERT), _field_quarter(w1, 0, 4, CONVERT),
-                _field_quarter(w0, 1, 4, CONVERT), _field_quarter(w1, 1, 4, CONVERT))  # fmt: skip
+            return (_interleave4(_h(r[0]), _h(r[1]), _h(r[2]), _h(r[3]), FM),
+                    _interleave4(_h(u[0]), _h(u[1]), _h(u[2]), _h(u[3]), FM),
+                    _interleave4(_h(r[4]), _h(r[5]), _h(r[6]), _h(r[7]), FM),
+                    _interleave4(_h(u[4]), _h(u[5]), _h(u[6]), _h(u[7]), FM))  # fmt: skip
+        return (_field_quarter(w0, 0, 4, CONVERT, FM), _field_quarter(w1, 0, 4, CONVERT, FM),
+                _field_quarter(w0, 1, 4, CONVERT, FM),
+                _field_quarter(w1, 1, 4, CONVERT, FM))  # fmt: skip
     # 8 bits: quarter q is words [q W, (q + 1) W)
     w0 = tl.load(words, mask=m, other=0)
     w1 = tl.load(words + W, mask=m, other=0)
@@ -231,12 +270,13 @@ def _quarters(base, offs_t, tv, QD: tl.constexpr, BITS: tl.constexpr, CONVERT: t
     w3 = tl.load(words + 3 * W, mask=m, other=0)
     if CONVERT == 2:
         r0, r1, r2, r3 = _word_asm_8(w0), _word_asm_8(w1), _word_asm_8(w2), _word_asm_8(w3)
-        return (_interleave4(_h(r0[0]), _h(r0[1]), _h(r0[2]), _h(r0[3])),
-                _interleave4(_h(r1[0]), _h(r1[1]), _h(r1[2]), _h(r1[3])),
-                _interleave4(_h(r2[0]), _h(r2[1]), _h(r2[2]), _h(r2[3])),
-                _interleave4(_h(r3[0]), _h(r3[1]), _h(r3[2]), _h(r3[3])))  # fmt: skip
-    return (_field_quarter(w0, 0, 8, CONVERT), _field_quarter(w1, 0, 8, CONVERT),
-            _field_quarter(w2, 0, 8, CONVERT), _field_quarter(w3, 0, 8, CONVERT))  # fmt: skip
+        return (_interleave4(_h(r0[0]), _h(r0[1]), _h(r0[2]), _h(r0[3]), FM),
+                _interleave4(_h(r1[0]), _h(r1[1]), _h(r1[2]), _h(r1[3]), FM),
+                _interleave4(_h(r2[0]), _h(r2[1]), _h(r2[2]), _h(r2[3]), FM),
+                _interleave4(_h(r3[0]), _h(r3[1]), _h(r3[2]), _h(r3[3]), FM))  # fmt: skip
+    return (_field_quarter(w0, 0, 8, CONVERT, FM), _field_quarter(w1, 0, 8, CONVERT, FM),
+            _field_quarter(w2, 0, 8, CONVERT, FM),
+            _field_quarter(w3, 0, 8, CONVERT, FM))  # fmt: skip
 
 
 @triton.jit
@@ -355,6 +395,163 @@ def _page_loop(qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, start, end, base_id
     return m_i, l_i, a0, a1, a2, a3
 
 
+# The "pages" variant (workspace ``variant``): the NW warps of a program own NW different pages
+# at a time instead of sharing one. Code tiles are (NW, BT, words), one page per slot (row
+# pointers per slot, no reshape across pages), and every dot is a batched (rank-3) ``tl.dot``
+# over the slots: for rank-3 operands Triton's MMA layout puts the warps along the batch
+# dimension, so each warp multiplies its own page, and the softmax max / sum over a page's
+# tokens (the reductions that cost block barriers when 4 warps split the tokens) stay inside
+# one warp. Each slot keeps its own online-softmax state (m, l: (NW, GP); accumulators
+# (NW, GP, QD) x 4, i.e. (GP, D) float32 per warp: 64 registers per thread); the NW states are
+# merged once per program, before the partial state is written. A program's pages go NW at a
+# time; slots past its last page read nothing (fill 0: every token masked).
+
+
+@triton.jit
+def _slot_params(pt_ptr, pf_ptr, ks_ptr, kz_ptr, cs_ptr, idx, valid, offs_c, offs_v,
+                 QD: tl.constexpr):  # fmt: skip
+    """``_page_ahead`` for NW table entries ``idx`` (NW,) at once: page ids and fills (NW,) and
+    the per-channel parameters as (NW, QD) quarters (raw PARAM dtype; masked where ``valid``
+    is false): the keys' in channel order ``offs_c``, the values' divisors in ``offs_v``."""
+    page = tl.load(pt_ptr + idx, mask=valid, other=0)
+    fill = tl.load(pf_ptr + idx, mask=valid, other=0)
+    base = (page.to(tl.int64) * 4 * QD)[:, None] + offs_c[None, :]
+    vm = valid[:, None]
+    par = ks_ptr + base
+    ks0 = tl.load(par, mask=vm, other=0.0)
+    ks1 = tl.load(par + QD, mask=vm, other=0.0)
+    ks2 = tl.load(par + 2 * QD, mask=vm, other=0.0)
+    ks3 = tl.load(par + 3 * QD, mask=vm, other=0.0)
+    par = kz_ptr + base
+    kz0 = tl.load(par, mask=vm, other=0.0)
+    kz1 = tl.load(par + QD, mask=vm, other=0.0)
+    kz2 = tl.load(par + 2 * QD, mask=vm, other=0.0)
+    kz3 = tl.load(par + 3 * QD, mask=vm, other=0.0)
+    par = cs_ptr + (page.to(tl.int64) * 4 * QD)[:, None] + offs_v[None, :]
+    cs0 = tl.load(par, mask=vm, other=0.0)
+    cs1 = tl.load(par + QD, mask=vm, other=0.0)
+    cs2 = tl.load(par + 2 * QD, mask=vm, other=0.0)
+    cs3 = tl.load(par + 3 * QD, mask=vm, other=0.0)
+    return page, fill, ks0, ks1, ks2, ks3, kz0, kz1, kz2, kz3, cs0, cs1, cs2, cs3
+
+
+@triton.jit
+def _slot_dot(a, b, PRECISE: tl.constexpr):
+    """``_dot2`` for (NW, M, K) x (NW, K, N) operands: one product per slot (warp)."""
+    if PRECISE:
+        hi, lo = _split16(a)
+        return tl.dot(hi, b) + tl.dot(lo, b)
+    return tl.dot(a.to(tl.float16), b)
+
+
+@triton.jit
+def _slot_qs(q_rows, gm, sm_scale, ks, kz):
+    """One quarter of q (pointers (GP, QD)), read per page (L1) as a (1, GP, QD) tile so it
+    takes the dot operand's layout at the load instead of a conversion through shared memory,
+    in code space for every slot: (NW, GP, QD) q * s, and the slot's part of q . z (NW, GP)."""
+    q = tl.load(q_rows[None, :, :], mask=gm[None, :, :], other=0.0).to(tl.float32) * sm_scale
+    qs = q * ks.to(tl.float32)[:, None, :]
+    return qs, tl.sum(q * kz.to(tl.float32)[:, None, :], axis=2)
+
+
+@triton.jit
+def _slot_loop(q_rows, gm, sm_scale, m_i, l_i, a0, a1, a2, a3, start, end, base_idx,
+               kc_ptr, vc_ptr, ks_ptr, kz_ptr, va_ptr, vb_ptr, cs_ptr, pt_ptr, pf_ptr, offs_c,
+               offs_v, NW: tl.constexpr, QD: tl.constexpr, PAGE: tl.constexpr,
+               BLOCK_T: tl.constexpr, BITS: tl.constexpr, PRECISE: tl.constexpr,
+               CONVERT: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+    """Pages ``start .. end - 1`` of one pool's table row, NW at a time, page ``u + i`` in slot
+    i: the per-slot states m_i, l_i (NW, GP) and a0 .. a3 (NW, GP, QD) advance independently."""
+    ROW: tl.constexpr = 4 * QD * BITS // 8  # bytes per token
+    W: tl.constexpr = QD // 4
+    slots = tl.arange(0, NW)
+    offs_w = tl.arange(0, W)
+    for u in tl.range(start, end, NW, num_stages=STAGES):
+        idx = u + slots
+        (page, fill, ks0, ks1, ks2, ks3, kz0, kz1, kz2, kz3, cs0, cs1, cs2, cs3) = _slot_params(
+            pt_ptr, pf_ptr, ks_ptr, kz_ptr, cs_ptr, base_idx + idx, idx < end, offs_c, offs_v, QD)
+        page = page.to(tl.int64)
+        qs0, z0 = _slot_qs(q_rows, gm, sm_scale, ks0, kz0)
+        qs1, z1 = _slot_qs(q_rows + QD, gm, sm_scale, ks1, kz1)
+        qs2, z2 = _slot_qs(q_rows + 2 * QD, gm, sm_scale, ks2, kz2)
+        qs3, z3 = _slot_qs(q_rows + 3 * QD, gm, sm_scale, ks3, kz3)
+        qz = (z0 + z1) + (z2 + z3)  # (NW, GP): q . z of each slot's page
+        cs0, cs1 = cs0.to(tl.float32)[:, None, :], cs1.to(tl.float32)[:, None, :]
+        cs2, cs3 = cs2.to(tl.float32)[:, None, :], cs3.to(tl.float32)[:, None, :]
+        # int32 word pointers of each slot's page, (NW, 1, 1)
+        kw = (kc_ptr + page * (PAGE * ROW)).to(tl.pointer_type(tl.int32))[:, None, None]
+        vw = (vc_ptr + page * (PAGE * ROW)).to(tl.pointer_type(tl.int32))[:, None, None]
+        for sub in tl.static_range(PAGE // BLOCK_T):
+            offs_t = sub * BLOCK_T + tl.arange(0, BLOCK_T)
+            tv = offs_t[None, :] < fill[:, None]  # (NW, BT)
+            rows = offs_t[None, :, None] * (ROW // 4) + offs_w[None, None, :]  # (1, BT, W)
+            k0, k1, k2, k3 = _quarters_at(kw + rows, tv[:, :, None], QD, BITS, CONVERT, False)
+            s = _slot_dot(qs0, tl.permute(k0, (0, 2, 1)), PRECISE)
+            s += _slot_dot(qs1, tl.permute(k1, (0, 2, 1)), PRECISE)
+            s += _slot_dot(qs2, tl.permute(k2, (0, 2, 1)), PRECISE)
+            s += _slot_dot(qs3, tl.permute(k3, (0, 2, 1)), PRECISE)
+            s = tl.where(tv[:, None, :], s + qz[:, :, None], float("-inf"))  # (NW, GP, BT)
+            m_new = tl.maximum(m_i, tl.max(s, axis=2))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, :, None])
+            l_i = l_i * alpha + tl.sum(p, axis=2)
+            m_i = m_new
+            tok = page[:, None] * PAGE + offs_t[None, :]  # (NW, BT)
+            va = tl.load(va_ptr + tok, mask=tv, other=0.0).to(tl.float32)
+            vb = tl.load(vb_ptr + tok, mask=tv, other=0.0).to(tl.float32)
+            pa = p * va[:, None, :]
+            pz = tl.sum(p * vb[:, None, :], axis=2)[:, :, None]
+            v0, v1, v2, v3 = _quarters_at(vw + rows, tv[:, :, None], QD, BITS, CONVERT, True)
+            alpha = alpha[:, :, None]
+            a0 = a0 * alpha + (_slot_dot(pa, v0, PRECISE) + pz) * cs0
+            a1 = a1 * alpha + (_slot_dot(pa, v1, PRECISE) + pz) * cs1
+            a2 = a2 * alpha + (_slot_dot(pa, v2, PRECISE) + pz) * cs2
+            a3 = a3 * alpha + (_slot_dot(pa, v3, PRECISE) + pz) * cs3
+    return m_i, l_i, a0, a1, a2, a3
+
+
+@triton.jit
+def _slot_pages(tab, row, q_rows, gm, sm_scale, u0, u1, nh, hcols, offs_c, offs_v,
+                hkc, hvc, hks, hkz, hva, hvb, hcs, hpt, hpf,
+                GP: tl.constexpr, NW: tl.constexpr, QD: tl.constexpr, PAGE: tl.constexpr,
+                BLOCK_T: tl.constexpr, HBITS: tl.constexpr, LBITS: tl.constexpr,
+                PRECISE: tl.constexpr, CONVERT: tl.constexpr, STAGES: tl.constexpr,
+                PARAM: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
+    """The "pages" variant of a split: its high pages, then its low pages, NW slots each;
+    returns the merged state of the program."""
+    m_i = tl.full([NW, GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([NW, GP], tl.float32)
+    a0 = tl.zeros([NW, GP, QD], tl.float32)
+    a1 = tl.zeros([NW, GP, QD], tl.float32)
+    a2 = tl.zeros([NW, GP, QD], tl.float32)
+    a3 = tl.zeros([NW, GP, QD], tl.float32)
+    m_i, l_i, a0, a1, a2, a3 = _slot_loop(
+        q_rows, gm, sm_scale, m_i, l_i, a0, a1, a2, a3, u0, tl.minimum(u1, nh), row * hcols,
+        hkc, hvc, hks, hkz, hva, hvb, hcs, hpt, hpf, offs_c, offs_v,
+        NW, QD, PAGE, BLOCK_T, HBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
+    lkc, lvc, lks, lkz, lva, lvb, lcs = _pool(tab, 7, PARAM, ALIGNED)  # L_POOL
+    lpt = _addr(tab, 17, tl.int32, ALIGNED)  # L_PT
+    lpf = _addr(tab, 18, tl.int32, ALIGNED)  # L_PF
+    lcols = tl.load(tab + 24).to(tl.int32)  # LCOLS
+    m_i, l_i, a0, a1, a2, a3 = _slot_loop(
+        q_rows, gm, sm_scale, m_i, l_i, a0, a1, a2, a3, tl.maximum(u0, nh) - nh, u1 - nh,
+        row * lcols, lkc, lvc, lks, lkz, lva, lvb, lcs, lpt, lpf, offs_c, offs_v,
+        NW, QD, PAGE, BLOCK_T, LBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
+    return _slot_merge(m_i, l_i, a0, a1, a2, a3)
+
+
+@triton.jit
+def _slot_merge(m_i, l_i, a0, a1, a2, a3):
+    """The NW slot states -> one state of the program ((GP,), (GP,), (GP, QD) x 4): the only
+    reduction across warps, once per program."""
+    m = tl.max(m_i, axis=0)
+    w = tl.exp2(m_i - tl.where(m == float("-inf"), 0.0, m)[None, :])  # (NW, GP), 0 where -inf
+    w3 = w[:, :, None]
+    return (m, tl.sum(l_i * w, axis=0), tl.sum(a0 * w3, axis=0), tl.sum(a1 * w3, axis=0),
+            tl.sum(a2 * w3, axis=0), tl.sum(a3 * w3, axis=0))  # fmt: skip
+
+
 # The address table (``_address_table``): one int64 per slot, the pointers of both pool classes
 # and of the store's tables, fills, counts and full-precision buffer, then three sizes. One
 # tensor argument stands for 23 pointers and 3 integers, so a launch specialises a handful of
@@ -442,6 +639,7 @@ def _paged_decode_kernel(
     STAGES: tl.constexpr, PRECISE: tl.constexpr, CONVERT: tl.constexpr, FP_BLOCK: tl.constexpr,
     PARAM: tl.constexpr, FP: tl.constexpr, ALIGNED: tl.constexpr,  # pool parameter, fp dtypes
     NS_PAD: tl.constexpr, MERGE_GM: tl.constexpr, MERGE_SB: tl.constexpr,  # merge tiles
+    VARIANT: tl.constexpr, NW: tl.constexpr,  # 0 "tile", 1 "pages" (NW: its page slots)
 ):  # fmt: skip
     QD: tl.constexpr = HEAD_DIM // 4
     row = tl.program_id(0)
@@ -450,6 +648,9 @@ def _paged_decode_kernel(
     hkv = row % HKV
     offs_g = tl.arange(0, GROUP_PAD)
     offs_c = tl.arange(0, QD)
+    offs_v = offs_c  # the channel at each position of the value side: accumulators, outputs
+    if VARIANT == 1:  # channel 4 (n % W) + n // W at position n of a quarter (W = QD / 4):
+        offs_v = 4 * (offs_c % (QD // 4)) + offs_c // (QD // 4)  # the codes' field-major order
     g_valid = offs_g < GROUP
     heads = hkv * GROUP + offs_g
     num_heads = HKV * GROUP
@@ -479,20 +680,27 @@ def _paged_decode_kernel(
         per = tl.cdiv(total, NUM_SPLITS)
         u0 = split * per
         u1 = tl.minimum(u0 + per, total)
-        m_i, l_i, a0, a1, a2, a3 = _page_loop(
-            qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, u0, tl.minimum(u1, nh), row * hcols,
-            hkc, hvc, hks, hkz, hva, hvb, hcs, hpt, hpf, offs_c,
-            QD, PAGE, BLOCK_T, HBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
-        # the low class's addresses only now: loaded before the first loop they would hold
-        # 18 registers through it (sm_90: 232 registers instead of 241)
-        lkc, lvc, lks, lkz, lva, lvb, lcs = _pool(tab, 7, PARAM, ALIGNED)  # L_POOL
-        lpt = _addr(tab, 17, tl.int32, ALIGNED)  # L_PT
-        lpf = _addr(tab, 18, tl.int32, ALIGNED)  # L_PF
-        lcols = tl.load(tab + 24).to(tl.int32)  # LCOLS
-        m_i, l_i, a0, a1, a2, a3 = _page_loop(
-            qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, tl.maximum(u0, nh) - nh, u1 - nh,
-            row * lcols, lkc, lvc, lks, lkz, lva, lvb, lcs, lpt, lpf, offs_c,
-            QD, PAGE, BLOCK_T, LBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
+        if VARIANT == 1:  # "pages": the warps own separate pages
+            m_i, l_i, a0, a1, a2, a3 = _slot_pages(
+                tab, row, q_rows, gm, sm_scale, u0, u1, nh, hcols, offs_c, offs_v,
+                hkc, hvc, hks, hkz, hva, hvb, hcs, hpt, hpf,
+                GROUP_PAD, NW, QD, PAGE, BLOCK_T, HBITS, LBITS, PRECISE, CONVERT, STAGES, PARAM,
+                ALIGNED)  # fmt: skip
+        else:
+            m_i, l_i, a0, a1, a2, a3 = _page_loop(
+                qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, u0, tl.minimum(u1, nh), row * hcols,
+                hkc, hvc, hks, hkz, hva, hvb, hcs, hpt, hpf, offs_c,
+                QD, PAGE, BLOCK_T, HBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
+            # the low class's addresses only now: loaded before the first loop they would hold
+            # 18 registers through it (sm_90: 232 registers instead of 241)
+            lkc, lvc, lks, lkz, lva, lvb, lcs = _pool(tab, 7, PARAM, ALIGNED)  # L_POOL
+            lpt = _addr(tab, 17, tl.int32, ALIGNED)  # L_PT
+            lpf = _addr(tab, 18, tl.int32, ALIGNED)  # L_PF
+            lcols = tl.load(tab + 24).to(tl.int32)  # LCOLS
+            m_i, l_i, a0, a1, a2, a3 = _page_loop(
+                qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, tl.maximum(u0, nh) - nh, u1 - nh,
+                row * lcols, lkc, lvc, lks, lkz, lva, lvb, lcs, lpt, lpf, offs_c,
+                QD, PAGE, BLOCK_T, LBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
     else:
         fk_ptr = _addr(tab, 20, FP, ALIGNED)  # FK
         fv_ptr = _addr(tab, 21, FP, ALIGNED)  # FV
@@ -512,6 +720,7 @@ def _paged_decode_kernel(
                 offs_t = t0 + tl.arange(0, FP_BLOCK)
                 tv = (offs_t < n)[:, None]
                 ptrs = fbase + (base + offs_t)[:, None] * HEAD_DIM + offs_c[None, :]
+                vptrs = fbase + (base + offs_t)[:, None] * HEAD_DIM + offs_v[None, :]
                 k0 = tl.load(fk_ptr + ptrs, mask=tv, other=0.0).to(tl.float32)
                 k1 = tl.load(fk_ptr + ptrs + QD, mask=tv, other=0.0).to(tl.float32)
                 k2 = tl.load(fk_ptr + ptrs + 2 * QD, mask=tv, other=0.0).to(tl.float32)
@@ -522,10 +731,10 @@ def _paged_decode_kernel(
                 s += tl.dot(q3, tl.trans(k3), input_precision="ieee")
                 s = tl.where(tl.trans(tv), s, float("-inf"))
                 m_i, p, alpha, l_i = _online(s, m_i, l_i)
-                v0 = tl.load(fv_ptr + ptrs, mask=tv, other=0.0).to(tl.float32)
-                v1 = tl.load(fv_ptr + ptrs + QD, mask=tv, other=0.0).to(tl.float32)
-                v2 = tl.load(fv_ptr + ptrs + 2 * QD, mask=tv, other=0.0).to(tl.float32)
-                v3 = tl.load(fv_ptr + ptrs + 3 * QD, mask=tv, other=0.0).to(tl.float32)
+                v0 = tl.load(fv_ptr + vptrs, mask=tv, other=0.0).to(tl.float32)
+                v1 = tl.load(fv_ptr + vptrs + QD, mask=tv, other=0.0).to(tl.float32)
+                v2 = tl.load(fv_ptr + vptrs + 2 * QD, mask=tv, other=0.0).to(tl.float32)
+                v3 = tl.load(fv_ptr + vptrs + 3 * QD, mask=tv, other=0.0).to(tl.float32)
                 a0 = a0 * alpha[:, None] + tl.dot(p, v0, input_precision="ieee")
                 a1 = a1 * alpha[:, None] + tl.dot(p, v1, input_precision="ieee")
                 a2 = a2 * alpha[:, None] + tl.dot(p, v2, input_precision="ieee")
@@ -533,7 +742,7 @@ def _paged_decode_kernel(
     out_row = (b * num_heads + heads).to(tl.int64) * (NUM_SPLITS + 1) + split
     tl.store(m_ptr + out_row, m_i, mask=g_valid)
     tl.store(l_ptr + out_row, l_i, mask=g_valid)
-    o_rows = o_ptr + (out_row * HEAD_DIM)[:, None] + offs_c[None, :]
+    o_rows = o_ptr + (out_row * HEAD_DIM)[:, None] + offs_v[None, :]
     tl.store(o_rows, a0, mask=gm)
     tl.store(o_rows + QD, a1, mask=gm)
     tl.store(o_rows + 2 * QD, a2, mask=gm)
@@ -689,7 +898,9 @@ def paged_decode_triton(
         ticket = workspace["ticket"] = torch.zeros(store.rows, dtype=torch.int32, device=q.device)
     tab, aligned = _address_table(store, q.device, workspace)
     fmt = store.fmt
-    block_t = int(workspace.get("block_t", min(fmt.page_size, 64)))  # PAGE / BLOCK_T tiles
+    variant = VARIANTS.index(workspace.get("variant", DEFAULT_VARIANT))
+    # PAGE / BLOCK_T tiles per page ("pages": per warp, whose operands are a whole tile each)
+    block_t = int(workspace.get("block_t", min(fmt.page_size, 32 if variant else 64)))
     convert = CONVERTS.index(workspace.get("convert", DEFAULT_CONVERT))
     if convert == 2 and INTERPRETED:
         raise ValueError("convert: 'asm' is inline PTX, which the Triton interpreter cannot run")
@@ -720,7 +931,7 @@ def paged_decode_triton(
             PRECISE=bool(workspace.get("precise", q.dtype == torch.float32)), CONVERT=convert,
             FP_BLOCK=int(workspace.get("fp_block", 16)),
             PARAM=param, FP=_TL_DTYPES[store.fp_k.dtype], ALIGNED=aligned,
-            NS_PAD=ns_pad, MERGE_GM=gm, MERGE_SB=sb, **extra,
+            NS_PAD=ns_pad, MERGE_GM=gm, MERGE_SB=sb, VARIANT=variant, NW=warps, **extra,
         )  # fmt: skip
     except BaseException:
         ticket.zero_()  # a launch cut short (interpreter) must not leave a row's count behind
