@@ -233,6 +233,34 @@ def _quarters(base, offs_t, tv, QD: tl.constexpr, BITS: tl.constexpr, CONVERT: t
 
 
 @triton.jit
+def _wload(words, m):
+    """int32 words (.., BT, W) (masked by ``m``, which broadcasts to them; see
+    ``_slot_load`` for page-slot tiles)."""
+    if len(words.shape) == 3:  # noqa: SIM108 (Triton: no early return, no conditional expression)
+        w = _slot_load(words, m, 0)
+    else:
+        w = tl.load(words, mask=m, other=0)
+    return w
+
+
+@triton.jit
+def _slot_load(ptrs, m, other):
+    """Load a tile whose first dimension is the page slot, (NW, X) or (NW, X, Y), as (X, NW) or
+    (X, NW, Y) and permute it back: Triton's coalescing then spreads the lanes over the other
+    dimensions and the warps over the slots, the MMA layout's assignment, so the tile reaches
+    its warp's dot without a conversion through shared memory (loaded as (NW, ..), the warps
+    would split the tokens or channels of every slot)."""
+    mb = tl.broadcast_to(m, ptrs.shape)
+    if len(ptrs.shape) == 3:
+        x = tl.load(tl.permute(ptrs, (1, 0, 2)), mask=tl.permute(mb, (1, 0, 2)), other=other)
+        x = tl.permute(x, (1, 0, 2))
+    else:
+        x = tl.permute(tl.load(tl.permute(ptrs, (1, 0)), mask=tl.permute(mb, (1, 0)),
+                               other=other), (1, 0))  # fmt: skip
+    return x
+
+
+@triton.jit
 def _quarters_at(words, m, QD: tl.constexpr, BITS: tl.constexpr, CONVERT: tl.constexpr,
                  FM: tl.constexpr):
     """``_quarters`` from the int32 pointers of the first W words of each token row, (.., W),
@@ -240,7 +268,7 @@ def _quarters_at(words, m, QD: tl.constexpr, BITS: tl.constexpr, CONVERT: tl.con
     field-major order with FM, see ``_interleave4``)."""
     W: tl.constexpr = QD // 4
     if BITS == 2:  # one quarter of the words holds all four quarters (fields 0 .. 3)
-        w0 = tl.load(words, mask=m, other=0)
+        w0 = _wload(words, m)
         if CONVERT == 2:
             r = _word_asm_2(w0)
             return (_interleave4(_h(r[0]), _h(r[1]), _h(r[2]), _h(r[3]), FM),
@@ -251,8 +279,8 @@ def _quarters_at(words, m, QD: tl.constexpr, BITS: tl.constexpr, CONVERT: tl.con
                 _field_quarter(w0, 2, 2, CONVERT, FM),
                 _field_quarter(w0, 3, 2, CONVERT, FM))  # fmt: skip
     if BITS == 4:  # words [0, W): quarters 0 (low) and 2 (high); [W, 2 W): quarters 1 and 3
-        w0 = tl.load(words, mask=m, other=0)
-        w1 = tl.load(words + W, mask=m, other=0)
+        w0 = _wload(words, m)
+        w1 = _wload(words + W, m)
         if CONVERT == 2:
             r = _word_asm_4(w0)
             u = _word_asm_4(w1)
@@ -264,10 +292,10 @@ def _quarters_at(words, m, QD: tl.constexpr, BITS: tl.constexpr, CONVERT: tl.con
                 _field_quarter(w0, 1, 4, CONVERT, FM),
                 _field_quarter(w1, 1, 4, CONVERT, FM))  # fmt: skip
     # 8 bits: quarter q is words [q W, (q + 1) W)
-    w0 = tl.load(words, mask=m, other=0)
-    w1 = tl.load(words + W, mask=m, other=0)
-    w2 = tl.load(words + 2 * W, mask=m, other=0)
-    w3 = tl.load(words + 3 * W, mask=m, other=0)
+    w0 = _wload(words, m)
+    w1 = _wload(words + W, m)
+    w2 = _wload(words + 2 * W, m)
+    w3 = _wload(words + 3 * W, m)
     if CONVERT == 2:
         r0, r1, r2, r3 = _word_asm_8(w0), _word_asm_8(w1), _word_asm_8(w2), _word_asm_8(w3)
         return (_interleave4(_h(r0[0]), _h(r0[1]), _h(r0[2]), _h(r0[3]), FM),
@@ -404,7 +432,9 @@ def _page_loop(qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, start, end, base_id
 # one warp. Each slot keeps its own online-softmax state (m, l: (NW, GP); accumulators
 # (NW, GP, QD) x 4, i.e. (GP, D) float32 per warp: 64 registers per thread); the NW states are
 # merged once per program, before the partial state is written. A program's pages go NW at a
-# time; slots past its last page read nothing (fill 0: every token masked).
+# time; slots past its last page read nothing (fill 0: every token masked). A page is read in
+# tiles of BLOCK_T tokens (default 16: the largest that neither spills on sm_90 nor spreads a
+# slot's word loads over several warps, see ``_wload``).
 
 
 @triton.jit
@@ -418,20 +448,20 @@ def _slot_params(pt_ptr, pf_ptr, ks_ptr, kz_ptr, cs_ptr, idx, valid, offs_c, off
     base = (page.to(tl.int64) * 4 * QD)[:, None] + offs_c[None, :]
     vm = valid[:, None]
     par = ks_ptr + base
-    ks0 = tl.load(par, mask=vm, other=0.0)
-    ks1 = tl.load(par + QD, mask=vm, other=0.0)
-    ks2 = tl.load(par + 2 * QD, mask=vm, other=0.0)
-    ks3 = tl.load(par + 3 * QD, mask=vm, other=0.0)
+    ks0 = _slot_load(par, vm, 0.0)
+    ks1 = _slot_load(par + QD, vm, 0.0)
+    ks2 = _slot_load(par + 2 * QD, vm, 0.0)
+    ks3 = _slot_load(par + 3 * QD, vm, 0.0)
     par = kz_ptr + base
-    kz0 = tl.load(par, mask=vm, other=0.0)
-    kz1 = tl.load(par + QD, mask=vm, other=0.0)
-    kz2 = tl.load(par + 2 * QD, mask=vm, other=0.0)
-    kz3 = tl.load(par + 3 * QD, mask=vm, other=0.0)
+    kz0 = _slot_load(par, vm, 0.0)
+    kz1 = _slot_load(par + QD, vm, 0.0)
+    kz2 = _slot_load(par + 2 * QD, vm, 0.0)
+    kz3 = _slot_load(par + 3 * QD, vm, 0.0)
     par = cs_ptr + (page.to(tl.int64) * 4 * QD)[:, None] + offs_v[None, :]
-    cs0 = tl.load(par, mask=vm, other=0.0)
-    cs1 = tl.load(par + QD, mask=vm, other=0.0)
-    cs2 = tl.load(par + 2 * QD, mask=vm, other=0.0)
-    cs3 = tl.load(par + 3 * QD, mask=vm, other=0.0)
+    cs0 = _slot_load(par, vm, 0.0)
+    cs1 = _slot_load(par + QD, vm, 0.0)
+    cs2 = _slot_load(par + 2 * QD, vm, 0.0)
+    cs3 = _slot_load(par + 3 * QD, vm, 0.0)
     return page, fill, ks0, ks1, ks2, ks3, kz0, kz1, kz2, kz3, cs0, cs1, cs2, cs3
 
 
@@ -445,13 +475,31 @@ def _slot_dot(a, b, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _slot_qs(q_rows, gm, sm_scale, ks, kz):
-    """One quarter of q (pointers (GP, QD)), read per page (L1) as a (1, GP, QD) tile so it
-    takes the dot operand's layout at the load instead of a conversion through shared memory,
-    in code space for every slot: (NW, GP, QD) q * s, and the slot's part of q . z (NW, GP)."""
-    q = tl.load(q_rows[None, :, :], mask=gm[None, :, :], other=0.0).to(tl.float32) * sm_scale
-    qs = q * ks.to(tl.float32)[:, None, :]
-    return qs, tl.sum(q * kz.to(tl.float32)[:, None, :], axis=2)
+def _slot_q32(q_rows, gm, sm_scale, NW: tl.constexpr):
+    """``_slot_q`` in float32 (the PRECISE dots)."""
+    q = tl.load(q_rows, mask=gm, other=0.0).to(tl.float32) * sm_scale
+    return tl.broadcast_to(q[None, :, :], (NW, q.shape[0], q.shape[1]))
+
+
+@triton.jit
+def _slot_q(q_rows, gm, sm_scale, NW: tl.constexpr):
+    """One quarter of q (pointers (GP, QD)) scaled, in fp16 and repeated for the NW slots:
+    (NW, GP, QD), the loop-invariant left operand of the key dots (keys scaled instead)."""
+    q = tl.load(q_rows, mask=gm, other=0.0).to(tl.float32) * sm_scale
+    return tl.broadcast_to(q.to(tl.float16)[None, :, :], (NW, q.shape[0], q.shape[1]))
+
+
+@triton.jit
+def _slot_keys(q, k, ks, PRECISE: tl.constexpr):
+    """The logits of one quarter: q (NW, GP, QD) . (codes k (NW, BT, QD) x scales ks
+    (NW, QD)). Default: the codes scaled in fp16 (exact codes, one rounding, as q * s in the
+    "tile" variant) against the fp16 q of ``_slot_q``; PRECISE: q is float32 and q * s is
+    split into hi + lo fp16 dots against the exact codes."""
+    if PRECISE:
+        s = _slot_dot(q * ks.to(tl.float32)[:, None, :], tl.permute(k, (0, 2, 1)), True)
+    else:
+        s = tl.dot(q, tl.permute(k * ks.to(tl.float16)[:, None, :], (0, 2, 1)))
+    return s
 
 
 @triton.jit
@@ -466,30 +514,38 @@ def _slot_loop(q_rows, gm, sm_scale, m_i, l_i, a0, a1, a2, a3, start, end, base_
     W: tl.constexpr = QD // 4
     slots = tl.arange(0, NW)
     offs_w = tl.arange(0, W)
+    if PRECISE:  # float32 (GP, QD), repeated over the slots
+        q0 = _slot_q32(q_rows, gm, sm_scale, NW)
+        q1 = _slot_q32(q_rows + QD, gm, sm_scale, NW)
+        q2 = _slot_q32(q_rows + 2 * QD, gm, sm_scale, NW)
+        q3 = _slot_q32(q_rows + 3 * QD, gm, sm_scale, NW)
+    else:
+        q0 = _slot_q(q_rows, gm, sm_scale, NW)
+        q1 = _slot_q(q_rows + QD, gm, sm_scale, NW)
+        q2 = _slot_q(q_rows + 2 * QD, gm, sm_scale, NW)
+        q3 = _slot_q(q_rows + 3 * QD, gm, sm_scale, NW)
     for u in tl.range(start, end, NW, num_stages=STAGES):
         idx = u + slots
         (page, fill, ks0, ks1, ks2, ks3, kz0, kz1, kz2, kz3, cs0, cs1, cs2, cs3) = _slot_params(
             pt_ptr, pf_ptr, ks_ptr, kz_ptr, cs_ptr, base_idx + idx, idx < end, offs_c, offs_v, QD)
         page = page.to(tl.int64)
-        qs0, z0 = _slot_qs(q_rows, gm, sm_scale, ks0, kz0)
-        qs1, z1 = _slot_qs(q_rows + QD, gm, sm_scale, ks1, kz1)
-        qs2, z2 = _slot_qs(q_rows + 2 * QD, gm, sm_scale, ks2, kz2)
-        qs3, z3 = _slot_qs(q_rows + 3 * QD, gm, sm_scale, ks3, kz3)
-        qz = (z0 + z1) + (z2 + z3)  # (NW, GP): q . z of each slot's page
+        z = tl.sum(q0.to(tl.float32) * kz0.to(tl.float32)[:, None, :], axis=2)
+        z += tl.sum(q1.to(tl.float32) * kz1.to(tl.float32)[:, None, :], axis=2)
+        z += tl.sum(q2.to(tl.float32) * kz2.to(tl.float32)[:, None, :], axis=2)
+        qz = z + tl.sum(q3.to(tl.float32) * kz3.to(tl.float32)[:, None, :], axis=2)  # (NW, GP)
         cs0, cs1 = cs0.to(tl.float32)[:, None, :], cs1.to(tl.float32)[:, None, :]
         cs2, cs3 = cs2.to(tl.float32)[:, None, :], cs3.to(tl.float32)[:, None, :]
         # int32 word pointers of each slot's page, (NW, 1, 1)
         kw = (kc_ptr + page * (PAGE * ROW)).to(tl.pointer_type(tl.int32))[:, None, None]
         vw = (vc_ptr + page * (PAGE * ROW)).to(tl.pointer_type(tl.int32))[:, None, None]
-        for sub in tl.static_range(PAGE // BLOCK_T):
+        # a loop, not unrolled: unrolled tiles of 32 tokens spill (sm_90: 255 registers + 424 B)
+        for sub in tl.range(0, PAGE // BLOCK_T, num_stages=1):
             offs_t = sub * BLOCK_T + tl.arange(0, BLOCK_T)
             tv = offs_t[None, :] < fill[:, None]  # (NW, BT)
             rows = offs_t[None, :, None] * (ROW // 4) + offs_w[None, None, :]  # (1, BT, W)
             k0, k1, k2, k3 = _quarters_at(kw + rows, tv[:, :, None], QD, BITS, CONVERT, False)
-            s = _slot_dot(qs0, tl.permute(k0, (0, 2, 1)), PRECISE)
-            s += _slot_dot(qs1, tl.permute(k1, (0, 2, 1)), PRECISE)
-            s += _slot_dot(qs2, tl.permute(k2, (0, 2, 1)), PRECISE)
-            s += _slot_dot(qs3, tl.permute(k3, (0, 2, 1)), PRECISE)
+            s = _slot_keys(q0, k0, ks0, PRECISE) + _slot_keys(q1, k1, ks1, PRECISE)
+            s += _slot_keys(q2, k2, ks2, PRECISE) + _slot_keys(q3, k3, ks3, PRECISE)
             s = tl.where(tv[:, None, :], s + qz[:, :, None], float("-inf"))  # (NW, GP, BT)
             m_new = tl.maximum(m_i, tl.max(s, axis=2))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -900,7 +956,7 @@ def paged_decode_triton(
     fmt = store.fmt
     variant = VARIANTS.index(workspace.get("variant", DEFAULT_VARIANT))
     # PAGE / BLOCK_T tiles per page ("pages": per warp, whose operands are a whole tile each)
-    block_t = int(workspace.get("block_t", min(fmt.page_size, 32 if variant else 64)))
+    block_t = int(workspace.get("block_t", min(fmt.page_size, 16 if variant else 64)))
     convert = CONVERTS.index(workspace.get("convert", DEFAULT_CONVERT))
     if convert == 2 and INTERPRETED:
         raise ValueError("convert: 'asm' is inline PTX, which the Triton interpreter cannot run")
