@@ -70,13 +70,14 @@ def _converts(device: str, case: tuple) -> list[str]:
     return [DEFAULT_CONVERT] + [c for c in every if c != DEFAULT_CONVERT]
 
 
-@pytest.mark.parametrize("variant", ["tile", "pages"])
+@pytest.mark.parametrize("variant", ["tile", "pages", "pages-codes"])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [(4, 2), (8, 4)])
 def test_fused_decode_matches_dense(case, dtype, bits, variant, device: str) -> None:
-    """Both kernel variants (the workspace's ``variant``: warps sharing a page, or each warp
-    its own page) against float64 attention, within the 2x rule."""
+    """Every kernel variant (the workspace's ``variant``: warps sharing a page, or each warp
+    its own page, dequantized or in code space) against float64 attention, within the 2x
+    rule."""
     b, hq, hkv, d = case[:4]
     fmt = PageFormat(bits[0], bits[1], page_size=case[-1])
     store, _, _, valid = _filled_store(case, device, dtype, fmt=fmt, pad=[3] + [0] * (b - 1))
@@ -116,7 +117,7 @@ def test_fused_decode_matches_dense(case, dtype, bits, variant, device: str) -> 
 
 
 @pytest.mark.parametrize(
-    ("seed", "variant"), [(0, "tile"), (1, "tile"), (2, "tile"), (0, "pages")]
+    ("seed", "variant"), [(0, "tile"), (1, "tile"), (2, "tile"), (0, "pages"), (1, "pages-codes")]
 )
 def test_rows_are_independent(seed: int, variant: str) -> None:
     """Row i of a batch (own kept count, own padding, own pages) reads exactly as row i alone

@@ -49,10 +49,13 @@ CONVERTS = ("cvt", "magic", "asm")
 """How the kernel turns codes into fp16 (see ``_fields_asm``): the workspace key ``convert``."""
 DEFAULT_CONVERT = "magic" if INTERPRETED else "asm"
 
-VARIANTS = ("tile", "pages")
+VARIANTS = ("tile", "pages", "pages-codes")
 """How a program's warps share its pages (the workspace key ``variant``): "tile", the warps
 split every page's tokens (one page at a time); "pages", each warp owns a page (batched dots,
-one softmax state per warp, merged at the end; see ``_slot_loop``)."""
+one softmax state per warp, merged at the end; tiles dequantized to fp16 in registers, see
+``_slot_loop_deq``); "pages-codes", the same in code space as "tile" (q scaled per page, the
+divisors on the accumulators; see ``_slot_loop``). With ``precise`` both "pages" kernels run
+the code-space loop (float32-grade hi + lo dots)."""
 DEFAULT_VARIANT = "tile"
 
 
@@ -538,8 +541,11 @@ def _slot_loop(q_rows, gm, sm_scale, m_i, l_i, a0, a1, a2, a3, start, end, base_
         # int32 word pointers of each slot's page, (NW, 1, 1)
         kw = (kc_ptr + page * (PAGE * ROW)).to(tl.pointer_type(tl.int32))[:, None, None]
         vw = (vc_ptr + page * (PAGE * ROW)).to(tl.pointer_type(tl.int32))[:, None, None]
-        # a loop, not unrolled: unrolled tiles of 32 tokens spill (sm_90: 255 registers + 424 B)
-        for sub in tl.range(0, PAGE // BLOCK_T, num_stages=1):
+        # a loop, not unrolled (unrolled tiles of 32 tokens spill: sm_90, 255 registers + 424 B
+        # of stack), pipelined: the codes come through cp.async and shared memory, read back
+        # in the dot operand's layout (plain loads take a blocked layout and a conversion
+        # through shared memory, 2 block barriers each)
+        for sub in tl.range(0, PAGE // BLOCK_T, num_stages=STAGES):
             offs_t = sub * BLOCK_T + tl.arange(0, BLOCK_T)
             tv = offs_t[None, :] < fill[:, None]  # (NW, BT)
             rows = offs_t[None, :, None] * (ROW // 4) + offs_w[None, None, :]  # (1, BT, W)
@@ -573,28 +579,102 @@ def _slot_pages(tab, row, q_rows, gm, sm_scale, u0, u1, nh, hcols, offs_c, offs_
                 GP: tl.constexpr, NW: tl.constexpr, QD: tl.constexpr, PAGE: tl.constexpr,
                 BLOCK_T: tl.constexpr, HBITS: tl.constexpr, LBITS: tl.constexpr,
                 PRECISE: tl.constexpr, CONVERT: tl.constexpr, STAGES: tl.constexpr,
-                PARAM: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
-    """The "pages" variant of a split: its high pages, then its low pages, NW slots each;
-    returns the merged state of the program."""
+                PARAM: tl.constexpr, ALIGNED: tl.constexpr, DEQ: tl.constexpr):  # fmt: skip
+    """The "pages" variants of a split: its high pages, then its low pages, NW slots each
+    (fp16-dequantized operands with DEQ, code space otherwise); returns the merged state of
+    the program."""
     m_i = tl.full([NW, GP], float("-inf"), tl.float32)
     l_i = tl.zeros([NW, GP], tl.float32)
     a0 = tl.zeros([NW, GP, QD], tl.float32)
     a1 = tl.zeros([NW, GP, QD], tl.float32)
     a2 = tl.zeros([NW, GP, QD], tl.float32)
     a3 = tl.zeros([NW, GP, QD], tl.float32)
-    m_i, l_i, a0, a1, a2, a3 = _slot_loop(
-        q_rows, gm, sm_scale, m_i, l_i, a0, a1, a2, a3, u0, tl.minimum(u1, nh), row * hcols,
-        hkc, hvc, hks, hkz, hva, hvb, hcs, hpt, hpf, offs_c, offs_v,
-        NW, QD, PAGE, BLOCK_T, HBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
+    if DEQ:
+        m_i, l_i, a0, a1, a2, a3 = _slot_loop_deq(
+            q_rows, gm, sm_scale, m_i, l_i, a0, a1, a2, a3, u0, tl.minimum(u1, nh), row * hcols,
+            hkc, hvc, hks, hkz, hva, hvb, hcs, hpt, hpf, offs_c, offs_v,
+            NW, QD, PAGE, BLOCK_T, HBITS, CONVERT, STAGES)  # fmt: skip
+    else:
+        m_i, l_i, a0, a1, a2, a3 = _slot_loop(
+            q_rows, gm, sm_scale, m_i, l_i, a0, a1, a2, a3, u0, tl.minimum(u1, nh), row * hcols,
+            hkc, hvc, hks, hkz, hva, hvb, hcs, hpt, hpf, offs_c, offs_v,
+            NW, QD, PAGE, BLOCK_T, HBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
     lkc, lvc, lks, lkz, lva, lvb, lcs = _pool(tab, 7, PARAM, ALIGNED)  # L_POOL
     lpt = _addr(tab, 17, tl.int32, ALIGNED)  # L_PT
     lpf = _addr(tab, 18, tl.int32, ALIGNED)  # L_PF
     lcols = tl.load(tab + 24).to(tl.int32)  # LCOLS
-    m_i, l_i, a0, a1, a2, a3 = _slot_loop(
-        q_rows, gm, sm_scale, m_i, l_i, a0, a1, a2, a3, tl.maximum(u0, nh) - nh, u1 - nh,
-        row * lcols, lkc, lvc, lks, lkz, lva, lvb, lcs, lpt, lpf, offs_c, offs_v,
-        NW, QD, PAGE, BLOCK_T, LBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
+    if DEQ:
+        m_i, l_i, a0, a1, a2, a3 = _slot_loop_deq(
+            q_rows, gm, sm_scale, m_i, l_i, a0, a1, a2, a3, tl.maximum(u0, nh) - nh, u1 - nh,
+            row * lcols, lkc, lvc, lks, lkz, lva, lvb, lcs, lpt, lpf, offs_c, offs_v,
+            NW, QD, PAGE, BLOCK_T, LBITS, CONVERT, STAGES)  # fmt: skip
+    else:
+        m_i, l_i, a0, a1, a2, a3 = _slot_loop(
+            q_rows, gm, sm_scale, m_i, l_i, a0, a1, a2, a3, tl.maximum(u0, nh) - nh, u1 - nh,
+            row * lcols, lkc, lvc, lks, lkz, lva, lvb, lcs, lpt, lpf, offs_c, offs_v,
+            NW, QD, PAGE, BLOCK_T, LBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
     return _slot_merge(m_i, l_i, a0, a1, a2, a3)
+
+
+@triton.jit
+def _slot_loop_deq(q_rows, gm, sm_scale, m_i, l_i, a0, a1, a2, a3, start, end, base_idx,
+                   kc_ptr, vc_ptr, ks_ptr, kz_ptr, va_ptr, vb_ptr, cs_ptr, pt_ptr, pf_ptr,
+                   offs_c, offs_v, NW: tl.constexpr, QD: tl.constexpr, PAGE: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BITS: tl.constexpr, CONVERT: tl.constexpr,
+                   STAGES: tl.constexpr):  # fmt: skip
+    """``_slot_loop`` with every tile dequantized to fp16 in registers, in the dot operand's
+    layout: keys code * s + z, values (code * a + b) * cs (one fp16 rounding each, as the
+    "tile" variant's q * s and p * a), so the logits need no q . z term and the accumulators
+    no per-tile divisor or p . b term (the default "pages" kernel; PRECISE uses
+    ``_slot_loop``)."""
+    ROW: tl.constexpr = 4 * QD * BITS // 8  # bytes per token
+    W: tl.constexpr = QD // 4
+    slots = tl.arange(0, NW)
+    offs_w = tl.arange(0, W)
+    q0 = _slot_q(q_rows, gm, sm_scale, NW)
+    q1 = _slot_q(q_rows + QD, gm, sm_scale, NW)
+    q2 = _slot_q(q_rows + 2 * QD, gm, sm_scale, NW)
+    q3 = _slot_q(q_rows + 3 * QD, gm, sm_scale, NW)
+    for u in tl.range(start, end, NW, num_stages=STAGES):
+        idx = u + slots
+        (page, fill, ks0, ks1, ks2, ks3, kz0, kz1, kz2, kz3, cs0, cs1, cs2, cs3) = _slot_params(
+            pt_ptr, pf_ptr, ks_ptr, kz_ptr, cs_ptr, base_idx + idx, idx < end, offs_c, offs_v, QD)
+        page = page.to(tl.int64)
+        ks0, ks1 = ks0.to(tl.float16)[:, None, :], ks1.to(tl.float16)[:, None, :]
+        ks2, ks3 = ks2.to(tl.float16)[:, None, :], ks3.to(tl.float16)[:, None, :]
+        kz0, kz1 = kz0.to(tl.float16)[:, None, :], kz1.to(tl.float16)[:, None, :]
+        kz2, kz3 = kz2.to(tl.float16)[:, None, :], kz3.to(tl.float16)[:, None, :]
+        cs0, cs1 = cs0.to(tl.float16)[:, None, :], cs1.to(tl.float16)[:, None, :]
+        cs2, cs3 = cs2.to(tl.float16)[:, None, :], cs3.to(tl.float16)[:, None, :]
+        kw = (kc_ptr + page * (PAGE * ROW)).to(tl.pointer_type(tl.int32))[:, None, None]
+        vw = (vc_ptr + page * (PAGE * ROW)).to(tl.pointer_type(tl.int32))[:, None, None]
+        for sub in tl.range(0, PAGE // BLOCK_T, num_stages=STAGES):  # as in _slot_loop
+            offs_t = sub * BLOCK_T + tl.arange(0, BLOCK_T)
+            tv = offs_t[None, :] < fill[:, None]  # (NW, BT)
+            rows = offs_t[None, :, None] * (ROW // 4) + offs_w[None, None, :]  # (1, BT, W)
+            k0, k1, k2, k3 = _quarters_at(kw + rows, tv[:, :, None], QD, BITS, CONVERT, False)
+            s = tl.dot(q0, tl.permute(k0 * ks0 + kz0, (0, 2, 1)))
+            s = tl.dot(q1, tl.permute(k1 * ks1 + kz1, (0, 2, 1)), s)
+            s = tl.dot(q2, tl.permute(k2 * ks2 + kz2, (0, 2, 1)), s)
+            s = tl.dot(q3, tl.permute(k3 * ks3 + kz3, (0, 2, 1)), s)
+            s = tl.where(tv[:, None, :], s, float("-inf"))  # (NW, GP, BT), log2 domain
+            m_new = tl.maximum(m_i, tl.max(s, axis=2))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, :, None])
+            l_i = l_i * alpha + tl.sum(p, axis=2)
+            m_i = m_new
+            tok = page[:, None] * PAGE + offs_t[None, :]  # (NW, BT)
+            va = tl.load(va_ptr + tok, mask=tv, other=0.0).to(tl.float16)[:, :, None]
+            vb = tl.load(vb_ptr + tok, mask=tv, other=0.0).to(tl.float16)[:, :, None]
+            v0, v1, v2, v3 = _quarters_at(vw + rows, tv[:, :, None], QD, BITS, CONVERT, True)
+            p = p.to(tl.float16)
+            alpha = alpha[:, :, None]
+            a0 = tl.dot(p, (v0 * va + vb) * cs0, a0 * alpha)
+            a1 = tl.dot(p, (v1 * va + vb) * cs1, a1 * alpha)
+            a2 = tl.dot(p, (v2 * va + vb) * cs2, a2 * alpha)
+            a3 = tl.dot(p, (v3 * va + vb) * cs3, a3 * alpha)
+    return m_i, l_i, a0, a1, a2, a3
 
 
 @triton.jit
@@ -695,7 +775,7 @@ def _paged_decode_kernel(
     STAGES: tl.constexpr, PRECISE: tl.constexpr, CONVERT: tl.constexpr, FP_BLOCK: tl.constexpr,
     PARAM: tl.constexpr, FP: tl.constexpr, ALIGNED: tl.constexpr,  # pool parameter, fp dtypes
     NS_PAD: tl.constexpr, MERGE_GM: tl.constexpr, MERGE_SB: tl.constexpr,  # merge tiles
-    VARIANT: tl.constexpr, NW: tl.constexpr,  # 0 "tile", 1 "pages" (NW: its page slots)
+    VARIANT: tl.constexpr, NW: tl.constexpr,  # index in VARIANTS; NW: page slots ("pages")
 ):  # fmt: skip
     QD: tl.constexpr = HEAD_DIM // 4
     row = tl.program_id(0)
@@ -705,7 +785,7 @@ def _paged_decode_kernel(
     offs_g = tl.arange(0, GROUP_PAD)
     offs_c = tl.arange(0, QD)
     offs_v = offs_c  # the channel at each position of the value side: accumulators, outputs
-    if VARIANT == 1:  # channel 4 (n % W) + n // W at position n of a quarter (W = QD / 4):
+    if VARIANT > 0:  # channel 4 (n % W) + n // W at position n of a quarter (W = QD / 4):
         offs_v = 4 * (offs_c % (QD // 4)) + offs_c // (QD // 4)  # the codes' field-major order
     g_valid = offs_g < GROUP
     heads = hkv * GROUP + offs_g
@@ -736,12 +816,12 @@ def _paged_decode_kernel(
         per = tl.cdiv(total, NUM_SPLITS)
         u0 = split * per
         u1 = tl.minimum(u0 + per, total)
-        if VARIANT == 1:  # "pages": the warps own separate pages
+        if VARIANT > 0:  # "pages" / "pages-codes": the warps own separate pages
             m_i, l_i, a0, a1, a2, a3 = _slot_pages(
                 tab, row, q_rows, gm, sm_scale, u0, u1, nh, hcols, offs_c, offs_v,
                 hkc, hvc, hks, hkz, hva, hvb, hcs, hpt, hpf,
                 GROUP_PAD, NW, QD, PAGE, BLOCK_T, HBITS, LBITS, PRECISE, CONVERT, STAGES, PARAM,
-                ALIGNED)  # fmt: skip
+                ALIGNED, VARIANT == 1 and not PRECISE)  # fmt: skip
         else:
             m_i, l_i, a0, a1, a2, a3 = _page_loop(
                 qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, u0, tl.minimum(u1, nh), row * hcols,
