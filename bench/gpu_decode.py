@@ -10,12 +10,17 @@ Variants, all in one process, eager and as CUDA-graph replays:
                     (flash, cudnn, efficient; a backend that cannot run the call says "n/a")
     fused           zipvl.decode.decode_attention(impl="triton"): one launch over all pages and
                     the fp regions (its last program per KV head merges the partial states;
-                    a separate merge launch before the commit that folded it in)
+                    a separate merge launch before the commit that folded it in); its
+                    kernel variants (workspace ``variant``: "tile", the default, the warps of
+                    a program split each page; "pages", each warp owns a page) are timed
+                    side by side in the launch sweep: columns tile_graph_ms, pages_graph_ms,
+                    pages_speedup (tile / pages)
 Every ratio is against the fastest dense backend of the same row. Floor: the bytes the variant
 must read (``decode_read_bytes``; bf16 K and V for SDPA) over the measured copy bandwidth.
 
 Run:  python bench/gpu_decode.py --batch 1 8 --tokens 32768 131072
-      (add --variants to time only the two kernel variants, "tile" against "pages")
+      (add --variants to time only the kernel variants: "tile" against "pages" and a few
+      "pages" settings, about a minute per row)
 """
 
 from __future__ import annotations
@@ -78,10 +83,13 @@ LAUNCH_DEFAULTS = {"warps": 4, "stages": 2, "splits": 4, "precise": 0, "block_t"
                    "maxnreg": 0, "variant": "tile"}  # fmt: skip
 # the kernel variants side by side first ("tile": the warps split each page's tokens; "pages":
 # each warp owns a page), then the older launch settings of the "tile" kernel
+# ("pages-codes": each warp its page, in code space; stages=1: the page tiles by plain loads and
+# conversions through shared memory instead of cp.async)
 VARIANT_SWEEP = [
-    {"variant": "tile"}, {"variant": "pages"},
+    {"variant": "tile"}, {"variant": "pages"}, {"variant": "pages-codes"},
     {"variant": "pages", "splits": 2}, {"variant": "pages", "splits": 8},
     {"variant": "pages", "block_t": 32}, {"variant": "pages", "stages": 1},
+    {"variant": "pages", "stages": 3},
 ]  # fmt: skip
 DEFAULT_SWEEP = [
     *VARIANT_SWEEP,
@@ -141,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         "--sweep", type=parse_launch, nargs="+", default=DEFAULT_SWEEP,
         help="launch settings to time besides the default, each 'key=value,...' over "
         f"{sorted(LAUNCH_KEYS)} (splits in quarters of the default count; convert one of "
-        "cvt / magic / asm; variant tile or pages); a long sweep takes minutes at B = 8",
+        "cvt / magic / asm; variant tile, pages or pages-codes); a long sweep takes minutes "
+        "at B = 8",
     )  # fmt: skip
     ap.add_argument(
         "--variants", action="store_true",
