@@ -10,12 +10,15 @@ G query heads of its KV head together (GQA packed into one tile) and writes a pa
 state, then takes a ticket of its row (an atomic counter, release / acquire at GPU scope); the
 program that draws the last ticket merges the NS + 1 states of the row's query heads by
 log-sum-exp, writes the output and the log-sum-exp itself (the decode-block scores are computed
-from it), and zeroes the ticket for the next launch. The store's pointers and sizes reach the
-kernel through one int64 address table (built once per set of buffers) instead of 26 separate
-arguments: Triton's launcher inspects every argument on every call, and a decode step launches
-once per layer. The number of launches and every launch argument are independent of how many
-tokens were generated: the counts live in device tensors, so a decode step can be captured in a
-CUDA graph.
+from it), and zeroes the ticket for the next launch. How a program's warps share its pages is
+the workspace key ``variant`` (``VARIANTS``): "tile" (the default) reads one page at a time,
+all warps splitting its tokens; "pages" gives each warp its own page (batched dots, one
+softmax state per warp, merged once per program), so the per-page softmax reductions stay
+inside a warp. The store's pointers and sizes reach the kernel through one int64 address table
+(built once per set of buffers) instead of 26 separate arguments: Triton's launcher inspects
+every argument on every call, and a decode step launches once per layer. The number of
+launches and every launch argument are independent of how many tokens were generated: the
+counts live in device tensors, so a decode step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -53,9 +56,9 @@ VARIANTS = ("tile", "pages", "pages-codes")
 """How a program's warps share its pages (the workspace key ``variant``): "tile", the warps
 split every page's tokens (one page at a time); "pages", each warp owns a page (batched dots,
 one softmax state per warp, merged at the end; tiles dequantized to fp16 in registers, see
-``_slot_loop_deq``); "pages-codes", the same in code space as "tile" (q scaled per page, the
-divisors on the accumulators; see ``_slot_loop``). With ``precise`` both "pages" kernels run
-the code-space loop (float32-grade hi + lo dots)."""
+``_slot_loop_deq``); "pages-codes", the same in code space like "tile" (key codes times their
+scales, q . z, p . b and the divisors applied per tile; see ``_slot_loop``). With ``precise``
+both "pages" kernels run the code-space loop (float32-grade hi + lo dots)."""
 DEFAULT_VARIANT = "tile"
 
 
@@ -436,8 +439,10 @@ def _page_loop(qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, start, end, base_id
 # (NW, GP, QD) x 4, i.e. (GP, D) float32 per warp: 64 registers per thread); the NW states are
 # merged once per program, before the partial state is written. A program's pages go NW at a
 # time; slots past its last page read nothing (fill 0: every token masked). A page is read in
-# tiles of BLOCK_T tokens (default 16: the largest that neither spills on sm_90 nor spreads a
-# slot's word loads over several warps, see ``_wload``).
+# tiles of BLOCK_T tokens (default 16; 32 spills on sm_90: 255 registers + 144 B, reloads in
+# the tile loop). Two loops: ``_slot_loop_deq`` (the default) dequantizes the tiles to fp16 in
+# registers; ``_slot_loop`` stays in code space like the "tile" kernel (variant "pages-codes",
+# and every "pages" launch with PRECISE).
 
 
 @triton.jit
