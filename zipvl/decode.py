@@ -130,11 +130,13 @@ def _settings(store: PagedKVStore) -> list[int]:
     ``variant`` and ``convert``."""
     ws = getattr(store, "_decode_ws", None) or {}
     out = [int(ws[key]) if ws.get(key) is not None else -1 for key in _SETTINGS]
-    from zipvl.paged_decode_triton import CONVERTS, VARIANTS
+    variant = convert = -1
+    if "variant" in ws or "convert" in ws:  # (triton only imported where a key names it)
+        from zipvl.paged_decode_triton import CONVERTS, VARIANTS
 
-    out.append(VARIANTS.index(ws["variant"]) if "variant" in ws else -1)
-    out.append(CONVERTS.index(ws["convert"]) if "convert" in ws else -1)
-    return out
+        variant = VARIANTS.index(ws["variant"]) if "variant" in ws else -1
+        convert = CONVERTS.index(ws["convert"]) if "convert" in ws else -1
+    return [*out, variant, convert]
 
 
 @torch.library.custom_op("zipvl::paged_decode", mutates_args=())
