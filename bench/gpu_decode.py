@@ -10,11 +10,17 @@ Variants, all in one process, eager and as CUDA-graph replays:
                     (flash, cudnn, efficient; a backend that cannot run the call says "n/a")
     fused           zipvl.decode.decode_attention(impl="triton"): one launch over all pages and
                     the fp regions (its last program per KV head merges the partial states;
-                    a separate merge launch before the commit that folded it in)
+                    a separate merge launch before the commit that folded it in); its
+                    kernel variants (workspace ``variant``: "tile", the default, the warps of
+                    a program split each page; "pages", each warp owns a page) are timed
+                    side by side in the launch sweep: columns tile_graph_ms, pages_graph_ms,
+                    pages_speedup (tile / pages)
 Every ratio is against the fastest dense backend of the same row. Floor: the bytes the variant
 must read (``decode_read_bytes``; bf16 K and V for SDPA) over the measured copy bandwidth.
 
 Run:  python bench/gpu_decode.py --batch 1 8 --tokens 32768 131072
+      (add --variants to time only the kernel variants: "tile" against "pages" and a few
+      "pages" settings, about a minute per row)
 """
 
 from __future__ import annotations
@@ -71,10 +77,22 @@ def build(b: int, n: int, hkv: int, d: int, ratio: float, page: int, tail: int):
 
 
 LAUNCH_KEYS = {"warps": int, "stages": int, "splits": int, "precise": int, "convert": str,
-               "block_t": int, "maxnreg": int}  # fmt: skip
-LAUNCH_DEFAULTS = {"warps": 4, "stages": 2, "splits": 4, "precise": 0, "block_t": 64,
-                   "maxnreg": 0}  # fmt: skip
+               "block_t": int, "maxnreg": int, "variant": str}  # fmt: skip
+# block_t 0: the kernel's default for the variant (64 for "tile", 16 for "pages")
+LAUNCH_DEFAULTS = {"warps": 4, "stages": 2, "splits": 4, "precise": 0, "block_t": 0,
+                   "maxnreg": 0, "variant": "tile"}  # fmt: skip
+# the kernel variants side by side first ("tile": the warps split each page's tokens; "pages":
+# each warp owns a page), then the older launch settings of the "tile" kernel
+# ("pages-codes": each warp its page, in code space; stages=1: the page tiles by plain loads and
+# conversions through shared memory instead of cp.async)
+VARIANT_SWEEP = [
+    {"variant": "tile"}, {"variant": "pages"}, {"variant": "pages-codes"},
+    {"variant": "pages", "splits": 2}, {"variant": "pages", "splits": 8},
+    {"variant": "pages", "block_t": 32}, {"variant": "pages", "stages": 1},
+    {"variant": "pages", "stages": 3},
+]  # fmt: skip
 DEFAULT_SWEEP = [
+    *VARIANT_SWEEP,
     {"convert": "cvt"}, {"convert": "magic"}, {"convert": "asm"},
     {"convert": "asm", "precise": 0}, {"convert": "asm", "block_t": 128},
     {"convert": "asm", "warps": 8}, {"convert": "asm", "stages": 3},
@@ -105,8 +123,12 @@ def set_launch(ws: dict, launch: dict, default_splits: int, b: int, hq: int, d: 
 
     full = {**LAUNCH_DEFAULTS, "convert": DEFAULT_CONVERT, **launch}
     ns = max(1, default_splits * full["splits"] // 4)
+    if full["block_t"]:
+        ws["block_t"] = full["block_t"]
+    else:
+        ws.pop("block_t", None)
     ws.update(warps=full["warps"], stages=full["stages"], splits=ns,
-              precise=bool(full["precise"]), convert=full["convert"], block_t=full["block_t"],
+              precise=bool(full["precise"]), convert=full["convert"], variant=full["variant"],
               maxnreg=full["maxnreg"],
               m=torch.empty(b, hq, ns + 1, device="cuda"),
               l=torch.empty(b, hq, ns + 1, device="cuda"),
@@ -127,9 +149,17 @@ def main(argv: list[str] | None = None) -> None:
         "--sweep", type=parse_launch, nargs="+", default=DEFAULT_SWEEP,
         help="launch settings to time besides the default, each 'key=value,...' over "
         f"{sorted(LAUNCH_KEYS)} (splits in quarters of the default count; convert one of "
-        "cvt / magic / asm); a long sweep takes minutes at B = 8",
+        "cvt / magic / asm; variant tile, pages or pages-codes); a long sweep takes minutes "
+        "at B = 8",
+    )  # fmt: skip
+    ap.add_argument(
+        "--variants", action="store_true",
+        help="time only the kernel variants (tile vs pages and a few pages settings), not "
+        "the older launch sweep: one short run that compares the two kernels",
     )  # fmt: skip
     args = ap.parse_args(argv)
+    if args.variants:
+        args.sweep = VARIANT_SWEEP
 
     env = env_info()
     progress(f"device {env['device']}, torch {env['torch']}, commit {env['commit']}")
@@ -147,6 +177,12 @@ def main(argv: list[str] | None = None) -> None:
             ref, _ = decode_attention(q, store, impl="reference")
             rel_err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
             row: dict = {"B": b, "N": n}
+            store._decode_ws["variant"] = "pages"  # type: ignore[attr-defined]
+            out, _ = decode_attention(q, store, impl="triton")
+            store._decode_ws["variant"] = "tile"  # type: ignore[attr-defined]
+            row["pages_rel_err_vs_fp32_ref"] = (
+                (out.float() - ref.float()).norm() / ref.float().norm()
+            ).item()
             dense: dict[str, tuple[float, float]] = {}
             for name, backend in BACKENDS.items():
 
@@ -175,6 +211,11 @@ def main(argv: list[str] | None = None) -> None:
                 tried[launch_name(launch)] = median_ms_graph(fused, rep_ms=100)
             set_launch(ws, {}, default["splits"], b, hq, d)
             row["launch_sweep"] = tried
+            for variant in ("tile", "pages"):  # the two kernels at their defaults
+                if f"variant={variant}" in tried:
+                    row[f"{variant}_graph_ms"] = tried[f"variant={variant}"]
+            if "tile_graph_ms" in row and "pages_graph_ms" in row:
+                row["pages_speedup"] = row["tile_graph_ms"] / row["pages_graph_ms"]
             fastest = min(tried, key=lambda c: tried[c]) if tried else "default"
             row["best_launch"] = f"{fastest} {tried.get(fastest, float('nan')):.3g} ms"
             t_fused, t_fused_g = median_ms(fused), median_ms_graph(fused)
@@ -204,10 +245,12 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
 
     cols = ["B", "N", "fastest_dense", "sdpa_flash_graph_ms", "sdpa_cudnn_graph_ms",
-            "sdpa_efficient_graph_ms", "fused_graph_ms", "fused_ms", "best_launch",
+            "sdpa_efficient_graph_ms", "fused_graph_ms", "fused_ms", "tile_graph_ms",
+            "pages_graph_ms", "pages_speedup", "best_launch",
             "speedup_graph",
             "speedup_eager", "eager_over_graph", "bytes_ratio", "fused_frac_of_copy_bw",
-            "dense_frac_of_copy_bw", "fused_rel_err_vs_fp32_ref"]  # fmt: skip
+            "dense_frac_of_copy_bw", "fused_rel_err_vs_fp32_ref",
+            "pages_rel_err_vs_fp32_ref"]  # fmt: skip
     print(f"# decode attention, one layer, Hq={hq} Hkv={hkv} D={d}, r={args.ratio} (4/2 bits), "
           f"pages of {args.page}; graph = CUDA-graph replay")  # fmt: skip
     print(f"# {env['device']} torch {env['torch']} triton {env['triton']} commit {env['commit']}")

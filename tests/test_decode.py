@@ -70,10 +70,14 @@ def _converts(device: str, case: tuple) -> list[str]:
     return [DEFAULT_CONVERT] + [c for c in every if c != DEFAULT_CONVERT]
 
 
+@pytest.mark.parametrize("variant", ["tile", "pages", "pages-codes"])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [(4, 2), (8, 4)])
-def test_fused_decode_matches_dense(case, dtype, bits, device: str) -> None:
+def test_fused_decode_matches_dense(case, dtype, bits, variant, device: str) -> None:
+    """Every kernel variant (the workspace's ``variant``: warps sharing a page, or each warp
+    its own page, dequantized or in code space) against float64 attention, within the 2x
+    rule."""
     b, hq, hkv, d = case[:4]
     fmt = PageFormat(bits[0], bits[1], page_size=case[-1])
     store, _, _, valid = _filled_store(case, device, dtype, fmt=fmt, pad=[3] + [0] * (b - 1))
@@ -91,6 +95,7 @@ def test_fused_decode_matches_dense(case, dtype, bits, device: str) -> None:
     oracle, lse_ref = decode_attention(q, store, impl="reference")
     plain_err = (plain.double() - ref).abs().max().item()
     ws = workspace(store, hq)
+    ws["variant"] = variant
     outs = {}
     converts = _converts(device, case)
     for convert in converts:  # every conversion gives the same codes
@@ -111,19 +116,24 @@ def test_fused_decode_matches_dense(case, dtype, bits, device: str) -> None:
     assert (lse_ref.double() - lse_true).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_rows_are_independent(seed: int) -> None:
-    """Row i of a batch (own kept count, own padding, own pages) reads exactly as row i alone."""
+@pytest.mark.parametrize(
+    ("seed", "variant"), [(0, "tile"), (1, "tile"), (2, "tile"), (0, "pages"), (1, "pages-codes")]
+)
+def test_rows_are_independent(seed: int, variant: str) -> None:
+    """Row i of a batch (own kept count, own padding, own pages) reads exactly as row i alone
+    (float32: the precise hi + lo dots)."""
     dev = "cpu"
     case = (3, 4, 2, 64, 75, 19, 16)
     store, _, _, _ = _filled_store(case, dev, torch.float32, pad=[0, 9, 30], seed=seed)
     q = torch.randn(3, 4, 1, 64)
     impl = "triton" if _triton_runs(dev) else "reference"
+    workspace(store, 4)["variant"] = variant
     out, lse = decode_attention(q, store, impl=impl)
     for i in range(3):
         # the same data, then every other row dropped: what row i holds alone
         alone, *_ = _filled_store(case, dev, torch.float32, pad=[0, 9, 30], seed=seed)
         alone.index_rows(torch.tensor([i]))
+        workspace(alone, 4)["variant"] = variant
         assert alone.rows == 2
         o1, l1 = decode_attention(q[i : i + 1], alone, impl=impl)
         # the same tokens; only the split of the pages over programs may differ with the
@@ -330,7 +340,8 @@ def test_kernel_reads_no_module_globals() -> None:
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
-def test_fused_decode_repeats_exactly_and_leaves_tickets_at_zero() -> None:
+@pytest.mark.parametrize("variant", ["tile", "pages"])
+def test_fused_decode_repeats_exactly_and_leaves_tickets_at_zero(variant: str) -> None:
     """The last program of a row merges and zeroes the row's ticket: a second call (and one
     after another store's call on the same tickets) equals the first bit for bit, and both
     equal the reference within the tolerance of the dense comparison above."""
@@ -340,6 +351,7 @@ def test_fused_decode_repeats_exactly_and_leaves_tickets_at_zero() -> None:
     store, *_ = _filled_store(case, "cpu", torch.bfloat16, seed=7)
     q = torch.randn(2, 6, 1, 64, dtype=torch.bfloat16)
     ws = workspace(store, 6)
+    ws["variant"] = variant
     assert ws["ticket"].shape == (store.rows,) and not ws["ticket"].any()
     # 40 page splits, one warp: the merge reads the 41 states of a head in three tiles of 16
     ws.update(splits=40, warps=1, m=torch.empty(2, 6, 41), l=torch.empty(2, 6, 41),
@@ -711,7 +723,8 @@ def test_compiled_step_keeps_the_launch_settings() -> None:
     q = torch.randn(1, 4, 1, 64, dtype=torch.bfloat16)
     workspace(store, 4)["precise"] = True
     workspace(store, 4)["convert"] = "cvt"
-    assert _settings(store)[2] == 1 and _settings(store)[-1] == 0
+    workspace(store, 4)["variant"] = "pages"
+    assert _settings(store)[2] == 1 and _settings(store)[-2:] == [1, 0]
     eager, _ = decode_attention(q, store, impl="triton")
     import zipvl.paged_decode_triton as kernels
 
@@ -728,6 +741,7 @@ def test_compiled_step_keeps_the_launch_settings() -> None:
         mp.setattr(kernels, "paged_decode_triton", spy)
         out, _ = compiled(q)
     assert seen and seen[-1]["precise"] == 1 and seen[-1]["convert"] == "cvt"
+    assert seen[-1]["variant"] == "pages"
     torch.testing.assert_close(out, eager, rtol=0, atol=0)
 
 

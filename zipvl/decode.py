@@ -126,16 +126,17 @@ _SETTINGS = ("warps", "stages", "precise", "block_t", "fp_block", "maxnreg")
 
 def _settings(store: PagedKVStore) -> list[int]:
     """The launch settings a caller put in the store's workspace (-1: the kernel's default),
-    so a compiled step launches exactly as an eager one."""
+    so a compiled step launches exactly as an eager one: ``_SETTINGS``, then the indices of
+    ``variant`` and ``convert``."""
     ws = getattr(store, "_decode_ws", None) or {}
     out = [int(ws[key]) if ws.get(key) is not None else -1 for key in _SETTINGS]
-    if "convert" in ws:
-        from zipvl.paged_decode_triton import CONVERTS
+    variant = convert = -1
+    if "variant" in ws or "convert" in ws:  # (triton only imported where a key names it)
+        from zipvl.paged_decode_triton import CONVERTS, VARIANTS
 
-        out.append(CONVERTS.index(ws["convert"]))
-    else:
-        out.append(-1)
-    return out
+        variant = VARIANTS.index(ws["variant"]) if "variant" in ws else -1
+        convert = CONVERTS.index(ws["convert"]) if "convert" in ws else -1
+    return [*out, variant, convert]
 
 
 @torch.library.custom_op("zipvl::paged_decode", mutates_args=())
@@ -153,7 +154,7 @@ def _paged_decode_op(
 
     b, hq, d = q.shape
     f32 = {"dtype": torch.float32, "device": q.device}
-    from zipvl.paged_decode_triton import CONVERTS
+    from zipvl.paged_decode_triton import CONVERTS, VARIANTS
 
     ws: dict[str, Any] = {
         "splits": splits,
@@ -166,6 +167,8 @@ def _paged_decode_op(
         "keep_table": False,
     }
     ws.update({key: val for key, val in zip(_SETTINGS, settings, strict=False) if val >= 0})
+    if settings[-2] >= 0:
+        ws["variant"] = VARIANTS[settings[-2]]
     if settings[-1] >= 0:
         ws["convert"] = CONVERTS[settings[-1]]
     return paged_decode_triton(q, _view(tensors, ints), scale, ws)  # fresh outputs

@@ -10,12 +10,15 @@ G query heads of its KV head together (GQA packed into one tile) and writes a pa
 state, then takes a ticket of its row (an atomic counter, release / acquire at GPU scope); the
 program that draws the last ticket merges the NS + 1 states of the row's query heads by
 log-sum-exp, writes the output and the log-sum-exp itself (the decode-block scores are computed
-from it), and zeroes the ticket for the next launch. The store's pointers and sizes reach the
-kernel through one int64 address table (built once per set of buffers) instead of 26 separate
-arguments: Triton's launcher inspects every argument on every call, and a decode step launches
-once per layer. The number of launches and every launch argument are independent of how many
-tokens were generated: the counts live in device tensors, so a decode step can be captured in a
-CUDA graph.
+from it), and zeroes the ticket for the next launch. How a program's warps share its pages is
+the workspace key ``variant`` (``VARIANTS``): "tile" (the default) reads one page at a time,
+all warps splitting its tokens; "pages" gives each warp its own page (batched dots, one
+softmax state per warp, merged once per program), so the per-page softmax reductions stay
+inside a warp. The store's pointers and sizes reach the kernel through one int64 address table
+(built once per set of buffers) instead of 26 separate arguments: Triton's launcher inspects
+every argument on every call, and a decode step launches once per layer. The number of
+launches and every launch argument are independent of how many tokens were generated: the
+counts live in device tensors, so a decode step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -32,7 +35,14 @@ from torch import Tensor
 
 from zipvl.cache.paged import HIGH, LOW, STAGE_HIGH, STAGE_LOW, TAIL
 
-__all__ = ["CONVERTS", "DEFAULT_CONVERT", "INTERPRETED", "paged_decode_triton"]
+__all__ = [
+    "CONVERTS",
+    "DEFAULT_CONVERT",
+    "DEFAULT_VARIANT",
+    "INTERPRETED",
+    "VARIANTS",
+    "paged_decode_triton",
+]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 """Whether the kernels below were decorated for the Triton interpreter (read at import, when
@@ -41,6 +51,15 @@ Triton reads the variable too), so CPU tensors can run them."""
 CONVERTS = ("cvt", "magic", "asm")
 """How the kernel turns codes into fp16 (see ``_fields_asm``): the workspace key ``convert``."""
 DEFAULT_CONVERT = "magic" if INTERPRETED else "asm"
+
+VARIANTS = ("tile", "pages", "pages-codes")
+"""How a program's warps share its pages (the workspace key ``variant``): "tile", the warps
+split every page's tokens (one page at a time); "pages", each warp owns a page (batched dots,
+one softmax state per warp, merged at the end; tiles dequantized to fp16 in registers, see
+``_slot_loop_deq``); "pages-codes", the same in code space like "tile" (key codes times their
+scales, q . z, p . b and the divisors applied per tile; see ``_slot_loop``). With ``precise``
+both "pages" kernels run the code-space loop (float32-grade hi + lo dots)."""
+DEFAULT_VARIANT = "tile"
 
 
 # Codes are read as int32 words: four bytes of one token row, i.e. channels 4j .. 4j + 3 of
@@ -169,10 +188,24 @@ def _h(x):
 
 
 @triton.jit
-def _interleave4(a, b, c, d):
-    """Four (BT, W) tiles -> (BT, 4 W): element [t, 4 j + r] is tile r's [t, j]."""
-    x = tl.join(tl.join(a, c), tl.join(b, d))  # [t, j, i, k] = tile 2 i + k
-    return tl.reshape(x, (x.shape[0], 4 * x.shape[1]))
+def _interleave4(a, b, c, d, FM: tl.constexpr):
+    """Four (BT, W) tiles -> (BT, 4 W): element [t, 4 j + r] is tile r's [t, j] (channel order);
+    with FM ("field-major"), element [t, r W + j]. Also for (NW, BT, W) tiles (one page per
+    slot, the "pages" variant) -> (NW, BT, 4 W)."""
+    x = tl.join(tl.join(a, c), tl.join(b, d))  # [.., t, j, i, k] = tile 2 i + k
+    if len(a.shape) == 3:
+        if FM:  # the tile index above the word index: [s, t, i, k, j]
+            x = tl.permute(x, (0, 1, 3, 4, 2))
+            y = tl.reshape(x, (x.shape[0], x.shape[1], x.shape[2] * x.shape[3] * x.shape[4]))
+        else:
+            y = tl.reshape(x, (x.shape[0], x.shape[1], 4 * x.shape[2]))
+    else:
+        if FM:
+            x = tl.permute(x, (0, 2, 3, 1))
+            y = tl.reshape(x, (x.shape[0], x.shape[1] * x.shape[2] * x.shape[3]))
+        else:
+            y = tl.reshape(x, (x.shape[0], 4 * x.shape[1]))
+    return y
 
 
 @triton.jit
@@ -185,12 +218,13 @@ def _field(w, SHIFT: tl.constexpr, MASK: tl.constexpr, CONVERT: tl.constexpr):
 
 
 @triton.jit
-def _field_quarter(w, F: tl.constexpr, BITS: tl.constexpr, CONVERT: tl.constexpr):
+def _field_quarter(w, F: tl.constexpr, BITS: tl.constexpr, CONVERT: tl.constexpr,
+                   FM: tl.constexpr):
     """Field F of every byte of (BT, W) words as a (BT, 4 W) fp16 tile (CONVERT 0 or 1)."""
     MASK: tl.constexpr = (1 << BITS) - 1
     return _interleave4(_field(w, F * BITS, MASK, CONVERT), _field(w, 8 + F * BITS, MASK, CONVERT),
                         _field(w, 16 + F * BITS, MASK, CONVERT),
-                        _field(w, 24 + F * BITS, MASK, CONVERT))  # fmt: skip
+                        _field(w, 24 + F * BITS, MASK, CONVERT), FM)  # fmt: skip
 
 
 @triton.jit
@@ -201,42 +235,82 @@ def _quarters(base, offs_t, tv, QD: tl.constexpr, BITS: tl.constexpr, CONVERT: t
     W: tl.constexpr = QD // 4
     offs_w = tl.arange(0, W)
     words = base.to(tl.pointer_type(tl.int32)) + offs_t[:, None] * (ROW // 4) + offs_w[None, :]
-    m = tv[:, None]
+    return _quarters_at(words, tv[:, None], QD, BITS, CONVERT, False)
+
+
+@triton.jit
+def _wload(words, m):
+    """int32 words (.., BT, W) (masked by ``m``, which broadcasts to them; see
+    ``_slot_load`` for page-slot tiles)."""
+    if len(words.shape) == 3:  # noqa: SIM108 (Triton: no early return, no conditional expression)
+        w = _slot_load(words, m, 0)
+    else:
+        w = tl.load(words, mask=m, other=0)
+    return w
+
+
+@triton.jit
+def _slot_load(ptrs, m, other):
+    """Load a tile whose first dimension is the page slot, (NW, X) or (NW, X, Y), as (X, NW) or
+    (X, NW, Y) and permute it back: Triton's coalescing then spreads the lanes over the other
+    dimensions and the warps over the slots, the MMA layout's assignment, so the tile reaches
+    its warp's dot without a conversion through shared memory (loaded as (NW, ..), the warps
+    would split the tokens or channels of every slot)."""
+    mb = tl.broadcast_to(m, ptrs.shape)
+    if len(ptrs.shape) == 3:
+        x = tl.load(tl.permute(ptrs, (1, 0, 2)), mask=tl.permute(mb, (1, 0, 2)), other=other)
+        x = tl.permute(x, (1, 0, 2))
+    else:
+        x = tl.permute(tl.load(tl.permute(ptrs, (1, 0)), mask=tl.permute(mb, (1, 0)),
+                               other=other), (1, 0))  # fmt: skip
+    return x
+
+
+@triton.jit
+def _quarters_at(words, m, QD: tl.constexpr, BITS: tl.constexpr, CONVERT: tl.constexpr,
+                 FM: tl.constexpr):
+    """``_quarters`` from the int32 pointers of the first W words of each token row, (.., W),
+    and a mask that broadcasts to them: four (.., 4 W) fp16 quarters of channels (in
+    field-major order with FM, see ``_interleave4``)."""
+    W: tl.constexpr = QD // 4
     if BITS == 2:  # one quarter of the words holds all four quarters (fields 0 .. 3)
-        w0 = tl.load(words, mask=m, other=0)
+        w0 = _wload(words, m)
         if CONVERT == 2:
             r = _word_asm_2(w0)
-            return (_interleave4(_h(r[0]), _h(r[1]), _h(r[2]), _h(r[3])),
-                    _interleave4(_h(r[4]), _h(r[5]), _h(r[6]), _h(r[7])),
-                    _interleave4(_h(r[8]), _h(r[9]), _h(r[10]), _h(r[11])),
-                    _interleave4(_h(r[12]), _h(r[13]), _h(r[14]), _h(r[15])))  # fmt: skip
-        return (_field_quarter(w0, 0, 2, CONVERT), _field_quarter(w0, 1, 2, CONVERT),
-                _field_quarter(w0, 2, 2, CONVERT), _field_quarter(w0, 3, 2, CONVERT))  # fmt: skip
+            return (_interleave4(_h(r[0]), _h(r[1]), _h(r[2]), _h(r[3]), FM),
+                    _interleave4(_h(r[4]), _h(r[5]), _h(r[6]), _h(r[7]), FM),
+                    _interleave4(_h(r[8]), _h(r[9]), _h(r[10]), _h(r[11]), FM),
+                    _interleave4(_h(r[12]), _h(r[13]), _h(r[14]), _h(r[15]), FM))  # fmt: skip
+        return (_field_quarter(w0, 0, 2, CONVERT, FM), _field_quarter(w0, 1, 2, CONVERT, FM),
+                _field_quarter(w0, 2, 2, CONVERT, FM),
+                _field_quarter(w0, 3, 2, CONVERT, FM))  # fmt: skip
     if BITS == 4:  # words [0, W): quarters 0 (low) and 2 (high); [W, 2 W): quarters 1 and 3
-        w0 = tl.load(words, mask=m, other=0)
-        w1 = tl.load(words + W, mask=m, other=0)
+        w0 = _wload(words, m)
+        w1 = _wload(words + W, m)
         if CONVERT == 2:
             r = _word_asm_4(w0)
             u = _word_asm_4(w1)
-            return (_interleave4(_h(r[0]), _h(r[1]), _h(r[2]), _h(r[3])),
-                    _interleave4(_h(u[0]), _h(u[1]), _h(u[2]), _h(u[3])),
-                    _interleave4(_h(r[4]), _h(r[5]), _h(r[6]), _h(r[7])),
-                    _interleave4(_h(u[4]), _h(u[5]), _h(u[6]), _h(u[7])))  # fmt: skip
-        return (_field_quarter(w0, 0, 4, CONVERT), _field_quarter(w1, 0, 4, CONVERT),
-                _field_quarter(w0, 1, 4, CONVERT), _field_quarter(w1, 1, 4, CONVERT))  # fmt: skip
+            return (_interleave4(_h(r[0]), _h(r[1]), _h(r[2]), _h(r[3]), FM),
+                    _interleave4(_h(u[0]), _h(u[1]), _h(u[2]), _h(u[3]), FM),
+                    _interleave4(_h(r[4]), _h(r[5]), _h(r[6]), _h(r[7]), FM),
+                    _interleave4(_h(u[4]), _h(u[5]), _h(u[6]), _h(u[7]), FM))  # fmt: skip
+        return (_field_quarter(w0, 0, 4, CONVERT, FM), _field_quarter(w1, 0, 4, CONVERT, FM),
+                _field_quarter(w0, 1, 4, CONVERT, FM),
+                _field_quarter(w1, 1, 4, CONVERT, FM))  # fmt: skip
     # 8 bits: quarter q is words [q W, (q + 1) W)
-    w0 = tl.load(words, mask=m, other=0)
-    w1 = tl.load(words + W, mask=m, other=0)
-    w2 = tl.load(words + 2 * W, mask=m, other=0)
-    w3 = tl.load(words + 3 * W, mask=m, other=0)
+    w0 = _wload(words, m)
+    w1 = _wload(words + W, m)
+    w2 = _wload(words + 2 * W, m)
+    w3 = _wload(words + 3 * W, m)
     if CONVERT == 2:
         r0, r1, r2, r3 = _word_asm_8(w0), _word_asm_8(w1), _word_asm_8(w2), _word_asm_8(w3)
-        return (_interleave4(_h(r0[0]), _h(r0[1]), _h(r0[2]), _h(r0[3])),
-                _interleave4(_h(r1[0]), _h(r1[1]), _h(r1[2]), _h(r1[3])),
-                _interleave4(_h(r2[0]), _h(r2[1]), _h(r2[2]), _h(r2[3])),
-                _interleave4(_h(r3[0]), _h(r3[1]), _h(r3[2]), _h(r3[3])))  # fmt: skip
-    return (_field_quarter(w0, 0, 8, CONVERT), _field_quarter(w1, 0, 8, CONVERT),
-            _field_quarter(w2, 0, 8, CONVERT), _field_quarter(w3, 0, 8, CONVERT))  # fmt: skip
+        return (_interleave4(_h(r0[0]), _h(r0[1]), _h(r0[2]), _h(r0[3]), FM),
+                _interleave4(_h(r1[0]), _h(r1[1]), _h(r1[2]), _h(r1[3]), FM),
+                _interleave4(_h(r2[0]), _h(r2[1]), _h(r2[2]), _h(r2[3]), FM),
+                _interleave4(_h(r3[0]), _h(r3[1]), _h(r3[2]), _h(r3[3]), FM))  # fmt: skip
+    return (_field_quarter(w0, 0, 8, CONVERT, FM), _field_quarter(w1, 0, 8, CONVERT, FM),
+            _field_quarter(w2, 0, 8, CONVERT, FM),
+            _field_quarter(w3, 0, 8, CONVERT, FM))  # fmt: skip
 
 
 @triton.jit
@@ -355,6 +429,270 @@ def _page_loop(qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, start, end, base_id
     return m_i, l_i, a0, a1, a2, a3
 
 
+# The "pages" variant (workspace ``variant``): the NW warps of a program own NW different pages
+# at a time instead of sharing one. Code tiles are (NW, BT, words), one page per slot (row
+# pointers per slot, no reshape across pages), and every dot is a batched (rank-3) ``tl.dot``
+# over the slots: for rank-3 operands Triton's MMA layout puts the warps along the batch
+# dimension, so each warp multiplies its own page, and the softmax max / sum over a page's
+# tokens (the reductions that cost block barriers when 4 warps split the tokens) stay inside
+# one warp. Each slot keeps its own online-softmax state (m, l: (NW, GP); accumulators
+# (NW, GP, QD) x 4, i.e. (GP, D) float32 per warp: 64 registers per thread); the NW states are
+# merged once per program, before the partial state is written. A program's pages go NW at a
+# time; slots past its last page read nothing (fill 0: every token masked). A page is read in
+# tiles of BLOCK_T tokens (default 16; 32 spills on sm_90: 255 registers + 144 B, reloads in
+# the tile loop). Two loops: ``_slot_loop_deq`` (the default) dequantizes the tiles to fp16 in
+# registers; ``_slot_loop`` stays in code space like the "tile" kernel (variant "pages-codes",
+# and every "pages" launch with PRECISE).
+
+
+@triton.jit
+def _slot_params(pt_ptr, pf_ptr, ks_ptr, kz_ptr, cs_ptr, idx, valid, offs_c, offs_v,
+                 QD: tl.constexpr):  # fmt: skip
+    """``_page_ahead`` for NW table entries ``idx`` (NW,) at once: page ids and fills (NW,) and
+    the per-channel parameters as (NW, QD) quarters (raw PARAM dtype; masked where ``valid``
+    is false): the keys' in channel order ``offs_c``, the values' divisors in ``offs_v``."""
+    page = tl.load(pt_ptr + idx, mask=valid, other=0)
+    fill = tl.load(pf_ptr + idx, mask=valid, other=0)
+    base = (page.to(tl.int64) * 4 * QD)[:, None] + offs_c[None, :]
+    vm = valid[:, None]
+    par = ks_ptr + base
+    ks0 = _slot_load(par, vm, 0.0)
+    ks1 = _slot_load(par + QD, vm, 0.0)
+    ks2 = _slot_load(par + 2 * QD, vm, 0.0)
+    ks3 = _slot_load(par + 3 * QD, vm, 0.0)
+    par = kz_ptr + base
+    kz0 = _slot_load(par, vm, 0.0)
+    kz1 = _slot_load(par + QD, vm, 0.0)
+    kz2 = _slot_load(par + 2 * QD, vm, 0.0)
+    kz3 = _slot_load(par + 3 * QD, vm, 0.0)
+    par = cs_ptr + (page.to(tl.int64) * 4 * QD)[:, None] + offs_v[None, :]
+    cs0 = _slot_load(par, vm, 0.0)
+    cs1 = _slot_load(par + QD, vm, 0.0)
+    cs2 = _slot_load(par + 2 * QD, vm, 0.0)
+    cs3 = _slot_load(par + 3 * QD, vm, 0.0)
+    return page, fill, ks0, ks1, ks2, ks3, kz0, kz1, kz2, kz3, cs0, cs1, cs2, cs3
+
+
+@triton.jit
+def _slot_dot(a, b, PRECISE: tl.constexpr):
+    """``_dot2`` for (NW, M, K) x (NW, K, N) operands: one product per slot (warp)."""
+    if PRECISE:
+        hi, lo = _split16(a)
+        return tl.dot(hi, b) + tl.dot(lo, b)
+    return tl.dot(a.to(tl.float16), b)
+
+
+@triton.jit
+def _slot_q32(q_rows, gm, sm_scale, NW: tl.constexpr):
+    """``_slot_q`` in float32 (the PRECISE dots)."""
+    q = tl.load(q_rows, mask=gm, other=0.0).to(tl.float32) * sm_scale
+    return tl.broadcast_to(q[None, :, :], (NW, q.shape[0], q.shape[1]))
+
+
+@triton.jit
+def _slot_q(q_rows, gm, sm_scale, NW: tl.constexpr):
+    """One quarter of q (pointers (GP, QD)) scaled, in fp16 and repeated for the NW slots:
+    (NW, GP, QD), the loop-invariant left operand of the key dots (keys scaled instead)."""
+    q = tl.load(q_rows, mask=gm, other=0.0).to(tl.float32) * sm_scale
+    return tl.broadcast_to(q.to(tl.float16)[None, :, :], (NW, q.shape[0], q.shape[1]))
+
+
+@triton.jit
+def _slot_keys(q, k, ks, PRECISE: tl.constexpr):
+    """The logits of one quarter: q (NW, GP, QD) . (codes k (NW, BT, QD) x scales ks
+    (NW, QD)). Default: the codes scaled in fp16 (exact codes, one rounding, as q * s in the
+    "tile" variant) against the fp16 q of ``_slot_q``; PRECISE: q is float32 and q * s is
+    split into hi + lo fp16 dots against the exact codes."""
+    if PRECISE:
+        s = _slot_dot(q * ks.to(tl.float32)[:, None, :], tl.permute(k, (0, 2, 1)), True)
+    else:
+        s = tl.dot(q, tl.permute(k * ks.to(tl.float16)[:, None, :], (0, 2, 1)))
+    return s
+
+
+@triton.jit
+def _slot_loop(q_rows, gm, sm_scale, m_i, l_i, a0, a1, a2, a3, start, end, base_idx,
+               kc_ptr, vc_ptr, ks_ptr, kz_ptr, va_ptr, vb_ptr, cs_ptr, pt_ptr, pf_ptr, offs_c,
+               offs_v, NW: tl.constexpr, QD: tl.constexpr, PAGE: tl.constexpr,
+               BLOCK_T: tl.constexpr, BITS: tl.constexpr, PRECISE: tl.constexpr,
+               CONVERT: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+    """Pages ``start .. end - 1`` of one pool's table row, NW at a time, page ``u + i`` in slot
+    i: the per-slot states m_i, l_i (NW, GP) and a0 .. a3 (NW, GP, QD) advance independently."""
+    ROW: tl.constexpr = 4 * QD * BITS // 8  # bytes per token
+    W: tl.constexpr = QD // 4
+    slots = tl.arange(0, NW)
+    offs_w = tl.arange(0, W)
+    if PRECISE:  # float32 (GP, QD), repeated over the slots
+        q0 = _slot_q32(q_rows, gm, sm_scale, NW)
+        q1 = _slot_q32(q_rows + QD, gm, sm_scale, NW)
+        q2 = _slot_q32(q_rows + 2 * QD, gm, sm_scale, NW)
+        q3 = _slot_q32(q_rows + 3 * QD, gm, sm_scale, NW)
+    else:
+        q0 = _slot_q(q_rows, gm, sm_scale, NW)
+        q1 = _slot_q(q_rows + QD, gm, sm_scale, NW)
+        q2 = _slot_q(q_rows + 2 * QD, gm, sm_scale, NW)
+        q3 = _slot_q(q_rows + 3 * QD, gm, sm_scale, NW)
+    for u in tl.range(start, end, NW, num_stages=STAGES):
+        idx = u + slots
+        (page, fill, ks0, ks1, ks2, ks3, kz0, kz1, kz2, kz3, cs0, cs1, cs2, cs3) = _slot_params(
+            pt_ptr, pf_ptr, ks_ptr, kz_ptr, cs_ptr, base_idx + idx, idx < end, offs_c, offs_v, QD)
+        page = page.to(tl.int64)
+        z = tl.sum(q0.to(tl.float32) * kz0.to(tl.float32)[:, None, :], axis=2)
+        z += tl.sum(q1.to(tl.float32) * kz1.to(tl.float32)[:, None, :], axis=2)
+        z += tl.sum(q2.to(tl.float32) * kz2.to(tl.float32)[:, None, :], axis=2)
+        qz = z + tl.sum(q3.to(tl.float32) * kz3.to(tl.float32)[:, None, :], axis=2)  # (NW, GP)
+        cs0, cs1 = cs0.to(tl.float32)[:, None, :], cs1.to(tl.float32)[:, None, :]
+        cs2, cs3 = cs2.to(tl.float32)[:, None, :], cs3.to(tl.float32)[:, None, :]
+        # int32 word pointers of each slot's page, (NW, 1, 1)
+        kw = (kc_ptr + page * (PAGE * ROW)).to(tl.pointer_type(tl.int32))[:, None, None]
+        vw = (vc_ptr + page * (PAGE * ROW)).to(tl.pointer_type(tl.int32))[:, None, None]
+        # a loop, not unrolled (unrolled tiles of 32 tokens spill: sm_90, 255 registers + 424 B
+        # of stack), pipelined: the codes come through cp.async and shared memory, read back
+        # in the dot operand's layout (plain loads take a blocked layout and a conversion
+        # through shared memory, 2 block barriers each)
+        for sub in tl.range(0, PAGE // BLOCK_T, num_stages=STAGES):
+            offs_t = sub * BLOCK_T + tl.arange(0, BLOCK_T)
+            tv = offs_t[None, :] < fill[:, None]  # (NW, BT)
+            rows = offs_t[None, :, None] * (ROW // 4) + offs_w[None, None, :]  # (1, BT, W)
+            k0, k1, k2, k3 = _quarters_at(kw + rows, tv[:, :, None], QD, BITS, CONVERT, False)
+            s = _slot_keys(q0, k0, ks0, PRECISE) + _slot_keys(q1, k1, ks1, PRECISE)
+            s += _slot_keys(q2, k2, ks2, PRECISE) + _slot_keys(q3, k3, ks3, PRECISE)
+            s = tl.where(tv[:, None, :], s + qz[:, :, None], float("-inf"))  # (NW, GP, BT)
+            m_new = tl.maximum(m_i, tl.max(s, axis=2))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, :, None])
+            l_i = l_i * alpha + tl.sum(p, axis=2)
+            m_i = m_new
+            tok = page[:, None] * PAGE + offs_t[None, :]  # (NW, BT)
+            va = tl.load(va_ptr + tok, mask=tv, other=0.0).to(tl.float32)
+            vb = tl.load(vb_ptr + tok, mask=tv, other=0.0).to(tl.float32)
+            pa = p * va[:, None, :]
+            pz = tl.sum(p * vb[:, None, :], axis=2)[:, :, None]
+            v0, v1, v2, v3 = _quarters_at(vw + rows, tv[:, :, None], QD, BITS, CONVERT, True)
+            alpha = alpha[:, :, None]
+            a0 = a0 * alpha + (_slot_dot(pa, v0, PRECISE) + pz) * cs0
+            a1 = a1 * alpha + (_slot_dot(pa, v1, PRECISE) + pz) * cs1
+            a2 = a2 * alpha + (_slot_dot(pa, v2, PRECISE) + pz) * cs2
+            a3 = a3 * alpha + (_slot_dot(pa, v3, PRECISE) + pz) * cs3
+    return m_i, l_i, a0, a1, a2, a3
+
+
+@triton.jit
+def _slot_pages(tab, row, q_rows, gm, sm_scale, u0, u1, nh, hcols, offs_c, offs_v,
+                hkc, hvc, hks, hkz, hva, hvb, hcs, hpt, hpf,
+                GP: tl.constexpr, NW: tl.constexpr, QD: tl.constexpr, PAGE: tl.constexpr,
+                BLOCK_T: tl.constexpr, HBITS: tl.constexpr, LBITS: tl.constexpr,
+                PRECISE: tl.constexpr, CONVERT: tl.constexpr, STAGES: tl.constexpr,
+                PARAM: tl.constexpr, ALIGNED: tl.constexpr, DEQ: tl.constexpr):  # fmt: skip
+    """The "pages" variants of a split: its high pages, then its low pages, NW slots each
+    (fp16-dequantized operands with DEQ, code space otherwise); returns the merged state of
+    the program."""
+    m_i = tl.full([NW, GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([NW, GP], tl.float32)
+    a0 = tl.zeros([NW, GP, QD], tl.float32)
+    a1 = tl.zeros([NW, GP, QD], tl.float32)
+    a2 = tl.zeros([NW, GP, QD], tl.float32)
+    a3 = tl.zeros([NW, GP, QD], tl.float32)
+    if DEQ:
+        m_i, l_i, a0, a1, a2, a3 = _slot_loop_deq(
+            q_rows, gm, sm_scale, m_i, l_i, a0, a1, a2, a3, u0, tl.minimum(u1, nh), row * hcols,
+            hkc, hvc, hks, hkz, hva, hvb, hcs, hpt, hpf, offs_c, offs_v,
+            NW, QD, PAGE, BLOCK_T, HBITS, CONVERT, STAGES)  # fmt: skip
+    else:
+        m_i, l_i, a0, a1, a2, a3 = _slot_loop(
+            q_rows, gm, sm_scale, m_i, l_i, a0, a1, a2, a3, u0, tl.minimum(u1, nh), row * hcols,
+            hkc, hvc, hks, hkz, hva, hvb, hcs, hpt, hpf, offs_c, offs_v,
+            NW, QD, PAGE, BLOCK_T, HBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
+    lkc, lvc, lks, lkz, lva, lvb, lcs = _pool(tab, 7, PARAM, ALIGNED)  # L_POOL
+    lpt = _addr(tab, 17, tl.int32, ALIGNED)  # L_PT
+    lpf = _addr(tab, 18, tl.int32, ALIGNED)  # L_PF
+    lcols = tl.load(tab + 24).to(tl.int32)  # LCOLS
+    if DEQ:
+        m_i, l_i, a0, a1, a2, a3 = _slot_loop_deq(
+            q_rows, gm, sm_scale, m_i, l_i, a0, a1, a2, a3, tl.maximum(u0, nh) - nh, u1 - nh,
+            row * lcols, lkc, lvc, lks, lkz, lva, lvb, lcs, lpt, lpf, offs_c, offs_v,
+            NW, QD, PAGE, BLOCK_T, LBITS, CONVERT, STAGES)  # fmt: skip
+    else:
+        m_i, l_i, a0, a1, a2, a3 = _slot_loop(
+            q_rows, gm, sm_scale, m_i, l_i, a0, a1, a2, a3, tl.maximum(u0, nh) - nh, u1 - nh,
+            row * lcols, lkc, lvc, lks, lkz, lva, lvb, lcs, lpt, lpf, offs_c, offs_v,
+            NW, QD, PAGE, BLOCK_T, LBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
+    return _slot_merge(m_i, l_i, a0, a1, a2, a3)
+
+
+@triton.jit
+def _slot_loop_deq(q_rows, gm, sm_scale, m_i, l_i, a0, a1, a2, a3, start, end, base_idx,
+                   kc_ptr, vc_ptr, ks_ptr, kz_ptr, va_ptr, vb_ptr, cs_ptr, pt_ptr, pf_ptr,
+                   offs_c, offs_v, NW: tl.constexpr, QD: tl.constexpr, PAGE: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BITS: tl.constexpr, CONVERT: tl.constexpr,
+                   STAGES: tl.constexpr):  # fmt: skip
+    """``_slot_loop`` with every tile dequantized to fp16 in registers, in the dot operand's
+    layout: keys code * s + z, values (code * a + b) * cs (one fp16 rounding each, as the
+    "tile" variant's q * s and p * a), so the logits need no q . z term and the accumulators
+    no per-tile divisor or p . b term (the default "pages" kernel; PRECISE uses
+    ``_slot_loop``)."""
+    ROW: tl.constexpr = 4 * QD * BITS // 8  # bytes per token
+    W: tl.constexpr = QD // 4
+    slots = tl.arange(0, NW)
+    offs_w = tl.arange(0, W)
+    q0 = _slot_q(q_rows, gm, sm_scale, NW)
+    q1 = _slot_q(q_rows + QD, gm, sm_scale, NW)
+    q2 = _slot_q(q_rows + 2 * QD, gm, sm_scale, NW)
+    q3 = _slot_q(q_rows + 3 * QD, gm, sm_scale, NW)
+    for u in tl.range(start, end, NW, num_stages=STAGES):
+        idx = u + slots
+        (page, fill, ks0, ks1, ks2, ks3, kz0, kz1, kz2, kz3, cs0, cs1, cs2, cs3) = _slot_params(
+            pt_ptr, pf_ptr, ks_ptr, kz_ptr, cs_ptr, base_idx + idx, idx < end, offs_c, offs_v, QD)
+        page = page.to(tl.int64)
+        ks0, ks1 = ks0.to(tl.float16)[:, None, :], ks1.to(tl.float16)[:, None, :]
+        ks2, ks3 = ks2.to(tl.float16)[:, None, :], ks3.to(tl.float16)[:, None, :]
+        kz0, kz1 = kz0.to(tl.float16)[:, None, :], kz1.to(tl.float16)[:, None, :]
+        kz2, kz3 = kz2.to(tl.float16)[:, None, :], kz3.to(tl.float16)[:, None, :]
+        cs0, cs1 = cs0.to(tl.float16)[:, None, :], cs1.to(tl.float16)[:, None, :]
+        cs2, cs3 = cs2.to(tl.float16)[:, None, :], cs3.to(tl.float16)[:, None, :]
+        kw = (kc_ptr + page * (PAGE * ROW)).to(tl.pointer_type(tl.int32))[:, None, None]
+        vw = (vc_ptr + page * (PAGE * ROW)).to(tl.pointer_type(tl.int32))[:, None, None]
+        for sub in tl.range(0, PAGE // BLOCK_T, num_stages=STAGES):  # as in _slot_loop
+            offs_t = sub * BLOCK_T + tl.arange(0, BLOCK_T)
+            tv = offs_t[None, :] < fill[:, None]  # (NW, BT)
+            rows = offs_t[None, :, None] * (ROW // 4) + offs_w[None, None, :]  # (1, BT, W)
+            k0, k1, k2, k3 = _quarters_at(kw + rows, tv[:, :, None], QD, BITS, CONVERT, False)
+            s = tl.dot(q0, tl.permute(k0 * ks0 + kz0, (0, 2, 1)))
+            s = tl.dot(q1, tl.permute(k1 * ks1 + kz1, (0, 2, 1)), s)
+            s = tl.dot(q2, tl.permute(k2 * ks2 + kz2, (0, 2, 1)), s)
+            s = tl.dot(q3, tl.permute(k3 * ks3 + kz3, (0, 2, 1)), s)
+            s = tl.where(tv[:, None, :], s, float("-inf"))  # (NW, GP, BT), log2 domain
+            m_new = tl.maximum(m_i, tl.max(s, axis=2))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, :, None])
+            l_i = l_i * alpha + tl.sum(p, axis=2)
+            m_i = m_new
+            tok = page[:, None] * PAGE + offs_t[None, :]  # (NW, BT)
+            va = tl.load(va_ptr + tok, mask=tv, other=0.0).to(tl.float16)[:, :, None]
+            vb = tl.load(vb_ptr + tok, mask=tv, other=0.0).to(tl.float16)[:, :, None]
+            v0, v1, v2, v3 = _quarters_at(vw + rows, tv[:, :, None], QD, BITS, CONVERT, True)
+            p = p.to(tl.float16)
+            alpha = alpha[:, :, None]
+            a0 = tl.dot(p, (v0 * va + vb) * cs0, a0 * alpha)
+            a1 = tl.dot(p, (v1 * va + vb) * cs1, a1 * alpha)
+            a2 = tl.dot(p, (v2 * va + vb) * cs2, a2 * alpha)
+            a3 = tl.dot(p, (v3 * va + vb) * cs3, a3 * alpha)
+    return m_i, l_i, a0, a1, a2, a3
+
+
+@triton.jit
+def _slot_merge(m_i, l_i, a0, a1, a2, a3):
+    """The NW slot states -> one state of the program ((GP,), (GP,), (GP, QD) x 4): the only
+    reduction across warps, once per program."""
+    m = tl.max(m_i, axis=0)
+    w = tl.exp2(m_i - tl.where(m == float("-inf"), 0.0, m)[None, :])  # (NW, GP), 0 where -inf
+    w3 = w[:, :, None]
+    return (m, tl.sum(l_i * w, axis=0), tl.sum(a0 * w3, axis=0), tl.sum(a1 * w3, axis=0),
+            tl.sum(a2 * w3, axis=0), tl.sum(a3 * w3, axis=0))  # fmt: skip
+
+
 # The address table (``_address_table``): one int64 per slot, the pointers of both pool classes
 # and of the store's tables, fills, counts and full-precision buffer, then three sizes. One
 # tensor argument stands for 23 pointers and 3 integers, so a launch specialises a handful of
@@ -442,6 +780,7 @@ def _paged_decode_kernel(
     STAGES: tl.constexpr, PRECISE: tl.constexpr, CONVERT: tl.constexpr, FP_BLOCK: tl.constexpr,
     PARAM: tl.constexpr, FP: tl.constexpr, ALIGNED: tl.constexpr,  # pool parameter, fp dtypes
     NS_PAD: tl.constexpr, MERGE_GM: tl.constexpr, MERGE_SB: tl.constexpr,  # merge tiles
+    VARIANT: tl.constexpr, NW: tl.constexpr,  # index in VARIANTS; NW: page slots ("pages")
 ):  # fmt: skip
     QD: tl.constexpr = HEAD_DIM // 4
     row = tl.program_id(0)
@@ -450,6 +789,9 @@ def _paged_decode_kernel(
     hkv = row % HKV
     offs_g = tl.arange(0, GROUP_PAD)
     offs_c = tl.arange(0, QD)
+    offs_v = offs_c  # the channel at each position of the value side: accumulators, outputs
+    if VARIANT > 0:  # channel 4 (n % W) + n // W at position n of a quarter (W = QD / 4):
+        offs_v = 4 * (offs_c % (QD // 4)) + offs_c // (QD // 4)  # the codes' field-major order
     g_valid = offs_g < GROUP
     heads = hkv * GROUP + offs_g
     num_heads = HKV * GROUP
@@ -479,20 +821,27 @@ def _paged_decode_kernel(
         per = tl.cdiv(total, NUM_SPLITS)
         u0 = split * per
         u1 = tl.minimum(u0 + per, total)
-        m_i, l_i, a0, a1, a2, a3 = _page_loop(
-            qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, u0, tl.minimum(u1, nh), row * hcols,
-            hkc, hvc, hks, hkz, hva, hvb, hcs, hpt, hpf, offs_c,
-            QD, PAGE, BLOCK_T, HBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
-        # the low class's addresses only now: loaded before the first loop they would hold
-        # 18 registers through it (sm_90: 232 registers instead of 241)
-        lkc, lvc, lks, lkz, lva, lvb, lcs = _pool(tab, 7, PARAM, ALIGNED)  # L_POOL
-        lpt = _addr(tab, 17, tl.int32, ALIGNED)  # L_PT
-        lpf = _addr(tab, 18, tl.int32, ALIGNED)  # L_PF
-        lcols = tl.load(tab + 24).to(tl.int32)  # LCOLS
-        m_i, l_i, a0, a1, a2, a3 = _page_loop(
-            qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, tl.maximum(u0, nh) - nh, u1 - nh,
-            row * lcols, lkc, lvc, lks, lkz, lva, lvb, lcs, lpt, lpf, offs_c,
-            QD, PAGE, BLOCK_T, LBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
+        if VARIANT > 0:  # "pages" / "pages-codes": the warps own separate pages
+            m_i, l_i, a0, a1, a2, a3 = _slot_pages(
+                tab, row, q_rows, gm, sm_scale, u0, u1, nh, hcols, offs_c, offs_v,
+                hkc, hvc, hks, hkz, hva, hvb, hcs, hpt, hpf,
+                GROUP_PAD, NW, QD, PAGE, BLOCK_T, HBITS, LBITS, PRECISE, CONVERT, STAGES, PARAM,
+                ALIGNED, VARIANT == 1 and not PRECISE)  # fmt: skip
+        else:
+            m_i, l_i, a0, a1, a2, a3 = _page_loop(
+                qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, u0, tl.minimum(u1, nh), row * hcols,
+                hkc, hvc, hks, hkz, hva, hvb, hcs, hpt, hpf, offs_c,
+                QD, PAGE, BLOCK_T, HBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
+            # the low class's addresses only now: loaded before the first loop they would hold
+            # 18 registers through it (sm_90: 232 registers instead of 241)
+            lkc, lvc, lks, lkz, lva, lvb, lcs = _pool(tab, 7, PARAM, ALIGNED)  # L_POOL
+            lpt = _addr(tab, 17, tl.int32, ALIGNED)  # L_PT
+            lpf = _addr(tab, 18, tl.int32, ALIGNED)  # L_PF
+            lcols = tl.load(tab + 24).to(tl.int32)  # LCOLS
+            m_i, l_i, a0, a1, a2, a3 = _page_loop(
+                qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, tl.maximum(u0, nh) - nh, u1 - nh,
+                row * lcols, lkc, lvc, lks, lkz, lva, lvb, lcs, lpt, lpf, offs_c,
+                QD, PAGE, BLOCK_T, LBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
     else:
         fk_ptr = _addr(tab, 20, FP, ALIGNED)  # FK
         fv_ptr = _addr(tab, 21, FP, ALIGNED)  # FV
@@ -512,6 +861,7 @@ def _paged_decode_kernel(
                 offs_t = t0 + tl.arange(0, FP_BLOCK)
                 tv = (offs_t < n)[:, None]
                 ptrs = fbase + (base + offs_t)[:, None] * HEAD_DIM + offs_c[None, :]
+                vptrs = fbase + (base + offs_t)[:, None] * HEAD_DIM + offs_v[None, :]
                 k0 = tl.load(fk_ptr + ptrs, mask=tv, other=0.0).to(tl.float32)
                 k1 = tl.load(fk_ptr + ptrs + QD, mask=tv, other=0.0).to(tl.float32)
                 k2 = tl.load(fk_ptr + ptrs + 2 * QD, mask=tv, other=0.0).to(tl.float32)
@@ -522,10 +872,10 @@ def _paged_decode_kernel(
                 s += tl.dot(q3, tl.trans(k3), input_precision="ieee")
                 s = tl.where(tl.trans(tv), s, float("-inf"))
                 m_i, p, alpha, l_i = _online(s, m_i, l_i)
-                v0 = tl.load(fv_ptr + ptrs, mask=tv, other=0.0).to(tl.float32)
-                v1 = tl.load(fv_ptr + ptrs + QD, mask=tv, other=0.0).to(tl.float32)
-                v2 = tl.load(fv_ptr + ptrs + 2 * QD, mask=tv, other=0.0).to(tl.float32)
-                v3 = tl.load(fv_ptr + ptrs + 3 * QD, mask=tv, other=0.0).to(tl.float32)
+                v0 = tl.load(fv_ptr + vptrs, mask=tv, other=0.0).to(tl.float32)
+                v1 = tl.load(fv_ptr + vptrs + QD, mask=tv, other=0.0).to(tl.float32)
+                v2 = tl.load(fv_ptr + vptrs + 2 * QD, mask=tv, other=0.0).to(tl.float32)
+                v3 = tl.load(fv_ptr + vptrs + 3 * QD, mask=tv, other=0.0).to(tl.float32)
                 a0 = a0 * alpha[:, None] + tl.dot(p, v0, input_precision="ieee")
                 a1 = a1 * alpha[:, None] + tl.dot(p, v1, input_precision="ieee")
                 a2 = a2 * alpha[:, None] + tl.dot(p, v2, input_precision="ieee")
@@ -533,7 +883,7 @@ def _paged_decode_kernel(
     out_row = (b * num_heads + heads).to(tl.int64) * (NUM_SPLITS + 1) + split
     tl.store(m_ptr + out_row, m_i, mask=g_valid)
     tl.store(l_ptr + out_row, l_i, mask=g_valid)
-    o_rows = o_ptr + (out_row * HEAD_DIM)[:, None] + offs_c[None, :]
+    o_rows = o_ptr + (out_row * HEAD_DIM)[:, None] + offs_v[None, :]
     tl.store(o_rows, a0, mask=gm)
     tl.store(o_rows + QD, a1, mask=gm)
     tl.store(o_rows + 2 * QD, a2, mask=gm)
@@ -689,7 +1039,9 @@ def paged_decode_triton(
         ticket = workspace["ticket"] = torch.zeros(store.rows, dtype=torch.int32, device=q.device)
     tab, aligned = _address_table(store, q.device, workspace)
     fmt = store.fmt
-    block_t = int(workspace.get("block_t", min(fmt.page_size, 64)))  # PAGE / BLOCK_T tiles
+    variant = VARIANTS.index(workspace.get("variant", DEFAULT_VARIANT))
+    # PAGE / BLOCK_T tiles per page ("pages": per warp, whose operands are a whole tile each)
+    block_t = int(workspace.get("block_t", min(fmt.page_size, 16 if variant else 64)))
     convert = CONVERTS.index(workspace.get("convert", DEFAULT_CONVERT))
     if convert == 2 and INTERPRETED:
         raise ValueError("convert: 'asm' is inline PTX, which the Triton interpreter cannot run")
@@ -720,7 +1072,7 @@ def paged_decode_triton(
             PRECISE=bool(workspace.get("precise", q.dtype == torch.float32)), CONVERT=convert,
             FP_BLOCK=int(workspace.get("fp_block", 16)),
             PARAM=param, FP=_TL_DTYPES[store.fp_k.dtype], ALIGNED=aligned,
-            NS_PAD=ns_pad, MERGE_GM=gm, MERGE_SB=sb, **extra,
+            NS_PAD=ns_pad, MERGE_GM=gm, MERGE_SB=sb, VARIANT=variant, NW=warps, **extra,
         )  # fmt: skip
     except BaseException:
         ticket.zero_()  # a launch cut short (interpreter) must not leave a row's count behind
