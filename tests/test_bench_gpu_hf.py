@@ -77,3 +77,24 @@ def test_replicate_prefills_one_row_and_decodes_the_batch(tmp_path: Path) -> Non
     # 300 tokens fill pages: the ZipVL rows hold their own copies, as if prefilled together
     fixed = next(r for r in rep if r["variant"] == "fixed")
     assert fixed["kept_ratio"] == pytest.approx(0.42, abs=0.02)
+
+
+def test_prefill_reps_report_the_first_call_apart(tmp_path: Path) -> None:
+    gpu_hf = _load()
+    args = ["--device", "cpu", "--tiny", "--lengths", "64", "--batch", "1", "--decode-points",
+            "0", "--window", "2", "--variants", "fixed", "--prefill-reps", "3",
+            "--out", str(tmp_path / "hf.json")]  # fmt: skip
+    calls: list[int] = []
+    original = gpu_hf.Session.forward
+
+    def counted(self, ids, cache):
+        calls.append(ids.shape[-1])
+        return original(self, ids, cache)
+
+    gpu_hf.Session.forward = counted
+    try:
+        (row,) = gpu_hf.main(args)["rows"]
+    finally:
+        gpu_hf.Session.forward = original
+    assert calls.count(64) == 3  # three prefills at the case's length, one cache each
+    assert row["prefill_first_ms"] > 0 and row["prefill_ms"] > 0
