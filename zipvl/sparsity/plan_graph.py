@@ -143,6 +143,8 @@ class _Entry:
     graph: Any  # torch.cuda.CUDAGraph
 
 
+_MAX_SEEN = 256  # shapes whose eager calls a planner counts (least recently seen dropped)
+
 _Layout = list[tuple[str, torch.dtype, tuple[int, ...], int, int]]
 
 
@@ -218,7 +220,7 @@ class PlanGraph:
         # a known allocator ignores layer_idx: its layers share one graph per shape
         self._by_layer = not isinstance(allocator, (CumulativeMassAllocator, FixedRatioAllocator))
         self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
-        self._seen: dict[tuple, int] = {}
+        self._seen: OrderedDict[tuple, int] = OrderedDict()  # calls per shape not captured
         self.replays = 0
         self.captures = 0
 
@@ -263,8 +265,10 @@ class PlanGraph:
         key = (*shape, layer_idx) if self._by_layer else shape
         entry = self._entries.get(key)
         if entry is None and self.capture and q.is_cuda:
-            seen = self._seen.get(key, 0)
-            self._seen[key] = seen + 1
+            seen = self._seen.pop(key, 0)
+            self._seen[key] = seen + 1  # most recent last
+            while len(self._seen) > _MAX_SEEN:  # prompt lengths seen once do not accumulate
+                self._seen.popitem(last=False)
             if seen >= self.capture_after:
                 entry = self._capture(key, shape, q, k, layer_idx, nbytes, layout)
         if entry is None:  # eager: the same function on fresh buffers
