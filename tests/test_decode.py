@@ -790,3 +790,18 @@ def test_address_tables_live_as_long_as_their_buffers() -> None:
     a.own_pages()  # new pools: the old table's buffers die
     gc.collect()
     assert alive() is None and len(kernels._TABLES) == before - 1
+
+
+@pytest.mark.skipif(not _triton_runs("cpu"), reason="the kernel runs under TRITON_INTERPRET=1")
+def test_unknown_launch_settings_raise_naming_the_key() -> None:
+    case = (1, 4, 2, 64, 40, 0, 16)
+    store, _, _, _ = _filled_store(case, "cpu", torch.float32)
+    q = torch.randn(1, 4, 1, 64)
+    for key in ("variant", "convert"):
+        ws = workspace(store, 4)
+        ws[key] = "bogus"
+        with pytest.raises(ValueError, match=rf"workspace\['{key}'\]: expected one of"):
+            decode_attention(q, store, impl="triton")
+        ws[key] = None  # None is the default again
+        decode_attention(q, store, impl="triton")
+        del ws[key]

@@ -134,8 +134,11 @@ def _settings(store: PagedKVStore) -> list[int]:
     if "variant" in ws or "convert" in ws:  # (triton only imported where a key names it)
         from zipvl.paged_decode_triton import CONVERTS, VARIANTS
 
-        variant = VARIANTS.index(ws["variant"]) if "variant" in ws else -1
-        convert = CONVERTS.index(ws["convert"]) if "convert" in ws else -1
+        for key, allowed in (("variant", VARIANTS), ("convert", CONVERTS)):
+            if ws.get(key) is not None and ws[key] not in allowed:
+                raise ValueError(f"workspace[{key!r}]: expected one of {allowed}, got {ws[key]!r}")
+        variant = VARIANTS.index(ws["variant"]) if ws.get("variant") is not None else -1
+        convert = CONVERTS.index(ws["convert"]) if ws.get("convert") is not None else -1
     return [*out, variant, convert]
 
 

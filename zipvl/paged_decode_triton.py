@@ -1009,6 +1009,17 @@ def _address_table(
     return hit
 
 
+def _setting_index(
+    workspace: dict[str, Any], key: str, allowed: tuple[str, ...], default: str
+) -> int:
+    """The index of workspace[key] in ``allowed`` (the default when absent or None)."""
+    value = workspace.get(key)
+    value = default if value is None else value
+    if value not in allowed:
+        raise ValueError(f"workspace[{key!r}]: expected one of {allowed}, got {value!r}")
+    return allowed.index(value)
+
+
 def _pow2(n: int) -> int:
     """The least power of two >= n (n >= 1), in plain Python (triton.next_power_of_2 is a
     constexpr function with a wrapper's cost, and this runs on every decode launch)."""
@@ -1039,10 +1050,10 @@ def paged_decode_triton(
         ticket = workspace["ticket"] = torch.zeros(store.rows, dtype=torch.int32, device=q.device)
     tab, aligned = _address_table(store, q.device, workspace)
     fmt = store.fmt
-    variant = VARIANTS.index(workspace.get("variant", DEFAULT_VARIANT))
+    variant = _setting_index(workspace, "variant", VARIANTS, DEFAULT_VARIANT)
     # PAGE / BLOCK_T tiles per page ("pages": per warp, whose operands are a whole tile each)
     block_t = int(workspace.get("block_t", min(fmt.page_size, 16 if variant else 64)))
-    convert = CONVERTS.index(workspace.get("convert", DEFAULT_CONVERT))
+    convert = _setting_index(workspace, "convert", CONVERTS, DEFAULT_CONVERT)
     if convert == 2 and INTERPRETED:
         raise ValueError("convert: 'asm' is inline PTX, which the Triton interpreter cannot run")
     extra = {"maxnreg": int(workspace["maxnreg"])} if workspace.get("maxnreg") else {}

@@ -142,7 +142,7 @@ def test_the_auto_rule() -> None:
     q, _, _ = random_qkv(1, 4, 2, 32, 16, seed=0)
     comps = (ProbeScorer(), CumulativeMassAllocator(), TopKSelector())
     kw = {"padded": False, "mass_reduce": None, "explicit": False}
-    assert "CUDA" in str(graph_plan_problem(q, *comps, **kw))
+    assert "CUDA" in str(graph_plan_problem(q, q[:, :2], *comps, **kw))
     assert graph_plannable(*comps) is None
     assert "scorer" in str(graph_plannable(KeyNormScorer(), comps[1], comps[2]))
     assert "offset" not in str(graph_plannable(ProbeScorer(estimator="offset"), *comps[1:]))
@@ -217,3 +217,153 @@ def test_prefill_attention_with_a_captured_plan_equals_eager() -> None:
         got = prefill_attention(q, k, v, layer=graph)
         torch.testing.assert_close(got.output, want.output, rtol=0, atol=0)
         assert torch.equal(got.keep, want.keep)
+
+
+# -- the capture bookkeeping, on the CPU: inputs that say they are CUDA tensors, and a recorder
+# that stands in for the CUDA graph (it replays the captured function eagerly) -------------------
+
+
+class _LooksCuda(torch.Tensor):
+    @property
+    def is_cuda(self) -> bool:  # type: ignore[override]
+        return True
+
+
+class _Replay:
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def replay(self) -> None:
+        self.fn()
+
+
+def _stand_in_recorder(monkeypatch: pytest.MonkeyPatch) -> None:
+    from zipvl.sparsity import plan_graph
+
+    def record(self, entry, layer_idx, views):
+        return _Replay(lambda: self._static(entry.q, entry.k, layer_idx, views))
+
+    monkeypatch.setattr(plan_graph.PlanGraph, "_record", record)
+
+
+def _qk(s: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, _ = random_qkv(1, 4, 2, s, 16, seed=seed)
+    return q.as_subclass(_LooksCuda), k.as_subclass(_LooksCuda)
+
+
+def _forward(planner: PlanGraph, q, k, layers: int) -> None:
+    for layer in range(layers):
+        planner(q, k, layer_idx=layer)
+
+
+def test_a_model_captures_in_its_second_forward_and_replays_after(monkeypatch) -> None:
+    _stand_in_recorder(monkeypatch)
+    comps = (ProbeScorer(impl="torch"), CumulativeMassAllocator(0.9), TopKSelector())
+    planner = PlanGraph(*comps)
+    q, k = _qk(64)
+    _forward(planner, q, k, 4)
+    assert (planner.captures, planner.replays) == (0, 0)  # a length seen once: all eager
+    _forward(planner, q, k, 4)
+    # one shared graph, captured by layer 0 (whose plan is then a replay too)
+    assert (planner.captures, planner.replays) == (1, 4)
+    _forward(planner, q, k, 4)
+    assert (planner.captures, planner.replays) == (1, 8)
+    fresh_q, fresh_k = _qk(64, seed=9)  # the replay plans the new inputs, not the captured ones
+    plain = (fresh_q.as_subclass(torch.Tensor), fresh_k.as_subclass(torch.Tensor))
+    want = plan_tokens(*plain, scorer=comps[0], allocator=comps[1], selector=comps[2],
+                       impl="torch")  # fmt: skip
+    _same_plan(planner(fresh_q, fresh_k, layer_idx=0), want)
+
+
+def test_per_layer_allocators_capture_once_per_layer(monkeypatch) -> None:
+    from zipvl.sparsity import PerLayerSchedule
+
+    _stand_in_recorder(monkeypatch)
+    planner = PlanGraph(
+        ProbeScorer(impl="torch"), PerLayerSchedule([0.3, 0.5, 0.7]), TopKSelector()
+    )
+    q, k = _qk(64)
+    counts = []
+    for _ in range(4):
+        _forward(planner, q, k, 3)
+        counts.append(planner.captures)
+    assert counts == [0, 3, 3, 3]  # no re-capture: every layer keeps its graph
+
+
+def test_recurring_lengths_do_not_recapture(monkeypatch) -> None:
+    _stand_in_recorder(monkeypatch)
+    planner = PlanGraph(ProbeScorer(impl="torch"), FixedRatioAllocator(0.4), TopKSelector(),
+                        max_shapes=3)  # fmt: skip
+    inputs = [_qk(s) for s in (48, 64, 80)]
+    counts = []
+    for _ in range(4):
+        for q, k in inputs:
+            _forward(planner, q, k, 2)
+        counts.append(planner.captures)
+    assert counts == [0, 3, 3, 3]
+    q, k = _qk(96)  # a fourth length evicts the least recently used, which must earn it again
+    _forward(planner, q, k, 2)
+    _forward(planner, q, k, 2)
+    assert planner.captures == 4 and len(planner._entries) == 3
+    q, k = inputs[0]
+    _forward(planner, q, k, 2)
+    assert planner.captures == 4  # evicted: eager again, not re-captured at once
+
+
+def test_a_capture_under_inference_mode_serves_calls_outside_it(monkeypatch) -> None:
+    _stand_in_recorder(monkeypatch)
+    planner = PlanGraph(ProbeScorer(impl="torch"), FixedRatioAllocator(0.4), TopKSelector(),
+                        capture_after=0)  # fmt: skip
+    q, k = _qk(40)
+    with torch.inference_mode():
+        planner(q, k)
+    with torch.no_grad():
+        planner(q, k)  # writes into the static buffers: they must not be inference tensors
+    assert (planner.captures, planner.replays) == (1, 2)  # the capturing call replays too
+
+
+def test_a_failed_capture_keeps_the_other_graphs(monkeypatch) -> None:
+    from zipvl.sparsity import plan_graph
+
+    _stand_in_recorder(monkeypatch)
+    planner = PlanGraph(ProbeScorer(impl="torch"), FixedRatioAllocator(0.4), TopKSelector(),
+                        capture_after=0, max_shapes=1)  # fmt: skip
+    q, k = _qk(40)
+    planner(q, k)
+    assert len(planner._entries) == 1
+
+    def fail(self, entry, layer_idx, views):
+        raise ValueError("plan_impl: 'graph' could not capture")
+
+    monkeypatch.setattr(plan_graph.PlanGraph, "_record", fail)
+    q2, k2 = _qk(48)
+    with pytest.raises(ValueError, match="could not capture"):
+        planner(q2, k2)
+    assert len(planner._entries) == 1  # the good graph is still there
+    planner(q, k)
+    assert planner.replays == 2
+
+
+def test_a_custom_selectors_unequal_rows_raise() -> None:
+    class Ragged(TopKSelector):
+        def keep_mask(self, scores, budget):
+            keep = super().keep_mask(scores, budget)
+            keep[0, 0, :] = True  # one row keeps everything
+            return keep
+
+    q, k, _ = random_qkv(1, 4, 2, 48, 16, seed=2)
+    planner = PlanGraph(ProbeScorer(), FixedRatioAllocator(0.4), Ragged(), capture=False)
+    with pytest.raises(ValueError, match=r"same number of kept tokens in every \(b, h\) row"):
+        planner(q, k)
+
+
+def test_chunked_prefill_plans_eagerly_under_auto() -> None:
+    q, k, _ = random_qkv(1, 4, 2, 64, 16, seed=1)
+    comps = (ProbeScorer(), CumulativeMassAllocator(), TopKSelector())
+    kw = {"padded": False, "mass_reduce": None, "explicit": False}
+    reason = graph_plan_problem(q[:, :, -16:], k, *comps, **kw)
+    assert reason is not None and "Sq = 16" in reason
+    plan = plan_tokens(q[:, :, -16:], k)  # "auto" on a chunk: the eager plan
+    assert plan.selection.num_kept > 0
+    assert graph_plannable(ProbeScorer(), type("Sub", (FixedRatioAllocator,), {})(0.4),
+                           TopKSelector()) is not None  # subclasses are not trusted  # fmt: skip

@@ -188,7 +188,7 @@ def _check_idx(idx: object, b: int, hkv: int, device: torch.device) -> Tensor:
         )
     if idx.device != device:
         raise ValueError(f"idx: expected device {device}, got {idx.device}")
-    return idx.contiguous()  # a no-op for Selection.indices()
+    return idx.contiguous()  # a copy for a sliced Selection.indices() (the captured plan's)
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:

@@ -203,7 +203,7 @@ def plan_tokens(
         from zipvl.sparsity.plan_graph import graph_plan_problem, graph_planner
 
         problem = graph_plan_problem(
-            q, scorer, allocator, selector, padded=False, mass_reduce=mass_reduce,
+            q, k, scorer, allocator, selector, padded=False, mass_reduce=mass_reduce,
             explicit=impl is Impl.GRAPH,
         )  # fmt: skip
         if problem is None:

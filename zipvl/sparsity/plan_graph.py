@@ -20,15 +20,18 @@ and replays it:
 The kept positions come back with the selection (``Selection.indices`` returns them without
 recomputing), so ``sparse_attention`` gathers straight away.
 
-A shape is captured the second time it is seen (the first call runs eagerly: a prompt length
-that occurs once costs nothing extra), and at most ``max_shapes`` shapes keep their graphs
-(least recently used dropped), because every captured shape holds static copies of q and k.
+A layer's shape is captured the second time that layer plans it: a model's first forward at a
+new prompt length runs eagerly, its second captures one graph per shape (shared by the layers
+when the allocator ignores the layer), and later forwards replay; a prompt length that occurs
+once costs nothing extra. At most ``max_shapes`` shapes keep their graphs (least recently used
+dropped), because every captured shape holds static copies of q and k.
 Off CUDA, ``capture=False`` runs the same fixed-shape function eagerly: that is what the CPU
 tests compare with ``plan_tokens``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from collections import OrderedDict
@@ -78,11 +81,12 @@ def graph_plannable(scorer: Scorer, allocator: Allocator, selector: Selector) ->
     or ``FixedRatioAllocator``, the selector a ``TopKSelector``. A custom component may well be
     capturable; ``plan_impl="graph"`` tries it and raises if the capture fails.
     """
-    if not isinstance(scorer, ProbeScorer) or scorer.estimator == "offset":
+    # exact types: a subclass may read the host or depend on layer_idx
+    if type(scorer) is not ProbeScorer or scorer.estimator == "offset":
         return f"scorer: {type(scorer).__name__} is not a ProbeScorer with the default estimator"
-    if not isinstance(allocator, _CAPTURABLE[1:3]):
+    if type(allocator) not in _CAPTURABLE[1:3]:
         return f"allocator: {type(allocator).__name__} is not known to be capturable"
-    if not isinstance(selector, TopKSelector):
+    if type(selector) is not TopKSelector:
         return f"selector: {type(selector).__name__} is not a TopKSelector"
     return None
 
@@ -102,8 +106,14 @@ def _shared(key: tuple, make: Any) -> Tensor:
     return t
 
 
+def _device(dev: torch.device) -> Any:
+    """The device guard of a CUDA tensor's device (nothing for another device)."""
+    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+
+
 def graph_plan_problem(
     q: Tensor,
+    k: Tensor,
     scorer: Scorer,
     allocator: Allocator,
     selector: Selector,
@@ -115,6 +125,9 @@ def graph_plan_problem(
     """Why a plan cannot (explicit ``"graph"``) or would not (``"auto"``) be replayed from a CUDA
     graph, or None. ``explicit`` skips the checks that only ``"auto"`` makes (the length limit
     and the list of components known to be capturable: an explicit request tries to capture)."""
+    if q.shape[-2] != k.shape[-2]:
+        sq, skv = q.shape[-2], k.shape[-2]
+        return f"q: the graph plans a whole prefill (Sq = Skv = {skv}), got Sq = {sq}"
     if not q.is_cuda:
         return f"q: a CUDA graph needs CUDA tensors, got device {q.device}"
     if torch.compiler.is_compiling():
@@ -156,7 +169,7 @@ def _layout(b: int, hkv: int, s: int) -> tuple[_Layout, int]:
         ("mass", torch.float32, (b, hkv, s)),
         ("normalized", torch.float32, (b, hkv, s)),
         ("idx", torch.int64, (b, hkv, s)),
-        ("stats", torch.int64, (3,)),
+        ("stats", torch.int64, (5,)),
         ("budget", torch.int32, (b, hkv)),
         ("keep", torch.bool, (b, hkv, s)),
     ]
@@ -182,17 +195,23 @@ def _views(packed: Tensor, layout: _Layout) -> dict[str, Tensor]:
 class PlanGraph:
     """``plan_tokens`` of an unpadded prefill as one captured unit (see the module docstring).
 
+    A layer's shape is captured when that layer plans it again (``capture_after`` earlier
+    calls of the same layer and shape ran eagerly): a model's first forward at a new prompt
+    length runs eagerly in every layer, the second captures once per shape (every layer with an
+    allocator that ignores ``layer_idx`` shares that graph; with another allocator each layer
+    has its own), later forwards replay.
+
     Args:
         scorer, allocator, selector: the layer's components. The selector must have the
             fixed-shape ``keep_mask(scores, budget)`` (``TopKSelector`` has it).
         capture: False runs the fixed-shape function eagerly on every call (any device): the
             reference the captured replay is tested against.
-        max_shapes: captured shapes kept (least recently used dropped), >= 1.
-        capture_after: calls of a shape that run eagerly before it is captured (default 1: a
-            shape seen once is never captured), >= 0.
+        max_shapes: shapes whose graphs are kept (least recently used dropped with all their
+            layers' graphs, and their call counts forgotten), >= 1.
+        capture_after: eager calls of a (layer, shape) before it is captured, >= 0.
 
     Attributes:
-        replays, captures: how many calls replayed a graph, and how many shapes were captured.
+        replays, captures: how many calls replayed a graph, and how many graphs were captured.
 
     Raises:
         ValueError: a selector without ``keep_mask``, or a bad ``max_shapes`` / ``capture_after``.
@@ -205,7 +224,7 @@ class PlanGraph:
         selector: Selector,
         *,
         capture: bool = True,
-        max_shapes: int = 2,
+        max_shapes: int = 4,
         capture_after: int = 1,
     ) -> None:
         if not callable(getattr(selector, "keep_mask", None)):
@@ -218,9 +237,11 @@ class PlanGraph:
         self.max_shapes = check_int("max_shapes", max_shapes, 1)
         self.capture_after = check_int("capture_after", capture_after, 0)
         # a known allocator ignores layer_idx: its layers share one graph per shape
-        self._by_layer = not isinstance(allocator, (CumulativeMassAllocator, FixedRatioAllocator))
-        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
-        self._seen: OrderedDict[tuple, int] = OrderedDict()  # calls per shape not captured
+        self._by_layer = type(allocator) not in (CumulativeMassAllocator, FixedRatioAllocator)
+        # shape -> {layer key -> captured graph}; least recently used shape first
+        self._entries: OrderedDict[tuple, dict[int | None, _Entry]] = OrderedDict()
+        # (shape, layer) -> eager calls so far, for shapes without a graph of that layer
+        self._seen: OrderedDict[tuple, int] = OrderedDict()
         self.replays = 0
         self.captures = 0
 
@@ -230,7 +251,9 @@ class PlanGraph:
         rk = plan_keep(sc, allocator=self.allocator, selector=self.selector, layer_idx=layer_idx)
         budget, keep, idx = rk.budget, rk.keep, rk.indices  # (B, Hkv), (B, Hkv, S), ...
         lo, hi = torch.aminmax(budget.to(torch.int64))
-        out["stats"].copy_(torch.stack([lo, hi, sc.normalized.isnan().any().to(torch.int64)]))
+        kept_lo, kept_hi = torch.aminmax(keep.sum(dim=-1).flatten())  # the rows' kept counts
+        nan = sc.normalized.isnan().any().to(torch.int64)
+        out["stats"].copy_(torch.stack([lo, hi, nan, kept_lo, kept_hi]))
         out["mass"].copy_(sc.mass)
         out["normalized"].copy_(sc.normalized)
         out["budget"].copy_(budget)
@@ -251,8 +274,9 @@ class PlanGraph:
 
         Raises:
             ValueError: as ``plan_scores`` with ``TopKSelector`` (the non-finite-mass sentinel,
-                NaN scores, a budget that differs between rows or lies outside [0, Skv]), bad
-                shapes, or a capture that fails (naming the components).
+                NaN scores, a budget that differs between rows or lies outside [0, Skv]), rows
+                of a custom selector that keep different counts, bad shapes, or a capture that
+                fails (naming the components).
         """
         check_qkv(q, k)
         if q.shape[-2] != k.shape[-2]:
@@ -262,24 +286,29 @@ class PlanGraph:
         b, hkv, s = k.shape[0], k.shape[1], k.shape[-2]
         layout, nbytes = _layout(b, hkv, s)
         shape = (tuple(q.shape), tuple(k.shape), q.dtype, k.dtype, q.device)
-        key = (*shape, layer_idx) if self._by_layer else shape
-        entry = self._entries.get(key)
+        layer = layer_idx if self._by_layer else None
+        graphs = self._entries.get(shape)
+        entry = None if graphs is None else graphs.get(layer)
         if entry is None and self.capture and q.is_cuda:
-            seen = self._seen.pop(key, 0)
-            self._seen[key] = seen + 1  # most recent last
-            while len(self._seen) > _MAX_SEEN:  # prompt lengths seen once do not accumulate
-                self._seen.popitem(last=False)
+            # counted per layer even where the layers share a graph: a length a model
+            # prefills once runs eagerly in every layer, and is captured in its second forward
+            seen = self._seen.pop((shape, layer_idx), 0)
             if seen >= self.capture_after:
-                entry = self._capture(key, shape, q, k, layer_idx, nbytes, layout)
+                entry = self._capture(shape, layer, q, k, layer_idx, nbytes, layout)
+            else:
+                self._seen[(shape, layer_idx)] = seen + 1  # most recent last
+                while len(self._seen) > _MAX_SEEN:  # lengths seen once do not accumulate
+                    self._seen.popitem(last=False)
         if entry is None:  # eager: the same function on fresh buffers
             packed = torch.empty(nbytes, dtype=torch.uint8, device=k.device)
             self._static(q, k, layer_idx, _views(packed, layout))
         else:
-            self._entries.move_to_end(key)
-            self._fill(entry, q, k)
-            entry.graph.replay()
+            self._entries.move_to_end(shape)
+            with _device(q.device):
+                self._fill(entry, q, k)
+                entry.graph.replay()
+                packed = entry.packed.clone()  # one copy out: the next replay overwrites it
             self.replays += 1
-            packed = entry.packed.clone()  # one copy out: the next replay overwrites it
         return self._result(_views(packed, layout), s)
 
     @staticmethod
@@ -291,57 +320,71 @@ class PlanGraph:
             entry.q.index_copy_(2, entry.q_rows, q.index_select(2, entry.q_rows))
 
     def _capture(
-        self, key: tuple, shape: tuple, q: Tensor, k: Tensor, layer_idx: int | None,
+        self, shape: tuple, layer: int | None, q: Tensor, k: Tensor, layer_idx: int | None,
         nbytes: int, layout: _Layout,
     ) -> _Entry:  # fmt: skip
-        while len(self._entries) >= self.max_shapes:
-            self._entries.popitem(last=False)
         q_rows = None
         if isinstance(self.scorer, ProbeScorer):
             q_rows = self.scorer.probe_rows(q.shape[-2], device=q.device)
         dev = q.device
-        entry = _Entry(
-            q=_shared(("q", *shape), lambda: torch.zeros(q.shape, dtype=q.dtype, device=dev)),
-            k=_shared(("k", *shape), lambda: torch.zeros(k.shape, dtype=k.dtype, device=dev)),
-            q_rows=q_rows,
-            packed=_shared(
-                ("out", *shape), lambda: torch.zeros(nbytes, dtype=torch.uint8, device=dev)
-            ),
-            graph=None,
-        )
-        self._fill(entry, q, k)
-        views = _views(entry.packed, layout)
+        # normal tensors even under inference_mode: later calls outside it write into them
+        with torch.inference_mode(False):
+            entry = _Entry(
+                q=_shared(("q", *shape), lambda: torch.zeros(q.shape, dtype=q.dtype, device=dev)),
+                k=_shared(("k", *shape), lambda: torch.zeros(k.shape, dtype=k.dtype, device=dev)),
+                q_rows=q_rows,
+                packed=_shared(
+                    ("out", *shape), lambda: torch.zeros(nbytes, dtype=torch.uint8, device=dev)
+                ),
+                graph=None,
+            )
+            views = _views(entry.packed, layout)
+        with _device(dev):  # Triton launches on the current device
+            self._fill(entry, q, k)
+            entry.graph = self._record(entry, layer_idx, views)
+        if shape not in self._entries:  # a new shape: drop the least recently used ones
+            while len(self._entries) >= self.max_shapes:
+                old, _ = self._entries.popitem(last=False)
+                for key in [key for key in self._seen if key[0] == old]:
+                    del self._seen[key]  # an evicted shape earns its capture again
+            self._entries[shape] = {}
+        self._entries[shape][layer] = entry
+        self.captures += 1
+        return entry
+
+    def _record(self, entry: _Entry, layer_idx: int | None, views: dict[str, Tensor]) -> Any:
+        """Warm up on a side stream, then capture ``_static`` on the static buffers."""
+        dev = entry.k.device
+        current = torch.cuda.current_stream(dev)
         side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
+        side.wait_stream(current)
         try:
             with torch.cuda.stream(side):  # warm-up: kernel compiles, cached probe rows
                 self._static(entry.q, entry.k, layer_idx, views)
-            torch.cuda.current_stream(dev).wait_stream(side)
+            current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device=dev)):
                 self._static(entry.q, entry.k, layer_idx, views)
         except RuntimeError as err:
+            torch.cuda.set_stream(current)  # a failed capture may leave its stream current
             raise ValueError(
                 "plan_impl: 'graph' could not capture the plan of "
                 f"{type(self.scorer).__name__} / {type(self.allocator).__name__} / "
                 f"{type(self.selector).__name__} (a host read or a host tensor inside one of "
                 f"them?): {str(err).splitlines()[0] if str(err) else type(err).__name__}"
             ) from err
-        entry.graph = graph
-        self._entries[key] = entry
-        self.captures += 1
-        return entry
+        return graph
 
     def _result(self, out: dict[str, Tensor], s: int) -> TokenPlan:
-        p_min, p_max, has_nan = out["stats"].tolist()  # the one host read
+        p_min, p_max, has_nan, kept_lo, kept_hi = out["stats"].tolist()  # the one host read
         check_budget_read(p_min, p_max, has_nan, s)
         forced = getattr(self.selector, "num_forced", None)
         n_forced = int(cast(int, forced(s))) if callable(forced) else 0
         num_kept = min(max(int(p_max), n_forced), s)
-        # keep_mask keeps clamp(max(budget, |forced|), 0, Skv) per row (property-tested against
-        # keep_mask_k), and the budget is one value: every row has num_kept entries
+        # TopKSelector.keep_mask keeps clamp(max(budget, |forced|), 0, Skv) per row; any
+        # selector's rows are checked here from the counts read with the budget
         sel = Selection(keep=out["keep"], num_kept=num_kept).check_counts(
-            count_range=(num_kept, num_kept)
+            count_range=(int(kept_lo), int(kept_hi))
         )
         sel.attach_indices(out["idx"][..., :num_kept])
         scores = Scores(mass=out["mass"], normalized=out["normalized"])
