@@ -8,14 +8,15 @@ and replays it:
 
 1. the inputs are copied into the graph's static buffers (all of ``k``; of ``q`` only the probe
    rows when the scorer is a ``ProbeScorer``, which reads nothing else);
-2. one replay scores (the fused probe kernels), allocates the budget on the device, builds the
-   keep mask with the selector's fixed-shape ``keep_mask`` (the device budget, no read), and
-   compacts the kept positions of every row into ascending order (a running count, no sort);
+2. one replay scores (the fused probe kernels), allocates the budget on the device, and builds
+   the keep mask and the kept positions of every row in ascending order from the device budget
+   (``plan_keep``: ``TopKSelector.keep_and_indices``, the select kernels up to 16k tokens, the
+   sort of ``keep_mask`` and a running count above; no read);
 3. one copy takes every output out of the graph's memory (the next replay overwrites it), and
-   one host read brings back the budget's range and the NaN flag: the same checks, the same
-   errors and the same selection as ``plan_scores`` with ``TopKSelector`` (``keep_mask`` is the
-   sort reference of ``keep_mask_k``; both are property-tested to keep the first ``p`` entries of
-   the stable descending order).
+   one host read brings back the budget's range, the NaN flag and the rows' kept counts: the
+   same checks, the same errors and the same selection as ``plan_scores`` with
+   ``TopKSelector`` (both selections are the first ``p`` entries of the stable descending
+   order, property-tested).
 
 The kept positions come back with the selection (``Selection.indices`` returns them without
 recomputing), so ``sparse_attention`` gathers straight away.
@@ -25,6 +26,7 @@ new prompt length runs eagerly, its second captures one graph per shape (shared 
 when the allocator ignores the layer), and later forwards replay; a prompt length that occurs
 once costs nothing extra. At most ``max_shapes`` shapes keep their graphs (least recently used
 dropped), because every captured shape holds static copies of q and k.
+Capture and replay run under the inputs' device (Triton launches on the current device).
 Off CUDA, ``capture=False`` runs the same fixed-shape function eagerly: that is what the CPU
 tests compare with ``plan_tokens``.
 """
