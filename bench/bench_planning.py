@@ -6,6 +6,9 @@ What is timed, one ``group=`` per component, at S = 1k, 4k and 16k tokens:
   PyTorch path, fp32 probe softmax and column sums.
 * ``plan.allocate``: ``CumulativeMassAllocator(0.975)`` (sort + cumsum of the layer vector).
 * ``plan.select``: ``TopKSelector()`` (stable sort ranks, keep mask, one budget read-back).
+* ``plan.whole``: ``plan_tokens(impl="torch")`` (the eager plan, threshold select after the one
+  read) against ``PlanGraph(capture=False)`` (the fixed-shape function a CUDA graph replays,
+  run eagerly: device budget, sort-ranked keep mask, running-count positions, outputs packed).
 * ``plan.block_mask``: ``compacted_causal_block_mask`` for P = 0.42 S (cache cleared each round),
   ``compacted_prefix_block_mask`` (``unkept="attend"``) and ``selection_block_mask`` over the
   original layout, block 128.
@@ -33,11 +36,13 @@ import torch
 
 from zipvl.sparsity import (
     CumulativeMassAllocator,
+    PlanGraph,
     ProbeScorer,
     Selection,
     TopKSelector,
     compacted_causal_block_mask,
     compacted_prefix_block_mask,
+    plan_tokens,
     selection_block_mask,
 )
 from zipvl.sparsity.block_mask import _compacted_causal_cached
@@ -104,6 +109,17 @@ def test_allocate(benchmark: Any, inputs: Inputs) -> None:
 
 def test_select(benchmark: Any, inputs: Inputs) -> None:
     _run(benchmark, "plan.select", lambda: _SELECTOR(inputs.normalized, inputs.budget))
+
+
+def test_plan_eager(benchmark: Any, inputs: Inputs) -> None:
+    comps = {"scorer": _SCORER, "allocator": _ALLOCATOR, "selector": _SELECTOR}
+    _run(benchmark, "plan.whole", lambda: plan_tokens(inputs.q, inputs.k, **comps, impl="torch"),
+         kind="eager")  # fmt: skip
+
+
+def test_plan_fixed_shape(benchmark: Any, inputs: Inputs) -> None:
+    planner = PlanGraph(_SCORER, _ALLOCATOR, _SELECTOR, capture=False)
+    _run(benchmark, "plan.whole", lambda: planner(inputs.q, inputs.k), kind="fixed_shape")
 
 
 def test_block_mask_compacted_causal(benchmark: Any, inputs: Inputs) -> None:
