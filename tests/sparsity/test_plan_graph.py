@@ -368,3 +368,20 @@ def test_chunked_prefill_plans_eagerly_under_auto() -> None:
     assert plan.selection.num_kept > 0
     assert graph_plannable(ProbeScorer(), type("Sub", (FixedRatioAllocator,), {})(0.4),
                            TopKSelector()) is not None  # subclasses are not trusted  # fmt: skip
+
+
+def test_equal_components_share_one_planner() -> None:
+    from zipvl.sparsity.plan_graph import graph_planner
+
+    a = graph_planner(ProbeScorer(), FixedRatioAllocator(0.4), TopKSelector())
+    b = graph_planner(ProbeScorer(), FixedRatioAllocator(0.4), TopKSelector())
+    c = graph_planner(ProbeScorer(), FixedRatioAllocator(0.5), TopKSelector())
+    assert a is b and a is not c
+
+    class Unhashable(TopKSelector):
+        __hash__ = None  # type: ignore[assignment]
+
+    sel = Unhashable()
+    d = graph_planner(ProbeScorer(), FixedRatioAllocator(0.4), sel)
+    assert d is graph_planner(ProbeScorer(), FixedRatioAllocator(0.4), sel)  # by identity
+    assert d is not graph_planner(ProbeScorer(), FixedRatioAllocator(0.4), Unhashable())

@@ -399,13 +399,19 @@ _PLANNERS: OrderedDict[tuple, PlanGraph] = OrderedDict()
 _MAX_PLANNERS = 16
 
 
+def _component_key(component: object) -> object:
+    """A component as a registry key: itself where it hashes (equal frozen dataclasses share a
+    planner), its identity otherwise (the planner keeps it alive, so the id stays its own)."""
+    try:
+        hash(component)
+    except TypeError:
+        return ("id", id(component))
+    return component
+
+
 def graph_planner(scorer: Scorer, allocator: Allocator, selector: Selector) -> PlanGraph:
     """The shared ``PlanGraph`` of these components (made on first use)."""
-    try:
-        key: tuple = (scorer, allocator, selector)
-        hash(key)
-    except TypeError:  # unhashable custom components: by identity (the planner keeps them alive)
-        key = (id(scorer), id(allocator), id(selector))
+    key = tuple(_component_key(c) for c in (scorer, allocator, selector))
     planner = _PLANNERS.get(key)
     if planner is None:
         planner = PlanGraph(scorer, allocator, selector)
