@@ -210,33 +210,33 @@ class Selection:
         self.check_counts()
         if self._indices is not None:
             return self._indices
-        b, h, skv = self.keep.shape
-        p = self.num_kept
-        # compaction without a sort: the j-th kept position of a row goes to slot j (its
-        # running count); the other positions all go to a spare slot P, dropped at the end
-        # (clamped, and zeros where nothing lands: in range even for a selection whose row
-        # counts were not checked, e.g. inside torch.compile)
-        slot = torch.where(self.keep, (self.keep.cumsum(dim=-1) - 1).clamp(max=p), p)
-        pos = torch.arange(skv, device=self.keep.device).expand(b, h, skv)
-        out = torch.zeros(b, h, p + 1, dtype=torch.int64, device=self.keep.device)
-        return out.scatter_(-1, slot, pos)[..., :p]  # (B, Hkv, P)
+        # clamped to P: in range even for a selection whose row counts were not checked (e.g.
+        # inside torch.compile)
+        return kept_positions(self.keep, self.num_kept)  # (B, Hkv, P)
 
 
-def kept_positions(keep: Tensor) -> Tensor:
-    """Every row's kept positions in ascending order, by running count (no sort).
+def kept_positions(keep: Tensor, width: int | None = None) -> Tensor:
+    """Every row's kept positions in ascending order, by running count (no sort): the j-th
+    kept position of a row goes to slot j, the other positions to a spare slot dropped at the
+    end.
 
     Args:
         keep: (..., Skv) bool.
+        width: slots per row (default Skv); kept positions past it are dropped.
 
     Returns:
-        (..., Skv) int64: row r's first ``keep[r].sum()`` entries are its True positions in
-        ascending order, the rest 0.
+        (..., width) int64: row r's first ``min(keep[r].sum(), width)`` entries are its True
+        positions in ascending order, the rest 0.
     """
     skv = keep.shape[-1]
-    slot = torch.where(keep, keep.cumsum(dim=-1) - 1, skv)  # (..., Skv); spare slot Skv
+    width = skv if width is None else width
+    count = keep.cumsum(dim=-1) - 1  # (..., Skv): the running count of each kept position
+    if width < skv:
+        count = count.clamp(max=width)
+    slot = torch.where(keep, count, width)  # spare slot: width
     pos = torch.arange(skv, device=keep.device).expand(keep.shape)
-    idx = torch.zeros(*keep.shape[:-1], skv + 1, dtype=torch.int64, device=keep.device)
-    return idx.scatter_(-1, slot, pos)[..., :skv]
+    idx = torch.zeros(*keep.shape[:-1], width + 1, dtype=torch.int64, device=keep.device)
+    return idx.scatter_(-1, slot, pos)[..., :width]
 
 
 @runtime_checkable
