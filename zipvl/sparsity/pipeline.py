@@ -17,6 +17,7 @@ This module is the one place where a budget is allocated and tokens are selected
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -268,6 +269,22 @@ def plan_scores(
     return TokenPlan(scores=scores, budget=budget, selection=selection)
 
 
+def keep_mask_of(selector: Selector) -> Callable[[Tensor, Tensor], Tensor]:
+    """The selector's fixed-shape ``keep_mask(scores, budget)``, which a plan without host
+    reads needs.
+
+    Raises:
+        ValueError: the selector has none.
+    """
+    keep_mask = getattr(selector, "keep_mask", None)
+    if not callable(keep_mask):
+        raise ValueError(
+            "selector: expected a selector with the fixed-shape keep_mask(scores, budget) "
+            f"(TopKSelector has it), got {type(selector).__name__}"
+        )
+    return cast(Callable[[Tensor, Tensor], Tensor], keep_mask)
+
+
 def plan_keep(
     scores: Scores,
     *,
@@ -292,18 +309,13 @@ def plan_keep(
     Raises:
         ValueError: the selector has no ``keep_mask``.
     """
-    keep_mask = getattr(selector, "keep_mask", None)
-    if not callable(keep_mask):
-        raise ValueError(
-            "selector: expected a selector with the fixed-shape keep_mask(scores, budget) "
-            f"(TopKSelector has it), got {type(selector).__name__}"
-        )
+    keep_mask = keep_mask_of(selector)
     budget = _budget(scores.mass, allocator, layer_idx, _num_heads(scores.mass))  # (B, Hkv)
     both = getattr(selector, "keep_and_indices", None)
     if callable(both):  # TopKSelector: one launch on CUDA
         keep, idx = cast(tuple[Tensor, Tensor], both(scores.normalized, budget))
         return RowKeep(budget=budget, keep=keep, indices=idx)
-    keep = cast(Tensor, keep_mask(scores.normalized, budget))  # (B, Hkv, Skv)
+    keep = keep_mask(scores.normalized, budget)  # (B, Hkv, Skv)
     return RowKeep(budget=budget, keep=keep)
 
 

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from zipvl.checks import check_int, check_qkv
 from zipvl.sparsity.allocators import CumulativeMassAllocator, FixedRatioAllocator
-from zipvl.sparsity.pipeline import TokenPlan, plan_keep
+from zipvl.sparsity.pipeline import TokenPlan, keep_mask_of, plan_keep
 from zipvl.sparsity.scorers import ProbeScorer
 from zipvl.sparsity.selectors import TopKSelector, check_budget_read
 from zipvl.types import (
@@ -229,11 +229,7 @@ class PlanGraph:
         max_shapes: int = 4,
         capture_after: int = 1,
     ) -> None:
-        if not callable(getattr(selector, "keep_mask", None)):
-            raise ValueError(
-                "selector: plan_impl='graph' needs a selector with the fixed-shape "
-                f"keep_mask(scores, budget) (TopKSelector has it), got {type(selector).__name__}"
-            )
+        keep_mask_of(selector)  # raises for a selector without one, before any capture
         self.scorer, self.allocator, self.selector = scorer, allocator, selector
         self.capture = bool(capture)
         self.max_shapes = check_int("max_shapes", max_shapes, 1)
