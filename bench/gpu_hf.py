@@ -366,20 +366,17 @@ class Session:
         clock = self.clock
         rows = 1 if self.args.replicate else batch  # rows prefilled in the one forward
         ids = self.random_ids(rows, length)
+        repeat_ms = []  # --prefill-reps: the earlier calls at this length, each on its own cache
+        for _ in range(self.args.prefill_reps - 1):
+            fresh = self.new_cache(v)
+            with _backends(v):
+                ms, _ = clock.wall_ms(lambda c=fresh: self.forward(ids, c))
+            repeat_ms.append(ms)
+        fresh = None
+        first_ms = repeat_ms.pop(0) if repeat_ms else None
         cache = self.new_cache(v)
-        gc.collect()
+        gc.collect()  # the earlier calls' caches: the peak is the last prefill's alone
         clock.reset_peak()
-        first_ms = None
-        if self.args.prefill_reps > 1:  # the first call at this length, then steady calls
-            repeat_ms = []
-            for _ in range(self.args.prefill_reps - 1):
-                cache = self.new_cache(v)
-                with _backends(v):
-                    ms, _ = clock.wall_ms(lambda c=cache: self.forward(ids, c))
-                repeat_ms.append(ms)
-            first_ms = repeat_ms.pop(0)
-            cache = self.new_cache(v)
-            gc.collect()
         with _backends(v):
             prefill_ms, tok = clock.wall_ms(lambda: self.forward(ids, cache))
         if first_ms is not None:  # the reported prefill is the median of the calls after the first
