@@ -56,12 +56,31 @@ def labels() -> Iterator[None]:
         ZipVLCache.update, zhf.prefill_attention, ZipVLCache.compress_prefill = saved  # type: ignore[method-assign,assignment]
 
 
+def stage_kernels(prof: Any, stage: str, top: int) -> list[tuple[str, float, int]]:
+    """The device kernels launched under ``stage``, summed by name: (name, ms, calls)."""
+    ms: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for root in prof.events():
+        if root.name != stage:
+            continue
+        stack = [root]
+        while stack:
+            ev = stack.pop()
+            for k in ev.kernels:
+                ms[k.name] = ms.get(k.name, 0.0) + k.duration / 1e3
+                calls[k.name] = calls.get(k.name, 0) + 1
+            stack.extend(ev.cpu_children)
+    order = sorted(ms, key=lambda n: ms[n], reverse=True)[:top]
+    return [(n, ms[n], calls[n]) for n in order]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768])
     ap.add_argument("--presets", nargs="+", default=["fixed"])
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--probe-cap", type=int, default=None, help="ZipVLConfig.probe_cap")
     ap.add_argument("--device", default="cuda")
     a = ap.parse_args()
     args = gpu_hf.parse_args(
@@ -85,7 +104,7 @@ def main() -> None:
     for preset in [None, *a.presets]:
         name = preset or "dense"
         if preset is not None:
-            zipvl.enable(model, ZipVLConfig.preset(preset))
+            zipvl.enable(model, ZipVLConfig.preset(preset, probe_cap=a.probe_cap))
         for n in a.lengths:
             ids = torch.randint(0, model.config.vocab_size, (1, n), device=a.device)
 
@@ -116,8 +135,12 @@ def main() -> None:
                 reverse=True,
             )[: a.top]
             print(f"\n## {name}, S={n}, {a.layers} layers: one prefill {wall:.1f} ms (unprofiled)")
+            inside: dict[str, list[tuple[str, float, int]]] = {}
             for k, v in stage_ms.items():
                 print(f"  stage {k}: {v:.2f} ms GPU ({v / a.layers:.3f} per layer)")
+                inside[k] = stage_kernels(prof, k, 8) if cuda else []
+                for kn, kms, kc in inside[k]:
+                    print(f"      {kms:9.3f} {kc:6d}  {kn[:100]}")
             print("  top kernels (self GPU ms, calls):")
             top = []
             for e in kernels:
@@ -125,7 +148,14 @@ def main() -> None:
                 top.append({"kernel": e.key[:120], "ms": round(t, 3), "calls": e.count})
                 print(f"    {t:9.3f} {e.count:6d}  {e.key[:110]}")
             results.append(
-                {"preset": name, "S": n, "wall_ms": wall, "stages_ms": stage_ms, "top": top}
+                {
+                    "preset": name,
+                    "S": n,
+                    "wall_ms": wall,
+                    "stages_ms": stage_ms,
+                    "stage_kernels": inside,
+                    "top": top,
+                }
             )
         if preset is not None:
             zipvl.disable(model)
