@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from zipvl.cache.graph_step import graph_step
 from zipvl.cache.scoring import sink_padding_error
 from zipvl.checks import check_int
 from zipvl.quant.primitives import choose_qparams, dequantize, pack, quantize, round_param, unpack
@@ -286,6 +287,7 @@ class PagedKVStore:
         self.sink_tokens = check_int("sink_tokens", sink_tokens, 0)
         self.tail_slack = check_int("tail_slack", tail_slack, 1)
         self.reserve_tokens = check_int("reserve_tokens", reserve_tokens, 1)
+        self.step_tokens = 0  # tokens appended by a recorded decode step (zipvl.models.captured)
         p, r = fmt.page_size, self.recompress_every
         # region capacities of the full-precision buffer; staging holds < P before a block and
         # gains at most R, so P + R slots always suffice
@@ -503,6 +505,12 @@ class PagedKVStore:
             ValueError: the tail would exceed its capacity (``recompress_every + tail_slack``).
         """
         t = k.shape[2]
+        if graph_step():
+            # a recorded decode step: the device half only; the replayer advances the host
+            # count by ``step_tokens`` after every replay
+            self.append_device(k, v)
+            self.step_tokens += t
+            return
         if k.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "append: inside a CUDA-graph capture call append_device (the captured half) "

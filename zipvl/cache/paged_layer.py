@@ -112,6 +112,9 @@ class PagedCacheLayer(CacheLayerBase):
         self._decode_kept = None  # device accumulator of kept block tokens (mean per row)
         self._unread: Tensor | None = None  # new K/V returned by update, not yet attended
         self.mask_checked = False
+        # (q, lse2, scale) of a recorded decode step (zipvl.models.captured): the replayer
+        # runs compress_tail from them after every replay
+        self.step_inputs: tuple[Tensor, Tensor, float | None] | None = None
 
     @property
     def decode_kept_tokens(self) -> float:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zipvl.cache import PagedCacheLayer, ZipVLCache
+from zipvl.cache.graph_step import graph_step
 from zipvl.checks import check_qkv, check_tensor
 from zipvl.config import LayerConfig, ZipVLConfig
 from zipvl.decode import decode_attention as paged_decode_attention
@@ -369,8 +370,17 @@ def paged_decode(
             )
     if q.shape[-2] == 1:
         out, lse2 = paged_decode_attention(q, layer.store, scale=scale, impl=decode_impl)
-        layer.compress_tail(q, lse2=lse2, scale=scale)
+        if graph_step():
+            # a recorded step: the replayer compresses full blocks on the host after each
+            # replay, from this step's query and log-sum-exp (static tensors of the step)
+            layer.step_inputs = (q, lse2, scale)
+        else:
+            layer.compress_tail(q, lse2=lse2, scale=scale)
         return out
+    if graph_step():
+        raise ValueError(
+            f"query: a recorded decode step reads one query per row, got Sq = {q.shape[-2]}"
+        )
     if decode_impl == "triton":
         raise ValueError(
             f"decode_impl: 'triton' reads one query per step, got Sq = {q.shape[-2]}; use "

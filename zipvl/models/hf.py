@@ -583,6 +583,12 @@ def new_cache(model: nn.Module) -> ZipVLCache:
     return fn.cache
 
 
+def bound_cache(model: nn.Module) -> ZipVLCache | None:
+    """The ``ZipVLCache`` the enabled model's attention reads (None: ZipVL is not enabled)."""
+    fn = _function_of(_text_model(model))
+    return None if fn is None else fn.cache
+
+
 def disable(model: nn.Module) -> None:
     """Restore the attention implementation the model had before ``enable``.
 

@@ -1,0 +1,230 @@
+"""GraphDecoder / cuda_graph_decode: a transformers model's decode step recorded once, replayed.
+
+On the CPU a stand-in recorder runs the recorded step again on every replay, with the same
+split as a CUDA graph: the recorded half (every layer's device-side append and decode
+attention) inside the step, the host half (``advance``, decode-block recompression) after it.
+The properties: replayed decoding equals eager decoding step for step (logits and the cache's
+stored classes), across recompression blocks, pool growth and a left-padded batch; generate
+routed through it gives the same tokens; a change of the cache's buffers is noticed (one eager
+step, then a new recording); bad input raises naming the argument. The CUDA test records a
+real graph and compares it with the eager fused-kernel path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+from zipvl.cache.hf_compat import DynamicCache
+from zipvl.config import ZipVLConfig
+from zipvl.models import cache_kwargs, disable, enable, new_cache
+from zipvl.models.captured import GraphDecoder, cuda_graph_decode
+
+
+class ReRun:
+    """Stand-in recorder: ``record`` runs the step (its effect is the first replay's, as a
+    captured graph's first replay would be), each later ``replay`` runs it again into the
+    recorded outputs."""
+
+    def __init__(self) -> None:
+        self.fn: Callable[[], Any] | None = None
+        self.out: Any = None
+        self.fresh = False
+        self.records = 0
+
+    def eager(self, fn: Callable[[], Any]) -> Any:
+        return fn()
+
+    def record(self, fn: Callable[[], Any]) -> Any:
+        self.fn, self.fresh = fn, True
+        self.out = fn()
+        self.records += 1
+        return self.out
+
+    def replay(self) -> None:
+        assert self.fn is not None
+        if self.fresh:
+            self.fresh = False
+            return
+        self.out.logits.copy_(self.fn().logits)
+
+
+def _model(device: str = "cpu") -> Any:
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, vocab_size=256, attn_implementation="sdpa",
+    )  # fmt: skip
+    return transformers.Qwen2ForCausalLM(cfg).eval().to(device)
+
+
+CFG = dict(recompress_every=8, page_size=16)
+
+
+def _classes(cache: Any) -> list[torch.Tensor]:
+    return [layer.store.class_bits[:, :, : layer.store.length].clone() for layer in cache.layers]
+
+
+@torch.no_grad()
+def _eager_run(model: Any, ids: torch.Tensor, mask: torch.Tensor, steps: int,
+               positions: bool) -> tuple[Any, ...]:  # fmt: skip
+    cache = enable(model, ZipVLConfig.preset("fixed", **CFG))
+    kw = cache_kwargs(model.forward, cache)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw)
+    tok = out.logits[:, -1:].argmax(-1)
+    logits = []
+    for _ in range(steps):
+        pos = pos[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        step = model(input_ids=tok, attention_mask=mask, position_ids=pos if positions else None,
+                     **kw).logits[:, -1:]  # fmt: skip
+        logits.append(step)
+        tok = step.argmax(-1)
+    disable(model)
+    return logits, _classes(cache)
+
+
+@torch.no_grad()
+def _replayed_run(model: Any, ids: torch.Tensor, mask: torch.Tensor, steps: int,
+                  positions: bool) -> tuple[Any, ...]:  # fmt: skip
+    cache = enable(model, ZipVLConfig.preset("fixed", **CFG))
+    kw = cache_kwargs(model.forward, cache)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw)
+    tok = out.logits[:, -1:].argmax(-1)
+    rec = ReRun()
+    dec = GraphDecoder(model, cache, recorder=rec)
+    logits = []
+    for _ in range(steps):
+        pos = pos[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        step = dec(tok, position_ids=pos if positions else None, attention_mask=mask)
+        logits.append(step)
+        tok = step.argmax(-1)
+    disable(model)
+    return logits, _classes(cache), dec.stats, rec.records
+
+
+@pytest.mark.parametrize("positions", [True, False], ids=["positions", "from-cache"])
+def test_replayed_decoding_equals_eager(positions: bool) -> None:
+    """40 steps over a left-padded batch (blocks of 8: five recompressions per layer, pages of
+    16): the replayed steps give the eager logits and store the same precision classes, with
+    the caller's position_ids or without (the cache length, as the model's forward does)."""
+    model = _model()
+    ids = torch.randint(3, 256, (2, 37))
+    mask = torch.ones(2, 37, dtype=torch.long)
+    mask[1, :5], ids[1, :5] = 0, 0
+    want, want_classes = _eager_run(model, ids, mask, 40, positions)
+    got, got_classes, stats, records = _replayed_run(model, ids, mask, 40, positions)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"step {i}")
+    for a, b in zip(got_classes, want_classes, strict=True):
+        assert torch.equal(a, b)
+    assert stats["replays"] > 30 and stats["recompressions"] == 2 * 5
+    assert stats["records"] == records >= 1
+    assert stats["eager"] == stats["records"]  # one eager step before every recording
+    assert stats["eager"] + stats["replays"] == 40
+
+
+def test_a_buffer_change_is_noticed_and_recorded_again() -> None:
+    """A reorder between steps (what beam search does) replaces the store's buffers: the next
+    step runs eagerly, the one after records again, and the results follow the reorder."""
+    model = _model()
+    ids = torch.randint(3, 256, (2, 30))
+    cache = enable(model, ZipVLConfig.preset("fixed", **CFG))
+    kw = cache_kwargs(model.forward, cache)
+    with torch.no_grad():
+        tok = model(input_ids=ids, **kw).logits[:, -1:].argmax(-1)
+        dec = GraphDecoder(model, cache, recorder=ReRun())
+        for _ in range(3):
+            tok = dec(tok).argmax(-1)
+        assert dec.stats["records"] == 1
+        cache.reorder_cache(torch.tensor([1, 0]))
+        tok = tok.flip(0)
+        dec(tok)
+        assert dec.stats == {**dec.stats, "records": 1, "eager": 2}
+        dec(tok)
+        assert dec.stats["records"] == 2
+    disable(model)
+
+
+def test_generate_through_cuda_graph_decode_gives_the_same_tokens() -> None:
+    """generate (greedy) inside cuda_graph_decode: the prefill runs the model's own forward,
+    the decode steps replay, the tokens are generate's without it; the forward is restored."""
+    model = _model()
+    ids = torch.randint(3, 256, (2, 33))
+    mask = torch.ones(2, 33, dtype=torch.long)
+    mask[0, :4], ids[0, :4] = 0, 0
+    gen = dict(attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cache = enable(model, ZipVLConfig.preset("fixed", **CFG))
+        want = model.generate(input_ids=ids, **gen, **cache_kwargs(model, cache))
+        cache = new_cache(model)
+        with cuda_graph_decode(model, cache, recorder=ReRun()) as dec:
+            got = model.generate(input_ids=ids, **gen, **cache_kwargs(model, cache))
+    disable(model)
+    assert torch.equal(got, want)
+    assert dec.stats["replays"] >= 20 and dec.stats["recompressions"] > 0
+    assert "forward" not in model.__dict__
+
+
+def test_bad_input_raises_naming_the_argument() -> None:
+    model = _model()
+    ids = torch.randint(3, 256, (1, 20))
+    with pytest.raises(ValueError, match="cache: expected a ZipVLCache or a transformers"):
+        GraphDecoder(model, DynamicCache(config=model.config), recorder=ReRun())
+    cache = enable(model, ZipVLConfig.preset("fixed", **CFG))
+    other = new_cache(model)  # binds a new cache: the first is no longer the model's
+    with pytest.raises(ValueError, match="cache: expected the ZipVLCache bound to this model"):
+        GraphDecoder(model, cache, recorder=ReRun())
+    with pytest.raises(ValueError, match="model: the default recorder records CUDA graphs"):
+        GraphDecoder(model, other)
+    dec = GraphDecoder(model, other, recorder=ReRun())
+    with pytest.raises(ValueError, match=r"cache: layer 0 is in state 'empty'"):
+        dec(ids[:, :1])
+    with torch.no_grad():
+        model(input_ids=ids, **cache_kwargs(model.forward, other))
+        with pytest.raises(ValueError, match=r"input_ids: expected a \(B, 1\) tensor"):
+            dec(ids[:, :2])
+        with pytest.raises(ValueError, match="position_ids: expected shape"):
+            dec(ids[:, :1], position_ids=torch.zeros(1, 2, dtype=torch.long))
+        with (
+            cuda_graph_decode(model, other, recorder=ReRun()),
+            pytest.raises(ValueError, match="output_hidden_states: a decode step replayed"),
+        ):
+            model(input_ids=ids[:, :1], output_hidden_states=True,
+                  **cache_kwargs(model.forward, other))  # fmt: skip
+    disable(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_decode_matches_the_eager_fused_path() -> None:
+    """Real CUDA graphs, the fused kernel: 130 greedy steps (two decode blocks of 100 per
+    layer) equal the eager steps' logits within bf16 rounding and give the same tokens."""
+    model = _model("cuda").to(torch.bfloat16)
+    ids = torch.randint(3, 256, (2, 300), device="cuda")
+    cfg = ZipVLConfig.preset("fixed", decode_impl="triton")
+    results = []
+    with torch.no_grad():
+        for graphs in (False, True):
+            cache = enable(model, cfg)
+            kw = cache_kwargs(model.forward, cache)
+            tok = model(input_ids=ids, **kw).logits[:, -1:].argmax(-1)
+            dec = GraphDecoder(model, cache) if graphs else None
+            logits = []
+            for _ in range(130):
+                step = dec(tok) if dec else model(input_ids=tok, **kw).logits[:, -1:]
+                logits.append(step.float())
+                tok = step.argmax(-1)
+            disable(model)
+            results.append((torch.cat(logits, 1), dec.stats if dec else None))
+    (want, _), (got, stats) = results
+    assert stats is not None and stats["replays"] >= 120 and stats["recompressions"] == 2 * 2
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-2)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
