@@ -62,7 +62,7 @@ def _model(device: str = "cpu") -> Any:
     return transformers.Qwen2ForCausalLM(cfg).eval().to(device)
 
 
-CFG = dict(recompress_every=8, page_size=16)
+CFG = dict(recompress_every=8, page_size=16, decode_impl="reference")  # the kernel: GPU test
 
 
 def _classes(cache: Any) -> list[torch.Tensor]:

@@ -1,0 +1,278 @@
+"""Decode of a transformers model eager and replayed from CUDA graphs, dense and ZipVL, one run.
+
+A Qwen2 model with LongVA-7B shapes (random bf16 weights), one prompt per length. Variants:
+
+* ``dense-flash``: ``DynamicCache``, eager steps, SDPA forced to flash (the fastest eager dense
+  decode on the H200);
+* ``dense-static-graph-<backend>``: transformers' ``StaticCache`` (capacity prompt + steps), the
+  step recorded by ``GraphDecoder`` (the prompt's K/V copied in from a flash prefill), SDPA
+  forced to ``efficient`` or ``cudnn`` (the static cache attends over its capacity with a mask,
+  which flash cannot take);
+* ``fixed``: ZipVL ``fixed`` preset (r = 0.42), eager steps;
+* ``fixed-graph``: the same cache decoded by ``GraphDecoder`` (recorded step, host bookkeeping
+  and the decode-block recompression between replays).
+
+Per variant: ms per token over ``--steps`` greedy steps after ``--warmup`` steps (wall clock,
+synchronised at both ends: the recompression every 100 tokens and any re-recording are
+included), the first steps' agreement of ``fixed-graph`` with ``fixed`` (argmax tokens and max
+logit difference), the decoder's counters. Prints a table and one JSON line.
+
+Run:  python bench/gpu_hf_graph.py --lengths 32768 131072 --batch 1 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_hf
+from common import env_info
+
+import zipvl
+from zipvl import ZipVLConfig
+from zipvl.models import cache_argument, is_enabled
+from zipvl.models.captured import GraphDecoder
+
+VARIANTS = ("dense-flash", "dense-static-graph-efficient", "dense-static-graph-cudnn", "fixed",
+            "fixed-graph")  # fmt: skip
+
+
+def progress(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+class ReRun:
+    """CPU smoke runs only: a stand-in recorder that re-runs the recorded step per replay."""
+
+    def __init__(self) -> None:
+        self.fn: Callable[[], Any] | None = None
+        self.out: Any = None
+        self.fresh = False
+
+    def eager(self, fn: Callable[[], Any]) -> Any:
+        return fn()
+
+    def record(self, fn: Callable[[], Any]) -> Any:
+        self.fn, self.fresh = fn, True
+        self.out = fn()
+        return self.out
+
+    def replay(self) -> None:
+        assert self.fn is not None
+        if self.fresh:
+            self.fresh = False
+            return
+        self.out.logits.copy_(self.fn().logits)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _sdpa(backend: str) -> contextlib.AbstractContextManager[Any]:
+    if not torch.cuda.is_available():
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kinds = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION}  # fmt: skip
+    return sdpa_kernel([kinds[backend]])
+
+
+def _static_from(model: Any, dyn: Any, capacity: int, batch: int) -> Any:
+    """A StaticCache of ``capacity`` positions holding the DynamicCache's prompt."""
+    from transformers import StaticCache
+
+    static = StaticCache(config=model.config, max_cache_len=capacity)
+    for i, layer in enumerate(dyn.layers):
+        k, v = layer.keys, layer.values
+        if k.shape[0] != batch:
+            k, v = k.repeat_interleave(batch, 0), v.repeat_interleave(batch, 0)
+        pos = torch.arange(k.shape[2], device=k.device)
+        static.update(k, v, i, {"cache_position": pos})
+    return static
+
+
+@torch.no_grad()
+def run_variant(model: Any, name: str, ids: torch.Tensor, batch: int, steps: int, warmup: int,
+                record_logits: int) -> dict[str, Any]:  # fmt: skip
+    kw_name = cache_argument(model.forward)
+    s = ids.shape[1]
+    zip_on = name.startswith("fixed")
+    graph = name.endswith("graph") or "graph-" in name
+    backend = "flash" if not graph or zip_on else name.rsplit("-", 1)[1]
+    if zip_on:
+        cache = zipvl.new_cache(model)
+    else:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+    with _sdpa("flash"):
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw_name: cache})
+    tok = out.logits[:, -1:].argmax(-1)
+    del out
+    if batch > 1:
+        tok = gpu_hf.replicate(cache, tok, batch) if zip_on else tok.repeat_interleave(batch, 0)
+    if not zip_on and graph:
+        dyn = cache
+        cache = _static_from(model, dyn, s + warmup + steps + 8, batch)
+        del dyn
+    elif not zip_on and batch > 1:
+        cache.batch_repeat_interleave(batch)
+    gc.collect()
+    torch.cuda.empty_cache()
+    cuda = ids.is_cuda
+    decoder = GraphDecoder(model, cache, recorder=None if cuda else ReRun()) if graph else None
+    n = s
+
+    def step(t: torch.Tensor) -> torch.Tensor:
+        nonlocal n
+        if decoder is not None:
+            cp = torch.tensor([n], device=t.device) if not zip_on else None
+            logits = decoder(t, cache_position=cp)
+        else:
+            logits = model(input_ids=t, use_cache=True, **{kw_name: cache}).logits[:, -1:]
+        n += 1
+        return logits
+
+    kept: list[torch.Tensor] = []
+    with _sdpa(backend):
+        for i in range(warmup):
+            logits = step(tok)
+            if i < record_logits:
+                kept.append(logits.float().cpu())
+            tok = logits.argmax(-1)
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tok = step(tok).argmax(-1)
+        _sync()
+        ms = (time.perf_counter() - t0) * 1e3 / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    row: dict[str, Any] = {"variant": name, "S": s, "B": batch, "backend": backend,
+                           "ms_per_token": ms, "steps": steps, "peak_gib": peak}  # fmt: skip
+    if decoder is not None:
+        row["stats"] = dict(decoder.stats)
+    row["_logits"] = kept
+    if zip_on:
+        zipvl.new_cache(model)  # drop the attention function's reference
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--steps", type=int, default=200, help="timed steps (two decode blocks)")
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--agree", type=int, default=8, help="first steps compared, fixed vs graph")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
+    a = ap.parse_args(argv)
+    env = env_info()
+    progress(f"{env.get('device')} torch {env['torch']} transformers {env['transformers']} "
+             f"commit {env['commit']}")  # fmt: skip
+    margs = gpu_hf.parse_args(["--layers", str(a.layers), "--lengths", *map(str, a.lengths),
+                               "--decode-points", str(a.steps + a.warmup), "--device", a.device]
+                              + (["--tiny"] if a.tiny else []))  # fmt: skip
+    torch.manual_seed(0)
+    model = gpu_hf.build_model(margs)
+    rows: list[dict[str, Any]] = []
+    gen = torch.Generator(device=a.device).manual_seed(0)
+    for s in a.lengths:
+        ids = torch.randint(0, model.config.vocab_size, (1, s), device=a.device, generator=gen)
+        for b in a.batch:
+            for name in a.variants:
+                if name.startswith("dense-static") and b > 1:
+                    continue  # the static cache's prefill copy would hold B copies twice
+                if name.startswith("fixed"):
+                    extra = {} if a.device == "cuda" else {"decode_impl": "reference"}
+                    zipvl.enable(model, ZipVLConfig.preset("fixed", **extra))
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
+                progress(f"{name}: S={s} B={b}")
+                try:
+                    row = run_variant(model, name, ids, b, a.steps, a.warmup, a.agree)
+                    row["status"] = "ok"
+                except torch.OutOfMemoryError:
+                    row = {"variant": name, "S": s, "B": b, "status": "OOM"}
+                except Exception as e:  # one failing variant must not end the run
+                    why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                    progress(f"  {name}: {why}")
+                    row = {"variant": name, "S": s, "B": b, "status": "error", "error": why}
+                finally:
+                    if is_enabled(model):
+                        zipvl.disable(model)
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                if row.get("status") == "ok":
+                    progress(f"  {row['ms_per_token']:.2f} ms/token {row.get('stats', '')}")
+                rows.append(row)
+    # agreement of the replayed ZipVL steps with the eager ones, and ratios
+    for s in a.lengths:
+        for b in a.batch:
+            case = {r["variant"]: r for r in rows if r["S"] == s and r["B"] == b}
+            eager, graph = case.get("fixed"), case.get("fixed-graph")
+            if eager and graph and eager.get("_logits") and graph.get("_logits"):
+                le, lg = torch.cat(eager["_logits"], 1), torch.cat(graph["_logits"], 1)
+                graph["agree_tokens"] = float((le.argmax(-1) == lg.argmax(-1)).float().mean())
+                graph["max_logit_diff"] = float((le - lg).abs().max())
+            oks = [r for r in case.values() if r.get("status") == "ok"]
+            dense = [r["ms_per_token"] for r in oks if r["variant"].startswith("dense")]
+            eager_dense = [r["ms_per_token"] for r in oks if r["variant"] == "dense-flash"]
+            for r in oks:
+                if dense:
+                    r["x_vs_fastest_dense"] = min(dense) / r["ms_per_token"]
+                if eager_dense:
+                    r["x_vs_dense_flash_eager"] = eager_dense[0] / r["ms_per_token"]
+    for r in rows:
+        r.pop("_logits", None)
+    print(f"# transformers Qwen2ForCausalLM, LongVA-7B shapes, "
+          f"{model.config.num_hidden_layers} layers, bf16, random "
+          f"weights; {env.get('device')} torch {env['torch']} transformers "
+          f"{env['transformers']} commit {env['commit']}")  # fmt: skip
+    print(
+        f"# ms per token over {a.steps} greedy steps after {a.warmup} (host included); x = "
+        "fastest dense / variant; SDPA backend named per row"
+    )
+    print(
+        "| variant | SDPA backend | length | batch | ms/token | x vs fastest dense | "
+        "x vs dense flash eager | peak GiB | replays / records / eager |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r.get("status") != "ok":
+            print(f"| {r['variant']} | - | {r['S']} | {r['B']} | {r['status']} | | | | | |")
+            continue
+        st = r.get("stats")
+        sts = f"{st['replays']} / {st['records']} / {st['eager']}" if st else "-"
+        print(f"| {r['variant']} | {r['backend']} | {r['S']} | {r['B']} | "
+              f"{r['ms_per_token']:.2f} | {r.get('x_vs_fastest_dense', float('nan')):.2f} | "
+              f"{r.get('x_vs_dense_flash_eager', float('nan')):.2f} | {r['peak_gib']:.1f} | "
+              f"{sts} | {r.get('agree_tokens', '-')} |")  # fmt: skip
+    payload = {"bench": "gpu_hf_graph", "env": env, "layers": a.layers, "rows": rows}
+    print(json.dumps(payload))
+    out = Path(os.environ["OUT"]) / "gpu_hf_graph.json" if os.environ.get("OUT") else None
+    if out is not None:
+        out.write_text(json.dumps(payload) + "\n")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
