@@ -140,8 +140,7 @@ def run_variant(model: Any, name: str, ids: torch.Tensor, batch: int, steps: int
     def step(t: torch.Tensor) -> torch.Tensor:
         nonlocal n
         if decoder is not None:
-            cp = torch.tensor([n], device=t.device) if not zip_on else None
-            logits = decoder(t, cache_position=cp)
+            logits = decoder(t)  # positions: the cache length (a StaticCache: on the device)
         else:
             logits = model(input_ids=t, use_cache=True, **{kw_name: cache}).logits[:, -1:]
         n += 1

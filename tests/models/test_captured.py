@@ -228,3 +228,27 @@ def test_cuda_graph_decode_matches_the_eager_fused_path() -> None:
     assert stats is not None and stats["replays"] >= 120 and stats["recompressions"] == 2 * 2
     torch.testing.assert_close(got, want, rtol=0, atol=2e-2)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_a_static_cache_replays_as_its_eager_steps() -> None:
+    """The dense baseline under the same recorder: transformers' StaticCache (it counts its
+    length on the device), replayed steps give the eager steps' logits."""
+    from transformers import StaticCache
+
+    model = _model()
+    ids = torch.randint(3, 256, (1, 21))
+    results = []
+    with torch.no_grad():
+        for replay in (False, True):
+            cache = StaticCache(config=model.config, max_cache_len=64)
+            kw = cache_kwargs(model.forward, cache)
+            tok = model(input_ids=ids, **kw).logits[:, -1:].argmax(-1)
+            dec = GraphDecoder(model, cache, recorder=ReRun()) if replay else None
+            logits = []
+            for _ in range(12):
+                step = dec(tok) if dec else model(input_ids=tok, **kw).logits[:, -1:]
+                logits.append(step)
+                tok = step.argmax(-1)
+            results.append(torch.cat(logits, 1))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-5)
+    assert dec is not None and dec.stats["replays"] == 11 and dec.stats["eager"] == 1

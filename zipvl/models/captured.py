@@ -79,7 +79,6 @@ class CUDARecorder:
         self.device = device
         self.stream = torch.cuda.Stream(device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.pool: Any = None
 
     def _on_stream(self, fn: Callable[[], Any]) -> Any:
         cur = torch.cuda.current_stream(self.device)
@@ -94,12 +93,10 @@ class CUDARecorder:
         return self._on_stream(fn)
 
     def record(self, fn: Callable[[], Any]) -> Any:
-        self.graph = None
+        self.graph = None  # the previous recording's memory goes back to the allocator
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+        with torch.cuda.graph(graph, stream=self.stream):  # its own private memory pool
             out = fn()
         self.graph = graph
         return out
@@ -164,11 +161,6 @@ class GraphDecoder:
                 f"cache: expected a ZipVLCache or a transformers StaticCache (fixed addresses), "
                 f"got {type(cache).__name__}"
             )
-        elif not self.takes_cache_position:
-            raise ValueError(
-                "cache: a StaticCache writes at the cache position, which this model's forward "
-                "does not take; record it with a ZipVLCache or a model that does"
-            )
         device = next(model.parameters()).device
         if recorder is None:
             if device.type != "cuda":
@@ -225,8 +217,6 @@ class GraphDecoder:
     def _positions(self, ids: Tensor, position_ids: Tensor | None,
                    cache_position: Tensor | None) -> tuple[Tensor, Tensor | None]:  # fmt: skip
         b = ids.shape[0]
-        if cache_position is None and not self.zipvl:
-            raise ValueError("cache_position: a StaticCache step needs it (a (1,) int64 tensor)")
         if cache_position is not None:
             if not isinstance(cache_position, Tensor) or cache_position.numel() != 1:
                 raise ValueError(
@@ -237,10 +227,14 @@ class GraphDecoder:
         if position_ids is None:
             if cache_position is not None:
                 position_ids = cache_position.view(1, 1).expand(b, 1)
-            else:  # ZipVL: the cache length for every row, what the model's forward does
-                # without position_ids (generate passes them where it derives them from a mask)
+            else:  # the cache length for every row, what the model's forward does without
+                # position_ids (generate passes them where it derives them from a mask); a
+                # StaticCache counts on the device (no host read)
                 n = self.cache.get_seq_length()
-                position_ids = torch.full((b, 1), n, dtype=torch.long, device=self.device)
+                if isinstance(n, Tensor):
+                    position_ids = n.reshape(1, 1).expand(b, 1)
+                else:
+                    position_ids = torch.full((b, 1), n, dtype=torch.long, device=self.device)
         elif tuple(position_ids.shape) != (b, 1):
             raise ValueError(
                 f"position_ids: expected shape (B, 1) = {(b, 1)}, got {tuple(position_ids.shape)}"
@@ -262,8 +256,9 @@ class GraphDecoder:
             position_ids: optional (B, 1) positions (left-padded batches: what ``generate``
                 computes from the mask, where it does); default: ``cache_position``, else the
                 cache length, as the model's own forward does without them.
-            cache_position: optional (1,) int64, the new token's index in the cache (needed
-                with a StaticCache).
+            cache_position: optional (1,) int64, the new token's index in the cache (passed
+                on where the model's forward takes it; transformers' StaticCache counts its
+                length on the device itself).
             attention_mask: read by unrecorded steps only (a ZipVL cache keeps the prompt's
                 padding itself and checks the mask once, on the first decode step).
 
