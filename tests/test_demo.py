@@ -38,7 +38,7 @@ def test_demo_runs_in_a_minute(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert f"prompt {spec.visual_tokens + 25} tokens ({spec.visual_tokens} visual)" in out
     for text in ("attention-FLOP reduction", "compression", "prefill time", "agreement"):
         assert text in out
-    assert "Amdahl bound" in out and "probe queries" not in out  # the tiny demo has no cap
+    assert "Amdahl bound" in out and "probe queries: at most 64 recent + 64 random" in out
     assert "[zipvl demo]" in err  # progress goes to stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (tmp_path / "kept_ratio.png").read_bytes()[:4] == b"\x89PNG"
@@ -47,7 +47,7 @@ def test_demo_runs_in_a_minute(tmp_path: Path, capsys: pytest.CaptureFixture[str
     ratios = summary["layer_kept_ratio"]
     assert len(ratios) == spec.layers and max(ratios) < 0.9 and len(set(ratios)) > 1
     assert summary["attn_flop_reduction"] > 0.2 and summary["compression"] > 2.0
-    assert 0.0 < summary["attn_share_dense"] <= 1.0 and summary["probe_cap"] is None
+    assert 0.0 < summary["attn_share_dense"] <= 1.0 and summary["probe_cap"] == 64
     bound = amdahl_bound(summary["attn_share_dense"], ratios)
     assert summary["amdahl_bound"] == pytest.approx(bound) and bound > 1.0
     assert f"Amdahl bound {bound:.2f}x" in out

@@ -160,8 +160,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     demo.add_argument(
         "--probe-cap",
         type=_int_at_least(1),
-        help="cap the recent and the random probe counts (default: 64 with --size large, as "
-        "docs/decisions.md#probe-cap recommends for long prompts; no cap otherwise)",
+        help="cap the recent and the random probe counts (default: 64, ZipVLConfig's default; "
+        "docs/decisions.md#probe-cap)",
     )
     demo.add_argument(
         "--quant-impl",

@@ -165,8 +165,11 @@ class ZipVLConfig:
         probe_recent_frac: fraction of the prompt used as recent probe queries, in [0, 1]
             (ZipCache: 0.05). Feeds the default ``ProbeScorer``.
         probe_random_frac: fraction drawn at random as probe queries, in [0, 1] (ZipCache: 0.05).
-        probe_cap: optional cap on each of the recent and random probe counts (e.g. 64 for long
-            video prompts; not in the paper), >= 1 or None.
+        probe_cap: cap on each of the recent and random probe counts, >= 1, or None for the
+            uncapped fractions (ZipCache). Default 64: from 1,280 tokens on, 64 + 64 probe
+            rows, so that scoring stays within ~1-2 % of dense attention (uncapped, 10 % of the
+            rows cost ~20 % of dense attention at 128k on an H200, more than the sparse
+            attention they plan; not in the paper; docs/decisions.md#probe-cap).
         bits_high: bit width of important tokens in the cache, one of 2, 4, 8, 16 (paper: 4).
         bits_low: bit width of the other tokens, <= bits_high (paper: 2). 16/16 stores the cache
             unquantized (``IdentityKVQuantizer``).
@@ -216,7 +219,7 @@ class ZipVLConfig:
     tau: float = 0.975
     probe_recent_frac: float = 0.05
     probe_random_frac: float = 0.05
-    probe_cap: int | None = None
+    probe_cap: int | None = 64
     bits_high: int = 4
     bits_low: int = 2
     quant_impl: Impl = Impl.REFERENCE

@@ -76,8 +76,8 @@ def default_scorers() -> dict[str, Scorer]:
     """The compared probe scorers: the paper's, the capped one, and the measured better one.
 
     * ``paper 5%+5%``: ``ProbeScorer()``, 5 % recent + 5 % uniform random rows, plain sum;
-    * ``capped 64+64``: the same capped at 64 + 64 rows (``ZipVLConfig(probe_cap=64)``, the
-      setting measured on the GPU);
+    * ``capped 64+64``: the same capped at 64 + 64 rows (``ZipVLConfig``'s default
+      ``probe_cap=64``, the setting measured on the GPU);
     * ``stratified 128, sum``: 128 stratified rows, plain sum (the sampling alone);
     * ``stratified 128, offset``: ``ProbeScorer.estimator_preset(128)``.
     """

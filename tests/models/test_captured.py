@@ -205,8 +205,9 @@ def test_bad_input_raises_naming_the_argument() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_decode_matches_the_eager_fused_path() -> None:
-    """Real CUDA graphs, the fused kernel: 130 greedy steps (two decode blocks of 100 per
-    layer) equal the eager steps' logits within bf16 rounding and give the same tokens."""
+    """Real CUDA graphs, the fused kernel: 130 greedy steps (a decode block of 100 per layer
+    compressed between replays) equal the eager steps' logits within bf16 rounding and give
+    the same tokens."""
     model = _model("cuda").to(torch.bfloat16)
     ids = torch.randint(3, 256, (2, 300), device="cuda")
     cfg = ZipVLConfig.preset("fixed", decode_impl="triton")
@@ -225,9 +226,10 @@ def test_cuda_graph_decode_matches_the_eager_fused_path() -> None:
             disable(model)
             results.append((torch.cat(logits, 1), dec.stats if dec else None))
     (want, _), (got, stats) = results
-    assert stats is not None and stats["replays"] >= 120 and stats["recompressions"] == 2 * 2
     torch.testing.assert_close(got, want, rtol=0, atol=2e-2)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+    # one decode block of 100 per layer; the pools grew once (one more eager step, recording)
+    assert stats is not None and stats["replays"] >= 120 and stats["recompressions"] == 2
 
 
 def test_a_static_cache_replays_as_its_eager_steps() -> None:

@@ -31,10 +31,17 @@ from zipvl.types import Impl
 
 
 def test_defaults_are_the_papers() -> None:
+    """The paper's (ZipCache's) settings, with the probe counts capped at 64 + 64 (the one
+    default that is not the paper's: docs/decisions.md#probe-cap)."""
     cfg = ZipVLConfig()
     layer = cfg.for_layer(0)
     assert layer.allocator == CumulativeMassAllocator(0.975)
-    assert layer.scorer == ProbeScorer(recent_frac=0.05, random_frac=0.05)
+    assert layer.scorer == ProbeScorer(
+        recent_frac=0.05, random_frac=0.05, max_recent=64, max_random=64
+    )
+    assert ZipVLConfig(probe_cap=None).for_layer(0).scorer == ProbeScorer(
+        recent_frac=0.05, random_frac=0.05
+    )
     assert layer.quantizer == MixedPrecisionKVQuantizer(
         ZipCacheKVQuantizer(4), ZipCacheKVQuantizer(2)
     )
