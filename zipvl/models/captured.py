@@ -394,7 +394,7 @@ def cuda_graph_decode(
             and ids.shape[1] == 1
             and _holds_prompt(decoder)
         )
-        if not routed:
+        if not routed or not isinstance(ids, Tensor):
             return original(*args, **kwargs)
         if args:
             raise ValueError("input_ids: pass it by keyword on a recorded decode step")
