@@ -28,8 +28,10 @@ if TYPE_CHECKING:  # the static view of the lazy names below
     from zipvl.config import ZipVLConfig
     from zipvl.decode import decode_attention
     from zipvl.models import (
+        GraphDecoder,
         ZipVLAttention,
         cache_kwargs,
+        cuda_graph_decode,
         disable,
         enable,
         new_cache,
@@ -67,8 +69,10 @@ _LAZY: dict[str, tuple[str, ...]] = {
     "zipvl.config": ("ZipVLConfig",),
     "zipvl.decode": ("decode_attention",),
     "zipvl.models": (
+        "GraphDecoder",
         "ZipVLAttention",
         "cache_kwargs",
+        "cuda_graph_decode",
         "disable",
         "enable",
         "new_cache",
@@ -144,6 +148,7 @@ __all__ = [
     "CacheReport",
     "CumulativeMassAllocator",
     "FixedRatioAllocator",
+    "GraphDecoder",
     "IdentityKVQuantizer",
     "KIVIKVQuantizer",
     "KVQuantizer",
@@ -165,6 +170,7 @@ __all__ = [
     "ZipVLConfig",
     "__version__",
     "cache_kwargs",
+    "cuda_graph_decode",
     "decode_attention",
     "disable",
     "enable",

@@ -4,6 +4,8 @@
 * ``llama.py``: a single-file reference decoder (gpt-fast style) built on ``ZipVLAttention``;
 * ``enable`` / ``disable`` / ``new_cache`` (``hf.py``): transformers models through the public
   ``AttentionInterface`` and ``AttentionMaskInterface``;
+* ``GraphDecoder`` / ``cuda_graph_decode`` (``captured.py``): a transformers model's decode step
+  recorded once in a CUDA graph and replayed (ZipVL's cache or transformers' StaticCache);
 * ``cache_kwargs`` (``cache_arg.py``): the keyword (``cache=`` or ``past_key_values=``) under
   which the installed transformers' ``generate`` / ``forward`` take a cache.
 
@@ -24,6 +26,7 @@ from zipvl.models.attention import (
     zipvl_attention,
 )
 from zipvl.models.cache_arg import cache_argument, cache_kwargs
+from zipvl.models.captured import GraphDecoder, cuda_graph_decode
 from zipvl.models.hf import (
     SUPPORTED_MODELS,
     disable,
@@ -35,10 +38,12 @@ from zipvl.models.hf import (
 
 __all__ = [
     "SUPPORTED_MODELS",
+    "GraphDecoder",
     "PrefillResult",
     "ZipVLAttention",
     "cache_argument",
     "cache_kwargs",
+    "cuda_graph_decode",
     "decode_attention",
     "dense_causal_attention",
     "disable",
