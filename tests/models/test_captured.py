@@ -12,6 +12,7 @@ real graph and compares it with the eager fused-kernel path.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -254,3 +255,28 @@ def test_a_static_cache_replays_as_its_eager_steps() -> None:
             results.append(torch.cat(logits, 1))
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-5)
     assert dec is not None and dec.stats["replays"] == 11 and dec.stats["eager"] == 1
+
+
+@pytest.mark.parametrize("mode", ["sample", "beams"])
+def test_sampling_and_beam_search_through_cuda_graph_decode(mode: str) -> None:
+    """Sampling (same seed) and beam search (a reorder of the cache every step: each step after
+    a reorder runs eagerly and is recorded again) give generate's tokens without the block."""
+    model = _model()
+    ids = torch.randint(3, 256, (1, 29))
+    gen: dict[str, Any] = dict(max_new_tokens=12, pad_token_id=0)
+    gen.update(do_sample=True, top_k=20) if mode == "sample" else gen.update(
+        do_sample=False, num_beams=2
+    )
+    outs = []
+    with torch.no_grad():
+        for graphs in (False, True):
+            cache = enable(model, ZipVLConfig.preset("fixed", **CFG))
+            torch.manual_seed(7)
+            ctx = cuda_graph_decode(model, cache, recorder=ReRun()) if graphs else None
+            with ctx if ctx is not None else contextlib.nullcontext() as dec:
+                outs.append(model.generate(input_ids=ids, **gen, **cache_kwargs(model, cache)))
+            disable(model)
+    assert torch.equal(outs[1], outs[0])
+    assert dec is not None and dec.stats["replays"] + dec.stats["eager"] == 11
+    if mode == "sample":
+        assert dec.stats["replays"] >= 9
