@@ -107,7 +107,9 @@ def _static_from(model: Any, dyn: Any, capacity: int, batch: int) -> Any:
 
 @torch.no_grad()
 def run_variant(model: Any, name: str, ids: torch.Tensor, batch: int, steps: int, warmup: int,
-                record_logits: int) -> dict[str, Any]:  # fmt: skip
+                record_logits: int, points: Sequence[int] = (0,)) -> dict[str, Any]:  # fmt: skip
+    """Prefill, ``warmup`` steps, then a timed window of ``steps`` at each of ``points``
+    (tokens generated after the warm-up; untimed steps of the same kind in between)."""
     kw_name = cache_argument(model.forward)
     s = ids.shape[1]
     zip_on = name.startswith("fixed")
@@ -127,7 +129,7 @@ def run_variant(model: Any, name: str, ids: torch.Tensor, batch: int, steps: int
         tok = gpu_hf.replicate(cache, tok, batch) if zip_on else tok.repeat_interleave(batch, 0)
     if not zip_on and graph:
         dyn = cache
-        cache = _static_from(model, dyn, s + warmup + steps + 8, batch)
+        cache = _static_from(model, dyn, s + warmup + max(points) + steps + 8, batch)
         del dyn
     elif not zip_on and batch > 1:
         cache.batch_repeat_interleave(batch)
@@ -153,15 +155,25 @@ def run_variant(model: Any, name: str, ids: torch.Tensor, batch: int, steps: int
             if i < record_logits:
                 kept.append(logits.float().cpu())
             tok = logits.argmax(-1)
-        _sync()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            tok = step(tok).argmax(-1)
-        _sync()
-        ms = (time.perf_counter() - t0) * 1e3 / steps
+        at: dict[str, float] = {}
+        done = 0  # tokens generated after the warm-up
+        for p in sorted(points):
+            while done < p:  # untimed advance
+                tok = step(tok).argmax(-1)
+                done += 1
+            _sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                tok = step(tok).argmax(-1)
+            _sync()
+            at[str(p)] = (time.perf_counter() - t0) * 1e3 / steps
+            done += steps
+            progress(f"  {name} @{p}: {at[str(p)]:.2f} ms/token")
+        ms = at[str(min(points))]
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     row: dict[str, Any] = {"variant": name, "S": s, "B": batch, "backend": backend,
-                           "ms_per_token": ms, "steps": steps, "peak_gib": peak}  # fmt: skip
+                           "ms_per_token": ms, "ms_at": at, "steps": steps,
+                           "peak_gib": peak}  # fmt: skip
     if decoder is not None:
         row["stats"] = dict(decoder.stats)
     row["_logits"] = kept
@@ -180,6 +192,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--steps", type=int, default=200, help="timed steps (two decode blocks)")
     ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument(
+        "--points",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="generated tokens (after the warm-up) at which a window is timed",
+    )
     ap.add_argument("--agree", type=int, default=8, help="first steps compared, fixed vs graph")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
@@ -188,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     progress(f"{env.get('device')} torch {env['torch']} transformers {env['transformers']} "
              f"commit {env['commit']}")  # fmt: skip
     margs = gpu_hf.parse_args(["--layers", str(a.layers), "--lengths", *map(str, a.lengths),
-                               "--decode-points", str(a.steps + a.warmup), "--device", a.device]
+                               "--decode-points", str(a.steps + a.warmup + max(a.points)),
+                               "--device", a.device]
                               + (["--tiny"] if a.tiny else []))  # fmt: skip
     torch.manual_seed(0)
     model = gpu_hf.build_model(margs)
@@ -207,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     torch.cuda.reset_peak_memory_stats()
                 progress(f"{name}: S={s} B={b}")
                 try:
-                    row = run_variant(model, name, ids, b, a.steps, a.warmup, a.agree)
+                    row = run_variant(model, name, ids, b, a.steps, a.warmup, a.agree, a.points)
                     row["status"] = "ok"
                 except torch.OutOfMemoryError:
                     row = {"variant": name, "S": s, "B": b, "status": "OOM"}
@@ -250,21 +270,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"# ms per token over {a.steps} greedy steps after {a.warmup} (host included); x = "
         "fastest dense / variant; SDPA backend named per row"
     )
+    pts = " / ".join(f"@{p}" for p in sorted(a.points))
     print(
-        "| variant | SDPA backend | length | batch | ms/token | x vs fastest dense | "
-        "x vs dense flash eager | peak GiB | replays / records / eager |"
+        f"| variant | SDPA backend | length | batch | ms/token {pts} | x vs fastest dense | "
+        "x vs dense flash eager | spread over points | peak GiB | replays / records / eager | "
+        "tokens as eager |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("status") != "ok":
-            print(f"| {r['variant']} | - | {r['S']} | {r['B']} | {r['status']} | | | | | |")
+            print(f"| {r['variant']} | - | {r['S']} | {r['B']} | {r['status']} |" + " |" * 6)
             continue
         st = r.get("stats")
         sts = f"{st['replays']} / {st['records']} / {st['eager']}" if st else "-"
+        at = list(r["ms_at"].values())
+        spread = f"{max(at) / min(at) - 1:+.0%}" if len(at) > 1 else "-"
         print(f"| {r['variant']} | {r['backend']} | {r['S']} | {r['B']} | "
-              f"{r['ms_per_token']:.2f} | {r.get('x_vs_fastest_dense', float('nan')):.2f} | "
-              f"{r.get('x_vs_dense_flash_eager', float('nan')):.2f} | {r['peak_gib']:.1f} | "
-              f"{sts} | {r.get('agree_tokens', '-')} |")  # fmt: skip
+              f"{' / '.join(f'{v:.2f}' for v in at)} | "
+              f"{r.get('x_vs_fastest_dense', float('nan')):.2f} | "
+              f"{r.get('x_vs_dense_flash_eager', float('nan')):.2f} | {spread} | "
+              f"{r['peak_gib']:.1f} | {sts} | {r.get('agree_tokens', '-')} |")  # fmt: skip
     payload = {"bench": "gpu_hf_graph", "env": env, "layers": a.layers, "rows": rows}
     print(json.dumps(payload))
     out = Path(os.environ["OUT"]) / "gpu_hf_graph.json" if os.environ.get("OUT") else None
