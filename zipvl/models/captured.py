@@ -39,6 +39,7 @@ one-token step that ``generate`` takes with that cache through the decoder.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -136,14 +137,18 @@ class GraphDecoder:
             raise TypeError(f"model: expected a transformers model, got {type(model).__name__}")
         params = inspect.signature(model.forward).parameters
         self.cache_kw = cache_argument(model.forward)
-        missing = [n for n in ("input_ids", "position_ids", "use_cache", "logits_to_keep",
-                               self.cache_kw) if n not in params]  # fmt: skip
+        var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        named = ("position_ids", "use_cache", "logits_to_keep")  # or through **kwargs
+        missing = [n for n in ("input_ids", self.cache_kw) if n not in params]
+        missing += [n for n in named if n not in params and not var_kw]
         if missing:
             raise ValueError(
                 f"model: its forward does not take {missing}; GraphDecoder drives a transformers "
                 "causal LM"
             )
         self.takes_cache_position = "cache_position" in params
+        # Qwen2-VL-style multi-section rotary positions (their decoder keeps rope_deltas)
+        self._mrope = any(hasattr(m, "rope_deltas") for m in model.modules())
         self.model = model
         self._fwd = model.forward  # its own forward (cuda_graph_decode wraps model.forward)
         self.cache = cache
@@ -224,6 +229,13 @@ class GraphDecoder:
                     f"{getattr(cache_position, 'shape', type(cache_position).__name__)}"
                 )
             cache_position = cache_position.reshape(1).to(self.device, torch.long)
+        if position_ids is None and self._mrope:
+            raise ValueError(
+                "position_ids: this model's rotary positions have several sections (M-RoPE, "
+                "shifted by the prompt's rope_deltas), which the step cannot derive from the "
+                "cache length; pass the ones generate computes (inside cuda_graph_decode, "
+                "generate does)"
+            )
         if position_ids is None:
             if cache_position is not None:
                 position_ids = cache_position.view(1, 1).expand(b, 1)
@@ -235,9 +247,14 @@ class GraphDecoder:
                     position_ids = n.reshape(1, 1).expand(b, 1)
                 else:
                     position_ids = torch.full((b, 1), n, dtype=torch.long, device=self.device)
-        elif tuple(position_ids.shape) != (b, 1):
+        elif (
+            not isinstance(position_ids, Tensor)
+            or position_ids.ndim < 2
+            or tuple(position_ids.shape[-2:]) != (b, 1)
+        ):
             raise ValueError(
-                f"position_ids: expected shape (B, 1) = {(b, 1)}, got {tuple(position_ids.shape)}"
+                f"position_ids: expected shape (B, 1) = {(b, 1)}, or (R, B, 1) for multi-section "
+                f"rotary positions (Qwen2-VL), got {getattr(position_ids, 'shape', position_ids)}"
             )
         return position_ids.to(self.device, torch.long), cache_position
 
@@ -253,9 +270,10 @@ class GraphDecoder:
 
         Args:
             input_ids: (B, 1) int64, the tokens decoded last.
-            position_ids: optional (B, 1) positions (left-padded batches: what ``generate``
-                computes from the mask, where it does); default: ``cache_position``, else the
-                cache length, as the model's own forward does without them.
+            position_ids: optional (B, 1) positions, or (R, B, 1) for multi-section rotary
+                positions (Qwen2-VL; required there); what ``generate`` computes, where it
+                does (left-padded batches); default: ``cache_position``, else the cache length,
+                as the model's own forward does without them.
             cache_position: optional (1,) int64, the new token's index in the cache (passed
                 on where the model's forward takes it; transformers' StaticCache counts its
                 length on the device itself).
@@ -280,7 +298,7 @@ class GraphDecoder:
                 f"{input_ids.device}"
             )
         pos, cp = self._positions(input_ids, position_ids, cache_position)
-        key = (input_ids.shape[0], cp is None, self._buffers())
+        key = (input_ids.shape[0], tuple(pos.shape), cp is None, self._buffers())
         if self._key != key:
             self._key = None
             if self._eager_key != key:
@@ -307,7 +325,7 @@ class GraphDecoder:
         self._out_type = type(out)
         # recordable next time if this step left the buffers as it found them (it built their
         # address tables); a step that grew a pool runs eagerly once more
-        after = (ids.shape[0], cp is None, self._buffers())
+        after = (ids.shape[0], tuple(pos.shape), cp is None, self._buffers())
         self._eager_key = key if after == key else None
         return out.logits[:, -1:].clone()
 
@@ -415,6 +433,8 @@ def cuda_graph_decode(
         )
         return decoder.output(logits)
 
+    # generate validates its keyword arguments against forward's signature: keep the model's
+    functools.update_wrapper(forward, original)
     own = model.__dict__.get("forward")  # an instance-level forward someone installed
     model.forward = forward  # type: ignore[method-assign]
     try:
