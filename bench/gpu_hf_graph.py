@@ -14,8 +14,9 @@ A Qwen2 model with LongVA-7B shapes (random bf16 weights), one prompt per length
 
 Per variant: ms per token over ``--steps`` greedy steps after ``--warmup`` steps (wall clock,
 synchronised at both ends: the recompression every 100 tokens and any re-recording are
-included), the first steps' agreement of ``fixed-graph`` with ``fixed`` (argmax tokens and max
-logit difference), the decoder's counters. Prints a table and one JSON line.
+included), the agreement of ``fixed-graph``'s greedy tokens with ``fixed``'s over every step
+(and the first steps' logit difference), the decoder's counters. Prints a table and one JSON
+line.
 
 Run:  python bench/gpu_hf_graph.py --lengths 32768 131072 --batch 1 8
 """
@@ -29,7 +30,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ import zipvl
 from zipvl import ZipVLConfig
 from zipvl.models import cache_argument, is_enabled
 from zipvl.models.captured import GraphDecoder
+from zipvl.testing.recorder import ReRunRecorder
 
 VARIANTS = ("dense-flash", "dense-static-graph-efficient", "dense-static-graph-cudnn", "fixed",
             "fixed-graph")  # fmt: skip
@@ -50,30 +52,6 @@ VARIANTS = ("dense-flash", "dense-static-graph-efficient", "dense-static-graph-c
 
 def progress(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-class ReRun:
-    """CPU smoke runs only: a stand-in recorder that re-runs the recorded step per replay."""
-
-    def __init__(self) -> None:
-        self.fn: Callable[[], Any] | None = None
-        self.out: Any = None
-        self.fresh = False
-
-    def eager(self, fn: Callable[[], Any]) -> Any:
-        return fn()
-
-    def record(self, fn: Callable[[], Any]) -> Any:
-        self.fn, self.fresh = fn, True
-        self.out = fn()
-        return self.out
-
-    def replay(self) -> None:
-        assert self.fn is not None
-        if self.fresh:
-            self.fresh = False
-            return
-        self.out.logits.copy_(self.fn().logits)
 
 
 def _sync() -> None:
@@ -136,8 +114,11 @@ def run_variant(model: Any, name: str, ids: torch.Tensor, batch: int, steps: int
     gc.collect()
     torch.cuda.empty_cache()
     cuda = ids.is_cuda
-    decoder = GraphDecoder(model, cache, recorder=None if cuda else ReRun()) if graph else None
+    recorder = None if cuda else ReRunRecorder()  # CPU smoke runs: the stand-in
+    decoder = GraphDecoder(model, cache, recorder=recorder) if graph else None
     n = s
+
+    tokens: list[torch.Tensor] = []  # every greedy token (device tensors: no sync per step)
 
     def step(t: torch.Tensor) -> torch.Tensor:
         nonlocal n
@@ -146,6 +127,7 @@ def run_variant(model: Any, name: str, ids: torch.Tensor, batch: int, steps: int
         else:
             logits = model(input_ids=t, use_cache=True, **{kw_name: cache}).logits[:, -1:]
         n += 1
+        tokens.append(logits.argmax(-1))
         return logits
 
     kept: list[torch.Tensor] = []
@@ -177,6 +159,7 @@ def run_variant(model: Any, name: str, ids: torch.Tensor, batch: int, steps: int
     if decoder is not None:
         row["stats"] = dict(decoder.stats)
     row["_logits"] = kept
+    row["_tokens"] = torch.cat(tokens, 1).cpu()
     if zip_on:
         zipvl.new_cache(model)  # drop the attention function's reference
     gc.collect()
@@ -250,7 +233,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             eager, graph = case.get("fixed"), case.get("fixed-graph")
             if eager and graph and eager.get("_logits") and graph.get("_logits"):
                 le, lg = torch.cat(eager["_logits"], 1), torch.cat(graph["_logits"], 1)
-                graph["agree_tokens"] = float((le.argmax(-1) == lg.argmax(-1)).float().mean())
+                graph["max_logit_diff_first"] = float((le - lg).abs().max())
+            if eager and graph and "_tokens" in eager and "_tokens" in graph:
+                te, tg = eager["_tokens"], graph["_tokens"]
+                m = min(te.shape[1], tg.shape[1])
+                graph["agree_tokens"] = float((te[:, :m] == tg[:, :m]).float().mean())
+                graph["agree_steps"] = m
                 graph["max_logit_diff"] = float((le - lg).abs().max())
             oks = [r for r in case.values() if r.get("status") == "ok"]
             dense = [r["ms_per_token"] for r in oks if r["variant"].startswith("dense")]
@@ -262,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     r["x_vs_dense_flash_eager"] = eager_dense[0] / r["ms_per_token"]
     for r in rows:
         r.pop("_logits", None)
+        r.pop("_tokens", None)
     print(f"# transformers Qwen2ForCausalLM, LongVA-7B shapes, "
           f"{model.config.num_hidden_layers} layers, bf16, random "
           f"weights; {env.get('device')} torch {env['torch']} transformers "

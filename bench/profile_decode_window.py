@@ -85,9 +85,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ids = torch.randint(0, model.config.vocab_size, (1, a.length), device=a.device, generator=gen)
 
     def step(tok: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=tok, use_cache=True, logits_to_keep=1, **{kw: cache}).logits[
-            :, -1:
-        ].argmax(-1)
+        return (
+            model(input_ids=tok, use_cache=True, logits_to_keep=1, **{kw: cache})
+            .logits[:, -1:]
+            .argmax(-1)
+        )
 
     progress(f"prefill 1 x {a.length}, repeated to {a.batch} rows")
     tok = step(ids)

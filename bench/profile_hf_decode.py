@@ -32,8 +32,10 @@ def main() -> None:
     ap.add_argument("--preset", default="fixed")
     ap.add_argument("--device", default="cuda")
     a = ap.parse_args()
-    args = gpu_hf.parse_args(["--layers", str(a.layers), "--lengths", str(a.length),
-                              "--device", a.device] + (["--tiny"] if a.device == "cpu" else []))
+    args = gpu_hf.parse_args(
+        ["--layers", str(a.layers), "--lengths", str(a.length), "--device", a.device]
+        + (["--tiny"] if a.device == "cpu" else [])
+    )
     model = gpu_hf.build_model(args)
     kw = cache_argument(model.forward)
     ids = torch.randint(0, model.config.vocab_size, (1, a.length), device=a.device)

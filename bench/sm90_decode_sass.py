@@ -51,8 +51,11 @@ def compile_kernel(warps: int = 4, stages: int = 2, maxnreg: int = 0, **consts):
     names = fn.arg_names
     values = {**DEFAULTS, "STAGES": stages, "NW": warps, **consts}
     sig = {n: POINTERS.get(n, "constexpr") for n in names}
-    src = ASTSource(fn=fn, signature=sig,
-                    constexprs={(names.index(k),): v for k, v in values.items() if k in names})
+    src = ASTSource(
+        fn=fn,
+        signature=sig,
+        constexprs={(names.index(k),): v for k, v in values.items() if k in names},
+    )
     options = {"num_warps": warps, "num_stages": stages}
     if maxnreg:
         options["maxnreg"] = maxnreg

@@ -37,6 +37,7 @@ def test_tiny_cpu_run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Mo
     assert all(r["status"] == "ok" for r in rows.values())
     assert set(rows["fixed-graph"]["ms_at"]) == {"0", "110"}
     assert rows["fixed-graph"]["agree_tokens"] == 1.0  # the same greedy tokens as eager
+    assert rows["fixed-graph"]["agree_steps"] == 8 + 110 + 6  # over every step, blocks included
     st = rows["fixed-graph"]["stats"]
     assert st["replays"] + st["eager"] == 8 + 110 + 6  # warm-up, up to @110, its window
     assert st["recompressions"] == 2  # one block of 100 per layer (2 layers)

@@ -444,8 +444,16 @@ def test_bad_inputs_raise() -> None:
     with pytest.raises(ValueError, match="tail"):
         store.append(torch.randn(1, 2, 200, 64), torch.randn(1, 2, 200, 64))
     # a head dim the kernel cannot read: 'triton' raises, 'auto' reads the reference
-    small = PagedKVStore(PageFormat(page_size=16), batch_size=1, num_heads=1, head_dim=16,
-                         dtype=torch.float32, device="cpu", recompress_every=8, sink_tokens=0)
+    small = PagedKVStore(
+        PageFormat(page_size=16),
+        batch_size=1,
+        num_heads=1,
+        head_dim=16,
+        dtype=torch.float32,
+        device="cpu",
+        recompress_every=8,
+        sink_tokens=0,
+    )
     small.write_prefill(torch.randn(1, 1, 20, 16), torch.randn(1, 1, 20, 16), None, None, 0)
     with pytest.raises(ValueError, match="head_dim >= 64"):
         decode_attention(torch.randn(1, 2, 1, 16), small, impl="triton")

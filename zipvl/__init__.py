@@ -143,6 +143,7 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted({*globals(), *_ATTR_MODULE, *SUBMODULES})
 
+
 __all__ = [
     "AccumulatedAttentionScorer",
     "CacheReport",

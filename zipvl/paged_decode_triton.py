@@ -218,8 +218,9 @@ def _field(w, SHIFT: tl.constexpr, MASK: tl.constexpr, CONVERT: tl.constexpr):
 
 
 @triton.jit
-def _field_quarter(w, F: tl.constexpr, BITS: tl.constexpr, CONVERT: tl.constexpr,
-                   FM: tl.constexpr):
+def _field_quarter(
+    w, F: tl.constexpr, BITS: tl.constexpr, CONVERT: tl.constexpr, FM: tl.constexpr
+):
     """Field F of every byte of (BT, W) words as a (BT, 4 W) fp16 tile (CONVERT 0 or 1)."""
     MASK: tl.constexpr = (1 << BITS) - 1
     return _interleave4(_field(w, F * BITS, MASK, CONVERT), _field(w, 8 + F * BITS, MASK, CONVERT),
@@ -267,8 +268,9 @@ def _slot_load(ptrs, m, other):
 
 
 @triton.jit
-def _quarters_at(words, m, QD: tl.constexpr, BITS: tl.constexpr, CONVERT: tl.constexpr,
-                 FM: tl.constexpr):
+def _quarters_at(
+    words, m, QD: tl.constexpr, BITS: tl.constexpr, CONVERT: tl.constexpr, FM: tl.constexpr
+):
     """``_quarters`` from the int32 pointers of the first W words of each token row, (.., W),
     and a mask that broadcasts to them: four (.., 4 W) fp16 quarters of channels (in
     field-major order with FM, see ``_interleave4``)."""
@@ -415,15 +417,54 @@ def _page_loop(qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, start, end, base_id
     """Pages ``start .. end - 1`` of one pool's table row (entries ``base_idx + u``)."""
     last = tl.maximum(end - 1, start)
     (page, fill, ks0, ks1, ks2, ks3, kz, cs0, cs1, cs2, cs3) = _page_ahead(
-        pt_ptr, pf_ptr, ks_ptr, kz_ptr, cs_ptr, base_idx + start, start < end, offs_c, QD)
+        pt_ptr, pf_ptr, ks_ptr, kz_ptr, cs_ptr, base_idx + start, start < end, offs_c, QD
+    )
     for u in tl.range(start, end, num_stages=STAGES):
         (npage, nfill, nks0, nks1, nks2, nks3, nkz, ncs0, ncs1, ncs2, ncs3) = _page_ahead(
-            pt_ptr, pf_ptr, ks_ptr, kz_ptr, cs_ptr, base_idx + tl.minimum(u + 1, last),
-            start < end, offs_c, QD)  # in the loop every entry up to ``last`` exists
+            pt_ptr,
+            pf_ptr,
+            ks_ptr,
+            kz_ptr,
+            cs_ptr,
+            base_idx + tl.minimum(u + 1, last),
+            start < end,
+            offs_c,
+            QD,
+        )  # in the loop every entry up to ``last`` exists
         m_i, l_i, a0, a1, a2, a3 = _attend_page(
-            qf, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, kc_ptr, vc_ptr, va_ptr, vb_ptr,
-            page, fill, ks0, ks1, ks2, ks3, kz, cs0, cs1, cs2, cs3,
-            QD, PAGE, BLOCK_T, BITS, PRECISE, CONVERT)
+            qf,
+            q0,
+            q1,
+            q2,
+            q3,
+            m_i,
+            l_i,
+            a0,
+            a1,
+            a2,
+            a3,
+            kc_ptr,
+            vc_ptr,
+            va_ptr,
+            vb_ptr,
+            page,
+            fill,
+            ks0,
+            ks1,
+            ks2,
+            ks3,
+            kz,
+            cs0,
+            cs1,
+            cs2,
+            cs3,
+            QD,
+            PAGE,
+            BLOCK_T,
+            BITS,
+            PRECISE,
+            CONVERT,
+        )
         page, fill, ks0, ks1, ks2, ks3, kz = npage, nfill, nks0, nks1, nks2, nks3, nkz
         cs0, cs1, cs2, cs3 = ncs0, ncs1, ncs2, ncs3
     return m_i, l_i, a0, a1, a2, a3
@@ -535,7 +576,8 @@ def _slot_loop(q_rows, gm, sm_scale, m_i, l_i, a0, a1, a2, a3, start, end, base_
     for u in tl.range(start, end, NW, num_stages=STAGES):
         idx = u + slots
         (page, fill, ks0, ks1, ks2, ks3, kz0, kz1, kz2, kz3, cs0, cs1, cs2, cs3) = _slot_params(
-            pt_ptr, pf_ptr, ks_ptr, kz_ptr, cs_ptr, base_idx + idx, idx < end, offs_c, offs_v, QD)
+            pt_ptr, pf_ptr, ks_ptr, kz_ptr, cs_ptr, base_idx + idx, idx < end, offs_c, offs_v, QD
+        )
         page = page.to(tl.int64)
         z = tl.sum(q0.to(tl.float32) * kz0.to(tl.float32)[:, None, :], axis=2)
         z += tl.sum(q1.to(tl.float32) * kz1.to(tl.float32)[:, None, :], axis=2)
@@ -643,7 +685,8 @@ def _slot_loop_deq(q_rows, gm, sm_scale, m_i, l_i, a0, a1, a2, a3, start, end, b
     for u in tl.range(start, end, NW, num_stages=STAGES):
         idx = u + slots
         (page, fill, ks0, ks1, ks2, ks3, kz0, kz1, kz2, kz3, cs0, cs1, cs2, cs3) = _slot_params(
-            pt_ptr, pf_ptr, ks_ptr, kz_ptr, cs_ptr, base_idx + idx, idx < end, offs_c, offs_v, QD)
+            pt_ptr, pf_ptr, ks_ptr, kz_ptr, cs_ptr, base_idx + idx, idx < end, offs_c, offs_v, QD
+        )
         page = page.to(tl.int64)
         ks0, ks1 = ks0.to(tl.float16)[:, None, :], ks1.to(tl.float16)[:, None, :]
         ks2, ks3 = ks2.to(tl.float16)[:, None, :], ks3.to(tl.float16)[:, None, :]
@@ -982,6 +1025,8 @@ def _address_table(
     ids = tuple(map(id, tensors))
     held = workspace.get("table")
     if held is not None and held.ids == ids and held.alive:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            _keep_captured(held.table)  # a graph now holds this table's address
         return held.table, held.aligned
     entries = _entries(tensors)
     key = (device.type, device.index, *entries)
@@ -1001,12 +1046,17 @@ def _address_table(
         for t in tensors:
             weakref.finalize(t, _drop_table, key, ref)
     hit = entry.hit
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if capturing and all(t is not hit[0] for t in _CAPTURED):
-        _CAPTURED.append(hit[0])  # a graph now holds this table's address: keep it alive
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        _keep_captured(hit[0])  # a graph now holds this table's address
     if workspace.get("keep_table", True):
         workspace["table"] = _HeldTable(tensors, ids, *hit)
     return hit
+
+
+def _keep_captured(table: Tensor) -> None:
+    """Keep ``table`` alive for the process: a captured graph reads its address."""
+    if all(t is not table for t in _CAPTURED):
+        _CAPTURED.append(table)
 
 
 def _setting_index(

@@ -411,7 +411,11 @@ def test_crop_through_a_chunk_then_reorder_recounts_bits() -> None:
     both = built([0, 1])
     assert both.layer(0).tokens_at_bits() == {4: 6.0, 2: 10.0}  # mean of 12/4 and 0/16
     both.layer(0).reorder_cache(torch.tensor([0, 0]))
-    assert both.layer(0).tokens_at_bits() == built([0, 0]).layer(0).tokens_at_bits() == {
-        4: 12.0,
-        2: 4.0,
-    }
+    assert (
+        both.layer(0).tokens_at_bits()
+        == built([0, 0]).layer(0).tokens_at_bits()
+        == {
+            4: 12.0,
+            2: 4.0,
+        }
+    )

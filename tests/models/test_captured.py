@@ -13,7 +13,6 @@ real graph and compares it with the eager fused-kernel path.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,34 +24,9 @@ from zipvl.config import ZipVLConfig
 from zipvl.models import cache_kwargs, disable, enable, new_cache
 from zipvl.models.captured import GraphDecoder, cuda_graph_decode
 from zipvl.testing.lvlm import SUPPORTED_ARCHITECTURES, build_tiny_model, tiny_inputs
+from zipvl.testing.recorder import ReRunRecorder
 
-
-class ReRun:
-    """Stand-in recorder: ``record`` runs the step (its effect is the first replay's, as a
-    captured graph's first replay would be), each later ``replay`` runs it again into the
-    recorded outputs."""
-
-    def __init__(self) -> None:
-        self.fn: Callable[[], Any] | None = None
-        self.out: Any = None
-        self.fresh = False
-        self.records = 0
-
-    def eager(self, fn: Callable[[], Any]) -> Any:
-        return fn()
-
-    def record(self, fn: Callable[[], Any]) -> Any:
-        self.fn, self.fresh = fn, True
-        self.out = fn()
-        self.records += 1
-        return self.out
-
-    def replay(self) -> None:
-        assert self.fn is not None
-        if self.fresh:
-            self.fresh = False
-            return
-        self.out.logits.copy_(self.fn().logits)
+ReRun = ReRunRecorder
 
 
 def _model(device: str = "cpu") -> Any:
@@ -260,8 +234,9 @@ def test_a_static_cache_replays_as_its_eager_steps() -> None:
 
 @pytest.mark.parametrize("mode", ["sample", "beams"])
 def test_sampling_and_beam_search_through_cuda_graph_decode(mode: str) -> None:
-    """Sampling (same seed) and beam search (a reorder of the cache every step: each step after
-    a reorder runs eagerly and is recorded again) give generate's tokens without the block."""
+    """Sampling (same seed) and beam search give generate's tokens without the block. Beam
+    search reorders the cache every step, which replaces its buffers: every such step runs
+    eagerly (never a stale replay)."""
     model = _model()
     ids = torch.randint(3, 256, (1, 29))
     gen: dict[str, Any] = dict(max_new_tokens=12, pad_token_id=0)
@@ -281,6 +256,8 @@ def test_sampling_and_beam_search_through_cuda_graph_decode(mode: str) -> None:
     assert dec is not None and dec.stats["replays"] + dec.stats["eager"] == 11
     if mode == "sample":
         assert dec.stats["replays"] >= 9
+    else:  # every beam step reorders the cache (new buffers): each one runs eagerly
+        assert dec.stats["eager"] == 11 and dec.stats["replays"] == 0
 
 
 @pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
@@ -304,3 +281,73 @@ def test_every_supported_architecture_generates_the_same_tokens(arch: str) -> No
     disable(model)
     assert torch.equal(got, want)
     assert dec.stats["replays"] > 0 and dec.stats["recompressions"] > 0
+
+
+def test_a_static_cache_reorder_is_noticed() -> None:
+    """A StaticCache's reorder replaces its key / value buffers: the next step runs eagerly."""
+    from transformers import StaticCache
+
+    model = _model()
+    ids = torch.randint(3, 256, (2, 21))
+    with torch.no_grad():
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        tok = model(input_ids=ids, **cache_kwargs(model.forward, cache)).logits[:, -1:].argmax(-1)
+        dec = GraphDecoder(model, cache, recorder=ReRun())
+        for _ in range(3):
+            tok = dec(tok).argmax(-1)
+        assert dec.stats == {"records": 1, "replays": 2, "eager": 1, "recompressions": 0}
+        cache.reorder_cache(torch.tensor([1, 0]))
+        dec(tok.flip(0))
+        assert dec.stats["eager"] == 2 and dec.stats["replays"] == 2
+
+
+def test_two_decoders_a_reset_and_a_new_cache() -> None:
+    """Two decoders taking turns on one cache decode as eager steps do (each keeps its own
+    recorded query and log-sum-exp); after a reset and a new prompt the decoder runs an eager
+    step first; a cache no longer bound to the model is refused."""
+    model = _model()
+    ids = torch.randint(3, 256, (1, 30))
+    want, _ = _eager_run(model, ids, torch.ones(1, 30, dtype=torch.long), 20, False)
+    with torch.no_grad():
+        cache = enable(model, ZipVLConfig.preset("fixed", **CFG))
+        kw = cache_kwargs(model.forward, cache)
+        tok = model(input_ids=ids, **kw).logits[:, -1:].argmax(-1)
+        decs = [GraphDecoder(model, cache, recorder=ReRun()) for _ in range(2)]
+        got = []
+        for i in range(20):
+            step = decs[(i // 3) % 2](tok)
+            got.append(step)
+            tok = step.argmax(-1)
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"step {i}")
+        assert all(d.stats["replays"] > 0 for d in decs)
+        cache.reset()
+        model(input_ids=ids, **kw)
+        eager_before = decs[0].stats["eager"]
+        decs[0](tok)
+        assert decs[0].stats["eager"] == eager_before + 1  # new stores: never a stale replay
+        new_cache(model)
+        with pytest.raises(ValueError, match="cache: no longer the ZipVLCache bound"):
+            decs[0](tok)
+    disable(model)
+
+
+def test_return_dict_use_cache_and_chunked_layers() -> None:
+    model = _model()
+    ids = torch.randint(3, 256, (1, 20))
+    with torch.no_grad():
+        cache = enable(model, ZipVLConfig.preset("fixed", **CFG))
+        kw = cache_kwargs(model.forward, cache)
+        tok = model(input_ids=ids, **kw).logits[:, -1:].argmax(-1)
+        with cuda_graph_decode(model, cache, recorder=ReRun()):
+            out = model(input_ids=tok, return_dict=False, **kw)
+            assert isinstance(out, tuple) and out[0].shape == (1, 1, 256)
+            with pytest.raises(ValueError, match="use_cache: a decode step replayed"):
+                model(input_ids=tok, use_cache=False, **kw)
+        cache = enable(model, ZipVLConfig.preset("kivi"))
+        with (
+            pytest.raises(ValueError, match=r"cache: layers \[0, 1\] store chunks"),
+            cuda_graph_decode(model, cache, recorder=ReRun()),
+        ):
+            pass
+    disable(model)

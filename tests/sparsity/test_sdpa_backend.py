@@ -106,7 +106,10 @@ def test_unseeded_cpu_calls_use_pytorch_dispatch_and_remember_nothing() -> None:
         sb.sdpa(q, k, v, backend="fast")
     torch.testing.assert_close(  # "auto" unseeded on the CPU: PyTorch's dispatch
         sb.sdpa(q, k, v, backend="auto", is_causal=True, enable_gqa=True),
-        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), rtol=0, atol=0)
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        rtol=0,
+        atol=0,
+    )
 
 
 def _selection(s: int) -> Selection:

@@ -640,9 +640,9 @@ class PagedKVStore:
         live_p = (slot[None, None, :] < fill[..., None]) & used[..., None]  # (rows, cols, P)
         region = STAGE_HIGH if cls == HIGH else STAGE_LOW
         sk, sv = self.region(region)
-        live_s = torch.arange(sk.shape[1], device=self.device)[None, :] < self.fp_count[
-            :, region, None
-        ]
+        live_s = (
+            torch.arange(sk.shape[1], device=self.device)[None, :] < self.fp_count[:, region, None]
+        )
         # pages in table order, then staging: compact the live ones to the front of each row
         k = torch.cat([pk.reshape(rows, cols * p, d), sk.float()], 1)
         v = torch.cat([pv.reshape(rows, cols * p, d), sv.float()], 1)

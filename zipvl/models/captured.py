@@ -134,7 +134,7 @@ class GraphDecoder:
         self, model: nn.Module, cache: Cache, *, recorder: Recorder | None = None
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected a transformers model, got {type(model).__name__}")
+            raise ValueError(f"model: expected a transformers model, got {type(model).__name__}")
         params = inspect.signature(model.forward).parameters
         self.cache_kw = cache_argument(model.forward)
         var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -182,6 +182,21 @@ class GraphDecoder:
         self._logits: Tensor | None = None
         self._out_type: type | None = None
         self._step_tokens: list[int] = []
+        self._step_inputs: list[tuple[Tensor, Tensor, float | None]] = []
+        self._stores: list[Any] = []
+
+    def _check_bound(self) -> None:
+        """A ZipVL cache must still be the one the model's attention reads (new_cache(model)
+        or disable(model) since the decoder was made would leave a replay on a stale cache)."""
+        if not self.zipvl:
+            return
+        from zipvl.models.hf import bound_cache, is_enabled
+
+        if not is_enabled(self.model) or bound_cache(self.model) is not self.cache:
+            raise ValueError(
+                "cache: no longer the ZipVLCache bound to this model (zipvl.new_cache or "
+                "zipvl.disable was called since this GraphDecoder was made); make a new one"
+            )
 
     # ------------------------------------------------------------------ cache views
     def _layers(self) -> list[PagedCacheLayer]:
@@ -202,13 +217,22 @@ class GraphDecoder:
         return layers
 
     def _buffers(self) -> tuple[Any, ...]:
-        """What a recorded step depends on besides its inputs: every paged layer's address
-        table values (pointers and sizes). Empty for a StaticCache (fixed for its life)."""
+        """What a recorded step depends on besides its inputs: every paged layer's store (its
+        identity: a reset and a new prompt make new stores, whose buffers the allocator may
+        place at the old addresses) and address table values (pointers and sizes); for a
+        StaticCache, every layer's key and value buffers (a reorder replaces them)."""
         if not self.zipvl:
-            return ()
+            return tuple(
+                (t.data_ptr(), tuple(t.shape))
+                for layer in getattr(self.cache, "layers", [])
+                for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                if isinstance(t, Tensor)
+            )
         from zipvl.paged_decode_triton import table_entries
 
-        return tuple(tuple(table_entries(layer.store)) for layer in self._layers())
+        return tuple(
+            (id(layer.store), tuple(table_entries(layer.store))) for layer in self._layers()
+        )
 
     # ------------------------------------------------------------------ the step
     def _forward(self, ids: Tensor, pos: Tensor, cp: Tensor | None, mask: Tensor | None) -> Any:
@@ -294,9 +318,10 @@ class GraphDecoder:
             )
         if input_ids.dtype not in (torch.int32, torch.int64) or input_ids.device != self.device:
             raise ValueError(
-                f"input_ids: expected int64 on {self.device}, got {input_ids.dtype} on "
+                f"input_ids: expected int32 or int64 on {self.device}, got {input_ids.dtype} on "
                 f"{input_ids.device}"
             )
+        self._check_bound()
         pos, cp = self._positions(input_ids, position_ids, cache_position)
         key = (input_ids.shape[0], tuple(pos.shape), cp is None, self._buffers())
         if self._key != key:
@@ -340,28 +365,47 @@ class GraphDecoder:
             layer.step_inputs = None
 
         def step() -> Any:
+            # everything the host half reads after a replay is an output of the step
             with recorded_step():
-                return self._forward(st["ids"], st["pos"], st.get("cp"), None)
+                out = self._forward(st["ids"], st["pos"], st.get("cp"), None)
+                return out, [layer.step_inputs for layer in layers]
 
-        out = self.recorder.record(step)
+        if isinstance(self.recorder, CUDARecorder):
+            # the dequantizing reference reads host counts (page-table widths) that a graph
+            # would freeze: only the fused kernel, which reads them on the device, is recorded
+            for i, layer in enumerate(layers):
+                if getattr(layer.store, "_decode_ws", None) is None:
+                    raise ValueError(
+                        f"cache: layer {i} decodes with the dequantizing reference, which a "
+                        "CUDA graph cannot replay (it reads host-side page counts); use "
+                        "ZipVLConfig(decode_impl='auto' or 'triton') on CUDA"
+                    )
+        out, inputs = self.recorder.record(step)
         self._logits = out.logits
         self._out_type = type(out)
         self._step_tokens = [layer.store.step_tokens for layer in layers if layer.store]
-        if any(layer.step_inputs is None for layer in layers):
+        if any(x is None for x in inputs):
             raise RuntimeError(
                 "GraphDecoder: a layer's attention did not run the paged decode while the step "
                 "was recorded (is ZipVL enabled on this model with this cache?)"
             )
+        # this recording's own static query / log-sum-exp per layer (another decoder on the
+        # same cache may record later and set the layers' attribute again)
+        self._step_inputs = [x for x in inputs if x is not None]
+        self._stores = [layer.store for layer in layers]  # keeps the ids in the key unique
         self.stats["records"] += 1
 
     def _after_replay(self) -> None:
-        """The host half of the step: advance every layer, compress full decode blocks."""
-        for layer, t in zip(self._layers(), self._step_tokens, strict=True):
+        """The host half of the step: advance every layer, then compress full decode blocks
+        (every layer is advanced before any compression, so one that raises leaves no layer
+        behind its device count)."""
+        layers = self._layers()
+        for layer, t in zip(layers, self._step_tokens, strict=True):
             assert layer.store is not None
             layer.store.advance(t)
+        for layer, (q, lse2, scale) in zip(layers, self._step_inputs, strict=True):
+            assert layer.store is not None
             if layer.store.tail_length >= layer.recompress_every:
-                assert layer.step_inputs is not None
-                q, lse2, scale = layer.step_inputs
                 self.stats["recompressions"] += layer.compress_tail(q, lse2=lse2, scale=scale)
 
     def output(self, logits: Tensor) -> Any:
@@ -376,6 +420,9 @@ _STEP_ARGS = frozenset({
     "logits_to_keep", "return_dict", "past_key_values", "cache",
 })  # fmt: skip
 """What ``generate`` passes on a decode step that the recorded step accounts for."""
+
+_OFF_FLAGS = frozenset({"output_attentions", "output_hidden_states"})
+"""Requests that, switched off, ask nothing of the step."""
 
 
 @contextlib.contextmanager
@@ -397,10 +444,21 @@ def cuda_graph_decode(
         The decoder (its ``stats`` say how many steps were replayed).
 
     Raises:
-        ValueError: a routed step passes an argument the recorded step cannot honour (for
-            example ``inputs_embeds`` or ``output_hidden_states=True``), naming it.
+        ValueError: a ZipVL cache with layers that are not paged; a routed step passes an
+            argument the recorded step cannot honour (for example ``inputs_embeds``,
+            ``output_hidden_states=True`` or ``use_cache=False``), naming it.
     """
     decoder = GraphDecoder(model, cache, recorder=recorder)
+    if isinstance(cache, ZipVLCache):
+        chunked = [
+            i for i, layer in enumerate(cache.layers) if not isinstance(layer, PagedCacheLayer)
+        ]
+        if chunked:
+            raise ValueError(
+                f"cache: layers {chunked} store chunks (a quantizer without the paged layout, "
+                "e.g. the 'kivi' or 'dense' presets), which decode densely and cannot be "
+                "replayed from a graph; cuda_graph_decode needs paged layers"
+            )
     original = model.forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -417,13 +475,17 @@ def cuda_graph_decode(
         if args:
             raise ValueError("input_ids: pass it by keyword on a recorded decode step")
         for name, value in kwargs.items():
-            if name in _STEP_ARGS:
-                continue
-            if value is None or value is False:
+            if name in _STEP_ARGS or value is None or (value is False and name in _OFF_FLAGS):
                 continue
             raise ValueError(
                 f"{name}: a decode step replayed from a CUDA graph cannot honour it (got "
-                f"{type(value).__name__}); leave cuda_graph_decode for such calls"
+                f"{value if isinstance(value, bool) else type(value).__name__}); leave "
+                "cuda_graph_decode for such calls"
+            )
+        if kwargs.get("use_cache") is False:
+            raise ValueError(
+                "use_cache: a decode step replayed from a CUDA graph appends to the cache; got "
+                "False (leave cuda_graph_decode for such calls)"
             )
         logits = decoder(
             ids,
@@ -431,7 +493,8 @@ def cuda_graph_decode(
             cache_position=kwargs.get("cache_position"),
             attention_mask=kwargs.get("attention_mask"),
         )
-        return decoder.output(logits)
+        out = decoder.output(logits)
+        return out.to_tuple() if kwargs.get("return_dict") is False else out
 
     # generate validates its keyword arguments against forward's signature: keep the model's
     functools.update_wrapper(forward, original)
