@@ -351,3 +351,32 @@ def test_return_dict_use_cache_and_chunked_layers() -> None:
         ):
             pass
     disable(model)
+
+
+def test_recorded_steps_with_the_fused_kernel_under_the_interpreter() -> None:
+    """The path a real graph records (the fused kernel, which reads the tail count and page
+    tables from device memory; the Triton interpreter on the CPU): replayed steps across two
+    decode blocks give the eager steps' logits."""
+    from zipvl.paged_decode_triton import INTERPRETED
+
+    if not INTERPRETED:
+        pytest.skip("needs TRITON_INTERPRET=1 (set by the test suite's conftest)")
+    model = _model()
+    ids = torch.randint(3, 256, (1, 40))
+    cfg = ZipVLConfig.preset("fixed", recompress_every=4, page_size=16, decode_impl="triton")
+    results = []
+    with torch.no_grad():
+        for replay in (False, True):
+            cache = enable(model, cfg)
+            kw = cache_kwargs(model.forward, cache)
+            tok = model(input_ids=ids, **kw).logits[:, -1:].argmax(-1)
+            dec = GraphDecoder(model, cache, recorder=ReRun()) if replay else None
+            logits = []
+            for _ in range(9):
+                step = dec(tok) if dec else model(input_ids=tok, **kw).logits[:, -1:]
+                logits.append(step)
+                tok = step.argmax(-1)
+            disable(model)
+            results.append(torch.cat(logits, 1))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-5)
+    assert dec is not None and dec.stats["replays"] > 0 and dec.stats["recompressions"] == 4
