@@ -13,6 +13,7 @@ real graph and compares it with the eager fused-kernel path.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -380,3 +381,30 @@ def test_recorded_steps_with_the_fused_kernel_under_the_interpreter() -> None:
             results.append(torch.cat(logits, 1))
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-5)
     assert dec is not None and dec.stats["replays"] > 0 and dec.stats["recompressions"] == 4
+
+
+def test_a_real_recording_refuses_the_reference_decode() -> None:
+    """The dequantizing reference reads host-side page counts that a CUDA graph would freeze:
+    a CUDA recorder refuses to record it (checked before anything is captured)."""
+    from zipvl.models.captured import CUDARecorder
+
+    class NoGPU(CUDARecorder):  # the CUDA recorder's checks, without a device
+        def __init__(self) -> None:
+            self.graph = None
+
+        def eager(self, fn: Callable[[], Any]) -> Any:
+            return fn()
+
+        def record(self, fn: Callable[[], Any]) -> Any:
+            raise AssertionError("must refuse before recording")
+
+    model = _model()
+    ids = torch.randint(3, 256, (1, 20))
+    with torch.no_grad():
+        cache = enable(model, ZipVLConfig.preset("fixed", **CFG))  # decode_impl="reference"
+        tok = model(input_ids=ids, **cache_kwargs(model.forward, cache)).logits[:, -1:]
+        dec = GraphDecoder(model, cache, recorder=NoGPU())
+        tok = dec(tok.argmax(-1)).argmax(-1)  # the eager step
+        with pytest.raises(ValueError, match="cache: layer 0 decodes with the dequantizing"):
+            dec(tok)
+    disable(model)
