@@ -47,44 +47,29 @@ def _classes(cache: Any) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def _eager_run(model: Any, ids: torch.Tensor, mask: torch.Tensor, steps: int,
-               positions: bool) -> tuple[Any, ...]:  # fmt: skip
-    cache = enable(model, ZipVLConfig.preset("fixed", **CFG))
-    kw = cache_kwargs(model.forward, cache)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw)
-    tok = out.logits[:, -1:].argmax(-1)
-    logits = []
-    for _ in range(steps):
-        pos = pos[:, -1:] + 1
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        step = model(input_ids=tok, attention_mask=mask, position_ids=pos if positions else None,
-                     **kw).logits[:, -1:]  # fmt: skip
-        logits.append(step)
-        tok = step.argmax(-1)
-    disable(model)
-    return logits, _classes(cache)
-
-
-@torch.no_grad()
-def _replayed_run(model: Any, ids: torch.Tensor, mask: torch.Tensor, steps: int,
-                  positions: bool) -> tuple[Any, ...]:  # fmt: skip
+def _run(model: Any, ids: torch.Tensor, mask: torch.Tensor, steps: int, positions: bool,
+         replay: bool) -> tuple[Any, ...]:  # fmt: skip
+    """Prefill, then ``steps`` greedy steps: eager model calls, or a GraphDecoder's replays."""
     cache = enable(model, ZipVLConfig.preset("fixed", **CFG))
     kw = cache_kwargs(model.forward, cache)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw)
     tok = out.logits[:, -1:].argmax(-1)
     rec = ReRun()
-    dec = GraphDecoder(model, cache, recorder=rec)
+    dec = GraphDecoder(model, cache, recorder=rec) if replay else None
     logits = []
     for _ in range(steps):
         pos = pos[:, -1:] + 1
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        step = dec(tok, position_ids=pos if positions else None, attention_mask=mask)
+        p = pos if positions else None
+        if dec is not None:
+            step = dec(tok, position_ids=p, attention_mask=mask)
+        else:
+            step = model(input_ids=tok, attention_mask=mask, position_ids=p, **kw).logits[:, -1:]
         logits.append(step)
         tok = step.argmax(-1)
     disable(model)
-    return logits, _classes(cache), dec.stats, rec.records
+    return logits, _classes(cache), dec.stats if dec else None, rec.records
 
 
 @pytest.mark.parametrize("positions", [True, False], ids=["positions", "from-cache"])
@@ -96,8 +81,8 @@ def test_replayed_decoding_equals_eager(positions: bool) -> None:
     ids = torch.randint(3, 256, (2, 37))
     mask = torch.ones(2, 37, dtype=torch.long)
     mask[1, :5], ids[1, :5] = 0, 0
-    want, want_classes = _eager_run(model, ids, mask, 40, positions)
-    got, got_classes, stats, records = _replayed_run(model, ids, mask, 40, positions)
+    want, want_classes, _, _ = _run(model, ids, mask, 40, positions, replay=False)
+    got, got_classes, stats, records = _run(model, ids, mask, 40, positions, replay=True)
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"step {i}")
     for a, b in zip(got_classes, want_classes, strict=True):
@@ -308,7 +293,7 @@ def test_two_decoders_a_reset_and_a_new_cache() -> None:
     step first; a cache no longer bound to the model is refused."""
     model = _model()
     ids = torch.randint(3, 256, (1, 30))
-    want, _ = _eager_run(model, ids, torch.ones(1, 30, dtype=torch.long), 20, False)
+    want, *_ = _run(model, ids, torch.ones(1, 30, dtype=torch.long), 20, False, replay=False)
     with torch.no_grad():
         cache = enable(model, ZipVLConfig.preset("fixed", **CFG))
         kw = cache_kwargs(model.forward, cache)

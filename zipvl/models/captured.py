@@ -234,6 +234,10 @@ class GraphDecoder:
             (id(layer.store), tuple(table_entries(layer.store))) for layer in self._layers()
         )
 
+    def _key_of(self, ids: Tensor, pos: Tensor, cp: Tensor | None) -> tuple[Any, ...]:
+        """What a recording is valid for: batch, position shape, cache-position use, buffers."""
+        return (ids.shape[0], tuple(pos.shape), cp is None, self._buffers())
+
     # ------------------------------------------------------------------ the step
     def _forward(self, ids: Tensor, pos: Tensor, cp: Tensor | None, mask: Tensor | None) -> Any:
         kw: dict[str, Any] = {self.cache_kw: self.cache}
@@ -323,7 +327,7 @@ class GraphDecoder:
             )
         self._check_bound()
         pos, cp = self._positions(input_ids, position_ids, cache_position)
-        key = (input_ids.shape[0], tuple(pos.shape), cp is None, self._buffers())
+        key = self._key_of(input_ids, pos, cp)
         if self._key != key:
             self._key = None
             if self._eager_key != key:
@@ -350,8 +354,7 @@ class GraphDecoder:
         self._out_type = type(out)
         # recordable next time if this step left the buffers as it found them (it built their
         # address tables); a step that grew a pool runs eagerly once more
-        after = (ids.shape[0], tuple(pos.shape), cp is None, self._buffers())
-        self._eager_key = key if after == key else None
+        self._eager_key = key if self._key_of(ids, pos, cp) == key else None
         return out.logits[:, -1:].clone()
 
     def _record(self, ids: Tensor, pos: Tensor, cp: Tensor | None) -> None:
