@@ -34,6 +34,7 @@ import torch
 from zipvl.checks import check_fraction, check_int
 from zipvl.impl import (
     DECODE_IMPLS,
+    PAGE_WRITE_IMPLS,
     PLAN_IMPLS,
     QUANT_IMPLS,
     SPARSE_ATTENTION_IMPLS,
@@ -212,6 +213,12 @@ class ZipVLConfig:
             elsewhere.
         page_size: tokens per page of the paged cache (a multiple of 16): one quantization
             group of keys; tokens wait at full precision until their class fills a page.
+        page_write_impl: how the paged cache quantizes and writes pages (the prompt commit and
+            every decode block): ``"triton"`` (one launch per precision class,
+            ``zipvl.cache.page_triton``; raises where it cannot run: not CUDA, a page size or
+            head dim that is not a power of two), ``"reference"`` (PyTorch, about 130 small
+            operations per class) or ``"auto"`` (default: Triton for CUDA stores it can
+            write, PyTorch elsewhere). Both store the same bytes.
         layers: per-layer overrides ``{layer_idx: {field: value}}``; fields from
             ``LAYER_OVERRIDE_FIELDS``. Stored read-only.
     """
@@ -237,6 +244,7 @@ class ZipVLConfig:
     decode_impl: Impl = Impl.AUTO
     plan_impl: Impl = Impl.AUTO
     page_size: int = 128
+    page_write_impl: Impl = Impl.AUTO
     layers: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -307,6 +315,7 @@ class ZipVLConfig:
             ("quant_impl", QUANT_IMPLS),
             ("decode_impl", DECODE_IMPLS),
             ("plan_impl", PLAN_IMPLS),
+            ("page_write_impl", PAGE_WRITE_IMPLS),
         ):
             object.__setattr__(self, name, parse_impl(name, getattr(self, name), allowed))
         if self.unkept not in _UNKEPT:

@@ -23,6 +23,8 @@ quant_impl``, ``zipvl demo --quant-impl``
 ``ZipVLConfig.decode_impl``
 ``plan_tokens(impl=)``,                     ``PLAN_IMPLS``                      ``"auto"``
 ``ZipVLConfig.plan_impl``
+``PagedKVStore(write_impl=)``,              ``PAGE_WRITE_IMPLS``                ``"auto"``
+``ZipVLConfig.page_write_impl``
 =========================================  ==================================  ==============
 
 The ``"auto"`` rules: ``sparse_attention`` runs the ``"sdpa"`` path with every SDPA call on the
@@ -39,7 +41,10 @@ Triton interpreter; one query per row; a head dim the kernel reads) and ``"refer
 otherwise; ``plan_tokens`` replays the plan from a CUDA graph (``"graph"``) exactly when
 ``zipvl.sparsity.plan_graph.graph_plan_problem`` finds nothing against it (eager CUDA inputs
 without padding or a cross-process reduction, at most ``GRAPH_MAX_TOKENS`` tokens, components
-known to be capturable) and runs it eagerly (``"torch"``) otherwise.
+known to be capturable) and runs it eagerly (``"torch"``) otherwise; a paged cache writes its
+pages with one Triton launch per class (``"triton"``, ``zipvl.cache.page_triton``) exactly when
+``page_write_problem`` finds nothing against it for a CUDA store (a power-of-two page size and
+head dim), in PyTorch (``"reference"``) otherwise.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from collections.abc import Collection
 __all__ = [
     "COPY_IMPLS",
     "DECODE_IMPLS",
+    "PAGE_WRITE_IMPLS",
     "PLAN_IMPLS",
     "QUANT_IMPLS",
     "SCORER_IMPLS",
@@ -98,6 +104,10 @@ default)."""
 DECODE_IMPLS: tuple[Impl, ...] = (Impl.AUTO, Impl.TRITON, Impl.REFERENCE)
 """``zipvl.decode.decode_attention`` and ``ZipVLConfig.decode_impl`` (the first is the
 default)."""
+
+PAGE_WRITE_IMPLS: tuple[Impl, ...] = (Impl.AUTO, Impl.TRITON, Impl.REFERENCE)
+"""How a paged cache writes pages (``PagedKVStore(write_impl=)``, ``ZipVLConfig.page_write_impl``;
+the first is the default)."""
 
 
 def parse_impl(name: str, value: object, allowed: Collection[Impl]) -> Impl:

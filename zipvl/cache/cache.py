@@ -36,6 +36,7 @@ from zipvl.cache.paged import page_format_problem
 from zipvl.cache.paged_layer import PagedCacheLayer
 from zipvl.cache.report import CacheReport, LayerReport
 from zipvl.checks import check_int
+from zipvl.impl import PAGE_WRITE_IMPLS, Impl, parse_impl
 from zipvl.sparsity.allocators import layer_allocator
 
 CacheLayer = ZipVLCacheLayer | PagedCacheLayer
@@ -67,6 +68,8 @@ class ZipVLCache(Cache):
             Only paged layers are read by the fused decode kernel; ``report()`` names the
             storage of every layer.
         page_size: tokens per page of paged layers (a multiple of 16; 128 by default).
+        page_write_impl: how paged layers write pages (``PagedKVStore(write_impl=)``:
+            ``"auto"``, ``"triton"`` or ``"reference"``).
         update_reads: what ``update`` returns in decode on paged layers: ``"dense"`` (every
             position, usable by any attention) or ``"none"`` (the new K/V only, for an
             attention that reads the pages itself: what ``zipvl.enable`` builds).
@@ -109,6 +112,7 @@ class ZipVLCache(Cache):
         auto_commit_prefill: bool = False,
         storage: str = "auto",
         page_size: int = 128,
+        page_write_impl: Impl | str = Impl.AUTO,
         update_reads: str = "dense",
         mass_reduce: MassReduce | None = None,
     ) -> None:
@@ -121,6 +125,7 @@ class ZipVLCache(Cache):
             raise ValueError(f"storage: expected one of {STORAGES}, got {storage!r}")
         self.storage = storage
         self.page_size = check_int("page_size", page_size, 16)
+        self.page_write_impl = parse_impl("page_write_impl", page_write_impl, PAGE_WRITE_IMPLS)
         if num_layers is not None:
             check_int("num_layers", num_layers, 1)
         self.recompress_every = check_int("recompress_every", recompress_every, 1)
@@ -191,7 +196,10 @@ class ZipVLCache(Cache):
         }
         if problem is None:
             return PagedCacheLayer(
-                **common, page_size=self.page_size, update_reads=self.update_reads
+                **common,
+                page_size=self.page_size,
+                update_reads=self.update_reads,
+                write_impl=self.page_write_impl,
             )
         return ZipVLCacheLayer(**common)
 

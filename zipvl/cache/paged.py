@@ -37,6 +37,7 @@ from torch import Tensor
 from zipvl.cache.graph_step import graph_step
 from zipvl.cache.scoring import sink_padding_error
 from zipvl.checks import check_int
+from zipvl.impl import PAGE_WRITE_IMPLS, Impl, parse_impl
 from zipvl.quant.primitives import choose_qparams, dequantize, pack, quantize, round_param, unpack
 from zipvl.quant.spec import PARAM_DTYPES, QuantSpec
 
@@ -250,6 +251,10 @@ class PagedKVStore:
         reserve_tokens: generated tokens per row the pools grow by when they are full, at most
             (an eighth of the sequence below that): a larger value copies the pools less often
             and holds more unused pages.
+        write_impl: how pages are quantized and written: ``"triton"`` (one launch per
+            precision class, ``zipvl.cache.page_triton``; raises where it cannot run),
+            ``"reference"`` (PyTorch) or ``"auto"`` (Triton for CUDA stores it can write,
+            PyTorch otherwise). Both store the same bytes.
 
     Raises:
         ValueError: an argument out of range (the message names it).
@@ -268,6 +273,7 @@ class PagedKVStore:
         sink_tokens: int,
         tail_slack: int = 64,
         reserve_tokens: int = 1024,
+        write_impl: Impl | str = Impl.AUTO,
     ) -> None:
         if not isinstance(fmt, PageFormat):
             raise TypeError(f"fmt: expected a PageFormat, got {type(fmt).__name__}")
@@ -288,6 +294,8 @@ class PagedKVStore:
         self.tail_slack = check_int("tail_slack", tail_slack, 1)
         self.reserve_tokens = check_int("reserve_tokens", reserve_tokens, 1)
         self.step_tokens = 0  # tokens appended by a recorded decode step (zipvl.models.captured)
+        self.write_impl = self._resolve_write_impl(parse_impl("write_impl", write_impl,
+                                                              PAGE_WRITE_IMPLS))  # fmt: skip
         p, r = fmt.page_size, self.recompress_every
         # region capacities of the full-precision buffer; staging holds < P before a block and
         # gains at most R, so P + R slots always suffice
@@ -301,6 +309,20 @@ class PagedKVStore:
         )
         self.fp_cap = self.region_base[TAIL] + self.tail_cap
         self._alloc_empty()
+
+    def _resolve_write_impl(self, impl: Impl) -> Impl:
+        if impl is Impl.REFERENCE:
+            return impl
+        if impl is Impl.AUTO and self.device.type != "cuda":
+            return Impl.REFERENCE  # the interpreter's CPU runs only when asked for
+        from zipvl.cache.page_triton import page_write_problem
+
+        problem = page_write_problem(self.fmt.page_size, self.head_dim, self.device)
+        if problem is None:
+            return Impl.TRITON
+        if impl is Impl.TRITON:
+            raise ValueError(f"write_impl: 'triton' needs {problem}; use 'auto' or 'reference'")
+        return Impl.REFERENCE
 
     # ------------------------------------------------------------------ allocation
     @property
@@ -369,14 +391,44 @@ class PagedKVStore:
             pad = torch.zeros(2, self.rows, grow, dtype=torch.bool, device=self.device)
             self.class_bits = torch.cat([self.class_bits, pad], dim=-1)
 
-    def _write_pages(self, cls: int, k: Tensor, v: Tensor, live: Tensor, n_live: int) -> None:
-        """Quantize candidate pages (rows, M, P, D) and append the live ones ((rows, M) bool,
-        ``n_live`` of them, host bound) to each row's table in order. No host sync."""
-        rows, m, p, d = k.shape
+    def _write_pages(self, cls: int, k: Tensor, v: Tensor, idx: Tensor | None, full: Tensor,
+                     m: int, n_live: int) -> None:  # fmt: skip
+        """Quantize pages and append them to each row's table in order. No host sync.
+
+        Row r = b H + h takes its ``full[r]`` pages (<= ``m``) from the tokens
+        ``idx[r, :full[r] P]`` of ``k`` / ``v`` (B, H, S, D), P tokens a page in that order
+        (``idx`` None: tokens 0, 1, ...). ``n_live`` is a host upper bound of ``full.sum()``.
+        """
+        p, d = self.fmt.page_size, self.head_dim
+        rows = self.rows
         if m == 0:
             return
         self.reserve(cls, n_live, m)
-        q = quantize_pages(self.fmt, cls, k.reshape(rows * m, p, d), v.reshape(rows * m, p, d))
+        full = full.to(torch.int32)
+        if self.write_impl is Impl.TRITON:
+            from zipvl.cache.page_triton import write_pages_triton
+
+            base = self.page_used[cls] + torch.cumsum(full, 0) - full  # (rows,) int64
+            write_pages_triton(
+                k, v, idx, full, base, self.num_pages[cls], self.page_table[cls],
+                self.page_fill[cls], self.pools[cls], pages=m, bits=self.fmt.bits(cls),
+                levels=self.fmt.key_spec(cls).levels, param_dtype=self.fmt.param_dtype,
+                channel_separable=self.fmt.channel_separable,
+            )  # fmt: skip
+            self.page_used[cls] = self.page_used[cls] + full.sum()
+            self.pool_used[cls] += n_live
+            self.num_pages[cls] += full
+            self.max_pages[cls] += m
+            return
+        kf = k.reshape(rows, k.shape[2], d)
+        vf = v.reshape(rows, v.shape[2], d)
+        if idx is None:
+            pk, pv = kf[:, : m * p], vf[:, : m * p]
+        else:
+            gi = idx[:, : m * p, None].expand(rows, m * p, d)
+            pk, pv = kf.gather(1, gi), vf.gather(1, gi)
+        live = torch.arange(m, device=self.device)[None, :] < full[:, None]  # (rows, M)
+        q = quantize_pages(self.fmt, cls, pk.reshape(rows * m, p, d), pv.reshape(rows * m, p, d))
         flat_live = live.reshape(-1)
         dest = self.page_used[cls] + torch.cumsum(flat_live, 0) - 1  # (rows * M,)
         dest = torch.where(flat_live, dest, 0)  # dead candidates go to scratch page 0
@@ -392,7 +444,7 @@ class PagedKVStore:
         old_f = self.page_fill[cls].gather(1, col)
         self.page_table[cls].scatter_(1, col, torch.where(live, dest.view(rows, m).int(), old_t))
         self.page_fill[cls].scatter_(1, col, torch.where(live, p, old_f).int())
-        self.num_pages[cls] += live.sum(1, dtype=torch.int32)
+        self.num_pages[cls] += full
         self.max_pages[cls] += m
 
     # ------------------------------------------------------------------ fp regions
@@ -471,13 +523,7 @@ class PagedKVStore:
             n = counts[cls]  # (rows,)
             full = pages[cls]  # (rows,)
             if pmax:
-                m = pmax
-                idx = order[:, : m * p]  # (rows, M * P)
-                gi = idx[..., None].expand(rows, m * p, d)
-                pk = kf.gather(1, gi).view(rows, m, p, d)
-                pv = vf.gather(1, gi).view(rows, m, p, d)
-                live = torch.arange(m, device=dev)[None, :] < full[:, None]  # (rows, M)
-                self._write_pages(cls, pk, pv, live, psum)
+                self._write_pages(cls, k, v, order, full, pmax, psum)
             # the remainder (< P tokens per row) goes to staging
             rem = n - full * p  # (rows,)
             if p <= s:
@@ -615,7 +661,7 @@ class PagedKVStore:
         region = STAGE_HIGH if cls == HIGH else STAGE_LOW
         sk, sv = self.region(region)  # (rows, P + R, D)
         full = self.fp_count[:, region] >= p  # (rows,)
-        self._write_pages(cls, sk[:, None, :p], sv[:, None, :p], full[:, None], self.rows)
+        self._write_pages(cls, sk[:, None], sv[:, None], None, full, 1, self.rows)
         # shift what is left of every flushed row to the front
         rest_k = sk[:, p:].clone()
         rest_v = sv[:, p:].clone()

@@ -29,6 +29,7 @@ from zipvl.cache.layer_base import CacheLayerBase
 from zipvl.cache.paged import PagedKVStore, PageFormat
 from zipvl.cache.scoring import check_key_valid, lse_block_mass
 from zipvl.checks import check_int, check_scale, check_tensor
+from zipvl.impl import PAGE_WRITE_IMPLS, Impl, parse_impl
 from zipvl.sparsity.pipeline import plan_row_keep
 from zipvl.types import Scores
 
@@ -85,6 +86,7 @@ class PagedCacheLayer(CacheLayerBase):
         page_size: int = 128,
         tail_slack: int = 64,
         update_reads: str = "dense",
+        write_impl: Impl | str = Impl.AUTO,
     ) -> None:
         super().__init__()
         if update_reads not in ("dense", "none"):
@@ -96,6 +98,7 @@ class PagedCacheLayer(CacheLayerBase):
             layer_idx, mass_reduce,
         )  # fmt: skip
         self.tail_slack = check_int("tail_slack", tail_slack, 1)
+        self.write_impl = parse_impl("write_impl", write_impl, PAGE_WRITE_IMPLS)
         self._clear()
 
     # ------------------------------------------------------------------ state
@@ -137,6 +140,7 @@ class PagedCacheLayer(CacheLayerBase):
             recompress_every=self.recompress_every,
             sink_tokens=self.sink_tokens,
             tail_slack=self.tail_slack,
+            write_impl=self.write_impl,
         )
         self.is_initialized = True
 

@@ -1,0 +1,222 @@
+# pyright: reportArgumentType=false, reportOperatorIssue=false, reportAttributeAccessIssue=false, reportCallIssue=false, reportIndexIssue=false
+# (Triton's constexpr arguments and tensor tuples are not statically typed)
+"""One Triton launch that writes pages of a ``PagedKVStore``: gather, quantize, pack, store.
+
+``PagedKVStore._write_pages`` in PyTorch is about 130 small operations per precision class
+(the page gather, ``quantize_pages``' statistics, rounding, codes and packing, seven pool
+copies and the page-table update). At a 32k prompt on an H200 their GPU time is under 1 ms
+per layer, but their host time is several: the GPU waits on the host between the layer's
+attention and its MLP. This kernel does all of it in one launch.
+
+One program per candidate page ``(row r, page m)``; pages ``m >= full[r]`` return at once.
+
+* load the page's P token indices ``idx[r, m P : (m + 1) P]`` and gather its keys and values
+  (B, H, S, D) by strides (row r = b H + h), as float32, NaN and infinities as 0;
+* keys, one group per channel over the page (ZipCache): ``zero = round_down(min)``,
+  ``scale = round_up(max(div_rn(max - zero, levels), tiny))``;
+* values: the channel divisor ``cs = round_down(max(sqrt_rn(max |v|), 2^-14))`` (CST), then
+  per token over ``v / cs``, the same min / max parameters;
+* codes ``clamp(floor(div_rn(x - zero, scale) + 0.5), 0, levels)`` packed in the
+  contiguous-slices layout of ``zipvl.quant.primitives.pack``;
+* store codes and parameters at pool page ``base[r] + m`` and that page's number in column
+  ``num_pages[r] + m`` of the row's page table (fill P).
+
+Bit-exact agreement with ``zipvl.cache.paged.quantize_pages`` by construction, as in
+``zipvl.quant.triton_kernels``: the same float32 operations in the same order, IEEE divisions
+and square root (``div_rn``, ``sqrt_rn``), parameter rounding by exact power-of-two scaling.
+Tested against the PyTorch path under ``TRITON_INTERPRET=1`` on the CPU and on a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from zipvl.quant.spec import param_grid
+from zipvl.quant.triton_kernels import INTERPRETED, _round_param
+
+__all__ = ["INTERPRETED", "page_write_problem", "write_pages_triton"]
+
+_PD_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_TINY_SCALE = 2.0**-126  # primitives._TINY_SCALE
+_MIN_CHANNEL_SCALE = 2.0**-14  # paged._MIN_CHANNEL_SCALE
+
+
+@triton.jit
+def _codes_packed(x, zero, scale, LEVELS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+                  BITS: tl.constexpr):  # fmt: skip
+    """Codes of x (ROWS, D) packed along D (contiguous slices): (ROWS, D * BITS // 8) int32."""
+    PER: tl.constexpr = 8 // BITS
+    MB: tl.constexpr = D // PER
+    y = tl.math.div_rn(x - zero, scale)
+    codes = tl.minimum(tl.maximum(tl.floor(y + 0.5), 0.0), LEVELS).to(tl.int32)
+    if PER == 1:
+        return codes
+    sl = tl.reshape(codes, (ROWS, PER, MB))  # slice i = channels [i MB, (i + 1) MB)
+    shifts = tl.arange(0, PER) * BITS
+    return tl.sum(sl << shifts[None, :, None], axis=1)  # disjoint bits: sum == or
+
+
+@triton.jit
+def _write_pages_kernel(
+    k_ptr,
+    v_ptr,
+    skb,
+    skh,
+    skt,
+    svb,
+    svh,
+    svt,
+    H,
+    idx_ptr,
+    s_idx,
+    full_ptr,
+    base_ptr,
+    npages_ptr,
+    table_ptr,
+    fill_ptr,
+    s_tab,
+    kcode_ptr,
+    vcode_ptr,
+    kscale_ptr,
+    kzero_ptr,
+    vscale_ptr,
+    vzero_ptr,
+    vcs_ptr,
+    P: tl.constexpr,
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    LEVELS: tl.constexpr,
+    EMIN: tl.constexpr,
+    MANT: tl.constexpr,
+    PD: tl.constexpr,
+    TINY_SCALE: tl.constexpr,
+    MIN_CS: tl.constexpr,
+    CST: tl.constexpr,
+    IDENTITY: tl.constexpr,
+):
+    MB: tl.constexpr = D * BITS // 8
+    r = tl.program_id(0)
+    m = tl.program_id(1)
+    full = tl.load(full_ptr + r)
+    if m < full:
+        dest = tl.load(base_ptr + r).to(tl.int64) + m
+        b = r // H
+        h = r % H
+        t = tl.arange(0, P)
+        c = tl.arange(0, D)
+        if IDENTITY:
+            tok = (m * P + t).to(tl.int64)
+        else:
+            tok = tl.load(idx_ptr + r.to(tl.int64) * s_idx + m * P + t).to(tl.int64)
+        koff = b.to(tl.int64) * skb + h.to(tl.int64) * skh + tok[:, None] * skt + c[None, :]
+        voff = b.to(tl.int64) * svb + h.to(tl.int64) * svh + tok[:, None] * svt + c[None, :]
+        k = tl.load(k_ptr + koff).to(tl.float32)  # (P, D)
+        v = tl.load(v_ptr + voff).to(tl.float32)
+        # NaN and +-inf are stored as 0 in their own token (torch.nan_to_num)
+        k = tl.where((k == k) & (tl.abs(k) != float("inf")), k, 0.0)
+        v = tl.where((v == v) & (tl.abs(v) != float("inf")), v, 0.0)
+        levels = tl.full((D,), LEVELS, tl.float32)
+        # keys: one group per channel over the page
+        kzero = _round_param(tl.min(k, axis=0), EMIN, MANT, PD, False)  # (D,)
+        kscale = tl.maximum(tl.math.div_rn(tl.max(k, axis=0) - kzero, levels), TINY_SCALE)
+        kscale = _round_param(kscale, EMIN, MANT, PD, True)
+        kp = _codes_packed(k, kzero[None, :], kscale[None, :], LEVELS, P, D, BITS)  # (P, MB)
+        # values: channel divisor, then one group per token
+        if CST:
+            cs = tl.maximum(tl.math.sqrt_rn(tl.max(tl.abs(v), axis=0)), MIN_CS)
+            cs = _round_param(cs, EMIN, MANT, PD, False)  # (D,)
+        else:
+            cs = tl.full((D,), 1.0, tl.float32)
+        vq = tl.math.div_rn(v, tl.broadcast_to(cs[None, :], (P, D)))
+        vlevels = tl.full((P,), LEVELS, tl.float32)
+        vzero = _round_param(tl.min(vq, axis=1), EMIN, MANT, PD, False)  # (P,)
+        vscale = tl.maximum(tl.math.div_rn(tl.max(vq, axis=1) - vzero, vlevels), TINY_SCALE)
+        vscale = _round_param(vscale, EMIN, MANT, PD, True)
+        vp = _codes_packed(vq, vzero[:, None], vscale[:, None], LEVELS, P, D, BITS)
+        # store the page
+        j = tl.arange(0, MB)
+        coff = dest * (P * MB) + t[:, None] * MB + j[None, :]
+        tl.store(kcode_ptr + coff, kp.to(tl.uint8))
+        tl.store(vcode_ptr + coff, vp.to(tl.uint8))
+        tl.store(kscale_ptr + dest * D + c, kscale)
+        tl.store(kzero_ptr + dest * D + c, kzero)
+        tl.store(vcs_ptr + dest * D + c, cs)
+        tl.store(vscale_ptr + dest * P + t, vscale)
+        tl.store(vzero_ptr + dest * P + t, vzero)
+        col = tl.load(npages_ptr + r).to(tl.int64) + m
+        tl.store(table_ptr + r.to(tl.int64) * s_tab + col, dest.to(tl.int32))
+        tl.store(fill_ptr + r.to(tl.int64) * s_tab + col, P)
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def page_write_problem(page_size: int, head_dim: int, device: torch.device) -> str | None:
+    """Why the page-write kernel cannot run for this store, or None."""
+    if not _pow2(page_size):
+        return f"a power-of-two page_size (got {page_size})"
+    if not _pow2(head_dim) or head_dim < 4:
+        return f"a power-of-two head_dim >= 4 (got {head_dim})"
+    if device.type != "cuda" and not INTERPRETED:
+        return (
+            f"CUDA tensors (or TRITON_INTERPRET=1 set before zipvl.cache.page_triton is first "
+            f"imported), got device {device}"
+        )
+    return None
+
+
+def write_pages_triton(
+    k: Tensor,
+    v: Tensor,
+    idx: Tensor | None,
+    full: Tensor,
+    base: Tensor,
+    num_pages: Tensor,
+    table: Tensor,
+    fill: Tensor,
+    pool: dict[str, Tensor],
+    *,
+    pages: int,
+    bits: int,
+    levels: int,
+    param_dtype: torch.dtype,
+    channel_separable: bool,
+) -> None:
+    """Launch the page-write kernel (module docstring); no host sync.
+
+    Args:
+        k: (B, H, S, D) source keys (last dim contiguous), row r = b H + h; v: values.
+        idx: (B H, >= pages P) int token indices into S, or None for tokens [0, pages P).
+        full: (B H,) integer, live pages of each row (<= pages).
+        base: (B H,) int64, pool page of each row's first live page.
+        num_pages: (B H,) int32, table column of each row's first live page.
+        table, fill: (B H, cols) int32 page table and fill counts (contiguous rows).
+        pool: the class's pool tensors (``PagedKVStore._new_pool``).
+        pages: candidate pages per row (the grid's second dimension).
+    """
+    b, h, _, d = k.shape
+    rows = b * h
+    p = pool["kcode"].shape[1]
+    if pages == 0 or rows == 0:
+        return
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("k, v: expected the last dim contiguous")
+    emin, mant = param_grid(param_dtype) or (0, 0)
+    ident = idx is None
+    idx_t = full if idx is None else idx
+    kernel = cast(Any, _write_pages_kernel)
+    kernel[(rows, pages)](
+        k, v, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), h,
+        idx_t, 0 if idx is None else idx.stride(0), full, base, num_pages, table, fill,
+        table.stride(0), pool["kcode"], pool["vcode"], pool["kscale"], pool["kzero"],
+        pool["vscale"], pool["vzero"], pool["vcs"],
+        P=p, D=d, BITS=bits, LEVELS=levels, EMIN=emin, MANT=mant,
+        PD=_PD_CODE[param_dtype], TINY_SCALE=_TINY_SCALE, MIN_CS=_MIN_CHANNEL_SCALE,
+        CST=channel_separable, IDENTITY=ident,
+    )  # fmt: skip
