@@ -10,7 +10,10 @@ A Qwen2 model with LongVA-7B shapes (random bf16 weights), one prompt per length
   which flash cannot take);
 * ``fixed``: ZipVL ``fixed`` preset (r = 0.42), eager steps;
 * ``fixed-graph``: the same cache decoded by ``GraphDecoder`` (recorded step, host bookkeeping
-  and the decode-block recompression between replays).
+  and the decode-block recompression between replays);
+* ``fixed-graph[<launch>]`` (``--launch``): the same with the fused kernel's launch settings of
+  ``bench/gpu_decode.py``'s ``--sweep`` syntax (``variant=pages,splits=8``: splits in quarters
+  of the default count) in every layer's workspace.
 
 Per variant: ms per token over ``--steps`` greedy steps after ``--warmup`` steps (wall clock,
 synchronised at both ends: the recompression every 100 tokens and any re-recording are
@@ -83,6 +86,34 @@ def _static_from(model: Any, dyn: Any, capacity: int, batch: int) -> Any:
     return static
 
 
+@contextlib.contextmanager
+def _launch(spec: str | None) -> Any:
+    """Every fused-decode workspace made inside gets the launch settings ``spec``."""
+    if spec is None:
+        yield
+        return
+    import gpu_decode
+
+    import zipvl.decode as zdec
+
+    launch = gpu_decode.parse_launch(spec)
+    made = zdec.workspace
+
+    def patched(store: Any, hq: int) -> dict[str, Any]:
+        fresh = getattr(store, "_decode_ws", None) is None or store._decode_ws["key"] != (
+            store.batch_size, hq)  # fmt: skip
+        ws = made(store, hq)
+        if fresh:
+            gpu_decode.set_launch(ws, launch, ws["splits"], store.batch_size, hq, store.head_dim)
+        return ws
+
+    zdec.workspace = patched  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        zdec.workspace = made  # type: ignore[assignment]
+
+
 @torch.no_grad()
 def run_variant(model: Any, name: str, ids: torch.Tensor, batch: int, steps: int, warmup: int,
                 record_logits: int, points: Sequence[int] = (0,)) -> dict[str, Any]:  # fmt: skip
@@ -91,7 +122,7 @@ def run_variant(model: Any, name: str, ids: torch.Tensor, batch: int, steps: int
     kw_name = cache_argument(model.forward)
     s = ids.shape[1]
     zip_on = name.startswith("fixed")
-    graph = name.endswith("graph") or "graph-" in name
+    graph = "graph" in name
     backend = "flash" if not graph or zip_on else name.rsplit("-", 1)[1]
     if zip_on:
         cache = zipvl.new_cache(model)
@@ -190,6 +221,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="points for the dense variants (default: --points); dense per-token time only "
         "grows with length, so its first point is the conservative baseline",
     )
+    ap.add_argument(
+        "--launch",
+        nargs="+",
+        default=[],
+        help="extra fixed-graph rows with these fused-kernel launch settings (gpu_decode's "
+        "--sweep syntax, e.g. variant=pages,splits=8)",
+    )
     ap.add_argument("--agree", type=int, default=8, help="first steps compared, fixed vs graph")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
@@ -208,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for s in a.lengths:
         ids = torch.randint(0, model.config.vocab_size, (1, s), device=a.device, generator=gen)
         for b in a.batch:
-            for name in a.variants:
+            names = list(a.variants) + [f"fixed-graph[{spec}]" for spec in a.launch]
+            for name in names:
                 if name.startswith("dense-static") and b > 1:
                     continue  # the static cache's prefill copy would hold B copies twice
                 if name.startswith("fixed"):
@@ -221,7 +260,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     pts = a.points
                     if name.startswith("dense") and a.baseline_points is not None:
                         pts = a.baseline_points
-                    row = run_variant(model, name, ids, b, a.steps, a.warmup, a.agree, pts)
+                    spec = name[len("fixed-graph[") : -1] if name.endswith("]") else None
+                    with _launch(spec):
+                        row = run_variant(model, name, ids, b, a.steps, a.warmup, a.agree, pts)
                     row["status"] = "ok"
                 except torch.OutOfMemoryError:
                     row = {"variant": name, "S": s, "B": b, "status": "OOM"}
