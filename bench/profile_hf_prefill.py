@@ -134,7 +134,13 @@ def main() -> None:
                 key=lambda e: getattr(e, self_t),
                 reverse=True,
             )[: a.top]
-            print(f"\n## {name}, S={n}, {a.layers} layers: one prefill {wall:.1f} ms (unprofiled)")
+            busy = sum(
+                getattr(e, self_t) for e in ev
+                if (e.device_type.name == "CUDA") == cuda and e.key not in STAGES
+            ) / 1e3  # fmt: skip
+            share = f"{busy / wall:.0%}"
+            print(f"\n## {name}, S={n}, {a.layers} layers: one prefill {wall:.1f} ms "
+                  f"(unprofiled); kernels {busy:.1f} ms ({share} of the wall time)")  # fmt: skip
             inside: dict[str, list[tuple[str, float, int]]] = {}
             for k, v in stage_ms.items():
                 print(f"  stage {k}: {v:.2f} ms GPU ({v / a.layers:.3f} per layer)")
@@ -152,6 +158,7 @@ def main() -> None:
                     "preset": name,
                     "S": n,
                     "wall_ms": wall,
+                    "kernels_ms": busy,
                     "stages_ms": stage_ms,
                     "stage_kernels": inside,
                     "top": top,

@@ -813,3 +813,29 @@ def test_unknown_launch_settings_raise_naming_the_key() -> None:
         ws[key] = None  # None is the default again
         decode_attention(q, store, impl="triton")
         del ws[key]
+
+
+def test_launch_choice_runs_pages_where_programs_walk_many_pages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The measured rule: "pages" at twice the splits (at most 64) once a program would walk
+    >= PAGES_VARIANT_MIN_PAGES pages at the default splits, on CUDA; "tile" otherwise."""
+    import zipvl.decode as zdec
+
+    store = PagedKVStore(PageFormat(page_size=16), batch_size=8, num_heads=4, head_dim=64,
+                         dtype=torch.float32, device="cpu", recompress_every=8,
+                         sink_tokens=0)  # fmt: skip
+    cuda = torch.device("cuda")
+    cases = [  # (default splits, pages per row, expected)
+        (17, (410, 614), (34, "pages")),  # batch 8, 128k tokens on an H200
+        (17, (102, 154), (17, None)),  # batch 8, 32k
+        (64, (410, 614), (64, None)),  # batch 1, 128k
+        (17, (272, 272), (34, "pages")),  # exactly 32 pages a program
+        (17, (271, 272), (17, None)),
+        (40, (2000, 2000), (64, "pages")),  # twice the splits, capped at 64
+    ]
+    for ns, (hi, lo), want in cases:
+        monkeypatch.setattr(zdec, "_splits", lambda store, device, ns=ns: ns)
+        store.max_pages = [hi, lo]
+        assert zdec.launch_choice(store, cuda) == want, (ns, hi, lo)
+        assert zdec.launch_choice(store, torch.device("cpu")) == (ns, None)

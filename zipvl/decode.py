@@ -128,10 +128,13 @@ def _settings(store: PagedKVStore) -> list[int]:
     """The launch settings a caller put in the store's workspace (-1: the kernel's default),
     so a compiled step launches exactly as an eager one: ``_SETTINGS``, then the indices of
     ``variant`` and ``convert``."""
-    ws = getattr(store, "_decode_ws", None) or {}
+    ws = getattr(store, "_decode_ws", None)
+    if ws is None:  # no eager call yet: the variant an eager call would choose
+        ws = {"variant": launch_choice(store, store.device)[1]}
     out = [int(ws[key]) if ws.get(key) is not None else -1 for key in _SETTINGS]
     variant = convert = -1
-    if "variant" in ws or "convert" in ws:  # (triton only imported where a key names it)
+    if ws.get("variant") is not None or ws.get("convert") is not None:  # (triton imported
+        # only where a key names it)
         from zipvl.paged_decode_triton import CONVERTS, VARIANTS
 
         for key, allowed in (("variant", VARIANTS), ("convert", CONVERTS)):
@@ -192,6 +195,31 @@ def _splits(store: PagedKVStore, device: torch.device) -> int:
     return max(1, min(64, -(-4 * sms // store.rows)))
 
 
+PAGES_VARIANT_MIN_PAGES = 32
+"""Pages per program (at the default splits) from which the fused kernel runs its ``"pages"``
+variant at twice the splits (``launch_choice``)."""
+
+
+def launch_choice(store: PagedKVStore, device: torch.device) -> tuple[int, str | None]:
+    """Page splits per row and the fused kernel's variant (None: its default, ``"tile"``).
+
+    Where a program would walk many pages (>= ``PAGES_VARIANT_MIN_PAGES`` at the default
+    splits), the ``"pages"`` variant (each warp its own page) at twice the splits (at most 64)
+    is faster; elsewhere ``"tile"`` is. Measured on an H200 with the 28-layer model replayed
+    from CUDA graphs, 128k tokens (``bench/gpu_hf_graph.py --launch``): batch 8 (~60 pages a
+    program) 22.8 ms per token with "pages" at twice the splits against 26.7 with "tile";
+    batch 1 (~16 pages a program) and 32k (~15) were faster with "tile" in the kernel-alone
+    sweep (``bench/notes/decode_kernel.md``). Decided once per workspace, from the store's
+    host bound of pages per row, so a recorded step keeps its launch; CUDA only (the
+    interpreter's CPU runs keep the default).
+    """
+    ns = _splits(store, device)
+    pages = store.max_pages[0] + store.max_pages[1]  # host bound, both classes
+    if device.type == "cuda" and pages >= PAGES_VARIANT_MIN_PAGES * ns:
+        return min(2 * ns, 64), "pages"
+    return ns, None
+
+
 def workspace(store: PagedKVStore, hq: int) -> dict[str, Any]:
     """The partial-state buffers and per-row tickets of the fused kernel, cached on the store
     per (B, Hq)."""
@@ -204,7 +232,7 @@ def workspace(store: PagedKVStore, hq: int) -> dict[str, Any]:
                 f"call; run one decode step with batch {store.batch_size} and {hq} query heads "
                 "before capturing it in a CUDA graph"
             )
-        ns = _splits(store, store.device)
+        ns, variant = launch_choice(store, store.device)
         b, d = store.batch_size, store.head_dim
         f32 = {"dtype": torch.float32, "device": store.device}
         ws = {
@@ -217,6 +245,8 @@ def workspace(store: PagedKVStore, hq: int) -> dict[str, Any]:
             # last one merges and zeroes it again, so it is zero between launches
             "ticket": torch.zeros(store.rows, dtype=torch.int32, device=store.device),
         }
+        if variant is not None:
+            ws["variant"] = variant
         store._decode_ws = ws  # type: ignore[attr-defined]
     return ws
 
@@ -266,7 +296,7 @@ def decode_attention(
             if torch.compiler.is_compiling():  # traced: the kernel as an opaque operator
                 tensors, ints = _operands(store)
                 ws = getattr(store, "_decode_ws", None)
-                ns = ws["splits"] if ws is not None else _splits(store, store.device)
+                ns = ws["splits"] if ws is not None else launch_choice(store, store.device)[0]
                 out, lse = _paged_decode_op(q1, tensors, ints, sm, ns, _settings(store))
                 return out.unsqueeze(2), lse
             from zipvl.paged_decode_triton import paged_decode_triton

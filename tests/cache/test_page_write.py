@@ -181,3 +181,126 @@ def test_write_impl_choice_and_refusals() -> None:
         assert _store(fmt, 1, 1, 64, torch.float16, "cuda", "auto").write_impl is Impl.TRITON
         odd = _store(PageFormat(page_size=48), 1, 1, 64, torch.float16, "cuda", "auto")
         assert odd.write_impl is Impl.REFERENCE
+
+
+# ----------------------------------------------------------------------------- no host read
+
+
+def _exact_keep(b, h, s, kept, valid, g):
+    """(B, H, S) keep holding exactly kept[b] real tokens in every (b, h) row."""
+    keep = torch.zeros(b, h, s, dtype=torch.bool)
+    for i in range(b):
+        real = torch.arange(s) if valid is None else valid[i].nonzero().flatten()
+        for j in range(h):
+            pick = real[torch.randperm(real.numel(), generator=g)[: kept[i]]]
+            keep[i, j, pick] = True
+    return keep
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    s=st.integers(1, 120),
+    b=st.integers(1, 3),
+    sinks=st.sampled_from([0, 3]),
+    padded=st.booleans(),
+    dense=st.booleans(),
+)
+def test_commit_from_plan_counts_reads_nothing_and_stores_the_same(
+    seed, s, b, sinks, padded, dense
+) -> None:
+    """Given the plan's kept counts, the prompt commit reads nothing from the device and
+    stores exactly what the commit with its own read stores (the host bounds of pools and
+    tables may be larger, by at most one page per row and class)."""
+    from tests.sparsity.host_reads import HostReads
+
+    g = torch.Generator().manual_seed(seed)
+    h, d = 2, 64
+    valid = None
+    if padded:
+        valid = torch.ones(b, s, dtype=torch.bool)
+        for i in range(b):
+            valid[i, : int(torch.randint(0, s, (1,), generator=g))] = False  # left padding
+    real = [s if valid is None else int(valid[i].sum()) for i in range(b)]
+    kept = [int(torch.randint(0, r + 1, (1,), generator=g)) for r in real]
+    keep = None if dense else _exact_keep(b, h, s, kept, valid, g)
+    if dense:
+        kept = real
+    k = torch.randn(b, h, s, d, generator=g)
+    v = torch.randn(b, h, s, d, generator=g)
+    ns = 0 if padded and sinks else sinks  # sinks with left padding raise (tested elsewhere)
+    fmt = PageFormat(page_size=16)
+    read, hinted = (_store(fmt, b, h, d, torch.float32, "cpu", "reference", ns) for _ in "ab")
+    want = read.write_prefill(k, v, keep, valid, ns)
+    with pytest.MonkeyPatch.context() as mp:
+        reads = HostReads(mp)
+        got = hinted.write_prefill(k, v, keep, valid, ns, kept_rows=kept, real_rows=real)
+        assert reads.count == 0, reads.where
+    assert [int(got["kept"]), int(got["real"])] == [want["kept"], want["real"]]
+    for cls in (HIGH, LOW):
+        assert hinted.pool_used[cls] >= read.pool_used[cls]
+        assert hinted.pool_used[cls] - read.pool_used[cls] <= b * h
+        assert hinted.max_pages[cls] >= read.max_pages[cls]
+        hinted.pool_used[cls], hinted.max_pages[cls] = read.pool_used[cls], read.max_pages[cls]
+    _assert_same_store(read, hinted)
+
+
+def test_paged_prefill_through_zipvl_attention_reads_the_host_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The plan's read is the layer's only one: the prompt commit takes its counts."""
+    from tests.sparsity.host_reads import HostReads
+    from zipvl.config import ZipVLConfig
+    from zipvl.models import make_cache, zipvl_attention
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, n, 150, 16, generator=g) for n in (8, 4, 4))
+    cfg = ZipVLConfig(tau=0.9, sink_tokens=2)
+    zipvl_attention(q, k, v, config=cfg, cache=make_cache(cfg, 1))  # warm-up
+    cache = make_cache(cfg, 1)
+    reads = HostReads(monkeypatch)
+    zipvl_attention(q, k, v, config=cfg, cache=cache)
+    assert reads.count == 1, reads.where
+    monkeypatch.undo()
+    layer = cache.layer(0)
+    assert 0 < layer.kept_tokens < 150  # counted when asked
+    # the same cache filled through the commit's own read reports the same
+    other = make_cache(cfg, 1)
+    other.update(k, v, 0)
+    other.compress_prefill(0, cache.layer(0).store.class_bits[0, :, :150].reshape(2, 4, 150)
+                           | _sinks(2, 4, 150, 2))  # fmt: skip
+    assert other.layer(0).kept_tokens == layer.kept_tokens
+
+
+def _sinks(b, h, s, n):
+    m = torch.zeros(b, h, s, dtype=torch.bool)
+    m[..., :n] = True
+    return m
+
+
+def test_transformers_prefill_reads_the_host_once_per_layer(monkeypatch: pytest.MonkeyPatch):
+    """A transformers model under zipvl.enable: each layer's plan read is the prefill's only
+    host read in ZipVL's code (the prompt commit takes the plan's counts)."""
+    import transformers
+
+    from tests.sparsity.host_reads import HostReads
+    from zipvl.config import ZipVLConfig
+    from zipvl.models import cache_kwargs, enable, new_cache
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, vocab_size=256, attn_implementation="sdpa",
+    )  # fmt: skip
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    enable(model, ZipVLConfig(tau=0.9, page_size=16))
+    ids = torch.randint(0, 256, (1, 200))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, **cache_kwargs(model, new_cache(model)))  # warm-up
+        cache = new_cache(model)
+        reads = HostReads(monkeypatch)
+        model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache))
+    ours = [w for w in reads.where if "/zipvl/" in w]
+    assert len(ours) == 3, reads.where
+    monkeypatch.undo()
+    assert all(0 < layer.kept_tokens < 200 for layer in cache.layers)

@@ -23,7 +23,7 @@ Plain PyTorch, device-agnostic; ``is_compileable`` is False (the cache grows by 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -310,14 +310,21 @@ class ZipVLCache(Cache):
 
     # ------------------------------------------------------------------ ZipVL API
     def compress_prefill(
-        self, layer_idx: int, keep: Tensor | None, *, key_valid: Tensor | None = None
+        self,
+        layer_idx: int,
+        keep: Tensor | None,
+        *,
+        key_valid: Tensor | None = None,
+        kept_rows: Sequence[int] | None = None,
+        real_rows: Sequence[int] | None = None,
     ) -> None:
         """Commit the pending prefill of ``layer_idx``: kept tokens high bits, the rest low.
 
         The first ``sink_tokens`` positions stay full precision. Records the prefill selection
         stats (prompt tokens, kept tokens) for ``report()``. One host read of a few integers
-        (row counts, sink check), none with ``keep=None`` and ``key_valid=None``; the quantizer
-        is handed the count and reads nothing back.
+        (row counts, sink check), none with ``keep=None`` and ``key_valid=None``, and none on a
+        paged layer given ``kept_rows``; the quantizer is handed the count and reads nothing
+        back.
 
         Args:
             layer_idx: attention layer index.
@@ -327,6 +334,11 @@ class ZipVLCache(Cache):
                 (layout and accounting unchanged) but their K/V never enter the quantization
                 statistics: real tokens of a padded row are quantized as if the row were alone
                 (see ``ZipVLCacheLayer.compress_prefill``).
+            kept_rows: optional, per batch row, the real tokens ``keep`` holds in each of its
+                (b, h) rows, known on the host (``PrefillResult.kept_tokens``). A paged layer
+                then commits without reading the device (``PagedCacheLayer.compress_prefill``);
+                chunked layers do not use it.
+            real_rows: per batch row, its real tokens (``PrefillResult.real_tokens``).
 
         Raises:
             RuntimeError: the layer has no pending prefill.
@@ -334,7 +346,13 @@ class ZipVLCache(Cache):
                 has unequal row counts, or ``sink_tokens > 0`` with padding among the first
                 ``sink_tokens`` positions of some row (left padding).
         """
-        self._existing(layer_idx).compress_prefill(keep, key_valid=key_valid)
+        layer = self._existing(layer_idx)
+        if isinstance(layer, PagedCacheLayer):
+            layer.compress_prefill(
+                keep, key_valid=key_valid, kept_rows=kept_rows, real_rows=real_rows
+            )
+        else:
+            layer.compress_prefill(keep, key_valid=key_valid)
 
     def compress_tail(
         self,

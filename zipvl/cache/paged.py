@@ -29,7 +29,9 @@ tokens are important and calls ``write_prefill`` / ``append`` / ``commit_block``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -466,7 +468,8 @@ class PagedKVStore:
 
     # ------------------------------------------------------------------ write path
     def write_prefill(self, k: Tensor, v: Tensor, keep: Tensor | None, valid: Tensor | None,
-                      num_sinks: int) -> dict[str, int]:  # fmt: skip
+                      num_sinks: int, *, kept_rows: Sequence[int] | None = None,
+                      real_rows: Sequence[int] | None = None) -> dict[str, Any]:  # fmt: skip
         """Store a prompt: sinks at full precision, the rest split by ``keep`` into pages.
 
         Args:
@@ -474,14 +477,26 @@ class PagedKVStore:
             keep: (B, Hkv, S) bool, True = high precision (any count per row); None = all.
             valid: (B, S) bool, False = padding (never stored); None = no padding.
             num_sinks: positions [0, num_sinks) go to the sink region (must be real tokens).
+            kept_rows: optional, per batch row, how many real tokens ``keep`` holds in each
+                of its (b, h) rows, known on the host (the plan's kept counts,
+                ``PrefillResult.kept_tokens``; the real count for ``keep=None``). With it the
+                commit reads nothing from the device (except with sinks and padding, where the
+                sink check needs the read): pools and tables are sized from these counts (at
+                most one spare page per row and class), and non-finite keys or values are
+                stored as 0 in their own token, as in decode blocks (the prompt's attention,
+                which ran on them, is where they show). A wrong count loses tokens: pass the
+                plan's own.
+            real_rows: per batch row, its real (non-padding) tokens; with ``kept_rows``.
 
         Returns:
-            Host statistics read in the one host read: ``kept`` (sum of high tokens over real
-            rows), ``real`` (real compressible tokens summed over rows).
+            ``kept`` (high tokens summed over rows) and ``real`` (real compressible tokens
+            summed over rows): host ints after the one host read, or 0-dim device tensors on
+            the path without a read (``kept_rows`` given).
 
         Raises:
             ValueError: the keys or values hold NaN or infinity, or a row has padding among the
-                sinks (checked on the same read, before anything is stored).
+                sinks (checked on the same read, before anything is stored; without a read:
+                the sink check from ``real_rows``, no non-finite check).
         """
         b, h, s, d = k.shape
         rows, p, dev = self.rows, self.fmt.page_size, k.device
@@ -494,19 +509,25 @@ class PagedKVStore:
         cls_mask = torch.stack([hi, lo]).reshape(2, rows, s)  # (2, rows, S)
         counts = cls_mask.sum(-1)  # (2, rows)
         pages = counts // p  # (2, rows)
-        fin = torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)  # (B, Hkv, S)
-        finite = (fin.all(1) | ~real).all().to(torch.int64)  # padding may hold anything
-        real_sinks = real[:, :ns].all().to(torch.int64)  # sinks are positional: no padding
-        stats = torch.cat([torch.stack([pages.amax(1), pages.sum(1), counts.sum(1)]).reshape(-1),
-                           finite.reshape(1), real_sinks.reshape(1)])  # fmt: skip
-        pmax_h, pmax_l, psum_h, psum_l, kept, other, ok, sinks_ok = stats.tolist()  # one read
-        if not sinks_ok:
-            raise sink_padding_error(ns)
-        if not ok:
-            raise ValueError(
-                "key_states: the prompt's keys or values hold NaN or infinity; they would "
-                "poison the quantization parameters of every token that shares a page"
-            )
+        if kept_rows is not None and not (ns and valid is not None):
+            bounds = self._page_bounds(kept_rows, real_rows, b, s, ns, valid is not None)
+            (pmax_h, psum_h), (pmax_l, psum_l) = bounds
+            sums = counts.sum(1)  # (2,) on the device: read only if someone asks
+            kept, other = sums[0], sums[1]
+        else:
+            fin = torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)  # (B, Hkv, S)
+            finite = (fin.all(1) | ~real).all().to(torch.int64)  # padding may hold anything
+            real_sinks = real[:, :ns].all().to(torch.int64)  # sinks are positional: no padding
+            per_class = torch.stack([pages.amax(1), pages.sum(1), counts.sum(1)]).reshape(-1)
+            stats = torch.cat([per_class, finite.reshape(1), real_sinks.reshape(1)])
+            pmax_h, pmax_l, psum_h, psum_l, kept, other, ok, sinks_ok = stats.tolist()  # one read
+            if not sinks_ok:
+                raise sink_padding_error(ns)
+            if not ok:
+                raise ValueError(
+                    "key_states: the prompt's keys or values hold NaN or infinity; they would "
+                    "poison the quantization parameters of every token that shares a page"
+                )
         self.length = s  # from here on the prompt is stored (the pools' headroom reads it)
         kf, vf = k.reshape(rows, s, d), v.reshape(rows, s, d)
         # sinks
@@ -542,6 +563,42 @@ class PagedKVStore:
         self.class_bits[:, :, :s] = cls_mask
         self.pad = (~real).sum(-1) if valid is not None else self.pad.zero_()
         return {"kept": kept, "real": kept + other}
+
+    def _page_bounds(
+        self,
+        kept_rows: Sequence[int],
+        real_rows: Sequence[int] | None,
+        b: int,
+        s: int,
+        ns: int,
+        padded: bool,
+    ) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Host bounds (most full pages of a row, full pages in all) of each class from the
+        plan's kept counts: a (b, h) row keeps kept_b real tokens, of which up to ``ns``
+        (sinks) are not paged, so its high class holds kept_b - ns .. kept_b of them."""
+        if len(kept_rows) != b:
+            raise ValueError(
+                f"kept_rows: expected {b} counts (one per batch row), got {len(kept_rows)}"
+            )
+        if real_rows is None:
+            if padded:
+                raise ValueError("real_rows: expected the real tokens per batch row with valid")
+            real_rows = (s,) * b
+        if len(real_rows) != b:
+            raise ValueError(
+                f"real_rows: expected {b} counts (one per batch row), got {len(real_rows)}"
+            )
+        p, h = self.fmt.page_size, self.num_heads
+        out = []
+        for cls in (HIGH, LOW):
+            per = []
+            for kept, real in zip(kept_rows, real_rows, strict=True):
+                comp = max(real - ns, 0)  # real tokens that are paged or staged
+                hi = min(max(kept, 0), comp)
+                n = hi if cls == HIGH else comp - max(min(kept, real) - ns, 0)
+                per.append(n // p)
+            out.append((max(per), h * sum(per)))
+        return out[0], out[1]
 
     def append(self, k: Tensor, v: Tensor) -> None:
         """Append T new tokens (B, Hkv, T, D) of every row to the tail (no host sync):

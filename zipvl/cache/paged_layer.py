@@ -20,6 +20,7 @@ on that row's mass alone), its own kept count and page count; padding is never s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -226,15 +227,28 @@ class PagedCacheLayer(CacheLayerBase):
         self._unread = None
         return ok
 
-    def compress_prefill(self, keep: Tensor | None, *, key_valid: Tensor | None = None) -> None:
+    def compress_prefill(
+        self,
+        keep: Tensor | None,
+        *,
+        key_valid: Tensor | None = None,
+        kept_rows: Sequence[int] | None = None,
+        real_rows: Sequence[int] | None = None,
+    ) -> None:
         """Commit the pending prefill: sinks fp, ``keep`` tokens high bits, the rest low.
 
         Rows are independent: ``keep`` may hold a different count in every (b, h) row, and
-        padding (``key_valid`` False) is not stored at all. One host read.
+        padding (``key_valid`` False) is not stored at all. One host read, none when the
+        caller knows the kept counts (``kept_rows``: what the attention of ``zipvl.enable``,
+        ``zipvl_attention`` and ``ZipVLAttention`` pass from their plan's one read).
 
         Args:
             keep: (B, Hkv, S) bool over the pending prefill, True = important; None = all.
             key_valid: optional (B, S) bool, True = real token, False = padding.
+            kept_rows: per batch row, the real tokens ``keep`` holds in each of its (b, h)
+                rows (``PagedKVStore.write_prefill``: then nothing is read back and
+                non-finite K/V are stored as 0 in their own token instead of raising).
+            real_rows: per batch row, its real tokens (needed with ``key_valid``).
 
         Raises:
             RuntimeError: no pending prefill.
@@ -261,12 +275,37 @@ class PagedCacheLayer(CacheLayerBase):
                 )
         if key_valid is not None:
             check_key_valid(key_valid, b, s, k.device)
-        stats = self.store.write_prefill(k, v, keep, key_valid, ns)
+        stats = self.store.write_prefill(
+            k, v, keep, key_valid, ns, kept_rows=kept_rows, real_rows=real_rows
+        )
         self.pending_keys = self.pending_values = None
         self.state = DECODE
         self.prompt_tokens = s
-        real = stats["real"]
-        self.kept_tokens = s if keep is None else round(s * stats["kept"] / real) if real else 0
+        if keep is None:
+            self.kept_tokens = s
+        elif isinstance(stats["kept"], Tensor):  # no host read: counted when asked
+            self._kept_counts = torch.stack([stats["kept"], stats["real"]])
+        else:
+            self.kept_tokens = self._kept_ratio_tokens(stats["kept"], stats["real"])
+
+    def _kept_ratio_tokens(self, kept: int, real: int) -> int:
+        return round(self.prompt_tokens * kept / real) if real else 0
+
+    @property
+    def kept_tokens(self) -> int:
+        """Prompt tokens kept at high precision (the kept share of the real compressible
+        tokens, scaled to the prompt length); one host read the first time after a commit
+        that read nothing."""
+        if self._kept_counts is not None:
+            kept, real = self._kept_counts.tolist()
+            self._kept_counts = None
+            self._kept_tokens = self._kept_ratio_tokens(kept, real)
+        return self._kept_tokens
+
+    @kept_tokens.setter
+    def kept_tokens(self, value: int) -> None:
+        self._kept_counts = None
+        self._kept_tokens = value
 
     def compress_tail(
         self,

@@ -469,7 +469,10 @@ def zipvl_attention(
         # a paged layer takes every row's own kept set; chunks need equal counts
         paged = isinstance(cache.layer(layer_idx), PagedCacheLayer)
         keep = res.commit_keep if paged else res.keep
-        cache.compress_prefill(layer_idx, keep, key_valid=key_valid)
+        cache.compress_prefill(
+            layer_idx, keep, key_valid=key_valid, kept_rows=res.kept_tokens,
+            real_rows=res.real_tokens,
+        )  # fmt: skip
         return res.output
     out = decode_attention(q, keys, values, key_valid=key_valid, scale=scale)
     cache.compress_tail(layer_idx, q, keys=keys, scale=scale, key_valid=key_valid)

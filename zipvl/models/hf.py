@@ -285,7 +285,10 @@ class _ZipVLAttentionFunction:
         # a paged layer takes every row's own kept set; chunks need equal counts
         paged = isinstance(cache.layer(layer_idx), PagedCacheLayer)
         keep = res.commit_keep if paged else res.keep
-        cache.compress_prefill(layer_idx, keep, key_valid=key_valid)
+        cache.compress_prefill(
+            layer_idx, keep, key_valid=key_valid, kept_rows=res.kept_tokens,
+            real_rows=res.real_tokens,
+        )  # fmt: skip
         return res.output.transpose(1, 2).contiguous(), None  # (B, S, Hq, Dv)
 
 
