@@ -80,7 +80,12 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768])
     ap.add_argument("--presets", nargs="+", default=["fixed"])
     ap.add_argument("--top", type=int, default=20)
-    ap.add_argument("--probe-cap", type=int, default=None, help="ZipVLConfig.probe_cap")
+    ap.add_argument(
+        "--probe-cap",
+        type=int,
+        default=None,
+        help="ZipVLConfig.probe_cap (default: the config's own, 64; 0: uncapped, the paper's)",
+    )
     ap.add_argument("--device", default="cuda")
     a = ap.parse_args()
     args = gpu_hf.parse_args(
@@ -104,7 +109,8 @@ def main() -> None:
     for preset in [None, *a.presets]:
         name = preset or "dense"
         if preset is not None:
-            zipvl.enable(model, ZipVLConfig.preset(preset, probe_cap=a.probe_cap))
+            cap = {} if a.probe_cap is None else {"probe_cap": a.probe_cap or None}
+            zipvl.enable(model, ZipVLConfig.preset(preset, **cap))
         for n in a.lengths:
             ids = torch.randint(0, model.config.vocab_size, (1, n), device=a.device)
 

@@ -61,7 +61,9 @@ def _codes_packed(x, zero, scale, LEVELS: tl.constexpr, ROWS: tl.constexpr, D: t
     return tl.sum(sl << shifts[None, :, None], axis=1)  # disjoint bits: sum == or
 
 
-@triton.jit
+# strides and sizes vary with the batch, the prompt length and the source (a prompt's K/V or a
+# staging region): not specialized on, so one compile serves them all
+@triton.jit(do_not_specialize=["skb", "skh", "skt", "svb", "svh", "svt", "H", "s_idx", "s_tab"])
 def _write_pages_kernel(
     k_ptr,
     v_ptr,
