@@ -128,7 +128,7 @@ def _settings(store: PagedKVStore) -> list[int]:
     """The launch settings a caller put in the store's workspace (-1: the kernel's default),
     so a compiled step launches exactly as an eager one: ``_SETTINGS``, then the indices of
     ``variant`` and ``convert``."""
-    ws = getattr(store, "_decode_ws", None)
+    ws: dict[str, Any] | None = getattr(store, "_decode_ws", None)
     if ws is None:  # no eager call yet: the variant an eager call would choose
         ws = {"variant": launch_choice(store, store.device)[1]}
     out = [int(ws[key]) if ws.get(key) is not None else -1 for key in _SETTINGS]
