@@ -84,7 +84,10 @@ def _load_rows(ptr, base, stride_t, idx_ptr, idx_base, first, R: tl.constexpr, D
 
 # strides and sizes vary with the batch, the prompt length and the source (a prompt's K/V or a
 # staging region): not specialized on, so one compile serves them all
-@triton.jit(do_not_specialize=["skb", "skh", "skt", "svb", "svh", "svt", "H", "s_idx", "s_tab"])
+@triton.jit(
+    do_not_specialize=["skb", "skh", "skt", "svb", "svh", "svt", "H", "s_idx", "s_tab", "s_fp",
+                       "stage_base", "region"]
+)  # fmt: skip
 def _write_pages_kernel(
     k_ptr,
     v_ptr,
@@ -110,6 +113,13 @@ def _write_pages_kernel(
     vscale_ptr,
     vzero_ptr,
     vcs_ptr,
+    fpk_ptr,
+    fpv_ptr,
+    s_fp,
+    stage_base,
+    n_ptr,
+    fpcount_ptr,
+    region,
     P: tl.constexpr,
     D: tl.constexpr,
     BITS: tl.constexpr,
@@ -122,6 +132,7 @@ def _write_pages_kernel(
     CST: tl.constexpr,
     IDENTITY: tl.constexpr,
     R: tl.constexpr,
+    STAGE: tl.constexpr,
 ):
     # One program per (row, candidate page, part): part 0 writes the keys and the page-table
     # entry, part 1 the values. A page is walked in chunks of R tokens twice (statistics, then
@@ -190,6 +201,32 @@ def _write_pages_kernel(
                 tl.store(vscale_ptr + dest * P + rows, vscale)
                 tl.store(vzero_ptr + dest * P + rows, vzero)
             tl.store(vcs_ptr + dest * D + c, cs)
+    elif STAGE:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if m == full:
+            # the row's last, partial page: its n - full P tokens (< P) go to the staging region
+            # at full precision, slots 0, 1, ...
+            rem = tl.load(n_ptr + r) - full * P
+            b = (r // H).to(tl.int64)
+            h = (r % H).to(tl.int64)
+            ibase = r.to(tl.int64) * s_idx + m * P
+            c = tl.arange(0, D)
+            jr = tl.arange(0, R)
+            if part == 0:
+                src_ptr = k_ptr + b * skb + h * skh
+                st = skt
+                dst_ptr = fpk_ptr
+                tl.store(fpcount_ptr + r.to(tl.int64) * 4 + region, rem.to(tl.int32))
+            else:
+                src_ptr = v_ptr + b * svb + h * svh
+                st = svt
+                dst_ptr = fpv_ptr
+            for i in range(P // R):
+                t = i * R + jr
+                live = t < rem
+                tok = tl.load(idx_ptr + ibase + t, mask=live, other=0).to(tl.int64)
+                x = tl.load(src_ptr + tok[:, None] * st + c[None, :], mask=live[:, None])
+                slot = r.to(tl.int64) * s_fp + (stage_base + t)[:, None] * D + c[None, :]
+                tl.store(dst_ptr + slot, x.to(dst_ptr.dtype.element_ty), mask=live[:, None])
 
 
 def _pow2(n: int) -> bool:
@@ -226,6 +263,7 @@ def write_pages_triton(
     levels: int,
     param_dtype: torch.dtype,
     channel_separable: bool,
+    stage: tuple[Tensor, Tensor, Tensor, Tensor, int, int] | None = None,
 ) -> None:
     """Launch the page-write kernel (module docstring); no host sync.
 
@@ -238,25 +276,37 @@ def write_pages_triton(
         table, fill: (B H, cols) int32 page table and fill counts (contiguous rows).
         pool: the class's pool tensors (``PagedKVStore._new_pool``).
         pages: candidate pages per row (the grid's second dimension).
+        stage: optional ``(fp_k, fp_v, counts, fp_count, region, base)``: also write each
+            row's last, partial page (``counts[r] - full[r] P`` tokens, ``counts`` the row's
+            tokens of this class, in ``idx`` order) into slots ``base, base + 1, ...`` of the
+            full-precision buffers ``fp_k`` / ``fp_v`` (rows, slots, D), and that count into
+            ``fp_count[r, region]`` (rows, 4) int32. Needs ``idx``.
     """
     b, h, _, d = k.shape
     rows = b * h
     p = pool["kcode"].shape[1]
-    if pages == 0 or rows == 0:
+    if (pages == 0 and stage is None) or rows == 0:
         return
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("k, v: expected the last dim contiguous")
     emin, mant = param_grid(param_dtype) or (0, 0)
     ident = idx is None
     idx_t = full if idx is None else idx
+    if stage is not None:
+        if idx is None:
+            raise ValueError("stage: the partial page is read through idx, got idx=None")
+        fpk, fpv, counts, fp_count, region, stage_base = stage
+    else:
+        fpk, fpv, counts, fp_count, region, stage_base = k, v, full, full, 0, 0
     kernel = cast(Any, _write_pages_kernel)
-    kernel[(rows, pages, 2)](
+    kernel[(rows, pages + (stage is not None), 2)](
         k, v, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), h,
         idx_t, 0 if idx is None else idx.stride(0), full, base, num_pages, table, fill,
         table.stride(0), pool["kcode"], pool["vcode"], pool["kscale"], pool["kzero"],
-        pool["vscale"], pool["vzero"], pool["vcs"],
+        pool["vscale"], pool["vzero"], pool["vcs"], fpk, fpv,
+        fpk.stride(0) if stage is not None else 0, stage_base, counts, fp_count, region,
         P=p, D=d, BITS=bits, LEVELS=levels, EMIN=emin, MANT=mant,
         PD=_PD_CODE[param_dtype], TINY_SCALE=_TINY_SCALE, MIN_CS=_MIN_CHANNEL_SCALE,
-        CST=channel_separable, IDENTITY=ident, R=min(p, ROWS_PER_CHUNK),
+        CST=channel_separable, IDENTITY=ident, R=min(p, ROWS_PER_CHUNK), STAGE=stage is not None,
         num_warps=WARPS,
     )  # fmt: skip

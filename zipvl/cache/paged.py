@@ -376,46 +376,64 @@ class PagedKVStore:
             # headroom: reserve_tokens, or an eighth of the length for short sequences
             ahead = min(self.reserve_tokens, max(self.fmt.page_size, self.length // 8))
             grow = max(need - have, self.rows * -(-ahead // self.fmt.page_size))
-            extra = self._new_pool(cls, grow)
-            self.pools[cls] = {k: torch.cat([t, extra[k]]) for k, t in self.pools[cls].items()}
+            if self.pool_used[cls] == 1 and have == 1:  # only the scratch page: no copy
+                self.pools[cls] = self._new_pool(cls, have + grow)
+            else:
+                extra = self._new_pool(cls, grow)
+                pool = self.pools[cls]
+                self.pools[cls] = {k: torch.cat([t, extra[k]]) for k, t in pool.items()}
         cols = self.max_pages[cls] + per_row
         have_cols = self.page_table[cls].shape[1]
         if cols > have_cols:
             grow = max(cols - have_cols, have_cols // 2)
-            pad = torch.zeros(self.rows, grow, dtype=torch.int32, device=self.device)
-            self.page_table[cls] = torch.cat([self.page_table[cls], pad], dim=1)
-            self.page_fill[cls] = torch.cat([self.page_fill[cls], pad], dim=1)
+            if self.max_pages[cls] == 0:  # nothing in the tables yet: fresh ones, no copy
+                fresh = torch.zeros(2, self.rows, have_cols + grow, dtype=torch.int32,
+                                    device=self.device)  # fmt: skip
+                self.page_table[cls], self.page_fill[cls] = fresh[0], fresh[1]
+            else:
+                pad = torch.zeros(self.rows, grow, dtype=torch.int32, device=self.device)
+                self.page_table[cls] = torch.cat([self.page_table[cls], pad], dim=1)
+                self.page_fill[cls] = torch.cat([self.page_fill[cls], pad], dim=1)
 
     def _reserve_positions(self, n: int) -> None:
         have = self.class_bits.shape[-1]
         if n > have:
             grow = max(n - have, have // 2, 1024)
-            pad = torch.zeros(2, self.rows, grow, dtype=torch.bool, device=self.device)
-            self.class_bits = torch.cat([self.class_bits, pad], dim=-1)
+            pad = torch.zeros(2, self.rows, have + grow if have == 0 else grow, dtype=torch.bool,
+                              device=self.device)  # fmt: skip
+            self.class_bits = pad if have == 0 else torch.cat([self.class_bits, pad], dim=-1)
 
     def _write_pages(self, cls: int, k: Tensor, v: Tensor, idx: Tensor | None, full: Tensor,
-                     m: int, n_live: int) -> None:  # fmt: skip
+                     m: int, n_live: int, counts: Tensor | None = None) -> None:  # fmt: skip
         """Quantize pages and append them to each row's table in order. No host sync.
 
         Row r = b H + h takes its ``full[r]`` pages (<= ``m``) from the tokens
         ``idx[r, :full[r] P]`` of ``k`` / ``v`` (B, H, S, D), P tokens a page in that order
         (``idx`` None: tokens 0, 1, ...). ``n_live`` is a host upper bound of ``full.sum()``.
+        With ``counts`` (the kernel only: each row's tokens of this class in ``idx``), the
+        rest of each row (``counts[r] - full[r] P`` tokens) goes to the class's empty staging
+        region in the same launch.
         """
         p, d = self.fmt.page_size, self.head_dim
         rows = self.rows
-        if m == 0:
+        if m == 0 and counts is None:
             return
         self.reserve(cls, n_live, m)
         full = full.to(torch.int32)
         if self.write_impl is Impl.TRITON:
             from zipvl.cache.page_triton import write_pages_triton
 
+            stage = None
+            if counts is not None:
+                region = STAGE_HIGH if cls == HIGH else STAGE_LOW
+                stage = (self.fp_k, self.fp_v, counts, self.fp_count, region,
+                         self.region_base[region])  # fmt: skip
             base = self.page_used[cls] + torch.cumsum(full, 0) - full  # (rows,) int64
             write_pages_triton(
                 k, v, idx, full, base, self.num_pages[cls], self.page_table[cls],
                 self.page_fill[cls], self.pools[cls], pages=m, bits=self.fmt.bits(cls),
                 levels=self.fmt.key_spec(cls).levels, param_dtype=self.fmt.param_dtype,
-                channel_separable=self.fmt.channel_separable,
+                channel_separable=self.fmt.channel_separable, stage=stage,
             )  # fmt: skip
             self.page_used[cls] = self.page_used[cls] + full.sum()
             self.pool_used[cls] += n_live
@@ -529,12 +547,12 @@ class PagedKVStore:
                     "poison the quantization parameters of every token that shares a page"
                 )
         self.length = s  # from here on the prompt is stored (the pools' headroom reads it)
-        kf, vf = k.reshape(rows, s, d), v.reshape(rows, s, d)
         # sinks
         if ns:
             live = torch.ones(rows, ns, dtype=torch.bool, device=dev)
             zero = torch.zeros(rows, dtype=torch.int32, device=dev)
-            self._fp_write(SINK, kf[:, :ns], vf[:, :ns], zero, live)
+            sk, sv = k[:, :, :ns].reshape(rows, ns, d), v[:, :, :ns].reshape(rows, ns, d)
+            self._fp_write(SINK, sk, sv, zero, live)
             self.fp_count[:, SINK] = ns
             self.num_sinks = ns
         for cls, pmax, psum in ((HIGH, pmax_h, psum_h), (LOW, pmax_l, psum_l)):
@@ -543,6 +561,9 @@ class PagedKVStore:
             order = torch.sort(mask.to(torch.int8), dim=-1, descending=True, stable=True).indices
             n = counts[cls]  # (rows,)
             full = pages[cls]  # (rows,)
+            if self.write_impl is Impl.TRITON:  # pages and the remainder in one launch
+                self._write_pages(cls, k, v, order, full, pmax, psum, counts=n)
+                continue
             if pmax:
                 self._write_pages(cls, k, v, order, full, pmax, psum)
             # the remainder (< P tokens per row) goes to staging
@@ -557,6 +578,7 @@ class PagedKVStore:
             gi = src[..., None].expand(*src.shape, d)
             region = STAGE_HIGH if cls == HIGH else STAGE_LOW
             zero = torch.zeros(rows, dtype=torch.int32, device=dev)
+            kf, vf = k.reshape(rows, s, d), v.reshape(rows, s, d)
             self._fp_write(region, kf.gather(1, gi), vf.gather(1, gi), zero, live)
             self.fp_count[:, region] = rem.int()
         self._reserve_positions(s)
