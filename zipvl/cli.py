@@ -276,7 +276,19 @@ def main(argv: list[str] | None = None) -> int:
             demo.run_demo(**kwargs, progress=not args.quiet)
         except ValueError as err:  # found while running (e.g. a checkpoint that does not load)
             raise SystemExit(f"zipvl demo: error: {err}") from err
+        _close_process_group()  # after a run every rank finished (a failed one just exits)
     return 0
+
+
+def _close_process_group() -> None:
+    """Leave the process group the tensor-parallel model created, every rank together: a rank
+    that exits while another's gloo threads still talk to it can abort at exit ("terminate
+    called without an active exception", seen once in CI)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

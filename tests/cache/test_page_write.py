@@ -118,6 +118,9 @@ def test_kernel_writes_the_same_bytes(case, bits, param_dtype, dtype, cst, devic
     _assert_same_store(*stores)
 
 
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
@@ -128,28 +131,30 @@ def test_kernel_writes_the_same_bytes(case, bits, param_dtype, dtype, cst, devic
 )
 def test_kernel_equals_pytorch_on_drawn_prompts(seed, s, b, steps, scale) -> None:
     """Drawn lengths (pages full, partial or none), batch sizes and magnitudes (down to
-    parameters in fp16's subnormal range): the same bytes either way."""
-    if not _kernel_runs("cpu"):
+    parameters in fp16's subnormal range): the same bytes either way (compiled on a GPU,
+    interpreted on the CPU)."""
+    dev = KERNEL_DEVICE
+    if not _kernel_runs(dev):
         pytest.skip("the page-write kernel runs on CUDA or under TRITON_INTERPRET=1")
     fmt = PageFormat(page_size=16)
-    stores = [_store(fmt, b, 2, 64, torch.float32, "cpu", i) for i in ("reference", "triton")]
+    stores = [_store(fmt, b, 2, 64, torch.float32, dev, i) for i in ("reference", "triton")]
     g = torch.Generator().manual_seed(seed)
-    k = torch.randn(b, 2, s, 64, generator=g) * scale
-    v = torch.randn(b, 2, s, 64, generator=g) * scale
-    keep = torch.rand(b, 2, s, generator=g) < torch.rand(b, 2, 1, generator=g)
+    k = (torch.randn(b, 2, s, 64, generator=g) * scale).to(dev)
+    v = (torch.randn(b, 2, s, 64, generator=g) * scale).to(dev)
+    keep = (torch.rand(b, 2, s, generator=g) < torch.rand(b, 2, 1, generator=g)).to(dev)
     for st_ in stores:
         st_.write_prefill(k, v, keep, None, 0)
         g2 = torch.Generator().manual_seed(seed + 1)
         for _ in range(steps):
-            kn, vn = torch.randn(2, b, 2, 1, 64, generator=g2)
+            kn, vn = torch.randn(2, b, 2, 1, 64, generator=g2).to(dev)
             st_.append(kn, vn)
             if st_.tail_length >= 8:
-                st_.commit_block(torch.rand(b, 2, 8, generator=g2) < 0.5)
+                st_.commit_block((torch.rand(b, 2, 8, generator=g2) < 0.5).to(dev))
     _assert_same_store(*stores)
 
 
 def test_kernel_path_never_runs_the_pytorch_quantizer(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not _kernel_runs("cpu"):
+    if not _kernel_runs(KERNEL_DEVICE):
         pytest.skip("the page-write kernel runs on CUDA or under TRITON_INTERPRET=1")
     import zipvl.cache.paged as paged
 
@@ -157,7 +162,7 @@ def test_kernel_path_never_runs_the_pytorch_quantizer(monkeypatch: pytest.Monkey
         raise AssertionError("quantize_pages called on the kernel path")
 
     monkeypatch.setattr(paged, "quantize_pages", boom)
-    store = _store(PageFormat(page_size=16), 2, 2, 64, torch.float32, "cpu", "triton")
+    store = _store(PageFormat(page_size=16), 2, 2, 64, torch.float32, KERNEL_DEVICE, "triton")
     _fill(store, seed=0, s=70, steps=20, pad=None, sinks=0, transposed=False,
           nonfinite_decode=False)  # fmt: skip
     assert int(store.num_pages[HIGH].sum() + store.num_pages[LOW].sum()) > 0
@@ -173,7 +178,10 @@ def test_write_impl_choice_and_refusals() -> None:
         _store(PageFormat(page_size=48), 1, 1, 64, torch.float32, "cpu", "triton")
     with pytest.raises(ValueError, match="write_impl: 'triton' needs a power-of-two head_dim"):
         _store(fmt, 1, 1, 96, torch.float32, "cpu", "triton")
-    if not _kernel_runs("cpu"):
+    import zipvl.cache.page_triton as pt
+
+    with pytest.MonkeyPatch.context() as mp:  # a CPU store without the interpreter
+        mp.setattr(pt, "INTERPRETED", False)
         with pytest.raises(ValueError, match="write_impl: 'triton' needs CUDA tensors"):
             _store(fmt, 1, 1, 64, torch.float32, "cpu", "triton")
     if torch.cuda.is_available():
@@ -205,9 +213,10 @@ def _exact_keep(b, h, s, kept, valid, g):
     sinks=st.sampled_from([0, 3]),
     padded=st.booleans(),
     dense=st.booleans(),
+    kernel=st.booleans(),
 )
 def test_commit_from_plan_counts_reads_nothing_and_stores_the_same(
-    seed, s, b, sinks, padded, dense
+    seed, s, b, sinks, padded, dense, kernel
 ) -> None:
     """Given the plan's kept counts, the prompt commit reads nothing from the device and
     stores exactly what the commit with its own read stores (the host bounds of pools and
@@ -230,13 +239,16 @@ def test_commit_from_plan_counts_reads_nothing_and_stores_the_same(
     v = torch.randn(b, h, s, d, generator=g)
     ns = 0 if padded and sinks else sinks  # sinks with left padding raise (tested elsewhere)
     fmt = PageFormat(page_size=16)
-    read, hinted = (_store(fmt, b, h, d, torch.float32, "cpu", "reference", ns) for _ in "ab")
+    impl = "triton" if kernel and _kernel_runs("cpu") else "reference"
+    read = _store(fmt, b, h, d, torch.float32, "cpu", "reference", ns)
+    hinted = _store(fmt, b, h, d, torch.float32, "cpu", impl, ns)
     want = read.write_prefill(k, v, keep, valid, ns)
     with pytest.MonkeyPatch.context() as mp:
         reads = HostReads(mp)
         got = hinted.write_prefill(k, v, keep, valid, ns, kept_rows=kept, real_rows=real)
         assert reads.count == 0, reads.where
     assert [int(got["kept"]), int(got["real"])] == [want["kept"], want["real"]]
+    assert not bool(got["over"])
     for cls in (HIGH, LOW):
         assert hinted.pool_used[cls] >= read.pool_used[cls]
         assert hinted.pool_used[cls] - read.pool_used[cls] <= b * h
@@ -336,3 +348,62 @@ def test_kernel_commit_launch_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(launches) == 4  # one per class and call: pages and staging together
     assert all(kw["stage"] is not None for kw in launches)
     assert n <= 50, n
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_wrong_counts_are_flagged_and_write_nothing_out_of_bounds(impl: str) -> None:
+    """kept_rows below the truth: pages past the bounds are not stored (never past the pool),
+    the store flags it, and the layer's kept_tokens raises naming kept_rows."""
+    if impl == "triton" and not _kernel_runs("cpu"):
+        pytest.skip("the page-write kernel runs on CUDA or under TRITON_INTERPRET=1")
+    from zipvl.cache import PagedCacheLayer
+    from zipvl.quant import MixedPrecisionKVQuantizer
+    from zipvl.sparsity import CumulativeMassAllocator, TopKSelector
+
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(2, 1, 2, 96, 64, generator=g)
+    keep = torch.zeros(1, 2, 96, dtype=torch.bool)
+    keep[..., :64] = True  # 64 kept per row
+    store = _store(PageFormat(page_size=16), 1, 2, 64, torch.float32, "cpu", impl)
+    out = store.write_prefill(k, v, keep, None, 0, kept_rows=[30])
+    assert bool(out["over"])
+    for cls in (HIGH, LOW):  # every table entry points inside the pool
+        cols = int(store.num_pages[cls].max())
+        assert int(store.page_table[cls][:, :cols].max()) < store.pools[cls]["kcode"].shape[0]
+    layer = PagedCacheLayer(
+        quantizer=MixedPrecisionKVQuantizer(), allocator=CumulativeMassAllocator(0.9),
+        selector=TopKSelector(), recompress_every=8, sink_tokens=0, page_size=16,
+        write_impl=impl,
+    )  # fmt: skip
+    layer.update(k, v)
+    layer.compress_prefill(keep, kept_rows=[30])
+    with pytest.raises(ValueError, match="kept_rows: layer 0's prompt held more"):
+        _ = layer.kept_tokens
+
+
+def test_layer_and_cache_name_page_write_impl() -> None:
+    from zipvl.cache import ZipVLCache
+    from zipvl.quant import KIVIKVQuantizer
+
+    cache = ZipVLCache(1, page_size=48, page_write_impl="triton")
+    k = torch.randn(1, 2, 50, 64)
+    with pytest.raises(ValueError, match="page_write_impl: 'triton' needs a power-of-two page"):
+        cache.update(k, k, 0)
+    with pytest.raises(ValueError, match="page_write_impl: 'triton' writes pages, but layer 0"):
+        ZipVLCache(1, quantizer=KIVIKVQuantizer(), page_write_impl="triton").update(k, k, 0)
+
+
+def test_kernel_takes_channels_that_are_not_contiguous() -> None:
+    """K/V whose channels are strided (a slice of a wider buffer) are stored like contiguous
+    ones by either writer."""
+    if not _kernel_runs("cpu"):
+        pytest.skip("the page-write kernel runs on CUDA or under TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(2)
+    wide = torch.randn(2, 1, 2, 70, 128, generator=g)
+    k, v = wide[0, ..., ::2], wide[1, ..., ::2]  # (1, 2, 70, 64), channel stride 2
+    keep = torch.rand(1, 2, 70, generator=g) < 0.4
+    stores = [_store(PageFormat(page_size=16), 1, 2, 64, torch.float32, "cpu", i)
+              for i in ("reference", "triton")]  # fmt: skip
+    for st_ in stores:
+        st_.write_prefill(k, v, keep, None, 0)
+    _assert_same_store(*stores)

@@ -181,6 +181,11 @@ class ZipVLCache(Cache):
         problem = self.storage_problem(layer_idx)
         if self.storage == "paged" and problem is not None:
             raise ValueError(f"storage: 'paged' for layer {layer_idx}, but {problem}")
+        if self.page_write_impl is Impl.TRITON and problem is not None:
+            raise ValueError(
+                f"page_write_impl: 'triton' writes pages, but layer {layer_idx} stores chunks "
+                f"({problem}); use 'auto' or 'reference'"
+            )
         common = {
             "quantizer": quantizer,
             # resolved once per layer: no forward looks a schedule up again
@@ -335,7 +340,8 @@ class ZipVLCache(Cache):
                 statistics: real tokens of a padded row are quantized as if the row were alone
                 (see ``ZipVLCacheLayer.compress_prefill``).
             kept_rows: optional, per batch row, the real tokens ``keep`` holds in each of its
-                (b, h) rows, known on the host (``PrefillResult.kept_tokens``). A paged layer
+                (b, h) rows, known on the host (``PrefillResult.kept_tokens``, with
+                ``PrefillResult.commit_keep`` as ``keep``). A paged layer
                 then commits without reading the device (``PagedCacheLayer.compress_prefill``);
                 chunked layers do not use it.
             real_rows: per batch row, its real tokens (``PrefillResult.real_tokens``).

@@ -86,7 +86,7 @@ def _load_rows(ptr, base, stride_t, idx_ptr, idx_base, first, R: tl.constexpr, D
 # staging region): not specialized on, so one compile serves them all
 @triton.jit(
     do_not_specialize=["skb", "skh", "skt", "svb", "svh", "svt", "H", "s_idx", "s_tab", "s_fp",
-                       "stage_base", "region"]
+                       "stage_base", "region", "cap", "n_pages"]
 )  # fmt: skip
 def _write_pages_kernel(
     k_ptr,
@@ -120,6 +120,9 @@ def _write_pages_kernel(
     n_ptr,
     fpcount_ptr,
     region,
+    cap,
+    n_pages,
+    flag_ptr,
     P: tl.constexpr,
     D: tl.constexpr,
     BITS: tl.constexpr,
@@ -142,8 +145,13 @@ def _write_pages_kernel(
     m = tl.program_id(1)
     part = tl.program_id(2)
     full = tl.load(full_ptr + r)
-    if m < full:
-        dest = tl.load(base_ptr + r).to(tl.int64) + m
+    dest = tl.load(base_ptr + r).to(tl.int64) + m
+    # counts beyond the host bounds (more pages than the grid or the pool holds): flagged, and
+    # nothing is written past the pool
+    bad = ((m == 0) & (full > n_pages)) | ((m < full) & (dest >= cap))
+    if (part == 0) & bad:
+        tl.store(flag_ptr, 1)
+    if (m < full) & (dest < cap):
         b = (r // H).to(tl.int64)
         h = (r % H).to(tl.int64)
         ibase = r.to(tl.int64) * s_idx + m * P
@@ -264,6 +272,7 @@ def write_pages_triton(
     param_dtype: torch.dtype,
     channel_separable: bool,
     stage: tuple[Tensor, Tensor, Tensor, Tensor, int, int] | None = None,
+    flag: Tensor | None = None,
 ) -> None:
     """Launch the page-write kernel (module docstring); no host sync.
 
@@ -281,6 +290,8 @@ def write_pages_triton(
             tokens of this class, in ``idx`` order) into slots ``base, base + 1, ...`` of the
             full-precision buffers ``fp_k`` / ``fp_v`` (rows, slots, D), and that count into
             ``fp_count[r, region]`` (rows, 4) int32. Needs ``idx``.
+        flag: optional (1,) int32, set to 1 when a row has more than ``pages`` pages or a
+            page falls past the pool (such pages are not written).
     """
     b, h, _, d = k.shape
     rows = b * h
@@ -292,6 +303,8 @@ def write_pages_triton(
     emin, mant = param_grid(param_dtype) or (0, 0)
     ident = idx is None
     idx_t = full if idx is None else idx
+    if flag is None:
+        flag = torch.zeros(1, dtype=torch.int32, device=k.device)
     if stage is not None:
         if idx is None:
             raise ValueError("stage: the partial page is read through idx, got idx=None")
@@ -305,6 +318,7 @@ def write_pages_triton(
         table.stride(0), pool["kcode"], pool["vcode"], pool["kscale"], pool["kzero"],
         pool["vscale"], pool["vzero"], pool["vcs"], fpk, fpv,
         fpk.stride(0) if stage is not None else 0, stage_base, counts, fp_count, region,
+        pool["kcode"].shape[0], pages, flag,
         P=p, D=d, BITS=bits, LEVELS=levels, EMIN=emin, MANT=mant,
         PD=_PD_CODE[param_dtype], TINY_SCALE=_TINY_SCALE, MIN_CS=_MIN_CHANNEL_SCALE,
         CST=channel_separable, IDENTITY=ident, R=min(p, ROWS_PER_CHUNK), STAGE=stage is not None,

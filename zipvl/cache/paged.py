@@ -352,6 +352,8 @@ class PagedKVStore:
         self.tail_length = 0  # host int, the same for every row
         self._ar = torch.arange(16, device=self.device)
         self.pad = torch.zeros(self.batch_size, dtype=torch.int64, device=dev)  # left padding
+        # set by the page writer when counts exceed the host bounds (pages were not stored)
+        self.overflow = torch.zeros(1, dtype=torch.int32, device=dev)
 
     def _new_pool(self, cls: int, pages: int) -> dict[str, Tensor]:
         p, d, dev, pd = self.fmt.page_size, self.head_dim, self.device, self.fmt.param_dtype
@@ -387,8 +389,10 @@ class PagedKVStore:
         if cols > have_cols:
             grow = max(cols - have_cols, have_cols // 2)
             if self.max_pages[cls] == 0:  # nothing in the tables yet: fresh ones, no copy
-                fresh = torch.zeros(2, self.rows, have_cols + grow, dtype=torch.int32,
-                                    device=self.device)  # fmt: skip
+                # a width of a multiple of 4 keeps the fill table (the second half) 16-byte
+                # aligned, as the decode kernel's aligned loads want
+                width = -(-(have_cols + grow) // 4) * 4
+                fresh = torch.zeros(2, self.rows, width, dtype=torch.int32, device=self.device)
                 self.page_table[cls], self.page_fill[cls] = fresh[0], fresh[1]
             else:
                 pad = torch.zeros(self.rows, grow, dtype=torch.int32, device=self.device)
@@ -433,13 +437,14 @@ class PagedKVStore:
                 k, v, idx, full, base, self.num_pages[cls], self.page_table[cls],
                 self.page_fill[cls], self.pools[cls], pages=m, bits=self.fmt.bits(cls),
                 levels=self.fmt.key_spec(cls).levels, param_dtype=self.fmt.param_dtype,
-                channel_separable=self.fmt.channel_separable, stage=stage,
+                channel_separable=self.fmt.channel_separable, stage=stage, flag=self.overflow,
             )  # fmt: skip
             self.page_used[cls] = self.page_used[cls] + full.sum()
             self.pool_used[cls] += n_live
             self.num_pages[cls] += full
             self.max_pages[cls] += m
             return
+        full = full.clamp(max=m)  # a row past its bound loses pages (flagged by the caller)
         kf = k.reshape(rows, k.shape[2], d)
         vf = v.reshape(rows, v.shape[2], d)
         if idx is None:
@@ -502,14 +507,17 @@ class PagedKVStore:
                 sink check needs the read): pools and tables are sized from these counts (at
                 most one spare page per row and class), and non-finite keys or values are
                 stored as 0 in their own token, as in decode blocks (the prompt's attention,
-                which ran on them, is where they show). A wrong count loses tokens: pass the
-                plan's own.
+                which ran on them, is where they show). Counts must go with this ``keep``
+                (``PrefillResult.commit_keep``): a row past its bound loses the pages beyond
+                it (never written past the pools) and sets ``overflow``, which
+                ``PagedCacheLayer.kept_tokens`` (and so ``report()``) raises on.
             real_rows: per batch row, its real (non-padding) tokens; with ``kept_rows``.
 
         Returns:
             ``kept`` (high tokens summed over rows) and ``real`` (real compressible tokens
             summed over rows): host ints after the one host read, or 0-dim device tensors on
-            the path without a read (``kept_rows`` given).
+            the path without a read (``kept_rows`` given), which adds ``over`` (0-dim int32:
+            nonzero when the counts exceeded their bounds).
 
         Raises:
             ValueError: the keys or values hold NaN or infinity, or a row has padding among the
@@ -518,7 +526,7 @@ class PagedKVStore:
         """
         b, h, s, d = k.shape
         rows, p, dev = self.rows, self.fmt.page_size, k.device
-        ns = num_sinks
+        ns = min(num_sinks, s)  # a prompt shorter than the sinks is all sinks
         pos = torch.arange(s, device=dev)
         real = torch.ones(b, s, dtype=torch.bool, device=dev) if valid is None else valid
         compress = (real & (pos >= ns))[:, None, :].expand(b, h, s)  # (B, Hkv, S)
@@ -527,9 +535,21 @@ class PagedKVStore:
         cls_mask = torch.stack([hi, lo]).reshape(2, rows, s)  # (2, rows, S)
         counts = cls_mask.sum(-1)  # (2, rows)
         pages = counts // p  # (2, rows)
-        if kept_rows is not None and not (ns and valid is not None):
-            bounds = self._page_bounds(kept_rows, real_rows, b, s, ns, valid is not None)
+        hinted = kept_rows is not None and not (ns and valid is not None)
+        if hinted:
+            assert kept_rows is not None
+            bounds = self._page_bounds(kept_rows, real_rows, b, s, ns, valid is not None,
+                                       every=keep is None)  # fmt: skip
             (pmax_h, psum_h), (pmax_l, psum_l) = bounds
+            # counts beyond the bounds (a wrong kept_rows) lose tokens: flagged on the device
+            # (by the page writer itself on the Triton path), raised when the counts are read
+            # (PagedCacheLayer.kept_tokens, report())
+            if self.write_impl is not Impl.TRITON:
+                over = torch.stack([
+                    (pages[0] > pmax_h).any() | (pages[0].sum() > psum_h),
+                    (pages[1] > pmax_l).any() | (pages[1].sum() > psum_l),
+                ]).any()  # fmt: skip
+                self.overflow |= over.to(torch.int32)
             sums = counts.sum(1)  # (2,) on the device: read only if someone asks
             kept, other = sums[0], sums[1]
         else:
@@ -546,6 +566,9 @@ class PagedKVStore:
                     "key_states: the prompt's keys or values hold NaN or infinity; they would "
                     "poison the quantization parameters of every token that shares a page"
                 )
+        if self.write_impl is Impl.TRITON:  # the kernel reads rows of contiguous channels
+            k = k if k.stride(-1) == 1 else k.contiguous()
+            v = v if v.stride(-1) == 1 else v.contiguous()
         self.length = s  # from here on the prompt is stored (the pools' headroom reads it)
         # sinks
         if ns:
@@ -584,7 +607,10 @@ class PagedKVStore:
         self._reserve_positions(s)
         self.class_bits[:, :, :s] = cls_mask
         self.pad = (~real).sum(-1) if valid is not None else self.pad.zero_()
-        return {"kept": kept, "real": kept + other}
+        out: dict[str, Any] = {"kept": kept, "real": kept + other}
+        if hinted:
+            out["over"] = self.overflow[0]
+        return out
 
     def _page_bounds(
         self,
@@ -594,6 +620,7 @@ class PagedKVStore:
         s: int,
         ns: int,
         padded: bool,
+        every: bool = False,
     ) -> tuple[tuple[int, int], tuple[int, int]]:
         """Host bounds (most full pages of a row, full pages in all) of each class from the
         plan's kept counts: a (b, h) row keeps kept_b real tokens, of which up to ``ns``
@@ -602,14 +629,20 @@ class PagedKVStore:
             raise ValueError(
                 f"kept_rows: expected {b} counts (one per batch row), got {len(kept_rows)}"
             )
+        kept_rows = [check_int(f"kept_rows[{i}]", n, 0) for i, n in enumerate(kept_rows)]
         if real_rows is None:
             if padded:
-                raise ValueError("real_rows: expected the real tokens per batch row with valid")
+                raise ValueError(
+                    "real_rows: expected the real tokens per batch row with a padding mask"
+                )
             real_rows = (s,) * b
         if len(real_rows) != b:
             raise ValueError(
                 f"real_rows: expected {b} counts (one per batch row), got {len(real_rows)}"
             )
+        real_rows = [check_int(f"real_rows[{i}]", n, 0) for i, n in enumerate(real_rows)]
+        if every:  # keep=None: every real token is kept, whatever kept_rows says
+            kept_rows = real_rows
         p, h = self.fmt.page_size, self.num_heads
         out = []
         for cls in (HIGH, LOW):

@@ -131,7 +131,17 @@ class PagedCacheLayer(CacheLayerBase):
         self.dtype = key_states.dtype
         self.device = key_states.device
         self._batch_size, self.num_heads, self.head_dim = b, h, d
-        self.store = PagedKVStore(
+        try:
+            self.store = self._new_store(key_states)
+        except ValueError as err:
+            if str(err).startswith("write_impl:"):  # the cache's name for the setting
+                raise ValueError("page_write_impl:" + str(err)[len("write_impl:") :]) from None
+            raise
+        self.is_initialized = True
+
+    def _new_store(self, key_states: Tensor) -> PagedKVStore:
+        b, h, _, d = key_states.shape
+        return PagedKVStore(
             self.fmt,
             batch_size=b,
             num_heads=h,
@@ -143,7 +153,6 @@ class PagedCacheLayer(CacheLayerBase):
             tail_slack=self.tail_slack,
             write_impl=self.write_impl,
         )
-        self.is_initialized = True
 
     def reset(self) -> None:
         """Drop every token and statistic; the next ``update`` is a prefill again."""
@@ -284,7 +293,9 @@ class PagedCacheLayer(CacheLayerBase):
         if keep is None:
             self.kept_tokens = s
         elif isinstance(stats["kept"], Tensor):  # no host read: counted when asked
-            self._kept_counts = torch.stack([stats["kept"], stats["real"]])
+            self._kept_counts = torch.stack(
+                [stats["kept"], stats["real"], stats["over"].to(stats["kept"].dtype)]
+            )
         else:
             self.kept_tokens = self._kept_ratio_tokens(stats["kept"], stats["real"])
 
@@ -297,8 +308,15 @@ class PagedCacheLayer(CacheLayerBase):
         tokens, scaled to the prompt length); one host read the first time after a commit
         that read nothing."""
         if self._kept_counts is not None:
-            kept, real = self._kept_counts.tolist()
+            kept, real, over = self._kept_counts.tolist()
             self._kept_counts = None
+            if over:
+                raise ValueError(
+                    f"kept_rows: layer {self.layer_idx}'s prompt held more kept (or unkept) "
+                    "tokens in some row than the counts passed to compress_prefill allow; "
+                    "pages past the bounds were not stored. Pass the plan's own counts "
+                    "(PrefillResult.kept_tokens with PrefillResult.commit_keep)"
+                )
             self._kept_tokens = self._kept_ratio_tokens(kept, real)
         return self._kept_tokens
 
