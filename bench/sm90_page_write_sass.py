@@ -28,7 +28,8 @@ TYPES = {"k_ptr": "*bf16", "v_ptr": "*bf16", "idx_ptr": "*i64", "full_ptr": "*i3
          "base_ptr": "*i64", "npages_ptr": "*i32", "table_ptr": "*i32", "fill_ptr": "*i32",
          "kcode_ptr": "*u8", "vcode_ptr": "*u8", "kscale_ptr": "*fp16", "kzero_ptr": "*fp16",
          "vscale_ptr": "*fp16", "vzero_ptr": "*fp16", "vcs_ptr": "*fp16", "fpk_ptr": "*bf16",
-         "fpv_ptr": "*bf16", "n_ptr": "*i64", "fpcount_ptr": "*i32"}  # fmt: skip
+         "fpv_ptr": "*bf16", "n_ptr": "*i64", "fpcount_ptr": "*i32",
+         "flag_ptr": "*i32"}  # fmt: skip
 DEFAULTS = {"P": 128, "D": 128, "BITS": 2, "LEVELS": 3, "EMIN": -14, "MANT": 10, "PD": 1,
             "TINY_SCALE": 2.0**-126, "MIN_CS": 2.0**-14, "CST": True, "IDENTITY": False,
             "R": 32, "STAGE": True}  # fmt: skip
