@@ -407,3 +407,82 @@ def test_kernel_takes_channels_that_are_not_contiguous() -> None:
     for st_ in stores:
         st_.write_prefill(k, v, keep, None, 0)
     _assert_same_store(*stores)
+
+
+# ----------------------------------------------------------------------------- deferred commit
+
+
+def _tiny_qwen2(layers: int = 3):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, vocab_size=256, attn_implementation="sdpa",
+    )  # fmt: skip
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_deferred_commit_generates_and_stores_the_same(beams: int) -> None:
+    """defer_commit=True runs layer i's prompt commit at layer i+1's update: the same tokens
+    (greedy and beam search, whose reorder follows the prefill at once) and the same stores."""
+    from zipvl.config import ZipVLConfig
+    from zipvl.models import cache_kwargs, enable, new_cache
+
+    model = _tiny_qwen2()
+    enable(model, ZipVLConfig(tau=0.9, page_size=16, recompress_every=8, decode_impl="reference"))
+    ids = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(3))
+    outs, caches = [], []
+    for defer in (False, True):
+        cache = new_cache(model)
+        cache.defer_commit = defer
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=12, do_sample=False, num_beams=beams,
+                                 **cache_kwargs(model, cache))  # fmt: skip
+        outs.append(out)
+        caches.append(cache)
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
+        _assert_same_store(a.store, b.store)
+        assert a.kept_tokens == b.kept_tokens
+
+
+def test_deferred_commit_waits_for_the_next_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.sparsity.host_reads import HostReads
+    from zipvl.config import ZipVLConfig
+    from zipvl.models import cache_kwargs, enable, new_cache
+
+    model = _tiny_qwen2()
+    enable(model, ZipVLConfig(tau=0.9, page_size=16))
+    ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, **cache_kwargs(model, new_cache(model)))  # warm-up
+        cache = new_cache(model)
+        cache.defer_commit = True
+        reads = HostReads(monkeypatch)
+        model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache))
+    assert len([w for w in reads.where if "/zipvl/" in w]) == 3, reads.where  # the plans'
+    monkeypatch.undo()
+    pending = [layer.has_pending_prefill for layer in cache.layers]
+    assert pending == [False, False, True]  # the last layer's commit waits for a next call
+    cache.commit_pending()
+    assert not any(layer.has_pending_prefill for layer in cache.layers)
+    assert cache.report().layers[-1].kept_tokens > 0
+
+
+def test_deferred_commit_checks_now_and_reset_drops_it() -> None:
+    from zipvl.cache import ZipVLCache
+
+    cache = ZipVLCache(2, page_size=16, defer_commit=True)
+    k = torch.randn(1, 2, 40, 64)
+    cache.update(k, k, 0)
+    with pytest.raises(ValueError, match="keep: expected shape"):
+        cache.compress_prefill(0, torch.ones(1, 2, 41, dtype=torch.bool))
+    cache.compress_prefill(0, torch.rand(1, 2, 40) < 0.5)
+    assert cache.layers[0].has_pending_prefill  # queued
+    cache.reset()
+    cache.update(k, k, 0)  # a fresh prefill: nothing queued runs on it
+    assert cache.layers[0].has_pending_prefill
+    with pytest.raises(TypeError, match="defer_commit: expected a bool"):
+        ZipVLCache(1, defer_commit=1)  # type: ignore[arg-type]

@@ -77,6 +77,13 @@ class ZipVLCache(Cache):
             high precision when the next ``update`` of that layer arrives. It lets a model whose
             attention never calls ``compress_prefill`` (e.g. stock transformers attention) run
             with this cache. Off by default: then a missing ``compress_prefill`` raises.
+        defer_commit: when True, ``compress_prefill`` of a paged layer only checks its
+            arguments and queues the commit; the queue runs (``commit_pending``) at the next
+            call that reaches a layer (``update`` of the next layer, ``append``, ``layer``,
+            ``report``, crops, reorders). In a model's prefill this runs layer i's commit after
+            the host has queued layer i's MLP, so the GPU works while the host launches it.
+            Off by default (not yet measured on a GPU); code that reads ``cache.layers``
+            directly calls ``commit_pending()`` first.
         mass_reduce: for KV heads split over processes (tensor parallelism): a
             ``zipvl.types.MassReduce`` that sums a (B, 1, Skv) head-summed attention mass over
             the processes (e.g. ``zipvl.sparsity.AllReduceMass(group)``), so that every process
@@ -115,8 +122,14 @@ class ZipVLCache(Cache):
         page_write_impl: Impl | str = Impl.AUTO,
         update_reads: str = "dense",
         mass_reduce: MassReduce | None = None,
+        defer_commit: bool = False,
     ) -> None:
         check_mass_reduce(mass_reduce)
+        if not isinstance(defer_commit, bool):
+            raise TypeError(f"defer_commit: expected a bool, got {type(defer_commit).__name__}")
+        self.defer_commit = defer_commit
+        # (layer_idx, compress_prefill keyword arguments) of commits not yet run
+        self._deferred: list[tuple[int, dict[str, Any]]] = []
         self.mass_reduce = mass_reduce
         if update_reads not in ("dense", "none"):
             raise ValueError(f"update_reads: expected 'dense' or 'none', got {update_reads!r}")
@@ -215,6 +228,7 @@ class ZipVLCache(Cache):
             ValueError: ``layer_idx`` is negative or >= ``num_layers``.
         """
         check_int("layer_idx", layer_idx, 0)
+        self.commit_pending()
         if self.num_layers is not None and layer_idx >= self.num_layers:
             raise ValueError(
                 f"layer_idx: expected 0 <= layer_idx < num_layers={self.num_layers}, "
@@ -226,8 +240,17 @@ class ZipVLCache(Cache):
         assert isinstance(layer, (ZipVLCacheLayer, PagedCacheLayer))
         return layer
 
+    def commit_pending(self) -> None:
+        """Run the prompt commits ``defer_commit`` queued, in order (a no-op when none)."""
+        while self._deferred:
+            idx, kwargs = self._deferred.pop(0)
+            layer = self.layers[idx]
+            assert isinstance(layer, PagedCacheLayer)
+            layer.compress_prefill(**kwargs)
+
     def _existing(self, layer_idx: int) -> CacheLayer:
         check_int("layer_idx", layer_idx, 0)
+        self.commit_pending()
         if layer_idx >= len(self.layers):
             raise ValueError(
                 f"layer_idx: layer {layer_idx} holds nothing yet (the cache has "
@@ -290,8 +313,29 @@ class ZipVLCache(Cache):
         Positions are exact, also inside compressed chunks; see ``crop_to`` for the memory
         semantics.
         """
+        self.commit_pending()
         for layer in self.layers:
             layer.crop(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch rows (beam search), after any queued commit."""
+        self.commit_pending()
+        super().reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch row ``repeats`` times, after any queued commit."""
+        self.commit_pending()
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        """Keep the batch rows ``indices``, after any queued commit."""
+        self.commit_pending()
+        super().batch_select_indices(indices)
+
+    def reset(self) -> None:
+        """Empty every layer; queued commits are dropped with what they would commit."""
+        self._deferred.clear()
+        super().reset()
 
     def crop_to(self, max_length: int) -> None:
         """Keep exactly the first ``max_length`` positions of every layer (0 empties it).
@@ -304,6 +348,7 @@ class ZipVLCache(Cache):
         Args:
             max_length: positions to keep, >= 0.
         """
+        self.commit_pending()
         check_int("max_length", max_length, 0)
         for layer in self.layers:
             layer.crop_to(max_length)
@@ -354,9 +399,13 @@ class ZipVLCache(Cache):
         """
         layer = self._existing(layer_idx)
         if isinstance(layer, PagedCacheLayer):
-            layer.compress_prefill(
-                keep, key_valid=key_valid, kept_rows=kept_rows, real_rows=real_rows
-            )
+            kwargs = {"keep": keep, "key_valid": key_valid, "kept_rows": kept_rows,
+                      "real_rows": real_rows}  # fmt: skip
+            if self.defer_commit:  # checked now, committed at the next call that needs it
+                layer.check_commit(keep, key_valid)
+                self._deferred.append((layer_idx, kwargs))
+                return
+            layer.compress_prefill(**kwargs)
         else:
             layer.compress_prefill(keep, key_valid=key_valid)
 
@@ -469,6 +518,7 @@ class ZipVLCache(Cache):
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> int:
         """Bytes held by all layers (exact: sum of ``nbytes`` of every tensor)."""
+        self.commit_pending()
         return sum(layer.nbytes() for layer in self.layers)
 
     @property
@@ -493,6 +543,7 @@ class ZipVLCache(Cache):
         with each rank's own report in ``ranks``. ``gather=False`` (or a plain ``mass_reduce``
         callable, which cannot gather) reports this rank alone, without a collective.
         """
+        self.commit_pending()
         rank = getattr(self.mass_reduce, "rank", 0)
         local = self._local_report(rank if isinstance(rank, int) else 0)
         gather_fn = getattr(self.mass_reduce, "gather", None)

@@ -236,6 +236,33 @@ class PagedCacheLayer(CacheLayerBase):
         self._unread = None
         return ok
 
+    def check_commit(self, keep: Tensor | None, key_valid: Tensor | None) -> None:
+        """The checks of ``compress_prefill`` (state, ``keep`` and ``key_valid`` against the
+        pending prefill), without committing.
+
+        Raises:
+            RuntimeError: no pending prefill.
+            ValueError: bad ``keep`` / ``key_valid``.
+        """
+        if self.state != PENDING:
+            raise RuntimeError(
+                f"layer {self.layer_idx}: compress_prefill needs a pending prefill (an update on "
+                f"an empty layer), but the layer is in state {self.state!r}"
+            )
+        assert self.pending_keys is not None
+        k = self.pending_keys
+        b, h, s = k.shape[:3]
+        if keep is not None:
+            check_tensor("keep", keep, ndim=3, dtype=torch.bool)
+            if tuple(keep.shape) != (b, h, s) or keep.device != k.device:
+                raise ValueError(
+                    f"keep: expected shape (B, Hkv, S) = {(b, h, s)} on {k.device} like the "
+                    f"pending prefill of layer {self.layer_idx}, got {tuple(keep.shape)} on "
+                    f"{keep.device}"
+                )
+        if key_valid is not None:
+            check_key_valid(key_valid, b, s, k.device)
+
     def compress_prefill(
         self,
         keep: Tensor | None,
@@ -264,26 +291,12 @@ class PagedCacheLayer(CacheLayerBase):
             ValueError: bad ``keep`` / ``key_valid``, or padding among the first
                 ``sink_tokens`` positions of some row (sinks are positional).
         """
-        if self.state != PENDING:
-            raise RuntimeError(
-                f"layer {self.layer_idx}: compress_prefill needs a pending prefill (an update on "
-                f"an empty layer), but the layer is in state {self.state!r}"
-            )
+        self.check_commit(keep, key_valid)
         assert self.pending_keys is not None and self.pending_values is not None
         assert self.store is not None
         k, v = self.pending_keys, self.pending_values
-        b, h, s = k.shape[:3]
+        s = k.shape[2]
         ns = min(self.sink_tokens, s)
-        if keep is not None:
-            check_tensor("keep", keep, ndim=3, dtype=torch.bool)
-            if tuple(keep.shape) != (b, h, s) or keep.device != k.device:
-                raise ValueError(
-                    f"keep: expected shape (B, Hkv, S) = {(b, h, s)} on {k.device} like the "
-                    f"pending prefill of layer {self.layer_idx}, got {tuple(keep.shape)} on "
-                    f"{keep.device}"
-                )
-        if key_valid is not None:
-            check_key_valid(key_valid, b, s, k.device)
         stats = self.store.write_prefill(
             k, v, keep, key_valid, ns, kept_rows=kept_rows, real_rows=real_rows
         )

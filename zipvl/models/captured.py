@@ -326,6 +326,8 @@ class GraphDecoder:
                 f"{input_ids.device}"
             )
         self._check_bound()
+        if isinstance(self.cache, ZipVLCache):  # prompt commits it may have deferred
+            self.cache.commit_pending()
         pos, cp = self._positions(input_ids, position_ids, cache_position)
         key = self._key_of(input_ids, pos, cp)
         if self._key != key:
