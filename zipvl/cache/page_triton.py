@@ -8,7 +8,10 @@ copies and the page-table update). At a 32k prompt on an H200 their GPU time is 
 per layer, but their host time is several: the GPU waits on the host between the layer's
 attention and its MLP. This kernel does all of it in one launch.
 
-One program per candidate page ``(row r, page m)``; pages ``m >= full[r]`` return at once.
+One program per candidate page and part ``(row r, page m, keys or values)``, walking the
+page in chunks of ``R`` tokens (statistics first, then codes); pages ``m >= full[r]`` write
+nothing, except, with staging, the row's partial page ``m == full[r]``, whose tokens go to the
+full-precision staging region as they are.
 
 * load the page's P token indices ``idx[r, m P : (m + 1) P]`` and gather its keys and values
   (B, H, S, D) by strides (row r = b H + h), as float32, NaN and infinities as 0;
@@ -19,7 +22,8 @@ One program per candidate page ``(row r, page m)``; pages ``m >= full[r]`` retur
 * codes ``clamp(floor(div_rn(x - zero, scale) + 0.5), 0, levels)`` packed in the
   contiguous-slices layout of ``zipvl.quant.primitives.pack``;
 * store codes and parameters at pool page ``base[r] + m`` and that page's number in column
-  ``num_pages[r] + m`` of the row's page table (fill P).
+  ``num_pages[r] + m`` of the row's page table (fill P); a row with more pages than the grid,
+  or a page past the pool, sets a flag instead of being written.
 
 Bit-exact agreement with ``zipvl.cache.paged.quantize_pages`` by construction, as in
 ``zipvl.quant.triton_kernels``: the same float32 operations in the same order, IEEE divisions
@@ -36,14 +40,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from zipvl.cache.paged import _MIN_CHANNEL_SCALE
+from zipvl.quant.primitives import _TINY_SCALE
 from zipvl.quant.spec import param_grid
-from zipvl.quant.triton_kernels import INTERPRETED, _round_param
+from zipvl.quant.triton_kernels import _PD_CODE, INTERPRETED, _round_param
 
 __all__ = ["INTERPRETED", "page_write_problem", "write_pages_triton"]
 
-_PD_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_TINY_SCALE = 2.0**-126  # primitives._TINY_SCALE
-_MIN_CHANNEL_SCALE = 2.0**-14  # paged._MIN_CHANNEL_SCALE
 # tokens of a page a program holds at once, and warps per program: an (R, D) tile in
 # registers. Compiled for sm_90 (bench/sm90_page_write_sass.py, Triton 3.9): the whole
 # (128, 128) page at once spilled 8 KB of stack per program at 4 warps (the first version:
@@ -279,7 +282,7 @@ def write_pages_triton(
     Args:
         k: (B, H, S, D) source keys (last dim contiguous), row r = b H + h; v: values.
         idx: (B H, >= pages P) int token indices into S, or None for tokens [0, pages P).
-        full: (B H,) integer, live pages of each row (<= pages).
+        full: (B H,) integer, live pages of each row (more than ``pages``: see ``flag``).
         base: (B H,) int64, pool page of each row's first live page.
         num_pages: (B H,) int32, table column of each row's first live page.
         table, fill: (B H, cols) int32 page table and fill counts (contiguous rows).

@@ -521,8 +521,9 @@ class PagedKVStore:
 
         Raises:
             ValueError: the keys or values hold NaN or infinity, or a row has padding among the
-                sinks (checked on the same read, before anything is stored; without a read:
-                the sink check from ``real_rows``, no non-finite check).
+                sinks (checked on the same read, before anything is stored; ``kept_rows`` skips
+                the read and the non-finite check, not the sink check: with sinks and padding
+                the read is made).
         """
         b, h, s, d = k.shape
         rows, p, dev = self.rows, self.fmt.page_size, k.device
@@ -644,16 +645,12 @@ class PagedKVStore:
         if every:  # keep=None: every real token is kept, whatever kept_rows says
             kept_rows = real_rows
         p, h = self.fmt.page_size, self.num_heads
-        out = []
-        for cls in (HIGH, LOW):
-            per = []
-            for kept, real in zip(kept_rows, real_rows, strict=True):
-                comp = max(real - ns, 0)  # real tokens that are paged or staged
-                hi = min(max(kept, 0), comp)
-                n = hi if cls == HIGH else comp - max(min(kept, real) - ns, 0)
-                per.append(n // p)
-            out.append((max(per), h * sum(per)))
-        return out[0], out[1]
+        hi_pages, lo_pages = [], []
+        for kept, real in zip(kept_rows, real_rows, strict=True):
+            comp = max(real - ns, 0)  # real tokens that are paged or staged
+            hi_pages.append(min(kept, comp) // p)
+            lo_pages.append((comp - max(min(kept, real) - ns, 0)) // p)
+        return (max(hi_pages), h * sum(hi_pages)), (max(lo_pages), h * sum(lo_pages))
 
     def append(self, k: Tensor, v: Tensor) -> None:
         """Append T new tokens (B, Hkv, T, D) of every row to the tail (no host sync):

@@ -30,6 +30,7 @@ import triton.language as tl
 from torch import Tensor
 from triton import knobs
 
+from .primitives import _TINY_SCALE
 from .spec import QuantSpec, param_grid
 
 __all__ = ["INTERPRETED", "quantize_pack_tokenwise"]
@@ -39,7 +40,6 @@ INTERPRETED: bool = bool(knobs.runtime.interpret)
 
 _PD_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TINY_SCALE = 2.0**-126  # must equal primitives._TINY_SCALE
 
 
 @triton.jit
