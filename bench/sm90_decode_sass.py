@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,6 +63,18 @@ def compile_kernel(warps: int = 4, stages: int = 2, maxnreg: int = 0, **consts):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def cubin_report(ck: Any) -> tuple[str, str]:
+    """(the cubin's resource usage line: REG, STACK, SHARED, ...; its SASS), from the
+    ``cuobjdump`` in Triton's NVIDIA backend."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(ck.asm["cubin"])
+        run: dict[str, Any] = {"capture_output": True, "text": True, "check": True}
+        usage = subprocess.run([BIN / "cuobjdump", "--dump-resource-usage", cubin], **run)
+        sass = subprocess.run([BIN / "cuobjdump", "-sass", cubin], **run).stdout
+    return " ".join(x.strip() for x in usage.stdout.splitlines() if "REG" in x), sass
+
+
 def loops(sass: str) -> tuple[list[str], list[tuple[int, int, list[str]]]]:
     """All instructions, and (start, end, instructions) of every loop."""
     ins = []
@@ -93,17 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     for n, spec in enumerate(args.specs):
         ck = compile_kernel(**spec)
-        with tempfile.TemporaryDirectory() as tmp:
-            cubin = Path(tmp) / "k.cubin"
-            cubin.write_bytes(ck.asm["cubin"])
-            run = {"capture_output": True, "text": True, "check": True}
-            usage = subprocess.run([BIN / "cuobjdump", "--dump-resource-usage", cubin], **run)
-            sass = subprocess.run([BIN / "cuobjdump", "-sass", cubin], **run).stdout
+        res, sass = cubin_report(ck)
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / f"{n}.sass").write_text(sass)
             (args.out / f"{n}.ttgir").write_text(ck.asm["ttgir"])
-        res = " ".join(x.strip() for x in usage.stdout.splitlines() if "REG" in x)
         print(json.dumps(spec), res)
         every, found = loops(sass)
         for start, end, ins in found:

@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton
+from sm90_decode_sass import cubin_report
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from zipvl.cache import page_triton as kernels
 
-BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 TYPES = {"k_ptr": "*bf16", "v_ptr": "*bf16", "idx_ptr": "*i64", "full_ptr": "*i32",
          "base_ptr": "*i64", "npages_ptr": "*i32", "table_ptr": "*i32", "fill_ptr": "*i32",
          "kcode_ptr": "*u8", "vcode_ptr": "*u8", "kscale_ptr": "*fp16", "kzero_ptr": "*fp16",
@@ -53,14 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("specs", nargs="+", type=json.loads)
     args = ap.parse_args(argv)
     for spec in args.specs:
-        ck = compile_kernel(**spec)
-        with tempfile.TemporaryDirectory() as tmp:
-            cubin = Path(tmp) / "k.cubin"
-            cubin.write_bytes(ck.asm["cubin"])
-            run = {"capture_output": True, "text": True, "check": True}
-            usage = subprocess.run([BIN / "cuobjdump", "--dump-resource-usage", cubin], **run)
-            sass = subprocess.run([BIN / "cuobjdump", "-sass", cubin], **run).stdout
-        res = " ".join(x.strip() for x in usage.stdout.splitlines() if "REG" in x)
+        res, sass = cubin_report(compile_kernel(**spec))
         n = sum(1 for line in sass.splitlines() if ";" in line and "/*" in line)
         ldl = sass.count("LDL")
         stl = sass.count("STL")
