@@ -399,6 +399,19 @@ def paged_decode(
 # --------------------------------------------------------------------------------------------
 
 
+def commit_prefill(
+    cache: ZipVLCache, layer_idx: int, res: PrefillResult, key_valid: Tensor | None
+) -> None:
+    """Commit a layer's prefill to the cache: a paged layer takes every row's own kept set
+    and the plan's counts (no host read); chunked layers need equal counts (``res.keep``)."""
+    paged = isinstance(cache.layer(layer_idx), PagedCacheLayer)
+    keep = res.commit_keep if paged else res.keep
+    cache.compress_prefill(
+        layer_idx, keep, key_valid=key_valid, kept_rows=res.kept_tokens,
+        real_rows=res.real_tokens,
+    )  # fmt: skip
+
+
 def zipvl_attention(
     q: Tensor,
     k: Tensor,
@@ -466,13 +479,7 @@ def zipvl_attention(
             q, keys, values, layer=layer, key_valid=key_valid, scale=scale,
             mass_reduce=cache.mass_reduce,
         )  # fmt: skip
-        # a paged layer takes every row's own kept set; chunks need equal counts
-        paged = isinstance(cache.layer(layer_idx), PagedCacheLayer)
-        keep = res.commit_keep if paged else res.keep
-        cache.compress_prefill(
-            layer_idx, keep, key_valid=key_valid, kept_rows=res.kept_tokens,
-            real_rows=res.real_tokens,
-        )  # fmt: skip
+        commit_prefill(cache, layer_idx, res, key_valid)
         return res.output
     out = decode_attention(q, keys, values, key_valid=key_valid, scale=scale)
     cache.compress_tail(layer_idx, q, keys=keys, scale=scale, key_valid=key_valid)

@@ -61,6 +61,7 @@ from zipvl.cache.hf_compat import (
 from zipvl.cache.paged_layer import DECODE
 from zipvl.config import LayerConfig, ZipVLConfig
 from zipvl.models.attention import (
+    commit_prefill,
     make_cache,
     paged_decode,
     prefill_attention,
@@ -282,13 +283,7 @@ class _ZipVLAttentionFunction:
                 max_rows=self.retained_rows,
             )
             self.recorder.append(LayerTrace(layer_idx, res.kept_ratio, retained))
-        # a paged layer takes every row's own kept set; chunks need equal counts
-        paged = isinstance(cache.layer(layer_idx), PagedCacheLayer)
-        keep = res.commit_keep if paged else res.keep
-        cache.compress_prefill(
-            layer_idx, keep, key_valid=key_valid, kept_rows=res.kept_tokens,
-            real_rows=res.real_tokens,
-        )  # fmt: skip
+        commit_prefill(cache, layer_idx, res, key_valid)
         return res.output.transpose(1, 2).contiguous(), None  # (B, S, Hq, Dv)
 
 
