@@ -198,6 +198,25 @@ def run_variant(model: Any, name: str, ids: torch.Tensor, batch: int, steps: int
     return row
 
 
+def parse_batch_of(
+    ap: argparse.ArgumentParser, specs: Sequence[str], variants: Sequence[str]
+) -> dict[str, list[int]]:
+    """``--batch-of VARIANT=B[,B...]`` -> {variant: [B, ...]} (errors through ``ap.error``)."""
+    out: dict[str, list[int]] = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        if not sep or name not in variants:
+            ap.error(f"--batch-of: expected VARIANT=B[,B...] with VARIANT one of --variants "
+                     f"{list(variants)}, got {spec!r}")  # fmt: skip
+        try:
+            out[name] = [int(v) for v in values.split(",")]
+        except ValueError:
+            ap.error(f"--batch-of: expected positive integer batches, got {spec!r}")
+        if min(out[name]) < 1:
+            ap.error(f"--batch-of: expected positive integer batches, got {spec!r}")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
@@ -228,10 +247,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="extra fixed-graph rows with these fused-kernel launch settings (gpu_decode's "
         "--sweep syntax, e.g. variant=pages,splits=8)",
     )
+    ap.add_argument(
+        "--batch-of",
+        nargs="+",
+        default=[],
+        metavar="VARIANT=B[,B...]",
+        help="batches of one variant instead of --batch (capacity: each variant at the largest "
+        "batch of 128k prompts that fits it, e.g. dense-flash=17 fixed-graph=73); tokens/s is "
+        "reported per row",
+    )
     ap.add_argument("--agree", type=int, default=8, help="first steps compared, fixed vs graph")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
     a = ap.parse_args(argv)
+    batch_of = parse_batch_of(ap, a.batch_of, a.variants)
     env = env_info()
     progress(f"{env.get('device')} torch {env['torch']} transformers {env['transformers']} "
              f"commit {env['commit']}")  # fmt: skip
@@ -251,11 +280,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         short = torch.randint(0, model.config.vocab_size, (1, 512), device=a.device)
         run_variant(model, "fixed", short, 1, 110, 2, 0)
         zipvl.disable(model)
+    batches = sorted({*a.batch, *(b for bs in batch_of.values() for b in bs)})
     for s in a.lengths:
         ids = torch.randint(0, model.config.vocab_size, (1, s), device=a.device, generator=gen)
-        for b in a.batch:
+        for b in batches:
             names = list(a.variants) + [f"fixed-graph[{spec}]" for spec in a.launch]
             for name in names:
+                if b not in batch_of.get(name, a.batch):
+                    continue
                 if name.startswith("dense-static") and b > 1:
                     continue  # the static cache's prefill copy would hold B copies twice
                 if name.startswith("fixed"):
@@ -287,8 +319,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     progress(f"  {row['ms_per_token']:.2f} ms/token {row.get('stats', '')}")
                 rows.append(row)
     # agreement of the replayed ZipVL steps with the eager ones, and ratios
+    for r in rows:
+        if r.get("status") == "ok":
+            r["tokens_per_s"] = r["B"] * 1e3 / r["ms_per_token"]
     for s in a.lengths:
-        for b in a.batch:
+        for b in batches:
             case = {r["variant"]: r for r in rows if r["S"] == s and r["B"] == b}
             eager, graph = case.get("fixed"), case.get("fixed-graph")
             if eager and graph and eager.get("_logits") and graph.get("_logits"):
@@ -323,13 +358,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         pts += " (dense: " + " / ".join(f"@{p}" for p in sorted(a.baseline_points)) + ")"
     print(
         f"| variant | SDPA backend | length | batch | ms/token {pts} | x vs fastest dense | "
-        "x vs dense flash eager | spread over points | peak GiB | replays / records / eager | "
-        "tokens as eager |"
+        "x vs dense flash eager | tokens/s | spread over points | peak GiB | "
+        "replays / records / eager | tokens as eager |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("status") != "ok":
-            print(f"| {r['variant']} | - | {r['S']} | {r['B']} | {r['status']} |" + " |" * 6)
+            print(f"| {r['variant']} | - | {r['S']} | {r['B']} | {r['status']} |" + " |" * 7)
             continue
         st = r.get("stats")
         sts = f"{st['replays']} / {st['records']} / {st['eager']}" if st else "-"
@@ -338,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"| {r['variant']} | {r['backend']} | {r['S']} | {r['B']} | "
               f"{' / '.join(f'{v:.2f}' for v in at)} | "
               f"{r.get('x_vs_fastest_dense', float('nan')):.2f} | "
-              f"{r.get('x_vs_dense_flash_eager', float('nan')):.2f} | {spread} | "
+              f"{r.get('x_vs_dense_flash_eager', float('nan')):.2f} | "
+              f"{r['tokens_per_s']:.0f} | {spread} | "
               f"{r['peak_gib']:.1f} | {sts} | {r.get('agree_tokens', '-')} |")  # fmt: skip
     payload = {"bench": "gpu_hf_graph", "env": env, "layers": a.layers, "rows": rows}
     print(json.dumps(payload))

@@ -43,3 +43,31 @@ def test_tiny_cpu_run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Mo
     assert st["recompressions"] == 2  # one block of 100 per layer (2 layers)
     table = [line for line in printed if line.startswith("| ")]
     assert table[0].startswith("| variant | SDPA backend | length | batch | ms/token @0 / @110 |")
+
+
+def test_batch_of_runs_each_variant_at_its_own_batches(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--batch-of (the capacity comparison): a variant runs at its own batches only, and each row
+    reports tokens/s = batch / time per step."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("OUT", raising=False)
+    bench = _load()
+    args = ["--device", "cpu", "--tiny", "--lengths", "64", "--batch", "1", "--steps", "2"]
+    args += ["--warmup", "1", "--variants", "dense-flash", "fixed-graph"]
+    args += ["--batch-of", "fixed-graph=3"]
+    payload = bench.main(args)
+    capsys.readouterr()
+    got = sorted((r["variant"], r["B"]) for r in payload["rows"])
+    assert got == [("dense-flash", 1), ("fixed-graph", 3)]
+    for r in payload["rows"]:
+        assert r["status"] == "ok"
+        assert r["tokens_per_s"] == pytest.approx(r["B"] * 1e3 / r["ms_per_token"])
+
+
+@pytest.mark.parametrize("spec", ["fixed=2", "fixed-graph", "fixed-graph=0", "fixed-graph=a"])
+def test_batch_of_rejects_bad_specs(spec: str, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _load()
+    with pytest.raises(SystemExit):
+        bench.main(["--variants", "fixed-graph", "--batch-of", spec])
+    assert "--batch-of" in capsys.readouterr().err
