@@ -14,6 +14,9 @@ Variants, all in one process:
     plan_tau        the same with CumulativeMassAllocator(tau=0.975)
     plan_eager      plan_tokens(impl="torch"): the eager plan (and plan_tau_eager)
     select_<impl>   TopKSelector.keep_and_indices with the select kernels / the sort path
+    plan_sel_<path> the captured plan with the select kernels ("triton") or the sort path
+                    ("sort") inside its graph (SELECT_TRITON_MAX_TOKENS's decision), up to
+                    GRAPH_MAX_TOKENS
     zipvl_sdpa      plan + gather + causal SDPA (PyTorch's dispatch) on the kept tokens + scatter
     zipvl_auto      the same with impl="auto": the SDPA backend measured fastest for the shape
                     (its choice is printed as "auto_backend"), after the "auto" plan
@@ -59,8 +62,29 @@ from zipvl.sparsity import (
 )
 from zipvl.sparsity.attention import _gather_kv, _gather_q, _scatter_rows
 from zipvl.sparsity.gather_triton import gather_qkv_triton, scatter_rows_triton
+from zipvl.sparsity.plan_graph import GRAPH_MAX_TOKENS
 from zipvl.sparsity.probe_triton import probe_mass_triton
 from zipvl.sparsity.scorers import _probe_mass
+
+
+def _plan_with_select_limit(q, k, scorer, allocator, selector, limit: int) -> float:
+    """Median ms of a fresh captured plan whose selection ran the select kernels (``limit`` >=
+    the length) or the sort path (``limit`` 0) when it was captured: the
+    ``SELECT_TRITON_MAX_TOKENS`` decision, measured inside the graph."""
+    from zipvl.sparsity import selectors
+    from zipvl.sparsity.plan_graph import PlanGraph
+
+    old = selectors.SELECT_TRITON_MAX_TOKENS
+    selectors.SELECT_TRITON_MAX_TOKENS = limit
+    try:
+        planner = PlanGraph(scorer, allocator, selector)
+        planner(q, k)  # captured here, with the limit in force
+        ms = median_ms(lambda: planner(q, k))
+        if planner.replays == 0:
+            raise RuntimeError("plan_sel: the plan was not replayed from its graph")
+        return ms
+    finally:
+        selectors.SELECT_TRITON_MAX_TOKENS = old
 
 
 def _replayed(plan, scorer, allocator, selector) -> bool:
@@ -163,6 +187,9 @@ def main() -> None:
             "copies_triton": median_ms(copies_triton),
             "copies_torch": median_ms(copies_torch),
         }
+        if s <= GRAPH_MAX_TOKENS:  # the captured plan with each selection path inside it
+            t |= {f"plan_sel_{n}": _plan_with_select_limit(q, k, scorer, fixed, selector, lim)
+                  for n, lim in (("sort", 0), ("triton", s))}  # fmt: skip
         dense = {}
         for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION),
                               ("flash", SDPBackend.FLASH_ATTENTION),
@@ -221,6 +248,8 @@ def main() -> None:
                 "plan_tau_eager_ms": t["plan_tau_eager"],
                 "plan_eager_%_of_dense": 100 * t["plan_eager"] / t["dense_sdpa"],
                 "plan_graph": _replayed(lambda: plan_fixed(), scorer, fixed, selector),
+                "plan_sel_sort_ms": t.get("plan_sel_sort"),
+                "plan_sel_triton_ms": t.get("plan_sel_triton"),
                 "score_torch_ms": t["score_torch"],
                 "score_triton_ms": t["score_triton"],
                 "zipvl_sdpa_ms": t["zipvl_sdpa"],
