@@ -10,7 +10,7 @@ and replays it:
    rows when the scorer is a ``ProbeScorer``, which reads nothing else);
 2. one replay scores (the fused probe kernels), allocates the budget on the device, and builds
    the keep mask and the kept positions of every row in ascending order from the device budget
-   (``plan_keep``: ``TopKSelector.keep_and_indices``, the select kernels up to 16k tokens, the
+   (``plan_keep``: ``TopKSelector.keep_and_indices``, the select kernels up to 128k tokens, the
    sort of ``keep_mask`` and a running count above; no read);
 3. one copy takes every output out of the graph's memory (the next replay overwrites it), and
    one host read brings back the budget's range, the NaN flag and the rows' kept counts: the

@@ -30,12 +30,13 @@ from zipvl.types import NONFINITE_MASS_BUDGET, Selection, kept_positions
 
 __all__ = ["SELECT_TRITON_MAX_TOKENS", "Selection", "TopKSelector"]
 
-SELECT_TRITON_MAX_TOKENS = 16384
+SELECT_TRITON_MAX_TOKENS = 131072
 """``TopKSelector.keep_and_indices(impl="auto")`` runs the select kernels for rows up to this many
-scores. Measured on an H200 with the first form of the kernel (one program per row): 48 us at
-8k against about 80 us for the sort path inside the plan's graph, 182 us at 32k where the sort
-path was faster. The blocked form that replaced it is not yet measured (``bench/gpu_prefill.py``
-times both paths at every length)."""
+scores, the sort path above (where neither is measured). Measured on an H200 (torch 2.11,
+LongVA heads, ``bench/gpu_prefill.py``): the captured plan at r = 0.42 took 0.254 / 0.444 ms
+with the select kernels inside its graph against 0.350 / 0.525 ms with the sort path (8k /
+32k), and the selection alone, eager, 0.258 against 0.404 ms at 128k. (The first form of the
+kernel, one program per row, lost to the sort path from 32k; the blocked form replaced it.)"""
 
 _GRANULARITIES = ("kv_head", "layer")
 
