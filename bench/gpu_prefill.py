@@ -67,6 +67,36 @@ from zipvl.sparsity.probe_triton import probe_mass_triton
 from zipvl.sparsity.scorers import _probe_mass
 
 
+def _gathered_sdpa(q, k, v, idx) -> dict[str, float]:
+    """The causal SDPA call of the gathered path alone, on its own kept rows: forced to each
+    backend, on PyTorch's dispatch ("default"), through ``sdpa_auto`` ("auto", the measured
+    choice, printed with its measurement), and the host time of ``fastest_backend``'s lookup
+    (us per call, no GPU work): where ``impl="auto"`` and ``impl="sdpa"`` part."""
+    import time
+
+    qg, kg, vg = gather_qkv_triton(q, k, v, idx)
+    kw = {"is_causal": True, "enable_gqa": True}
+    out: dict[str, float] = {}
+    for name in ("cudnn", "flash"):
+        try:
+            out[f"gathered_{name}"] = median_ms(
+                lambda name=name: sdpa_backend.sdpa(qg, kg, vg, backend=name, **kw)
+            )
+        except RuntimeError as err:
+            progress(f"  gathered {name}: n/a ({str(err).splitlines()[0][:80]})")
+    out["gathered_default"] = median_ms(lambda: F.scaled_dot_product_attention(qg, kg, vg, **kw))
+    out["gathered_auto"] = median_ms(lambda: sdpa_backend.sdpa_auto(qg, kg, vg, **kw))
+    n = 2000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        sdpa_backend.fastest_backend(qg, kg, vg, **kw)
+    out["gathered_lookup_us"] = (time.perf_counter() - t0) / n * 1e6
+    for bucket, choice in sdpa_backend.choices().items():
+        if f"Sq<={1 << (qg.shape[-2] - 1).bit_length()} " in bucket and "causal" in bucket:
+            progress(f"  auto choice {bucket}: {choice.backend} {choice.times_ms} ({choice.why})")
+    return out
+
+
 def _plan_with_select_limit(q, k, scorer, allocator, selector, limit: int) -> float:
     """Median ms of a fresh captured plan whose selection ran the select kernels (``limit`` >=
     the length) or the sort path (``limit`` 0) when it was captured: the
@@ -187,6 +217,8 @@ def main() -> None:
             "copies_triton": median_ms(copies_triton),
             "copies_torch": median_ms(copies_torch),
         }
+        t |= _gathered_sdpa(q, k, v, idx)
+        t["attn_auto"] = median_ms(lambda: sparse_attention(q, k, v, sel, impl="auto"))
         if s <= GRAPH_MAX_TOKENS:  # the captured plan with each selection path inside it
             t |= {f"plan_sel_{n}": _plan_with_select_limit(q, k, scorer, fixed, selector, lim)
                   for n, lim in (("sort", 0), ("triton", s))}  # fmt: skip
@@ -265,6 +297,12 @@ def main() -> None:
                 "dense_frac_of_floor": dense_floor_ms / t["dense_sdpa"],
                 "zipvl_frac_of_floor": sparse_floor_ms / best,
                 "attn_only_sdpa_ms": t["attn_sdpa"],
+                "attn_only_auto_ms": t["attn_auto"],
+                **{
+                    n if n.endswith("_us") else f"{n}_ms": ms
+                    for n, ms in t.items()
+                    if n.startswith("gathered_")
+                },
                 "attn_only_flex_ms": t["attn_flex"],
                 "attn_only_copy_triton_ms": t["attn_copy_triton"],
                 "attn_only_copy_torch_ms": t["attn_copy_torch"],
