@@ -9,7 +9,10 @@ and (``--capacity``) the largest batch of 128k-token prompts that fits, for
     fixed         preset "fixed": FixedRatioAllocator(0.42), the same 4/2-bit cache
     fixed-auto    the same, nothing forced: ``impl="auto"`` runs its gathered prefill attention
                   on the SDPA backend it measured fastest per shape (recorded as
-                  ``sdpa_choices``); transformers' own SDPA calls use PyTorch's dispatch
+                  ``sdpa_choices``); transformers' own SDPA calls use PyTorch's dispatch. The
+                  user's path: what ``zipvl.enable`` does when nothing is forced around it
+    fixed-auto-deferred  the same with ``ZipVLCache(defer_commit=True)``: layer i's prompt
+                  commit runs at layer i+1's cache update
     kivi          preset "kivi": dense prefill, KIVI 2-bit cache with a 128-token fp residual
     dense-noattn  the dense model with every attention call replaced by zeros (the cache still
                   filled): what the model costs without attention, for the Amdahl bound below
@@ -103,11 +106,13 @@ from zipvl.models import cache_argument, is_enabled
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "h200" / "gpu_hf.json"
 VARIANTS = ("dense-flash", "dense-cudnn", "zipvl", "fixed", "fixed-uncapped", "fixed-torchwrite",
-            "fixed-deferred", "fixed-auto", "kivi", "dense-noattn")  # fmt: skip
+            "fixed-deferred", "fixed-auto", "fixed-auto-deferred", "kivi",
+            "dense-noattn")  # fmt: skip
 # variants whose cache runs layer i's prompt commit at layer i+1's update
 # (ZipVLCache(defer_commit=True)): the host launches it while the GPU runs layer i's MLP
-DEFERRED = frozenset({"fixed-deferred"})
+DEFERRED = frozenset({"fixed-deferred", "fixed-auto-deferred"})
 PRESET_OF = {"zipvl": "zipvl", "fixed": "fixed", "fixed-uncapped": "fixed", "fixed-auto": "fixed",
+             "fixed-auto-deferred": "fixed",
              "fixed-torchwrite": "fixed", "fixed-deferred": "fixed", "kivi": "kivi"}  # fmt: skip
 # settings on top of the preset: fixed-uncapped scores with the paper's 5 % + 5 % probe rows
 # (13k rows at 128k, ~20 % of dense attention) instead of ZipVLConfig's default 64 + 64;
@@ -126,6 +131,7 @@ BACKEND_OF = {
     "fixed-torchwrite": "flash",
     "fixed-deferred": "flash",
     "fixed-auto": "auto",  # nothing forced: impl="auto" measures its SDPA backend per shape
+    "fixed-auto-deferred": "auto",
     "kivi": "flash",
     "dense-noattn": "flash",
 }
