@@ -449,26 +449,41 @@ def test_deferred_commit_generates_and_stores_the_same(beams: int) -> None:
 
 
 def test_deferred_commit_waits_for_the_next_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """zipvl.enable's caches defer each layer's prompt commit to the next layer's update (seen
+    from inside the forward), the decoder's hook commits the last layer when the forward returns,
+    and disable removes the hook."""
     from tests.sparsity.host_reads import HostReads
     from zipvl.config import ZipVLConfig
-    from zipvl.models import cache_kwargs, enable, new_cache
+    from zipvl.models import cache_kwargs, disable, enable, new_cache
 
     model = _tiny_qwen2()
+    decoder = model.get_decoder()
+    hooks_before = len(decoder._forward_hooks)
     enable(model, ZipVLConfig(tau=0.9, page_size=16))
+    assert len(decoder._forward_hooks) == hooks_before + 1
     ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(4))
+    seen: list[list[bool]] = []  # pending flags of every layer, as each attention returns
+
+    def look(module: torch.nn.Module, args: object, output: object) -> None:
+        seen.append([layer.has_pending_prefill for layer in cache.layers])
+
     with torch.no_grad():
         model(input_ids=ids, use_cache=True, **cache_kwargs(model, new_cache(model)))  # warm-up
         cache = new_cache(model)
-        cache.defer_commit = True
+        assert cache.defer_commit
+        handles = [layer.self_attn.register_forward_hook(look) for layer in decoder.layers]
         reads = HostReads(monkeypatch)
         model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache))
+        for h in handles:
+            h.remove()
     assert len([w for w in reads.where if "/zipvl/" in w]) == 3, reads.where  # the plans'
     monkeypatch.undo()
-    pending = [layer.has_pending_prefill for layer in cache.layers]
-    assert pending == [False, False, True]  # the last layer's commit waits for a next call
-    cache.commit_pending()
-    assert not any(layer.has_pending_prefill for layer in cache.layers)
+    # layer i's commit is queued when its attention returns and runs at layer i + 1's update
+    assert seen == [[True, False, False], [False, True, False], [False, False, True]]
+    assert not any(layer.has_pending_prefill for layer in cache.layers)  # the decoder's hook
     assert cache.report().layers[-1].kept_tokens > 0
+    disable(model)
+    assert len(decoder._forward_hooks) == hooks_before
 
 
 def test_deferred_commit_checks_now_and_reset_drops_it() -> None:

@@ -82,8 +82,9 @@ class ZipVLCache(Cache):
             call that reaches a layer (``update`` of the next layer, ``append``, ``layer``,
             ``report``, crops, reorders). In a model's prefill this runs layer i's commit after
             the host has queued layer i's MLP, so the GPU works while the host launches it.
-            Off by default (not yet measured on a GPU); code that reads ``cache.layers``
-            directly calls ``commit_pending()`` first.
+            Off by default; the caches of ``zipvl.enable`` / ``zipvl.new_cache`` turn it on
+            (their decoder's forward hook commits the last layer when the forward returns).
+            Code that reads ``cache.layers`` directly calls ``commit_pending()`` first.
         mass_reduce: for KV heads split over processes (tensor parallelism): a
             ``zipvl.types.MassReduce`` that sums a (B, 1, Skv) head-summed attention mass over
             the processes (e.g. ``zipvl.sparsity.AllReduceMass(group)``), so that every process

@@ -81,6 +81,7 @@ def make_cache(
     *,
     update_reads: str = "dense",
     mass_reduce: MassReduce | None = None,
+    defer_commit: bool = False,
 ) -> ZipVLCache:
     """A ``ZipVLCache`` whose per-layer quantizers and decode budgets follow ``config``.
 
@@ -91,6 +92,9 @@ def make_cache(
         mass_reduce: cross-process sum of the attention mass when the KV heads are split over
             processes (``ZipVLCache``); the prefill plans of the attention code take it from
             the cache too.
+        defer_commit: run layer i's prompt commit at the next call that reaches the cache
+            (``ZipVLCache(defer_commit=)``). ``zipvl.enable`` turns it on for its caches and
+            commits the last layer when the model's forward returns.
 
     Returns:
         A fresh cache with ``num_layers`` layers. Layers with overrides get their own quantizer
@@ -123,6 +127,7 @@ def make_cache(
         layer_quantizers=layer_quantizers,
         update_reads=update_reads,
         mass_reduce=mass_reduce,
+        defer_commit=defer_commit,
     )
 
 
