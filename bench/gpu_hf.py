@@ -9,10 +9,10 @@ and (``--capacity``) the largest batch of 128k-token prompts that fits, for
     fixed         preset "fixed": FixedRatioAllocator(0.42), the same 4/2-bit cache
     fixed-auto    the same, nothing forced: ``impl="auto"`` runs its gathered prefill attention
                   on the SDPA backend it measured fastest per shape (recorded as
-                  ``sdpa_choices``); transformers' own SDPA calls use PyTorch's dispatch. The
-                  user's path: what ``zipvl.enable`` does when nothing is forced around it
-    fixed-auto-deferred  the same with ``ZipVLCache(defer_commit=True)``: layer i's prompt
-                  commit runs at layer i+1's cache update
+                  ``sdpa_choices``); transformers' own SDPA calls use PyTorch's dispatch; the
+                  prompt commit is not deferred (``defer_commit=False``)
+    fixed-auto-deferred  the same with ``defer_commit=True`` (layer i's prompt commit at layer
+                  i+1's cache update): what ``zipvl.enable`` builds, nothing forced around it
     kivi          preset "kivi": dense prefill, KIVI 2-bit cache with a 128-token fp residual
     dense-noattn  the dense model with every attention call replaced by zeros (the cache still
                   filled): what the model costs without attention, for the Amdahl bound below

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 
 from zipvl.sparsity import TopKSelector
+from zipvl.sparsity.selectors import SELECT_TRITON_MAX_TOKENS
 from zipvl.types import kept_positions
 
 pytestmark = pytest.mark.skipif(
@@ -66,6 +67,41 @@ def test_long_rows_cross_several_blocks() -> None:
         keep, idx = sel.keep_and_indices(scores, budget, impl="triton")
         want = sel.keep_mask(scores, budget)
         assert torch.equal(keep, want) and torch.equal(idx, kept_positions(want))
+
+
+# the lengths impl="auto" sends to the kernels since SELECT_TRITON_MAX_TOKENS became 128k, on
+# CUDA (above the old 16k limit, 32k, the limit itself); under the CPU interpreter (about 40 s
+# per call at 20k) a shorter row of several blocks stands in
+_LONG = [20000, 32768, SELECT_TRITON_MAX_TOKENS] if torch.cuda.is_available() else [5000]
+
+
+@pytest.mark.parametrize("s", _LONG)
+def test_auto_rows_up_to_the_limit_equal_the_sort_path(
+    s: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernels (impl="auto" on CUDA, which must pick them up to SELECT_TRITON_MAX_TOKENS;
+    impl="triton" under the CPU interpreter) against impl="torch" on rows of the lengths "auto"
+    now serves: many ties, a few NaN, budgets at the ends and in between."""
+    from zipvl.sparsity import select_triton
+
+    calls = []
+    kernel = select_triton.keep_and_indices_triton
+    monkeypatch.setattr(select_triton, "keep_and_indices_triton",
+                        lambda *a, **k: calls.append(1) or kernel(*a, **k))  # fmt: skip
+    impl = "auto" if torch.cuda.is_available() else "triton"
+    sel = TopKSelector(sink_tokens=2, recent_window=3)
+    g = torch.Generator().manual_seed(s)
+    scores = torch.randint(0, 64, (1, 2, s), generator=g).float() / 64
+    scores[..., torch.randint(0, s, (s // 1000,), generator=g)] = float("nan")
+    scores = scores.to(DEVICE)
+    budgets = (0, 5, int(0.42 * s), s - 1, s) if torch.cuda.is_available() else (5, 2100, s - 1)
+    for p in budgets:
+        budget = torch.tensor([[p, max(0, p - 7)]], dtype=torch.int32, device=DEVICE)
+        keep, idx = sel.keep_and_indices(scores, budget, impl=impl)
+        keep_t, idx_t = sel.keep_and_indices(scores, budget, impl="torch")
+        assert torch.equal(keep, keep_t) and torch.equal(idx, idx_t)
+        assert torch.equal(keep, sel.keep_mask(scores, budget))
+    assert len(calls) == len(budgets)  # every call above ran the kernels
 
 
 def test_bad_input_raises_naming_the_argument() -> None:

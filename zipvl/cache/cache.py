@@ -82,9 +82,11 @@ class ZipVLCache(Cache):
             call that reaches a layer (``update`` of the next layer, ``append``, ``layer``,
             ``report``, crops, reorders). In a model's prefill this runs layer i's commit after
             the host has queued layer i's MLP, so the GPU works while the host launches it.
-            Off by default; the caches of ``zipvl.enable`` / ``zipvl.new_cache`` turn it on
-            (their decoder's forward hook commits the last layer when the forward returns).
-            Code that reads ``cache.layers`` directly calls ``commit_pending()`` first.
+            The last layer (``num_layers - 1``, when ``num_layers`` is given) commits at once,
+            with everything still queued, so after a prefill through every layer nothing is
+            pending. Off by default; the caches of ``zipvl.enable`` / ``zipvl.new_cache`` turn
+            it on. With ``num_layers=None``, code that reads ``cache.layers`` directly calls
+            ``commit_pending()`` first.
         mass_reduce: for KV heads split over processes (tensor parallelism): a
             ``zipvl.types.MassReduce`` that sums a (B, 1, Skv) head-summed attention mass over
             the processes (e.g. ``zipvl.sparsity.AllReduceMass(group)``), so that every process
@@ -402,10 +404,12 @@ class ZipVLCache(Cache):
         if isinstance(layer, PagedCacheLayer):
             kwargs = {"keep": keep, "key_valid": key_valid, "kept_rows": kept_rows,
                       "real_rows": real_rows}  # fmt: skip
-            if self.defer_commit:  # checked now, committed at the next call that needs it
+            last = self.num_layers is not None and layer_idx == self.num_layers - 1
+            if self.defer_commit and not last:  # checked now, run at the next call that needs it
                 layer.check_commit(keep, key_valid)
                 self._deferred.append((layer_idx, kwargs))
                 return
+            self.commit_pending()  # the last layer: everything queued, then its own commit
             layer.compress_prefill(**kwargs)
         else:
             layer.compress_prefill(keep, key_valid=key_valid)

@@ -93,8 +93,8 @@ def make_cache(
             processes (``ZipVLCache``); the prefill plans of the attention code take it from
             the cache too.
         defer_commit: run layer i's prompt commit at the next call that reaches the cache
-            (``ZipVLCache(defer_commit=)``). ``zipvl.enable`` turns it on for its caches and
-            commits the last layer when the model's forward returns.
+            (``ZipVLCache(defer_commit=)``; the last layer commits at once). ``zipvl.enable``
+            turns it on for its caches.
 
     Returns:
         A fresh cache with ``num_layers`` layers. Layers with overrides get their own quantizer

@@ -517,6 +517,7 @@ def cuda_graph_decode(
 def _holds_prompt(decoder: GraphDecoder) -> bool:
     cache = decoder.cache
     if isinstance(cache, ZipVLCache):
+        cache.commit_pending()  # a prompt commit still queued (defer_commit) counts as held
         return all(
             isinstance(layer, PagedCacheLayer) and layer.state == DECODE for layer in cache.layers
         )

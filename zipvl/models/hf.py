@@ -167,8 +167,8 @@ class _ZipVLAttentionFunction:
     def new_cache(self) -> ZipVLCache:
         """A fresh cache for this model (its config, its ``mass_reduce``), with the prompt
         commit deferred by one layer (measured on an H200 with a 28-layer model: 0.89 against
-        0.82 of the prefill's Amdahl bound at 8k, within 0.01 at 32k and 128k); the decoder's
-        forward hook (``enable``) commits the last layer when the forward returns."""
+        0.82 of the prefill's Amdahl bound at 8k, within 0.01 at 32k and 128k); the last
+        layer commits at once, so nothing is pending when the forward returns."""
         return make_cache(
             self.config, self.num_layers, update_reads="none", mass_reduce=self.mass_reduce,
             defer_commit=True,
@@ -486,10 +486,6 @@ def enable(
         # The finalizer holds only the name (nothing here references the model).
         release = weakref.finalize(decoder, _release, name)
         release.atexit = False
-        # the cache defers each layer's prompt commit to the next layer's update; the last
-        # layer's is run when the decoder's forward returns, so code that reads cache.layers
-        # after a forward sees every layer committed
-        _COMMIT_HOOKS[name] = decoder.register_forward_hook(_commit_after_forward(name))
     decoder.set_attn_implementation(name)
     if decoder.config._attn_implementation != name:
         raise RuntimeError(
@@ -612,28 +608,9 @@ def disable(model: nn.Module) -> None:
     _release(fn.name)
 
 
-# the decoder forward hooks of enabled models, by attention name (removed by disable / release)
-_COMMIT_HOOKS: dict[str, Any] = {}
-
-
-def _commit_after_forward(name: str) -> Callable[..., None]:
-    """A decoder forward hook that runs the prompt commits the bound cache deferred (it looks the
-    attention function up by name: the hook holds neither the function nor the cache)."""
-
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        fn = AttentionInterface().get(name)
-        if isinstance(fn, _ZipVLAttentionFunction):
-            fn.cache.commit_pending()
-
-    return hook
-
-
 def _release(name: str) -> None:
     """Rebind ``name`` to a raising stub, dropping the function (and the cache) it held."""
     AttentionInterface.register(name, _disabled(name))
-    handle = _COMMIT_HOOKS.pop(name, None)
-    if handle is not None:
-        handle.remove()
 
 
 def _disabled(name: str) -> Callable[..., Any]:
