@@ -400,7 +400,7 @@ class ZipVLCache(Cache):
                 has unequal row counts, or ``sink_tokens > 0`` with padding among the first
                 ``sink_tokens`` positions of some row (left padding).
         """
-        layer = self._existing(layer_idx)
+        layer = self._existing(layer_idx)  # runs the commit queued before this one
         if isinstance(layer, PagedCacheLayer):
             kwargs = {"keep": keep, "key_valid": key_valid, "kept_rows": kept_rows,
                       "real_rows": real_rows}  # fmt: skip
@@ -409,7 +409,6 @@ class ZipVLCache(Cache):
                 layer.check_commit(keep, key_valid)
                 self._deferred.append((layer_idx, kwargs))
                 return
-            self.commit_pending()  # the last layer: everything queued, then its own commit
             layer.compress_prefill(**kwargs)
         else:
             layer.compress_prefill(keep, key_valid=key_valid)
