@@ -123,6 +123,8 @@ class Selection:
     _counts_checked: bool = field(default=False, init=False, repr=False, compare=False)
     # kept positions computed with the mask (``attach_indices``; not part of equality / repr)
     _indices: Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    # the plan's unread NaN check (``attach_nan_flag``; not part of equality / repr)
+    _nan_flag: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         keep = check_tensor("Selection.keep", self.keep, ndim=3, dtype=torch.bool)
@@ -199,6 +201,38 @@ class Selection:
             )
         object.__setattr__(self, "_indices", indices)
         return self
+
+    def attach_nan_flag(self, flag: Tensor) -> Selection:
+        """Remember the plan's NaN check of the scores, left on the device: a plan that knows
+        its budget on the host (``zipvl.sparsity.host_budget``) reads nothing back, so instead
+        of raising it hands the flag on, and ``sparse_attention`` writes NaN into every output
+        element when it is set (as dense attention's output would hold NaN), without a read.
+
+        Args:
+            flag: 0-dim integer or bool tensor on ``keep``'s device, nonzero = the scores held
+                NaN.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: ``flag`` is not a 0-dim integer/bool tensor on ``keep``'s device.
+        """
+        flag = check_tensor("flag", flag, ndim=0)
+        if flag.is_floating_point() or flag.is_complex():
+            raise ValueError(f"flag: expected an integer or bool tensor, got {flag.dtype}")
+        if flag.device != self.keep.device:
+            raise ValueError(
+                f"flag: expected device {self.keep.device} like keep, got {flag.device}"
+            )
+        object.__setattr__(self, "_nan_flag", flag)
+        return self
+
+    @property
+    def nan_flag(self) -> Tensor | None:
+        """The unread NaN check of the plan (``attach_nan_flag``), or None when the plan read
+        and checked it (it raised then)."""
+        return self._nan_flag
 
     def indices(self) -> Tensor:
         """Positions of the kept tokens in ascending order: (B, Hkv, P) int64.

@@ -123,6 +123,28 @@ def test_scatter_rows_equals_torch_scatter(pb: dict) -> None:
 
 
 @needs_kernels
+@pytest.mark.parametrize("flag_dtype", [torch.int64, torch.bool])
+def test_scatter_rows_writes_nan_everywhere_when_the_flag_is_set(flag_dtype) -> None:
+    gen = torch.Generator().manual_seed(3)
+    b, hkv, g, s, p, dv = 1, 2, 3, 40, 9, 16
+    keep, idx = _keep(b, hkv, s, p, gen)
+    out_kept = _randn(b, hkv * g, p, dv, dtype=torch.bfloat16, gen=gen)
+    clear = torch.zeros((), dtype=flag_dtype, device=DEVICE)
+    got = scatter_rows_triton(out_kept, idx, keep, s, nan_flag=clear)
+    assert torch.equal(got, _scatter_rows(out_kept, idx, s))
+    bad = scatter_rows_triton(out_kept, idx, keep, s, nan_flag=torch.ones_like(clear))
+    assert bad.isnan().all()  # kept rows and zeros alike
+    with pytest.raises(ValueError, match=r"nan_flag: expected a 0-dim integer"):
+        scatter_rows_triton(out_kept, idx, keep, s, nan_flag=torch.zeros(1, device=DEVICE))
+    # through sparse_attention's Triton copies: the selection's flag reaches the kernel
+    q, k, v = (_randn(b, n, s, dv, dtype=torch.float32, gen=gen) for n in (hkv * g, hkv, hkv))
+    for flag, nan in ((clear, False), (torch.ones_like(clear), True)):
+        sel = Selection(keep=keep, num_kept=p).check_counts().attach_nan_flag(flag)
+        out = sparse_attention(q, k, v, sel, impl="sdpa", copy_impl="triton")
+        assert out.isnan().all() if nan else out.isfinite().all()
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("impl", ["sdpa", "auto"])
 def test_sparse_attention_triton_copies_equal_torch_copies(

@@ -16,6 +16,7 @@ from zipvl.sparsity import (
     CumulativeMassAllocator,
     FixedRatioAllocator,
     KeyNormScorer,
+    PerLayerSchedule,
     PlanGraph,
     ProbeScorer,
     TopKSelector,
@@ -93,6 +94,57 @@ def test_the_captured_plan_reads_the_host_once(monkeypatch: pytest.MonkeyPatch) 
     reads = HostReads(monkeypatch)
     planner(q, k)
     assert reads.count == 1, reads.where
+
+
+@pytest.mark.parametrize(
+    "allocator",
+    [FixedRatioAllocator(0.4), PerLayerSchedule([0.3, CumulativeMassAllocator(0.9)])],
+    ids=["fixed", "schedule"],
+)
+def test_a_budget_known_on_the_host_plans_without_a_read(monkeypatch, allocator) -> None:
+    """A fixed ratio's plan reads nothing back, and is the same plan as the eager pipeline;
+    the schedule's adaptive layer (1) still reads once."""
+    from tests.sparsity.host_reads import HostReads
+
+    q, k, v = random_qkv(2, 8, 4, 160, 16, seed=2)
+    comps = {"scorer": ProbeScorer(), "allocator": allocator, "selector": TopKSelector()}
+    planner = PlanGraph(**comps, capture=False)
+    planner(q, k, layer_idx=0)  # warm caches (probe positions) outside the count
+    reads = HostReads(monkeypatch)
+    got = planner(q, k, layer_idx=0)
+    assert reads.count == 0, reads.where
+    out = sparse_attention(q, k, v, got.selection, impl="sdpa")
+    assert reads.count == 0, reads.where  # the attention does not read the flag either
+    monkeypatch.undo()
+    want = plan_tokens(q, k, **comps, layer_idx=0, impl="torch")
+    _same_plan(got, want)
+    assert got.selection.nan_flag is not None and not got.selection.nan_flag.item()
+    torch.testing.assert_close(
+        out, sparse_attention(q, k, v, want.selection, impl="sdpa"), rtol=0, atol=0
+    )
+    if isinstance(allocator, PerLayerSchedule):
+        reads = HostReads(monkeypatch)
+        adaptive = planner(q, k, layer_idx=1)
+        assert reads.count == 1, reads.where
+        assert adaptive.selection.nan_flag is None
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "reference", "flex"])
+def test_nan_scores_of_a_plan_without_a_read_turn_the_output_into_nan(impl) -> None:
+    """Where the adaptive plan raises on NaN scores, a fixed ratio's plan (no read) hands the
+    flag to ``sparse_attention``, which writes NaN everywhere, as dense attention would give NaN
+    (here only the unkept key 0 is NaN, so the output would otherwise look finite)."""
+    q, k, v = random_qkv(1, 4, 2, 48, 16, seed=1)
+    k[0, 0, 5, 0] = float("nan")
+    plan = PlanGraph(ProbeScorer(), FixedRatioAllocator(0.5), TopKSelector(), capture=False)(q, k)
+    assert plan.selection.nan_flag is not None and plan.selection.nan_flag.item() == 1
+    out = sparse_attention(q, k, v, plan.selection, impl=impl, compile=False)
+    assert out.isnan().all()
+    qc, kc, vc = random_qkv(1, 4, 2, 48, 16, seed=1)
+    clean = PlanGraph(ProbeScorer(), FixedRatioAllocator(0.5), TopKSelector(), capture=False)
+    sel = clean(qc, kc).selection
+    assert sel.nan_flag is not None and sel.nan_flag.item() == 0
+    assert sparse_attention(qc, kc, vc, sel, impl=impl, compile=False).isfinite().all()
 
 
 def test_errors_name_the_argument() -> None:

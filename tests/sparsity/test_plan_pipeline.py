@@ -240,9 +240,10 @@ def test_all_reduce_mass_over_a_single_process_group() -> None:
 def test_an_unpadded_plan_reads_the_host_once(
     monkeypatch: pytest.MonkeyPatch, components: dict
 ) -> None:
-    """Exactly one device-to-host read per layer plan without padding (the selector's): a
-    second read anywhere on the path (scorer, allocator, selector, mass_reduce, the sparse
-    attention that consumes the plan) fails this test."""
+    """Exactly one device-to-host read per layer plan without padding (the selector's), none
+    where the budget is known on the host (a fixed ratio without ``mass_reduce``): a further
+    read anywhere on the path (scorer, allocator, selector, mass_reduce, the sparse attention
+    that consumes the plan) fails this test."""
     from tests.sparsity.host_reads import HostReads
     from zipvl.sparsity import sparse_attention
 
@@ -250,12 +251,28 @@ def test_an_unpadded_plan_reads_the_host_once(
     plan_tokens(q, k, **components)  # warm caches (probe positions) outside the count
     reads = HostReads(monkeypatch)
     plan = plan_tokens(q, k, **components)
-    assert reads.count == 1, reads.where
+    known = isinstance(components.get("allocator"), FixedRatioAllocator)
+    assert reads.count == (0 if known else 1), reads.where
+    assert (plan.selection.nan_flag is not None) == known
     sparse_attention(q, k, v, plan.selection, impl="sdpa")
-    assert reads.count == 1, reads.where
+    assert reads.count == (0 if known else 1), reads.where
     reads.reset()
     plan_tokens(q, k, mass_reduce=lambda m: m, **components)
     assert reads.count == 1, reads.where
+
+
+def test_a_fixed_ratio_plan_without_a_read_equals_the_plan_with_one() -> None:
+    """The read-free plan of a fixed ratio selects exactly what the selector's read path does
+    (``plan_scores``), on the same scores."""
+    for seed, ratio, sel in ((0, 0.3, TopKSelector()), (1, 0.55, TopKSelector(sink_tokens=4,
+                             recent_window=8, granularity="layer"))):  # fmt: skip
+        q, k, _ = random_qkv(2, 8, 4, 97, 16, seed=seed)
+        comps = {"allocator": FixedRatioAllocator(ratio), "selector": sel}
+        fast = plan_tokens(q, k, **comps)
+        slow = plan_scores(fast.scores, **comps)
+        assert fast.selection.num_kept == slow.selection.num_kept
+        assert torch.equal(fast.selection.keep, slow.selection.keep)
+        assert torch.equal(fast.budget, slow.budget)
 
 
 def test_prefill_attention_reads_the_host_once(monkeypatch: pytest.MonkeyPatch) -> None:

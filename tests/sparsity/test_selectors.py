@@ -127,9 +127,14 @@ def test_nonfinite_mass_raises_through_the_pipeline_instead_of_budget_one() -> N
     k[0, 0, 3, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf in the attention mass"):
         plan_tokens(q, k, scorer=ProbeScorer(impl="torch"))
-    # a value-blind allocator passes the budget on, and the NaN scores are caught instead
+    # a value-blind allocator passes the budget on; the selector catches the NaN scores on
+    # its read, and a plan that knows the budget on the host (no read) carries them as a flag
+    # that turns the sparse attention's output into NaN (tests/sparsity/test_plan_graph.py)
+    budget = torch.full((1, 1), 8, dtype=torch.int32)
     with pytest.raises(ValueError, match="scores: expected no NaN"):
-        plan_tokens(q, k, scorer=ProbeScorer(impl="torch"), allocator=FixedRatioAllocator(0.5))
+        TopKSelector()(ProbeScorer(impl="torch")(q, k).normalized, budget)
+    plan = plan_tokens(q, k, scorer=ProbeScorer(impl="torch"), allocator=FixedRatioAllocator(0.5))
+    assert plan.selection.nan_flag is not None and plan.selection.nan_flag.item() == 1
 
 
 def test_selector_result_is_checked_by_construction() -> None:

@@ -19,6 +19,7 @@ from zipvl.sparsity.allocators import (
     CumulativeMassAllocator,
     FixedRatioAllocator,
     PerLayerSchedule,
+    host_budget,
 )
 from zipvl.sparsity.attention import compiled_flex_attention, sparse_attention
 from zipvl.sparsity.block_mask import (
@@ -73,6 +74,7 @@ __all__ = [
     "compacted_causal_mask_mod",
     "compacted_prefix_block_mask",
     "compiled_flex_attention",
+    "host_budget",
     "plan_keep",
     "plan_row_keep",
     "plan_scores",

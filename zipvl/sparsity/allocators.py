@@ -34,6 +34,7 @@ __all__ = [
     "CumulativeMassAllocator",
     "FixedRatioAllocator",
     "PerLayerSchedule",
+    "host_budget",
     "layer_allocator",
 ]
 
@@ -146,6 +147,11 @@ class FixedRatioAllocator:
         p = _ratio_budget(self.ratio, skv, self.min_keep)
         return torch.full((b, hkv), p, dtype=torch.int32, device=mass.device)
 
+    def host_budget(self, skv: int, /, *, layer_idx: int | None = None) -> int:
+        """The budget ``__call__`` returns for ``Skv`` keys, as a host int (it ignores the mass
+        values): what lets a captured plan skip its host read (``host_budget``)."""
+        return _ratio_budget(self.ratio, check_int("skv", skv, 0), self.min_keep)
+
 
 @dataclass(frozen=True)
 class PerLayerSchedule:
@@ -251,6 +257,29 @@ class PerLayerSchedule:
                 "got None"
             )
         return self.for_layer(layer_idx)(mass, layer_idx=layer_idx)
+
+
+def host_budget(allocator: Allocator, skv: int, *, layer_idx: int | None = None) -> int | None:
+    """The budget of ``allocator`` for ``Skv`` keys when it depends on nothing but the shape (and
+    the layer), as a host int; None when it depends on the mass values.
+
+    ``FixedRatioAllocator`` (and a ``PerLayerSchedule`` entry that is one) answers with an int;
+    ``CumulativeMassAllocator`` and every other allocator with None. Only these exact types
+    answer (a subclass may override ``__call__``). With an answer, a plan knows every row's
+    kept count without reading the device (``zipvl.sparsity.PlanGraph``).
+
+    Args:
+        allocator: the layer's allocator.
+        skv: number of keys.
+        layer_idx: the layer (a ``PerLayerSchedule`` needs it; None there gives None).
+    """
+    if type(allocator) is PerLayerSchedule:
+        if layer_idx is None or not 0 <= layer_idx < len(allocator.schedule):
+            return None
+        return host_budget(allocator.for_layer(layer_idx), skv, layer_idx=layer_idx)
+    if type(allocator) is FixedRatioAllocator:
+        return allocator.host_budget(skv, layer_idx=layer_idx)
+    return None
 
 
 def layer_allocator(allocator: Allocator, layer_idx: int) -> Allocator:

@@ -286,7 +286,8 @@ def _sdpa_sparse(
         out = sdpa(
             qg, kg, vg, backend=backend, is_causal=True, scale=scale, enable_gqa=True
         )  # (B, Hq, P, Dv)
-        return scatter_rows_triton(out, idx, selection.keep, s)  # (B, Hq, S, Dv): one launch
+        # (B, Hq, S, Dv): one launch, which also applies the plan's unread NaN flag
+        return scatter_rows_triton(out, idx, selection.keep, s, nan_flag=selection.nan_flag)
     kg, vg = _gather_kv(k, v, idx)  # (B, Hkv, P, D), (B, Hkv, P, Dv)
     if unkept == "zero":
         qg = _gather_q(q, idx)  # (B, Hq, P, D)
@@ -404,7 +405,9 @@ def sparse_attention(
 
     Returns:
         (B, Hq, S, Dv) in q's dtype; rows of queries that attend to nothing are zero. A selection
-        with ``num_kept = 0`` gives all zeros.
+        with ``num_kept = 0`` gives all zeros. A selection carrying a plan's unread NaN flag
+        (``Selection.attach_nan_flag``: a plan with a budget known on the host reads nothing
+        back) gives NaN in every element when the flag is set, still without a host read.
 
     Raises:
         ValueError: unknown ``impl``/``unkept``/``copy_impl``, ``copy_impl="triton"`` where
@@ -436,16 +439,21 @@ def sparse_attention(
         if spans is not None:
             kw = {"impl": impl_, "unkept": unkept, "scale": scale, "block_size": block_size,
                   "compile": compile, "copy_impl": copy}  # fmt: skip
-            return _padded_rows(q, k, v, selection, spans, kw)
+            return _poisoned(_padded_rows(q, k, v, selection, spans, kw), selection.nan_flag)
 
+    flag = selection.nan_flag
     if selection.num_kept == 0:
-        return q.new_zeros(b, hq, s, v.shape[-1])
+        return _poisoned(q.new_zeros(b, hq, s, v.shape[-1]), flag)
     if impl_ is Impl.REFERENCE:
-        return reference_sparse_attention(q, k, v, selection, unkept=unkept, scale=scale)
+        out = reference_sparse_attention(q, k, v, selection, unkept=unkept, scale=scale)
+        return _poisoned(out, flag)
     if impl_ in (Impl.SDPA, Impl.AUTO):
         tuned = impl_ is Impl.AUTO
-        return _sdpa_sparse(q, k, v, selection, unkept=unkept, scale=scale, tuned=tuned, copy=copy)
-    return _flex_sparse(
+        out = _sdpa_sparse(q, k, v, selection, unkept=unkept, scale=scale, tuned=tuned, copy=copy)
+        if unkept == "zero" and copy is Impl.TRITON:
+            return out  # the scatter kernel applied the flag
+        return _poisoned(out, flag)
+    out = _flex_sparse(
         q,
         k,
         v,
@@ -455,3 +463,12 @@ def sparse_attention(
         block_size=block_size,
         compile=compile,
     )
+    return _poisoned(out, flag)
+
+
+def _poisoned(out: Tensor, nan_flag: Tensor | None) -> Tensor:
+    """``out``, or NaN everywhere when the plan's unread NaN flag is set (no host read)."""
+    if nan_flag is None:
+        return out
+    return torch.where(nan_flag.bool(), torch.full((), float("nan"), dtype=out.dtype,
+                                                   device=out.device), out)  # fmt: skip

@@ -113,12 +113,25 @@ def _gather_qkv_kernel(
                    D, BLOCK_D)  # fmt: skip
 
 
+@triton.jit
+def _copy_rows_nan(
+    src, src_rows, src_stride, dst, dst_rows, ok, bad, D: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """``_copy_rows`` writing NaN instead where ``bad`` (a scalar) is set."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = ok[:, None] if BLOCK_D == D else ok[:, None] & (offs_d < D)[None, :]
+    x = tl.load(src + src_rows[:, None] * src_stride + offs_d[None, :], mask=mask)
+    x = tl.where(bad, float("nan"), x.to(tl.float32)).to(x.dtype)
+    tl.store(dst + dst_rows[:, None] * D + offs_d[None, :], x, mask=mask)
+
+
 @triton.jit(do_not_specialize=["n_kept", "seq_len"])
 def _scatter_rows_kernel(
     o_ptr,
     idx_ptr,
     keep_ptr,
     out_ptr,
+    nan_ptr,
     n_kept,
     seq_len,
     stride_ob,
@@ -129,6 +142,7 @@ def _scatter_rows_kernel(
     BLOCK_DV: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    NAN_FLAG: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hkv = tl.program_id(1).to(tl.int64)
@@ -140,12 +154,18 @@ def _scatter_rows_kernel(
         offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
         ok = offs_p < n_kept
         pos = tl.load(idx_ptr + bh * n_kept + offs_p, mask=ok, other=0)
+        if NAN_FLAG:
+            bad = tl.load(nan_ptr) != 0
         for j in tl.static_range(GROUP):
             h = hkv * GROUP + j
             dst = (b * n_hkv * GROUP + h) * seq_len + pos
             src = o_ptr + b * stride_ob + h * stride_oh
-            _copy_rows(src, offs_p.to(tl.int64), stride_os, out_ptr, dst, ok, DV, BLOCK_DV)
-    else:  # unkept positions of this block: zeros
+            if NAN_FLAG:
+                _copy_rows_nan(src, offs_p.to(tl.int64), stride_os, out_ptr, dst, ok, bad, DV,
+                               BLOCK_DV)  # fmt: skip
+            else:
+                _copy_rows(src, offs_p.to(tl.int64), stride_os, out_ptr, dst, ok, DV, BLOCK_DV)
+    else:  # unkept positions of this block: zeros (NaN when the plan's flag is set)
         offs_s = (pid - n_pb) * BLOCK_S + tl.arange(0, BLOCK_S)
         in_seq = offs_s < seq_len
         kept = tl.load(keep_ptr + bh * seq_len + offs_s, mask=in_seq, other=1)
@@ -153,6 +173,9 @@ def _scatter_rows_kernel(
         offs_d = tl.arange(0, BLOCK_DV)
         mask = zero[:, None] if BLOCK_DV == DV else zero[:, None] & (offs_d < DV)[None, :]
         zeros = tl.zeros([BLOCK_S, BLOCK_DV], dtype=out_ptr.dtype.element_ty)
+        if NAN_FLAG:
+            fill = tl.where(tl.load(nan_ptr) != 0, float("nan"), 0.0)
+            zeros = (zeros.to(tl.float32) + fill).to(out_ptr.dtype.element_ty)
         for j in tl.static_range(GROUP):
             h = hkv * GROUP + j
             rows = (b * n_hkv * GROUP + h) * seq_len + offs_s
@@ -257,7 +280,9 @@ def gather_qkv_triton(
     return qg, kg, vg
 
 
-def scatter_rows_triton(out_kept: Tensor, idx: Tensor, keep: Tensor, s: int) -> Tensor:
+def scatter_rows_triton(
+    out_kept: Tensor, idx: Tensor, keep: Tensor, s: int, *, nan_flag: Tensor | None = None
+) -> Tensor:
     """The full-length output of the kept rows, zeros elsewhere, written once in one launch.
 
     Equal, element for element, to ``new_zeros(B, Hq, S, Dv).scatter_(2, idx_q, out_kept)`` with
@@ -272,6 +297,9 @@ def scatter_rows_triton(out_kept: Tensor, idx: Tensor, keep: Tensor, s: int) -> 
             ``keep`` and ``indices()``). Not cross-checked (a device read): a kept position
             missing from ``idx`` would be left unwritten.
         s: the output length S.
+        nan_flag: optional 0-dim integer or bool tensor on the device (a plan's unread NaN
+            check, ``Selection.nan_flag``): when nonzero every output element is NaN. Read by
+            the kernel, never by the host.
 
     Returns:
         (B, Hq, S, Dv), a new contiguous tensor in out_kept's dtype.
@@ -299,17 +327,26 @@ def scatter_rows_triton(out_kept: Tensor, idx: Tensor, keep: Tensor, s: int) -> 
     idx = _check_idx(idx, b, hkv, out_kept.device)
     if idx.shape[2] != p:
         raise ValueError(f"idx: expected P = {p} positions like out_kept, got {tuple(idx.shape)}")
+    if nan_flag is not None:
+        if (not isinstance(nan_flag, Tensor) or nan_flag.ndim != 0
+                or nan_flag.is_floating_point() or nan_flag.is_complex()):  # fmt: skip
+            raise ValueError(
+                f"nan_flag: expected a 0-dim integer or bool tensor, got {_shape(nan_flag)}"
+            )
+        if nan_flag.device != out_kept.device:
+            raise ValueError(f"nan_flag: expected device {out_kept.device}, got {nan_flag.device}")
     out = _empty(out_kept, b, hq, s, dv)
     if out.numel() == 0:
         return out
     out_kept = _last_dim_contiguous(out_kept)
     keep8 = keep.contiguous().view(torch.uint8)
+    flag = keep8 if nan_flag is None else nan_flag  # unread without the flag
     grid = (triton.cdiv(p, _BLOCK_P) + triton.cdiv(s, _BLOCK_S), hkv, b)
     _scatter_rows_kernel[grid](
-        out_kept, idx, keep8, out, p, s,
+        out_kept, idx, keep8, out, flag, p, s,
         out_kept.stride(0), out_kept.stride(1), out_kept.stride(2),
         GROUP=hq // hkv, DV=dv, BLOCK_DV=_pow2(dv), BLOCK_P=_BLOCK_P, BLOCK_S=_BLOCK_S,
-        num_warps=_WARPS,
+        NAN_FLAG=nan_flag is not None, num_warps=_WARPS,
     )  # fmt: skip
     return out
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from zipvl.checks import check_tensor
 from zipvl.impl import PLAN_IMPLS, Impl, parse_impl
-from zipvl.sparsity.allocators import CumulativeMassAllocator
+from zipvl.sparsity.allocators import CumulativeMassAllocator, host_budget
 from zipvl.sparsity.scorers import ProbeScorer
 from zipvl.sparsity.selectors import TopKSelector
 from zipvl.types import (
@@ -180,7 +180,11 @@ def plan_tokens(
 
     Returns:
         ``TokenPlan``. The only host sync is the selector reading the budget back once (with
-        padding: once per row, plus the read of the row spans).
+        padding: once per row, plus the read of the row spans). Without padding and
+        ``mass_reduce``, a budget known on the host (``host_budget``: a fixed ratio) with
+        ``TopKSelector`` reads nothing: the same selection, whose NaN check of the scores
+        stays on the device (``Selection.nan_flag``; ``sparse_attention`` then writes NaN
+        instead of the plan raising).
 
     Raises:
         ValueError: ``key_valid`` of the wrong shape or with padding inside a row; ``impl``
@@ -211,13 +215,37 @@ def plan_tokens(
             return graph_planner(scorer, allocator, selector)(q, k, layer_idx=layer_idx)
         if impl is Impl.GRAPH:
             raise ValueError(f"impl: 'graph' cannot run: {problem}")
+    scores = scorer(q, k)
+    if mass_reduce is None:
+        known = _read_free_plan(scores, allocator, selector, layer_idx)
+        if known is not None:
+            return known
     return plan_scores(
-        scorer(q, k),
+        scores,
         allocator=allocator,
         selector=selector,
         layer_idx=layer_idx,
         mass_reduce=mass_reduce,
     )
+
+
+def _read_free_plan(
+    scores: Scores, allocator: Allocator, selector: Selector, layer_idx: int | None
+) -> TokenPlan | None:
+    """``plan_scores`` without its host read, where the budget is known on the host
+    (``host_budget``: a fixed ratio) and the selector is ``TopKSelector`` (whose rows keep
+    ``clamp(max(budget, |forced|), 0, Skv)`` by construction): the same plan, with the NaN check
+    of the scores left on the device (``Selection.attach_nan_flag``). None otherwise."""
+    skv = scores.normalized.shape[-1]
+    known = host_budget(allocator, skv, layer_idx=layer_idx)
+    if known is None or type(selector) is not TopKSelector:
+        return None
+    budget = _budget(scores.mass, allocator, layer_idx, _num_heads(scores.mass))  # (B, Hkv)
+    num_kept = min(max(known, selector.num_forced(skv)), skv)
+    keep = selector.keep_mask_k(scores.normalized, known)  # (B, Hkv, Skv), num_kept per row
+    sel = Selection(keep=keep, num_kept=num_kept).check_counts(count_range=(num_kept, num_kept))
+    sel.attach_nan_flag(scores.normalized.isnan().any())
+    return TokenPlan(scores=scores, budget=budget, selection=sel)
 
 
 def plan_scores(

@@ -1,5 +1,5 @@
 """The plan of one layer as one unit: score -> allocate -> select -> compact, replayed from a CUDA
-graph, with exactly one host read.
+graph, with one host read, or none where the budget is known on the host.
 
 Run eagerly, ``plan_tokens`` is about sixty small launches and a host read in the middle: at an
 8k prompt its host time (about 1.1 ms on an H200) exceeds dense attention itself, while its GPU
@@ -20,6 +20,14 @@ and replays it:
 
 The kept positions come back with the selection (``Selection.indices`` returns them without
 recomputing), so ``sparse_attention`` gathers straight away.
+
+A budget known on the host (``zipvl.sparsity.host_budget``: ``FixedRatioAllocator``, or a
+``PerLayerSchedule`` entry that is one) with ``TopKSelector`` needs no read at all: every row
+keeps ``clamp(max(budget, |forced|), 0, Skv)`` tokens by construction, so the host sizes the
+gathered tensors without waiting, and keeps launching the layer's attention while the GPU
+plans. The NaN check of the scores then stays on the device (``Selection.attach_nan_flag``):
+``sparse_attention`` writes NaN into the whole output when it is set, instead of the plan
+raising.
 
 A layer's shape is captured the second time that layer plans it: a model's first forward at a
 new prompt length runs eagerly, its second captures one graph per shape (shared by the layers
@@ -44,7 +52,7 @@ import torch
 from torch import Tensor
 
 from zipvl.checks import check_int, check_qkv
-from zipvl.sparsity.allocators import CumulativeMassAllocator, FixedRatioAllocator
+from zipvl.sparsity.allocators import CumulativeMassAllocator, FixedRatioAllocator, host_budget
 from zipvl.sparsity.pipeline import TokenPlan, keep_mask_of, plan_keep
 from zipvl.sparsity.scorers import ProbeScorer
 from zipvl.sparsity.selectors import TopKSelector, check_budget_read
@@ -268,7 +276,9 @@ class PlanGraph:
             layer_idx: passed to the allocator.
 
         Returns:
-            ``TokenPlan`` (scores, budget, selection) equal to ``plan_tokens``'s.
+            ``TokenPlan`` (scores, budget, selection) equal to ``plan_tokens``'s. With a budget
+            known on the host and ``TopKSelector`` nothing is read (the selection carries the
+            NaN flag instead).
 
         Raises:
             ValueError: as ``plan_scores`` with ``TopKSelector`` (the non-finite-mass sentinel,
@@ -307,7 +317,7 @@ class PlanGraph:
                 entry.graph.replay()
                 packed = entry.packed.clone()  # one copy out: the next replay overwrites it
             self.replays += 1
-        return self._result(_views(packed, layout), s)
+        return self._result(_views(packed, layout), s, layer_idx)
 
     @staticmethod
     def _fill(entry: _Entry, q: Tensor, k: Tensor) -> None:
@@ -373,7 +383,21 @@ class PlanGraph:
             ) from err
         return graph
 
-    def _result(self, out: dict[str, Tensor], s: int) -> TokenPlan:
+    def _result(self, out: dict[str, Tensor], s: int, layer_idx: int | None) -> TokenPlan:
+        scores = Scores(mass=out["mass"], normalized=out["normalized"])
+        known = host_budget(self.allocator, s, layer_idx=layer_idx)
+        if known is not None and type(self.selector) is TopKSelector:
+            # Every row keeps clamp(max(budget, |forced|), 0, Skv) tokens by construction
+            # (keep_and_indices, property-tested), and the budget is a host int: no read. The
+            # NaN check stays on the device and travels with the selection (sparse_attention
+            # turns the output into NaN when it is set).
+            num_kept = min(max(known, self.selector.num_forced(s)), s)
+            sel = Selection(keep=out["keep"], num_kept=num_kept).check_counts(
+                count_range=(num_kept, num_kept)
+            )
+            sel.attach_indices(out["idx"][..., :num_kept])
+            sel.attach_nan_flag(out["stats"][2])
+            return TokenPlan(scores=scores, budget=out["budget"], selection=sel)
         p_min, p_max, has_nan, kept_lo, kept_hi = out["stats"].tolist()  # the one host read
         check_budget_read(p_min, p_max, has_nan, s)
         forced = getattr(self.selector, "num_forced", None)
@@ -385,7 +409,6 @@ class PlanGraph:
             count_range=(int(kept_lo), int(kept_hi))
         )
         sel.attach_indices(out["idx"][..., :num_kept])
-        scores = Scores(mass=out["mass"], normalized=out["normalized"])
         return TokenPlan(scores=scores, budget=out["budget"], selection=sel)
 
 
