@@ -20,6 +20,8 @@ Variants, all in one process:
     zipvl_sdpa      plan + gather + causal SDPA (PyTorch's dispatch) on the kept tokens + scatter
     zipvl_auto      the same with impl="auto": the SDPA backend measured fastest for the shape
                     (its choice is printed as "auto_backend"), after the "auto" plan
+    zipvl_auto_read the same with one host read after the plan (what the plan did before a
+                    fixed ratio's budget was known on the host: the layer then waits for it)
     zipvl_auto_eager_plan   the same after the eager plan
     zipvl_flex      plan + gather + compiled FlexAttention on the kept tokens + scatter
     attn_only_*     sparse_attention alone on a fixed selection: impl "sdpa" and "flex" (copies
@@ -241,6 +243,15 @@ def main() -> None:
         t["zipvl_auto"] = median_ms(
             lambda: sparse_attention(q, k, v, plan_fixed().selection, impl="auto")
         )
+
+        def with_read():  # the same layer with the plan's former host read put back
+            sel_r = plan_fixed().selection
+            assert sel_r.nan_flag is not None
+            if sel_r.nan_flag.item():
+                raise RuntimeError("NaN scores")
+            return sparse_attention(q, k, v, sel_r, impl="auto")
+
+        t["zipvl_auto_read"] = median_ms(with_read)
         t["zipvl_auto_eager_plan"] = median_ms(
             lambda: sparse_attention(q, k, v, plan_fixed("torch").selection, impl="auto")
         )
@@ -289,6 +300,8 @@ def main() -> None:
                 "zipvl_auto_ms": t["zipvl_auto"],
                 "auto_backend": auto_backend,
                 "speedup_auto": t["dense_sdpa"] / t["zipvl_auto"],
+                "zipvl_auto_read_ms": t["zipvl_auto_read"],
+                "speedup_auto_read": t["dense_sdpa"] / t["zipvl_auto_read"],
                 "zipvl_auto_eager_plan_ms": t["zipvl_auto_eager_plan"],
                 "speedup_auto_eager_plan": t["dense_sdpa"] / t["zipvl_auto_eager_plan"],
                 "speedup_sdpa": t["dense_sdpa"] / t["zipvl_sdpa"],
