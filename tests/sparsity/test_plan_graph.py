@@ -291,7 +291,11 @@ class _Replay:
 
 
 def _stand_in_recorder(monkeypatch: pytest.MonkeyPatch) -> None:
-    from zipvl.sparsity import plan_graph
+    from zipvl.sparsity import plan_graph, selectors
+
+    # CPU tensors that say they are CUDA would send the selection to the select kernels, which
+    # only run on them under the interpreter: the sort path (the same selection) instead
+    monkeypatch.setattr(selectors, "SELECT_TRITON_MAX_TOKENS", 0)
 
     def record(self, entry, layer_idx, views):
         return _Replay(lambda: self._static(entry.q, entry.k, layer_idx, views))

@@ -161,6 +161,31 @@ def test_auto_runs_the_remembered_backend() -> None:
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_a_choice_that_is_pytorchs_own_runs_without_forcing_it(monkeypatch) -> None:
+    """Where PyTorch's dispatch picks the measured backend itself (flash on CPU tensors here),
+    ``sdpa_auto`` calls SDPA without the ``sdpa_kernel`` context; where it does not (math
+    seeded), the backend is forced."""
+    q, k, v = _qkv()
+    kw = {"is_causal": True, "enable_gqa": True}
+    _seed(q, k, v, "flash", **kw)
+    (choice,) = sb.choices().values()
+    assert choice.dispatch == "flash"  # what torch._fused_sdp_choice says for CPU tensors
+    entered: list[object] = []
+    real = sb.sdpa_kernel
+    monkeypatch.setattr(sb, "sdpa_kernel", lambda *a, **k: entered.append(a) or real(*a, **k))
+    torch.testing.assert_close(
+        sb.sdpa_auto(q, k, v, **kw), F.scaled_dot_product_attention(q, k, v, **kw)
+    )
+    assert entered == []
+    sb.clear_choices()
+    _seed(q, k, v, "math", **kw)
+    torch.testing.assert_close(
+        sb.sdpa_auto(q, k, v, **kw), F.scaled_dot_product_attention(q, k, v, **kw),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+    assert len(entered) == 1
+
+
 def test_a_cached_choice_is_never_a_disabled_backend() -> None:
     q, k, v = _qkv()
     kw = {"is_causal": True, "enable_gqa": True}

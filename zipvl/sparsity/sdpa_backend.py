@@ -72,11 +72,16 @@ class BackendChoice:
         backend: the fastest backend's name, or None (PyTorch's own dispatch: nothing timed).
         times_ms: median ms of every backend that ran ({} when nothing was timed).
         why: a few words on how the choice was made.
+        dispatch: the backend PyTorch's own dispatch picks for the bucket's calls
+            (``torch._fused_sdp_choice``), or None where it could not be asked. Where it is
+            ``backend``, ``sdpa_auto`` calls SDPA directly: the ``sdpa_kernel`` context that
+            forces a backend costs about 15 us of host time per call.
     """
 
     backend: str | None
     times_ms: dict[str, float]
     why: str
+    dispatch: str | None = None
 
 
 _CHOICES: dict[tuple[Any, ...], BackendChoice] = {}
@@ -194,15 +199,28 @@ def fastest_backend(
     Raises:
         RuntimeError: no enabled backend can run the call (PyTorch's own error of the last one).
     """
+    choice = _choice(q, k, v, timer, kw)
+    return None if choice is None else choice.backend
+
+
+def _choice(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    timer: Callable[[str, Callable[[], object]], float] | None,
+    kw: dict[str, Any],
+) -> BackendChoice | None:
+    """``fastest_backend``'s whole choice (None: PyTorch's own dispatch, nothing measured)."""
     if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None
     key = _key(q, k, v, kw)
     hit = _CHOICES.get(key)
     if hit is not None:
-        return hit.backend
+        return hit
     if not q.is_cuda and timer is None:
         return None  # not measured on the CPU: PyTorch's dispatch (tests seed choices)
-    return _measure(key, q, k, v, timer, kw, "measured on the first call of the bucket")
+    _measure(key, q, k, v, timer, kw, "measured on the first call of the bucket")
+    return _CHOICES[key]
 
 
 def _measure(
@@ -232,8 +250,24 @@ def _measure(
         if not times:
             raise RuntimeError(f"no enabled SDPA backend runs this call: {last_error}")
         best = min(times, key=lambda n: times[n])
-        _CHOICES[key] = BackendChoice(best, times, why)
+        _CHOICES[key] = BackendChoice(best, times, why, _dispatch(q, k, v, kw))
     return best
+
+
+_BY_VALUE = {b.value: name for name, b in BACKENDS.items()}
+
+
+def _dispatch(q: Tensor, k: Tensor, v: Tensor, kw: dict[str, Any]) -> str | None:
+    """The backend PyTorch's own dispatch runs for this call, or None where it cannot say."""
+    try:
+        value = torch._fused_sdp_choice(  # pyright: ignore[reportPrivateImportUsage]
+            q, k, v, kw.get("attn_mask"), float(kw.get("dropout_p", 0.0)),
+            bool(kw.get("is_causal", False)), scale=kw.get("scale"),
+            enable_gqa=bool(kw.get("enable_gqa", False)),
+        )  # fmt: skip
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    return _BY_VALUE.get(int(value))
 
 
 def sdpa_auto(
@@ -246,8 +280,14 @@ def sdpa_auto(
 ) -> Tensor:
     """``F.scaled_dot_product_attention(q, k, v, **kw)`` on ``fastest_backend``'s choice. If
     the remembered backend refuses this call (something outside the bucket key), the call is
-    measured again and the new choice (with the reason) replaces the old one."""
-    backend = fastest_backend(q, k, v, timer=timer, **kw)
+    measured again and the new choice (with the reason) replaces the old one. Where PyTorch's
+    own dispatch picks that backend for the bucket (``BackendChoice.dispatch``), SDPA is
+    called without forcing it (the same kernel, less host time)."""
+    choice = _choice(q, k, v, timer, kw)
+    backend = None if choice is None else choice.backend
+    if choice is not None and choice.dispatch == backend:
+        # PyTorch's dispatch picks the fastest itself: no sdpa_kernel context (host time)
+        return F.scaled_dot_product_attention(q, k, v, **kw)
     try:
         return sdpa(q, k, v, backend=backend, **kw)
     except RuntimeError as err:
