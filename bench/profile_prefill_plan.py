@@ -57,10 +57,24 @@ def main() -> None:
         def layer():
             return sparse_attention(q, k, v, plan().selection, impl="auto")
 
+        def layer_sdpa():
+            return sparse_attention(q, k, v, plan().selection, impl="sdpa")
+
         for _ in range(5):
             layer()
         torch.cuda.synchronize()
-        for name, fn in (("plan", plan), ("plan_eager", plan_eager), ("layer", layer)):
+        named = (("plan", plan), ("plan_eager", plan_eager), ("layer", layer),
+                 ("layer_sdpa", layer_sdpa))  # fmt: skip
+        for name, fn in named:
+            for _ in range(3):  # host time per call (no sync: launches only), then wall
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(args.reps):
+                    fn()
+                host = (time.perf_counter() - t0) / args.reps * 1e3
+                torch.cuda.synchronize()
+                wall = (time.perf_counter() - t0) / args.reps * 1e3
+                print(f"# S={s} {name}: host {host:.3f} ms/call (launch only), wall {wall:.3f}")
             t0 = time.perf_counter()
             for _ in range(args.reps):
                 fn()
