@@ -815,27 +815,40 @@ def test_unknown_launch_settings_raise_naming_the_key() -> None:
         del ws[key]
 
 
-def test_launch_choice_runs_pages_where_programs_walk_many_pages(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The measured rule: "pages" at twice the splits (at most 64) once a program would walk
-    >= PAGES_VARIANT_MIN_PAGES pages at the default splits, on CUDA; "tile" otherwise."""
+def test_launch_choice_follows_the_measured_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The measured rule: "pages" with 3 stages once a program would walk >=
+    PAGES_VARIANT_MIN_PAGES pages at the default splits, "tile" with 128-token steps from
+    LONG_TILE_MIN_PAGES (pages of 128) in a grid of at most 2 programs per SM (132 SMs here),
+    the defaults otherwise and off CUDA."""
+    import types
+
     import zipvl.decode as zdec
 
-    store = PagedKVStore(PageFormat(page_size=16), batch_size=8, num_heads=4, head_dim=64,
-                         dtype=torch.float32, device="cpu", recompress_every=8,
-                         sink_tokens=0)  # fmt: skip
+    props = types.SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+
+    pages = {"variant": "pages", "stages": 3}
     cuda = torch.device("cuda")
-    cases = [  # (default splits, pages per row, expected)
-        (17, (410, 614), (34, "pages")),  # batch 8, 128k tokens on an H200
-        (17, (102, 154), (17, None)),  # batch 8, 32k
-        (64, (410, 614), (64, None)),  # batch 1, 128k
-        (17, (272, 272), (34, "pages")),  # exactly 32 pages a program
-        (17, (271, 272), (17, None)),
-        (40, (2000, 2000), (64, "pages")),  # twice the splits, capped at 64
-    ]
-    for ns, (hi, lo), want in cases:
-        monkeypatch.setattr(zdec, "_splits", lambda store, device, ns=ns: ns)
-        store.max_pages = [hi, lo]
-        assert zdec.launch_choice(store, cuda) == want, (ns, hi, lo)
-        assert zdec.launch_choice(store, torch.device("cpu")) == (ns, None)
+    for page_size in (128, 64):
+        long_tile = {"block_t": 128} if page_size == 128 else {}
+        cases = [  # (batch, default splits, pages per row, expected)
+            (8, 17, (410, 614), (17, pages)),  # batch 8, 128k tokens on an H200
+            (4, 33, (410, 614), (33, pages)),  # batch 4, 128k: ~31 pages a program
+            (8, 17, (102, 154), (17, {})),  # batch 8, 32k: ~15, 544 programs
+            (1, 64, (410, 614), (64, long_tile)),  # batch 1, 128k: 16, 256 programs
+            (1, 64, (100, 154), (64, {})),  # batch 1, 32k: ~4
+            (8, 17, (204, 204), (17, pages)),  # exactly 24 pages a program
+            (8, 17, (203, 204), (17, {})),
+            (1, 64, (384, 384), (64, long_tile)),  # exactly 12
+            (1, 64, (383, 384), (64, {})),
+            (2, 33, (300, 300), (33, long_tile)),  # 264 programs: 2 per SM
+            (2, 34, (300, 300), (34, {})),
+        ]
+        for b, ns, (hi, lo), want in cases:
+            store = PagedKVStore(PageFormat(page_size=page_size), batch_size=b, num_heads=4,
+                                 head_dim=64, dtype=torch.float32, device="cpu",
+                                 recompress_every=8, sink_tokens=0)  # fmt: skip
+            monkeypatch.setattr(zdec, "_splits", lambda store, device, ns=ns: ns)
+            store.max_pages = [hi, lo]
+            assert zdec.launch_choice(store, cuda) == want, (b, ns, hi, lo, page_size)
+            assert zdec.launch_choice(store, torch.device("cpu")) == (ns, {})

@@ -129,8 +129,8 @@ def _settings(store: PagedKVStore) -> list[int]:
     so a compiled step launches exactly as an eager one: ``_SETTINGS``, then the indices of
     ``variant`` and ``convert``."""
     ws: dict[str, Any] | None = getattr(store, "_decode_ws", None)
-    if ws is None:  # no eager call yet: the variant an eager call would choose
-        ws = {"variant": launch_choice(store, store.device)[1]}
+    if ws is None:  # no eager call yet: the launch an eager call would choose
+        ws = launch_choice(store, store.device)[1]
     out = [int(ws[key]) if ws.get(key) is not None else -1 for key in _SETTINGS]
     variant = convert = -1
     if ws.get("variant") is not None or ws.get("convert") is not None:  # (triton imported
@@ -195,29 +195,48 @@ def _splits(store: PagedKVStore, device: torch.device) -> int:
     return max(1, min(64, -(-4 * sms // store.rows)))
 
 
-PAGES_VARIANT_MIN_PAGES = 32
+PAGES_VARIANT_MIN_PAGES = 24
 """Pages per program (at the default splits) from which the fused kernel runs its ``"pages"``
-variant at twice the splits (``launch_choice``)."""
+variant with 3 pipeline stages (``launch_choice``)."""
+
+LONG_TILE_MIN_PAGES = 12
+"""Pages per program (at the default splits) from which the ``"tile"`` variant reads 128
+tokens per step instead of 64 (``launch_choice``)."""
 
 
-def launch_choice(store: PagedKVStore, device: torch.device) -> tuple[int, str | None]:
-    """Page splits per row and the fused kernel's variant (None: its default, ``"tile"``).
+def launch_choice(store: PagedKVStore, device: torch.device) -> tuple[int, dict[str, Any]]:
+    """Page splits per row and the fused kernel's launch settings ({}: its defaults, the
+    ``"tile"`` variant with 64-token steps and 2 stages).
 
-    Where a program would walk many pages (>= ``PAGES_VARIANT_MIN_PAGES`` at the default
-    splits), the ``"pages"`` variant (each warp its own page) at twice the splits (at most 64)
-    is faster; elsewhere ``"tile"`` is. Measured on an H200 with the 28-layer model replayed
-    from CUDA graphs, 128k tokens (``bench/gpu_hf_graph.py --launch``): batch 8 (~60 pages a
-    program) 22.8 ms per token with "pages" at twice the splits against 26.7 with "tile";
-    batch 1 (~16 pages a program) and 32k (~15) were faster with "tile" in the kernel-alone
-    sweep (``bench/notes/decode_kernel.md``). Decided once per workspace, from the store's
-    host bound of pages per row, so a recorded step keeps its launch; CUDA only (the
-    interpreter's CPU runs keep the default).
+    Measured on an H200, one layer at 128k tokens, CUDA-graph replays, twice at each shape
+    (``bench/gpu_decode.py --sweep``, commits c066593 and eb67c24; ``bench/notes/
+    decode_kernel.md``):
+
+    * where a program walks >= ``PAGES_VARIANT_MIN_PAGES`` pages at the default splits (batch
+      4: ~31, batch 8: ~60), ``"pages"`` (each warp its own page) with 3 pipeline stages at the
+      default splits: batch 8 0.50 ms against 0.60 for "pages" at twice the splits with 2
+      stages (the rule before), 0.52 with 3; batch 4 0.29 against 0.32 for "tile";
+    * where it walks >= ``LONG_TILE_MIN_PAGES`` and the grid holds at most 2 programs per SM
+      (batch 1: ~16 pages, 256 programs), ``"tile"`` with 128-token steps (pages of at least
+      128): 0.089 against 0.098 ms. At batch 4 x 32k (~8 pages, 528 programs) 128-token steps
+      were 13 % slower, at batch 4 x 128k (528 programs) even;
+    * elsewhere (32k prompts: ~4-15 pages a program) the defaults, which the earlier sweeps
+      found fastest there.
+
+    The thresholds between the measured shapes are not measured. Decided once per workspace,
+    from the store's host bound of pages per row, so a recorded step keeps its launch; CUDA
+    only (the interpreter's CPU runs keep the defaults).
     """
     ns = _splits(store, device)
     pages = store.max_pages[0] + store.max_pages[1]  # host bound, both classes
-    if device.type == "cuda" and pages >= PAGES_VARIANT_MIN_PAGES * ns:
-        return min(2 * ns, 64), "pages"
-    return ns, None
+    if device.type != "cuda":
+        return ns, {}
+    if pages >= PAGES_VARIANT_MIN_PAGES * ns:
+        return ns, {"variant": "pages", "stages": 3}
+    few = store.rows * ns <= 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    if pages >= LONG_TILE_MIN_PAGES * ns and few and store.fmt.page_size >= 128:
+        return ns, {"block_t": 128}
+    return ns, {}
 
 
 def workspace(store: PagedKVStore, hq: int) -> dict[str, Any]:
@@ -232,7 +251,7 @@ def workspace(store: PagedKVStore, hq: int) -> dict[str, Any]:
                 f"call; run one decode step with batch {store.batch_size} and {hq} query heads "
                 "before capturing it in a CUDA graph"
             )
-        ns, variant = launch_choice(store, store.device)
+        ns, launch = launch_choice(store, store.device)
         b, d = store.batch_size, store.head_dim
         f32 = {"dtype": torch.float32, "device": store.device}
         ws = {
@@ -245,8 +264,7 @@ def workspace(store: PagedKVStore, hq: int) -> dict[str, Any]:
             # last one merges and zeroes it again, so it is zero between launches
             "ticket": torch.zeros(store.rows, dtype=torch.int32, device=store.device),
         }
-        if variant is not None:
-            ws["variant"] = variant
+        ws.update(launch)
         store._decode_ws = ws  # type: ignore[attr-defined]
     return ws
 
