@@ -256,10 +256,13 @@ class PlanGraph:
         sc = self.scorer(q, k)
         rk = plan_keep(sc, allocator=self.allocator, selector=self.selector, layer_idx=layer_idx)
         budget, keep, idx = rk.budget, rk.keep, rk.indices  # (B, Hkv), (B, Hkv, S), ...
-        lo, hi = torch.aminmax(budget.to(torch.int64))
-        kept_lo, kept_hi = torch.aminmax(keep.sum(dim=-1).flatten())  # the rows' kept counts
-        nan = sc.normalized.isnan().any().to(torch.int64)
-        out["stats"].copy_(torch.stack([lo, hi, nan, kept_lo, kept_hi]))
+        if self._read_free(k.shape[-2], layer_idx):  # nothing but the NaN flag is looked at
+            out["stats"][2].copy_(sc.normalized.isnan().any())
+        else:
+            lo, hi = torch.aminmax(budget.to(torch.int64))
+            kept_lo, kept_hi = torch.aminmax(keep.sum(dim=-1).flatten())  # rows' kept counts
+            nan = sc.normalized.isnan().any().to(torch.int64)
+            out["stats"].copy_(torch.stack([lo, hi, nan, kept_lo, kept_hi]))
         out["mass"].copy_(sc.mass)
         out["normalized"].copy_(sc.normalized)
         out["budget"].copy_(budget)
@@ -383,10 +386,18 @@ class PlanGraph:
             ) from err
         return graph
 
+    def _read_free(self, s: int, layer_idx: int | None) -> bool:
+        """Whether a plan of ``s`` tokens knows every row's kept count on the host: a budget
+        known there (``host_budget``) and ``TopKSelector``, whose rows keep exactly
+        ``clamp(max(budget, |forced|), 0, Skv)`` tokens."""
+        known = host_budget(self.allocator, s, layer_idx=layer_idx)
+        return known is not None and type(self.selector) is TopKSelector
+
     def _result(self, out: dict[str, Tensor], s: int, layer_idx: int | None) -> TokenPlan:
         scores = Scores(mass=out["mass"], normalized=out["normalized"])
-        known = host_budget(self.allocator, s, layer_idx=layer_idx)
-        if known is not None and type(self.selector) is TopKSelector:
+        if self._read_free(s, layer_idx):
+            known = host_budget(self.allocator, s, layer_idx=layer_idx)
+            assert known is not None and isinstance(self.selector, TopKSelector)
             # Every row keeps clamp(max(budget, |forced|), 0, Skv) tokens by construction
             # (keep_and_indices, property-tested), and the budget is a host int: no read. The
             # NaN check stays on the device and travels with the selection (sparse_attention
