@@ -8,8 +8,9 @@ full-precision tail, exactly as ``PagedCacheLayer`` stores them.
 Variants, all in one process, eager and as CUDA-graph replays:
     sdpa-<backend>  SDPA over the bf16 cache of the same N + 50 tokens, forced to one backend
                     (flash, cudnn, efficient; a backend that cannot run the call says "n/a")
-    fused           zipvl.decode.decode_attention(impl="triton"): one launch over all pages and
-                    the fp regions (its last program per KV head merges the partial states;
+    fused           zipvl.decode.decode_attention(impl="triton") with the launch
+                    ``zipvl.decode.launch_choice`` picks (column "launch"; what users get): one
+                    launch over all pages and the fp regions (its last program per KV head merges the partial states;
                     a separate merge launch before the commit that folded it in); its
                     kernel variants (workspace ``variant``: "tile", the default, the warps of
                     a program split each page; "pages", each warp owns a page) are timed
@@ -178,9 +179,10 @@ def main(argv: list[str] | None = None) -> None:
             ref, _ = decode_attention(q, store, impl="reference")
             rel_err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
             row: dict = {"B": b, "N": n}
+            chosen = dict(store._decode_ws)  # type: ignore[attr-defined]  # launch_choice's
             store._decode_ws["variant"] = "pages"  # type: ignore[attr-defined]
             out, _ = decode_attention(q, store, impl="triton")
-            store._decode_ws["variant"] = "tile"  # type: ignore[attr-defined]
+            store._decode_ws = dict(chosen)  # type: ignore[attr-defined]
             row["pages_rel_err_vs_fp32_ref"] = (
                 (out.float() - ref.float()).norm() / ref.float().norm()
             ).item()
@@ -210,7 +212,10 @@ def main(argv: list[str] | None = None) -> None:
                 set_launch(ws, launch, default["splits"], b, hq, d)
                 fused()
                 tried[launch_name(launch)] = median_ms_graph(fused, rep_ms=100)
-            set_launch(ws, {}, default["splits"], b, hq, d)
+            # back to what users get: zipvl.decode.launch_choice's launch
+            store._decode_ws = dict(chosen)  # type: ignore[attr-defined]
+            keys = ("variant", "stages", "block_t", "splits")
+            row["launch"] = ",".join(f"{k}={chosen[k]}" for k in keys if k in chosen)
             row["launch_sweep"] = tried
             for variant in ("tile", "pages"):  # the two kernels at their defaults
                 if f"variant={variant}" in tried:
@@ -246,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
 
     cols = ["B", "N", "fastest_dense", "sdpa_flash_graph_ms", "sdpa_cudnn_graph_ms",
-            "sdpa_efficient_graph_ms", "fused_graph_ms", "fused_ms", "tile_graph_ms",
+            "sdpa_efficient_graph_ms", "launch", "fused_graph_ms", "fused_ms", "tile_graph_ms",
             "pages_graph_ms", "pages_speedup", "best_launch",
             "speedup_graph",
             "speedup_eager", "eager_over_graph", "bytes_ratio", "fused_frac_of_copy_bw",
