@@ -10,8 +10,8 @@ Variants, all in one process, eager and as CUDA-graph replays:
                     (flash, cudnn, efficient; a backend that cannot run the call says "n/a")
     fused           zipvl.decode.decode_attention(impl="triton") with the launch
                     ``zipvl.decode.launch_choice`` picks (column "launch"; what users get): one
-                    launch over all pages and the fp regions (its last program per KV head merges the partial states;
-                    a separate merge launch before the commit that folded it in); its
+                    launch over all pages and the fp regions (its last program per KV head
+                    merges the partial states); its
                     kernel variants (workspace ``variant``: "tile", the default, the warps of
                     a program split each page; "pages", each warp owns a page) are timed
                     side by side in the launch sweep: columns tile_graph_ms, pages_graph_ms,
