@@ -90,6 +90,11 @@ def test_forced_tokens_always_kept(sel: TopKSelector, s: int, p: int) -> None:
     selection = sel(scores, torch.full((2, 2), p, dtype=torch.int32))
     assert selection.keep[..., forced].all()
     assert int(forced.sum()) == sel.num_forced(s)
+    # the mask is built once per (length, sinks, recent, device) and shared, never rebuilt
+    assert sel.forced_mask(s) is forced
+    recent = max(sel.recent_window, 1 if sel.keep_last else 0)
+    pos = torch.arange(s)
+    assert torch.equal(forced, (pos < sel.sink_tokens) | (pos >= s - recent))
 
 
 def test_layer_granularity_shares_one_set_per_batch_row() -> None:
