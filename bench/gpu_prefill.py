@@ -14,9 +14,6 @@ Variants, all in one process:
     plan_tau        the same with CumulativeMassAllocator(tau=0.975)
     plan_eager      plan_tokens(impl="torch"): the eager plan (and plan_tau_eager)
     select_<impl>   TopKSelector.keep_and_indices with the select kernels / the sort path
-    plan_scores_<where> the captured plan scoring inside its graph (q, k copied in) or outside
-                    it, on the caller's q and k (PlanGraph(scores_outside=...); the default
-                    switches at SCORES_OUTSIDE_MIN_TOKENS)
     plan_sel_<path> the captured plan with the select kernels ("triton") or the sort path
                     ("sort") inside its graph (SELECT_TRITON_MAX_TOKENS's decision), up to
                     GRAPH_MAX_TOKENS
@@ -120,21 +117,6 @@ def _plan_with_select_limit(q, k, scorer, allocator, selector, limit: int) -> fl
         return ms
     finally:
         selectors.SELECT_TRITON_MAX_TOKENS = old
-
-
-def _plan_scores_outside(q, k, scorer, allocator, selector, outside: bool) -> float:
-    """Median ms of a fresh captured plan that scores outside its graph (``outside``) or
-    inside it (``PlanGraph(scores_outside=...)``; the default switches at
-    ``SCORES_OUTSIDE_MIN_TOKENS``)."""
-    from zipvl.sparsity.plan_graph import PlanGraph
-
-    planner = PlanGraph(scorer, allocator, selector, scores_outside=outside)
-    planner(q, k)
-    planner(q, k)  # captured here
-    ms = median_ms(lambda: planner(q, k))
-    if planner.replays == 0:
-        raise RuntimeError("plan_scores_*: the plan was not replayed from its graph")
-    return ms
 
 
 def _replayed(plan, scorer, allocator, selector) -> bool:
@@ -242,8 +224,6 @@ def main() -> None:
         if s <= GRAPH_MAX_TOKENS:  # the captured plan with each selection path inside it
             t |= {f"plan_sel_{n}": _plan_with_select_limit(q, k, scorer, fixed, selector, lim)
                   for n, lim in (("sort", 0), ("triton", s))}  # fmt: skip
-            t |= {f"plan_scores_{n}": _plan_scores_outside(q, k, scorer, fixed, selector, o)
-                  for n, o in (("inside", False), ("outside", True))}  # fmt: skip
         dense = {}
         for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION),
                               ("flash", SDPBackend.FLASH_ATTENTION),
@@ -313,8 +293,6 @@ def main() -> None:
                 "plan_graph": _replayed(lambda: plan_fixed(), scorer, fixed, selector),
                 "plan_sel_sort_ms": t.get("plan_sel_sort"),
                 "plan_sel_triton_ms": t.get("plan_sel_triton"),
-                "plan_scores_inside_ms": t.get("plan_scores_inside"),
-                "plan_scores_outside_ms": t.get("plan_scores_outside"),
                 "score_torch_ms": t["score_torch"],
                 "score_triton_ms": t["score_triton"],
                 "zipvl_sdpa_ms": t["zipvl_sdpa"],

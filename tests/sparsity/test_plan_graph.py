@@ -218,8 +218,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
      (CumulativeMassAllocator(0.9), torch.float16, 1000),
      (FixedRatioAllocator(0.42), torch.bfloat16, 20000),
      (CumulativeMassAllocator(0.975), torch.bfloat16, 16384)],
-    ids=["tau-bf16-4k", "fixed-bf16-8k", "tau-fp16-1000", "fixed-bf16-20k-scores-outside",
-         "tau-bf16-16k-scores-outside"],
+    ids=["tau-bf16-4k", "fixed-bf16-8k", "tau-fp16-1000", "fixed-bf16-20k", "tau-bf16-16k"],
 )  # fmt: skip
 def test_replays_equal_eager_plans_on_fresh_inputs(allocator, dtype, s) -> None:
     """Every call draws new inputs; from the second call on the plan is a replay and must equal
@@ -262,7 +261,7 @@ def test_a_replay_syncs_once_and_shapes_share_buffers() -> None:
 
 
 @cuda
-@pytest.mark.parametrize("s", [2048, 16384], ids=["scores-inside", "scores-outside"])
+@pytest.mark.parametrize("s", [2048, 16384])
 def test_a_fixed_ratio_layer_never_syncs(s) -> None:
     """The plan of a fixed ratio (captured, replayed) and the sparse attention on it make no
     host synchronisation at all."""
@@ -327,7 +326,7 @@ def _stand_in_recorder(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(selectors, "SELECT_TRITON_MAX_TOKENS", 0)
 
     def record(self, entry, layer_idx, views):
-        return _Replay(self._captured_fn(entry, layer_idx, views))
+        return _Replay(lambda: self._static(entry.q, entry.k, layer_idx, views))
 
     monkeypatch.setattr(plan_graph.PlanGraph, "_record", record)
 
@@ -359,34 +358,6 @@ def test_a_model_captures_in_its_second_forward_and_replays_after(monkeypatch) -
     want = plan_tokens(*plain, scorer=comps[0], allocator=comps[1], selector=comps[2],
                        impl="torch")  # fmt: skip
     _same_plan(planner(fresh_q, fresh_k, layer_idx=0), want)
-
-
-@pytest.mark.parametrize("allocator", [FixedRatioAllocator(0.4), CumulativeMassAllocator(0.9)])
-def test_scores_outside_the_graph_give_the_same_plan(monkeypatch, allocator) -> None:
-    """With the scores computed outside the graph (``scores_outside``, the default from
-    SCORES_OUTSIDE_MIN_TOKENS) the graph holds no copy of q or k and replays only allocate ->
-    select -> compact; every plan (eager, capturing, replayed, on fresh inputs) is the eager
-    pipeline's."""
-    from zipvl.sparsity import plan_graph
-
-    _stand_in_recorder(monkeypatch)
-    comps = (ProbeScorer(impl="torch"), allocator, TopKSelector())
-    planner = PlanGraph(*comps, scores_outside=True)
-    for seed in range(4):  # eager, capture, replay, replay
-        q, k = _qk(64, seed=seed)
-        plain = (q.as_subclass(torch.Tensor), k.as_subclass(torch.Tensor))
-        want = plan_tokens(*plain, scorer=comps[0], allocator=comps[1], selector=comps[2],
-                           impl="torch")  # fmt: skip
-        _same_plan(planner(q, k, layer_idx=0), want)
-    assert (planner.captures, planner.replays) == (1, 3)
-    (entry,) = next(iter(planner._entries.values())).values()
-    assert entry.q is None and entry.k is None  # nothing of q or k is copied in
-    # the default: outside from SCORES_OUTSIDE_MIN_TOKENS on, inside below
-    auto = PlanGraph(*comps)
-    assert not auto._outside(plan_graph.SCORES_OUTSIDE_MIN_TOKENS - 1)
-    assert auto._outside(plan_graph.SCORES_OUTSIDE_MIN_TOKENS)
-    with pytest.raises(TypeError, match=r"scores_outside: expected a bool or None"):
-        PlanGraph(*comps, scores_outside="yes")  # type: ignore[arg-type]
 
 
 def test_per_layer_allocators_capture_once_per_layer(monkeypatch) -> None:

@@ -7,10 +7,7 @@ work is a fifth of that. ``PlanGraph`` captures the whole fixed-shape part once 
 and replays it:
 
 1. the inputs are copied into the graph's static buffers (all of ``k``; of ``q`` only the probe
-   rows when the scorer is a ``ProbeScorer``, which reads nothing else), or, from
-   ``SCORES_OUTSIDE_MIN_TOKENS`` (16k) on, the scorer runs outside the graph on the caller's q
-   and k and writes its scores into the graph's buffer (no copy of k, no copy of the scores
-   out of the graph; below 16k the plan is host-bound and the graph's fewer launches win);
+   rows when the scorer is a ``ProbeScorer``, which reads nothing else);
 2. one replay scores (the fused probe kernels), allocates the budget on the device, and builds
    the keep mask and the kept positions of every row in ascending order from the device budget
    (``plan_keep``: ``TopKSelector.keep_and_indices``, the select kernels up to 128k tokens, the
@@ -48,7 +45,6 @@ import contextlib
 import functools
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -81,13 +77,6 @@ GRAPH_MAX_TOKENS = 65536
 """``plan_impl="auto"`` captures prompts up to this many tokens. Above it the eager plan is
 already under 2 % of dense attention (H200: 0.66 % at 128k), and the static copies of q and k
 a captured shape holds (``B * (Hq + Hkv) * S * D`` elements) are not worth their memory."""
-
-SCORES_OUTSIDE_MIN_TOKENS = 16384
-"""From this prompt length the captured plan scores outside its graph, on the caller's q and k
-(the two probe kernels launched as usual), and replays only allocate -> select -> compact:
-the graph then copies no k in (16 us of the H200's 0.27 ms plan at 32k) and no scores out.
-Below it the plan is host-bound, and the launches outside the graph would cost more than the
-copies they save."""
 
 # The components whose calls are known to be capturable (fixed shapes, no host read):
 _CAPTURABLE = (ProbeScorer, CumulativeMassAllocator, FixedRatioAllocator, TopKSelector)
@@ -170,8 +159,8 @@ def graph_plan_problem(
 class _Entry:
     """One captured shape of one planner."""
 
-    q: Tensor | None  # static inputs (shared; None when the scores are computed outside)
-    k: Tensor | None
+    q: Tensor  # static inputs (shared)
+    k: Tensor
     q_rows: Tensor | None  # the probe rows the scorer reads (None: all of q)
     packed: Tensor  # uint8, every output of one replay (shared)
     graph: Any  # torch.cuda.CUDAGraph
@@ -247,16 +236,10 @@ class PlanGraph:
         capture: bool = True,
         max_shapes: int = 4,
         capture_after: int = 1,
-        scores_outside: bool | None = None,
     ) -> None:
         keep_mask_of(selector)  # raises for a selector without one, before any capture
         self.scorer, self.allocator, self.selector = scorer, allocator, selector
         self.capture = bool(capture)
-        if scores_outside is not None and not isinstance(scores_outside, bool):
-            raise TypeError(
-                f"scores_outside: expected a bool or None, got {type(scores_outside).__name__}"
-            )
-        self.scores_outside = scores_outside
         self.max_shapes = check_int("max_shapes", max_shapes, 1)
         self.capture_after = check_int("capture_after", capture_after, 0)
         # a known allocator ignores layer_idx: its layers share one graph per shape
@@ -271,29 +254,17 @@ class PlanGraph:
     def _static(self, q: Tensor, k: Tensor, layer_idx: int | None, out: dict[str, Tensor]) -> None:
         """Score, allocate, keep-mask and compact into ``out`` (fixed shapes, no host read)."""
         sc = self.scorer(q, k)
-        out["mass"].copy_(sc.mass)
-        out["normalized"].copy_(sc.normalized)
-        self._static_select(k.shape[-2], layer_idx, out)
-
-    def _outside(self, s: int) -> bool:
-        """Whether a captured plan of ``s`` tokens scores outside its graph."""
-        if self.scores_outside is not None:
-            return self.scores_outside
-        return s >= SCORES_OUTSIDE_MIN_TOKENS
-
-    def _static_select(self, s: int, layer_idx: int | None, out: dict[str, Tensor]) -> None:
-        """Allocate, keep-mask and compact the scores in ``out`` into ``out`` (what the graph
-        replays when the scores are computed outside it)."""
-        sc = Scores(mass=out["mass"], normalized=out["normalized"])
         rk = plan_keep(sc, allocator=self.allocator, selector=self.selector, layer_idx=layer_idx)
         budget, keep, idx = rk.budget, rk.keep, rk.indices  # (B, Hkv), (B, Hkv, S), ...
-        if self._read_free(s, layer_idx):  # nothing but the NaN flag is looked at
+        if self._read_free(k.shape[-2], layer_idx):  # nothing but the NaN flag is looked at
             out["stats"][2].copy_(sc.normalized.isnan().any())
         else:
             lo, hi = torch.aminmax(budget.to(torch.int64))
             kept_lo, kept_hi = torch.aminmax(keep.sum(dim=-1).flatten())  # rows' kept counts
             nan = sc.normalized.isnan().any().to(torch.int64)
             out["stats"].copy_(torch.stack([lo, hi, nan, kept_lo, kept_hi]))
+        out["mass"].copy_(sc.mass)
+        out["normalized"].copy_(sc.normalized)
         out["budget"].copy_(budget)
         out["keep"].copy_(keep)
         # a selector without keep_and_indices: compact by running count
@@ -345,21 +316,14 @@ class PlanGraph:
         else:
             self._entries.move_to_end(shape)
             with _device(q.device):
-                self._fill(entry, q, k, layout)
+                self._fill(entry, q, k)
                 entry.graph.replay()
                 packed = entry.packed.clone()  # one copy out: the next replay overwrites it
             self.replays += 1
         return self._result(_views(packed, layout), s, layer_idx)
 
-    def _fill(self, entry: _Entry, q: Tensor, k: Tensor, layout: _Layout) -> None:
-        """The graph's inputs: the scores computed here on the caller's q and k (into the
-        output buffer, which the graph reads), or copies of q's probe rows and of k."""
-        if entry.k is None or entry.q is None:
-            sc = self.scorer(q, k)
-            views = _views(entry.packed, layout)
-            views["mass"].copy_(sc.mass)
-            views["normalized"].copy_(sc.normalized)
-            return
+    @staticmethod
+    def _fill(entry: _Entry, q: Tensor, k: Tensor) -> None:
         entry.k.copy_(k)
         if entry.q_rows is None:
             entry.q.copy_(q)
@@ -371,21 +335,14 @@ class PlanGraph:
         nbytes: int, layout: _Layout,
     ) -> _Entry:  # fmt: skip
         q_rows = None
-        outside = self._outside(k.shape[-2])
-        if isinstance(self.scorer, ProbeScorer) and not outside:
+        if isinstance(self.scorer, ProbeScorer):
             q_rows = self.scorer.probe_rows(q.shape[-2], device=q.device)
         dev = q.device
         # normal tensors even under inference_mode: later calls outside it write into them
         with torch.inference_mode(False):
-            q_in = k_in = None
-            if not outside:
-                q_in = _shared(("q", *shape), lambda: torch.zeros(q.shape, dtype=q.dtype,
-                                                                   device=dev))  # fmt: skip
-                k_in = _shared(("k", *shape), lambda: torch.zeros(k.shape, dtype=k.dtype,
-                                                                   device=dev))  # fmt: skip
             entry = _Entry(
-                q=q_in,
-                k=k_in,
+                q=_shared(("q", *shape), lambda: torch.zeros(q.shape, dtype=q.dtype, device=dev)),
+                k=_shared(("k", *shape), lambda: torch.zeros(k.shape, dtype=k.dtype, device=dev)),
                 q_rows=q_rows,
                 packed=_shared(
                     ("out", *shape), lambda: torch.zeros(nbytes, dtype=torch.uint8, device=dev)
@@ -394,7 +351,7 @@ class PlanGraph:
             )
             views = _views(entry.packed, layout)
         with _device(dev):  # Triton launches on the current device
-            self._fill(entry, q, k, layout)
+            self._fill(entry, q, k)
             entry.graph = self._record(entry, layer_idx, views)
         if shape not in self._entries:  # a new shape: drop the least recently used ones
             while len(self._entries) >= self.max_shapes:
@@ -406,30 +363,19 @@ class PlanGraph:
         self.captures += 1
         return entry
 
-    def _captured_fn(
-        self, entry: _Entry, layer_idx: int | None, views: dict[str, Tensor]
-    ) -> Callable[[], None]:
-        """What the graph of ``entry`` records: the whole plan on the static q and k, or only
-        allocate -> select -> compact on the scores ``_fill`` puts into the output buffer."""
-        if entry.q is None or entry.k is None:
-            s = views["mass"].shape[-1]
-            return functools.partial(self._static_select, s, layer_idx, views)
-        return functools.partial(self._static, entry.q, entry.k, layer_idx, views)
-
     def _record(self, entry: _Entry, layer_idx: int | None, views: dict[str, Tensor]) -> Any:
-        """Warm up on a side stream, then capture ``_captured_fn`` on the static buffers."""
-        dev = entry.packed.device
-        run = self._captured_fn(entry, layer_idx, views)
+        """Warm up on a side stream, then capture ``_static`` on the static buffers."""
+        dev = entry.k.device
         current = torch.cuda.current_stream(dev)
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(current)
         try:
             with torch.cuda.stream(side):  # warm-up: kernel compiles, cached probe rows
-                run()
+                self._static(entry.q, entry.k, layer_idx, views)
             current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=torch.cuda.Stream(device=dev)):
-                run()
+                self._static(entry.q, entry.k, layer_idx, views)
         except RuntimeError as err:
             torch.cuda.set_stream(current)  # a failed capture may leave its stream current
             raise ValueError(
