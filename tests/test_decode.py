@@ -829,8 +829,8 @@ def test_launch_choice_follows_the_measured_rule(monkeypatch: pytest.MonkeyPatch
 
     pages = {"variant": "pages", "stages": 3}
     cuda = torch.device("cuda")
-    for page_size in (128, 64):
-        long_tile = {"block_t": 128} if page_size == 128 else {}
+    for page_size in (128, 64, 192, 256):
+        long_tile = {"block_t": 128} if page_size % 128 == 0 else {}  # never straddles a page
         cases = [  # (batch, default splits, pages per row, expected)
             (8, 17, (410, 614), (17, pages)),  # batch 8, 128k tokens on an H200
             (4, 33, (410, 614), (33, pages)),  # batch 4, 128k: ~31 pages a program

@@ -217,9 +217,10 @@ def launch_choice(store: PagedKVStore, device: torch.device) -> tuple[int, dict[
       default splits: batch 8 0.50 ms against 0.60 for "pages" at twice the splits with 2
       stages (the rule before), 0.52 with 3; batch 4 0.29 against 0.32 for "tile";
     * where it walks >= ``LONG_TILE_MIN_PAGES`` and the grid holds at most 2 programs per SM
-      (batch 1: ~16 pages, 256 programs), ``"tile"`` with 128-token steps (pages of at least
-      128): 0.089 against 0.098 ms. At batch 4 x 32k (~8 pages, 528 programs) 128-token steps
-      were 13 % slower, at batch 4 x 128k (528 programs) even;
+      (batch 1: ~16 pages, 256 programs), ``"tile"`` with 128-token steps (pages of a multiple
+      of 128 tokens: a step never straddles a page): 0.089 against 0.098 ms. At batch 4 x
+      32k (~8 pages, 528 programs) 128-token steps were 13 % slower, at batch 4 x 128k (528
+      programs) even;
     * elsewhere (32k prompts: ~4-15 pages a program) the defaults, which the earlier sweeps
       found fastest there.
 
@@ -234,7 +235,7 @@ def launch_choice(store: PagedKVStore, device: torch.device) -> tuple[int, dict[
     if pages >= PAGES_VARIANT_MIN_PAGES * ns:
         return ns, {"variant": "pages", "stages": 3}
     few = store.rows * ns <= 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    if pages >= LONG_TILE_MIN_PAGES * ns and few and store.fmt.page_size >= 128:
+    if pages >= LONG_TILE_MIN_PAGES * ns and few and store.fmt.page_size % 128 == 0:
         return ns, {"block_t": 128}
     return ns, {}
 

@@ -110,7 +110,8 @@ class Selection:
         keep: (B, Hkv, Skv) bool, True for important tokens. Every (b, h) row has the same
             number of True entries (``num_kept``).
         num_kept: the number of kept tokens per row, as a host int (the plan step reads it
-            back once per layer to size the gathered tensors).
+            back once per layer to size the gathered tensors, or knows it without a read when
+            the budget is known on the host: ``zipvl.sparsity.host_budget``).
 
     Raises:
         TypeError: ``keep`` is not a tensor or ``num_kept`` not an int.

@@ -291,7 +291,7 @@ def _sinks(b, h, s, n):
 
 
 @pytest.mark.parametrize("allocator", ["tau", "fixed"])
-def test_transformers_prefill_reads_the_host_once_per_layer(
+def test_transformers_prefill_reads_the_host_at_most_once_per_layer(
     monkeypatch: pytest.MonkeyPatch, allocator: str
 ):
     """A transformers model under zipvl.enable: each layer's plan read is the prefill's only

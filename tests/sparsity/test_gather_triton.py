@@ -123,12 +123,17 @@ def test_scatter_rows_equals_torch_scatter(pb: dict) -> None:
 
 
 @needs_kernels
-@pytest.mark.parametrize("flag_dtype", [torch.int64, torch.bool])
-def test_scatter_rows_writes_nan_everywhere_when_the_flag_is_set(flag_dtype) -> None:
+@pytest.mark.parametrize(
+    ("flag_dtype", "dtype"),
+    [(torch.int64, torch.bfloat16), (torch.bool, torch.bfloat16), (torch.int64, torch.float64)],
+)
+def test_scatter_rows_writes_nan_everywhere_when_the_flag_is_set(flag_dtype, dtype) -> None:
+    """A clear flag changes nothing (float64 rows stay exact), a set one writes NaN into every
+    element."""
     gen = torch.Generator().manual_seed(3)
     b, hkv, g, s, p, dv = 1, 2, 3, 40, 9, 16
     keep, idx = _keep(b, hkv, s, p, gen)
-    out_kept = _randn(b, hkv * g, p, dv, dtype=torch.bfloat16, gen=gen)
+    out_kept = _randn(b, hkv * g, p, dv, dtype=dtype, gen=gen)
     clear = torch.zeros((), dtype=flag_dtype, device=DEVICE)
     got = scatter_rows_triton(out_kept, idx, keep, s, nan_flag=clear)
     assert torch.equal(got, _scatter_rows(out_kept, idx, s))

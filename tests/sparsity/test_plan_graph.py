@@ -5,6 +5,8 @@ the argument, and the ``"auto"`` rule."""
 
 from __future__ import annotations
 
+import math
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -127,6 +129,33 @@ def test_a_budget_known_on_the_host_plans_without_a_read(monkeypatch, allocator)
         adaptive = planner(q, k, layer_idx=1)
         assert reads.count == 1, reads.where
         assert adaptive.selection.nan_flag is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    b=st.integers(1, 2),
+    s=st.integers(1, 40),
+    ratio=st.one_of(st.sampled_from([1e-3, 1.0]), st.floats(0.01, 1.0)),
+    selector=selectors,
+    seed=st.integers(0, 2**16),
+)
+def test_a_read_free_plan_keeps_the_host_count_in_every_row(b, s, ratio, selector, seed) -> None:
+    """What the device selected (the select path of the captured plan, run eagerly here) keeps
+    exactly the count the host derived without reading: every row, its indices ascending and
+    inside the mask, for sinks / recent windows, per-layer selection, budgets below the forced
+    tokens and ratio 1, and prompts shorter than the forced tokens."""
+    q, k, _ = random_qkv(b, 4, 2, s, 16, seed=seed)
+    plan = PlanGraph(ProbeScorer(), FixedRatioAllocator(ratio), selector, capture=False)(q, k)
+    sel = plan.selection
+    assert sel.nan_flag is not None  # read-free: the flag travels instead of a read
+    n = sel.num_kept
+    assert n == min(max(math.ceil(round(ratio * s, 9)), selector.num_forced(s), 1), s)
+    assert (sel.keep.sum(-1) == n).all()
+    idx = sel.indices()
+    assert idx.shape == (b, 2, n) and (idx.diff(dim=-1) > 0).all()
+    assert sel.keep.gather(-1, idx).all()
+    forced = selector.forced_mask(s)
+    assert sel.keep[..., forced].all()
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "reference", "flex"])

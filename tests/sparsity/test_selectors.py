@@ -97,6 +97,19 @@ def test_forced_tokens_always_kept(sel: TopKSelector, s: int, p: int) -> None:
     assert torch.equal(forced, (pos < sel.sink_tokens) | (pos >= s - recent))
 
 
+def test_a_mask_first_built_under_inference_mode_serves_autograd() -> None:
+    """The shared forced mask is a normal tensor even when inference_mode built it first: a
+    later selection on scores that require grad still works."""
+    sel = TopKSelector(sink_tokens=3, recent_window=2)
+    with torch.inference_mode():
+        sel.keep_mask(torch.rand(1, 2, 37), torch.full((1, 2), 5))
+    scores = torch.rand(1, 2, 37, requires_grad=True)
+    keep = sel.keep_mask(scores, torch.full((1, 2), 5))
+    assert (keep.sum(-1) == 5).all()
+    (scores * sel._ranked(scores).isinf()).sum().backward()  # autograd through the mask
+    assert scores.grad is not None
+
+
 def test_layer_granularity_shares_one_set_per_batch_row() -> None:
     scores = random_scores(2, 3, 30, seed=3)
     sel = TopKSelector(granularity="layer", keep_last=False)(

@@ -274,7 +274,9 @@ def host_budget(allocator: Allocator, skv: int, *, layer_idx: int | None = None)
         layer_idx: the layer (a ``PerLayerSchedule`` needs it; None there gives None).
     """
     if type(allocator) is PerLayerSchedule:
-        if layer_idx is None or not 0 <= layer_idx < len(allocator.schedule):
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
+            return None  # the allocator's own call names a bad layer_idx
+        if not 0 <= layer_idx < len(allocator.schedule):
             return None
         return host_budget(allocator.for_layer(layer_idx), skv, layer_idx=layer_idx)
     if type(allocator) is FixedRatioAllocator:

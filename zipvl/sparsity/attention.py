@@ -467,8 +467,8 @@ def sparse_attention(
 
 
 def _poisoned(out: Tensor, nan_flag: Tensor | None) -> Tensor:
-    """``out``, or NaN everywhere when the plan's unread NaN flag is set (no host read)."""
+    """``out`` (a fresh tensor), NaN everywhere when the plan's unread NaN flag is set (in
+    place, no host read)."""
     if nan_flag is None:
         return out
-    return torch.where(nan_flag.bool(), torch.full((), float("nan"), dtype=out.dtype,
-                                                   device=out.device), out)  # fmt: skip
+    return out.masked_fill_(nan_flag.bool(), float("nan"))

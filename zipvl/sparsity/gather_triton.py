@@ -121,7 +121,7 @@ def _copy_rows_nan(
     offs_d = tl.arange(0, BLOCK_D)
     mask = ok[:, None] if BLOCK_D == D else ok[:, None] & (offs_d < D)[None, :]
     x = tl.load(src + src_rows[:, None] * src_stride + offs_d[None, :], mask=mask)
-    x = tl.where(bad, float("nan"), x.to(tl.float32)).to(x.dtype)
+    x = tl.where(bad, tl.full(x.shape, float("nan"), x.dtype), x)  # x's own dtype: exact
     tl.store(dst + dst_rows[:, None] * D + offs_d[None, :], x, mask=mask)
 
 
@@ -174,8 +174,8 @@ def _scatter_rows_kernel(
         mask = zero[:, None] if BLOCK_DV == DV else zero[:, None] & (offs_d < DV)[None, :]
         zeros = tl.zeros([BLOCK_S, BLOCK_DV], dtype=out_ptr.dtype.element_ty)
         if NAN_FLAG:
-            fill = tl.where(tl.load(nan_ptr) != 0, float("nan"), 0.0)
-            zeros = (zeros.to(tl.float32) + fill).to(out_ptr.dtype.element_ty)
+            nans = tl.full([BLOCK_S, BLOCK_DV], float("nan"), out_ptr.dtype.element_ty)
+            zeros = tl.where(tl.load(nan_ptr) != 0, nans, zeros)
         for j in tl.static_range(GROUP):
             h = hkv * GROUP + j
             rows = (b * n_hkv * GROUP + h) * seq_len + offs_s

@@ -172,7 +172,8 @@ def plan_tokens(
             ``plan_tokens``, with or without padding.
         impl: ``"torch"`` runs the components eagerly; ``"graph"`` replays the whole plan from
             a CUDA graph captured per input shape (``zipvl.sparsity.plan_graph.PlanGraph``: the
-            same plan, one host read, the kept positions computed in the graph); ``"auto"``
+            same plan, one host read or none, the kept positions computed in the graph);
+            ``"auto"``
             (default) replays when ``graph_plan_problem`` finds nothing against it (eager CUDA
             inputs, no padding, no ``mass_reduce``, at most ``GRAPH_MAX_TOKENS`` tokens, a
             ``ProbeScorer`` / ``CumulativeMassAllocator`` or ``FixedRatioAllocator`` /

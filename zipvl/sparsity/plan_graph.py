@@ -13,6 +13,7 @@ and replays it:
    (``plan_keep``: ``TopKSelector.keep_and_indices``, the select kernels up to 128k tokens, the
    sort of ``keep_mask`` and a running count above; no read);
 3. one copy takes every output out of the graph's memory (the next replay overwrites it), and
+   (unless the budget is known on the host, below)
    one host read brings back the budget's range, the NaN flag and the rows' kept counts: the
    same checks, the same errors and the same selection as ``plan_scores`` with
    ``TopKSelector`` (both selections are the first ``p`` entries of the stable descending
@@ -271,7 +272,8 @@ class PlanGraph:
         out["idx"].copy_(kept_positions(keep) if idx is None else idx)
 
     def __call__(self, q: Tensor, k: Tensor, *, layer_idx: int | None = None) -> TokenPlan:
-        """Plan one unpadded prefill (one host read); the selection carries its kept positions.
+        """Plan one unpadded prefill (one host read, none with a budget known on the host); the
+        selection carries its kept positions.
 
         Args:
             q: (B, Hq, S, D) queries with RoPE applied.
@@ -285,9 +287,10 @@ class PlanGraph:
 
         Raises:
             ValueError: as ``plan_scores`` with ``TopKSelector`` (the non-finite-mass sentinel,
-                NaN scores, a budget that differs between rows or lies outside [0, Skv]), rows
-                of a custom selector that keep different counts, bad shapes, or a capture that
-                fails (naming the components).
+                NaN scores, a budget that differs between rows or lies outside [0, Skv]; a
+                read-free plan raises none of these: its NaN flag travels with the selection),
+                rows of a custom selector that keep different counts, bad shapes, or a capture
+                that fails (naming the components).
         """
         check_qkv(q, k)
         if q.shape[-2] != k.shape[-2]:

@@ -9,9 +9,10 @@ first time a shape bucket is seen, and remembers the winner:
 
 * bucket = (device, dtype, B, Hq, Hkv, D, Dv, Sq and Skv rounded up to a power of two, causal,
   Sq == Skv, the mask's dtype and shape, dropout, requires_grad, unit last strides, 16-byte
-  alignment, deterministic mode, the enabled backends): everything that decides which backends
-  can run a call, so one measurement per bucket (a few ms, with host syncs, like Triton's
-  autotuning) holds for the bucket's later calls;
+  alignment, deterministic mode, PyTorch's backend priority order, the enabled backends):
+  everything that decides which backends can run a call and which one PyTorch's dispatch
+  picks, so one measurement per bucket (a few ms, with host syncs, like Triton's autotuning)
+  holds for the bucket's later calls;
 * should the remembered backend still refuse a later call, ``sdpa_auto`` measures that call
   again (all backends compute the same function) and records why in ``choices()``;
 * the math backend is timed only when no other backend runs (it materialises the score matrix);
@@ -107,8 +108,15 @@ def _key(q: Tensor, k: Tensor, v: Tensor, kw: dict[str, Any]) -> tuple[Any, ...]
         float(kw.get("dropout_p", 0.0)), bool(kw.get("enable_gqa", False)),
         any(t.requires_grad for t in tensors), all(t.stride(-1) == 1 for t in tensors),
         all(t.data_ptr() % 16 == 0 for t in tensors),
-        torch.are_deterministic_algorithms_enabled(), _enabled(),
+        torch.are_deterministic_algorithms_enabled(), _priority(), _enabled(),
     )  # fmt: skip
+
+
+def _priority() -> tuple[int, ...] | None:
+    """PyTorch's current backend priority order (``sdpa_kernel(..., set_priority=True)``
+    changes it, and with it what its own dispatch picks), or None where it cannot be asked."""
+    get = getattr(torch._C, "_get_sdp_priority_order", None)
+    return tuple(get()) if callable(get) else None
 
 
 def choices() -> dict[str, BackendChoice]:

@@ -70,14 +70,19 @@ def check_budget_read(p_min: int, p_max: int, has_nan: int, skv: int) -> None:
         raise ValueError(f"budget: expected values in [0, Skv={skv}], got {p_max}")
 
 
-def _build_forced_mask(skv: int, sinks: int, recent: int, device: torch.device) -> Tensor:
+def _build_forced_mask(
+    skv: int, sinks: int, recent: int, device: torch.device | str | None
+) -> Tensor:
     pos = torch.arange(skv, device=device)  # (Skv,)
     return (pos < sinks) | (pos >= skv - recent)  # (Skv,)
 
 
 @functools.lru_cache(maxsize=64)
 def _forced_mask(skv: int, sinks: int, recent: int, device: torch.device) -> Tensor:
-    return _build_forced_mask(skv, sinks, recent, device)
+    # a normal tensor even when first asked for under inference_mode (autograd may save it
+    # later); built on the current stream, which every later use follows or waits for
+    with torch.inference_mode(False):
+        return _build_forced_mask(skv, sinks, recent, device)
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,9 @@ class TopKSelector:
         """Forced positions as a (Skv,) bool tensor (shared between calls: do not write to it;
         ``_forced_mask`` keeps the recent ones, so a plan does not rebuild it)."""
         recent = max(self.recent_window, 1 if self.keep_last else 0)
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if torch.compiler.is_compiling():  # traced: built in the graph (no cache lookup)
+            return _build_forced_mask(skv, self.sink_tokens, recent, device)
+        dev = torch.device(device) if device is not None else torch.get_default_device()
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
