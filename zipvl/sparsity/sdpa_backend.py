@@ -32,7 +32,7 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +116,7 @@ def _priority() -> tuple[int, ...] | None:
     """PyTorch's current backend priority order (``sdpa_kernel(..., set_priority=True)``
     changes it, and with it what its own dispatch picks), or None where it cannot be asked."""
     get = getattr(torch._C, "_get_sdp_priority_order", None)
-    return tuple(get()) if callable(get) else None
+    return tuple(cast(list[int], get())) if callable(get) else None
 
 
 def choices() -> dict[str, BackendChoice]:
