@@ -158,8 +158,11 @@ def test_a_read_free_plan_keeps_the_host_count_in_every_row(b, s, ratio, selecto
     assert sel.keep[..., forced].all()
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "reference", "flex"])
-def test_nan_scores_of_a_plan_without_a_read_turn_the_output_into_nan(impl) -> None:
+@pytest.mark.parametrize(
+    ("impl", "unkept"),
+    [("sdpa", "zero"), ("reference", "zero"), ("flex", "zero"), ("sdpa", "attend")],
+)
+def test_nan_scores_of_a_plan_without_a_read_turn_the_output_into_nan(impl, unkept) -> None:
     """Where the adaptive plan raises on NaN scores, a fixed ratio's plan (no read) hands the
     flag to ``sparse_attention``, which writes NaN everywhere, as dense attention would give NaN
     (here only the unkept key 0 is NaN, so the output would otherwise look finite)."""
@@ -167,13 +170,14 @@ def test_nan_scores_of_a_plan_without_a_read_turn_the_output_into_nan(impl) -> N
     k[0, 0, 5, 0] = float("nan")
     plan = PlanGraph(ProbeScorer(), FixedRatioAllocator(0.5), TopKSelector(), capture=False)(q, k)
     assert plan.selection.nan_flag is not None and plan.selection.nan_flag.item() == 1
-    out = sparse_attention(q, k, v, plan.selection, impl=impl, compile=False)
+    out = sparse_attention(q, k, v, plan.selection, impl=impl, unkept=unkept, compile=False)
     assert out.isnan().all()
     qc, kc, vc = random_qkv(1, 4, 2, 48, 16, seed=1)
     clean = PlanGraph(ProbeScorer(), FixedRatioAllocator(0.5), TopKSelector(), capture=False)
     sel = clean(qc, kc).selection
     assert sel.nan_flag is not None and sel.nan_flag.item() == 0
-    assert sparse_attention(qc, kc, vc, sel, impl=impl, compile=False).isfinite().all()
+    clean_out = sparse_attention(qc, kc, vc, sel, impl=impl, unkept=unkept, compile=False)
+    assert clean_out.isfinite().all()
 
 
 def test_errors_name_the_argument() -> None:
