@@ -18,7 +18,6 @@ exactly ``num_kept`` entries per row by construction, so ``sparse_attention`` re
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,21 +67,6 @@ def check_budget_read(p_min: int, p_max: int, has_nan: int, skv: int) -> None:
         )
     if not 0 <= p_max <= skv:
         raise ValueError(f"budget: expected values in [0, Skv={skv}], got {p_max}")
-
-
-def _build_forced_mask(
-    skv: int, sinks: int, recent: int, device: torch.device | str | None
-) -> Tensor:
-    pos = torch.arange(skv, device=device)  # (Skv,)
-    return (pos < sinks) | (pos >= skv - recent)  # (Skv,)
-
-
-@functools.lru_cache(maxsize=64)
-def _forced_mask(skv: int, sinks: int, recent: int, device: torch.device) -> Tensor:
-    # a normal tensor even when first asked for under inference_mode (autograd may save it
-    # later); built on the current stream, which every later use follows or waits for
-    with torch.inference_mode(False):
-        return _build_forced_mask(skv, sinks, recent, device)
 
 
 @dataclass(frozen=True)
@@ -135,18 +119,10 @@ class TopKSelector:
         return min(skv, sinks + recent)
 
     def forced_mask(self, skv: int, device: torch.device | str | None = None) -> Tensor:
-        """Forced positions as a (Skv,) bool tensor (shared between calls: do not write to it;
-        ``_forced_mask`` keeps the recent ones, so a plan does not rebuild it)."""
+        """Forced positions as a (Skv,) bool tensor."""
+        pos = torch.arange(skv, device=device)  # (Skv,)
         recent = max(self.recent_window, 1 if self.keep_last else 0)
-        if torch.compiler.is_compiling():  # traced: built in the graph (no cache lookup)
-            return _build_forced_mask(skv, self.sink_tokens, recent, device)
-        dev = torch.device(device) if device is not None else torch.get_default_device()
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            # not cached: memory allocated in a capture belongs to that graph's pool
-            return _build_forced_mask(skv, self.sink_tokens, recent, dev)
-        return _forced_mask(skv, self.sink_tokens, recent, dev)
+        return (pos < self.sink_tokens) | (pos >= skv - recent)  # (Skv,)
 
     def _ranked(self, scores: Tensor) -> Tensor:
         """The float32 scores the selection ranks, (B, Hs, Skv) with Hs = Hkv (``"kv_head"``) or
