@@ -441,29 +441,19 @@ def sparse_attention(
                   "compile": compile, "copy_impl": copy}  # fmt: skip
             return _poisoned(_padded_rows(q, k, v, selection, spans, kw), selection.nan_flag)
 
-    flag = selection.nan_flag
+    applied = False  # whether the path below wrote the plan's NaN flag itself
     if selection.num_kept == 0:
-        return _poisoned(q.new_zeros(b, hq, s, v.shape[-1]), flag)
-    if impl_ is Impl.REFERENCE:
+        out = q.new_zeros(b, hq, s, v.shape[-1])
+    elif impl_ is Impl.REFERENCE:
         out = reference_sparse_attention(q, k, v, selection, unkept=unkept, scale=scale)
-        return _poisoned(out, flag)
-    if impl_ in (Impl.SDPA, Impl.AUTO):
+    elif impl_ in (Impl.SDPA, Impl.AUTO):
         tuned = impl_ is Impl.AUTO
         out = _sdpa_sparse(q, k, v, selection, unkept=unkept, scale=scale, tuned=tuned, copy=copy)
-        if unkept == "zero" and copy is Impl.TRITON:
-            return out  # the scatter kernel applied the flag
-        return _poisoned(out, flag)
-    out = _flex_sparse(
-        q,
-        k,
-        v,
-        selection,
-        unkept=unkept,
-        scale=scale,
-        block_size=block_size,
-        compile=compile,
-    )
-    return _poisoned(out, flag)
+        applied = unkept == "zero" and copy is Impl.TRITON  # the scatter kernel's flag
+    else:
+        out = _flex_sparse(q, k, v, selection, unkept=unkept, scale=scale,
+                           block_size=block_size, compile=compile)  # fmt: skip
+    return out if applied else _poisoned(out, selection.nan_flag)
 
 
 def _poisoned(out: Tensor, nan_flag: Tensor | None) -> Tensor:

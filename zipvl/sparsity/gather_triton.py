@@ -57,14 +57,18 @@ def triton_copy_available(device: torch.device) -> bool:
 
 @triton.jit
 def _copy_rows(
-    src, src_rows, src_stride, dst, dst_rows, ok, D: tl.constexpr, BLOCK_D: tl.constexpr
-):
+    src, src_rows, src_stride, dst, dst_rows, ok, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    nan_ptr=None,
+):  # fmt: skip
     """Copy rows ``src + src_rows * src_stride`` (D contiguous elements each) to rows
-    ``dst + dst_rows * D`` where ``ok``."""
+    ``dst + dst_rows * D`` where ``ok``; NaN instead where the flag at ``nan_ptr`` (if given)
+    is set."""
     offs_d = tl.arange(0, BLOCK_D)
     # a mask constant along D when D is a power of two: whole-row vector accesses
     mask = ok[:, None] if BLOCK_D == D else ok[:, None] & (offs_d < D)[None, :]
     x = tl.load(src + src_rows[:, None] * src_stride + offs_d[None, :], mask=mask)
+    if nan_ptr is not None:  # x's own dtype: exact when the flag is clear
+        x = tl.where(tl.load(nan_ptr) != 0, tl.full(x.shape, float("nan"), x.dtype), x)
     tl.store(dst + dst_rows[:, None] * D + offs_d[None, :], x, mask=mask)
 
 
@@ -113,18 +117,6 @@ def _gather_qkv_kernel(
                    D, BLOCK_D)  # fmt: skip
 
 
-@triton.jit
-def _copy_rows_nan(
-    src, src_rows, src_stride, dst, dst_rows, ok, bad, D: tl.constexpr, BLOCK_D: tl.constexpr
-):
-    """``_copy_rows`` writing NaN instead where ``bad`` (a scalar) is set."""
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = ok[:, None] if BLOCK_D == D else ok[:, None] & (offs_d < D)[None, :]
-    x = tl.load(src + src_rows[:, None] * src_stride + offs_d[None, :], mask=mask)
-    x = tl.where(bad, tl.full(x.shape, float("nan"), x.dtype), x)  # x's own dtype: exact
-    tl.store(dst + dst_rows[:, None] * D + offs_d[None, :], x, mask=mask)
-
-
 @triton.jit(do_not_specialize=["n_kept", "seq_len"])
 def _scatter_rows_kernel(
     o_ptr,
@@ -142,7 +134,6 @@ def _scatter_rows_kernel(
     BLOCK_DV: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_S: tl.constexpr,
-    NAN_FLAG: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hkv = tl.program_id(1).to(tl.int64)
@@ -154,17 +145,12 @@ def _scatter_rows_kernel(
         offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
         ok = offs_p < n_kept
         pos = tl.load(idx_ptr + bh * n_kept + offs_p, mask=ok, other=0)
-        if NAN_FLAG:
-            bad = tl.load(nan_ptr) != 0
         for j in tl.static_range(GROUP):
             h = hkv * GROUP + j
             dst = (b * n_hkv * GROUP + h) * seq_len + pos
             src = o_ptr + b * stride_ob + h * stride_oh
-            if NAN_FLAG:
-                _copy_rows_nan(src, offs_p.to(tl.int64), stride_os, out_ptr, dst, ok, bad, DV,
-                               BLOCK_DV)  # fmt: skip
-            else:
-                _copy_rows(src, offs_p.to(tl.int64), stride_os, out_ptr, dst, ok, DV, BLOCK_DV)
+            _copy_rows(src, offs_p.to(tl.int64), stride_os, out_ptr, dst, ok, DV, BLOCK_DV,
+                       nan_ptr)  # fmt: skip
     else:  # unkept positions of this block: zeros (NaN when the plan's flag is set)
         offs_s = (pid - n_pb) * BLOCK_S + tl.arange(0, BLOCK_S)
         in_seq = offs_s < seq_len
@@ -173,7 +159,7 @@ def _scatter_rows_kernel(
         offs_d = tl.arange(0, BLOCK_DV)
         mask = zero[:, None] if BLOCK_DV == DV else zero[:, None] & (offs_d < DV)[None, :]
         zeros = tl.zeros([BLOCK_S, BLOCK_DV], dtype=out_ptr.dtype.element_ty)
-        if NAN_FLAG:
+        if nan_ptr is not None:
             nans = tl.full([BLOCK_S, BLOCK_DV], float("nan"), out_ptr.dtype.element_ty)
             zeros = tl.where(tl.load(nan_ptr) != 0, nans, zeros)
         for j in tl.static_range(GROUP):
@@ -340,13 +326,12 @@ def scatter_rows_triton(
         return out
     out_kept = _last_dim_contiguous(out_kept)
     keep8 = keep.contiguous().view(torch.uint8)
-    flag = keep8 if nan_flag is None else nan_flag  # unread without the flag
     grid = (triton.cdiv(p, _BLOCK_P) + triton.cdiv(s, _BLOCK_S), hkv, b)
     _scatter_rows_kernel[grid](
-        out_kept, idx, keep8, out, flag, p, s,
+        out_kept, idx, keep8, out, nan_flag, p, s,  # nan_flag None: a kernel without the flag
         out_kept.stride(0), out_kept.stride(1), out_kept.stride(2),
         GROUP=hq // hkv, DV=dv, BLOCK_DV=_pow2(dv), BLOCK_P=_BLOCK_P, BLOCK_S=_BLOCK_S,
-        NAN_FLAG=nan_flag is not None, num_warps=_WARPS,
+        num_warps=_WARPS,
     )  # fmt: skip
     return out
 

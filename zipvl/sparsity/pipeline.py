@@ -230,21 +230,30 @@ def plan_tokens(
     )
 
 
+def read_free_budget(
+    allocator: Allocator, selector: Selector, skv: int, layer_idx: int | None
+) -> int | None:
+    """The budget when a plan of ``skv`` keys needs no host read, else None: the allocator's
+    budget is known on the host (``host_budget``: a fixed ratio) and the selector is exactly
+    ``TopKSelector``, whose rows keep ``kept_count(Skv, budget)`` tokens by construction. The
+    one rule of the eager plan (``plan_tokens``) and the captured one (``PlanGraph``)."""
+    if type(selector) is not TopKSelector:
+        return None
+    return host_budget(allocator, skv, layer_idx=layer_idx)
+
+
 def _read_free_plan(
     scores: Scores, allocator: Allocator, selector: Selector, layer_idx: int | None
 ) -> TokenPlan | None:
-    """``plan_scores`` without its host read, where the budget is known on the host
-    (``host_budget``: a fixed ratio) and the selector is ``TopKSelector`` (whose rows keep
-    ``clamp(max(budget, |forced|), 0, Skv)`` by construction): the same plan, with the NaN check
-    of the scores left on the device (``Selection.attach_nan_flag``). None otherwise."""
-    skv = scores.normalized.shape[-1]
-    known = host_budget(allocator, skv, layer_idx=layer_idx)
-    if known is None or type(selector) is not TopKSelector:
+    """``plan_scores`` without its host read where ``read_free_budget`` allows it: the same
+    plan, with the NaN check of the scores left on the device (``Selection.attach_nan_flag``).
+    None otherwise."""
+    known = read_free_budget(allocator, selector, scores.normalized.shape[-1], layer_idx)
+    if known is None:
         return None
+    assert isinstance(selector, TopKSelector)
     budget = _budget(scores.mass, allocator, layer_idx, _num_heads(scores.mass))  # (B, Hkv)
-    num_kept = min(max(known, selector.num_forced(skv)), skv)
-    keep = selector.keep_mask_k(scores.normalized, known)  # (B, Hkv, Skv), num_kept per row
-    sel = Selection(keep=keep, num_kept=num_kept).check_counts(count_range=(num_kept, num_kept))
+    sel = selector.select_k(scores.normalized, known)
     sel.attach_nan_flag(scores.normalized.isnan().any())
     return TokenPlan(scores=scores, budget=budget, selection=sel)
 

@@ -53,8 +53,8 @@ import torch
 from torch import Tensor
 
 from zipvl.checks import check_int, check_qkv
-from zipvl.sparsity.allocators import CumulativeMassAllocator, FixedRatioAllocator, host_budget
-from zipvl.sparsity.pipeline import TokenPlan, keep_mask_of, plan_keep
+from zipvl.sparsity.allocators import CumulativeMassAllocator, FixedRatioAllocator
+from zipvl.sparsity.pipeline import TokenPlan, keep_mask_of, plan_keep, read_free_budget
 from zipvl.sparsity.scorers import ProbeScorer
 from zipvl.sparsity.selectors import TopKSelector, check_budget_read
 from zipvl.types import (
@@ -257,7 +257,8 @@ class PlanGraph:
         sc = self.scorer(q, k)
         rk = plan_keep(sc, allocator=self.allocator, selector=self.selector, layer_idx=layer_idx)
         budget, keep, idx = rk.budget, rk.keep, rk.indices  # (B, Hkv), (B, Hkv, S), ...
-        if self._read_free(k.shape[-2], layer_idx):  # nothing but the NaN flag is looked at
+        read_free = read_free_budget(self.allocator, self.selector, k.shape[-2], layer_idx)
+        if read_free is not None:  # nothing but the NaN flag is looked at
             out["stats"][2].copy_(sc.normalized.isnan().any())
         else:
             lo, hi = torch.aminmax(budget.to(torch.int64))
@@ -389,23 +390,16 @@ class PlanGraph:
             ) from err
         return graph
 
-    def _read_free(self, s: int, layer_idx: int | None) -> bool:
-        """Whether a plan of ``s`` tokens knows every row's kept count on the host: a budget
-        known there (``host_budget``) and ``TopKSelector``, whose rows keep exactly
-        ``clamp(max(budget, |forced|), 0, Skv)`` tokens."""
-        known = host_budget(self.allocator, s, layer_idx=layer_idx)
-        return known is not None and type(self.selector) is TopKSelector
-
     def _result(self, out: dict[str, Tensor], s: int, layer_idx: int | None) -> TokenPlan:
         scores = Scores(mass=out["mass"], normalized=out["normalized"])
-        if self._read_free(s, layer_idx):
-            known = host_budget(self.allocator, s, layer_idx=layer_idx)
-            assert known is not None and isinstance(self.selector, TopKSelector)
-            # Every row keeps clamp(max(budget, |forced|), 0, Skv) tokens by construction
-            # (keep_and_indices, property-tested), and the budget is a host int: no read. The
-            # NaN check stays on the device and travels with the selection (sparse_attention
-            # turns the output into NaN when it is set).
-            num_kept = min(max(known, self.selector.num_forced(s)), s)
+        known = read_free_budget(self.allocator, self.selector, s, layer_idx)
+        if known is not None:
+            assert isinstance(self.selector, TopKSelector)
+            # Every row keeps kept_count(Skv, budget) tokens by construction (keep_and_indices,
+            # property-tested), and the budget is a host int: no read. The NaN check stays on
+            # the device and travels with the selection (sparse_attention turns the output into
+            # NaN when it is set).
+            num_kept = self.selector.kept_count(s, known)
             sel = Selection(keep=out["keep"], num_kept=num_kept).check_counts(
                 count_range=(num_kept, num_kept)
             )

@@ -118,6 +118,11 @@ class TopKSelector:
         sinks = min(self.sink_tokens, skv)
         return min(skv, sinks + recent)
 
+    def kept_count(self, skv: int, k: int) -> int:
+        """How many tokens every row keeps for a budget ``k``: ``clamp(max(k, |forced|), 0,
+        Skv)`` (host arithmetic; what ``keep_mask`` and the select kernels keep)."""
+        return min(max(int(k), self.num_forced(skv)), skv)
+
     def forced_mask(self, skv: int, device: torch.device | str | None = None) -> Tensor:
         """Forced positions as a (Skv,) bool tensor."""
         pos = torch.arange(skv, device=device)  # (Skv,)
@@ -221,7 +226,7 @@ class TopKSelector:
             (B, Hkv, Skv) bool with ``kk`` True entries per row.
         """
         b, hkv, skv = scores.shape
-        kk = min(max(int(k), self.num_forced(skv)), skv)
+        kk = self.kept_count(skv, k)
         if kk == 0 or kk == skv or scores.numel() == 0:
             return torch.full((b, hkv, skv), kk > 0, dtype=torch.bool, device=scores.device)
         s = self._ranked(scores)  # (B, Hs, Skv)
@@ -269,10 +274,21 @@ class TopKSelector:
         )  # (3,) int64
         p_min, p_max, has_nan = stats.tolist()
         check_budget_read(p_min, p_max, has_nan, skv)
-        num_kept = min(max(p_max, self.num_forced(skv)), skv)
-        keep = self.keep_mask_k(scores, p_max)  # (B, Hkv, Skv), num_kept per row
-        # keep_mask_k keeps exactly num_kept per row by construction (property-tested against
-        # the sort of keep_mask), so the selection is returned as checked without another read
+        return self.select_k(scores, p_max)
+
+    def select_k(self, scores: Tensor, k: int) -> Selection:
+        """The selection for a budget the host knows (one ``k`` for every row), without a host
+        read: ``keep_mask_k``'s mask with ``kept_count(Skv, k)`` entries per row, returned as
+        checked (it keeps exactly that many by construction, property-tested against the sort
+        of ``keep_mask``). ``__call__`` ends here after its read; a plan whose allocator knows
+        the budget on the host starts here (``zipvl.sparsity.host_budget``).
+
+        Args:
+            scores: (B, Hkv, Skv) float, higher = keep.
+            k: the budget, a host int.
+        """
+        num_kept = self.kept_count(scores.shape[-1], k)
+        keep = self.keep_mask_k(scores, k)  # (B, Hkv, Skv), num_kept per row
         return Selection(keep=keep, num_kept=num_kept).check_counts(
             count_range=(num_kept, num_kept)
         )
