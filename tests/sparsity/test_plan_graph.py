@@ -70,6 +70,28 @@ def test_the_captured_function_is_the_eager_plan(shape, scorer, allocator, selec
     _same_plan(got, want)
 
 
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+    reason="the fused probe kernels run on CUDA or under TRITON_INTERPRET=1",
+)
+@pytest.mark.parametrize(
+    ("b", "s", "allocator", "selector"),
+    [(2, 37, FixedRatioAllocator(0.42), TopKSelector()),
+     (1, 70, CumulativeMassAllocator(0.9), TopKSelector(sink_tokens=2, recent_window=3)),
+     (1, 50, FixedRatioAllocator(0.3), TopKSelector(granularity="layer"))],
+)  # fmt: skip
+def test_the_fused_scorer_writes_the_plan_in_place(b, s, allocator, selector) -> None:
+    """With the fused probe kernels the captured function writes the scores and the selection
+    straight into the (uninitialised) output buffer: the same plan as ``plan_tokens``."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scorer = ProbeScorer(max_recent=6, max_random=6, impl="triton")
+    q, k, _ = random_qkv(b, 4, 2, s, 16, seed=s, device=device)
+    planner = PlanGraph(scorer, allocator, selector, capture=False)
+    assert planner._fused(q)
+    want = plan_tokens(q, k, scorer=scorer, allocator=allocator, selector=selector, impl="torch")
+    _same_plan(planner(q, k), want)
+
+
 def test_the_plan_feeds_sparse_attention_with_its_positions() -> None:
     q, k, v = random_qkv(1, 4, 2, 96, 16, seed=4)
     comps = {
@@ -267,6 +289,39 @@ def test_replays_equal_eager_plans_on_fresh_inputs(allocator, dtype, s) -> None:
 
 
 @cuda
+def test_a_replay_reads_its_inputs_where_they_are() -> None:
+    """The fused scorer's graph reads q and k by address (no static copies): replays on fresh
+    inputs at new addresses (the old ones kept alive, so no address is reused) equal eager
+    plans, for contiguous inputs and for views of one fused projection (other strides: a graph
+    of their own); an input that is not 16-byte aligned is copied into static buffers."""
+    comps = {"scorer": ProbeScorer(), "allocator": FixedRatioAllocator(0.42),
+             "selector": TopKSelector()}  # fmt: skip
+    planner = PlanGraph(**comps)
+    s, d, alive = 4096, 128, []
+
+    def views(seed: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        if kind == "fused":  # q and k as head ranges of one (B, Hq + 2 Hkv, S, D) tensor
+            qkv = torch.randn(1, 36, s, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            alive.append(qkv)
+            return qkv[:, :28], qkv[:, 28:32]
+        q, k, _ = random_qkv(1, 28, 4, s, d, dtype=torch.bfloat16, device="cuda", seed=seed)
+        if kind == "unaligned":  # k two bytes past a 16-byte boundary
+            flat = torch.empty(k.numel() + 1, device="cuda", dtype=k.dtype)
+            k = flat[1:].view(k.shape).copy_(k)
+        alive.append((q, k))
+        return q, k
+
+    for kind in ("contiguous", "fused", "unaligned"):
+        for seed in range(3):  # eager, capture, replay
+            q, k = views(100 * len(alive) + seed, kind)
+            _same_plan(planner(q, k), plan_tokens(q, k, **comps, impl="torch"))
+    entries = [e[None] for e in planner._entries.values()]
+    assert len(entries) == 3 and planner.replays == 3
+    assert [e.addr is not None and e.q is None for e in entries] == [True, True, False]
+
+
+@cuda
 def test_a_replay_syncs_once_and_shapes_share_buffers() -> None:
     comps = {
         "scorer": ProbeScorer(),
@@ -281,7 +336,8 @@ def test_a_replay_syncs_once_and_shapes_share_buffers() -> None:
     assert a._entries and b._entries
     # one shape, one graph shared by every layer (key None) in each planner
     ea, eb = (next(iter(p._entries.values()))[None] for p in (a, b))
-    assert ea.q.data_ptr() == eb.q.data_ptr() and ea.packed.data_ptr() == eb.packed.data_ptr()
+    assert ea.packed.data_ptr() == eb.packed.data_ptr()
+    assert ea.q is None and eb.q is None  # read by address: no static copies at all
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
@@ -358,7 +414,7 @@ def _stand_in_recorder(monkeypatch: pytest.MonkeyPatch) -> None:
     # only run on them under the interpreter: the sort path (the same selection) instead
     monkeypatch.setattr(selectors, "SELECT_TRITON_MAX_TOKENS", 0)
 
-    def record(self, entry, layer_idx, views):
+    def record(self, entry, layer_idx, views, q, k):
         return _Replay(lambda: self._static(entry.q, entry.k, layer_idx, views))
 
     monkeypatch.setattr(plan_graph.PlanGraph, "_record", record)
@@ -450,7 +506,7 @@ def test_a_failed_capture_keeps_the_other_graphs(monkeypatch) -> None:
     planner(q, k)
     assert len(planner._entries) == 1
 
-    def fail(self, entry, layer_idx, views):
+    def fail(self, entry, layer_idx, views, q, k):
         raise ValueError("plan_impl: 'graph' could not capture")
 
     monkeypatch.setattr(plan_graph.PlanGraph, "_record", fail)

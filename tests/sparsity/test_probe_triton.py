@@ -229,3 +229,47 @@ def test_probe_mass_triton_without_probe_rows_is_zero(device: str) -> None:
     q = torch.randn(1, 4, 8, 16, device=device)
     got = probe_mass_triton(q, q[:, :2], torch.zeros(0, dtype=torch.int64), scale=0.25)
     assert got.shape == (1, 2, 8) and not got.any()
+
+
+@pytest.mark.parametrize("sq", [45, 30])  # a prefill, and the last 30 rows of a longer sequence
+def test_outputs_in_place_and_inputs_by_address(sq: int, device: str) -> None:
+    """``out`` / ``normalized`` are written in place over stale contents, Eq. 7 from the column
+    pass equals the scorer's plain division bit for bit, and with ``addr`` the kernels read the
+    inputs at those addresses, not at the (zero) tensors that only give shapes and strides."""
+    if not triton_probe_available(torch.device(device)):
+        pytest.skip("no Triton on this device without the interpreter")
+    from zipvl.sparsity.scorers import _causal_visible
+
+    skv, d = 45, 16
+    q = torch.randn(1, 4, 20 + skv, d, device=device)[:, :, -sq:]  # strided: a view of a longer q
+    k = torch.randn(1, 2, skv, d, device=device)
+    rows = probe_positions(sq, recent_frac=0.2, random_frac=0.2, device=device)
+    want = probe_mass_triton(q, k, rows, scale=0.25)
+    mass, nrm = torch.full_like(want, float("nan")), torch.full_like(want, float("nan"))
+    got = probe_mass_triton(q, k, rows, scale=0.25, out=mass, normalized=nrm)
+    assert got is mass and torch.equal(mass, want)
+    assert torch.equal(nrm, want / _causal_visible(sq, skv, k.device))
+    addr = torch.tensor([q.data_ptr(), k.data_ptr()], device=device)
+    stand_q = torch.zeros(1, 4, 20 + skv, d, device=device)[:, :, -sq:]
+    by_addr = probe_mass_triton(stand_q, torch.zeros_like(k), rows, scale=0.25, addr=addr)
+    assert torch.equal(by_addr, want)
+    scorer = ProbeScorer(recent_frac=0.2, random_frac=0.2, scale=0.25, impl="triton")
+    fused = scorer.fused_scores(stand_q, torch.zeros_like(k), addr=addr)
+    plain = ProbeScorer(recent_frac=0.2, random_frac=0.2, scale=0.25, impl="torch")(q, k)
+    torch.testing.assert_close(fused.normalized, plain.normalized, rtol=1e-5, atol=1e-6)
+
+
+def test_in_place_and_address_arguments_are_checked() -> None:
+    q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+    rows = torch.arange(4)
+    with pytest.raises(ValueError, match=r"out: expected a contiguous \(1, 2, 8\) float32"):
+        probe_mass_triton(q, k, rows, scale=0.25, out=torch.empty(1, 2, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"normalized: expected a contiguous"):
+        probe_mass_triton(q, k, rows, scale=0.25, normalized=torch.empty(2, 8))
+    with pytest.raises(ValueError, match=r"addr: expected an int64 \(2,\) tensor"):
+        probe_mass_triton(q, k, rows, scale=0.25, addr=torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"addr: inputs read by address need a last stride"):
+        strided = torch.randn(1, 4, 8, 32)[..., ::2]  # (1, 4, 8, 16), last stride 2
+        probe_mass_triton(strided, k, rows, scale=0.25, addr=torch.zeros(2).long())
+    with pytest.raises(ValueError, match=r"fused_scores: needs estimator='sum'"):
+        ProbeScorer(denominator="probe_count").fused_scores(q, k)

@@ -55,6 +55,14 @@ def test_one_launch_equals_the_sort_reference(case) -> None:
     assert torch.equal(idx, kept_positions(want_keep))
     keep_t, idx_t = sel.keep_and_indices(scores, budget, impl="torch")
     assert torch.equal(keep_t, want_keep) and torch.equal(idx_t, idx)
+    # written in place over stale contents (the captured plan's output buffer): every slot,
+    # the zero tail of idx included
+    for impl in ("triton", "torch"):
+        out = (torch.rand(scores.shape, device=DEVICE) < 0.5,
+               torch.full(scores.shape, -7, dtype=torch.int64, device=DEVICE))  # fmt: skip
+        got = sel.keep_and_indices(scores, budget, impl=impl, out=out)
+        assert got[0] is out[0] and got[1] is out[1]
+        assert torch.equal(out[0], want_keep) and torch.equal(out[1], idx), impl
 
 
 def test_long_rows_cross_several_blocks() -> None:
@@ -115,3 +123,13 @@ def test_bad_input_raises_naming_the_argument() -> None:
         keep_and_indices_triton(scores, torch.ones(1, 3, dtype=torch.int32, device=DEVICE), 1, 2)
     with pytest.raises(ValueError, match=r"ranked: expected float32"):
         keep_and_indices_triton(scores.half(), torch.ones(1, 2, dtype=torch.int32), 1, 2)
+    with pytest.raises(ValueError, match=r"out: idx must be a contiguous"):
+        keep_and_indices_triton(
+            scores, torch.ones(1, 2, dtype=torch.int32, device=DEVICE), 1, 2,
+            out=(torch.empty(1, 2, 16, dtype=torch.bool, device=DEVICE),
+                 torch.empty(1, 2, 16, dtype=torch.int32, device=DEVICE)),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"forced: expected \(sinks, recent\) >= 0"):
+        keep_and_indices_triton(
+            scores, torch.ones(1, 2, dtype=torch.int32, device=DEVICE), 1, 2, forced=(-1, 2)
+        )

@@ -37,6 +37,7 @@ from zipvl.types import (
     Selection,
     Selector,
     equalize_keep_counts,
+    kept_positions,
 )
 
 __all__ = [
@@ -329,6 +330,7 @@ def plan_keep(
     allocator: Allocator = _DEFAULT_ALLOCATOR,
     selector: Selector = _DEFAULT_SELECTOR,
     layer_idx: int | None = None,
+    out: tuple[Tensor, Tensor] | None = None,
 ) -> RowKeep:
     """``plan_scores`` without its host read: one budget for the whole batch, on the device, and
     the selector's fixed-shape keep mask for it. What the captured plan
@@ -340,9 +342,13 @@ def plan_keep(
         allocator: mass -> budget (B, Hkv).
         selector: a selector with ``keep_mask(scores, budget)`` (``TopKSelector``).
         layer_idx: passed to the allocator.
+        out: contiguous (keep (B, Hkv, Skv) bool, indices (B, Hkv, Skv) int64) to write into
+            (the captured plan's output buffer); the indices are then always computed (by
+            ``keep_and_indices``, or a running count of the keep mask).
 
     Returns:
-        ``RowKeep`` (budget (B, Hkv) int32, keep (B, Hkv, Skv) bool, indices or None).
+        ``RowKeep`` (budget (B, Hkv) int32, keep (B, Hkv, Skv) bool, indices or None; ``out``'s
+        tensors when given).
 
     Raises:
         ValueError: the selector has no ``keep_mask``.
@@ -351,10 +357,14 @@ def plan_keep(
     budget = _budget(scores.mass, allocator, layer_idx, _num_heads(scores.mass))  # (B, Hkv)
     both = getattr(selector, "keep_and_indices", None)
     if callable(both):  # TopKSelector: one launch on CUDA
-        keep, idx = cast(tuple[Tensor, Tensor], both(scores.normalized, budget))
+        keep, idx = cast(tuple[Tensor, Tensor], both(scores.normalized, budget, out=out))
         return RowKeep(budget=budget, keep=keep, indices=idx)
     keep = keep_mask(scores.normalized, budget)  # (B, Hkv, Skv)
-    return RowKeep(budget=budget, keep=keep)
+    if out is None:
+        return RowKeep(budget=budget, keep=keep)
+    out[0].copy_(keep)
+    out[1].copy_(kept_positions(keep))
+    return RowKeep(budget=budget, keep=out[0], indices=out[1])
 
 
 @dataclass(frozen=True)

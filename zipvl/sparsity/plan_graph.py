@@ -6,12 +6,18 @@ Run eagerly, ``plan_tokens`` is about sixty small launches and a host read in th
 work is a fifth of that. ``PlanGraph`` captures the whole fixed-shape part once per input shape
 and replays it:
 
-1. the inputs are copied into the graph's static buffers (all of ``k``; of ``q`` only the probe
+1. the inputs are not copied: with the fused probe scorer (``ProbeScorer.fused_scores``, what
+   ``impl="auto"`` runs on CUDA) the kernels read q and k at the addresses held in a two-slot
+   device table, which two 8-byte fills point at the call's tensors before each replay (their
+   strides are part of the captured shape). Other scorers, and inputs that are not 16-byte
+   aligned, are copied into the graph's static buffers (all of ``k``; of ``q`` only the probe
    rows when the scorer is a ``ProbeScorer``, which reads nothing else);
-2. one replay scores (the fused probe kernels), allocates the budget on the device, and builds
-   the keep mask and the kept positions of every row in ascending order from the device budget
-   (``plan_keep``: ``TopKSelector.keep_and_indices``, the select kernels up to 128k tokens, the
-   sort of ``keep_mask`` and a running count above; no read);
+2. one replay scores (the fused probe kernels, which write the mass and Eq. 7's normalized score
+   straight into the output buffer), allocates the budget on the device, and builds the keep
+   mask and the kept positions of every row in ascending order from the device budget, also in
+   place (``plan_keep``: ``TopKSelector.keep_and_indices``, the select kernels up to 128k
+   tokens, which rank the raw scores as ``_ranked`` would while they read them; the sort of
+   ``keep_mask`` and a running count above; no read);
 3. one copy takes every output out of the graph's memory (the next replay overwrites it), and
    (unless the budget is known on the host, below)
    one host read brings back the budget's range, the NaN flag and the rows' kept counts: the
@@ -34,7 +40,8 @@ A layer's shape is captured the second time that layer plans it: a model's first
 new prompt length runs eagerly, its second captures one graph per shape (shared by the layers
 when the allocator ignores the layer), and later forwards replay; a prompt length that occurs
 once costs nothing extra. At most ``max_shapes`` shapes keep their graphs (least recently used
-dropped), because every captured shape holds static copies of q and k.
+dropped), because every captured shape holds its outputs (and, where the inputs are copied,
+static copies of q and k).
 Capture and replay run under the inputs' device (Triton launches on the current device).
 Off CUDA, ``capture=False`` runs the same fixed-shape function eagerly: that is what the CPU
 tests compare with ``plan_tokens``.
@@ -53,6 +60,7 @@ import torch
 from torch import Tensor
 
 from zipvl.checks import check_int, check_qkv
+from zipvl.impl import Impl
 from zipvl.sparsity.allocators import CumulativeMassAllocator, FixedRatioAllocator
 from zipvl.sparsity.pipeline import TokenPlan, keep_mask_of, plan_keep, read_free_budget
 from zipvl.sparsity.scorers import ProbeScorer
@@ -63,7 +71,6 @@ from zipvl.types import (
     Scores,
     Selection,
     Selector,
-    kept_positions,
 )
 
 __all__ = [
@@ -76,8 +83,9 @@ __all__ = [
 
 GRAPH_MAX_TOKENS = 65536
 """``plan_impl="auto"`` captures prompts up to this many tokens. Above it the eager plan is
-already under 2 % of dense attention (H200: 0.66 % at 128k), and the static copies of q and k
-a captured shape holds (``B * (Hq + Hkv) * S * D`` elements) are not worth their memory."""
+already under 2 % of dense attention (H200: 0.66 % at 128k), and where the inputs are copied
+(a scorer other than the fused one, unaligned inputs) the static copies of q and k a captured
+shape holds (``B * (Hq + Hkv) * S * D`` elements) are not worth their memory."""
 
 # The components whose calls are known to be capturable (fixed shapes, no host read):
 _CAPTURABLE = (ProbeScorer, CumulativeMassAllocator, FixedRatioAllocator, TopKSelector)
@@ -160,11 +168,13 @@ def graph_plan_problem(
 class _Entry:
     """One captured shape of one planner."""
 
-    q: Tensor  # static inputs (shared)
-    k: Tensor
+    q: Tensor | None  # static inputs (shared), None where the inputs are read by address
+    k: Tensor | None
     q_rows: Tensor | None  # the probe rows the scorer reads (None: all of q)
     packed: Tensor  # uint8, every output of one replay (shared)
     graph: Any  # torch.cuda.CUDAGraph
+    addr: Tensor | None = None  # int64 (2,): q's and k's addresses, where read by address
+    slots: tuple[Tensor, Tensor] | None = None  # its two entries (views made once)
 
 
 _MAX_SEEN = 256  # shapes whose eager calls a planner counts (least recently seen dropped)
@@ -183,6 +193,7 @@ def _layout(b: int, hkv: int, s: int) -> tuple[_Layout, int]:
         ("stats", torch.int64, (5,)),
         ("budget", torch.int32, (b, hkv)),
         ("keep", torch.bool, (b, hkv, s)),
+        ("nan", torch.bool, ()),  # the read-free plan's NaN flag (it reads no stats)
     ]
     out: _Layout = []
     off = 0
@@ -252,25 +263,56 @@ class PlanGraph:
         self.replays = 0
         self.captures = 0
 
-    def _static(self, q: Tensor, k: Tensor, layer_idx: int | None, out: dict[str, Tensor]) -> None:
-        """Score, allocate, keep-mask and compact into ``out`` (fixed shapes, no host read)."""
-        sc = self.scorer(q, k)
-        rk = plan_keep(sc, allocator=self.allocator, selector=self.selector, layer_idx=layer_idx)
-        budget, keep, idx = rk.budget, rk.keep, rk.indices  # (B, Hkv), (B, Hkv, S), ...
+    def _fused(self, q: Tensor) -> bool:
+        """Whether the scorer writes its scores straight into the output buffer and can read
+        its inputs by address (``ProbeScorer.fused_scores``)."""
+        sc = self.scorer
+        return (
+            type(sc) is ProbeScorer and sc.estimator == "sum" and sc.denominator == "causal"
+            and sc.impl_for(q) is Impl.TRITON
+        )  # fmt: skip
+
+    def _by_address(self, q: Tensor, k: Tensor) -> bool:
+        """Whether a capture of this call reads its inputs by address (no static copies): the
+        fused scorer on CUDA, 16-byte aligned inputs with a last stride of 1 (their strides
+        are part of the captured shape)."""
+        return (
+            q.is_cuda and self._fused(q) and q.stride(-1) == 1 and k.stride(-1) == 1
+            and q.data_ptr() % 16 == 0 and k.data_ptr() % 16 == 0
+        )  # fmt: skip
+
+    def _static(
+        self, q: Tensor, k: Tensor, layer_idx: int | None, out: dict[str, Tensor],
+        addr: Tensor | None = None,
+    ) -> None:  # fmt: skip
+        """Score, allocate, keep-mask and compact into ``out`` (fixed shapes, no host read).
+        With ``addr`` the scorer reads the inputs at the addresses it holds (q and k give
+        shapes and strides)."""
+        if self._fused(q):  # the scorer and the selection write into the buffer in place
+            assert isinstance(self.scorer, ProbeScorer)
+            sc = self.scorer.fused_scores(
+                q, k, mass=out["mass"], normalized=out["normalized"], addr=addr
+            )
+        else:
+            if addr is not None:
+                raise ValueError("addr: only the fused probe scorer reads its inputs by address")
+            sc = self.scorer(q, k)
+            out["mass"].copy_(sc.mass)
+            out["normalized"].copy_(sc.normalized)
+        rk = plan_keep(
+            sc, allocator=self.allocator, selector=self.selector, layer_idx=layer_idx,
+            out=(out["keep"], out["idx"]),
+        )  # fmt: skip
+        budget, keep = rk.budget, rk.keep  # (B, Hkv), (B, Hkv, S)
         read_free = read_free_budget(self.allocator, self.selector, k.shape[-2], layer_idx)
         if read_free is not None:  # nothing but the NaN flag is looked at
-            out["stats"][2].copy_(sc.normalized.isnan().any())
+            torch.any(sc.normalized.isnan(), out=out["nan"])
         else:
             lo, hi = torch.aminmax(budget.to(torch.int64))
             kept_lo, kept_hi = torch.aminmax(keep.sum(dim=-1).flatten())  # rows' kept counts
             nan = sc.normalized.isnan().any().to(torch.int64)
             out["stats"].copy_(torch.stack([lo, hi, nan, kept_lo, kept_hi]))
-        out["mass"].copy_(sc.mass)
-        out["normalized"].copy_(sc.normalized)
         out["budget"].copy_(budget)
-        out["keep"].copy_(keep)
-        # a selector without keep_and_indices: compact by running count
-        out["idx"].copy_(kept_positions(keep) if idx is None else idx)
 
     def __call__(self, q: Tensor, k: Tensor, *, layer_idx: int | None = None) -> TokenPlan:
         """Plan one unpadded prefill (one host read, none with a budget known on the host); the
@@ -300,7 +342,10 @@ class PlanGraph:
             )
         b, hkv, s = k.shape[0], k.shape[1], k.shape[-2]
         layout, nbytes = _layout(b, hkv, s)
-        shape = (tuple(q.shape), tuple(k.shape), q.dtype, k.dtype, q.device)
+        # inputs read by address bake their strides into the graph: part of the shape
+        by_addr = self.capture and self._by_address(q, k)
+        strides = (q.stride(), k.stride()) if by_addr else None
+        shape = (tuple(q.shape), tuple(k.shape), q.dtype, k.dtype, q.device, strides)
         layer = layer_idx if self._by_layer else None
         graphs = self._entries.get(shape)
         entry = None if graphs is None else graphs.get(layer)
@@ -309,7 +354,7 @@ class PlanGraph:
             # prefills once runs eagerly in every layer, and is captured in its second forward
             seen = self._seen.pop((shape, layer_idx), 0)
             if seen >= self.capture_after:
-                entry = self._capture(shape, layer, q, k, layer_idx, nbytes, layout)
+                entry = self._capture(shape, layer, q, k, layer_idx, nbytes, layout, by_addr)
             else:
                 self._seen[(shape, layer_idx)] = seen + 1  # most recent last
                 while len(self._seen) > _MAX_SEEN:  # lengths seen once do not accumulate
@@ -328,6 +373,11 @@ class PlanGraph:
 
     @staticmethod
     def _fill(entry: _Entry, q: Tensor, k: Tensor) -> None:
+        if entry.slots is not None:  # two fills of 8 bytes, in stream order before the replay
+            entry.slots[0].fill_(q.data_ptr())
+            entry.slots[1].fill_(k.data_ptr())
+            return
+        assert entry.q is not None and entry.k is not None
         entry.k.copy_(k)
         if entry.q_rows is None:
             entry.q.copy_(q)
@@ -336,7 +386,7 @@ class PlanGraph:
 
     def _capture(
         self, shape: tuple, layer: int | None, q: Tensor, k: Tensor, layer_idx: int | None,
-        nbytes: int, layout: _Layout,
+        nbytes: int, layout: _Layout, by_addr: bool,
     ) -> _Entry:  # fmt: skip
         q_rows = None
         if isinstance(self.scorer, ProbeScorer):
@@ -344,19 +394,25 @@ class PlanGraph:
         dev = q.device
         # normal tensors even under inference_mode: later calls outside it write into them
         with torch.inference_mode(False):
-            entry = _Entry(
-                q=_shared(("q", *shape), lambda: torch.zeros(q.shape, dtype=q.dtype, device=dev)),
-                k=_shared(("k", *shape), lambda: torch.zeros(k.shape, dtype=k.dtype, device=dev)),
-                q_rows=q_rows,
-                packed=_shared(
-                    ("out", *shape), lambda: torch.zeros(nbytes, dtype=torch.uint8, device=dev)
-                ),
-                graph=None,
+            packed = _shared(
+                ("out", *shape), lambda: torch.zeros(nbytes, dtype=torch.uint8, device=dev)
             )
+            if by_addr:  # the kernels read the inputs where the two slots point
+                table = torch.zeros(2, dtype=torch.int64, device=dev)
+                entry = _Entry(q=None, k=None, q_rows=None, packed=packed, graph=None,
+                               addr=table, slots=(table[0], table[1]))  # fmt: skip
+            else:
+                entry = _Entry(
+                    q=_shared(("q", *shape),
+                              lambda: torch.zeros(q.shape, dtype=q.dtype, device=dev)),
+                    k=_shared(("k", *shape),
+                              lambda: torch.zeros(k.shape, dtype=k.dtype, device=dev)),
+                    q_rows=q_rows, packed=packed, graph=None,
+                )  # fmt: skip
             views = _views(entry.packed, layout)
         with _device(dev):  # Triton launches on the current device
             self._fill(entry, q, k)
-            entry.graph = self._record(entry, layer_idx, views)
+            entry.graph = self._record(entry, layer_idx, views, q, k)
         if shape not in self._entries:  # a new shape: drop the least recently used ones
             while len(self._entries) >= self.max_shapes:
                 old, _ = self._entries.popitem(last=False)
@@ -367,19 +423,27 @@ class PlanGraph:
         self.captures += 1
         return entry
 
-    def _record(self, entry: _Entry, layer_idx: int | None, views: dict[str, Tensor]) -> Any:
-        """Warm up on a side stream, then capture ``_static`` on the static buffers."""
-        dev = entry.k.device
+    def _record(
+        self, entry: _Entry, layer_idx: int | None, views: dict[str, Tensor], q: Tensor,
+        k: Tensor,
+    ) -> Any:  # fmt: skip
+        """Warm up on a side stream, then capture ``_static`` on the static buffers (on the
+        call's own q and k, for their shapes and strides, where they are read by address)."""
+        addr = entry.addr
+        if addr is None:
+            assert entry.q is not None and entry.k is not None
+            q, k = entry.q, entry.k
+        dev = k.device
         current = torch.cuda.current_stream(dev)
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(current)
         try:
             with torch.cuda.stream(side):  # warm-up: kernel compiles, cached probe rows
-                self._static(entry.q, entry.k, layer_idx, views)
+                self._static(q, k, layer_idx, views, addr)
             current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=torch.cuda.Stream(device=dev)):
-                self._static(entry.q, entry.k, layer_idx, views)
+                self._static(q, k, layer_idx, views, addr)
         except RuntimeError as err:
             torch.cuda.set_stream(current)  # a failed capture may leave its stream current
             raise ValueError(
@@ -404,7 +468,7 @@ class PlanGraph:
                 count_range=(num_kept, num_kept)
             )
             sel.attach_indices(out["idx"][..., :num_kept])
-            sel.attach_nan_flag(out["stats"][2])
+            sel.attach_nan_flag(out["nan"])
             return TokenPlan(scores=scores, budget=out["budget"], selection=sel)
         p_min, p_max, has_nan, kept_lo, kept_hi = out["stats"].tolist()  # the one host read
         check_budget_read(p_min, p_max, has_nan, s)

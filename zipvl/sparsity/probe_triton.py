@@ -130,9 +130,17 @@ def _default_config(dtype: torch.dtype, head_dim: int) -> ProbeKernelConfig:
 
 
 @triton.jit
+def _input(addr_ptr, slot, like):
+    """Entry ``slot`` of the int64 address table as a pointer of ``like``'s type (16-byte
+    aligned: the host checked it)."""
+    return tl.multiple_of(tl.load(addr_ptr + slot).to(like.dtype), 16)
+
+
+@triton.jit
 def _probe_lse_kernel(
     q_ptr,
     k_ptr,
+    addr_ptr,
     rows_ptr,
     qpack_ptr,
     f_ptr,
@@ -156,7 +164,11 @@ def _probe_lse_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    BY_ADDR: tl.constexpr,
 ):
+    if BY_ADDR:  # the inputs' addresses are data (a captured replay on new inputs)
+        q_ptr = _input(addr_ptr, 0, q_ptr)
+        k_ptr = _input(addr_ptr, 1, k_ptr)
     chunk = tl.program_id(0)
     bhkv = tl.program_id(1)
     split = tl.program_id(2)
@@ -267,10 +279,12 @@ def _probe_lse_kernel(
 @triton.jit
 def _probe_colsum_kernel(
     k_ptr,
+    addr_ptr,
     qpack_ptr,
     f_ptr,
     i_ptr,
     out_ptr,
+    norm_ptr,
     nlse_offset,
     table_offset,
     stride_kb,
@@ -282,13 +296,18 @@ def _probe_colsum_kernel(
     lse_chunks,
     lse_block_m,
     kv_len,
+    pos_offset,
     scale_log2,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     TABLE_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    BY_ADDR: tl.constexpr,
+    NORMALIZE: tl.constexpr,
 ):
+    if BY_ADDR:
+        k_ptr = _input(addr_ptr, 1, k_ptr)
     nb = tl.program_id(0)
     bhkv = tl.program_id(1)
     table_ptr = i_ptr + table_offset  # chunk lo (lse_chunks), chunk hi (lse_chunks), positions
@@ -356,6 +375,9 @@ def _probe_colsum_kernel(
         x = s * scale_log2 + nlse[None, :]
     acc += tl.sum(tl.exp2(x), axis=1)
     tl.store(out_ptr + bhkv * kv_len + offs_n, acc, mask=n_valid)
+    if NORMALIZE:  # Eq. 7 with the causal count Skv - max(j, Skv - Sq), rounded as torch divides
+        den = tl.where(n_valid, kv_len - tl.maximum(offs_n, pos_offset), 1).to(tl.float32)
+        tl.store(norm_ptr + bhkv * kv_len + offs_n, tl.math.div_rn(acc, den), mask=n_valid)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -370,6 +392,9 @@ def probe_mass_triton(
     scale: float,
     key_splits: int | None = None,
     config: ProbeKernelConfig | None = None,
+    out: Tensor | None = None,
+    normalized: Tensor | None = None,
+    addr: Tensor | None = None,
 ) -> Tensor:
     """Column mass of the causal softmax of probe rows, fused (no probe map in memory).
 
@@ -383,14 +408,27 @@ def probe_mass_triton(
             GPU; the splits are merged exactly by log-sum-exp).
         config: tile sizes, warps and pipeline stages of the two kernels (None:
             ``ProbeKernelConfig.default_for(q.dtype, D)``).
+        out: a contiguous (B, Hkv, Skv) float32 tensor to write the mass into (None: a new one).
+        normalized: a contiguous (B, Hkv, Skv) float32 tensor that also receives Eq. 7's
+            normalized score with the causal count, ``mass / (Skv - max(j, Skv - Sq))``
+            (``ProbeScorer``'s default ``denominator="causal"``), computed in the column pass and
+            rounded as PyTorch's division rounds.
+        addr: an int64 (2,) tensor on q's device holding the addresses of the inputs to read
+            (``q.data_ptr()``, ``k.data_ptr()``, each 16-byte aligned) in place of q's and k's
+            own: q and k then only give shapes and strides (their last stride must be 1). A
+            CUDA graph captured with ``addr`` replays on new inputs of the same shapes and
+            strides once their addresses are written into it, without copying them
+            (``PlanGraph``).
 
     Returns:
-        (B, Hkv, Skv) float32: for each key, the softmax weight it receives summed over the M
-        probe rows and the G query heads of its KV head (the same quantity as the eager path).
+        (B, Hkv, Skv) float32 (``out`` when given): for each key, the softmax weight it receives
+        summed over the M probe rows and the G query heads of its KV head (the same quantity as
+        the eager path).
 
     Raises:
-        ValueError: head dim not a power of two >= 16, a non-positive scale, or a device the
-            kernels cannot run on.
+        ValueError: head dim not a power of two >= 16, a non-positive scale, a device the
+            kernels cannot run on, or an ``out`` / ``normalized`` / ``addr`` of the wrong shape,
+            dtype, device or layout.
     """
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
@@ -406,10 +444,35 @@ def probe_mass_triton(
     cfg = config if config is not None else ProbeKernelConfig.default_for(q.dtype, d)
     g = hq // hkv
     m = rows.shape[0]
+    for name, t in (("out", out), ("normalized", normalized)):
+        if t is not None and (
+            tuple(t.shape) != (b, hkv, skv) or t.dtype != torch.float32
+            or t.device != k.device or not t.is_contiguous()
+        ):  # fmt: skip
+            raise ValueError(
+                f"{name}: expected a contiguous ({b}, {hkv}, {skv}) float32 tensor on "
+                f"{k.device}, got {tuple(t.shape)} {t.dtype} on {t.device}"
+            )
+    if addr is not None:
+        if tuple(addr.shape) != (2,) or addr.dtype != torch.int64 or addr.device != q.device:
+            raise ValueError(
+                f"addr: expected an int64 (2,) tensor on {q.device}, got {tuple(addr.shape)} "
+                f"{addr.dtype} on {addr.device}"
+            )
+        if q.stride(-1) != 1 or k.stride(-1) != 1:
+            raise ValueError(
+                f"addr: inputs read by address need a last stride of 1, got q {q.stride()}, "
+                f"k {k.stride()}"
+            )
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
+    if out is None:
+        out = torch.empty(b, hkv, skv, device=q.device, dtype=torch.float32)  # (B, Hkv, Skv)
     if m == 0:
-        return torch.zeros(b, hkv, skv, device=q.device, dtype=torch.float32)
+        out.zero_()
+        if normalized is not None:
+            normalized.zero_()
+        return out
     # (M,) a no-op for the scorer's rows
     rows = rows.to(device=q.device, dtype=torch.int64).contiguous()
     scale_log2 = float(scale) * _LOG2E
@@ -431,12 +494,14 @@ def probe_mass_triton(
     qpack = torch.empty(bh, rows_padded, d, device=dev, dtype=q.dtype)  # probe rows, packed
     fbuf = torch.empty((2 * splits + 1) * bh * rows_padded, device=dev, dtype=torch.float32)
     ibuf = torch.zeros(bh * n_chunks + 2 * n_chunks + rows_padded, device=dev, dtype=torch.int32)
-    out = torch.empty(b, hkv, skv, device=dev, dtype=torch.float32)  # (B, Hkv, Skv)
     # fp32 inputs get exact fp32 products (no TF32), like the eager fp32 matmul
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    launch: dict[str, Any] = {"HEAD_DIM": d, "DOT_PRECISION": precision}
+    launch: dict[str, Any] = {
+        "HEAD_DIM": d, "DOT_PRECISION": precision, "BY_ADDR": addr is not None,
+    }  # fmt: skip
+    table = addr if addr is not None else rows  # never read without BY_ADDR
     _probe_lse_kernel[(n_chunks, bh, splits)](
-        q, k, rows, qpack, fbuf, ibuf,
+        q, k, table, rows, qpack, fbuf, ibuf,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         hkv, g, packed, skv - sq, skv, per_split, splits, rows_padded, scale_log2,
@@ -444,11 +509,12 @@ def probe_mass_triton(
         **launch,
     )  # fmt: skip
     _probe_colsum_kernel[(_cdiv(skv, cfg.col_block_n), bh)](
-        k, qpack, fbuf, ibuf, out, 2 * splits * bh * rows_padded, bh * n_chunks,
+        k, table, qpack, fbuf, ibuf, out, normalized if normalized is not None else out,
+        2 * splits * bh * rows_padded, bh * n_chunks,
         k.stride(0), k.stride(1), k.stride(2),
-        hkv, packed, rows_padded, n_chunks, bm, skv, scale_log2,
+        hkv, packed, rows_padded, n_chunks, bm, skv, skv - sq, scale_log2,
         BLOCK_N=cfg.col_block_n, BLOCK_M=cfg.col_block_m, TABLE_BLOCK=_TABLE_BLOCK,
-        num_warps=cfg.col_warps, num_stages=cfg.col_stages,
+        num_warps=cfg.col_warps, num_stages=cfg.col_stages, NORMALIZE=normalized is not None,
         **launch,
     )  # fmt: skip
     return out

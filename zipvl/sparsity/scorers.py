@@ -483,6 +483,54 @@ class ProbeScorer:
             return _probe_positions_cached.__wrapped__(*args)
         return _probe_positions_cached(*args)
 
+    def fused_scores(
+        self,
+        q: Tensor,
+        k: Tensor,
+        /,
+        *,
+        mass: Tensor | None = None,
+        normalized: Tensor | None = None,
+        addr: Tensor | None = None,
+    ) -> Scores:
+        """``self(q, k)`` through the fused kernels (``probe_mass_triton``) with Eq. 7 computed
+        in their column pass: what ``__call__`` runs for ``impl="triton"`` (or ``"auto"`` on
+        CUDA) with the default ``estimator="sum"`` and ``denominator="causal"``.
+
+        Args:
+            q, k: as in ``__call__``.
+            mass, normalized: contiguous (B, Hkv, Skv) float32 tensors to write the scores into
+                (None: new ones).
+            addr: int64 (2,) addresses of the inputs to read instead of q's and k's own
+                (``probe_mass_triton``): ``PlanGraph`` replays its captured plan on new inputs
+                this way, without copying them into static buffers.
+
+        Returns:
+            ``Scores`` (``mass`` and ``normalized`` when given), equal to ``self(q, k)``.
+
+        Raises:
+            ValueError: an estimator or denominator the kernels do not compute, ``impl="torch"``,
+                inputs the kernels cannot read, or bad ``mass`` / ``normalized`` / ``addr``.
+        """
+        if self.estimator != "sum" or self.denominator != "causal" or self.impl is Impl.TORCH:
+            raise ValueError(
+                "fused_scores: needs estimator='sum', denominator='causal' and an impl other "
+                f"than 'torch', got {self.estimator!r}, {self.denominator!r}, "
+                f"{Impl(self.impl).value!r}"
+            )
+        _, _, _, sq, _ = _check_inputs(q, k)
+        from zipvl.sparsity.probe_triton import probe_mass_triton  # lazy: triton is optional
+
+        scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
+        b, hkv, skv = k.shape[0], k.shape[1], k.shape[2]
+        if normalized is None:
+            normalized = torch.empty(b, hkv, skv, device=k.device, dtype=torch.float32)
+        out = probe_mass_triton(
+            q, k, self.probe_rows(sq, device=q.device), scale=scale, out=mass,
+            normalized=normalized, addr=addr,
+        )  # fmt: skip
+        return Scores(mass=out, normalized=normalized)
+
     def impl_for(self, q: Tensor) -> Impl:
         """The impl a call with queries ``q`` runs: ``impl`` itself unless it is ``"auto"``, then
         ``Impl.TRITON`` for eager CUDA inputs with a power-of-two D >= 16, ``Impl.TORCH``
@@ -526,6 +574,8 @@ class ProbeScorer:
             normalized = mass / _causal_visible(sq, skv, k.device)
             return Scores(mass=mass, normalized=normalized)
         if self.impl_for(q) is Impl.TRITON:
+            if self.denominator == "causal":  # Eq. 7 in the kernels' column pass
+                return self.fused_scores(q, k)
             # lazy import: triton is an optional, Linux-only dependency
             from zipvl.sparsity.probe_triton import probe_mass_triton
 

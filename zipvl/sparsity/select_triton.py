@@ -7,7 +7,8 @@ depend on the length (imported on first use: triton is optional).
 8k prompt: the order-preserving transform, the radix passes, the scatter of ranks, the compare)
 and the captured plan then compacts the kept positions by a running count (a scan, a scatter
 into zeros). Here every launch spreads each row's ``ranked`` scores (float32, NaN and the forced
-tokens already mapped by ``TopKSelector._ranked``) over blocks of ``block`` positions:
+tokens mapped by ``TopKSelector._ranked``, or by the kernels themselves as they read the raw
+scores: ``forced``) over blocks of ``block`` positions:
 
 1. four radix passes (``_hist_kernel``, one launch each) find the ``kk``-th largest score ``t``
    of every row exactly: pass p histograms byte p (high to low) of the order-preserving uint32
@@ -43,10 +44,17 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _keys(s_ptr, offs, valid):
+def _keys(s_ptr, offs, valid, sink, recent_start, PREP: tl.constexpr):
     """Order-preserving uint32 keys of float32 scores (greater score, greater key; -0.0 is
-    +0.0, as the sort compares them)."""
+    +0.0, as the sort compares them). PREP: the scores are raw, and ``TopKSelector._ranked``'s
+    preparation happens here (NaN to the lowest finite value, +-inf clamped to the finite range,
+    the forced positions ``< sink`` and ``>= recent_start`` at +inf)."""
     x = tl.load(s_ptr + offs, mask=valid, other=0.0) + 0.0  # -0.0 + 0.0 = +0.0
+    if PREP:
+        fmax = 3.4028234663852886e38  # float32's largest finite value
+        x = tl.where(x != x, -fmax, x)
+        x = tl.minimum(tl.maximum(x, -fmax), fmax)
+        x = tl.where((offs < sink) | (offs >= recent_start), float("inf"), x)
     b = x.to(tl.uint32, bitcast=True)
     top_bit = tl.full((), 1, tl.uint32) << 31
     return tl.where((b & top_bit) != 0, ~b, b | top_bit)
@@ -88,9 +96,9 @@ def _descend(hist_ptr, kk, PASSES: tl.constexpr):
 
 @triton.jit
 def _hist_kernel(
-    s_ptr, budget_ptr, hist_ptr, S, n_forced,
+    s_ptr, budget_ptr, hist_ptr, S, n_forced, sink, recent_start,
     PASS: tl.constexpr, HKV: tl.constexpr, HKV_PAD: tl.constexpr, LAYER: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, PREP: tl.constexpr,
 ):  # fmt: skip
     """Radix pass PASS over one block of one ranked row: the histogram of byte PASS (high to low)
     of the keys that match the prefix of the earlier passes, added to the row's histogram."""
@@ -101,7 +109,7 @@ def _hist_kernel(
     prefix, pmask, _ = _descend(hrow, kk, PASS)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     valid = offs < S
-    key = _keys(s_ptr + row.to(tl.int64) * S, offs, valid)
+    key = _keys(s_ptr + row.to(tl.int64) * S, offs, valid, sink, recent_start, PREP)
     match = valid & ((key & pmask) == prefix)
     digit = ((key >> (24 - 8 * PASS)) & 0xFF).to(tl.int32)
     hist = tl.histogram(digit, 256, mask=match)
@@ -110,8 +118,9 @@ def _hist_kernel(
 
 @triton.jit
 def _count_kernel(
-    s_ptr, budget_ptr, hist_ptr, cnt_ptr, S, n_forced, NB,
+    s_ptr, budget_ptr, hist_ptr, cnt_ptr, S, n_forced, sink, recent_start, NB,
     HKV: tl.constexpr, HKV_PAD: tl.constexpr, LAYER: tl.constexpr, BLOCK: tl.constexpr,
+    PREP: tl.constexpr,
 ):  # fmt: skip
     """Per block: how many keys equal the threshold and how many lie above it."""
     row = tl.program_id(0)
@@ -120,7 +129,7 @@ def _count_kernel(
     t, _, _ = _descend(hist_ptr + row * (4 * 256), kk, 4)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     valid = offs < S
-    key = _keys(s_ptr + row.to(tl.int64) * S, offs, valid)
+    key = _keys(s_ptr + row.to(tl.int64) * S, offs, valid, sink, recent_start, PREP)
     c = cnt_ptr + (row * NB + blk) * 2
     tl.store(c, tl.sum((valid & (key == t)).to(tl.int32), axis=0))
     tl.store(c + 1, tl.sum((valid & (key > t)).to(tl.int32), axis=0))
@@ -128,9 +137,9 @@ def _count_kernel(
 
 @triton.jit
 def _write_kernel(
-    s_ptr, budget_ptr, hist_ptr, cnt_ptr, keep_ptr, idx_ptr, S, n_forced, NB,
-    HKV: tl.constexpr, HKV_PAD: tl.constexpr, LAYER: tl.constexpr, BLOCK: tl.constexpr,
-    NB_PAD: tl.constexpr,
+    s_ptr, budget_ptr, hist_ptr, cnt_ptr, keep_ptr, idx_ptr, S, n_forced, sink, recent_start,
+    NB, HKV: tl.constexpr, HKV_PAD: tl.constexpr, LAYER: tl.constexpr, BLOCK: tl.constexpr,
+    NB_PAD: tl.constexpr, PREP: tl.constexpr,
 ):  # fmt: skip
     """Per block: keep the keys above the threshold and the ties whose rank in position order is
     within what is missing; write the keep mask and each kept position at its running count."""
@@ -147,36 +156,54 @@ def _write_kernel(
     kept_before = above_before + tl.minimum(ties_before, missing)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     valid = offs < S
-    key = _keys(s_ptr + row.to(tl.int64) * S, offs, valid)
+    key = _keys(s_ptr + row.to(tl.int64) * S, offs, valid, sink, recent_start, PREP)
     tie = valid & (key == t)
     tie_rank = ties_before + tl.cumsum(tie.to(tl.int32), 0)  # inclusive, in position order
     # (the block-shaped kk > 0: the interpreter refuses a mask broadcast from a scalar)
     keep = valid & ((key > t) | (tie & (tie_rank <= missing))) & (offs * 0 + kk > 0)
     slot = kept_before + tl.cumsum(keep.to(tl.int32), 0) - 1
+    # the row keeps kk positions exactly: slots kk.. are zero (this block's share of them)
+    tail = kk + offs
+    zero = tl.zeros([BLOCK], tl.int64)
     if LAYER:
         for h in tl.static_range(HKV):
             out = (row * HKV + h).to(tl.int64) * S
             tl.store(keep_ptr + out + offs, keep, mask=valid)
             tl.store(idx_ptr + out + slot, offs.to(tl.int64), mask=keep)
+            tl.store(idx_ptr + out + tail, zero, mask=tail < S)
     else:
         out = row.to(tl.int64) * S
         tl.store(keep_ptr + out + offs, keep, mask=valid)
         tl.store(idx_ptr + out + slot, offs.to(tl.int64), mask=keep)
+        tl.store(idx_ptr + out + tail, zero, mask=tail < S)
 
 
 def keep_and_indices_triton(
-    ranked: Tensor, budget: Tensor, n_forced: int, num_heads: int, *, block: int = 1024
+    ranked: Tensor,
+    budget: Tensor,
+    n_forced: int,
+    num_heads: int,
+    *,
+    block: int = 1024,
+    forced: tuple[int, int] | None = None,
+    out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The keep mask and the ascending kept positions of every row (six launches and two
-    fills, whatever the length).
+    """The keep mask and the ascending kept positions of every row (six launches and one
+    fill, whatever the length).
 
     Args:
         ranked: (B, Hs, S) float32 scores as ``TopKSelector._ranked`` returns them (Hs = Hkv,
-            or 1 for ``granularity="layer"``).
+            or 1 for ``granularity="layer"``), or, with ``forced``, the raw (B, Hkv, S) scores
+            that ``_ranked`` would prepare.
         budget: (B, Hkv) integer device budget.
         n_forced: ``TopKSelector.num_forced(S)``.
         num_heads: Hkv.
         block: positions per step of each pass (a power of two).
+        forced: (sinks, recent): the kernels prepare raw scores as ``_ranked`` does (NaN lowest,
+            +-inf clamped to the finite range, positions ``< sinks`` and ``>= S - recent`` at
+            +inf) while they read them, which saves ``_ranked``'s launches.
+        out: (keep, idx) tensors of the returned shapes and dtypes, contiguous, written in place
+            (None: new ones).
 
     Returns:
         keep (B, Hkv, S) bool with ``clamp(max(budget, n_forced), 0, S)`` True entries per row
@@ -185,7 +212,8 @@ def keep_and_indices_triton(
         zero).
 
     Raises:
-        ValueError: shapes that do not fit, or a device the kernel cannot run on.
+        ValueError: shapes that do not fit, a bad ``out`` or ``forced``, or a device the kernel
+            cannot run on.
     """
     b, hs, s = ranked.shape
     if ranked.dtype != torch.float32:
@@ -195,27 +223,46 @@ def keep_and_indices_triton(
             f"budget: expected shape (B, Hkv) = {(b, num_heads)} for ranked scores of shape "
             f"{tuple(ranked.shape)}, got {tuple(budget.shape)}"
         )
+    if forced is not None and (hs != num_heads or len(forced) != 2 or min(forced) < 0):
+        raise ValueError(
+            f"forced: expected (sinks, recent) >= 0 with raw (B, Hkv, S) scores, got {forced} "
+            f"for scores of shape {tuple(ranked.shape)}"
+        )
     if not (ranked.is_cuda or (INTERPRETED and ranked.device.type == "cpu")):
         raise ValueError(
             f"ranked: the select kernel needs a CUDA tensor (or TRITON_INTERPRET=1 with CPU "
             f"tensors), got device {ranked.device}"
         )
-    layer = hs == 1 and num_heads > 1
-    keep = torch.empty(b, num_heads, s, dtype=torch.bool, device=ranked.device)
-    idx = torch.zeros(b, num_heads, s, dtype=torch.int64, device=ranked.device)
+    shape = (b, num_heads, s)
+    if out is None:
+        keep = torch.empty(shape, dtype=torch.bool, device=ranked.device)
+        idx = torch.empty(shape, dtype=torch.int64, device=ranked.device)
+    else:
+        keep, idx = out
+        for name, t, dtype in (("keep", keep, torch.bool), ("idx", idx, torch.int64)):
+            if tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous() or (
+                t.device != ranked.device
+            ):  # fmt: skip
+                raise ValueError(
+                    f"out: {name} must be a contiguous {shape} {dtype} tensor on "
+                    f"{ranked.device}, got {tuple(t.shape)} {t.dtype} on {t.device}"
+                )
     if s == 0 or b == 0:
         return keep, idx
+    layer = hs == 1 and num_heads > 1
     rows, nb = b * hs, triton.cdiv(s, block)
     ranked, budget = ranked.contiguous(), budget.contiguous()
     hist = torch.zeros(rows, 4, 256, dtype=torch.int32, device=ranked.device)
     cnt = torch.empty(rows, nb, 2, dtype=torch.int32, device=ranked.device)
+    sink, recent = forced if forced is not None else (0, 0)
+    bounds = (int(n_forced), min(int(sink), s), s - min(int(recent), s))
     meta = {"HKV": num_heads, "HKV_PAD": triton.next_power_of_2(num_heads), "LAYER": layer,
-            "BLOCK": block, "num_warps": 4}  # fmt: skip
+            "BLOCK": block, "PREP": forced is not None, "num_warps": 4}  # fmt: skip
     for p in range(4):
-        _hist_kernel[(rows, nb)](ranked, budget, hist, s, int(n_forced), PASS=p, **meta)
-    _count_kernel[(rows, nb)](ranked, budget, hist, cnt, s, int(n_forced), nb, **meta)
+        _hist_kernel[(rows, nb)](ranked, budget, hist, s, *bounds, PASS=p, **meta)
+    _count_kernel[(rows, nb)](ranked, budget, hist, cnt, s, *bounds, nb, **meta)
     _write_kernel[(rows, nb)](
-        ranked, budget, hist, cnt, keep, idx, s, int(n_forced), nb,
+        ranked, budget, hist, cnt, keep, idx, s, *bounds, nb,
         NB_PAD=triton.next_power_of_2(nb), **meta,
     )  # fmt: skip
     return keep, idx

@@ -111,10 +111,14 @@ class TopKSelector:
         check_int("sink_tokens", self.sink_tokens, 0)
         check_int("recent_window", self.recent_window, 0)
 
+    @property
+    def _recent(self) -> int:
+        """The forced recent positions: ``recent_window``, at least the last with ``keep_last``."""
+        return max(self.recent_window, 1 if self.keep_last else 0)
+
     def num_forced(self, skv: int) -> int:
         """Number of forced tokens in a sequence of ``skv`` keys (host arithmetic on the shape)."""
-        recent = max(self.recent_window, 1 if self.keep_last else 0)
-        recent = min(recent, skv)
+        recent = min(self._recent, skv)
         sinks = min(self.sink_tokens, skv)
         return min(skv, sinks + recent)
 
@@ -126,8 +130,7 @@ class TopKSelector:
     def forced_mask(self, skv: int, device: torch.device | str | None = None) -> Tensor:
         """Forced positions as a (Skv,) bool tensor."""
         pos = torch.arange(skv, device=device)  # (Skv,)
-        recent = max(self.recent_window, 1 if self.keep_last else 0)
-        return (pos < self.sink_tokens) | (pos >= skv - recent)  # (Skv,)
+        return (pos < self.sink_tokens) | (pos >= skv - self._recent)  # (Skv,)
 
     def _ranked(self, scores: Tensor) -> Tensor:
         """The float32 scores the selection ranks, (B, Hs, Skv) with Hs = Hkv (``"kv_head"``) or
@@ -144,7 +147,12 @@ class TopKSelector:
         return s.masked_fill(forced, float("inf"))  # (B, Hs, Skv)
 
     def keep_and_indices(
-        self, scores: Tensor, budget: Tensor, *, impl: Impl | str = Impl.AUTO
+        self,
+        scores: Tensor,
+        budget: Tensor,
+        *,
+        impl: Impl | str = Impl.AUTO,
+        out: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``keep_mask`` together with the kept positions, fixed-shape and without host sync.
 
@@ -156,7 +164,11 @@ class TopKSelector:
                 every launch spread over blocks of the row); ``"torch"``: ``keep_mask`` (a
                 stable sort) and a running-count compaction; ``"auto"`` (default): ``"triton"``
                 on CUDA outside ``torch.compile`` for rows of at most
-                ``SELECT_TRITON_MAX_TOKENS`` scores, ``"torch"`` elsewhere.
+                ``SELECT_TRITON_MAX_TOKENS`` scores, ``"torch"`` elsewhere. With
+                ``granularity="kv_head"`` the kernels prepare the scores as ``_ranked`` does
+                while they read them.
+            out: contiguous (keep, idx) tensors of the returned shapes and dtypes to write
+                into (None: new ones); what the captured plan writes its outputs through.
 
         Returns:
             keep (B, Hkv, Skv) bool, exactly ``keep_mask``'s, and idx (B, Hkv, Skv) int64: row
@@ -175,9 +187,20 @@ class TopKSelector:
         if impl is Impl.TRITON:
             from zipvl.sparsity.select_triton import keep_and_indices_triton
 
-            return keep_and_indices_triton(self._ranked(scores), budget, self.num_forced(skv), hkv)
+            n_forced = self.num_forced(skv)
+            if self.granularity == "kv_head":  # _ranked inside the kernels
+                raw = scores.float().contiguous()
+                return keep_and_indices_triton(
+                    raw, budget, n_forced, hkv, forced=(self.sink_tokens, self._recent), out=out
+                )
+            return keep_and_indices_triton(self._ranked(scores), budget, n_forced, hkv, out=out)
         keep = self.keep_mask(scores, budget)  # (B, Hkv, Skv)
-        return keep, kept_positions(keep)
+        idx = kept_positions(keep)
+        if out is None:
+            return keep, idx
+        out[0].copy_(keep)
+        out[1].copy_(idx)
+        return out
 
     def keep_mask(self, scores: Tensor, budget: Tensor) -> Tensor:
         """The keep mask, fixed-shape and without host sync (safe under ``fullgraph=True``).
