@@ -437,10 +437,6 @@ def probe_mass_triton(
             f"q: the Triton probe scorer needs a power-of-two head dim >= 16, got {d}"
         )
     check_scale("scale", scale)  # before the device check: a bad argument is named anywhere
-    if not triton_probe_available(q.device):
-        raise ValueError(
-            f"q: impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1), got device {q.device}"
-        )
     cfg = config if config is not None else ProbeKernelConfig.default_for(q.dtype, d)
     g = hq // hkv
     m = rows.shape[0]
@@ -464,6 +460,10 @@ def probe_mass_triton(
                 f"addr: inputs read by address need a last stride of 1, got q {q.stride()}, "
                 f"k {k.stride()}"
             )
+    if not triton_probe_available(q.device):
+        raise ValueError(
+            f"q: impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1), got device {q.device}"
+        )
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     if out is None:
