@@ -40,10 +40,12 @@ def main() -> None:
         rows = prefill["rows"]
         s = [r["S"] for r in rows]
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        best = rows[0]["dense_best"]
         for key, label in (
-            ("dense_sdpa_ms", "dense SDPA (flash)"),
+            ("dense_best_ms", f"dense SDPA ({best}, the fastest)"),
+            ("dense_flash_ms", "dense SDPA (flash)"),
             ("dense_flex_ms", "dense FlexAttention"),
-            ("zipvl_sdpa_ms", "ZipVL, gather + SDPA"),
+            ("zipvl_auto_ms", "ZipVL, impl='auto'"),
             ("zipvl_flex_ms", "ZipVL, gather + Flex"),
             ("plan_ms", "ZipVL plan only"),
         ):
@@ -52,11 +54,11 @@ def main() -> None:
         ax.set_ylabel("ms, one layer")
         ax.legend(fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
-        ax2.semilogx(s, [r["speedup_sdpa"] for r in rows], marker="o", label="ZipVL (SDPA)")
+        ax2.semilogx(s, [r["speedup_auto"] for r in rows], marker="o", label="ZipVL, impl='auto'")
         ax2.semilogx(s, [r["speedup_flex"] for r in rows], marker="o", label="ZipVL (Flex)")
         ax2.semilogx(s, [r["ideal_1/r2"] for r in rows], ls="--", label="ideal 1/r^2")
         ax2.set_xlabel("sequence length")
-        ax2.set_ylabel("speed-up vs dense SDPA")
+        ax2.set_ylabel(f"speed-up vs dense SDPA ({best})")
         ax2.legend(fontsize=8)
         ax2.grid(True, which="both", alpha=0.3)
         fig.suptitle(_title(prefill, f"one-layer prefill, kept ratio {rows[0]['kept']:.2f}"))
@@ -67,19 +69,18 @@ def main() -> None:
     decode = _load(args.folder, "gpu_decode")
     if decode:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for b in sorted({r["B"] for r in decode["rows"]}):
-            rows = [r for r in decode["rows"] if r["B"] == b]
-            n = [r["N"] for r in rows]
-            ax.loglog(
-                n, [r["bf16_sdpa_graph_ms"] for r in rows], marker="o", label=f"bf16 SDPA, B={b}"
-            )
-            ax.loglog(
-                n, [r["fused_graph_ms"] for r in rows], marker="s", label=f"fused 4/2-bit, B={b}"
-            )
-            ax.loglog(n, [r["dequant_sdpa_ms"] for r in rows], marker="^", ls=":",
-                      label=f"dequantize + SDPA, B={b}")  # fmt: skip
-        ax.set_xlabel("cached tokens")
-        ax.set_ylabel("ms per decode step, one layer")
+        # ms per step against the batch, one line per cache length (the fastest dense backend
+        # of each row, named in its label)
+        for n in sorted({r["N"] for r in decode["rows"]}):
+            rows = [r for r in decode["rows"] if r["N"] == n]
+            b = [r["B"] for r in rows]
+            dense = rows[0]["fastest_dense"]
+            ax.loglog(b, [r[f"sdpa_{r['fastest_dense']}_graph_ms"] for r in rows], marker="o",
+                      label=f"bf16 SDPA ({dense}), {n // 1024}k tokens")  # fmt: skip
+            ax.loglog(b, [r["fused_graph_ms"] for r in rows], marker="s",
+                      label=f"fused 4/2-bit, {n // 1024}k tokens")  # fmt: skip
+        ax.set_xlabel("batch")
+        ax.set_ylabel("ms per decode step, one layer (CUDA-graph replay)")
         ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
         ax.set_title(_title(decode, "decode attention"), fontsize=9)
