@@ -12,6 +12,9 @@ Variants, all in one process:
                     plan_tokens(impl="auto"): replayed from a CUDA graph up to GRAPH_MAX_TOKENS
                     ("plan_graph" says whether it was), eager above
     plan_tau        the same with CumulativeMassAllocator(tau=0.975)
+    plan_offset_tau the same with the better budget estimator (ProbeScorer.estimator_preset(128):
+                    128 stratified rows, offset-corrected; fused kernels, "plan_offset_torch":
+                    its plain PyTorch scorer)
     plan_eager      plan_tokens(impl="torch"): the eager plan (and plan_tau_eager)
     select_<impl>   TopKSelector.keep_and_indices with the select kernels / the sort path
     plan_sel_<path> the captured plan with the select kernels ("triton") or the sort path
@@ -180,6 +183,10 @@ def main() -> None:
             return plan_tokens(q, k, scorer=scorer, allocator=adaptive, selector=selector,
                                impl=impl)  # fmt: skip
 
+        def plan_offset(scorer_impl="auto"):
+            est = ProbeScorer.estimator_preset(128, impl=scorer_impl)
+            return plan_tokens(q, k, scorer=est, allocator=adaptive, selector=selector)
+
         sel = plan_fixed().selection
         sc0 = torch.rand(1, hkv, s, device="cuda")  # the keep mask + positions of one plan
         bud0 = torch.full((1, hkv), sel.num_kept, dtype=torch.int32, device="cuda")
@@ -204,6 +211,8 @@ def main() -> None:
             "dense_flex": median_ms(lambda: flex_c(q, k, v, block_mask=bm, enable_gqa=True)),
             "plan": median_ms(plan_fixed),  # "auto": replayed from a CUDA graph up to 64k
             "plan_tau": median_ms(plan_tau),
+            "plan_offset_tau": median_ms(plan_offset),
+            "plan_offset_torch": median_ms(lambda: plan_offset("torch")),
             "plan_eager": median_ms(lambda: plan_fixed("torch")),
             "select_triton": median_ms(lambda: _select(selector, sc0, bud0, "triton")),
             "select_torch": median_ms(lambda: _select(selector, sc0, bud0, "torch")),
@@ -284,6 +293,9 @@ def main() -> None:
                 "dense_flex_ms": t["dense_flex"],
                 "plan_ms": t["plan"],
                 "plan_tau_ms": t["plan_tau"],
+                "plan_offset_tau_ms": t["plan_offset_tau"],
+                "plan_offset_%_of_dense": 100 * t["plan_offset_tau"] / t["dense_sdpa"],
+                "plan_offset_torch_ms": t["plan_offset_torch"],
                 "plan_%_of_dense": 100 * t["plan"] / t["dense_sdpa"],
                 "plan_eager_ms": t["plan_eager"],
                 "select_triton_ms": t["select_triton"],

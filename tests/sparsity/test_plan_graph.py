@@ -90,6 +90,13 @@ def test_the_fused_scorer_writes_the_plan_in_place(b, s, allocator, selector) ->
     assert planner._fused(q)
     want = plan_tokens(q, k, scorer=scorer, allocator=allocator, selector=selector, impl="torch")
     _same_plan(planner(q, k), want)
+    # the offset estimator through the kernels: not written in place (its mass is corrected
+    # after the kernels), the same plan
+    offset = ProbeScorer.estimator_preset(8, impl="triton")
+    planner = PlanGraph(offset, allocator, selector, capture=False)
+    assert not planner._fused(q)
+    want = plan_tokens(q, k, scorer=offset, allocator=allocator, selector=selector, impl="torch")
+    _same_plan(planner(q, k), want)
 
 
 def test_the_plan_feeds_sparse_attention_with_its_positions() -> None:
@@ -252,8 +259,8 @@ def test_the_auto_rule() -> None:
     assert "CUDA" in str(graph_plan_problem(q, q[:, :2], *comps, **kw))
     assert graph_plannable(*comps) is None
     assert "scorer" in str(graph_plannable(KeyNormScorer(), comps[1], comps[2]))
-    assert "offset" not in str(graph_plannable(ProbeScorer(estimator="offset"), *comps[1:]))
-    assert graph_plannable(ProbeScorer(estimator="offset"), *comps[1:]) is not None
+    # both estimators run fixed-shape on the device (the offset one through the fused kernels)
+    assert graph_plannable(ProbeScorer.estimator_preset(32), *comps[1:]) is None
     # plan_tokens' default is "auto": eager here, and the same plan as "torch"
     q, k, _ = random_qkv(1, 4, 2, 64, 16, seed=3)
     _same_plan(plan_tokens(q, k), plan_tokens(q, k, impl="torch"))
@@ -286,6 +293,22 @@ def test_replays_equal_eager_plans_on_fresh_inputs(allocator, dtype, s) -> None:
         want = plan_tokens(q, k, **comps, impl="torch")
         _same_plan(got, want)
     assert planner.captures == 1 and planner.replays == 3
+
+
+@cuda
+@pytest.mark.parametrize("s", [8192, 20000])
+def test_the_offset_estimator_replays_as_its_eager_plan(s) -> None:
+    """The better budget estimator (fused kernels, then the correction in PyTorch) is captured
+    by "auto" and its replays equal eager plans on fresh inputs."""
+    comps = {"scorer": ProbeScorer.estimator_preset(128),
+             "allocator": CumulativeMassAllocator(0.9), "selector": TopKSelector()}  # fmt: skip
+    q, _, _ = random_qkv(1, 28, 4, 64, 128, dtype=torch.bfloat16, device="cuda", seed=0)
+    assert comps["scorer"].impl_for(q).value == "triton"
+    planner = PlanGraph(**comps)
+    for seed in range(3):
+        q, k, _ = random_qkv(1, 28, 4, s, 128, dtype=torch.bfloat16, device="cuda", seed=seed)
+        _same_plan(planner(q, k), plan_tokens(q, k, **comps, impl="torch"))
+    assert planner.captures == 1 and planner.replays == 2
 
 
 @cuda

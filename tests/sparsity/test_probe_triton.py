@@ -271,5 +271,9 @@ def test_in_place_and_address_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match=r"addr: inputs read by address need a last stride"):
         strided = torch.randn(1, 4, 8, 32)[..., ::2]  # (1, 4, 8, 16), last stride 2
         probe_mass_triton(strided, k, rows, scale=0.25, addr=torch.zeros(2).long())
+    with pytest.raises(ValueError, match=r"weights: expected a float32 \(4,\) tensor"):
+        probe_mass_triton(q, k, rows, scale=0.25, weights=torch.ones(3))
+    with pytest.raises(ValueError, match=r"lse: expected a contiguous \(1, 2, 4, 2\) float32"):
+        probe_mass_triton(q, k, rows, scale=0.25, lse=torch.empty(1, 2, 2, 4))
     with pytest.raises(ValueError, match=r"fused_scores: needs estimator='sum'"):
         ProbeScorer(denominator="probe_count").fused_scores(q, k)

@@ -96,13 +96,14 @@ def graph_plannable(scorer: Scorer, allocator: Allocator, selector: Selector) ->
 
     The rule of ``plan_impl="auto"`` for the components (the rest of the rule is about the call:
     CUDA, no padding, no cross-process reduction, not inside ``torch.compile``): the scorer is a
-    ``ProbeScorer`` with the fused kernels' estimator, the allocator a ``CumulativeMassAllocator``
+    ``ProbeScorer`` (either estimator: both run fixed-shape on the device), the allocator a
+    ``CumulativeMassAllocator``
     or ``FixedRatioAllocator``, the selector a ``TopKSelector``. A custom component may well be
     capturable; ``plan_impl="graph"`` tries it and raises if the capture fails.
     """
     # exact types: a subclass may read the host or depend on layer_idx
-    if type(scorer) is not ProbeScorer or scorer.estimator == "offset":
-        return f"scorer: {type(scorer).__name__} is not a ProbeScorer with the default estimator"
+    if type(scorer) is not ProbeScorer:
+        return f"scorer: {type(scorer).__name__} is not a ProbeScorer"
     if type(allocator) not in _CAPTURABLE[1:3]:
         return f"allocator: {type(allocator).__name__} is not known to be capturable"
     if type(selector) is not TopKSelector:

@@ -55,6 +55,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 when a kernel is decorated, i.e. at this module's import), so CPU tensors can run them."""
 
 _LOG2E = 1.4426950408889634
+_LN2 = tl.constexpr(0.6931471805599453)
 _TABLE_BLOCK = 64  # chunk-range entries the column pass reads at once
 _NO_POS = tl.constexpr(2**30)  # the earliest position of a chunk without rows
 
@@ -142,6 +143,8 @@ def _probe_lse_kernel(
     k_ptr,
     addr_ptr,
     rows_ptr,
+    w_ptr,
+    lse_ptr,
     qpack_ptr,
     f_ptr,
     i_ptr,
@@ -165,6 +168,8 @@ def _probe_lse_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BY_ADDR: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    LSE_OUT: tl.constexpr,
 ):
     if BY_ADDR:  # the inputs' addresses are data (a captured replay on new inputs)
         q_ptr = _input(addr_ptr, 0, q_ptr)
@@ -269,10 +274,16 @@ def _probe_lse_kernel(
             ll = ll * tl.exp2(mm - m_safe) + l_j * tl.exp2(m_j - m_safe)
             mm = m_new
         lse = mm + tl.log2(tl.where(r_valid, ll, 1.0))
+        if LSE_OUT:  # natural-log units, (B * Hkv, G * M) position-major
+            tl.store(lse_ptr + bhkv * packed_rows + offs_r, lse * _LN2, mask=r_valid)
+        nlse = -lse
+        if WEIGHTED:  # the row's weight as a shift: the column pass sums w * p
+            w = tl.load(w_ptr + offs_r // group, mask=r_valid, other=1.0)
+            nlse += tl.log2(w)
         # stored negated (the column pass adds it), -inf on padding rows (they weigh nothing)
         tl.store(
             f_ptr + 2 * part_size + bhkv * rows_padded + offs_r,
-            tl.where(r_valid, -lse, -float("inf")),
+            tl.where(r_valid, nlse, -float("inf")),
         )
 
 
@@ -395,6 +406,8 @@ def probe_mass_triton(
     out: Tensor | None = None,
     normalized: Tensor | None = None,
     addr: Tensor | None = None,
+    weights: Tensor | None = None,
+    lse: Tensor | None = None,
 ) -> Tensor:
     """Column mass of the causal softmax of probe rows, fused (no probe map in memory).
 
@@ -419,6 +432,12 @@ def probe_mass_triton(
             CUDA graph captured with ``addr`` replays on new inputs of the same shapes and
             strides once their addresses are written into it, without copying them
             (``PlanGraph``).
+        weights: (M,) float32 weight of each probe row (``ProbeScorer.probe_weights``, the
+            offset estimator's inverse inclusion probabilities): the mass becomes
+            ``sum_i weights[i] * P[i, :]``. Applied as a shift of each row's log-sum-exp.
+        lse: a contiguous (B, Hkv, M, G) float32 tensor that receives each probe row's
+            natural-log log-sum-exp (probe i of query head ``h * G + g`` at ``[b, h, i, g]``,
+            unweighted): what the offset estimator's band needs.
 
     Returns:
         (B, Hkv, Skv) float32 (``out`` when given): for each key, the softmax weight it receives
@@ -449,6 +468,22 @@ def probe_mass_triton(
                 f"{name}: expected a contiguous ({b}, {hkv}, {skv}) float32 tensor on "
                 f"{k.device}, got {tuple(t.shape)} {t.dtype} on {t.device}"
             )
+    if weights is not None and (
+        tuple(weights.shape) != (m,) or weights.dtype != torch.float32
+        or weights.device != q.device
+    ):  # fmt: skip
+        raise ValueError(
+            f"weights: expected a float32 ({m},) tensor on {q.device}, got "
+            f"{tuple(weights.shape)} {weights.dtype} on {weights.device}"
+        )
+    if lse is not None and (
+        tuple(lse.shape) != (b, hkv, m, g) or lse.dtype != torch.float32
+        or lse.device != q.device or not lse.is_contiguous()
+    ):  # fmt: skip
+        raise ValueError(
+            f"lse: expected a contiguous ({b}, {hkv}, {m}, {g}) float32 tensor on {q.device}, "
+            f"got {tuple(lse.shape)} {lse.dtype} on {lse.device}"
+        )
     if addr is not None:
         if tuple(addr.shape) != (2,) or addr.dtype != torch.int64 or addr.device != q.device:
             raise ValueError(
@@ -501,12 +536,13 @@ def probe_mass_triton(
     }  # fmt: skip
     table = addr if addr is not None else rows  # never read without BY_ADDR
     _probe_lse_kernel[(n_chunks, bh, splits)](
-        q, k, table, rows, qpack, fbuf, ibuf,
+        q, k, table, rows, weights if weights is not None else fbuf,
+        lse if lse is not None else fbuf, qpack, fbuf, ibuf,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         hkv, g, packed, skv - sq, skv, per_split, splits, rows_padded, scale_log2,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.lse_warps, num_stages=cfg.lse_stages,
-        **launch,
+        WEIGHTED=weights is not None, LSE_OUT=lse is not None, **launch,
     )  # fmt: skip
     _probe_colsum_kernel[(_cdiv(skv, cfg.col_block_n), bh)](
         k, table, qpack, fbuf, ibuf, out, normalized if normalized is not None else out,
