@@ -4,6 +4,8 @@ profiled with torch.profiler (CPU + CUDA: kernel count, GPU busy time, host time
 cProfile (Python time per function).
 
 Run:  python bench/profile_prefill_plan.py --lengths 8192 32768
+      (--scorer offset --parts plan: the plan of the better budget estimator,
+      ProbeScorer.estimator_preset(128) with CumulativeMassAllocator(0.975))
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import env_info, progress
 
 from zipvl.sparsity import (
+    CumulativeMassAllocator,
     FixedRatioAllocator,
     ProbeScorer,
     TopKSelector,
@@ -35,6 +38,10 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--ratio", type=float, default=0.42)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--scorer", choices=["capped", "offset"], default="capped",
+                    help="capped: 64 + 64 probes, fixed ratio; offset: estimator_preset(128), "
+                    "CumulativeMassAllocator(0.975)")  # fmt: skip
+    ap.add_argument("--parts", nargs="+", default=["plan", "plan_eager", "layer", "layer_sdpa"])
     args = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
@@ -43,6 +50,8 @@ def main() -> None:
     hq, hkv, d = 28, 4, 128
     scorer = ProbeScorer(max_recent=64, max_random=64)
     alloc, sel = FixedRatioAllocator(args.ratio), TopKSelector()
+    if args.scorer == "offset":
+        scorer, alloc = ProbeScorer.estimator_preset(128), CumulativeMassAllocator(0.975)
     for s in args.lengths:
         q = torch.randn(1, hq, s, d, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, hkv, s, d, device="cuda", dtype=torch.bfloat16)
@@ -65,7 +74,7 @@ def main() -> None:
         torch.cuda.synchronize()
         named = (("plan", plan), ("plan_eager", plan_eager), ("layer", layer),
                  ("layer_sdpa", layer_sdpa))  # fmt: skip
-        for name, fn in named:
+        for name, fn in [(n, f) for n, f in named if n in args.parts]:
             for _ in range(3):  # host time per call (no sync: launches only), then wall
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
