@@ -316,11 +316,12 @@ def _probe_mass_and_band_triton(
     ht = probe_mass_triton(q, k, rows, scale=scale, weights=weights.float(), lse=lse)
     pos = rows + (skv - sq)  # (M,)
     cols = pos[:, None] - torch.arange(width, device=k.device)[None, :]  # (M, W)
-    qp = q[:, :, rows].float().view(b, hkv, g, m, 1, d)  # (B, Hkv, G, M, 1, D)
+    # one (G, D) x (D, W) product per probe row: the G query heads share the row's band keys
+    qp = q[:, :, rows].float().view(b, hkv, g, m, d).transpose(2, 3)  # (B, Hkv, M, G, D)
     kb = k[:, :, cols.clamp(min=0)].float()  # (B, Hkv, M, W, D)
-    logits = (qp @ kb.unsqueeze(2).transpose(-1, -2)).squeeze(-2)  # (B, Hkv, G, M, W)
-    p = torch.exp(logits * scale - lse.permute(0, 1, 3, 2).unsqueeze(-1))  # (B, Hkv, G, M, W)
-    band = p.sum(2) * (cols >= 0)  # (B, Hkv, M, W), 0 before the first key
+    logits = qp @ kb.transpose(-1, -2)  # (B, Hkv, M, G, W)
+    p = torch.exp(logits * scale - lse.unsqueeze(-1))  # lse: (B, Hkv, M, G)
+    band = p.sum(3) * (cols >= 0)  # (B, Hkv, M, W), 0 before the first key
     return ht, band
 
 
