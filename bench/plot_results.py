@@ -74,7 +74,7 @@ def main() -> None:
         for n in sorted({r["N"] for r in decode["rows"]}):
             rows = [r for r in decode["rows"] if r["N"] == n]
             b = [r["B"] for r in rows]
-            dense = rows[0]["fastest_dense"]
+            dense = "/".join(sorted({r["fastest_dense"] for r in rows}))
             ax.loglog(b, [r[f"sdpa_{r['fastest_dense']}_graph_ms"] for r in rows], marker="o",
                       label=f"bf16 SDPA ({dense}), {n // 1024}k tokens")  # fmt: skip
             ax.loglog(b, [r["fused_graph_ms"] for r in rows], marker="s",

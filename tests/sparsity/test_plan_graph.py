@@ -345,6 +345,29 @@ def test_a_replay_reads_its_inputs_where_they_are() -> None:
 
 
 @cuda
+def test_a_replay_outlives_the_scorers_cache_of_probe_rows() -> None:
+    """A graph bakes the address of the probe rows its kernels index q with; the scorer's cache
+    of them is bounded and shared by every length. Emptied (its rows freed) and its memory
+    handed out again with other row numbers, replays still equal eager plans."""
+    from zipvl.sparsity import scorers
+
+    comps = {"scorer": ProbeScorer(), "allocator": FixedRatioAllocator(0.42),
+             "selector": TopKSelector()}  # fmt: skip
+    planner = PlanGraph(**comps)
+    s, alive = 4096, []
+    for seed in range(4):
+        q, k, _ = random_qkv(1, 28, 4, s, 128, dtype=torch.bfloat16, device="cuda", seed=seed)
+        alive.append((q, k))
+        if seed == 2:  # after the capture
+            m = comps["scorer"].probe_rows(s, device="cuda").numel()
+            scorers._probe_positions_cached.cache_clear()
+            torch.cuda.synchronize()
+            alive += [torch.full((m,), 7, dtype=torch.int64, device="cuda") for _ in range(256)]
+        _same_plan(planner(q, k), plan_tokens(q, k, **comps, impl="torch"))
+    assert planner.captures == 1 and planner.replays == 3
+
+
+@cuda
 def test_a_replay_syncs_once_and_shapes_share_buffers() -> None:
     comps = {
         "scorer": ProbeScorer(),
@@ -470,6 +493,38 @@ def test_a_model_captures_in_its_second_forward_and_replays_after(monkeypatch) -
     want = plan_tokens(*plain, scorer=comps[0], allocator=comps[1], selector=comps[2],
                        impl="torch")  # fmt: skip
     _same_plan(planner(fresh_q, fresh_k, layer_idx=0), want)
+
+
+@pytest.mark.skipif(
+    __import__("os").environ.get("TRITON_INTERPRET") != "1",
+    reason="the by-address kernels run on CPU tensors under TRITON_INTERPRET=1 only",
+)
+def test_a_stand_in_replay_reads_fresh_inputs_by_address(monkeypatch) -> None:
+    """The by-address path on the CPU (the kernels under the interpreter, a recorder that
+    replays the captured function with the capture call's tensors for shapes and strides and
+    the address table for data): replays on fresh batch-2 inputs at new addresses (the old
+    ones kept alive) equal eager plans; a replay that read the capture call's inputs would not.
+    (The stand-in re-runs the Python, so the lifetime of what a real graph bakes is tested on
+    CUDA below.)"""
+    from zipvl.sparsity import plan_graph
+
+    def record(self, entry, layer_idx, views, q, k):
+        assert entry.addr is not None and entry.q is None  # read by address: no copies
+        return _Replay(lambda: self._static(q, k, layer_idx, views, entry.addr))
+
+    monkeypatch.setattr(plan_graph.PlanGraph, "_record", record)
+    scorer = ProbeScorer(max_recent=6, max_random=6, impl="triton")
+    comps = (scorer, FixedRatioAllocator(0.42), TopKSelector(sink_tokens=2))
+    planner = PlanGraph(*comps)
+    alive = []
+    for seed in range(5):
+        q, k, _ = random_qkv(2, 4, 2, 48, 16, seed=seed)
+        alive.append((q, k))
+        got = planner(q.as_subclass(_LooksCuda), k.as_subclass(_LooksCuda))
+        want = plan_tokens(q, k, scorer=scorer, allocator=comps[1], selector=comps[2],
+                           impl="torch")  # fmt: skip
+        _same_plan(got, want)
+    assert (planner.captures, planner.replays) == (1, 4)
 
 
 def test_per_layer_allocators_capture_once_per_layer(monkeypatch) -> None:

@@ -171,7 +171,10 @@ class _Entry:
 
     q: Tensor | None  # static inputs (shared), None where the inputs are read by address
     k: Tensor | None
-    q_rows: Tensor | None  # the probe rows the scorer reads (None: all of q)
+    # the probe rows the scorer reads (None: all of q); read by address, the rows the captured
+    # kernels index q with: held here so that the graph's address of them stays valid (the
+    # scorer's cache of them is bounded and shared by every length)
+    q_rows: Tensor | None
     packed: Tensor  # uint8, every output of one replay (shared)
     graph: Any  # torch.cuda.CUDAGraph
     addr: Tensor | None = None  # int64 (2,): q's and k's addresses, where read by address
@@ -400,7 +403,7 @@ class PlanGraph:
             )
             if by_addr:  # the kernels read the inputs where the two slots point
                 table = torch.zeros(2, dtype=torch.int64, device=dev)
-                entry = _Entry(q=None, k=None, q_rows=None, packed=packed, graph=None,
+                entry = _Entry(q=None, k=None, q_rows=q_rows, packed=packed, graph=None,
                                addr=table, slots=(table[0], table[1]))  # fmt: skip
             else:
                 entry = _Entry(

@@ -446,8 +446,8 @@ def probe_mass_triton(
 
     Raises:
         ValueError: head dim not a power of two >= 16, a non-positive scale, a device the
-            kernels cannot run on, or an ``out`` / ``normalized`` / ``addr`` of the wrong shape,
-            dtype, device or layout.
+            kernels cannot run on, or an ``out`` / ``normalized`` / ``addr`` / ``weights`` /
+            ``lse`` of the wrong shape, dtype, device or layout.
     """
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
@@ -470,10 +470,10 @@ def probe_mass_triton(
             )
     if weights is not None and (
         tuple(weights.shape) != (m,) or weights.dtype != torch.float32
-        or weights.device != q.device
+        or weights.device != q.device or not weights.is_contiguous()
     ):  # fmt: skip
         raise ValueError(
-            f"weights: expected a float32 ({m},) tensor on {q.device}, got "
+            f"weights: expected a contiguous float32 ({m},) tensor on {q.device}, got "
             f"{tuple(weights.shape)} {weights.dtype} on {weights.device}"
         )
     if lse is not None and (
@@ -485,9 +485,11 @@ def probe_mass_triton(
             f"got {tuple(lse.shape)} {lse.dtype} on {lse.device}"
         )
     if addr is not None:
-        if tuple(addr.shape) != (2,) or addr.dtype != torch.int64 or addr.device != q.device:
+        if (tuple(addr.shape) != (2,) or addr.dtype != torch.int64 or addr.device != q.device
+                or not addr.is_contiguous()):  # fmt: skip
             raise ValueError(
-                f"addr: expected an int64 (2,) tensor on {q.device}, got {tuple(addr.shape)} "
+                f"addr: expected a contiguous int64 (2,) tensor on {q.device}, got "
+                f"{tuple(addr.shape)} "
                 f"{addr.dtype} on {addr.device}"
             )
         if q.stride(-1) != 1 or k.stride(-1) != 1:
@@ -520,7 +522,8 @@ def probe_mass_triton(
     if key_splits is None:
         # enough programs for the row pass to fill the GPU in several waves (~8 per SM; the
         # causally empty ones end at once), each at least 8 key blocks long; one on the CPU
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
+        cuda = q.device.type == "cuda"
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if cuda else 0
         key_splits = min(round(8 * sms / (bh * _cdiv(packed, bm))), n_blocks // 8)
     splits = max(1, min(n_blocks, key_splits))
     per_split = _cdiv(n_blocks, splits) * bn

@@ -366,7 +366,10 @@ class ProbeScorer:
     Memory (``impl="torch"``): per chunk of KV heads, the logits of B * heads_per_chunk * G * M
     * Skv in the input dtype (fp32 for fp16 inputs, plus an fp32 copy of the chunk's keys), then
     two fp32 buffers of that size (masked logits, softmax) that are freed before the next chunk;
-    ``impl="triton"`` never materialises the probe map.
+    ``impl="triton"`` never materialises the probe map. With ``estimator="offset"`` it gathers
+    the band keys, B * Hkv * M * W * D elements in the input dtype plus an fp32 copy (about 100 MB
+    at 64k with ``estimator_preset(128)``, W = 256), for all KV heads at once; inside a captured
+    plan they stay in the graph's memory pool, once per captured shape.
 
     Attributes:
         recent_frac: fraction of the Sq query rows used as recent probes (the last rows), [0, 1].
@@ -534,12 +537,12 @@ class ProbeScorer:
             ValueError: an estimator or denominator the kernels do not compute, ``impl="torch"``,
                 inputs the kernels cannot read, or bad ``mass`` / ``normalized`` / ``addr``.
         """
-        if self.estimator != "sum" or self.denominator != "causal" or self.impl is Impl.TORCH:
-            raise ValueError(
-                "fused_scores: needs estimator='sum', denominator='causal' and an impl other "
-                f"than 'torch', got {self.estimator!r}, {self.denominator!r}, "
-                f"{Impl(self.impl).value!r}"
-            )
+        for name, value, want in (("estimator", self.estimator, "sum"),
+                                  ("denominator", self.denominator, "causal")):  # fmt: skip
+            if value != want:
+                raise ValueError(f"{name}: fused_scores computes {want!r} only, got {value!r}")
+        if self.impl is Impl.TORCH:
+            raise ValueError("impl: fused_scores runs the fused kernels, got 'torch'")
         _, _, _, sq, _ = _check_inputs(q, k)
         from zipvl.sparsity.probe_triton import probe_mass_triton  # lazy: triton is optional
 
