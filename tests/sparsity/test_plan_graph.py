@@ -90,11 +90,11 @@ def test_the_fused_scorer_writes_the_plan_in_place(b, s, allocator, selector) ->
     assert planner._fused(q)
     want = plan_tokens(q, k, scorer=scorer, allocator=allocator, selector=selector, impl="torch")
     _same_plan(planner(q, k), want)
-    # the offset estimator through the kernels: not written in place (its mass is corrected
-    # after the kernels), the same plan
+    # the offset estimator through the kernels (its correction written into the buffer): the
+    # same plan
     offset = ProbeScorer.estimator_preset(8, impl="triton")
     planner = PlanGraph(offset, allocator, selector, capture=False)
-    assert not planner._fused(q)
+    assert planner._fused(q)
     want = plan_tokens(q, k, scorer=offset, allocator=allocator, selector=selector, impl="torch")
     _same_plan(planner(q, k), want)
 
@@ -499,7 +499,13 @@ def test_a_model_captures_in_its_second_forward_and_replays_after(monkeypatch) -
     __import__("os").environ.get("TRITON_INTERPRET") != "1",
     reason="the by-address kernels run on CPU tensors under TRITON_INTERPRET=1 only",
 )
-def test_a_stand_in_replay_reads_fresh_inputs_by_address(monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "scorer",
+    [ProbeScorer(max_recent=6, max_random=6, impl="triton"),
+     ProbeScorer.estimator_preset(8, impl="triton")],
+    ids=["sum", "offset"],
+)  # fmt: skip
+def test_a_stand_in_replay_reads_fresh_inputs_by_address(monkeypatch, scorer) -> None:
     """The by-address path on the CPU (the kernels under the interpreter, a recorder that
     replays the captured function with the capture call's tensors for shapes and strides and
     the address table for data): replays on fresh batch-2 inputs at new addresses (the old
@@ -513,7 +519,6 @@ def test_a_stand_in_replay_reads_fresh_inputs_by_address(monkeypatch) -> None:
         return _Replay(lambda: self._static(q, k, layer_idx, views, entry.addr))
 
     monkeypatch.setattr(plan_graph.PlanGraph, "_record", record)
-    scorer = ProbeScorer(max_recent=6, max_random=6, impl="triton")
     comps = (scorer, FixedRatioAllocator(0.42), TopKSelector(sink_tokens=2))
     planner = PlanGraph(*comps)
     alive = []

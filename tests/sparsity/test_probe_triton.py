@@ -12,6 +12,7 @@ import torch
 from zipvl.sparsity import ProbeScorer
 from zipvl.sparsity.probe_triton import (
     ProbeKernelConfig,
+    probe_band_triton,
     probe_mass_triton,
     triton_probe_available,
 )
@@ -279,7 +280,43 @@ def test_in_place_and_address_arguments_are_checked() -> None:
         probe_mass_triton(q, k, rows, scale=0.25, lse=torch.empty(1, 2, 2, 4))
     with pytest.raises(ValueError, match=r"denominator: fused_scores computes 'causal' only"):
         ProbeScorer(denominator="probe_count").fused_scores(q, k)
-    with pytest.raises(ValueError, match=r"estimator: fused_scores computes 'sum' only"):
-        ProbeScorer.estimator_preset(8).fused_scores(q, k)
     with pytest.raises(ValueError, match=r"impl: fused_scores runs the fused kernels"):
         ProbeScorer(impl="torch").fused_scores(q, k)
+    lse = torch.zeros(1, 2, 4, 2)
+    with pytest.raises(ValueError, match=r"width: expected an int >= 1"):
+        probe_band_triton(q, k, rows, lse, width=0, scale=0.25)
+    with pytest.raises(ValueError, match=r"lse: expected a contiguous \(1, 2, 4, 2\) float32"):
+        probe_band_triton(q, k, rows, lse[..., :1], width=4, scale=0.25)
+    with pytest.raises(ValueError, match=r"addr: expected a contiguous int64"):
+        probe_band_triton(q, k, rows, lse, width=4, scale=0.25, addr=torch.zeros(2))
+
+
+@pytest.mark.parametrize(("sq", "width"), [(45, 7), (30, 20)])  # prefill; chunked, W > block
+def test_the_band_kernel_equals_the_eager_band(sq: int, width: int, device: str) -> None:
+    """``probe_band_triton`` (read in place, and by address) against ``_probe_mass_and_band``'s
+    band in float64, with the row log-sum-exp the mass kernels return; rows near the start
+    have offsets before the first key (0)."""
+    if not triton_probe_available(torch.device(device)):
+        pytest.skip("no Triton on this device without the interpreter")
+    from zipvl.sparsity.scorers import _probe_mass_and_band
+
+    skv, d = 45, 16
+    q = torch.randn(2, 6, 20 + skv, d, device=device)[:, :, -sq:]
+    k = torch.randn(2, 2, skv, d, device=device)
+    rows = torch.tensor([0, 3, 11, sq - 1], device=device)
+    weights = torch.rand(4, device=device) + 0.5
+    lse = torch.empty(2, 2, 4, 3, device=device)
+    ht = probe_mass_triton(q, k, rows, scale=0.25, weights=weights, lse=lse)
+    want_ht, want = _probe_mass_and_band(
+        q.double(), k.double(), rows, weights, width=width, scale=0.25,
+        heads_per_chunk=1,
+    )  # fmt: skip
+    torch.testing.assert_close(ht.double(), want_ht.double(), rtol=1e-5, atol=1e-6)
+    got = probe_band_triton(q, k, rows, lse, width=width, scale=0.25)
+    assert got.shape == (2, 2, 4, width)
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-6)
+    addr = torch.tensor([q.data_ptr(), k.data_ptr()], device=device)
+    stand_q = torch.zeros(2, 6, 20 + skv, d, device=device)[:, :, -sq:]
+    by_addr = probe_band_triton(stand_q, torch.zeros_like(k), rows, lse, width=width,
+                                scale=0.25, addr=addr)  # fmt: skip
+    assert torch.equal(by_addr, got)

@@ -272,7 +272,7 @@ class PlanGraph:
         its inputs by address (``ProbeScorer.fused_scores``)."""
         sc = self.scorer
         return (
-            type(sc) is ProbeScorer and sc.estimator == "sum" and sc.denominator == "causal"
+            type(sc) is ProbeScorer and sc.denominator == "causal"
             and sc.impl_for(q) is Impl.TRITON
         )  # fmt: skip
 

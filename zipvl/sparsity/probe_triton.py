@@ -48,7 +48,13 @@ from torch import Tensor
 
 from zipvl.checks import check_int, check_scale
 
-__all__ = ["INTERPRETED", "ProbeKernelConfig", "probe_mass_triton", "triton_probe_available"]
+__all__ = [
+    "INTERPRETED",
+    "ProbeKernelConfig",
+    "probe_band_triton",
+    "probe_mass_triton",
+    "triton_probe_available",
+]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 """Whether the kernels below were decorated for the Triton interpreter (Triton reads the variable
@@ -391,6 +397,131 @@ def _probe_colsum_kernel(
         tl.store(norm_ptr + bhkv * kv_len + offs_n, tl.math.div_rn(acc, den), mask=n_valid)
 
 
+@triton.jit
+def _probe_band_kernel(
+    q_ptr, k_ptr, addr_ptr, rows_ptr, lse_ptr, band_ptr,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    num_kv_heads, group, num_probes, pos_offset, width, scale_log2,
+    HEAD_DIM: tl.constexpr, G_PAD: tl.constexpr, BLOCK_W: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BY_ADDR: tl.constexpr,
+):  # fmt: skip
+    """Band of one probe row: ``band[b, h, i, d] = sum_g P_g[i, pos_i - d]`` for one block of
+    offsets d, from the row's G query heads against the keys just before it, normalised by the
+    rows' natural-log log-sum-exp (``lse``, (B, Hkv, M, G)); 0 where ``pos_i - d < 0``."""
+    if BY_ADDR:
+        q_ptr = _input(addr_ptr, 0, q_ptr)
+        k_ptr = _input(addr_ptr, 1, k_ptr)
+    i = tl.program_id(0)
+    bhkv = tl.program_id(1)
+    wb = tl.program_id(2)
+    b = bhkv // num_kv_heads
+    hkv = bhkv % num_kv_heads
+    row = tl.load(rows_ptr + i)  # the probe's row in q
+    pos = row + pos_offset  # its absolute position
+    offs_g = tl.arange(0, G_PAD)
+    g_valid = offs_g < group
+    offs_d = tl.arange(0, HEAD_DIM)
+    head = hkv * group + offs_g
+    qv = tl.load(
+        q_ptr + b.to(tl.int64) * stride_qb + head.to(tl.int64)[:, None] * stride_qh
+        + row * stride_qs + offs_d[None, :],
+        mask=g_valid[:, None], other=0.0,
+    )  # fmt: skip
+    offs_w = wb * BLOCK_W + tl.arange(0, BLOCK_W)
+    col = pos - offs_w
+    valid = (offs_w < width) & (col >= 0)
+    kv = tl.load(
+        k_ptr + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
+        + col[:, None] * stride_ks + offs_d[None, :],
+        mask=valid[:, None], other=0.0,
+    )  # fmt: skip
+    s = tl.dot(qv, tl.trans(kv), input_precision=DOT_PRECISION)  # (G_PAD, BLOCK_W) fp32
+    row_lse = tl.load(lse_ptr + (bhkv * num_probes + i) * group + offs_g, mask=g_valid, other=0.0)
+    p = tl.exp2(s * scale_log2 - row_lse[:, None] * 1.4426950408889634)
+    p = tl.where(g_valid[:, None] & valid[None, :], p, 0.0)
+    tl.store(
+        band_ptr + (bhkv * num_probes + i).to(tl.int64) * width + offs_w,
+        tl.sum(p, axis=0),
+        mask=offs_w < width,
+    )
+
+
+def probe_band_triton(
+    q: Tensor,
+    k: Tensor,
+    rows: Tensor,
+    lse: Tensor,
+    *,
+    width: int,
+    scale: float,
+    addr: Tensor | None = None,
+) -> Tensor:
+    """The offset estimator's band next to each probe row's diagonal, fused.
+
+    Args:
+        q, k, rows, scale, addr: as ``probe_mass_triton`` (its ``addr`` checks apply).
+        lse: (B, Hkv, M, G) float32, the rows' natural-log log-sum-exp as ``probe_mass_triton``
+            returns it in ``lse``.
+        width: band width W >= 1 (``ProbeScorer.band_width``).
+
+    Returns:
+        (B, Hkv, M, W) float32: ``sum_g softmax(q_{h G + g, i} k^T * scale)[pos_i - d]`` over the
+        G query heads of KV head h, 0 where ``pos_i - d < 0`` (``pos_i`` = row i's absolute
+        position); the band keys are read in place, nothing of size M x W x D is gathered.
+
+    Raises:
+        ValueError: a bad ``width`` / ``lse`` / ``addr``, or a device the kernel cannot run on.
+    """
+    b, hq, sq, d = q.shape
+    hkv, skv = k.shape[1], k.shape[2]
+    g, m = hq // hkv, rows.shape[0]
+    check_int("width", width, 1)
+    if (tuple(lse.shape) != (b, hkv, m, g) or lse.dtype != torch.float32
+            or lse.device != q.device or not lse.is_contiguous()):  # fmt: skip
+        raise ValueError(
+            f"lse: expected a contiguous ({b}, {hkv}, {m}, {g}) float32 tensor on {q.device}, "
+            f"got {tuple(lse.shape)} {lse.dtype} on {lse.device}"
+        )
+    _check_addr(addr, q, k)
+    if not triton_probe_available(q.device):
+        raise ValueError(
+            f"q: impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1), got device {q.device}"
+        )
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    band = torch.empty(b, hkv, m, width, device=q.device, dtype=torch.float32)
+    if m == 0 or b * hkv == 0:
+        return band
+    rows = rows.to(device=q.device, dtype=torch.int64).contiguous()
+    block_w = min(64, max(16, triton.next_power_of_2(width)))
+    _probe_band_kernel[(m, b * hkv, _cdiv(width, block_w))](
+        q, k, addr if addr is not None else rows, rows, lse, band,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        hkv, g, m, skv - sq, width, float(scale) * _LOG2E,
+        HEAD_DIM=d, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK_W=block_w,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BY_ADDR=addr is not None, num_warps=4,
+    )  # fmt: skip
+    return band
+
+
+def _check_addr(addr: Tensor | None, q: Tensor, k: Tensor) -> None:
+    """``addr``: a contiguous int64 (2,) tensor on q's device, inputs with a last stride of 1."""
+    if addr is None:
+        return
+    if (tuple(addr.shape) != (2,) or addr.dtype != torch.int64 or addr.device != q.device
+            or not addr.is_contiguous()):  # fmt: skip
+        raise ValueError(
+            f"addr: expected a contiguous int64 (2,) tensor on {q.device}, got "
+            f"{tuple(addr.shape)} {addr.dtype} on {addr.device}"
+        )
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError(
+            f"addr: inputs read by address need a last stride of 1, got q {q.stride()}, "
+            f"k {k.stride()}"
+        )
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -484,19 +615,7 @@ def probe_mass_triton(
             f"lse: expected a contiguous ({b}, {hkv}, {m}, {g}) float32 tensor on {q.device}, "
             f"got {tuple(lse.shape)} {lse.dtype} on {lse.device}"
         )
-    if addr is not None:
-        if (tuple(addr.shape) != (2,) or addr.dtype != torch.int64 or addr.device != q.device
-                or not addr.is_contiguous()):  # fmt: skip
-            raise ValueError(
-                f"addr: expected a contiguous int64 (2,) tensor on {q.device}, got "
-                f"{tuple(addr.shape)} "
-                f"{addr.dtype} on {addr.device}"
-            )
-        if q.stride(-1) != 1 or k.stride(-1) != 1:
-            raise ValueError(
-                f"addr: inputs read by address need a last stride of 1, got q {q.stride()}, "
-                f"k {k.stride()}"
-            )
+    _check_addr(addr, q, k)
     if not triton_probe_available(q.device):
         raise ValueError(
             f"q: impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1), got device {q.device}"

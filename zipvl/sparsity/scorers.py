@@ -300,28 +300,26 @@ def _probe_mass_and_band(
 
 
 def _probe_mass_and_band_triton(
-    q: Tensor, k: Tensor, rows: Tensor, weights: Tensor, *, width: int, scale: float
+    q: Tensor,
+    k: Tensor,
+    rows: Tensor,
+    weights: Tensor,
+    *,
+    width: int,
+    scale: float,
+    addr: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``_probe_mass_and_band`` with the weighted column mass from the fused kernels
-    (``probe_mass_triton(weights=...)``, no probe map in memory) and the band from the M x W
-    logits next to each probe row's diagonal, normalised by the row log-sum-exp the kernels
-    return. The band costs B * Hq * M * W * D multiply-adds (about n / 2 keys per query head
-    with the offset estimator's W), a gather of those keys and no (M, Skv) tensor."""
-    from zipvl.sparsity.probe_triton import probe_mass_triton  # lazy: triton is optional
+    """``_probe_mass_and_band`` from the fused kernels: the weighted column mass
+    (``probe_mass_triton(weights=...)``, no probe map in memory), then the band next to each
+    probe row's diagonal (``probe_band_triton``, the band keys read in place), normalised by the
+    rows' log-sum-exp the first kernels return. ``addr``: read the inputs by address."""
+    from zipvl.sparsity.probe_triton import probe_band_triton, probe_mass_triton
 
-    b, hq, sq, d = q.shape
-    hkv, skv = k.shape[1], k.shape[2]
-    g, m = hq // hkv, rows.shape[0]
-    lse = torch.empty(b, hkv, m, g, device=q.device, dtype=torch.float32)
-    ht = probe_mass_triton(q, k, rows, scale=scale, weights=weights.float(), lse=lse)
-    pos = rows + (skv - sq)  # (M,)
-    cols = pos[:, None] - torch.arange(width, device=k.device)[None, :]  # (M, W)
-    # one (G, D) x (D, W) product per probe row: the G query heads share the row's band keys
-    qp = q[:, :, rows].float().view(b, hkv, g, m, d).transpose(2, 3)  # (B, Hkv, M, G, D)
-    kb = k[:, :, cols.clamp(min=0)].float()  # (B, Hkv, M, W, D)
-    logits = qp @ kb.transpose(-1, -2)  # (B, Hkv, M, G, W)
-    p = torch.exp(logits * scale - lse.unsqueeze(-1))  # lse: (B, Hkv, M, G)
-    band = p.sum(3) * (cols >= 0)  # (B, Hkv, M, W), 0 before the first key
+    b, hq, _, _ = q.shape
+    hkv = k.shape[1]
+    lse = torch.empty(b, hkv, rows.shape[0], hq // hkv, device=q.device, dtype=torch.float32)
+    ht = probe_mass_triton(q, k, rows, scale=scale, weights=weights, lse=lse, addr=addr)
+    band = probe_band_triton(q, k, rows, lse, width=width, scale=scale, addr=addr)
     return ht, band
 
 
@@ -518,9 +516,11 @@ class ProbeScorer:
         normalized: Tensor | None = None,
         addr: Tensor | None = None,
     ) -> Scores:
-        """``self(q, k)`` through the fused kernels (``probe_mass_triton``) with Eq. 7 computed
-        in their column pass: what ``__call__`` runs for ``impl="triton"`` (or ``"auto"`` on
-        CUDA) with the default ``estimator="sum"`` and ``denominator="causal"``.
+        """``self(q, k)`` through the fused kernels: what ``__call__`` runs for ``impl="triton"``
+        (or ``"auto"`` on CUDA) with ``denominator="causal"``. With ``estimator="sum"`` the
+        kernels' column pass also computes Eq. 7; with ``estimator="offset"`` they return the
+        weighted column mass and the rows' log-sum-exp, a third kernel the band, and the
+        correction runs in PyTorch on those (O(Skv) work, no input read).
 
         Args:
             q, k: as in ``__call__``.
@@ -534,25 +534,42 @@ class ProbeScorer:
             ``Scores`` (``mass`` and ``normalized`` when given), equal to ``self(q, k)``.
 
         Raises:
-            ValueError: an estimator or denominator the kernels do not compute, ``impl="torch"``,
-                inputs the kernels cannot read, or bad ``mass`` / ``normalized`` / ``addr``.
+            ValueError: ``denominator="probe_count"``, ``impl="torch"``, inputs the kernels
+                cannot read, or bad ``mass`` / ``normalized`` / ``addr``.
         """
-        for name, value, want in (("estimator", self.estimator, "sum"),
-                                  ("denominator", self.denominator, "causal")):  # fmt: skip
-            if value != want:
-                raise ValueError(f"{name}: fused_scores computes {want!r} only, got {value!r}")
+        if self.denominator != "causal":
+            raise ValueError(
+                f"denominator: fused_scores computes 'causal' only, got {self.denominator!r}"
+            )
         if self.impl is Impl.TORCH:
             raise ValueError("impl: fused_scores runs the fused kernels, got 'torch'")
-        _, _, _, sq, _ = _check_inputs(q, k)
+        _, _, _, sq, skv = _check_inputs(q, k)
         from zipvl.sparsity.probe_triton import probe_mass_triton  # lazy: triton is optional
 
         scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
-        b, hkv, skv = k.shape[0], k.shape[1], k.shape[2]
+        b, hkv = k.shape[0], k.shape[1]
+        rows = self.probe_rows(sq, device=q.device)
+        if self.estimator == "offset":
+            weights = self.probe_weights(sq, device=q.device)  # (M,)
+            ht, band = _probe_mass_and_band_triton(
+                q, k, rows, weights, width=self.band_width(sq), scale=scale, addr=addr
+            )
+            est = offset_corrected_mass(ht, band, rows + (skv - sq), weights, sq=sq, skv=skv)
+            for name, t in (("mass", mass), ("normalized", normalized)):
+                if t is not None and (tuple(t.shape) != tuple(est.shape)
+                                      or t.dtype != torch.float32):  # fmt: skip
+                    raise ValueError(
+                        f"{name}: expected a ({b}, {hkv}, {skv}) float32 tensor, got "
+                        f"{tuple(t.shape)} {t.dtype}"
+                    )
+            est = est if mass is None else mass.copy_(est)
+            den = _causal_visible(sq, skv, k.device)
+            nrm = est / den if normalized is None else torch.div(est, den, out=normalized)
+            return Scores(mass=est, normalized=nrm)
         if normalized is None:
             normalized = torch.empty(b, hkv, skv, device=k.device, dtype=torch.float32)
         out = probe_mass_triton(
-            q, k, self.probe_rows(sq, device=q.device), scale=scale, out=mass,
-            normalized=normalized, addr=addr,
+            q, k, rows, scale=scale, out=mass, normalized=normalized, addr=addr
         )  # fmt: skip
         return Scores(mass=out, normalized=normalized)
 
@@ -583,21 +600,18 @@ class ProbeScorer:
         scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
         rows = self.probe_rows(sq, device=q.device)  # (M,)
         if self.estimator == "offset":
-            weights = self.probe_weights(sq, device=q.device)  # (M,)
             if self.impl_for(q) is Impl.TRITON:
-                ht, band = _probe_mass_and_band_triton(
-                    q, k, rows, weights, width=self.band_width(sq), scale=scale
-                )
-            else:
-                ht, band = _probe_mass_and_band(
-                    q,
-                    k,
-                    rows,
-                    weights,
-                    width=self.band_width(sq),
-                    scale=scale,
-                    heads_per_chunk=self.heads_per_chunk,
-                )  # (B, Hkv, Skv), (B, Hkv, M, W)
+                return self.fused_scores(q, k)
+            weights = self.probe_weights(sq, device=q.device)  # (M,)
+            ht, band = _probe_mass_and_band(
+                q,
+                k,
+                rows,
+                weights,
+                width=self.band_width(sq),
+                scale=scale,
+                heads_per_chunk=self.heads_per_chunk,
+            )  # (B, Hkv, Skv), (B, Hkv, M, W)
             mass = offset_corrected_mass(ht, band, rows + (skv - sq), weights, sq=sq, skv=skv)
             normalized = mass / _causal_visible(sq, skv, k.device)
             return Scores(mass=mass, normalized=normalized)
