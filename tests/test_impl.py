@@ -279,7 +279,7 @@ def test_probe_scorer_auto_names_its_choice(monkeypatch: pytest.MonkeyPatch) -> 
 
     calls: list[str] = []
 
-    def fake(q, k, rows, *, scale):
+    def fake(q, k, rows, *, scale, **kw):
         calls.append("triton")
         return torch.ones(k.shape[:3])
 
