@@ -83,6 +83,8 @@ def test_the_captured_function_is_the_eager_plan(shape, scorer, allocator, selec
 def test_the_fused_scorer_writes_the_plan_in_place(b, s, allocator, selector) -> None:
     """With the fused probe kernels the captured function writes the scores and the selection
     straight into the (uninitialised) output buffer: the same plan as ``plan_tokens``."""
+    from zipvl.sparsity.plan_graph import _layout, _views
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scorer = ProbeScorer(max_recent=6, max_random=6, impl="triton")
     q, k, _ = random_qkv(b, 4, 2, s, 16, seed=s, device=device)
@@ -90,6 +92,12 @@ def test_the_fused_scorer_writes_the_plan_in_place(b, s, allocator, selector) ->
     assert planner._fused(q)
     want = plan_tokens(q, k, scorer=scorer, allocator=allocator, selector=selector, impl="torch")
     _same_plan(planner(q, k), want)
+    # every byte the plan reads back is written: a buffer of 0xFF (NaN scores, index -1, every
+    # token kept) gives the same plan
+    layout, nbytes = _layout(b, 2, s)
+    views = _views(torch.full((nbytes,), 255, dtype=torch.uint8, device=device), layout)
+    planner._static(q, k, None, views)
+    _same_plan(planner._result(views, s, None), want)
     # the offset estimator through the kernels (its correction written into the buffer): the
     # same plan
     offset = ProbeScorer.estimator_preset(8, impl="triton")
