@@ -116,10 +116,12 @@ def test_scatter_rows_equals_torch_scatter(pb: dict) -> None:
     keep, idx = _keep(b, hkv, s, p, gen)
     # SDPA's flash/cuDNN outputs are (B, P, Hq, Dv) in memory: any layout is read
     out_kept = _layout(_randn(b, hkv * g, p, dv, dtype=pb["dtype"], gen=gen), pb["layouts"][0])
-    got = scatter_rows_triton(out_kept, idx, keep, s)
     want = _scatter_rows(out_kept, idx, s)
-    assert got.is_contiguous() and got.shape == (b, hkv * g, s, dv)
-    assert torch.equal(got, want)  # the zeros too: the poisoned output had NaN there
+    for seq_major in (False, True):  # (B, Hq, S, Dv) memory, or a view of (B, S, Hq, Dv)
+        got = scatter_rows_triton(out_kept, idx, keep, s, seq_major=seq_major)
+        assert got.shape == (b, hkv * g, s, dv)
+        assert (got.transpose(1, 2) if seq_major else got).is_contiguous()
+        assert torch.equal(got, want)  # the zeros too: the poisoned output had NaN there
 
 
 @needs_kernels
@@ -174,6 +176,11 @@ def test_sparse_attention_triton_copies_equal_torch_copies(
     slow = sparse_attention(q, k, v, sel, impl=impl, copy_impl="torch")
     assert calls == ["gather"]  # the first call ran the kernels, the second did not
     assert torch.equal(fast, slow)
+    # q's layout is the output's: transformers' (B, S, Hq, D) view gives a (B, S, Hq, Dv)
+    # buffer (its transpose back copies nothing), a contiguous q a contiguous output
+    assert fast.transpose(1, 2).is_contiguous() and not fast.is_contiguous()
+    plain = sparse_attention(q.contiguous(), k, v, sel, impl=impl, copy_impl="triton")
+    assert plain.is_contiguous() and torch.equal(plain, fast)
     want = sparse_attention(q, k, v, sel, impl="reference")
     torch.testing.assert_close(fast.float(), want.float(), atol=2e-2, rtol=2e-2)
 
@@ -225,6 +232,9 @@ def test_triton_copies_refuse_where_they_cannot_run(monkeypatch: pytest.MonkeyPa
 
 @needs_kernels
 def test_bad_inputs_raise_naming_the_argument() -> None:
+    with pytest.raises(ValueError, match=r"seq_major: expected a bool"):
+        scatter_rows_triton(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, dtype=torch.int64),
+                            torch.ones(1, 2, 1, dtype=torch.bool), 1, seq_major=1)  # fmt: skip
     q = torch.randn(1, 4, 10, 16, device=DEVICE)
     k = torch.randn(1, 2, 10, 16, device=DEVICE)
     idx = torch.tensor([[[1, 3], [2, 5]]], device=DEVICE)

@@ -286,8 +286,13 @@ def _sdpa_sparse(
         out = sdpa(
             qg, kg, vg, backend=backend, is_causal=True, scale=scale, enable_gqa=True
         )  # (B, Hq, P, Dv)
-        # (B, Hq, S, Dv): one launch, which also applies the plan's unread NaN flag
-        return scatter_rows_triton(out, idx, selection.keep, s, nan_flag=selection.nan_flag)
+        # (B, Hq, S, Dv): one launch, which also applies the plan's unread NaN flag; in q's
+        # memory layout (a (B, S, Hq, D) view in transformers models: their transpose back to
+        # (B, S, Hq, Dv) then copies nothing, as it copies nothing after dense SDPA)
+        return scatter_rows_triton(
+            out, idx, selection.keep, s, nan_flag=selection.nan_flag,
+            seq_major=hq > 1 and s > 1 and q.stride(1) < q.stride(2),
+        )  # fmt: skip
     kg, vg = _gather_kv(k, v, idx)  # (B, Hkv, P, D), (B, Hkv, P, Dv)
     if unkept == "zero":
         qg = _gather_q(q, idx)  # (B, Hq, P, D)
@@ -404,10 +409,13 @@ def sparse_attention(
             ``copy_impl_for``). The results are equal element for element.
 
     Returns:
-        (B, Hq, S, Dv) in q's dtype; rows of queries that attend to nothing are zero. A selection
-        with ``num_kept = 0`` gives all zeros. A selection carrying a plan's unread NaN flag
-        (``Selection.attach_nan_flag``: a plan with a budget known on the host reads nothing
-        back) gives NaN in every element when the flag is set, still without a host read.
+        (B, Hq, S, Dv) in q's dtype; rows of queries that attend to nothing are zero. The
+        Triton copies write it in q's memory layout (a (B, Hq, S, Dv) view of a (B, S, Hq, Dv)
+        buffer when q is such a view, as in transformers models); the other paths return a
+        contiguous tensor. A selection with ``num_kept = 0`` gives all zeros. A selection
+        carrying a plan's unread NaN flag (``Selection.attach_nan_flag``: a plan with a budget
+        known on the host reads nothing back) gives NaN in every element when the flag is set,
+        still without a host read.
 
     Raises:
         ValueError: unknown ``impl``/``unkept``/``copy_impl``, ``copy_impl="triton"`` where

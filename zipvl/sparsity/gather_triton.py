@@ -134,6 +134,7 @@ def _scatter_rows_kernel(
     BLOCK_DV: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    SEQ_MAJOR: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hkv = tl.program_id(1).to(tl.int64)
@@ -147,7 +148,10 @@ def _scatter_rows_kernel(
         pos = tl.load(idx_ptr + bh * n_kept + offs_p, mask=ok, other=0)
         for j in tl.static_range(GROUP):
             h = hkv * GROUP + j
-            dst = (b * n_hkv * GROUP + h) * seq_len + pos
+            if SEQ_MAJOR:  # the output's memory is (B, S, Hq, Dv)
+                dst = (b * seq_len + pos) * (n_hkv * GROUP) + h
+            else:
+                dst = (b * n_hkv * GROUP + h) * seq_len + pos
             src = o_ptr + b * stride_ob + h * stride_oh
             _copy_rows(src, offs_p.to(tl.int64), stride_os, out_ptr, dst, ok, DV, BLOCK_DV,
                        nan_ptr)  # fmt: skip
@@ -164,7 +168,10 @@ def _scatter_rows_kernel(
             zeros = tl.where(tl.load(nan_ptr) != 0, nans, zeros)
         for j in tl.static_range(GROUP):
             h = hkv * GROUP + j
-            rows = (b * n_hkv * GROUP + h) * seq_len + offs_s
+            if SEQ_MAJOR:
+                rows = (b * seq_len + offs_s) * (n_hkv * GROUP) + h
+            else:
+                rows = (b * n_hkv * GROUP + h) * seq_len + offs_s
             tl.store(out_ptr + rows[:, None] * DV + offs_d[None, :], zeros, mask=mask)
 
 
@@ -267,7 +274,13 @@ def gather_qkv_triton(
 
 
 def scatter_rows_triton(
-    out_kept: Tensor, idx: Tensor, keep: Tensor, s: int, *, nan_flag: Tensor | None = None
+    out_kept: Tensor,
+    idx: Tensor,
+    keep: Tensor,
+    s: int,
+    *,
+    nan_flag: Tensor | None = None,
+    seq_major: bool = False,
 ) -> Tensor:
     """The full-length output of the kept rows, zeros elsewhere, written once in one launch.
 
@@ -286,9 +299,13 @@ def scatter_rows_triton(
         nan_flag: optional 0-dim integer or bool tensor on the device (a plan's unread NaN
             check, ``Selection.nan_flag``): when nonzero every output element is NaN. Read by
             the kernel, never by the host.
+        seq_major: write a (B, S, Hq, Dv) buffer and return it as its (B, Hq, S, Dv) view (the
+            layout of q in a transformers model, whose attention output is transposed back to
+            (B, S, Hq, Dv): ``.transpose(1, 2).contiguous()`` then copies nothing).
 
     Returns:
-        (B, Hq, S, Dv), a new contiguous tensor in out_kept's dtype.
+        (B, Hq, S, Dv) in out_kept's dtype: a new contiguous tensor, or with ``seq_major`` the
+        transposed view of a new contiguous (B, S, Hq, Dv) tensor.
 
     Raises:
         ValueError: mismatched ranks, shapes, dtypes or devices (the message names the
@@ -296,6 +313,8 @@ def scatter_rows_triton(
     """
     if not isinstance(out_kept, Tensor) or out_kept.ndim != 4:
         raise ValueError(f"out_kept: expected a 4-D (B, Hq, P, Dv) tensor, got {_shape(out_kept)}")
+    if not isinstance(seq_major, bool):
+        raise ValueError(f"seq_major: expected a bool, got {type(seq_major).__name__}")
     if isinstance(s, bool) or not isinstance(s, int) or s < 0:
         raise ValueError(f"s: expected an int >= 0, got {s!r}")
     b, hq, p, dv = out_kept.shape
@@ -321,7 +340,9 @@ def scatter_rows_triton(
             )
         if nan_flag.device != out_kept.device:
             raise ValueError(f"nan_flag: expected device {out_kept.device}, got {nan_flag.device}")
-    out = _empty(out_kept, b, hq, s, dv)
+    out = _empty(out_kept, b, s, hq, dv).transpose(1, 2) if seq_major else _empty(
+        out_kept, b, hq, s, dv
+    )  # fmt: skip
     if out.numel() == 0:
         return out
     out_kept = _last_dim_contiguous(out_kept)
@@ -331,7 +352,7 @@ def scatter_rows_triton(
         out_kept, idx, keep8, out, nan_flag, p, s,  # nan_flag None: a kernel without the flag
         out_kept.stride(0), out_kept.stride(1), out_kept.stride(2),
         GROUP=hq // hkv, DV=dv, BLOCK_DV=_pow2(dv), BLOCK_P=_BLOCK_P, BLOCK_S=_BLOCK_S,
-        num_warps=_WARPS,
+        SEQ_MAJOR=seq_major, num_warps=_WARPS,
     )  # fmt: skip
     return out
 
