@@ -288,7 +288,7 @@ def _sdpa_sparse(
         )  # (B, Hq, P, Dv)
         # (B, Hq, S, Dv): one launch, which also applies the plan's unread NaN flag; in q's
         # memory layout (a (B, S, Hq, D) view in transformers models: their transpose back to
-        # (B, S, Hq, Dv) then copies nothing, as it copies nothing after dense SDPA)
+        # (B, S, Hq, Dv) then copies nothing, where it copied the whole output before)
         return scatter_rows_triton(
             out, idx, selection.keep, s, nan_flag=selection.nan_flag,
             seq_major=hq > 1 and s > 1 and q.stride(1) < q.stride(2),
