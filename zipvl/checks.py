@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "check_buffer",
     "check_fraction",
     "check_int",
     "check_qkv",
@@ -45,6 +46,32 @@ def check_tensor(
     if floating and not x.is_floating_point():
         raise ValueError(f"{name}: expected a floating-point tensor, got {x.dtype}")
     return x
+
+
+def check_buffer(
+    name: str,
+    t: Tensor | None,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """A tensor a kernel writes into or reads whole (an output buffer, a workspace, a table):
+    contiguous, of exactly ``shape``, ``dtype`` and ``device``. None passes (the callee makes
+    its own)."""
+    if t is None:
+        return
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device or (
+        not t.is_contiguous()
+    ):  # fmt: skip
+        layout = "" if t.is_contiguous() else "non-contiguous "
+        raise ValueError(
+            f"{name}: expected a contiguous {tuple(shape)} {_dtype(dtype)} tensor on {device}, "
+            f"got a {layout}{tuple(t.shape)} {_dtype(t.dtype)} tensor on {t.device}"
+        )
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def check_same_device(**tensors: Tensor) -> None:

@@ -267,14 +267,14 @@ def test_in_place_and_address_arguments_are_checked() -> None:
         probe_mass_triton(q, k, rows, scale=0.25, out=torch.empty(1, 2, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"normalized: expected a contiguous"):
         probe_mass_triton(q, k, rows, scale=0.25, normalized=torch.empty(2, 8))
-    with pytest.raises(ValueError, match=r"addr: expected a contiguous int64 \(2,\) tensor"):
+    with pytest.raises(ValueError, match=r"addr: expected a contiguous \(2,\) int64 tensor"):
         probe_mass_triton(q, k, rows, scale=0.25, addr=torch.zeros(3, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"addr: inputs read by address need a last stride"):
         strided = torch.randn(1, 4, 8, 32)[..., ::2]  # (1, 4, 8, 16), last stride 2
         probe_mass_triton(strided, k, rows, scale=0.25, addr=torch.zeros(2).long())
-    with pytest.raises(ValueError, match=r"weights: expected a contiguous float32 \(4,\)"):
+    with pytest.raises(ValueError, match=r"weights: expected a contiguous \(4,\) float32"):
         probe_mass_triton(q, k, rows, scale=0.25, weights=torch.ones(3))
-    with pytest.raises(ValueError, match=r"weights: expected a contiguous float32 \(4,\)"):
+    with pytest.raises(ValueError, match=r"weights: .* got a non-contiguous \(4,\) float32"):
         probe_mass_triton(q, k, rows, scale=0.25, weights=torch.ones(8)[::2])
     with pytest.raises(ValueError, match=r"lse: expected a contiguous \(1, 2, 4, 2\) float32"):
         probe_mass_triton(q, k, rows, scale=0.25, lse=torch.empty(1, 2, 2, 4))
@@ -282,12 +282,14 @@ def test_in_place_and_address_arguments_are_checked() -> None:
         ProbeScorer(denominator="probe_count").fused_scores(q, k)
     with pytest.raises(ValueError, match=r"impl: fused_scores runs the fused kernels"):
         ProbeScorer(impl="torch").fused_scores(q, k)
+    with pytest.raises(ValueError, match=r"mass: expected a contiguous \(1, 2, 8\) float32"):
+        ProbeScorer.estimator_preset(8, impl="triton").fused_scores(q, k, mass=torch.empty(2, 8))
     lse = torch.zeros(1, 2, 4, 2)
     with pytest.raises(ValueError, match=r"width: expected an int >= 1"):
         probe_band_triton(q, k, rows, lse, width=0, scale=0.25)
     with pytest.raises(ValueError, match=r"lse: expected a contiguous \(1, 2, 4, 2\) float32"):
         probe_band_triton(q, k, rows, lse[..., :1], width=4, scale=0.25)
-    with pytest.raises(ValueError, match=r"addr: expected a contiguous int64"):
+    with pytest.raises(ValueError, match=r"addr: expected a contiguous \(2,\) int64"):
         probe_band_triton(q, k, rows, lse, width=4, scale=0.25, addr=torch.zeros(2))
 
 

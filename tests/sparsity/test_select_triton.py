@@ -123,7 +123,7 @@ def test_bad_input_raises_naming_the_argument() -> None:
         keep_and_indices_triton(scores, torch.ones(1, 3, dtype=torch.int32, device=DEVICE), 1, 2)
     with pytest.raises(ValueError, match=r"ranked: expected float32"):
         keep_and_indices_triton(scores.half(), torch.ones(1, 2, dtype=torch.int32), 1, 2)
-    with pytest.raises(ValueError, match=r"out: idx must be a contiguous"):
+    with pytest.raises(ValueError, match=r"out: idx: expected a contiguous \(1, 2, 16\) int64"):
         keep_and_indices_triton(
             scores, torch.ones(1, 2, dtype=torch.int32, device=DEVICE), 1, 2,
             out=(torch.empty(1, 2, 16, dtype=torch.bool, device=DEVICE),

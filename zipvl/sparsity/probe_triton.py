@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from zipvl.checks import check_int, check_scale
+from zipvl.checks import check_buffer, check_int, check_scale
 
 __all__ = [
     "INTERPRETED",
@@ -476,19 +476,8 @@ def probe_band_triton(
     hkv, skv = k.shape[1], k.shape[2]
     g, m = hq // hkv, rows.shape[0]
     check_int("width", width, 1)
-    if (tuple(lse.shape) != (b, hkv, m, g) or lse.dtype != torch.float32
-            or lse.device != q.device or not lse.is_contiguous()):  # fmt: skip
-        raise ValueError(
-            f"lse: expected a contiguous ({b}, {hkv}, {m}, {g}) float32 tensor on {q.device}, "
-            f"got {tuple(lse.shape)} {lse.dtype} on {lse.device}"
-        )
-    _check_addr(addr, q, k)
-    if not triton_probe_available(q.device):
-        raise ValueError(
-            f"q: impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1), got device {q.device}"
-        )
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k = k if k.stride(-1) == 1 else k.contiguous()
+    check_buffer("lse", lse, (b, hkv, m, g), torch.float32, q.device)
+    q, k = _kernel_inputs(q, k, addr)
     band = torch.empty(b, hkv, m, width, device=q.device, dtype=torch.float32)
     if m == 0 or b * hkv == 0:
         return band
@@ -505,21 +494,24 @@ def probe_band_triton(
     return band
 
 
-def _check_addr(addr: Tensor | None, q: Tensor, k: Tensor) -> None:
-    """``addr``: a contiguous int64 (2,) tensor on q's device, inputs with a last stride of 1."""
-    if addr is None:
-        return
-    if (tuple(addr.shape) != (2,) or addr.dtype != torch.int64 or addr.device != q.device
-            or not addr.is_contiguous()):  # fmt: skip
+def _kernel_inputs(q: Tensor, k: Tensor, addr: Tensor | None) -> tuple[Tensor, Tensor]:
+    """q and k as the kernels read them (the last dim contiguous), after the checks every
+    kernel wrapper makes: ``addr`` a contiguous int64 (2,) table on q's device with inputs of
+    a last stride of 1, and a device the kernels run on."""
+    if addr is not None:
+        check_buffer("addr", addr, (2,), torch.int64, q.device)
+        if q.stride(-1) != 1 or k.stride(-1) != 1:
+            raise ValueError(
+                f"addr: inputs read by address need a last stride of 1, got q {q.stride()}, "
+                f"k {k.stride()}"
+            )
+    if not triton_probe_available(q.device):
         raise ValueError(
-            f"addr: expected a contiguous int64 (2,) tensor on {q.device}, got "
-            f"{tuple(addr.shape)} {addr.dtype} on {addr.device}"
+            f"q: impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1), got device {q.device}"
         )
-    if q.stride(-1) != 1 or k.stride(-1) != 1:
-        raise ValueError(
-            f"addr: inputs read by address need a last stride of 1, got q {q.stride()}, "
-            f"k {k.stride()}"
-        )
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    return q, k
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -590,38 +582,11 @@ def probe_mass_triton(
     cfg = config if config is not None else ProbeKernelConfig.default_for(q.dtype, d)
     g = hq // hkv
     m = rows.shape[0]
-    for name, t in (("out", out), ("normalized", normalized)):
-        if t is not None and (
-            tuple(t.shape) != (b, hkv, skv) or t.dtype != torch.float32
-            or t.device != k.device or not t.is_contiguous()
-        ):  # fmt: skip
-            raise ValueError(
-                f"{name}: expected a contiguous ({b}, {hkv}, {skv}) float32 tensor on "
-                f"{k.device}, got {tuple(t.shape)} {t.dtype} on {t.device}"
-            )
-    if weights is not None and (
-        tuple(weights.shape) != (m,) or weights.dtype != torch.float32
-        or weights.device != q.device or not weights.is_contiguous()
-    ):  # fmt: skip
-        raise ValueError(
-            f"weights: expected a contiguous float32 ({m},) tensor on {q.device}, got "
-            f"{tuple(weights.shape)} {weights.dtype} on {weights.device}"
-        )
-    if lse is not None and (
-        tuple(lse.shape) != (b, hkv, m, g) or lse.dtype != torch.float32
-        or lse.device != q.device or not lse.is_contiguous()
-    ):  # fmt: skip
-        raise ValueError(
-            f"lse: expected a contiguous ({b}, {hkv}, {m}, {g}) float32 tensor on {q.device}, "
-            f"got {tuple(lse.shape)} {lse.dtype} on {lse.device}"
-        )
-    _check_addr(addr, q, k)
-    if not triton_probe_available(q.device):
-        raise ValueError(
-            f"q: impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1), got device {q.device}"
-        )
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k = k if k.stride(-1) == 1 else k.contiguous()
+    check_buffer("out", out, (b, hkv, skv), torch.float32, k.device)
+    check_buffer("normalized", normalized, (b, hkv, skv), torch.float32, k.device)
+    check_buffer("weights", weights, (m,), torch.float32, q.device)
+    check_buffer("lse", lse, (b, hkv, m, g), torch.float32, q.device)
+    q, k = _kernel_inputs(q, k, addr)
     if out is None:
         out = torch.empty(b, hkv, skv, device=q.device, dtype=torch.float32)  # (B, Hkv, Skv)
     if m == 0:

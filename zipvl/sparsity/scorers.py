@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zipvl.checks import check_fraction, check_int, check_qkv, check_scale
+from zipvl.checks import check_buffer, check_fraction, check_int, check_qkv, check_scale
 from zipvl.impl import SCORER_IMPLS, Impl, parse_impl
 from zipvl.sparsity.probe_estimate import band_width, offset_corrected_mass, stratified_rows
 from zipvl.types import Scores
@@ -323,6 +323,20 @@ def _probe_mass_and_band_triton(
     return ht, band
 
 
+def _offset_scores(
+    ht: Tensor, band: Tensor, rows: Tensor, weights: Tensor, sq: int, skv: int,
+    mass: Tensor | None = None, normalized: Tensor | None = None,
+) -> Scores:  # fmt: skip
+    """The offset estimator's scores from the probes' weighted mass and band (either path):
+    the corrected mass and Eq. 7 with the causal count, written into ``mass`` / ``normalized``
+    where given."""
+    est = offset_corrected_mass(ht, band, rows + (skv - sq), weights, sq=sq, skv=skv)
+    est = est if mass is None else mass.copy_(est)
+    den = _causal_visible(sq, skv, ht.device)
+    nrm = est / den if normalized is None else torch.div(est, den, out=normalized)
+    return Scores(mass=est, normalized=nrm)
+
+
 def _causal_visible(sq: int, skv: int, device: torch.device) -> Tensor:
     """Number of query rows that can see each key: Skv - max(j, Skv - Sq), (Skv,) float32."""
     j = torch.arange(skv, device=device)
@@ -551,21 +565,12 @@ class ProbeScorer:
         rows = self.probe_rows(sq, device=q.device)
         if self.estimator == "offset":
             weights = self.probe_weights(sq, device=q.device)  # (M,)
+            check_buffer("mass", mass, (b, hkv, skv), torch.float32, k.device)
+            check_buffer("normalized", normalized, (b, hkv, skv), torch.float32, k.device)
             ht, band = _probe_mass_and_band_triton(
                 q, k, rows, weights, width=self.band_width(sq), scale=scale, addr=addr
             )
-            est = offset_corrected_mass(ht, band, rows + (skv - sq), weights, sq=sq, skv=skv)
-            for name, t in (("mass", mass), ("normalized", normalized)):
-                if t is not None and (tuple(t.shape) != tuple(est.shape)
-                                      or t.dtype != torch.float32):  # fmt: skip
-                    raise ValueError(
-                        f"{name}: expected a ({b}, {hkv}, {skv}) float32 tensor, got "
-                        f"{tuple(t.shape)} {t.dtype}"
-                    )
-            est = est if mass is None else mass.copy_(est)
-            den = _causal_visible(sq, skv, k.device)
-            nrm = est / den if normalized is None else torch.div(est, den, out=normalized)
-            return Scores(mass=est, normalized=nrm)
+            return _offset_scores(ht, band, rows, weights, sq, skv, mass, normalized)
         if normalized is None:
             normalized = torch.empty(b, hkv, skv, device=k.device, dtype=torch.float32)
         out = probe_mass_triton(
@@ -597,11 +602,12 @@ class ProbeScorer:
             ValueError: bad ranks, GQA mismatch, dtype/device mismatch, or Sq > Skv.
         """
         _, _, g, sq, skv = _check_inputs(q, k)
+        fused = self.impl_for(q) is Impl.TRITON
+        if fused and self.denominator == "causal":  # either estimator (offset needs "causal")
+            return self.fused_scores(q, k)
         scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
         rows = self.probe_rows(sq, device=q.device)  # (M,)
         if self.estimator == "offset":
-            if self.impl_for(q) is Impl.TRITON:
-                return self.fused_scores(q, k)
             weights = self.probe_weights(sq, device=q.device)  # (M,)
             ht, band = _probe_mass_and_band(
                 q,
@@ -612,12 +618,8 @@ class ProbeScorer:
                 scale=scale,
                 heads_per_chunk=self.heads_per_chunk,
             )  # (B, Hkv, Skv), (B, Hkv, M, W)
-            mass = offset_corrected_mass(ht, band, rows + (skv - sq), weights, sq=sq, skv=skv)
-            normalized = mass / _causal_visible(sq, skv, k.device)
-            return Scores(mass=mass, normalized=normalized)
-        if self.impl_for(q) is Impl.TRITON:
-            if self.denominator == "causal":  # Eq. 7 in the kernels' column pass
-                return self.fused_scores(q, k)
+            return _offset_scores(ht, band, rows, weights, sq, skv)
+        if fused:  # "probe_count": the kernels' mass, the count below
             # lazy import: triton is an optional, Linux-only dependency
             from zipvl.sparsity.probe_triton import probe_mass_triton
 

@@ -37,6 +37,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from zipvl.checks import check_buffer
+
 __all__ = ["INTERPRETED", "keep_and_indices_triton"]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -239,14 +241,8 @@ def keep_and_indices_triton(
         idx = torch.empty(shape, dtype=torch.int64, device=ranked.device)
     else:
         keep, idx = out
-        for name, t, dtype in (("keep", keep, torch.bool), ("idx", idx, torch.int64)):
-            if tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous() or (
-                t.device != ranked.device
-            ):  # fmt: skip
-                raise ValueError(
-                    f"out: {name} must be a contiguous {shape} {dtype} tensor on "
-                    f"{ranked.device}, got {tuple(t.shape)} {t.dtype} on {t.device}"
-                )
+        check_buffer("out: keep", keep, shape, torch.bool, ranked.device)
+        check_buffer("out: idx", idx, shape, torch.int64, ranked.device)
     if s == 0 or b == 0:
         return keep, idx
     layer = hs == 1 and num_heads > 1
