@@ -274,6 +274,19 @@ def kept_positions(keep: Tensor, width: int | None = None) -> Tensor:
     return idx.scatter_(-1, slot, pos)[..., :width]
 
 
+def keep_with_positions(
+    keep: Tensor, out: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
+    """``keep`` (..., Skv) bool and its ``kept_positions``, copied into ``out`` = (keep, idx)
+    where given (a captured plan's output buffer) and returned as those."""
+    idx = kept_positions(keep)
+    if out is None:
+        return keep, idx
+    out[0].copy_(keep)
+    out[1].copy_(idx)
+    return out
+
+
 @runtime_checkable
 class Scorer(Protocol):
     """Importance scorer: (q, k) -> Scores. Higher = more important."""

@@ -37,7 +37,7 @@ from zipvl.types import (
     Selection,
     Selector,
     equalize_keep_counts,
-    kept_positions,
+    keep_with_positions,
 )
 
 __all__ = [
@@ -362,9 +362,8 @@ def plan_keep(
     keep = keep_mask(scores.normalized, budget)  # (B, Hkv, Skv)
     if out is None:
         return RowKeep(budget=budget, keep=keep)
-    out[0].copy_(keep)
-    out[1].copy_(kept_positions(keep))
-    return RowKeep(budget=budget, keep=out[0], indices=out[1])
+    keep, idx = keep_with_positions(keep, out)
+    return RowKeep(budget=budget, keep=keep, indices=idx)
 
 
 @dataclass(frozen=True)

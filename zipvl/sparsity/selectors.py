@@ -26,7 +26,7 @@ from torch import Tensor
 
 from zipvl.checks import check_int, check_same_device, check_tensor
 from zipvl.impl import SCORER_IMPLS, Impl, parse_impl
-from zipvl.types import NONFINITE_MASS_BUDGET, Selection, kept_positions
+from zipvl.types import NONFINITE_MASS_BUDGET, Selection, keep_with_positions
 
 __all__ = ["SELECT_TRITON_MAX_TOKENS", "Selection", "TopKSelector"]
 
@@ -194,13 +194,7 @@ class TopKSelector:
                     raw, budget, n_forced, hkv, forced=(self.sink_tokens, self._recent), out=out
                 )
             return keep_and_indices_triton(self._ranked(scores), budget, n_forced, hkv, out=out)
-        keep = self.keep_mask(scores, budget)  # (B, Hkv, Skv)
-        idx = kept_positions(keep)
-        if out is None:
-            return keep, idx
-        out[0].copy_(keep)
-        out[1].copy_(idx)
-        return out
+        return keep_with_positions(self.keep_mask(scores, budget), out)  # (B, Hkv, Skv) each
 
     def keep_mask(self, scores: Tensor, budget: Tensor) -> Tensor:
         """The keep mask, fixed-shape and without host sync (safe under ``fullgraph=True``).
