@@ -47,6 +47,7 @@ from common import (
 
 from zipvl.cache import PagedKVStore, PageFormat
 from zipvl.decode import decode_attention, decode_read_bytes
+from zipvl.paged_decode_triton import default_variant
 
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -62,12 +63,14 @@ def random_keep(b: int, h: int, n: int, ratio: float, device: str) -> torch.Tens
     return torch.zeros(b, h, n, dtype=torch.bool, device=device).scatter_(-1, idx, True)
 
 
-def build(b: int, n: int, hkv: int, d: int, ratio: float, page: int, tail: int):
+def build(b: int, n: int, hkv: int, d: int, ratio: float, page: int, tail: int,
+          code_order: str = "auto"):  # fmt: skip
     """A store of N prompt tokens + ``tail`` generated ones, and the same tokens in bf16."""
     dev = "cuda"
     k = torch.randn(b, hkv, n, d, device=dev, dtype=torch.bfloat16)
     v = torch.randn(b, hkv, n, d, device=dev, dtype=torch.bfloat16)
-    store = PagedKVStore(PageFormat(page_size=page), batch_size=b, num_heads=hkv, head_dim=d,
+    fmt = PageFormat(page_size=page, code_order=code_order)
+    store = PagedKVStore(fmt, batch_size=b, num_heads=hkv, head_dim=d,
                          dtype=torch.bfloat16, device=dev, recompress_every=100,
                          sink_tokens=0)  # fmt: skip
     store.write_prefill(k, v, random_keep(b, hkv, n, ratio, dev), None, 0)
@@ -81,7 +84,9 @@ LAUNCH_KEYS = {"warps": int, "stages": int, "splits": int, "precise": int, "conv
                "block_t": int, "maxnreg": int, "variant": str}  # fmt: skip
 # block_t 0: the kernel's default for the variant (64 for "tile", 16 for "pages")
 LAUNCH_DEFAULTS = {"warps": 4, "stages": 2, "splits": 4, "precise": 0, "block_t": 0,
-                   "maxnreg": 0, "variant": "tile"}  # fmt: skip
+                   "maxnreg": 0}  # fmt: skip
+# the "fragment" kernel (pages in the fragment code order): split counts and its conversion
+FRAGMENT_SWEEP = [{"splits": 2}, {"splits": 8}, {"convert": "magic"}, {"maxnreg": 168}]
 # the kernel variants side by side first ("tile": the warps split each page's tokens; "pages":
 # each warp owns a page), then the older launch settings of the "tile" kernel
 # ("pages-codes": each warp its page, in code space; stages=1: the page tiles by plain loads and
@@ -122,7 +127,7 @@ def set_launch(ws: dict, launch: dict, default_splits: int, b: int, hq: int, d: 
     """Point the kernel's workspace at one launch setting (defaults for the keys not given)."""
     from zipvl.paged_decode_triton import DEFAULT_CONVERT
 
-    full = {**LAUNCH_DEFAULTS, "convert": DEFAULT_CONVERT, **launch}
+    full = {**LAUNCH_DEFAULTS, "convert": DEFAULT_CONVERT, "variant": ws["variant0"], **launch}
     ns = max(1, default_splits * full["splits"] // 4)
     if full["block_t"]:
         ws["block_t"] = full["block_t"]
@@ -152,7 +157,18 @@ def main(argv: list[str] | None = None) -> None:
         f"{sorted(LAUNCH_KEYS)} (splits in quarters of the default count; convert one of "
         "cvt / magic / asm; variant tile, pages or pages-codes); the default sweep of 16 "
         "settings took more than 600 s over batch 1, 4 and 8 on an H200: '--sweep' with "
-        "nothing after it times the default launch only",
+        "nothing after it times the default launch only (stores in the slice code order)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--fragment-sweep", type=parse_launch, nargs="*", default=FRAGMENT_SWEEP,
+        help="the launch settings to time for stores in the fragment code order (variant "
+        "'fragment'; keys splits, convert, maxnreg, warps)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--code-orders", nargs="+", default=["auto"], choices=["auto", "slice", "fragment"],
+        help="PageFormat.code_order of the stores, each timed in the same run (auto: fragment "
+        "at pages of 128 and head dim 128, the default users get; slice: the tile / pages "
+        "kernels)",
     )  # fmt: skip
     ap.add_argument(
         "--variants", action="store_true",
@@ -171,86 +187,92 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for b in args.batch:
         for n in args.tokens:
-            progress(f"B = {b}, N = {n}")
-            store, kf, vf = build(b, n, hkv, d, args.ratio, args.page, 50)
-            q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
-            # correctness on these inputs: fused vs the float32 reference of the same store
-            out, _ = decode_attention(q, store, impl="triton")
-            ref, _ = decode_attention(q, store, impl="reference")
-            rel_err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-            row: dict = {"B": b, "N": n}
-            chosen = dict(store._decode_ws)  # type: ignore[attr-defined]  # launch_choice's
-            store._decode_ws["variant"] = "pages"  # type: ignore[attr-defined]
-            out, _ = decode_attention(q, store, impl="triton")
-            store._decode_ws = dict(chosen)  # type: ignore[attr-defined]
-            row["pages_rel_err_vs_fp32_ref"] = (
-                (out.float() - ref.float()).norm() / ref.float().norm()
-            ).item()
-            dense: dict[str, tuple[float, float]] = {}
-            for name, backend in BACKENDS.items():
+            for order in args.code_orders:
+                progress(f"B = {b}, N = {n}, code order {order}")
+                store, kf, vf = build(b, n, hkv, d, args.ratio, args.page, 50, order)
+                frag = store.fmt.code_order == "fragment"
+                q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+                # correctness on these inputs: fused vs the float32 reference of the same store
+                out, _ = decode_attention(q, store, impl="triton")
+                ref, _ = decode_attention(q, store, impl="reference")
+                rel_err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                row: dict = {"B": b, "N": n, "code_order": store.fmt.code_order}
+                chosen = dict(store._decode_ws)  # type: ignore[attr-defined]  # launch_choice's
+                chosen["variant0"] = default_variant(store.fmt.code_order)
+                if not frag:
+                    store._decode_ws["variant"] = "pages"  # type: ignore[attr-defined]
+                    out, _ = decode_attention(q, store, impl="triton")
+                    row["pages_rel_err_vs_fp32_ref"] = (
+                        (out.float() - ref.float()).norm() / ref.float().norm()
+                    ).item()
+                store._decode_ws = dict(chosen)  # type: ignore[attr-defined]
+                dense: dict[str, tuple[float, float]] = {}
+                for name, backend in BACKENDS.items():
 
-                def sdpa(backend=backend):
-                    with sdpa_kernel(backend):
-                        return F.scaled_dot_product_attention(q, kf, vf, enable_gqa=True)
+                    def sdpa(backend=backend):
+                        with sdpa_kernel(backend):
+                            return F.scaled_dot_product_attention(q, kf, vf, enable_gqa=True)
 
-                try:
-                    sdpa()
-                    dense[name] = (median_ms(sdpa), median_ms_graph(sdpa))
-                except RuntimeError as err:  # no kernel of this backend for the call
-                    progress(f"  sdpa-{name}: n/a ({str(err).splitlines()[0][:80]})")
-                    continue
-                row[f"sdpa_{name}_ms"], row[f"sdpa_{name}_graph_ms"] = dense[name]
+                    try:
+                        sdpa()
+                        dense[name] = (median_ms(sdpa), median_ms_graph(sdpa))
+                    except RuntimeError as err:  # no kernel of this backend for the call
+                        progress(f"  sdpa-{name}: n/a ({str(err).splitlines()[0][:80]})")
+                        continue
+                    row[f"sdpa_{name}_ms"], row[f"sdpa_{name}_graph_ms"] = dense[name]
 
-            def fused():
-                return decode_attention(q, store, impl="triton")
+                def fused():
+                    return decode_attention(q, store, impl="triton")
 
-            # launch settings of the fused kernel; the default (what users get) is timed last
-            ws = store._decode_ws  # type: ignore[attr-defined]
-            default = {k: ws[k] for k in ("splits",)}
-            tried = {}
-            for launch in args.sweep:
-                set_launch(ws, launch, default["splits"], b, hq, d)
-                fused()
-                tried[launch_name(launch)] = median_ms_graph(fused, rep_ms=100)
-            # back to what users get: zipvl.decode.launch_choice's launch
-            store._decode_ws = dict(chosen)  # type: ignore[attr-defined]
-            keys = ("variant", "stages", "block_t", "splits")
-            row["launch"] = ",".join(f"{k}={chosen[k]}" for k in keys if k in chosen)
-            row["launch_sweep"] = tried
-            for variant in ("tile", "pages"):  # the two kernels at their defaults
-                if f"variant={variant}" in tried:
-                    row[f"{variant}_graph_ms"] = tried[f"variant={variant}"]
-            if "tile_graph_ms" in row and "pages_graph_ms" in row:
-                row["pages_speedup"] = row["tile_graph_ms"] / row["pages_graph_ms"]
-            fastest = min(tried, key=lambda c: tried[c]) if tried else "default"
-            row["best_launch"] = f"{fastest} {tried.get(fastest, float('nan')):.3g} ms"
-            t_fused, t_fused_g = median_ms(fused), median_ms_graph(fused)
-            best = min(dense, key=lambda k: dense[k][1])
-            t_base, t_base_g = dense[best]
-            bf16_bytes = kf.nbytes + vf.nbytes
-            fused_bytes = decode_read_bytes(store)
-            row.update(
-                {
-                    "fastest_dense": best,
-                    "fused_ms": t_fused,
-                    "fused_graph_ms": t_fused_g,
-                    "speedup_eager": t_base / t_fused,
-                    "speedup_graph": t_base_g / t_fused_g,
-                    "eager_over_graph": t_fused / t_fused_g,
-                    "bytes_ratio": fused_bytes / bf16_bytes,
-                    "fused_frac_of_copy_bw": fused_bytes / (t_fused_g * 1e-3) / bw,
-                    "dense_frac_of_copy_bw": bf16_bytes / (t_base_g * 1e-3) / bw,
-                    "fused_rel_err_vs_fp32_ref": rel_err,
-                    "splits": store._decode_ws["splits"],  # type: ignore[attr-defined]
-                }
-            )
-            rows.append(row)
-            progress(f"  fused {t_fused_g:.4g} ms (graph) vs {best} {t_base_g:.4g} ms: "
-                     f"{t_base_g / t_fused_g:.3g}x; sweep {row['launch_sweep']}")  # fmt: skip
-            store = kf = vf = None  # free before the next case
-            torch.cuda.empty_cache()
+                # launch settings of the fused kernel; the default (what users get) is timed last
+                ws = store._decode_ws  # type: ignore[attr-defined]
+                default = {k: ws[k] for k in ("splits",)}
+                tried = {}
+                for launch in args.fragment_sweep if frag else args.sweep:
+                    set_launch(ws, launch, default["splits"], b, hq, d)
+                    fused()
+                    tried[launch_name(launch)] = median_ms_graph(fused, rep_ms=100)
+                # back to what users get: zipvl.decode.launch_choice's launch
+                store._decode_ws = dict(chosen)  # type: ignore[attr-defined]
+                keys = ("variant", "stages", "block_t", "splits")
+                row["launch"] = ",".join(f"{k}={chosen[k]}" for k in keys if k in chosen)
+                row["launch"] = row["launch"] if "variant" in chosen else (
+                    f"variant={chosen['variant0']}," + row["launch"])  # fmt: skip
+                row["launch_sweep"] = tried
+                for variant in ("tile", "pages"):  # the two kernels at their defaults
+                    if f"variant={variant}" in tried:
+                        row[f"{variant}_graph_ms"] = tried[f"variant={variant}"]
+                if "tile_graph_ms" in row and "pages_graph_ms" in row:
+                    row["pages_speedup"] = row["tile_graph_ms"] / row["pages_graph_ms"]
+                fastest = min(tried, key=lambda c: tried[c]) if tried else "default"
+                row["best_launch"] = f"{fastest} {tried.get(fastest, float('nan')):.3g} ms"
+                t_fused, t_fused_g = median_ms(fused), median_ms_graph(fused)
+                best = min(dense, key=lambda k: dense[k][1])
+                t_base, t_base_g = dense[best]
+                bf16_bytes = kf.nbytes + vf.nbytes
+                fused_bytes = decode_read_bytes(store)
+                row.update(
+                    {
+                        "fastest_dense": best,
+                        "fused_ms": t_fused,
+                        "fused_graph_ms": t_fused_g,
+                        "speedup_eager": t_base / t_fused,
+                        "speedup_graph": t_base_g / t_fused_g,
+                        "eager_over_graph": t_fused / t_fused_g,
+                        "bytes_ratio": fused_bytes / bf16_bytes,
+                        "fused_frac_of_copy_bw": fused_bytes / (t_fused_g * 1e-3) / bw,
+                        "dense_frac_of_copy_bw": bf16_bytes / (t_base_g * 1e-3) / bw,
+                        "fused_rel_err_vs_fp32_ref": rel_err,
+                        "splits": store._decode_ws["splits"],  # type: ignore[attr-defined]
+                    }
+                )
+                rows.append(row)
+                progress(f"  fused {t_fused_g:.4g} ms (graph) vs {best} {t_base_g:.4g} ms: "
+                         f"{t_base_g / t_fused_g:.3g}x; sweep {row['launch_sweep']}")  # fmt: skip
+                store = kf = vf = None  # free before the next case
+                torch.cuda.empty_cache()
 
-    cols = ["B", "N", "fastest_dense", "sdpa_flash_graph_ms", "sdpa_cudnn_graph_ms",
+    cols = ["B", "N", "code_order", "fastest_dense", "sdpa_flash_graph_ms", "sdpa_cudnn_graph_ms",
             "sdpa_efficient_graph_ms", "launch", "fused_graph_ms", "fused_ms", "tile_graph_ms",
             "pages_graph_ms", "pages_speedup", "best_launch",
             "speedup_graph",

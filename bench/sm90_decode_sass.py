@@ -9,6 +9,7 @@ STL, MUFU) in every loop of more than 200 instructions (a loop is a backward bra
 instructions between its target and it). Use the Triton of the target GPU (3.6 on the H200).
 
 Run:  python bench/sm90_decode_sass.py '{"VARIANT": 0}' '{"VARIANT": 1, "BLOCK_T": 16}'
+      python bench/sm90_decode_sass.py '{"kernel": "fragment", "stages": 1}'
       (each argument: constexprs of the kernel and "warps" / "stages" / "maxnreg" as JSON;
       --out DIR keeps the SASS and TTGIR of each as DIR/<n>.sass, DIR/<n>.ttgir)
 """
@@ -43,14 +44,28 @@ DEFAULTS = {"HKV": 4, "GROUP": 7, "B1": 4, "B2": 200, "B3": 400, "NUM_SPLITS": 6
             "BLOCK_T": 64, "PRECISE": False, "CONVERT": 2, "FP_BLOCK": 16,
             "PARAM": tl.float16, "FP": tl.bfloat16, "ALIGNED": True, "NS_PAD": 128,
             "MERGE_GM": 8, "MERGE_SB": 4, "VARIANT": 0}  # fmt: skip
+# the "fragment" variant's own kernel (zipvl.fragment_decode_triton): spec {"kernel": "fragment"}
+FRAGMENT_DEFAULTS = {"HKV": 4, "GROUP": 7, "B1": 4, "B2": 200, "B3": 400, "NUM_SPLITS": 99,
+                     "HEAD_DIM": 128, "PAGE": 128, "HBITS": 4, "LBITS": 2, "GP": 8,
+                     "GROUP_PAD": 16, "ASM": 1, "PRECISE": False, "FP_BLOCK": 16,
+                     "PARAM": tl.float16, "FP": tl.bfloat16, "ALIGNED": True, "NS_PAD": 128,
+                     "MERGE_GM": 8, "MERGE_SB": 4}  # fmt: skip
 COUNTED = ("HMMA", "BAR", "STS", "LDS", "SHFL", "LDG", "LDGSTS", "LDL", "STL", "MUFU")
 
 
-def compile_kernel(warps: int = 4, stages: int = 2, maxnreg: int = 0, **consts):
-    """The compiled kernel for sm_90 (NW follows the warps, STAGES the stages)."""
-    fn = kernels._paged_decode_kernel
+def compile_kernel(warps: int = 4, stages: int = 2, maxnreg: int = 0, kernel: str = "paged",
+                   **consts):  # fmt: skip
+    """The compiled kernel for sm_90 (NW follows the warps, STAGES the stages; ``kernel``
+    "fragment": the fragment-order kernel, which has no STAGES and runs at 1 stage)."""
+    if kernel == "fragment":
+        from zipvl.fragment_decode_triton import fragment_decode_kernel
+
+        fn = fragment_decode_kernel
+        values = {**FRAGMENT_DEFAULTS, "NW": warps, **consts}
+    else:
+        fn = kernels._paged_decode_kernel
+        values = {**DEFAULTS, "STAGES": stages, "NW": warps, **consts}
     names = fn.arg_names
-    values = {**DEFAULTS, "STAGES": stages, "NW": warps, **consts}
     sig = {n: POINTERS.get(n, "constexpr") for n in names}
     src = ASTSource(
         fn=fn,

@@ -31,7 +31,7 @@ TYPES = {"k_ptr": "*bf16", "v_ptr": "*bf16", "idx_ptr": "*i64", "full_ptr": "*i3
          "flag_ptr": "*i32"}  # fmt: skip
 DEFAULTS = {"P": 128, "D": 128, "BITS": 2, "LEVELS": 3, "EMIN": -14, "MANT": 10, "PD": 1,
             "TINY_SCALE": 2.0**-126, "MIN_CS": 2.0**-14, "CST": True, "IDENTITY": False,
-            "R": 32, "STAGE": True}  # fmt: skip
+            "R": 32, "STAGE": True, "FRAG": False}  # fmt: skip
 
 
 def compile_kernel(warps: int = 4, **consts):

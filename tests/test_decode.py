@@ -225,11 +225,16 @@ def test_page_bytes_meet_the_budget() -> None:
     assert ratio + 2 / 8 / (2 * 128 * 2) <= 0.20
 
 
-def test_launches_do_not_grow_with_generated_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("order", ["slice", "fragment"])
+def test_launches_do_not_grow_with_generated_tokens(
+    monkeypatch: pytest.MonkeyPatch, order: str
+) -> None:
     """A decode step (append + fused read) is one launch with the same arguments shape and the
-    same host operators at 10 and at 300 generated tokens."""
+    same host operators at 10 and at 300 generated tokens, in both code orders (each its own
+    kernel)."""
     from torch.profiler import ProfilerActivity, profile
 
+    import zipvl.fragment_decode_triton as fragment
     import zipvl.paged_decode_triton as kernels
 
     launches: list[tuple[str, tuple]] = []
@@ -246,13 +251,16 @@ def test_launches_do_not_grow_with_generated_tokens(monkeypatch: pytest.MonkeyPa
             return launch
 
     monkeypatch.setattr(kernels, "_paged_decode_kernel", Counting("decode"))
+    monkeypatch.setattr(fragment, "fragment_decode_kernel", Counting("decode"))
     monkeypatch.setattr(kernels, "INTERPRETED", True)
-    case = (1, 4, 2, 64, 40, 0, 16)
+    d, page = (64, 16) if order == "slice" else (128, 128)
+    case = (1, 4, 2, d, 40, 0, page)
     store, _, _, _ = _filled_store(case, "cpu", torch.float32)
-    q = torch.randn(1, 4, 1, 64)
+    assert store.fmt.code_order == order
+    q = torch.randn(1, 4, 1, d)
     # "convert": the default on a CUDA machine is inline PTX, which the interpreter refuses
     ws = {"splits": 3, "m": torch.empty(1, 4, 4), "l": torch.empty(1, 4, 4),
-          "o": torch.empty(1, 4, 4, 64), "convert": "magic"}  # fmt: skip
+          "o": torch.empty(1, 4, 4, d), "convert": "magic"}  # fmt: skip
 
     def decode() -> None:
         kernels.paged_decode_triton(q[:, :, 0].contiguous(), store, 0.125, ws)
@@ -260,7 +268,7 @@ def test_launches_do_not_grow_with_generated_tokens(monkeypatch: pytest.MonkeyPa
     def step() -> tuple[int, list]:
         launches.clear()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            store.append(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))
+            store.append(torch.randn(1, 2, 1, d), torch.randn(1, 2, 1, d))
             decode()
         ops = sum(1 for e in prof.events() if e.name.startswith("aten::"))
         return ops, list(launches)
@@ -268,11 +276,11 @@ def test_launches_do_not_grow_with_generated_tokens(monkeypatch: pytest.MonkeyPa
     step()  # warm-up: one-time buffers (the cached arange of the tail write, tickets, table)
     first = step()
     table = ws["table"]
-    for _ in range(300):
-        store.append(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))
+    for _ in range(300 if order == "slice" else 600):
+        store.append(torch.randn(1, 2, 1, d), torch.randn(1, 2, 1, d))
         if store.tail_length >= 8:
             store.commit_block(torch.rand(1, 2, 8) < 0.5)
-    assert int(store.num_pages[0].sum() + store.num_pages[1].sum()) > 10
+    assert int(store.num_pages[0].sum() + store.num_pages[1].sum()) > 10 * 16 // page
     if store.tail_length >= 8:
         store.commit_block(torch.rand(1, 2, 8) < 0.5)
     decode()  # the pools grew: their address table is rebuilt once, here

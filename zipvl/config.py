@@ -49,6 +49,7 @@ from zipvl.quant import (
     PerTokenKVQuantizer,
     ZipCacheKVQuantizer,
 )
+from zipvl.quant.fragment import CODE_ORDERS
 from zipvl.sparsity import (
     AccumulatedAttentionScorer,
     CumulativeMassAllocator,
@@ -213,6 +214,10 @@ class ZipVLConfig:
             elsewhere.
         page_size: tokens per page of the paged cache (a multiple of 16): one quantization
             group of keys; tokens wait at full precision until their class fills a page.
+        code_order: how the paged cache lays out a page's codes (``PageFormat.code_order``):
+            ``"auto"`` (default; the fragment order of the fastest decode kernel where the head
+            dim and page size are 128 and the bits 4/2, "slice" elsewhere), ``"slice"`` or
+            ``"fragment"`` (raises where it does not apply, when the cache is built).
         page_write_impl: how the paged cache quantizes and writes pages (the prompt commit and
             every decode block): ``"triton"`` (one launch per precision class,
             ``zipvl.cache.page_triton``; raises where it cannot run: not CUDA, a page size or
@@ -244,6 +249,7 @@ class ZipVLConfig:
     decode_impl: Impl = Impl.AUTO
     plan_impl: Impl = Impl.AUTO
     page_size: int = 128
+    code_order: str = "auto"
     page_write_impl: Impl = Impl.AUTO
     layers: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -323,6 +329,8 @@ class ZipVLConfig:
         check_int("page_size", self.page_size, 16)
         if self.page_size % 16:
             raise ValueError(f"page_size: expected a multiple of 16, got {self.page_size}")
+        if self.code_order not in CODE_ORDERS:
+            raise ValueError(f"code_order: expected one of {CODE_ORDERS}, got {self.code_order!r}")
         for name in ("scorer", "allocator", "selector", "decode_selector"):
             _check_callable(name, getattr(self, name))
         if self.quantizer is not None and not isinstance(self.quantizer, KVQuantizer):

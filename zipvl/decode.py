@@ -78,6 +78,7 @@ class _Format:
     page_size: int
     high_bits: int
     low_bits: int
+    code_order: str
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,8 @@ def _operands(store: PagedKVStore) -> tuple[list[Tensor], list[int]]:
         tensors += [store.page_table[c], store.page_fill[c], store.num_pages[c]]
     tensors += [store.fp_k, store.fp_v, store.fp_count]
     f = store.fmt
-    ints = [store.num_heads, store.rows, f.page_size, f.high_bits, f.low_bits, *store.region_base]
+    ints = [store.num_heads, store.rows, f.page_size, f.high_bits, f.low_bits,
+            int(f.code_order == "fragment"), *store.region_base]  # fmt: skip
     return tensors, ints
 
 
@@ -116,8 +118,8 @@ def _view(tensors: list[Tensor], ints: list[int]) -> _StoreView:
     t = tensors[2 * n :]
     return _StoreView(
         pools=pools, page_table=(t[0], t[3]), page_fill=(t[1], t[4]), num_pages=(t[2], t[5]),
-        fp_k=t[6], fp_v=t[7], fp_count=t[8], region_base=tuple(ints[5:]), num_heads=ints[0],
-        rows=ints[1], fmt=_Format(ints[2], ints[3], ints[4]),
+        fp_k=t[6], fp_v=t[7], fp_count=t[8], region_base=tuple(ints[6:]), num_heads=ints[0],
+        rows=ints[1], fmt=_Format(ints[2], ints[3], ints[4], "fragment" if ints[5] else "slice"),
     )  # fmt: skip
 
 
@@ -195,6 +197,22 @@ def _splits(store: PagedKVStore, device: torch.device) -> int:
     return max(1, min(64, -(-4 * sms // store.rows)))
 
 
+FRAGMENT_PROGRAMS_PER_SM = 3
+"""Programs per SM of the ``"fragment"`` variant's grid (``launch_choice``)."""
+
+
+def _fragment_splits(store: PagedKVStore, device: torch.device, pages: int) -> int:
+    """Page splits per row of the ``"fragment"`` variant: about ``FRAGMENT_PROGRAMS_PER_SM``
+    programs per SM (168 registers a thread, 4 warps: 3 fit an SM), at least one slot group
+    (4 pages) per program, at most 128 (the merge reads every split's state). From the
+    standalone timing of its prototype on an H200 (LongVA heads, 128k tokens, r = 0.4): 3
+    programs per SM were the fastest of 1 / 2 / 3 at batch 1 and 8."""
+    cuda = device.type == "cuda"
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 1
+    ns = -(-FRAGMENT_PROGRAMS_PER_SM * sms // store.rows)
+    return max(1, min(128, ns, -(-max(pages, 1) // 4)))
+
+
 PAGES_VARIANT_MIN_PAGES = 24
 """Pages per program (at the default splits) from which the fused kernel runs its ``"pages"``
 variant with 3 pipeline stages (``launch_choice``)."""
@@ -228,8 +246,10 @@ def launch_choice(store: PagedKVStore, device: torch.device) -> tuple[int, dict[
     from the store's host bound of pages per row, so a recorded step keeps its launch; CUDA
     only (the interpreter's CPU runs keep the defaults).
     """
-    ns = _splits(store, device)
     pages = store.max_pages[0] + store.max_pages[1]  # host bound, both classes
+    if store.fmt.code_order == "fragment":
+        return _fragment_splits(store, device, pages), {}
+    ns = _splits(store, device)
     if device.type != "cuda":
         return ns, {}
     if pages >= PAGES_VARIANT_MIN_PAGES * ns:

@@ -41,6 +41,7 @@ __all__ = [
     "DEFAULT_VARIANT",
     "INTERPRETED",
     "VARIANTS",
+    "default_variant",
     "paged_decode_triton",
 ]
 
@@ -52,14 +53,22 @@ CONVERTS = ("cvt", "magic", "asm")
 """How the kernel turns codes into fp16 (see ``_fields_asm``): the workspace key ``convert``."""
 DEFAULT_CONVERT = "magic" if INTERPRETED else "asm"
 
-VARIANTS = ("tile", "pages", "pages-codes")
+VARIANTS = ("tile", "pages", "pages-codes", "fragment")
 """How a program's warps share its pages (the workspace key ``variant``): "tile", the warps
 split every page's tokens (one page at a time); "pages", each warp owns a page (batched dots,
 one softmax state per warp, merged at the end; tiles dequantized to fp16 in registers, see
 ``_slot_loop_deq``); "pages-codes", the same in code space like "tile" (key codes times their
 scales, q . z, p . b and the divisors applied per tile; see ``_slot_loop``). With ``precise``
-both "pages" kernels run the code-space loop (float32-grade hi + lo dots)."""
+both "pages" kernels run the code-space loop (float32-grade hi + lo dots). These three read
+pages in the "slice" code order; "fragment" (``zipvl.fragment_decode_triton``) reads the
+"fragment" order, and is the only variant that does (``PageFormat.code_order``)."""
 DEFAULT_VARIANT = "tile"
+FRAGMENT = VARIANTS.index("fragment")
+
+
+def default_variant(code_order: str) -> str:
+    """The variant that reads pages of ``code_order`` by default."""
+    return "fragment" if code_order == "fragment" else DEFAULT_VARIANT
 
 
 # Codes are read as int32 words: four bytes of one token row, i.e. channels 4j .. 4j + 3 of
@@ -809,6 +818,75 @@ def _merge_row(m_ptr, l_ptr, o_ptr, out_ptr, lse_ptr, b, hkv,
 
 
 @triton.jit
+def _fp_regions(tab, row, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, offs_c, offs_v,
+                B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, HEAD_DIM: tl.constexpr,
+                FP_BLOCK: tl.constexpr, FP: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
+    """The row's full-precision regions (sinks, both staging regions, the tail) folded into an
+    online-softmax state: q0 .. q3 the (GP, QD) channel quarters of the scaled queries, the
+    accumulators a0 .. a3 in ``offs_v``'s channel order."""
+    QD: tl.constexpr = HEAD_DIM // 4
+    fk_ptr = _addr(tab, 20, FP, ALIGNED)  # FK
+    fv_ptr = _addr(tab, 21, FP, ALIGNED)  # FV
+    fcnt_ptr = _addr(tab, 22, tl.int32, ALIGNED)  # FCNT
+    fbase = row.to(tl.int64) * tl.load(tab + 25) * HEAD_DIM  # FP_STRIDE
+    for r in tl.static_range(4):
+        if r == 0:
+            base = 0
+        elif r == 1:
+            base = B1
+        elif r == 2:
+            base = B2
+        else:
+            base = B3
+        n = tl.load(fcnt_ptr + row * 4 + r)
+        for t0 in range(0, n, FP_BLOCK):
+            offs_t = t0 + tl.arange(0, FP_BLOCK)
+            tv = (offs_t < n)[:, None]
+            ptrs = fbase + (base + offs_t)[:, None] * HEAD_DIM + offs_c[None, :]
+            vptrs = fbase + (base + offs_t)[:, None] * HEAD_DIM + offs_v[None, :]
+            k0 = tl.load(fk_ptr + ptrs, mask=tv, other=0.0).to(tl.float32)
+            k1 = tl.load(fk_ptr + ptrs + QD, mask=tv, other=0.0).to(tl.float32)
+            k2 = tl.load(fk_ptr + ptrs + 2 * QD, mask=tv, other=0.0).to(tl.float32)
+            k3 = tl.load(fk_ptr + ptrs + 3 * QD, mask=tv, other=0.0).to(tl.float32)
+            s = tl.dot(q0, tl.trans(k0), input_precision="ieee")
+            s += tl.dot(q1, tl.trans(k1), input_precision="ieee")
+            s += tl.dot(q2, tl.trans(k2), input_precision="ieee")
+            s += tl.dot(q3, tl.trans(k3), input_precision="ieee")
+            s = tl.where(tl.trans(tv), s, float("-inf"))
+            m_i, p, alpha, l_i = _online(s, m_i, l_i)
+            v0 = tl.load(fv_ptr + vptrs, mask=tv, other=0.0).to(tl.float32)
+            v1 = tl.load(fv_ptr + vptrs + QD, mask=tv, other=0.0).to(tl.float32)
+            v2 = tl.load(fv_ptr + vptrs + 2 * QD, mask=tv, other=0.0).to(tl.float32)
+            v3 = tl.load(fv_ptr + vptrs + 3 * QD, mask=tv, other=0.0).to(tl.float32)
+            a0 = a0 * alpha[:, None] + tl.dot(p, v0, input_precision="ieee")
+            a1 = a1 * alpha[:, None] + tl.dot(p, v1, input_precision="ieee")
+            a2 = a2 * alpha[:, None] + tl.dot(p, v2, input_precision="ieee")
+            a3 = a3 * alpha[:, None] + tl.dot(p, v3, input_precision="ieee")
+    return m_i, l_i, a0, a1, a2, a3
+
+
+@triton.jit
+def _publish(m_ptr, l_ptr, o_ptr, ticket_ptr, out_ptr, lse_ptr, row, b, hkv,
+             HKV: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr,
+             NS_PAD: tl.constexpr, MERGE_GM: tl.constexpr, MERGE_SB: tl.constexpr,
+             HEAD_DIM: tl.constexpr):  # fmt: skip
+    """After a program stored its partial state: take the row's ticket; the last of the row's
+    NS + 1 programs merges."""
+    # Publish the partial state; the last of the row's NS + 1 programs merges. The barrier
+    # orders every warp's stores before the ticket (one thread issues a scalar atomic); the
+    # atomic releases them at GPU scope and, for the last program, acquires the other
+    # programs' states (the same pattern as a cooperative grid sync: bar.sync, then one
+    # thread's fenced atomic).
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr + row, 1, sem="acq_rel", scope="gpu")
+    if ticket == NUM_SPLITS:
+        tl.debug_barrier()  # every thread reads after the acquire
+        _merge_row(m_ptr, l_ptr, o_ptr, out_ptr, lse_ptr, b, hkv, HKV, GROUP,
+                   NUM_SPLITS + 1, NS_PAD, MERGE_GM, MERGE_SB, HEAD_DIM)  # fmt: skip
+        tl.store(ticket_ptr + row, 0)  # zero for the next launch (and a graph replay)
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr,  # (B, Hq, D) queries (any float dtype)
     tab,  # address table (TABLE_SLOTS,) int64: pools, tables, fills, counts, fp buffers, sizes
@@ -886,43 +964,9 @@ def _paged_decode_kernel(
                 row * lcols, lkc, lvc, lks, lkz, lva, lvb, lcs, lpt, lpf, offs_c,
                 QD, PAGE, BLOCK_T, LBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
     else:
-        fk_ptr = _addr(tab, 20, FP, ALIGNED)  # FK
-        fv_ptr = _addr(tab, 21, FP, ALIGNED)  # FV
-        fcnt_ptr = _addr(tab, 22, tl.int32, ALIGNED)  # FCNT
-        fbase = row.to(tl.int64) * tl.load(tab + 25) * HEAD_DIM  # FP_STRIDE
-        for r in tl.static_range(4):
-            if r == 0:
-                base = 0
-            elif r == 1:
-                base = B1
-            elif r == 2:
-                base = B2
-            else:
-                base = B3
-            n = tl.load(fcnt_ptr + row * 4 + r)
-            for t0 in range(0, n, FP_BLOCK):
-                offs_t = t0 + tl.arange(0, FP_BLOCK)
-                tv = (offs_t < n)[:, None]
-                ptrs = fbase + (base + offs_t)[:, None] * HEAD_DIM + offs_c[None, :]
-                vptrs = fbase + (base + offs_t)[:, None] * HEAD_DIM + offs_v[None, :]
-                k0 = tl.load(fk_ptr + ptrs, mask=tv, other=0.0).to(tl.float32)
-                k1 = tl.load(fk_ptr + ptrs + QD, mask=tv, other=0.0).to(tl.float32)
-                k2 = tl.load(fk_ptr + ptrs + 2 * QD, mask=tv, other=0.0).to(tl.float32)
-                k3 = tl.load(fk_ptr + ptrs + 3 * QD, mask=tv, other=0.0).to(tl.float32)
-                s = tl.dot(q0, tl.trans(k0), input_precision="ieee")
-                s += tl.dot(q1, tl.trans(k1), input_precision="ieee")
-                s += tl.dot(q2, tl.trans(k2), input_precision="ieee")
-                s += tl.dot(q3, tl.trans(k3), input_precision="ieee")
-                s = tl.where(tl.trans(tv), s, float("-inf"))
-                m_i, p, alpha, l_i = _online(s, m_i, l_i)
-                v0 = tl.load(fv_ptr + vptrs, mask=tv, other=0.0).to(tl.float32)
-                v1 = tl.load(fv_ptr + vptrs + QD, mask=tv, other=0.0).to(tl.float32)
-                v2 = tl.load(fv_ptr + vptrs + 2 * QD, mask=tv, other=0.0).to(tl.float32)
-                v3 = tl.load(fv_ptr + vptrs + 3 * QD, mask=tv, other=0.0).to(tl.float32)
-                a0 = a0 * alpha[:, None] + tl.dot(p, v0, input_precision="ieee")
-                a1 = a1 * alpha[:, None] + tl.dot(p, v1, input_precision="ieee")
-                a2 = a2 * alpha[:, None] + tl.dot(p, v2, input_precision="ieee")
-                a3 = a3 * alpha[:, None] + tl.dot(p, v3, input_precision="ieee")
+        m_i, l_i, a0, a1, a2, a3 = _fp_regions(
+            tab, row, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, offs_c, offs_v,
+            B1, B2, B3, HEAD_DIM, FP_BLOCK, FP, ALIGNED)  # fmt: skip
     out_row = (b * num_heads + heads).to(tl.int64) * (NUM_SPLITS + 1) + split
     tl.store(m_ptr + out_row, m_i, mask=g_valid)
     tl.store(l_ptr + out_row, l_i, mask=g_valid)
@@ -931,18 +975,8 @@ def _paged_decode_kernel(
     tl.store(o_rows + QD, a1, mask=gm)
     tl.store(o_rows + 2 * QD, a2, mask=gm)
     tl.store(o_rows + 3 * QD, a3, mask=gm)
-    # Publish the partial state; the last of the row's NS + 1 programs merges. The barrier
-    # orders every warp's stores before the ticket (one thread issues a scalar atomic); the
-    # atomic releases them at GPU scope and, for the last program, acquires the other
-    # programs' states (the same pattern as a cooperative grid sync: bar.sync, then one
-    # thread's fenced atomic).
-    tl.debug_barrier()
-    ticket = tl.atomic_add(ticket_ptr + row, 1, sem="acq_rel", scope="gpu")
-    if ticket == NUM_SPLITS:
-        tl.debug_barrier()  # every thread reads after the acquire
-        _merge_row(m_ptr, l_ptr, o_ptr, out_ptr, lse_ptr, b, hkv, HKV, GROUP,
-                   NUM_SPLITS + 1, NS_PAD, MERGE_GM, MERGE_SB, HEAD_DIM)  # fmt: skip
-        tl.store(ticket_ptr + row, 0)  # zero for the next launch (and a graph replay)
+    _publish(m_ptr, l_ptr, o_ptr, ticket_ptr, out_ptr, lse_ptr, row, b, hkv, HKV, GROUP,
+             NUM_SPLITS, NS_PAD, MERGE_GM, MERGE_SB, HEAD_DIM)  # fmt: skip
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -1100,7 +1134,13 @@ def paged_decode_triton(
         ticket = workspace["ticket"] = torch.zeros(store.rows, dtype=torch.int32, device=q.device)
     tab, aligned = _address_table(store, q.device, workspace)
     fmt = store.fmt
-    variant = _setting_index(workspace, "variant", VARIANTS, DEFAULT_VARIANT)
+    variant = _setting_index(workspace, "variant", VARIANTS, default_variant(fmt.code_order))
+    if (variant == FRAGMENT) != (fmt.code_order == "fragment"):
+        raise ValueError(
+            f"workspace['variant']: {VARIANTS[variant]!r} cannot read pages in the "
+            f"{fmt.code_order!r} code order; expected "
+            f"{'fragment' if fmt.code_order == 'fragment' else 'one of ' + str(VARIANTS[:3])}"
+        )
     # PAGE / BLOCK_T tiles per page ("pages": per warp, whose operands are a whole tile each)
     block_t = int(workspace.get("block_t", min(fmt.page_size, 16 if variant else 64)))
     convert = _setting_index(workspace, "convert", CONVERTS, DEFAULT_CONVERT)
@@ -1119,6 +1159,29 @@ def paged_decode_triton(
     ns_pad = _pow2(ns + 1)
     sb = max(1, min(ns_pad, 128 * 32 * warps // (gm * d)))
     param = _TL_DTYPES[store.pools[HIGH]["kscale"].dtype]  # scales, zeros, divisors
+    precise = bool(workspace.get("precise", q.dtype == torch.float32))
+    if variant == FRAGMENT:
+        from zipvl.fragment_decode_triton import fragment_decode_kernel
+
+        try:
+            fragment_decode_kernel[(store.rows, ns + 1)](
+                q, tab, workspace["m"], workspace["l"], workspace["o"], ticket, out, lse,
+                scale * 1.4426950408889634,
+                HKV=hkv, GROUP=g,
+                B1=store.region_base[STAGE_HIGH], B2=store.region_base[STAGE_LOW],
+                B3=store.region_base[TAIL],
+                NUM_SPLITS=ns, HEAD_DIM=d, PAGE=fmt.page_size,
+                HBITS=fmt.high_bits, LBITS=fmt.low_bits, GP=max(8, gm), GROUP_PAD=max(16, gm),
+                ASM=int(convert == 2), PRECISE=precise,
+                FP_BLOCK=int(workspace.get("fp_block", 16)),
+                PARAM=param, FP=_TL_DTYPES[store.fp_k.dtype], ALIGNED=aligned,
+                NS_PAD=ns_pad, MERGE_GM=gm, MERGE_SB=sb, NW=warps, num_warps=warps,
+                num_stages=1, **extra,
+            )  # fmt: skip
+        except BaseException:
+            ticket.zero_()
+            raise
+        return out.to(q.dtype), lse
     try:
         _paged_decode_kernel[(store.rows, ns + 1)](
             q, tab, workspace["m"], workspace["l"], workspace["o"], ticket, out, lse,
@@ -1130,7 +1193,7 @@ def paged_decode_triton(
             HBITS=fmt.high_bits, LBITS=fmt.low_bits,
             GROUP_PAD=max(16, gm), BLOCK_T=block_t,
             STAGES=int(workspace.get("stages", 2)), num_warps=warps,
-            PRECISE=bool(workspace.get("precise", q.dtype == torch.float32)), CONVERT=convert,
+            PRECISE=precise, CONVERT=convert,
             FP_BLOCK=int(workspace.get("fp_block", 16)),
             PARAM=param, FP=_TL_DTYPES[store.fp_k.dtype], ALIGNED=aligned,
             NS_PAD=ns_pad, MERGE_GM=gm, MERGE_SB=sb, VARIANT=variant, NW=warps, **extra,

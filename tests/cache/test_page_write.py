@@ -118,6 +118,109 @@ def test_kernel_writes_the_same_bytes(case, bits, param_dtype, dtype, cst, devic
     _assert_same_store(*stores)
 
 
+def _frag_keep(b, h, s, counts, g):
+    """(B, H, S) keep whose row r = b H + h keeps exactly ``counts[r]`` tokens, drawn."""
+    keep = torch.zeros(b * h, s, dtype=torch.bool)
+    for r, n in enumerate(counts):
+        keep[r, torch.randperm(s, generator=g)[:n]] = True
+    return keep.reshape(b, h, s)
+
+
+def _frag_fill(store, *, seed, s=400, high=(250, 150), transposed=False):
+    """A prompt of ``s`` tokens whose row r keeps ``high[r]`` high tokens and the rest low
+    (pages gathered through the prompt's token order, the partial pages staged), then two
+    decode blocks of 8, all high then all low, that flush every staging they fill to a page
+    (tokens in order, for the rows that fill one). Returns each class's expected pages."""
+    b, h, d = store.batch_size, store.num_heads, store.head_dim
+    dev, dtype, p = store.device, store.dtype, store.fmt.page_size
+    g = torch.Generator().manual_seed(seed)
+    if transposed:  # (B, S, H, D) memory, viewed as (B, H, S, D)
+        k, v = (torch.randn(b, s, h, d, generator=g).transpose(1, 2) for _ in range(2))
+    else:
+        k, v = (torch.randn(b, h, s, d, generator=g) for _ in range(2))
+    k, v = (k * 3).to(dev, dtype), (v * 0.1).to(dev, dtype)
+    keep = _frag_keep(b, h, s, high, g).to(dev)
+    store.write_prefill(k, v, keep, None, 0)
+    for hi in (True, False):
+        for _ in range(8):
+            kn, vn = (torch.randn(b, h, 1, d, generator=g).to(dev, dtype) for _ in range(2))
+            store.append(kn, vn)
+        store.commit_block(torch.full((b, h, 8), hi, dtype=torch.bool, device=dev))
+    return [sum(n // p + (n % p + 8 >= p) for n in counts)
+            for counts in (high, [s - n for n in high])]  # fmt: skip
+
+
+# (B, H, prompt, high tokens of each row, transposed K/V, code bits, param dtype, CST): every
+# row holds a full page of each class and one row of each class a staging of 122 tokens that
+# a decode block flushes; the third: several pages a row, a row with no full page of a class
+FRAG_CASES = [
+    (1, 2, 400, (250, 150), False, (4, 2), torch.float16, True),
+    (1, 2, 400, (250, 150), False, (2, 4), torch.bfloat16, False),
+    (2, 2, 520, (250, 398, 390, 100), True, (4, 2), torch.float16, True),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", FRAG_CASES)
+def test_kernel_writes_the_fragment_order(case, device) -> None:
+    """Pages of 128 tokens at head dim 128 in the fragment order (keys token-major, values
+    channel-major, the 2-bit row-pair interleave): the kernel stores the bytes of
+    ``quantize_pages``, both classes, for prompt pages (gathered tokens, the partial page
+    staged in the same launch) and decode flushes (tokens in order)."""
+    if not _kernel_runs(device):
+        pytest.skip("the page-write kernel runs on CUDA or under TRITON_INTERPRET=1")
+    b, h, s, high, transposed, bits, param_dtype, cst = case
+    fmt = PageFormat(high_bits=bits[0], low_bits=bits[1], page_size=128, param_dtype=param_dtype,
+                     channel_separable=cst, code_order="fragment")  # fmt: skip
+    stores = [_store(fmt, b, h, 128, torch.bfloat16, device, impl)
+              for impl in ("reference", "triton")]  # fmt: skip
+    for st_ in stores:
+        assert st_.fmt.code_order == "fragment"
+        pages = _frag_fill(st_, seed=s, s=s, high=high, transposed=transposed)
+        for cls in (HIGH, LOW):
+            assert int(st_.num_pages[cls].sum()) == pages[cls]
+    _assert_same_store(*stores)
+
+
+def test_fragment_store_written_by_the_kernel_reads_back_like_the_reference() -> None:
+    """``dense_kv`` of a fragment-order store written by the kernel equals that of the same
+    store written in PyTorch, and that of a slice-order store (the same codes and
+    parameters in other places)."""
+    if not _kernel_runs(KERNEL_DEVICE):
+        pytest.skip("the page-write kernel runs on CUDA or under TRITON_INTERPRET=1")
+    dense = []
+    for order, impl in (("fragment", "triton"), ("fragment", "reference"), ("slice", "reference")):
+        fmt = PageFormat(page_size=128, code_order=order)
+        store = _store(fmt, 1, 2, 128, torch.float16, KERNEL_DEVICE, impl)
+        assert store.fmt.code_order == order
+        _frag_fill(store, seed=11)
+        dense.append(store.dense_kv())
+    for k, v in dense[1:]:
+        torch.testing.assert_close(dense[0][0], k, rtol=0, atol=0)
+        torch.testing.assert_close(dense[0][1], v, rtol=0, atol=0)
+
+
+def test_kernel_refuses_the_fragment_order_where_it_does_not_apply() -> None:
+    from zipvl.cache.page_triton import write_pages_triton
+
+    store = _store(PageFormat(page_size=64, code_order="slice"), 1, 1, 128, torch.float32,
+                   "cpu", "reference")  # fmt: skip
+    k = torch.zeros(1, 1, 64, 128)
+    args = (k, k, None, torch.ones(1, dtype=torch.int32), torch.ones(1, dtype=torch.int64),
+            store.num_pages[HIGH], store.page_table[HIGH], store.page_fill[HIGH])  # fmt: skip
+    kw = {"pages": 1, "levels": 15, "param_dtype": torch.float16, "channel_separable": True}
+    msg = "frag: the fragment order needs pages of 128 tokens and head dim 128, got page size 64"
+    with pytest.raises(ValueError, match=msg):
+        write_pages_triton(*args, store._new_pool(HIGH, 2), bits=4, frag=True, **kw)
+    store = _store(PageFormat(8, 4, page_size=128, code_order="slice"), 1, 1, 128,
+                   torch.float32, "cpu", "reference")  # fmt: skip
+    k = torch.zeros(1, 1, 128, 128)
+    args = (k, k, *args[2:])
+    msg = r"frag: the fragment order needs bits in \(2, 4\), got 8"
+    with pytest.raises(ValueError, match=msg):
+        write_pages_triton(*args, store._new_pool(HIGH, 2), bits=8, frag=True, **kw)
+
+
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from zipvl.cache.hf_compat import Cache
 from zipvl.cache.layer import ZipVLCacheLayer, _check_quantizer
 from zipvl.cache.layer_base import check_mass_reduce
-from zipvl.cache.paged import page_format_problem
+from zipvl.cache.paged import CODE_ORDERS, page_format_problem
 from zipvl.cache.paged_layer import PagedCacheLayer
 from zipvl.cache.report import CacheReport, LayerReport
 from zipvl.checks import check_int
@@ -68,6 +68,10 @@ class ZipVLCache(Cache):
             Only paged layers are read by the fused decode kernel; ``report()`` names the
             storage of every layer.
         page_size: tokens per page of paged layers (a multiple of 16; 128 by default).
+        code_order: how paged layers lay out a page's codes (``PageFormat.code_order``:
+            ``"auto"``, the default, takes the fragment order the fastest decode kernel reads
+            where the head dim and page size allow it (128 and 128, 4/2 bits), ``"slice"``
+            elsewhere; ``"slice"`` or ``"fragment"`` force one).
         page_write_impl: how paged layers write pages (``PagedKVStore(write_impl=)``:
             ``"auto"``, ``"triton"`` or ``"reference"``).
         update_reads: what ``update`` returns in decode on paged layers: ``"dense"`` (every
@@ -122,6 +126,7 @@ class ZipVLCache(Cache):
         auto_commit_prefill: bool = False,
         storage: str = "auto",
         page_size: int = 128,
+        code_order: str = "auto",
         page_write_impl: Impl | str = Impl.AUTO,
         update_reads: str = "dense",
         mass_reduce: MassReduce | None = None,
@@ -141,6 +146,9 @@ class ZipVLCache(Cache):
             raise ValueError(f"storage: expected one of {STORAGES}, got {storage!r}")
         self.storage = storage
         self.page_size = check_int("page_size", page_size, 16)
+        if code_order not in CODE_ORDERS:
+            raise ValueError(f"code_order: expected one of {CODE_ORDERS}, got {code_order!r}")
+        self.code_order = code_order
         self.page_write_impl = parse_impl("page_write_impl", page_write_impl, PAGE_WRITE_IMPLS)
         if num_layers is not None:
             check_int("num_layers", num_layers, 1)
@@ -219,6 +227,7 @@ class ZipVLCache(Cache):
             return PagedCacheLayer(
                 **common,
                 page_size=self.page_size,
+                code_order=self.code_order,
                 update_reads=self.update_reads,
                 write_impl=self.page_write_impl,
             )

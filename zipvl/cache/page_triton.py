@@ -20,7 +20,12 @@ full-precision staging region as they are.
 * values: the channel divisor ``cs = round_down(max(sqrt_rn(max |v|), 2^-14))`` (CST), then
   per token over ``v / cs``, the same min / max parameters;
 * codes ``clamp(floor(div_rn(x - zero, scale) + 0.5), 0, levels)`` packed in the
-  contiguous-slices layout of ``zipvl.quant.primitives.pack``;
+  contiguous-slices layout of ``zipvl.quant.primitives.pack``, or (``FRAG``) in the fragment
+  order of ``zipvl.quant.fragment`` (a fixed column permutation before the slice packer, and
+  at 2 bits a row-pair interleave of words): keys are loaded with their channels permuted and
+  packed rows stored at interleaved addresses; values, stored channel-major, are loaded in
+  chunks of 32 tokens in a permuted order and packed along the tokens (a chunk fills the same
+  16 or 8 bytes of every channel row); statistics go to their natural channels and tokens;
 * store codes and parameters at pool page ``base[r] + m`` and that page's number in column
   ``num_pages[r] + m`` of the row's page table (fill P); a row with more pages than the grid,
   or a page past the pool, sets a flag instead of being written.
@@ -41,6 +46,7 @@ import triton.language as tl
 from torch import Tensor
 
 from zipvl.cache.paged import _MIN_CHANNEL_SCALE
+from zipvl.quant.fragment import FRAGMENT_BITS, FRAGMENT_SIZE
 from zipvl.quant.primitives import _TINY_SCALE
 from zipvl.quant.spec import param_grid
 from zipvl.quant.triton_kernels import _PD_CODE, INTERPRETED, _round_param
@@ -51,9 +57,16 @@ __all__ = ["INTERPRETED", "page_write_problem", "write_pages_triton"]
 # registers. Compiled for sm_90 (bench/sm90_page_write_sass.py, Triton 3.9): the whole
 # (128, 128) page at once spilled 8 KB of stack per program at 4 warps (the first version:
 # 1.2 ms per launch at a 32k prompt on an H200); chunks of 32 tokens at 8 warps take 99
-# registers and no stack
+# registers and no stack (the fragment order: 97). The fragment order needs chunks of 32
 ROWS_PER_CHUNK = 32
 WARPS = 8
+
+
+@triton.jit
+def _codes(x, zero, scale, LEVELS: tl.constexpr):
+    """``clamp(floor(div_rn(x - zero, scale) + 0.5), 0, levels)`` as int32."""
+    y = tl.math.div_rn(x - zero, scale)
+    return tl.minimum(tl.maximum(tl.floor(y + 0.5), 0.0), LEVELS).to(tl.int32)
 
 
 @triton.jit
@@ -62,8 +75,7 @@ def _codes_packed(x, zero, scale, LEVELS: tl.constexpr, ROWS: tl.constexpr, D: t
     """Codes of x (ROWS, D) packed along D (contiguous slices): (ROWS, D * BITS // 8) int32."""
     PER: tl.constexpr = 8 // BITS
     MB: tl.constexpr = D // PER
-    y = tl.math.div_rn(x - zero, scale)
-    codes = tl.minimum(tl.maximum(tl.floor(y + 0.5), 0.0), LEVELS).to(tl.int32)
+    codes = _codes(x, zero, scale, LEVELS)
     if PER == 1:
         return codes
     sl = tl.reshape(codes, (ROWS, PER, MB))  # slice i = channels [i MB, (i + 1) MB)
@@ -72,16 +84,60 @@ def _codes_packed(x, zero, scale, LEVELS: tl.constexpr, ROWS: tl.constexpr, D: t
 
 
 @triton.jit
-def _load_rows(ptr, base, stride_t, idx_ptr, idx_base, first, R: tl.constexpr, D: tl.constexpr,
-               IDENTITY: tl.constexpr):  # fmt: skip
-    """Rows ``first .. first + R`` of a page (R, D) as float32, NaN and +-inf as 0 (in their
-    own token, as torch.nan_to_num stores them)."""
-    t = first + tl.arange(0, R)
+def _frag_columns(c, BITS: tl.constexpr):
+    """The fragment order's column permutation (``zipvl.quant.fragment._columns``) of a
+    128-column row: the column whose code the slice packer puts at position ``c``."""
+    if BITS == 4:  # c = 64 slot + 16 t + 4 w + 2 e + h
+        s, t, w, e, h = c >> 6, (c >> 4) & 3, (c >> 2) & 3, (c >> 1) & 1, c & 1
+        return 32 * w + 16 * h + 4 * t + 2 * s + e
+    else:  # c = 32 (2 h + b) + 8 t + 4 j + 2 e + i
+        h, b, t, j, e, i = c >> 6, (c >> 5) & 1, (c >> 3) & 3, (c >> 2) & 1, (c >> 1) & 1, c & 1
+        return 32 * (2 * j + i) + 16 * h + 4 * t + 2 * b + e
+
+
+@triton.jit
+def _frag_chunk_tokens(rho, BITS: tl.constexpr):
+    """The token (of a 32-token chunk) whose codes the slice packer, packing 32 rows along the
+    rows, puts at row ``rho``: the fragment permutation restricted to one chunk, which fills
+    bytes ``_frag_chunk_bytes`` of every channel row."""
+    if BITS == 4:  # rho = 16 slot + 4 t + 2 e + h
+        s, t, e, h = rho >> 4, (rho >> 2) & 3, (rho >> 1) & 1, rho & 1
+        return 16 * h + 4 * t + 2 * s + e
+    else:  # rho = 8 (2 h + b) + 2 t + e
+        h, b, t, e = rho >> 4, (rho >> 3) & 1, (rho >> 1) & 3, rho & 1
+        return 16 * h + 4 * t + 2 * b + e
+
+
+@triton.jit
+def _frag_chunk_bytes(beta, chunk, BITS: tl.constexpr):
+    """Byte of a fragment row (before the 2-bit row-pair interleave) that packed byte ``beta``
+    of 32-token chunk ``chunk`` (tokens 32 chunk .. 32 chunk + 31) goes to."""
+    if BITS == 4:  # beta = 4 t + j: word 4 t + chunk, byte j
+        return 16 * (beta >> 2) + 4 * chunk + (beta & 3)
+    else:  # beta = 2 t + e, chunk = 2 j + i: word 2 t + j, byte 2 e + i
+        return 8 * (beta >> 1) + 4 * (chunk >> 1) + 2 * (beta & 1) + (chunk & 1)
+
+
+@triton.jit
+def _frag_offsets(row, byte, BITS: tl.constexpr):
+    """Offset in a fragment-ordered page of ``byte`` of packed row ``row``: rows of 64 bytes
+    at 4 bits; at 2 bits rows of 32 bytes whose words interleave in pairs ``g``, ``g + 8`` of
+    each block of 16 rows (stored word 16 g + 4 t + 2 half + j)."""
+    if BITS == 4:
+        return row * 64 + byte
+    else:
+        return (row >> 4) * 512 + (row & 7) * 64 + ((row >> 3) & 1) * 8 + byte + (byte >> 3) * 8
+
+
+@triton.jit
+def _load_rows(ptr, base, stride_t, idx_ptr, idx_base, t, c, IDENTITY: tl.constexpr):
+    """Tokens ``t`` (R,) of a page (positions in the page), channels ``c`` (D,): (R, D) as
+    float32, NaN and +-inf as 0 (in their own token, as torch.nan_to_num stores them)."""
     if IDENTITY:  # noqa: SIM108 (a compile-time branch: only one load is emitted)
         tok = t.to(tl.int64)
     else:
         tok = tl.load(idx_ptr + idx_base + t).to(tl.int64)
-    x = tl.load(ptr + base + tok[:, None] * stride_t + tl.arange(0, D)[None, :]).to(tl.float32)
+    x = tl.load(ptr + base + tok[:, None] * stride_t + c[None, :]).to(tl.float32)
     return tl.where((x == x) & (tl.abs(x) != float("inf")), x, 0.0)
 
 
@@ -139,11 +195,14 @@ def _write_pages_kernel(
     IDENTITY: tl.constexpr,
     R: tl.constexpr,
     STAGE: tl.constexpr,
+    FRAG: tl.constexpr,
 ):
     # One program per (row, candidate page, part): part 0 writes the keys and the page-table
     # entry, part 1 the values. A page is walked in chunks of R tokens twice (statistics, then
     # codes; the second read hits L2), so a program holds an (R, D) tile, not the whole page.
     MB: tl.constexpr = D * BITS // 8
+    # the fragment order: 128 x 128 pages of 2- or 4-bit codes, walked in 32-token chunks
+    tl.static_assert((not FRAG) or (P == 128 and D == 128 and R == 32 and BITS != 8))
     r = tl.program_id(0)
     m = tl.program_id(1)
     part = tl.program_id(2)
@@ -163,11 +222,14 @@ def _write_pages_kernel(
         j = tl.arange(0, MB)
         if part == 0:
             kb = b * skb + h * skh
-            # keys: one group per channel over the page
+            # keys: one group per channel over the page. In the fragment order the channels
+            # are loaded permuted (tile column c holds channel kc[c]), so that the slice packer
+            # writes fragment rows; the statistics go to the natural channels
+            kc = _frag_columns(c, BITS) if FRAG else c
             lo = tl.full((D,), float("inf"), tl.float32)
             hi = tl.full((D,), float("-inf"), tl.float32)
             for i in range(P // R):
-                k = _load_rows(k_ptr, kb, skt, idx_ptr, ibase, i * R, R, D, IDENTITY)
+                k = _load_rows(k_ptr, kb, skt, idx_ptr, ibase, i * R + jr, kc, IDENTITY)
                 lo = tl.minimum(lo, tl.min(k, axis=0))
                 hi = tl.maximum(hi, tl.max(k, axis=0))
             levels = tl.full((D,), LEVELS, tl.float32)
@@ -175,12 +237,15 @@ def _write_pages_kernel(
             kscale = tl.maximum(tl.math.div_rn(hi - kzero, levels), TINY_SCALE)
             kscale = _round_param(kscale, EMIN, MANT, PD, True)
             for i in range(P // R):
-                k = _load_rows(k_ptr, kb, skt, idx_ptr, ibase, i * R, R, D, IDENTITY)
+                k = _load_rows(k_ptr, kb, skt, idx_ptr, ibase, i * R + jr, kc, IDENTITY)
                 kp = _codes_packed(k, kzero[None, :], kscale[None, :], LEVELS, R, D, BITS)
-                coff = dest * (P * MB) + (i * R + jr)[:, None] * MB + j[None, :]
-                tl.store(kcode_ptr + coff, kp.to(tl.uint8))
-            tl.store(kscale_ptr + dest * D + c, kscale)
-            tl.store(kzero_ptr + dest * D + c, kzero)
+                if FRAG:
+                    off = _frag_offsets((i * R + jr)[:, None], j[None, :], BITS)
+                else:
+                    off = (i * R + jr)[:, None] * MB + j[None, :]
+                tl.store(kcode_ptr + dest * (P * MB) + off, kp.to(tl.uint8))
+            tl.store(kscale_ptr + dest * D + kc, kscale)
+            tl.store(kzero_ptr + dest * D + kc, kzero)
             col = tl.load(npages_ptr + r).to(tl.int64) + m
             tl.store(table_ptr + r.to(tl.int64) * s_tab + col, dest.to(tl.int32))
             tl.store(fill_ptr + r.to(tl.int64) * s_tab + col, P)
@@ -190,25 +255,39 @@ def _write_pages_kernel(
             if CST:
                 amax = tl.zeros((D,), tl.float32)
                 for i in range(P // R):
-                    v = _load_rows(v_ptr, vb, svt, idx_ptr, ibase, i * R, R, D, IDENTITY)
+                    v = _load_rows(v_ptr, vb, svt, idx_ptr, ibase, i * R + jr, c, IDENTITY)
                     amax = tl.maximum(amax, tl.max(tl.abs(v), axis=0))
                 cs = tl.maximum(tl.math.sqrt_rn(amax), MIN_CS)
                 cs = _round_param(cs, EMIN, MANT, PD, False)  # (D,)
             else:
                 cs = tl.full((D,), 1.0, tl.float32)
             vlevels = tl.full((R,), LEVELS, tl.float32)
+            # the fragment order stores values channel-major and a 32-token chunk fills the
+            # same bytes of every channel row: its tokens are loaded permuted (tile row rho
+            # holds token vt[rho] of the chunk) and packed along the tokens
+            vt = _frag_chunk_tokens(jr, BITS) if FRAG else jr
             for i in range(P // R):
-                v = _load_rows(v_ptr, vb, svt, idx_ptr, ibase, i * R, R, D, IDENTITY)
+                rows = i * R + vt
+                v = _load_rows(v_ptr, vb, svt, idx_ptr, ibase, rows, c, IDENTITY)
                 vq = tl.math.div_rn(v, tl.broadcast_to(cs[None, :], (R, D)))
                 vzero = _round_param(tl.min(vq, axis=1), EMIN, MANT, PD, False)  # (R,)
                 vscale = tl.maximum(
                     tl.math.div_rn(tl.max(vq, axis=1) - vzero, vlevels), TINY_SCALE
                 )
                 vscale = _round_param(vscale, EMIN, MANT, PD, True)
-                vp = _codes_packed(vq, vzero[:, None], vscale[:, None], LEVELS, R, D, BITS)
-                rows = i * R + jr
-                coff = dest * (P * MB) + rows[:, None] * MB + j[None, :]
-                tl.store(vcode_ptr + coff, vp.to(tl.uint8))
+                if FRAG:
+                    PER: tl.constexpr = 8 // BITS
+                    vc = _codes(vq, vzero[:, None], vscale[:, None], LEVELS)  # (R, D)
+                    sl = tl.reshape(vc, (PER, R // PER, D))  # slice s = rows [s R / PER, ...)
+                    shifts = tl.arange(0, PER) * BITS
+                    vp = tl.sum(sl << shifts[:, None, None], axis=0)  # (R / PER, D)
+                    beta = tl.arange(0, R // PER)
+                    byte = _frag_chunk_bytes(beta, i, BITS)
+                    off = _frag_offsets(c[None, :], byte[:, None], BITS)
+                else:
+                    vp = _codes_packed(vq, vzero[:, None], vscale[:, None], LEVELS, R, D, BITS)
+                    off = rows[:, None] * MB + j[None, :]
+                tl.store(vcode_ptr + dest * (P * MB) + off, vp.to(tl.uint8))
                 tl.store(vscale_ptr + dest * P + rows, vscale)
                 tl.store(vzero_ptr + dest * P + rows, vzero)
             tl.store(vcs_ptr + dest * D + c, cs)
@@ -276,6 +355,7 @@ def write_pages_triton(
     channel_separable: bool,
     stage: tuple[Tensor, Tensor, Tensor, Tensor, int, int] | None = None,
     flag: Tensor | None = None,
+    frag: bool = False,
 ) -> None:
     """Launch the page-write kernel (module docstring); no host sync.
 
@@ -295,6 +375,9 @@ def write_pages_triton(
             ``fp_count[r, region]`` (rows, 4) int32. Needs ``idx``.
         flag: optional (1,) int32, set to 1 when a row has more than ``pages`` pages or a
             page falls past the pool (such pages are not written).
+        frag: write codes in the fragment order (``zipvl.quant.fragment``: keys token-major,
+            values channel-major; page size and head dim 128, 4 or 2 bits) instead of
+            contiguous slices.
     """
     b, h, _, d = k.shape
     rows = b * h
@@ -303,6 +386,13 @@ def write_pages_triton(
         return
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("k, v: expected the last dim contiguous")
+    if frag and (p, d) != (FRAGMENT_SIZE, FRAGMENT_SIZE):
+        raise ValueError(
+            f"frag: the fragment order needs pages of {FRAGMENT_SIZE} tokens and head dim "
+            f"{FRAGMENT_SIZE}, got page size {p} and head dim {d}"
+        )
+    if frag and bits not in FRAGMENT_BITS:
+        raise ValueError(f"frag: the fragment order needs bits in {FRAGMENT_BITS}, got {bits}")
     emin, mant = param_grid(param_dtype) or (0, 0)
     ident = idx is None
     idx_t = full if idx is None else idx
@@ -325,5 +415,5 @@ def write_pages_triton(
         P=p, D=d, BITS=bits, LEVELS=levels, EMIN=emin, MANT=mant,
         PD=_PD_CODE[param_dtype], TINY_SCALE=_TINY_SCALE, MIN_CS=_MIN_CHANNEL_SCALE,
         CST=channel_separable, IDENTITY=ident, R=min(p, ROWS_PER_CHUNK), STAGE=stage is not None,
-        num_warps=WARPS,
+        FRAG=frag, num_warps=WARPS,
     )  # fmt: skip

@@ -30,7 +30,7 @@ tokens are important and calls ``write_prefill`` / ``append`` / ``commit_block``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -40,10 +40,17 @@ from zipvl.cache.graph_step import graph_step
 from zipvl.cache.scoring import sink_padding_error
 from zipvl.checks import check_int
 from zipvl.impl import PAGE_WRITE_IMPLS, Impl, parse_impl
+from zipvl.quant.fragment import (
+    CODE_ORDERS,
+    FRAGMENT_BITS,
+    FRAGMENT_SIZE,
+    pack_fragment,
+    unpack_fragment,
+)
 from zipvl.quant.primitives import choose_qparams, dequantize, pack, quantize, round_param, unpack
 from zipvl.quant.spec import PARAM_DTYPES, QuantSpec
 
-__all__ = ["HIGH", "LOW", "PageFormat", "PagedKVStore", "page_format_problem"]
+__all__ = ["CODE_ORDERS", "HIGH", "LOW", "PageFormat", "PagedKVStore", "page_format_problem"]
 
 HIGH, LOW = 0, 1
 """Precision classes: important tokens and the others."""
@@ -64,6 +71,14 @@ class PageFormat:
         param_dtype: storage dtype of scales, zero points and channel divisors.
         channel_separable: divide values by sqrt(max |v|) per channel of the page before
             token-wise quantization (ZipCache's CST).
+        code_order: how a page's codes are laid out in its bytes. ``"slice"``: rows of
+            contiguous slices (``zipvl.quant.primitives.pack``), keys and values token-major,
+            any page size and head dim; ``"fragment"``: the matrix-multiply operand order of
+            ``zipvl.quant.fragment`` (keys token-major, values channel-major), read by the
+            fused decode's ``"fragment"`` kernel, for 128-token pages of head dim 128 at 4 and
+            2 bits only; ``"auto"`` (the default): ``"fragment"`` where it applies, ``"slice"``
+            elsewhere (the store resolves it, ``resolved``). Both orders hold the same codes
+            and parameters in the same number of bytes.
     """
 
     high_bits: int = 4
@@ -71,6 +86,7 @@ class PageFormat:
     page_size: int = 128
     param_dtype: torch.dtype = torch.float16
     channel_separable: bool = True
+    code_order: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("high_bits", "low_bits"):
@@ -84,6 +100,32 @@ class PageFormat:
             raise ValueError(
                 f"param_dtype: expected one of {PARAM_DTYPES}, got {self.param_dtype}"
             )
+        if self.code_order not in CODE_ORDERS:
+            raise ValueError(f"code_order: expected one of {CODE_ORDERS}, got {self.code_order!r}")
+
+    def fragment_problem(self, head_dim: int) -> str | None:
+        """Why pages of this format and ``head_dim`` cannot take the fragment order, or None."""
+        bits = (self.high_bits, self.low_bits)
+        if self.page_size != FRAGMENT_SIZE or head_dim != FRAGMENT_SIZE:
+            return (f"page_size and head_dim of {FRAGMENT_SIZE}, got page_size "
+                    f"{self.page_size} and head_dim {head_dim}")  # fmt: skip
+        if any(b not in FRAGMENT_BITS for b in bits):
+            return f"codes of {FRAGMENT_BITS} bits, got high_bits, low_bits = {bits}"
+        return None
+
+    def resolved(self, head_dim: int) -> PageFormat:
+        """This format with ``code_order`` decided for ``head_dim`` ("auto" -> "fragment"
+        where it applies, else "slice").
+
+        Raises:
+            ValueError: ``code_order="fragment"`` where it does not apply.
+        """
+        problem = self.fragment_problem(head_dim)
+        if self.code_order == "auto":
+            return replace(self, code_order="slice" if problem else "fragment")
+        if self.code_order == "fragment" and problem is not None:
+            raise ValueError(f"code_order: 'fragment' needs {problem}; use 'auto' or 'slice'")
+        return self
 
     def bits(self, cls: int) -> int:
         """Code width of class ``cls`` (``HIGH`` or ``LOW``)."""
@@ -105,7 +147,9 @@ class PageFormat:
         return codes + key_params + value_params + divisor
 
     @classmethod
-    def from_quantizer(cls, quantizer: object, page_size: int = 128) -> PageFormat:
+    def from_quantizer(
+        cls, quantizer: object, page_size: int = 128, code_order: str = "auto"
+    ) -> PageFormat:
         """The page format that stores what ``quantizer`` would, page by page.
 
         Raises:
@@ -126,6 +170,7 @@ class PageFormat:
             page_size=page_size,
             param_dtype=hi.param_dtype,  # type: ignore[attr-defined]
             channel_separable=True,
+            code_order=code_order,
         )
 
 
@@ -179,9 +224,12 @@ def quantize_pages(
         valid: optional (N, P) bool, False = an empty slot (left out of every statistic).
 
     Returns:
-        Pool rows: ``kcode`` / ``vcode`` (N, P, D * bits / 8) uint8, ``kscale`` / ``kzero`` /
+        Pool rows: ``kcode`` / ``vcode`` (N, P, D * bits / 8) uint8 (in the fragment order,
+        ``vcode`` is (N, D, P * bits / 8): values channel-major), ``kscale`` / ``kzero`` /
         ``vcs`` (N, D) and ``vscale`` / ``vzero`` (N, P) in ``fmt.param_dtype``.
     """
+    fmt = fmt.resolved(k.shape[-1])
+    frag = fmt.code_order == "fragment"
     if valid is not None:
         k, v = _first_valid_fill(k, valid), _first_valid_fill(v, valid)
     # a NaN or infinity must not reach the page's statistics (it would spread to every token
@@ -194,7 +242,8 @@ def quantize_pages(
     kf = k.float()
     kspec = fmt.key_spec(cls)
     ks, kz = choose_qparams(kf, kspec)  # (N, 1, D) each
-    kcode = pack(quantize(kf, kspec, ks, kz), bits)
+    kq = quantize(kf, kspec, ks, kz)
+    kcode = pack_fragment(kq, bits) if frag else pack(kq, bits)
     vf = v.float()
     if fmt.channel_separable:
         amax = vf.abs().amax(dim=-2, keepdim=True)  # (N, 1, D)
@@ -204,7 +253,8 @@ def quantize_pages(
     vq = vf / cs
     vspec = fmt.value_spec(cls)
     vs, vz = choose_qparams(vq, vspec)  # (N, P, 1, 1) each
-    vcode = pack(quantize(vq, vspec, vs, vz), bits)
+    vqc = quantize(vq, vspec, vs, vz)
+    vcode = pack_fragment(vqc.transpose(-1, -2), bits) if frag else pack(vqc, bits)
     n, p, _ = k.shape
     return {
         "kcode": kcode,
@@ -223,8 +273,12 @@ def dequantize_pages(
     """Float32 keys and values of pool pages ``pages`` (any int shape S): (*S, P, D) each."""
     bits = fmt.bits(cls)
     flat = pages.reshape(-1).long()
-    kc = unpack(pool["kcode"][flat], bits)  # (M, P, D)
-    vc = unpack(pool["vcode"][flat], bits)
+    if fmt.code_order == "fragment":
+        kc = unpack_fragment(pool["kcode"][flat], bits)  # (M, P, D)
+        vc = unpack_fragment(pool["vcode"][flat], bits).transpose(-1, -2)  # stored (M, D, P)
+    else:
+        kc = unpack(pool["kcode"][flat], bits)  # (M, P, D)
+        vc = unpack(pool["vcode"][flat], bits)
     kspec, vspec = fmt.key_spec(cls), fmt.value_spec(cls)
     ks = pool["kscale"][flat].float()[:, None, None, :]  # (M, 1, 1, D)
     kz = pool["kzero"][flat].float()[:, None, None, :]
@@ -279,10 +333,10 @@ class PagedKVStore:
     ) -> None:
         if not isinstance(fmt, PageFormat):
             raise TypeError(f"fmt: expected a PageFormat, got {type(fmt).__name__}")
-        self.fmt = fmt
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.num_heads = check_int("num_heads", num_heads, 1)
         self.head_dim = check_int("head_dim", head_dim, 1)
+        self.fmt = fmt = fmt.resolved(head_dim)  # code_order decided once, here
         per = 8 // min(fmt.high_bits, fmt.low_bits)
         if head_dim % per:
             raise ValueError(
@@ -358,6 +412,8 @@ class PagedKVStore:
     def _new_pool(self, cls: int, pages: int) -> dict[str, Tensor]:
         p, d, dev, pd = self.fmt.page_size, self.head_dim, self.device, self.fmt.param_dtype
         row = d * self.fmt.bits(cls) // 8
+        # the fragment order stores values channel-major: (D, P * bits / 8), the same shape
+        # as (P, D * bits / 8) since it needs P == D
         return {
             "kcode": torch.zeros(pages, p, row, dtype=torch.uint8, device=dev),
             "vcode": torch.zeros(pages, p, row, dtype=torch.uint8, device=dev),
@@ -438,6 +494,7 @@ class PagedKVStore:
                 self.page_fill[cls], self.pools[cls], pages=m, bits=self.fmt.bits(cls),
                 levels=self.fmt.key_spec(cls).levels, param_dtype=self.fmt.param_dtype,
                 channel_separable=self.fmt.channel_separable, stage=stage, flag=self.overflow,
+                frag=self.fmt.code_order == "fragment",
             )  # fmt: skip
             self.page_used[cls] = self.page_used[cls] + full.sum()
             self.pool_used[cls] += n_live

@@ -59,6 +59,8 @@ class PagedCacheLayer(CacheLayerBase):
         mass_reduce: optional cross-process sum of a decode block's head-summed mass (KV heads
             split over processes), called once per block (``zipvl.sparsity.plan_row_keep``).
         page_size: tokens per page (a multiple of 16).
+        code_order: ``PageFormat.code_order`` of the pages (``"auto"``: the fragment order
+            the fused decode's fastest kernel reads, where the head dim and page size allow).
         tail_slack: tail capacity beyond R (tokens one step may add past a full block).
         update_reads: what ``update`` returns in decode: ``"dense"`` (every position, the
             reference read any attention can use) or ``"none"`` (only the new K/V: for an
@@ -85,6 +87,7 @@ class PagedCacheLayer(CacheLayerBase):
         layer_idx: int = 0,
         mass_reduce: MassReduce | None = None,
         page_size: int = 128,
+        code_order: str = "auto",
         tail_slack: int = 64,
         update_reads: str = "dense",
         write_impl: Impl | str = Impl.AUTO,
@@ -93,7 +96,9 @@ class PagedCacheLayer(CacheLayerBase):
         if update_reads not in ("dense", "none"):
             raise ValueError(f"update_reads: expected 'dense' or 'none', got {update_reads!r}")
         self.update_reads = update_reads
-        self.fmt = PageFormat.from_quantizer(quantizer, check_int("page_size", page_size, 16))
+        self.fmt = PageFormat.from_quantizer(
+            quantizer, check_int("page_size", page_size, 16), code_order
+        )
         self._init_settings(
             quantizer, allocator, selector, recompress_every, sink_tokens, auto_commit_prefill,
             layer_idx, mass_reduce,

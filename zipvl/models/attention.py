@@ -119,6 +119,7 @@ def make_cache(
         quantizer=base.quantizer,
         recompress_every=config.recompress_every,
         page_size=config.page_size,
+        code_order=config.code_order,
         page_write_impl=config.page_write_impl,
         sink_tokens=config.sink_tokens,
         allocator=base.allocator,
