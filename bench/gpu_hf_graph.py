@@ -11,6 +11,9 @@ A Qwen2 model with LongVA-7B shapes (random bf16 weights), one prompt per length
 * ``fixed``: ZipVL ``fixed`` preset (r = 0.42), eager steps;
 * ``fixed-graph``: the same cache decoded by ``GraphDecoder`` (recorded step, host bookkeeping
   and the decode-block recompression between replays);
+* ``fixed-graph-slice``: the same with pages in the slice code order
+  (``ZipVLConfig(code_order="slice")``), read by the ``tile`` / ``pages`` kernels: the
+  decode kernel before the fragment order, side by side;
 * ``fixed-graph[<launch>]`` (``--launch``): the same with the fused kernel's launch settings of
   ``bench/gpu_decode.py``'s ``--sweep`` syntax (``variant=pages,splits=8``: splits in quarters
   of the default count) in every layer's workspace.
@@ -50,7 +53,7 @@ from zipvl.models.captured import GraphDecoder
 from zipvl.testing.recorder import ReRunRecorder
 
 VARIANTS = ("dense-flash", "dense-static-graph-efficient", "dense-static-graph-cudnn", "fixed",
-            "fixed-graph")  # fmt: skip
+            "fixed-graph", "fixed-graph-slice")  # fmt: skip
 
 
 def progress(msg: str) -> None:
@@ -292,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     continue  # the static cache's prefill copy would hold B copies twice
                 if name.startswith("fixed"):
                     extra = {} if a.device == "cuda" else {"decode_impl": "reference"}
+                    if name == "fixed-graph-slice":
+                        extra["code_order"] = "slice"
                     zipvl.enable(model, ZipVLConfig.preset("fixed", **extra))
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
