@@ -81,12 +81,19 @@ def build(b: int, n: int, hkv: int, d: int, ratio: float, page: int, tail: int,
 
 
 LAUNCH_KEYS = {"warps": int, "stages": int, "splits": int, "precise": int, "convert": str,
-               "block_t": int, "maxnreg": int, "variant": str}  # fmt: skip
+               "block_t": int, "maxnreg": int, "variant": str, "offset": int}  # fmt: skip
 # block_t 0: the kernel's default for the variant (64 for "tile", 16 for "pages")
 LAUNCH_DEFAULTS = {"warps": 4, "stages": 2, "splits": 4, "precise": 0, "block_t": 0,
                    "maxnreg": 0}  # fmt: skip
 # the "fragment" kernel (pages in the fragment code order): split counts and its conversion
-FRAGMENT_SWEEP = [{"splits": 2}, {"splits": 8}, {"convert": "magic"}, {"maxnreg": 168}]
+FRAGMENT_SWEEP = [
+    {"splits": 2},
+    {"splits": 8},
+    {"convert": "magic"},
+    {"maxnreg": 168},
+    {"offset": 0},
+    {"offset": 1},
+]
 # the kernel variants side by side first ("tile": the warps split each page's tokens; "pages":
 # each warp owns a page), then the older launch settings of the "tile" kernel
 # ("pages-codes": each warp its page, in code space; stages=1: the page tiles by plain loads and
@@ -133,6 +140,10 @@ def set_launch(ws: dict, launch: dict, default_splits: int, b: int, hq: int, d: 
         ws["block_t"] = full["block_t"]
     else:
         ws.pop("block_t", None)
+    if "offset" in full:
+        ws["offset"] = full["offset"]
+    else:
+        ws.pop("offset", None)
     ws.update(warps=full["warps"], stages=full["stages"], splits=ns,
               precise=bool(full["precise"]), convert=full["convert"], variant=full["variant"],
               maxnreg=full["maxnreg"],
@@ -227,10 +238,12 @@ def main(argv: list[str] | None = None) -> None:
                 # launch settings of the fused kernel; the default (what users get) is timed last
                 ws = store._decode_ws  # type: ignore[attr-defined]
                 default = {k: ws[k] for k in ("splits",)}
-                tried = {}
+                tried, tried_err = {}, {}
                 for launch in args.fragment_sweep if frag else args.sweep:
                     set_launch(ws, launch, default["splits"], b, hq, d)
-                    fused()
+                    o = fused()[0].float()
+                    tried_err[launch_name(launch)] = ((o - ref.float()).norm()
+                                                      / ref.float().norm()).item()  # fmt: skip
                     tried[launch_name(launch)] = median_ms_graph(fused, rep_ms=100)
                 # back to what users get: zipvl.decode.launch_choice's launch
                 store._decode_ws = dict(chosen)  # type: ignore[attr-defined]
@@ -239,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
                 row["launch"] = row["launch"] if "variant" in chosen else (
                     f"variant={chosen['variant0']}," + row["launch"])  # fmt: skip
                 row["launch_sweep"] = tried
+                row["launch_sweep_rel_err"] = tried_err
                 for variant in ("tile", "pages"):  # the two kernels at their defaults
                     if f"variant={variant}" in tried:
                         row[f"{variant}_graph_ms"] = tried[f"variant={variant}"]

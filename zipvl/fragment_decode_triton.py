@@ -138,9 +138,9 @@ def _unpack2(w, S: tl.constexpr, R: tl.constexpr, ASM: tl.constexpr):
 
 @triton.jit
 def _rows(base, row0, S: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr,
-          ASM: tl.constexpr, PRECISE: tl.constexpr):  # fmt: skip
+          ASM: tl.constexpr, SUB: tl.constexpr):  # fmt: skip
     """Rows [row0, row0 + R) of each slot's page (``base``: (S,) int32 pointers to the pages'
-    words) as (S, R, 128) fp16 operands ``1024 + mu * code`` (PRECISE: ``mu * code``, the
+    words) as (S, R, 128) fp16 operands ``1024 + mu * code`` (SUB: ``mu * code``, the
     offset subtracted exactly in fp16, so no sum cancels it later). The lanes of a warp fill
     512 contiguous bytes and the warps take the slots, so the load lands in the MMA layout
     with the slot as the warp."""
@@ -155,7 +155,7 @@ def _rows(base, row0, S: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr,
         w = tl.reshape(w, (S, R // 16, 8, 4, 2, 2))  # (S, blk, g, t, half, j)
         w = tl.permute(w, (0, 1, 4, 2, 3, 5))  # (S, blk, half, g, t, j)
         x = _unpack2(tl.reshape(w, (S, R, 8)), S, R, ASM)
-    if PRECISE:
+    if SUB:
         x = x - 1024.0
     return x
 
@@ -195,10 +195,10 @@ def _dot(x0, x1, x2, x3, y, acc, S: tl.constexpr, R: tl.constexpr, N: tl.constex
 
 
 @triton.jit
-def _offset(y, other, PRECISE: tl.constexpr):
+def _offset(y, other, SUB: tl.constexpr):
     """The bias that removes the operands' 1024 offset, per head: sum(other - 1024 y16) over
-    axis 1, y16 the fp16 operand the dot saw; with PRECISE the operands carry no offset."""
-    if PRECISE:
+    axis 1, y16 the fp16 operand the dot saw; with SUB the operands carry no offset."""
+    if SUB:
         return tl.sum(other, axis=1)
     return tl.sum(tl.fma(y.to(tl.float16).to(tl.float32), -1024.0, other), axis=1)
 
@@ -207,10 +207,13 @@ def _offset(y, other, PRECISE: tl.constexpr):
 def _fragment_pages(q_base, qoffs, sm_scale, m_i, l_i, acc, start, end, base_idx,
                     kc, vc, ks_ptr, kz_ptr, va_ptr, vb_ptr, cs_ptr, pt, pf,
                     NW: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
-                    BITS: tl.constexpr, ASM: tl.constexpr, PRECISE: tl.constexpr):  # fmt: skip
+                    BITS: tl.constexpr, ASM: tl.constexpr, PRECISE: tl.constexpr,
+                    OFFSET: tl.constexpr):  # fmt: skip
     """Pages [start, end) of one class (table entries ``base_idx + j``), NW at a time, one per
     warp: the slots' online-softmax states m_i, l_i (NW, GP) and acc (NW, D, GP)."""
     W: tl.constexpr = T * BITS // 32  # words per row
+    SUB_K: tl.constexpr = PRECISE or OFFSET >= 2  # keys' codes lose their offset before the dot
+    SUB_V: tl.constexpr = PRECISE or OFFSET >= 1  # values' codes
     TT: tl.constexpr = T // 4
     offs_s = tl.arange(0, NW)
     offs_d = tl.arange(0, D)
@@ -232,13 +235,13 @@ def _fragment_pages(q_base, qoffs, sm_scale, m_i, l_i, acc, start, end, base_idx
         q = tl.load(q_base + (tl.minimum(page, 0) * 64).to(tl.int32)[:, None, None] + qoffs)
         q = q.to(tl.float32)  # (NW, D, GP)
         qs = q * ks
-        bias = _offset(qs, q * kz, PRECISE)  # (NW, GP)
+        bias = _offset(qs, q * kz, SUB_K)  # (NW, GP)
         sb = tl.broadcast_to(bias[:, None, :], (NW, TT, GP))
         kb = kc + page * (T * W)
-        x0 = _rows(kb, 0, NW, TT, BITS, ASM, PRECISE)
-        x1 = _rows(kb, TT, NW, TT, BITS, ASM, PRECISE)
-        x2 = _rows(kb, 2 * TT, NW, TT, BITS, ASM, PRECISE)
-        x3 = _rows(kb, 3 * TT, NW, TT, BITS, ASM, PRECISE)
+        x0 = _rows(kb, 0, NW, TT, BITS, ASM, SUB_K)
+        x1 = _rows(kb, TT, NW, TT, BITS, ASM, SUB_K)
+        x2 = _rows(kb, 2 * TT, NW, TT, BITS, ASM, SUB_K)
+        x3 = _rows(kb, 3 * TT, NW, TT, BITS, ASM, SUB_K)
         s = _dot(x0, x1, x2, x3, qs, sb, NW, TT, GP, PRECISE)  # (NW, T, GP)
         s = tl.where(offs_t[None, :, None] < fill[:, None, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -251,14 +254,14 @@ def _fragment_pages(q_base, qoffs, sm_scale, m_i, l_i, acc, start, end, base_idx
         va = tl.load(va_ptr + vo).to(tl.float32) * mu_t  # (NW, T)
         vb = tl.load(vb_ptr + vo).to(tl.float32)
         pa = p * va[:, :, None]
-        uu = _offset(pa, p * vb[:, :, None], PRECISE)
+        uu = _offset(pa, p * vb[:, :, None], SUB_V)
         cs = tl.load(cs_ptr + page[:, None] * D + offs_d[None, :]).to(tl.float32)  # (NW, D)
         ub = tl.broadcast_to(uu[:, None, :], (NW, TT, GP))
         vp = vc + page * (D * W)
-        y0 = _rows(vp, 0, NW, TT, BITS, ASM, PRECISE)
-        y1 = _rows(vp, TT, NW, TT, BITS, ASM, PRECISE)
-        y2 = _rows(vp, 2 * TT, NW, TT, BITS, ASM, PRECISE)
-        y3 = _rows(vp, 3 * TT, NW, TT, BITS, ASM, PRECISE)
+        y0 = _rows(vp, 0, NW, TT, BITS, ASM, SUB_V)
+        y1 = _rows(vp, TT, NW, TT, BITS, ASM, SUB_V)
+        y2 = _rows(vp, 2 * TT, NW, TT, BITS, ASM, SUB_V)
+        y3 = _rows(vp, 3 * TT, NW, TT, BITS, ASM, SUB_V)
         op = _dot(y0, y1, y2, y3, pa, ub, NW, TT, GP, PRECISE)  # (NW, D, GP)
         acc = acc * alpha[:, None, :] + cs[:, :, None] * op
     return m_i, l_i, acc
@@ -276,7 +279,7 @@ def fragment_decode_kernel(
     B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,  # region bases
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     HBITS: tl.constexpr, LBITS: tl.constexpr, GP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    ASM: tl.constexpr, PRECISE: tl.constexpr, FP_BLOCK: tl.constexpr,
+    ASM: tl.constexpr, PRECISE: tl.constexpr, OFFSET: tl.constexpr, FP_BLOCK: tl.constexpr,
     PARAM: tl.constexpr, FP: tl.constexpr, ALIGNED: tl.constexpr,
     NS_PAD: tl.constexpr, MERGE_GM: tl.constexpr, MERGE_SB: tl.constexpr, NW: tl.constexpr,
 ):  # fmt: skip
@@ -310,7 +313,7 @@ def fragment_decode_kernel(
             _addr(tab, 4, PARAM, ALIGNED), _addr(tab, 5, PARAM, ALIGNED),
             _addr(tab, 6, PARAM, ALIGNED),
             _addr(tab, 14, tl.int32, ALIGNED), _addr(tab, 15, tl.int32, ALIGNED),  # H_PT, H_PF
-            NW, GP, D, PAGE, HBITS, ASM, PRECISE)  # fmt: skip
+            NW, GP, D, PAGE, HBITS, ASM, PRECISE, OFFSET)  # fmt: skip
         m_i, l_i, acc = _fragment_pages(
             q_base, qoffs, sm_scale, m_i, l_i, acc, tl.maximum(u0, nh) - nh, u1 - nh,
             row * tl.load(tab + 24).to(tl.int32),  # LCOLS
@@ -319,7 +322,7 @@ def fragment_decode_kernel(
             _addr(tab, 11, PARAM, ALIGNED), _addr(tab, 12, PARAM, ALIGNED),
             _addr(tab, 13, PARAM, ALIGNED),
             _addr(tab, 17, tl.int32, ALIGNED), _addr(tab, 18, tl.int32, ALIGNED),  # L_PT, L_PF
-            NW, GP, D, PAGE, LBITS, ASM, PRECISE)  # fmt: skip
+            NW, GP, D, PAGE, LBITS, ASM, PRECISE, OFFSET)  # fmt: skip
         # the slots' states merged: the only reduction across warps, once per program
         mx = tl.max(m_i, axis=0)  # (GP,)
         wgt = tl.exp2(m_i - tl.where(mx == float("-inf"), 0.0, mx)[None, :])  # 0 where -inf

@@ -64,6 +64,11 @@ pages in the "slice" code order; "fragment" (``zipvl.fragment_decode_triton``) r
 "fragment" order, and is the only variant that does (``PageFormat.code_order``)."""
 DEFAULT_VARIANT = "tile"
 FRAGMENT = VARIANTS.index("fragment")
+DEFAULT_OFFSET = 2
+"""The "fragment" kernel's handling of the conversion's 1024 offset (workspace key
+``offset``): 0, every code operand keeps it and one bias per head and page removes it after
+the dot (the fewest instructions); 1, the value codes lose it before the dot (one fp16
+subtraction per two codes), the key codes keep it; 2, both lose it."""
 
 
 def default_variant(code_order: str) -> str:
@@ -1173,6 +1178,7 @@ def paged_decode_triton(
                 NUM_SPLITS=ns, HEAD_DIM=d, PAGE=fmt.page_size,
                 HBITS=fmt.high_bits, LBITS=fmt.low_bits, GP=max(8, gm), GROUP_PAD=max(16, gm),
                 ASM=int(convert == 2), PRECISE=precise,
+                OFFSET=int(workspace.get("offset", DEFAULT_OFFSET)),
                 FP_BLOCK=int(workspace.get("fp_block", 16)),
                 PARAM=param, FP=_TL_DTYPES[store.fp_k.dtype], ALIGNED=aligned,
                 NS_PAD=ns_pad, MERGE_GM=gm, MERGE_SB=sb, NW=warps, num_warps=warps,
