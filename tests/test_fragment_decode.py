@@ -227,15 +227,16 @@ def test_variant_must_match_the_code_order() -> None:
 
 
 def test_fragment_launch_rule(monkeypatch: pytest.MonkeyPatch) -> None:
-    """3 programs per SM over the grid, at least 4 pages (a slot group) a program, at most
-    128 splits."""
+    """About 32 pages a program, at most 3 programs per SM over the grid, at most 128
+    splits."""
     import types
 
     props = types.SimpleNamespace(multi_processor_count=132)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     cuda = torch.device("cuda")
-    for b, (hi, lo), want in [(1, (410, 614), 99), (8, (410, 614), 13), (1, (2, 3), 2),
-                              (1, (4000, 6000), 99), (16, (10, 10), 5)]:  # fmt: skip
+    for b, (hi, lo), want in [(1, (410, 614), 32), (8, (410, 614), 13), (1, (2, 3), 1),
+                              (1, (4000, 6000), 99), (16, (10, 10), 1), (8, (102, 154), 8),
+                              (4, (1600, 2400), 25)]:  # fmt: skip
         store = PagedKVStore(PageFormat(), batch_size=b, num_heads=4, head_dim=128,
                              dtype=torch.bfloat16, device="cpu", recompress_every=8,
                              sink_tokens=0)  # fmt: skip

@@ -198,19 +198,26 @@ def _splits(store: PagedKVStore, device: torch.device) -> int:
 
 
 FRAGMENT_PROGRAMS_PER_SM = 3
-"""Programs per SM of the ``"fragment"`` variant's grid (``launch_choice``)."""
+"""Programs per SM of the ``"fragment"`` variant's grid at most (``launch_choice``)."""
+FRAGMENT_MIN_PAGES = 32
+"""Pages per program of the ``"fragment"`` variant at least, where the grid allows
+(``launch_choice``)."""
 
 
 def _fragment_splits(store: PagedKVStore, device: torch.device, pages: int) -> int:
-    """Page splits per row of the ``"fragment"`` variant: about ``FRAGMENT_PROGRAMS_PER_SM``
-    programs per SM (168 registers a thread, 4 warps: 3 fit an SM), at least one slot group
-    (4 pages) per program, at most 128 (the merge reads every split's state). From the
-    standalone timing of its prototype on an H200 (LongVA heads, 128k tokens, r = 0.4): 3
-    programs per SM were the fastest of 1 / 2 / 3 at batch 1 and 8."""
+    """Page splits per row of the ``"fragment"`` variant: about ``FRAGMENT_MIN_PAGES`` pages a
+    program, at most ``FRAGMENT_PROGRAMS_PER_SM`` programs per SM, at most 128 (the merge
+    reads every split's state). H200, LongVA heads, r = 0.4, CUDA-graph replays
+    (``bench/gpu_decode.py``, 335c1f8): 3 programs per SM were fastest at batch 8 x 128k (13
+    splits, ~79 pages a program: 0.227 ms; 6 splits 0.259, 26 splits 0.267), half of that
+    count faster where it left a program ~10-20 pages (batch 1 x 128k: 99 splits 0.084 ms, 49
+    splits 0.066; batch 8 x 32k: 13 splits 0.108, 6 splits 0.084; batch 1 x 32k: 64 splits
+    0.051, 32 splits 0.049, 128 splits 0.064). The 32-page floor between those points is not
+    measured yet."""
     cuda = device.type == "cuda"
     sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 1
     ns = -(-FRAGMENT_PROGRAMS_PER_SM * sms // store.rows)
-    return max(1, min(128, ns, -(-max(pages, 1) // 4)))
+    return max(1, min(128, ns, -(-max(pages, 1) // FRAGMENT_MIN_PAGES)))
 
 
 PAGES_VARIANT_MIN_PAGES = 24
