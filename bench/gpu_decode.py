@@ -81,7 +81,8 @@ def build(b: int, n: int, hkv: int, d: int, ratio: float, page: int, tail: int,
 
 
 LAUNCH_KEYS = {"warps": int, "stages": int, "splits": int, "precise": int, "convert": str,
-               "block_t": int, "maxnreg": int, "variant": str, "offset": int}  # fmt: skip
+               "block_t": int, "maxnreg": int, "variant": str, "offset": int,
+               "fp_splits": int}  # fmt: skip
 # block_t 0: the kernel's default for the variant (64 for "tile", 16 for "pages")
 LAUNCH_DEFAULTS = {"warps": 4, "stages": 2, "splits": 4, "precise": 0, "block_t": 0,
                    "maxnreg": 0}  # fmt: skip
@@ -140,6 +141,9 @@ def set_launch(ws: dict, launch: dict, default_splits: int, b: int, hq: int, d: 
         ws["block_t"] = full["block_t"]
     else:
         ws.pop("block_t", None)
+    nf = int(full.get("fp_splits", ws.get("fp_splits", 1)))
+    if full["variant"] == "fragment":
+        ws["fp_splits"] = nf
     if "offset" in full:
         ws["offset"] = full["offset"]
     else:
@@ -147,9 +151,9 @@ def set_launch(ws: dict, launch: dict, default_splits: int, b: int, hq: int, d: 
     ws.update(warps=full["warps"], stages=full["stages"], splits=ns,
               precise=bool(full["precise"]), convert=full["convert"], variant=full["variant"],
               maxnreg=full["maxnreg"],
-              m=torch.empty(b, hq, ns + 1, device="cuda"),
-              l=torch.empty(b, hq, ns + 1, device="cuda"),
-              o=torch.empty(b, hq, ns + 1, d, device="cuda"))  # fmt: skip
+              m=torch.empty(b, hq, ns + nf, device="cuda"),
+              l=torch.empty(b, hq, ns + nf, device="cuda"),
+              o=torch.empty(b, hq, ns + nf, d, device="cuda"))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

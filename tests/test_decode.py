@@ -690,16 +690,20 @@ def test_left_padding_under_sinks_raises_before_storing() -> None:
     assert int(store.num_pages[0].sum() + store.num_pages[1].sum()) == 0
 
 
-def test_decode_step_compiles_whole(device: str) -> None:
+@pytest.mark.parametrize("order", ["slice", "fragment"])
+def test_decode_step_compiles_whole(device: str, order: str) -> None:
     """append_device + decode_attention(impl="triton") under torch.compile(fullgraph=True): the
     fused kernel is an opaque operator (zipvl::paged_decode), the store's in-place append is
     traced, and the compiled step equals the eager one on a twin store, step after step, with
-    one graph for all steps (the host bookkeeping, ``advance``, stays outside)."""
+    one graph for all steps (the host bookkeeping, ``advance``, stays outside), in both code
+    orders (the fragment kernel's launch settings travel through the operator too)."""
     if not _triton_runs(device):
         pytest.skip("the fused kernel runs on CUDA or under TRITON_INTERPRET=1")
-    case = (1, 4, 2, 64, 70, 3, 16)
+    d = 64 if order == "slice" else 128
+    case = (1, 4, 2, d, 70, 3, 16) if order == "slice" else (1, 4, 2, d, 300, 3, 128)
     store, *_ = _filled_store(case, device, torch.bfloat16, seed=3)
     twin, *_ = _filled_store(case, device, torch.bfloat16, seed=3)
+    assert store.fmt.code_order == order
 
     def step(st: PagedKVStore, q, k, v):
         st.append_device(k, v)
@@ -715,8 +719,8 @@ def test_decode_step_compiles_whole(device: str) -> None:
     counts = []
     for i in range(3):
         g = torch.Generator().manual_seed(i)
-        k, v = (torch.randn(1, 2, 1, 64, generator=g).to(device, torch.bfloat16) for _ in "kv")
-        q = torch.randn(1, 4, 1, 64, generator=g).to(device, torch.bfloat16)
+        k, v = (torch.randn(1, 2, 1, d, generator=g).to(device, torch.bfloat16) for _ in "kv")
+        q = torch.randn(1, 4, 1, d, generator=g).to(device, torch.bfloat16)
         out, lse = compiled(store, q, k, v)
         store.advance(1)
         twin.append(k, v)

@@ -144,9 +144,9 @@ def _check_against_dense(store, valid, q, splits=None) -> None:
     ws = workspace(store, hq)
     assert ws.get("variant") is None  # the store's order picks the kernel
     if splits is not None:  # more programs than the launch rule gives on one SM
-        ws.update(splits=splits, m=ws["m"].new_empty(b, hq, splits + 1),
-                  l=ws["l"].new_empty(b, hq, splits + 1),
-                  o=ws["o"].new_empty(b, hq, splits + 1, d))  # fmt: skip
+        n = splits + ws["fp_splits"]
+        ws.update(splits=splits, m=ws["m"].new_empty(b, hq, n), l=ws["l"].new_empty(b, hq, n),
+                  o=ws["o"].new_empty(b, hq, n, d))  # fmt: skip
     out, lse = decode_attention(q, store, impl="triton")
     assert out.shape == (b, hq, 1, d) and out.dtype == dtype
     err = (out.double() - ref).abs().max().item()
@@ -241,4 +241,4 @@ def test_fragment_launch_rule(monkeypatch: pytest.MonkeyPatch) -> None:
                              dtype=torch.bfloat16, device="cpu", recompress_every=8,
                              sink_tokens=0)  # fmt: skip
         store.max_pages = [hi, lo]
-        assert launch_choice(store, cuda) == (want, {}), (b, hi, lo)
+        assert launch_choice(store, cuda) == (want, {"fp_splits": 4}), (b, hi, lo)

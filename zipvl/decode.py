@@ -123,7 +123,7 @@ def _view(tensors: list[Tensor], ints: list[int]) -> _StoreView:
     )  # fmt: skip
 
 
-_SETTINGS = ("warps", "stages", "precise", "block_t", "fp_block", "maxnreg")
+_SETTINGS = ("warps", "stages", "precise", "block_t", "fp_block", "maxnreg", "fp_splits", "offset")
 
 
 def _settings(store: PagedKVStore) -> list[int]:
@@ -164,11 +164,12 @@ def _paged_decode_op(
     f32 = {"dtype": torch.float32, "device": q.device}
     from zipvl.paged_decode_triton import CONVERTS, VARIANTS
 
+    states = splits + max(1, settings[_SETTINGS.index("fp_splits")])
     ws: dict[str, Any] = {
         "splits": splits,
-        "m": torch.empty(b, hq, splits + 1, **f32),
-        "l": torch.empty(b, hq, splits + 1, **f32),
-        "o": torch.empty(b, hq, splits + 1, d, **f32),
+        "m": torch.empty(b, hq, states, **f32),
+        "l": torch.empty(b, hq, states, **f32),
+        "o": torch.empty(b, hq, states, d, **f32),
         # fresh, zeroed tickets: the operator keeps no state between calls (its address
         # tables come from the kernel module's cache)
         "ticket": torch.zeros(ints[1], dtype=torch.int32, device=q.device),
@@ -199,6 +200,8 @@ def _splits(store: PagedKVStore, device: torch.device) -> int:
 
 FRAGMENT_PROGRAMS_PER_SM = 3
 """Programs per SM of the ``"fragment"`` variant's grid at most (``launch_choice``)."""
+FRAGMENT_FP_SPLITS = 4
+"""Programs per row of the ``"fragment"`` variant that share the full-precision regions."""
 FRAGMENT_MIN_PAGES = 32
 """Pages per program of the ``"fragment"`` variant at least, where the grid allows
 (``launch_choice``)."""
@@ -255,7 +258,7 @@ def launch_choice(store: PagedKVStore, device: torch.device) -> tuple[int, dict[
     """
     pages = store.max_pages[0] + store.max_pages[1]  # host bound, both classes
     if store.fmt.code_order == "fragment":
-        return _fragment_splits(store, device, pages), {}
+        return _fragment_splits(store, device, pages), {"fp_splits": FRAGMENT_FP_SPLITS}
     ns = _splits(store, device)
     if device.type != "cuda":
         return ns, {}
@@ -282,12 +285,13 @@ def workspace(store: PagedKVStore, hq: int) -> dict[str, Any]:
         ns, launch = launch_choice(store, store.device)
         b, d = store.batch_size, store.head_dim
         f32 = {"dtype": torch.float32, "device": store.device}
+        states = ns + launch.get("fp_splits", 1)  # partial states per query head
         ws = {
             "key": key,
             "splits": ns,
-            "m": torch.empty(b, hq, ns + 1, **f32),
-            "l": torch.empty(b, hq, ns + 1, **f32),
-            "o": torch.empty(b, hq, ns + 1, d, **f32),
+            "m": torch.empty(b, hq, states, **f32),
+            "l": torch.empty(b, hq, states, **f32),
+            "o": torch.empty(b, hq, states, d, **f32),
             # per row: how many of its NS + 1 programs have published their partial state; the
             # last one merges and zeroes it again, so it is zero between launches
             "ticket": torch.zeros(store.rows, dtype=torch.int32, device=store.device),

@@ -3,10 +3,13 @@
 """The fused decode kernel over pages in the fragment code order (``zipvl.quant.fragment``):
 the ``"fragment"`` variant of ``zipvl.paged_decode_triton``.
 
-Same launch as the other variants: grid (rows = B * Hkv, NS + 1), programs 0 .. NS-1 of a row
-split its pages (high-precision pages, then low-precision ones), program NS reads the row's
-full-precision regions, every program writes a partial softmax state and the last one of a row
-merges (the ticket of ``zipvl.paged_decode_triton._publish``). What differs is the page loop:
+Same launch as the other variants, but with FS programs for the full-precision regions: grid
+(rows = B * Hkv, NS + FS), programs 0 .. NS-1 of a row split its pages (high-precision pages,
+then low-precision ones), programs NS .. NS + FS - 1 share the row's full-precision regions
+(sinks, staging, tail: up to ~600 tokens in blocks of 16 with float32 dots, which one program
+alone walks longer than a page program at batch 1, where a program reads ~32 pages), every
+program writes a partial softmax state and the last one of a row merges (the ticket of
+``zipvl.paged_decode_triton._publish``). What differs is the page loop:
 
 * **Orientation.** The matrix multiplies run tokens (keys) or channels (values) as the MMA's M
   side and the G query heads of a KV head as N (padded to 8), so GQA's 7 heads fill 7 of 8
@@ -277,13 +280,15 @@ def fragment_decode_kernel(
     sm_scale,  # softmax scale * log2(e)
     HKV: tl.constexpr, GROUP: tl.constexpr,  # KV heads, query heads per KV head
     B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,  # region bases
-    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    HBITS: tl.constexpr, LBITS: tl.constexpr, GP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, FP_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr, HBITS: tl.constexpr, LBITS: tl.constexpr, GP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
     ASM: tl.constexpr, PRECISE: tl.constexpr, OFFSET: tl.constexpr, FP_BLOCK: tl.constexpr,
     PARAM: tl.constexpr, FP: tl.constexpr, ALIGNED: tl.constexpr,
     NS_PAD: tl.constexpr, MERGE_GM: tl.constexpr, MERGE_SB: tl.constexpr, NW: tl.constexpr,
 ):  # fmt: skip
     D: tl.constexpr = HEAD_DIM
+    NS1: tl.constexpr = NUM_SPLITS + FP_SPLITS  # partial states a head
     row = tl.program_id(0)
     split = tl.program_id(1)
     b = row // HKV
@@ -326,7 +331,7 @@ def fragment_decode_kernel(
         # the slots' states merged: the only reduction across warps, once per program
         mx = tl.max(m_i, axis=0)  # (GP,)
         wgt = tl.exp2(m_i - tl.where(mx == float("-inf"), 0.0, mx)[None, :])  # 0 where -inf
-        out_row = (head0 + offs_h) * (NUM_SPLITS + 1) + split
+        out_row = (head0 + offs_h) * NS1 + split
         hv = offs_h < GROUP
         tl.store(m_ptr + out_row, mx, mask=hv)
         tl.store(l_ptr + out_row, tl.sum(l_i * wgt, axis=0), mask=hv)
@@ -351,8 +356,9 @@ def fragment_decode_kernel(
         a3 = tl.zeros([GROUP_PAD, QD], tl.float32)
         m_f, l_f, a0, a1, a2, a3 = _fp_regions(
             tab, row, q0, q1, q2, q3, m_f, l_f, a0, a1, a2, a3, offs_c, offs_c,
-            B1, B2, B3, HEAD_DIM, FP_BLOCK, FP, ALIGNED)  # fmt: skip
-        f_row = (head0 + offs_g) * (NUM_SPLITS + 1) + split
+            split - NUM_SPLITS, B1, B2, B3, HEAD_DIM, FP_BLOCK, FP, ALIGNED,
+            FP_SPLITS)  # fmt: skip
+        f_row = (head0 + offs_g) * NS1 + split
         tl.store(m_ptr + f_row, m_f, mask=g_valid)
         tl.store(l_ptr + f_row, l_f, mask=g_valid)
         o_rows = o_ptr + (f_row * D)[:, None] + offs_c[None, :]
@@ -361,4 +367,4 @@ def fragment_decode_kernel(
         tl.store(o_rows + 2 * QD, a2, mask=gm)
         tl.store(o_rows + 3 * QD, a3, mask=gm)
     _publish(m_ptr, l_ptr, o_ptr, ticket_ptr, out_ptr, lse_ptr, row, b, hkv, HKV, GROUP,
-             NUM_SPLITS, NS_PAD, MERGE_GM, MERGE_SB, HEAD_DIM)  # fmt: skip
+             NS1 - 1, NS_PAD, MERGE_GM, MERGE_SB, HEAD_DIM)  # fmt: skip

@@ -823,12 +823,14 @@ def _merge_row(m_ptr, l_ptr, o_ptr, out_ptr, lse_ptr, b, hkv,
 
 
 @triton.jit
-def _fp_regions(tab, row, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, offs_c, offs_v,
+def _fp_regions(tab, row, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, offs_c, offs_v, f0,
                 B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, HEAD_DIM: tl.constexpr,
-                FP_BLOCK: tl.constexpr, FP: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
+                FP_BLOCK: tl.constexpr, FP: tl.constexpr, ALIGNED: tl.constexpr,
+                FSTEP: tl.constexpr):  # fmt: skip
     """The row's full-precision regions (sinks, both staging regions, the tail) folded into an
     online-softmax state: q0 .. q3 the (GP, QD) channel quarters of the scaled queries, the
-    accumulators a0 .. a3 in ``offs_v``'s channel order."""
+    accumulators a0 .. a3 in ``offs_v``'s channel order. FP_BLOCK-token blocks f0, f0 + FSTEP,
+    ... of every region (FSTEP programs share the regions)."""
     QD: tl.constexpr = HEAD_DIM // 4
     fk_ptr = _addr(tab, 20, FP, ALIGNED)  # FK
     fv_ptr = _addr(tab, 21, FP, ALIGNED)  # FV
@@ -844,7 +846,7 @@ def _fp_regions(tab, row, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, offs_c, offs
         else:
             base = B3
         n = tl.load(fcnt_ptr + row * 4 + r)
-        for t0 in range(0, n, FP_BLOCK):
+        for t0 in range(f0 * FP_BLOCK, n, FSTEP * FP_BLOCK):
             offs_t = t0 + tl.arange(0, FP_BLOCK)
             tv = (offs_t < n)[:, None]
             ptrs = fbase + (base + offs_t)[:, None] * HEAD_DIM + offs_c[None, :]
@@ -970,8 +972,8 @@ def _paged_decode_kernel(
                 QD, PAGE, BLOCK_T, LBITS, PRECISE, CONVERT, STAGES)  # fmt: skip
     else:
         m_i, l_i, a0, a1, a2, a3 = _fp_regions(
-            tab, row, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, offs_c, offs_v,
-            B1, B2, B3, HEAD_DIM, FP_BLOCK, FP, ALIGNED)  # fmt: skip
+            tab, row, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, offs_c, offs_v, 0,
+            B1, B2, B3, HEAD_DIM, FP_BLOCK, FP, ALIGNED, 1)  # fmt: skip
     out_row = (b * num_heads + heads).to(tl.int64) * (NUM_SPLITS + 1) + split
     tl.store(m_ptr + out_row, m_i, mask=g_valid)
     tl.store(l_ptr + out_row, l_i, mask=g_valid)
@@ -1165,23 +1167,36 @@ def paged_decode_triton(
     sb = max(1, min(ns_pad, 128 * 32 * warps // (gm * d)))
     param = _TL_DTYPES[store.pools[HIGH]["kscale"].dtype]  # scales, zeros, divisors
     precise = bool(workspace.get("precise", q.dtype == torch.float32))
+    if variant != FRAGMENT and int(workspace.get("fp_splits", 1)) != 1:
+        raise ValueError(
+            f"workspace['fp_splits']: the {VARIANTS[variant]!r} kernel reads the full-precision "
+            f"regions in one program; expected 1, got {workspace['fp_splits']}"
+        )
     if variant == FRAGMENT:
+        fsb = max(1, min(_pow2(ns + int(workspace.get("fp_splits", 1))),
+                         128 * 32 * warps // (gm * d)))  # fmt: skip
         from zipvl.fragment_decode_triton import fragment_decode_kernel
 
+        nf = int(workspace.get("fp_splits", 1))
+        if workspace["m"].shape[-1] < ns + nf:
+            raise ValueError(
+                f"workspace: 'm' / 'l' / 'o' hold {workspace['m'].shape[-1]} states a head, "
+                f"expected splits + fp_splits = {ns + nf}"
+            )
         try:
-            fragment_decode_kernel[(store.rows, ns + 1)](
+            fragment_decode_kernel[(store.rows, ns + nf)](
                 q, tab, workspace["m"], workspace["l"], workspace["o"], ticket, out, lse,
                 scale * 1.4426950408889634,
                 HKV=hkv, GROUP=g,
                 B1=store.region_base[STAGE_HIGH], B2=store.region_base[STAGE_LOW],
                 B3=store.region_base[TAIL],
-                NUM_SPLITS=ns, HEAD_DIM=d, PAGE=fmt.page_size,
+                NUM_SPLITS=ns, FP_SPLITS=nf, HEAD_DIM=d, PAGE=fmt.page_size,
                 HBITS=fmt.high_bits, LBITS=fmt.low_bits, GP=max(8, gm), GROUP_PAD=max(16, gm),
                 ASM=int(convert == 2), PRECISE=precise,
                 OFFSET=int(workspace.get("offset", DEFAULT_OFFSET)),
                 FP_BLOCK=int(workspace.get("fp_block", 16)),
                 PARAM=param, FP=_TL_DTYPES[store.fp_k.dtype], ALIGNED=aligned,
-                NS_PAD=ns_pad, MERGE_GM=gm, MERGE_SB=sb, NW=warps, num_warps=warps,
+                NS_PAD=_pow2(ns + nf), MERGE_GM=gm, MERGE_SB=fsb, NW=warps, num_warps=warps,
                 num_stages=1, **extra,
             )  # fmt: skip
         except BaseException:
