@@ -16,8 +16,13 @@ Variants, all in one process, eager and as CUDA-graph replays:
                     a program split each page; "pages", each warp owns a page) are timed
                     side by side in the launch sweep: columns tile_graph_ms, pages_graph_ms,
                     pages_speedup (tile / pages)
-Every ratio is against the fastest dense backend of the same row. Floor: the bytes the variant
-must read (``decode_read_bytes``; bf16 K and V for SDPA) over the measured copy bandwidth.
+``--code-orders``: the stores' ``PageFormat.code_order`` (auto = fragment at pages of 128 and
+head dim 128: the ``"fragment"`` kernel; slice: the ``"tile"`` / ``"pages"`` kernels), each
+timed in the same run with its own sweep (``--fragment-sweep`` for the fragment kernel: splits,
+``offset``, ``fp_splits``, ``maxnreg``); the relative error of every launch of a sweep is
+recorded beside its time. Every ratio is against the fastest dense backend of the same row.
+Floor: the bytes the variant must read (``decode_read_bytes``; bf16 K and V for SDPA) over the
+measured copy bandwidth.
 
 Run:  python bench/gpu_decode.py --batch 1 8 --tokens 32768 131072
       (add --variants to time only the kernel variants: "tile" against "pages" and a few
