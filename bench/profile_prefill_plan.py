@@ -5,7 +5,9 @@ cProfile (Python time per function).
 
 Run:  python bench/profile_prefill_plan.py --lengths 8192 32768
       (--scorer offset --parts plan: the plan of the better budget estimator,
-      ProbeScorer.estimator_preset(128) with CumulativeMassAllocator(0.975))
+      ProbeScorer.estimator_preset(128) with CumulativeMassAllocator(0.975); --allocator tau
+      --parts plan: the paper's scorer with the adaptive budget, where the allocation's sort
+      shows)
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ def main() -> None:
     ap.add_argument("--scorer", choices=["capped", "offset"], default="capped",
                     help="capped: 64 + 64 probes, fixed ratio; offset: estimator_preset(128), "
                     "CumulativeMassAllocator(0.975)")  # fmt: skip
+    ap.add_argument("--allocator", choices=["fixed", "tau"], default=None,
+                    help="the budget: fixed ratio (--ratio) or CumulativeMassAllocator(0.975); "
+                    "default: fixed with the capped scorer, tau with offset")  # fmt: skip
     ap.add_argument("--parts", nargs="+", default=["plan", "plan_eager", "layer", "layer_sdpa"])
     args = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
@@ -52,6 +57,9 @@ def main() -> None:
     alloc, sel = FixedRatioAllocator(args.ratio), TopKSelector()
     if args.scorer == "offset":
         scorer, alloc = ProbeScorer.estimator_preset(128), CumulativeMassAllocator(0.975)
+    if args.allocator is not None:
+        fixed = args.allocator == "fixed"
+        alloc = FixedRatioAllocator(args.ratio) if fixed else CumulativeMassAllocator(0.975)
     for s in args.lengths:
         q = torch.randn(1, hq, s, d, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, hkv, s, d, device="cuda", dtype=torch.bfloat16)
