@@ -142,7 +142,8 @@ def set_launch(ws: dict, launch: dict, default_splits: int, b: int, hq: int, d: 
 
     full = {**LAUNCH_DEFAULTS, "convert": DEFAULT_CONVERT, "variant": ws["variant0"], **launch}
     ns = max(1, default_splits * full["splits"] // 4)
-    if full["block_t"]:
+    frag = full["variant"] == "fragment"
+    if full["block_t"] and not frag:  # the fragment kernel has no block_t / stages
         ws["block_t"] = full["block_t"]
     else:
         ws.pop("block_t", None)
@@ -153,7 +154,11 @@ def set_launch(ws: dict, launch: dict, default_splits: int, b: int, hq: int, d: 
         ws["offset"] = full["offset"]
     else:
         ws.pop("offset", None)
-    ws.update(warps=full["warps"], stages=full["stages"], splits=ns,
+    if frag:
+        ws.pop("stages", None)
+    else:
+        ws["stages"] = full["stages"]
+    ws.update(warps=full["warps"], splits=ns,
               precise=bool(full["precise"]), convert=full["convert"], variant=full["variant"],
               maxnreg=full["maxnreg"],
               m=torch.empty(b, hq, ns + nf, device="cuda"),
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--fragment-sweep", type=parse_launch, nargs="*", default=FRAGMENT_SWEEP,
         help="the launch settings to time for stores in the fragment code order (variant "
-        "'fragment'; keys splits, convert, maxnreg, warps)",
+        "'fragment'; keys splits, offset, fp_splits, convert (magic / asm), maxnreg, warps)",
     )  # fmt: skip
     ap.add_argument(
         "--code-orders", nargs="+", default=["auto"], choices=["auto", "slice", "fragment"],

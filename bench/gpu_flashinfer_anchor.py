@@ -343,7 +343,10 @@ def phase_dense_and_zipvl(args, cases, hq, hkv, d, bw, rows) -> None:
             else:
                 row["note"] = graph
             ws = getattr(store, "_decode_ws", {})  # the launch decode_attention chose
-            row["splits"], row["zipvl_variant"] = ws.get("splits"), ws.get("variant", "tile")
+            from zipvl.paged_decode_triton import default_variant
+
+            variant = ws.get("variant") or default_variant(store.fmt.code_order)
+            row["splits"], row["zipvl_variant"] = ws.get("splits"), variant
             progress(f"  zipvl-fused: {row.get('graph_ms', float('nan')):.4g} ms (graph), "
                      f"rel err {row['rel_err']:.2e}")  # fmt: skip
         except Exception as err:  # the project's own kernel failing fails the run (below)

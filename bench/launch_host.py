@@ -60,7 +60,10 @@ def main() -> None:
     for name in ("_paged_decode_kernel", "_merge_kernel"):  # the merge: before it was folded in
         if hasattr(kernels, name):
             setattr(kernels, name, Launch(getattr(kernels, name)))
-    store = PagedKVStore(PageFormat(page_size=128), batch_size=1, num_heads=4, head_dim=128,
+    # the slice code order: the kernel whose launch path this script stands in for (the fragment
+    # kernel's launch, zipvl.fragment_decode_triton, goes through the same wrapper)
+    fmt = PageFormat(page_size=128, code_order="slice")
+    store = PagedKVStore(fmt, batch_size=1, num_heads=4, head_dim=128,
                          dtype=torch.bfloat16, device="cpu", recompress_every=32,
                          sink_tokens=4)  # fmt: skip
     q = torch.randn(1, 28, 128, dtype=torch.bfloat16)

@@ -46,6 +46,7 @@ DEFAULTS = {"HKV": 4, "GROUP": 7, "B1": 4, "B2": 200, "B3": 400, "NUM_SPLITS": 6
             "MERGE_GM": 8, "MERGE_SB": 4, "VARIANT": 0}  # fmt: skip
 # the "fragment" variant's own kernel (zipvl.fragment_decode_triton): spec {"kernel": "fragment"}
 FRAGMENT_DEFAULTS = {"HKV": 4, "GROUP": 7, "B1": 4, "B2": 200, "B3": 400, "NUM_SPLITS": 99,
+                     "FP_SPLITS": 4, "MIN_PAGES": 32, "OFFSET": 2,
                      "HEAD_DIM": 128, "PAGE": 128, "HBITS": 4, "LBITS": 2, "GP": 8,
                      "GROUP_PAD": 16, "ASM": 1, "PRECISE": False, "FP_BLOCK": 16,
                      "PARAM": tl.float16, "FP": tl.bfloat16, "ALIGNED": True, "NS_PAD": 128,

@@ -261,6 +261,8 @@ def test_launches_do_not_grow_with_generated_tokens(
     # "convert": the default on a CUDA machine is inline PTX, which the interpreter refuses
     ws = {"splits": 3, "m": torch.empty(1, 4, 4), "l": torch.empty(1, 4, 4),
           "o": torch.empty(1, 4, 4, d), "convert": "magic"}  # fmt: skip
+    if order == "fragment":
+        ws["fp_splits"] = 1  # 3 page programs + 1 for the full-precision regions
 
     def decode() -> None:
         kernels.paged_decode_triton(q[:, :, 0].contiguous(), store, 0.125, ws)
@@ -731,20 +733,31 @@ def test_decode_step_compiles_whole(device: str, order: str) -> None:
     assert counts == [1, 1, 1], counts  # one graph, no recompile per step
 
 
-def test_compiled_step_keeps_the_launch_settings() -> None:
-    """Settings put in the store's workspace (here float32-grade dots for bf16 and the cvt
-    conversion) reach the compiled step's operator, whose output equals the eager one."""
+@pytest.mark.parametrize("order", ["slice", "fragment"])
+def test_compiled_step_keeps_the_launch_settings(order: str) -> None:
+    """Settings put in the store's workspace (slice order: float32-grade dots for bf16, the cvt
+    conversion, the "pages" variant; fragment order: the offset form, the fp-region programs,
+    the page floor) reach the compiled step's operator, whose output equals the eager one."""
     if not _triton_runs("cpu"):
         pytest.skip("the fused kernel runs on CUDA or under TRITON_INTERPRET=1")
-    from zipvl.decode import _settings
+    from zipvl.decode import _SETTINGS, _settings
 
-    case = (1, 4, 2, 64, 70, 3, 16)
+    d = 64 if order == "slice" else 128
+    case = (1, 4, 2, d, 70, 3, 16) if order == "slice" else (1, 4, 2, d, 300, 3, 128)
     store, *_ = _filled_store(case, "cpu", torch.bfloat16, seed=4)
-    q = torch.randn(1, 4, 1, 64, dtype=torch.bfloat16)
-    workspace(store, 4)["precise"] = True
-    workspace(store, 4)["convert"] = "cvt"
-    workspace(store, 4)["variant"] = "pages"
-    assert _settings(store)[2] == 1 and _settings(store)[-2:] == [1, 0]
+    assert store.fmt.code_order == order
+    q = torch.randn(1, 4, 1, d, dtype=torch.bfloat16)
+    ws = workspace(store, 4)
+    if order == "slice":
+        want = {"precise": True, "convert": "cvt", "variant": "pages"}
+    else:
+        want = {"offset": 0, "fp_splits": 2, "min_pages": 4, "convert": "magic"}
+    ws.update(want)
+    got = _settings(store, ws)
+    if order == "slice":
+        assert got[2] == 1 and got[-2:] == [1, 0]
+    else:
+        assert [got[_SETTINGS.index(k)] for k in ("offset", "fp_splits", "min_pages")] == [0, 2, 4]
     eager, _ = decode_attention(q, store, impl="triton")
     import zipvl.paged_decode_triton as kernels
 
@@ -760,8 +773,7 @@ def test_compiled_step_keeps_the_launch_settings() -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernels, "paged_decode_triton", spy)
         out, _ = compiled(q)
-    assert seen and seen[-1]["precise"] == 1 and seen[-1]["convert"] == "cvt"
-    assert seen[-1]["variant"] == "pages"
+    assert seen and all(seen[-1][k] == v for k, v in want.items()), seen[-1]
     torch.testing.assert_close(out, eager, rtol=0, atol=0)
 
 

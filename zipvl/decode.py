@@ -123,14 +123,14 @@ def _view(tensors: list[Tensor], ints: list[int]) -> _StoreView:
     )  # fmt: skip
 
 
-_SETTINGS = ("warps", "stages", "precise", "block_t", "fp_block", "maxnreg", "fp_splits", "offset")
+_SETTINGS = ("warps", "stages", "precise", "block_t", "fp_block", "maxnreg", "fp_splits", "offset",
+             "min_pages")  # fmt: skip
 
 
-def _settings(store: PagedKVStore) -> list[int]:
-    """The launch settings a caller put in the store's workspace (-1: the kernel's default),
-    so a compiled step launches exactly as an eager one: ``_SETTINGS``, then the indices of
-    ``variant`` and ``convert``."""
-    ws: dict[str, Any] | None = getattr(store, "_decode_ws", None)
+def _settings(store: PagedKVStore, ws: dict[str, Any] | None) -> list[int]:
+    """The launch settings of ``ws``, the store's workspace for this batch (-1: the kernel's
+    default), so a compiled step launches exactly as an eager one: ``_SETTINGS``, then the
+    indices of ``variant`` and ``convert``."""
     if ws is None:  # no eager call yet: the launch an eager call would choose
         ws = launch_choice(store, store.device)[1]
     out = [int(ws[key]) if ws.get(key) is not None else -1 for key in _SETTINGS]
@@ -203,24 +203,25 @@ FRAGMENT_PROGRAMS_PER_SM = 3
 FRAGMENT_FP_SPLITS = 4
 """Programs per row of the ``"fragment"`` variant that share the full-precision regions."""
 FRAGMENT_MIN_PAGES = 32
-"""Pages per program of the ``"fragment"`` variant at least, where the grid allows
-(``launch_choice``)."""
+"""Pages per page program of the ``"fragment"`` variant at least: the kernel applies it to
+each row's live page count at every step (workspace key ``min_pages``)."""
 
 
-def _fragment_splits(store: PagedKVStore, device: torch.device, pages: int) -> int:
-    """Page splits per row of the ``"fragment"`` variant: about ``FRAGMENT_MIN_PAGES`` pages a
-    program, at most ``FRAGMENT_PROGRAMS_PER_SM`` programs per SM, at most 128 (the merge
-    reads every split's state). H200, LongVA heads, r = 0.4, CUDA-graph replays
-    (``bench/gpu_decode.py``, 335c1f8): 3 programs per SM were fastest at batch 8 x 128k (13
-    splits, ~79 pages a program: 0.227 ms; 6 splits 0.259, 26 splits 0.267), half of that
-    count faster where it left a program ~10-20 pages (batch 1 x 128k: 99 splits 0.084 ms, 49
-    splits 0.066; batch 8 x 32k: 13 splits 0.108, 6 splits 0.084; batch 1 x 32k: 64 splits
-    0.051, 32 splits 0.049, 128 splits 0.064). The 32-page floor between those points is not
-    measured yet."""
+def _fragment_splits(store: PagedKVStore, device: torch.device) -> int:
+    """Page programs per row of the ``"fragment"`` variant: at most ``FRAGMENT_PROGRAMS_PER_SM``
+    programs per SM over the grid, at most 128 (the merge reads every state written). The kernel
+    itself gives each program at least ``FRAGMENT_MIN_PAGES`` of the row's pages at every step
+    (the row's live page count, on the device), so a short row runs fewer programs and the rest
+    return at once: the grid depends on the batch alone, never on the prompt or the tokens
+    generated. H200, LongVA heads, r = 0.4, CUDA-graph replays (``bench/gpu_decode.py``, 335c1f8
+    and 0d5b0ea): 3 programs per SM were fastest at batch 8 x 128k (13 splits, ~79 pages a
+    program: 0.227 ms; 6 splits 0.259, 26 splits 0.267); where that left a program ~10-20 pages,
+    fewer were faster (batch 1 x 128k: 99 splits 0.084 ms, 49 splits 0.066, 32 splits 0.061;
+    batch 8 x 32k: 13 splits 0.108, 6 splits 0.084; batch 1 x 32k: 64 splits 0.051, 8 splits
+    0.046), hence the 32-page floor (not measured between those points)."""
     cuda = device.type == "cuda"
     sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 1
-    ns = -(-FRAGMENT_PROGRAMS_PER_SM * sms // store.rows)
-    return max(1, min(128, ns, -(-max(pages, 1) // FRAGMENT_MIN_PAGES)))
+    return max(1, min(128, -(-FRAGMENT_PROGRAMS_PER_SM * sms // store.rows)))
 
 
 PAGES_VARIANT_MIN_PAGES = 24
@@ -258,7 +259,10 @@ def launch_choice(store: PagedKVStore, device: torch.device) -> tuple[int, dict[
     """
     pages = store.max_pages[0] + store.max_pages[1]  # host bound, both classes
     if store.fmt.code_order == "fragment":
-        return _fragment_splits(store, device, pages), {"fp_splits": FRAGMENT_FP_SPLITS}
+        return _fragment_splits(store, device), {
+            "fp_splits": FRAGMENT_FP_SPLITS,
+            "min_pages": FRAGMENT_MIN_PAGES,
+        }
     ns = _splits(store, device)
     if device.type != "cuda":
         return ns, {}
@@ -292,7 +296,7 @@ def workspace(store: PagedKVStore, hq: int) -> dict[str, Any]:
             "m": torch.empty(b, hq, states, **f32),
             "l": torch.empty(b, hq, states, **f32),
             "o": torch.empty(b, hq, states, d, **f32),
-            # per row: how many of its NS + 1 programs have published their partial state; the
+            # per row: how many of its programs have published their partial state; the
             # last one merges and zeroes it again, so it is zero between launches
             "ticket": torch.zeros(store.rows, dtype=torch.int32, device=store.device),
         }
@@ -346,8 +350,10 @@ def decode_attention(
             if torch.compiler.is_compiling():  # traced: the kernel as an opaque operator
                 tensors, ints = _operands(store)
                 ws = getattr(store, "_decode_ws", None)
+                if ws is not None and ws["key"] != (store.batch_size, hq):
+                    ws = None  # made for another batch: eager would make a new one
                 ns = ws["splits"] if ws is not None else launch_choice(store, store.device)[0]
-                out, lse = _paged_decode_op(q1, tensors, ints, sm, ns, _settings(store))
+                out, lse = _paged_decode_op(q1, tensors, ints, sm, ns, _settings(store, ws))
                 return out.unsqueeze(2), lse
             from zipvl.paged_decode_triton import paged_decode_triton
 

@@ -4,12 +4,14 @@
 the ``"fragment"`` variant of ``zipvl.paged_decode_triton``.
 
 Same launch as the other variants, but with FS programs for the full-precision regions: grid
-(rows = B * Hkv, NS + FS), programs 0 .. NS-1 of a row split its pages (high-precision pages,
-then low-precision ones), programs NS .. NS + FS - 1 share the row's full-precision regions
+(rows = B * Hkv, FS + NS). Programs 0 .. FS-1 of a row share its full-precision regions
 (sinks, staging, tail: up to ~600 tokens in blocks of 16 with float32 dots, which one program
-alone walks longer than a page program at batch 1, where a program reads ~32 pages), every
-program writes a partial softmax state and the last one of a row merges (the ticket of
-``zipvl.paged_decode_triton._publish``). What differs is the page loop:
+alone walks longer than a page program at batch 1, where a program reads ~32 pages); programs
+FS .. FS + NS - 1 split its pages (high-precision pages, then low-precision ones), at least
+MIN_PAGES each from the row's page count at this step, so a short row runs few page programs
+and the rest return at once. Every program writes a partial softmax state and the last one of a
+row merges the states written (the ticket of ``zipvl.paged_decode_triton._publish``). What
+differs is the page loop:
 
 * **Orientation.** The matrix multiplies run tokens (keys) or channels (values) as the MMA's M
   side and the G query heads of a KV head as N (padded to 8), so GQA's 7 heads fill 7 of 8
@@ -189,11 +191,14 @@ def _dot(x0, x1, x2, x3, y, acc, S: tl.constexpr, R: tl.constexpr, N: tl.constex
     r2 = tl.dot(x2, yh, acc=acc)
     r3 = tl.dot(x3, yh, acc=acc)
     if PRECISE:
-        yl = (y - yh.to(tl.float32)).to(tl.float16)
-        r0 = tl.dot(x0, yl, acc=r0)
-        r1 = tl.dot(x1, yl, acc=r1)
-        r2 = tl.dot(x2, yl, acc=r2)
-        r3 = tl.dot(x3, yl, acc=r3)
+        # the low part is ~2^-11 of y: scaled by 2^11 before its fp16 rounding (exact power
+        # of two), or it would sit in fp16's subnormals for the small operands here
+        yl = ((y - yh.to(tl.float32)) * 2048.0).to(tl.float16)
+        zero = tl.zeros_like(acc)
+        r0 += tl.dot(x0, yl, acc=zero) * (1.0 / 2048.0)
+        r1 += tl.dot(x1, yl, acc=zero) * (1.0 / 2048.0)
+        r2 += tl.dot(x2, yl, acc=zero) * (1.0 / 2048.0)
+        r3 += tl.dot(x3, yl, acc=zero) * (1.0 / 2048.0)
     return _join4(r0, r1, r2, r3, S, R, N)
 
 
@@ -274,13 +279,14 @@ def _fragment_pages(q_base, qoffs, sm_scale, m_i, l_i, acc, start, end, base_idx
 def fragment_decode_kernel(
     q_ptr,  # (B, Hq, D) queries (any float dtype)
     tab,  # the address table of zipvl.paged_decode_triton
-    m_ptr, l_ptr, o_ptr,  # partial states: (B, Hq, NS + 1), (B, Hq, NS + 1), (B, Hq, NS + 1, D)
+    m_ptr, l_ptr, o_ptr,  # partial states: (B, Hq, FS + NS), (B, Hq, FS + NS), (.., FS + NS, D)
     ticket_ptr,  # (rows,) int32, zero between launches
     out_ptr, lse_ptr,  # (B, Hq, D), (B, Hq) float32
     sm_scale,  # softmax scale * log2(e)
     HKV: tl.constexpr, GROUP: tl.constexpr,  # KV heads, query heads per KV head
     B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,  # region bases
-    NUM_SPLITS: tl.constexpr, FP_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, FP_SPLITS: tl.constexpr, MIN_PAGES: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, HBITS: tl.constexpr, LBITS: tl.constexpr, GP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     ASM: tl.constexpr, PRECISE: tl.constexpr, OFFSET: tl.constexpr, FP_BLOCK: tl.constexpr,
@@ -295,17 +301,22 @@ def fragment_decode_kernel(
     hkv = row % HKV
     num_heads = HKV * GROUP
     head0 = (b * num_heads + hkv * GROUP).to(tl.int64)  # the row's first query head
-    if split < NUM_SPLITS:
+    # this row's pages now: the page programs take MIN_PAGES or more each (whole slot groups),
+    # so a short row uses few programs and the merge reads only the states written
+    nh = tl.load(_addr(tab, 16, tl.int32, ALIGNED) + row)  # H_NP
+    nl = tl.load(_addr(tab, 19, tl.int32, ALIGNED) + row)  # L_NP
+    total = nh + nl
+    per = tl.maximum(tl.cdiv(total, NUM_SPLITS), MIN_PAGES)
+    per = tl.cdiv(per, NW) * NW
+    n_live = FP_SPLITS + tl.cdiv(total, per)  # states written: fp programs, then page programs
+    if split >= FP_SPLITS:
+        j = split - FP_SPLITS  # page program j
         offs_h = tl.arange(0, GP)
         offs_d = tl.arange(0, D)
         # (1, D, GP) offsets of q: head h at column h, the pad heads read head G - 1
         qoffs = tl.minimum(offs_h, GROUP - 1)[None, None, :] * D + offs_d[None, :, None]
         q_base = q_ptr + head0 * D
-        nh = tl.load(_addr(tab, 16, tl.int32, ALIGNED) + row)  # H_NP
-        nl = tl.load(_addr(tab, 19, tl.int32, ALIGNED) + row)  # L_NP
-        total = nh + nl
-        per = tl.cdiv(tl.cdiv(total, NUM_SPLITS), NW) * NW  # whole slot groups
-        u0 = tl.minimum(split * per, total)
+        u0 = tl.minimum(j * per, total)
         u1 = tl.minimum(u0 + per, total)
         m_i = tl.full([NW, GP], float("-inf"), tl.float32)
         l_i = tl.zeros([NW, GP], tl.float32)
@@ -356,7 +367,7 @@ def fragment_decode_kernel(
         a3 = tl.zeros([GROUP_PAD, QD], tl.float32)
         m_f, l_f, a0, a1, a2, a3 = _fp_regions(
             tab, row, q0, q1, q2, q3, m_f, l_f, a0, a1, a2, a3, offs_c, offs_c,
-            split - NUM_SPLITS, B1, B2, B3, HEAD_DIM, FP_BLOCK, FP, ALIGNED,
+            split, B1, B2, B3, HEAD_DIM, FP_BLOCK, FP, ALIGNED,
             FP_SPLITS)  # fmt: skip
         f_row = (head0 + offs_g) * NS1 + split
         tl.store(m_ptr + f_row, m_f, mask=g_valid)
@@ -366,5 +377,5 @@ def fragment_decode_kernel(
         tl.store(o_rows + QD, a1, mask=gm)
         tl.store(o_rows + 2 * QD, a2, mask=gm)
         tl.store(o_rows + 3 * QD, a3, mask=gm)
-    _publish(m_ptr, l_ptr, o_ptr, ticket_ptr, out_ptr, lse_ptr, row, b, hkv, HKV, GROUP,
-             NS1 - 1, NS_PAD, MERGE_GM, MERGE_SB, HEAD_DIM)  # fmt: skip
+    _publish(m_ptr, l_ptr, o_ptr, ticket_ptr, out_ptr, lse_ptr, row, b, hkv, n_live, HKV,
+             GROUP, NS1 - 1, NS_PAD, MERGE_GM, MERGE_SB, HEAD_DIM)  # fmt: skip

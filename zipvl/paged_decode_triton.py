@@ -785,18 +785,18 @@ def _pool(tab, BASE: tl.constexpr, PARAM: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _merge_row(m_ptr, l_ptr, o_ptr, out_ptr, lse_ptr, b, hkv,
+def _merge_row(m_ptr, l_ptr, o_ptr, out_ptr, lse_ptr, b, hkv, n_live,
                HKV: tl.constexpr, GROUP: tl.constexpr, NS1: tl.constexpr, NS_PAD: tl.constexpr,
                GM: tl.constexpr, SB: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
-    """Merge the NS1 partial states of the GROUP query heads of KV head ``hkv`` by
-    log-sum-exp; write out (GROUP, D) and the log-sum-exp (GROUP,). Partial states are read
-    past L1 (``.cg``): other SMs wrote them."""
+    """Merge the first ``n_live`` of the NS1 partial states of the GROUP query heads of KV head
+    ``hkv`` (the others are empty) by log-sum-exp; write out (GROUP, D) and the log-sum-exp
+    (GROUP,). Partial states are read past L1 (``.cg``): other SMs wrote them."""
     offs_h = tl.arange(0, GM)
     hv = offs_h < GROUP
     heads = (b * HKV + hkv) * GROUP + offs_h  # query-head rows of (B, Hq)
     srow = heads.to(tl.int64) * NS1  # first partial state of each head
     offs_s = tl.arange(0, NS_PAD)
-    sm = hv[:, None] & (offs_s < NS1)[None, :]
+    sm = hv[:, None] & (offs_s < n_live)[None, :]
     m = tl.load(m_ptr + srow[:, None] + offs_s[None, :], mask=sm, other=float("-inf"),
                 cache_modifier=".cg")  # fmt: skip
     m_max = tl.max(m, axis=1)
@@ -807,9 +807,9 @@ def _merge_row(m_ptr, l_ptr, o_ptr, out_ptr, lse_ptr, b, hkv,
     den = tl.where(hv, den, 1.0)  # padding heads (not stored): no 0 / 0
     offs_d = tl.arange(0, HEAD_DIM)
     num = tl.zeros([GM, HEAD_DIM], tl.float32)
-    for s0 in tl.range(0, NS1, SB):  # SB partial states of every head at a time
+    for s0 in tl.range(0, n_live, SB):  # SB partial states of every head at a time
         offs = s0 + tl.arange(0, SB)
-        cm = hv[:, None] & (offs < NS1)[None, :]
+        cm = hv[:, None] & (offs < n_live)[None, :]
         mc = tl.load(m_ptr + srow[:, None] + offs[None, :], mask=cm, other=float("-inf"),
                      cache_modifier=".cg")  # fmt: skip
         w = tl.exp2(mc - m_max[:, None])  # (GM, SB), 0 where masked
@@ -873,13 +873,13 @@ def _fp_regions(tab, row, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, offs_c, offs
 
 
 @triton.jit
-def _publish(m_ptr, l_ptr, o_ptr, ticket_ptr, out_ptr, lse_ptr, row, b, hkv,
+def _publish(m_ptr, l_ptr, o_ptr, ticket_ptr, out_ptr, lse_ptr, row, b, hkv, n_live,
              HKV: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr,
              NS_PAD: tl.constexpr, MERGE_GM: tl.constexpr, MERGE_SB: tl.constexpr,
              HEAD_DIM: tl.constexpr):  # fmt: skip
     """After a program stored its partial state: take the row's ticket; the last of the row's
-    NS + 1 programs merges."""
-    # Publish the partial state; the last of the row's NS + 1 programs merges. The barrier
+    NUM_SPLITS + 1 programs merges the first ``n_live`` states."""
+    # Publish the partial state; the last of the row's programs merges. The barrier
     # orders every warp's stores before the ticket (one thread issues a scalar atomic); the
     # atomic releases them at GPU scope and, for the last program, acquires the other
     # programs' states (the same pattern as a cooperative grid sync: bar.sync, then one
@@ -888,7 +888,7 @@ def _publish(m_ptr, l_ptr, o_ptr, ticket_ptr, out_ptr, lse_ptr, row, b, hkv,
     ticket = tl.atomic_add(ticket_ptr + row, 1, sem="acq_rel", scope="gpu")
     if ticket == NUM_SPLITS:
         tl.debug_barrier()  # every thread reads after the acquire
-        _merge_row(m_ptr, l_ptr, o_ptr, out_ptr, lse_ptr, b, hkv, HKV, GROUP,
+        _merge_row(m_ptr, l_ptr, o_ptr, out_ptr, lse_ptr, b, hkv, n_live, HKV, GROUP,
                    NUM_SPLITS + 1, NS_PAD, MERGE_GM, MERGE_SB, HEAD_DIM)  # fmt: skip
         tl.store(ticket_ptr + row, 0)  # zero for the next launch (and a graph replay)
 
@@ -982,8 +982,8 @@ def _paged_decode_kernel(
     tl.store(o_rows + QD, a1, mask=gm)
     tl.store(o_rows + 2 * QD, a2, mask=gm)
     tl.store(o_rows + 3 * QD, a3, mask=gm)
-    _publish(m_ptr, l_ptr, o_ptr, ticket_ptr, out_ptr, lse_ptr, row, b, hkv, HKV, GROUP,
-             NUM_SPLITS, NS_PAD, MERGE_GM, MERGE_SB, HEAD_DIM)  # fmt: skip
+    _publish(m_ptr, l_ptr, o_ptr, ticket_ptr, out_ptr, lse_ptr, row, b, hkv, NUM_SPLITS + 1,
+             HKV, GROUP, NUM_SPLITS, NS_PAD, MERGE_GM, MERGE_SB, HEAD_DIM)  # fmt: skip
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -1111,6 +1111,44 @@ def _setting_index(
     return allowed.index(value)
 
 
+def _fragment_settings(workspace: dict[str, Any], ns: int) -> tuple[int, int, int]:
+    """The "fragment" kernel's launch settings from the workspace, checked: (fp_splits,
+    min_pages, offset). Keys of the other variants' page loops raise: this kernel has none of
+    them, and ignoring one would pass off another launch as the one asked for."""
+    from zipvl.decode import FRAGMENT_FP_SPLITS, FRAGMENT_MIN_PAGES
+
+    for key in ("stages", "block_t"):
+        if workspace.get(key) is not None:
+            raise ValueError(
+                f"workspace[{key!r}]: the 'fragment' kernel has no such setting (it reads a page "
+                f"per warp in one step); expected it absent, got {workspace[key]!r}"
+            )
+    if workspace.get("convert") == "cvt":
+        raise ValueError(
+            "workspace['convert']: the 'fragment' kernel converts codes with 'magic' (lop3 "
+            "in Triton) or 'asm' (inline PTX); expected one of those, got 'cvt'"
+        )
+    out = []
+    checked = (("fp_splits", FRAGMENT_FP_SPLITS, 1), ("min_pages", FRAGMENT_MIN_PAGES, 1),
+               ("offset", DEFAULT_OFFSET, 0))  # fmt: skip
+    for key, default, low in checked:
+        value = workspace.get(key)
+        value = default if value is None else value
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"workspace[{key!r}]: expected an int >= {low}, got {value!r}")
+        out.append(value)
+    if out[2] > 2:
+        raise ValueError(f"workspace['offset']: expected 0, 1 or 2, got {out[2]}")
+    states = ns + out[0]
+    for key in ("m", "l", "o"):
+        if workspace[key].shape[2] < states:
+            raise ValueError(
+                f"workspace[{key!r}]: holds {workspace[key].shape[2]} partial states a head, "
+                f"expected splits + fp_splits = {states}"
+            )
+    return out[0], out[1], out[2]
+
+
 def _pow2(n: int) -> int:
     """The least power of two >= n (n >= 1), in plain Python (triton.next_power_of_2 is a
     constexpr function with a wrapper's cost, and this runs on every decode launch)."""
@@ -1177,12 +1215,7 @@ def paged_decode_triton(
                          128 * 32 * warps // (gm * d)))  # fmt: skip
         from zipvl.fragment_decode_triton import fragment_decode_kernel
 
-        nf = int(workspace.get("fp_splits", 1))
-        if workspace["m"].shape[-1] < ns + nf:
-            raise ValueError(
-                f"workspace: 'm' / 'l' / 'o' hold {workspace['m'].shape[-1]} states a head, "
-                f"expected splits + fp_splits = {ns + nf}"
-            )
+        nf, min_pages, offset = _fragment_settings(workspace, ns)
         try:
             fragment_decode_kernel[(store.rows, ns + nf)](
                 q, tab, workspace["m"], workspace["l"], workspace["o"], ticket, out, lse,
@@ -1190,10 +1223,11 @@ def paged_decode_triton(
                 HKV=hkv, GROUP=g,
                 B1=store.region_base[STAGE_HIGH], B2=store.region_base[STAGE_LOW],
                 B3=store.region_base[TAIL],
-                NUM_SPLITS=ns, FP_SPLITS=nf, HEAD_DIM=d, PAGE=fmt.page_size,
+                NUM_SPLITS=ns, FP_SPLITS=nf, MIN_PAGES=min_pages, HEAD_DIM=d,
+                PAGE=fmt.page_size,
                 HBITS=fmt.high_bits, LBITS=fmt.low_bits, GP=max(8, gm), GROUP_PAD=max(16, gm),
                 ASM=int(convert == 2), PRECISE=precise,
-                OFFSET=int(workspace.get("offset", DEFAULT_OFFSET)),
+                OFFSET=offset,
                 FP_BLOCK=int(workspace.get("fp_block", 16)),
                 PARAM=param, FP=_TL_DTYPES[store.fp_k.dtype], ALIGNED=aligned,
                 NS_PAD=_pow2(ns + nf), MERGE_GM=gm, MERGE_SB=fsb, NW=warps, num_warps=warps,

@@ -210,6 +210,11 @@ class ZipVLCache(Cache):
                 f"page_write_impl: 'triton' writes pages, but layer {layer_idx} stores chunks "
                 f"({problem}); use 'auto' or 'reference'"
             )
+        if self.code_order != "auto" and problem is not None:
+            raise ValueError(
+                f"code_order: {self.code_order!r} lays out pages, but layer {layer_idx} stores "
+                f"chunks ({problem}); use 'auto'"
+            )
         common = {
             "quantizer": quantizer,
             # resolved once per layer: no forward looks a schedule up again

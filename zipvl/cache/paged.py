@@ -272,6 +272,7 @@ def dequantize_pages(
 ) -> tuple[Tensor, Tensor]:
     """Float32 keys and values of pool pages ``pages`` (any int shape S): (*S, P, D) each."""
     bits = fmt.bits(cls)
+    fmt = fmt.resolved(pool["kscale"].shape[-1])  # "auto": the order quantize_pages wrote
     flat = pages.reshape(-1).long()
     if fmt.code_order == "fragment":
         kc = unpack_fragment(pool["kcode"][flat], bits)  # (M, P, D)
