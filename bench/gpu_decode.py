@@ -86,7 +86,7 @@ def build(b: int, n: int, hkv: int, d: int, ratio: float, page: int, tail: int,
 
 
 LAUNCH_KEYS = {"warps": int, "stages": int, "splits": int, "precise": int, "convert": str,
-               "block_t": int, "maxnreg": int, "variant": str, "offset": int,
+               "block_t": int, "maxnreg": int, "variant": str, "offset": int, "min_pages": int,
                "fp_splits": int}  # fmt: skip
 # block_t 0: the kernel's default for the variant (64 for "tile", 16 for "pages")
 LAUNCH_DEFAULTS = {"warps": 4, "stages": 2, "splits": 4, "precise": 0, "block_t": 0,
@@ -150,6 +150,8 @@ def set_launch(ws: dict, launch: dict, default_splits: int, b: int, hq: int, d: 
     nf = int(full.get("fp_splits", ws.get("fp_splits", 1)))
     if full["variant"] == "fragment":
         ws["fp_splits"] = nf
+    if "min_pages" in full:
+        ws["min_pages"] = full["min_pages"]
     if "offset" in full:
         ws["offset"] = full["offset"]
     else:
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--fragment-sweep", type=parse_launch, nargs="*", default=FRAGMENT_SWEEP,
         help="the launch settings to time for stores in the fragment code order (variant "
-        "'fragment'; keys splits, offset, fp_splits, convert (magic / asm), maxnreg, warps)",
+        "'fragment'; keys splits, offset, fp_splits, min_pages, convert (magic / asm), maxnreg, "
+        "warps)",
     )  # fmt: skip
     ap.add_argument(
         "--code-orders", nargs="+", default=["auto"], choices=["auto", "slice", "fragment"],

@@ -25,6 +25,11 @@ def _triton_runs(device: str) -> bool:
     return device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _need_kernel(device: str) -> None:
+    if not _triton_runs(device):
+        pytest.skip("the kernel runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1")
+
+
 def _words(packed: torch.Tensor) -> torch.Tensor:
     """(R, 4 W) bytes -> (R, W) int64 words, little-endian."""
     b = packed.long().view(packed.shape[0], -1, 4)
@@ -196,25 +201,25 @@ def test_fragment_decode_matches_dense(dtype, bits, splits, device: str) -> None
     _check_against_dense(store, valid, q, splits)
 
 
-@pytest.mark.skipif(not _triton_runs("cpu"), reason="the kernel runs under TRITON_INTERPRET=1")
 @pytest.mark.parametrize(("group", "settings"), [
     (1, {}), (16, {}), (7, {"offset": 0}), (7, {"offset": 1, "fp_splits": 1}),
     (3, {"fp_splits": 2, "min_pages": 4}),
 ])  # fmt: skip
-def test_fragment_decode_group_sizes_and_settings(group: int, settings: dict) -> None:
+def test_fragment_decode_group_sizes_and_settings(group: int, settings: dict, device: str) -> None:
     """Query heads per KV head other than 7 (MMA N of 8 and 16), the offset forms kept for
     measurement, other fp-region and page splits: the dense answer within the 2x rule."""
-    store, valid = _store(2, 2, torch.bfloat16, "cpu", prompt=400, steps=9, pad=[0, 21])
-    q = torch.randn(2, 2 * group, 1, 128, dtype=torch.bfloat16)
+    _need_kernel(device)
+    store, valid = _store(2, 2, torch.bfloat16, device, prompt=400, steps=9, pad=[0, 21])
+    q = torch.randn(2, 2 * group, 1, 128, dtype=torch.bfloat16, device=device)
     workspace(store, 2 * group).update(settings)
     _check_against_dense(store, valid, q)
 
 
-@pytest.mark.skipif(not _triton_runs("cpu"), reason="the kernel runs under TRITON_INTERPRET=1")
-def test_fragment_launch_settings_are_checked() -> None:
+def test_fragment_launch_settings_are_checked(device: str) -> None:
     """A setting the fragment kernel cannot honour raises, naming the key."""
-    store, _ = _store(1, 1, torch.bfloat16, "cpu", prompt=300, steps=0)
-    q = torch.randn(1, 7, 1, 128, dtype=torch.bfloat16)
+    _need_kernel(device)
+    store, _ = _store(1, 1, torch.bfloat16, device, prompt=300, steps=0)
+    q = torch.randn(1, 7, 1, 128, dtype=torch.bfloat16, device=device)
     ws = workspace(store, 7)
     cases = [
         ("fp_splits", 0, "fp_splits'\\]: expected an int >= 1"),
@@ -263,12 +268,12 @@ def test_pages_roundtrip_in_the_default_format_and_orders_only_on_pages() -> Non
     ZipVLCache(1, quantizer=KIVIKVQuantizer(2, 16)).layer(0)  # "auto" on chunks: nothing to do
 
 
-@pytest.mark.skipif(not _triton_runs("cpu"), reason="the kernel runs under TRITON_INTERPRET=1")
-def test_fragment_decode_reads_sinks_crops_and_reorders() -> None:
+def test_fragment_decode_reads_sinks_crops_and_reorders(device: str) -> None:
     """Sinks, a crop inside a page (fills below 128), and a beam reorder: still the dense
     answer."""
-    store, valid = _store(2, 1, torch.bfloat16, "cpu", sinks=4, prompt=600, steps=9)
-    q = torch.randn(2, 7, 1, 128, dtype=torch.bfloat16)
+    _need_kernel(device)
+    store, valid = _store(2, 1, torch.bfloat16, device, sinks=4, prompt=600, steps=9)
+    q = torch.randn(2, 7, 1, 128, dtype=torch.bfloat16, device=device)
     _check_against_dense(store, valid, q)
     store.crop_to(store.length - 150)  # cuts into the last pages of both classes
     valid = valid[:, : store.length]
@@ -276,32 +281,32 @@ def test_fragment_decode_reads_sinks_crops_and_reorders() -> None:
                                 < store.num_pages[c][:, None]] for c in (0, 1)]  # fmt: skip
     assert min(int(f.min()) for f in fills) < 128  # a partial page is read
     _check_against_dense(store, valid, q)
-    store.index_rows(torch.tensor([1, 1]))
+    store.index_rows(torch.tensor([1, 1], device=device))
     _check_against_dense(store, valid[[1, 1]], q)
 
 
-@pytest.mark.skipif(not _triton_runs("cpu"), reason="the kernel runs under TRITON_INTERPRET=1")
-def test_fragment_rows_are_independent() -> None:
+def test_fragment_rows_are_independent(device: str) -> None:
     """Row i of a batch reads exactly as row i alone (float32 queries)."""
-    store, _ = _store(3, 1, torch.float32, "cpu", pad=[0, 9, 100], prompt=500, steps=5)
-    q = torch.randn(3, 7, 1, 128)
+    _need_kernel(device)
+    store, _ = _store(3, 1, torch.float32, device, pad=[0, 9, 100], prompt=500, steps=5)
+    q = torch.randn(3, 7, 1, 128, device=device)
     out, lse = decode_attention(q, store, impl="triton")
     for i in range(3):
-        alone, _ = _store(3, 1, torch.float32, "cpu", pad=[0, 9, 100], prompt=500, steps=5)
-        alone.index_rows(torch.tensor([i]))
+        alone, _ = _store(3, 1, torch.float32, device, pad=[0, 9, 100], prompt=500, steps=5)
+        alone.index_rows(torch.tensor([i], device=device))
         o1, l1 = decode_attention(q[i : i + 1], alone, impl="triton")
         torch.testing.assert_close(o1, out[i : i + 1], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(l1, lse[i : i + 1], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(not _triton_runs("cpu"), reason="the kernel runs under TRITON_INTERPRET=1")
-def test_variant_must_match_the_code_order() -> None:
-    frag, _ = _store(1, 1, torch.bfloat16, "cpu", prompt=300, steps=0)
-    q = torch.randn(1, 7, 1, 128, dtype=torch.bfloat16)
+def test_variant_must_match_the_code_order(device: str) -> None:
+    _need_kernel(device)
+    frag, _ = _store(1, 1, torch.bfloat16, device, prompt=300, steps=0)
+    q = torch.randn(1, 7, 1, 128, dtype=torch.bfloat16, device=device)
     workspace(frag, 7)["variant"] = "tile"
     with pytest.raises(ValueError, match=r"workspace\['variant'\]: 'tile' cannot read pages"):
         decode_attention(q, frag, impl="triton")
-    sliced, _ = _store(1, 1, torch.bfloat16, "cpu", order="slice", prompt=300, steps=0)
+    sliced, _ = _store(1, 1, torch.bfloat16, device, order="slice", prompt=300, steps=0)
     workspace(sliced, 7)["variant"] = "fragment"
     with pytest.raises(ValueError, match="expected one of"):
         decode_attention(q, sliced, impl="triton")
