@@ -387,18 +387,24 @@ def test_fused_decode_repeats_exactly_and_leaves_tickets_at_zero(variant: str) -
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_last_program_merge_is_stable_over_many_launches() -> None:
+@pytest.mark.parametrize("order", ["slice", "fragment"])
+def test_last_program_merge_is_stable_over_many_launches(order: str) -> None:
     """On the GPU the programs of a row finish in any order and on different SMs: 300 launches
-    (64 page splits, the merge tiles of the default launch) all give the first one's output bit
-    for bit, within the tolerance of the reference, and leave the tickets at zero. A missing
-    release / acquire would show as an occasional merge of a stale or half-written state."""
+    (64 page splits, the merge tiles of the default launch; the fragment kernel with its 4
+    fp-region programs and 4 pages a program) all give the first one's output bit for bit,
+    within the tolerance of the reference, and leave the tickets at zero. A missing release /
+    acquire would show as an occasional merge of a stale or half-written state."""
     case = (2, 28, 4, 128, 3000, 40, 128)
-    store, *_ = _filled_store(case, "cuda", torch.bfloat16, seed=11)
+    fmt = PageFormat(page_size=128, code_order=order)
+    store, *_ = _filled_store(case, "cuda", torch.bfloat16, fmt=fmt, seed=11)
     q = torch.randn(2, 28, 1, 128, device="cuda", dtype=torch.bfloat16)
     ws = workspace(store, 28)
-    ws.update(splits=64, m=torch.empty(2, 28, 65, device="cuda"),
-              l=torch.empty(2, 28, 65, device="cuda"),
-              o=torch.empty(2, 28, 65, 128, device="cuda"))  # fmt: skip
+    n = 64 + ws.get("fp_splits", 1)
+    ws.update(splits=64, m=torch.empty(2, 28, n, device="cuda"),
+              l=torch.empty(2, 28, n, device="cuda"),
+              o=torch.empty(2, 28, n, 128, device="cuda"))  # fmt: skip
+    if order == "fragment":
+        ws["min_pages"] = 4
     first, first_lse = decode_attention(q, store, impl="triton")
     outs = [decode_attention(q, store, impl="triton") for _ in range(300)]
     for out, lse in outs:
@@ -591,10 +597,11 @@ def test_non_finite_decode_token_stays_in_its_own_token() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_decode_step_replays_from_a_cuda_graph() -> None:
+@pytest.mark.parametrize("order", ["slice", "fragment"])
+def test_decode_step_replays_from_a_cuda_graph(order: str) -> None:
     """append_device + decode_attention captured once, replayed for new tokens, equals the same
-    steps run eagerly on a twin store."""
-    case = (2, 8, 2, 128, 300, 3, 64)
+    steps run eagerly on a twin store (both code orders, each its own kernel)."""
+    case = (2, 8, 2, 128, 300, 3, 64 if order == "slice" else 128)
     store, *_ = _filled_store(case, "cuda", torch.bfloat16, seed=5)
     twin, *_ = _filled_store(case, "cuda", torch.bfloat16, seed=5)
     sk = torch.randn(2, 2, 1, 128, device="cuda", dtype=torch.bfloat16)

@@ -333,3 +333,26 @@ def test_fragment_launch_rule(monkeypatch: pytest.MonkeyPatch) -> None:
                              sink_tokens=0)  # fmt: skip
         store.max_pages = [hi, lo]
         assert launch_choice(store, cuda) == (want, {"fp_splits": 4, "min_pages": 32}), (b, hi, lo)
+
+
+def test_fragment_decode_repeats_exactly_and_leaves_tickets_at_zero(device: str) -> None:
+    """The last program of a row merges the states written and zeroes the row's ticket: a call
+    after the state buffers were filled with NaN equals the first bit for bit (states beyond
+    the row's live programs are never read), with 40 page programs of 4 pages at most."""
+    _need_kernel(device)
+    store, _ = _store(2, 2, torch.bfloat16, device, prompt=700, steps=9)
+    q = torch.randn(2, 14, 1, 128, dtype=torch.bfloat16, device=device)
+    ws = workspace(store, 14)
+    n = 40 + ws["fp_splits"]
+    ws.update(splits=40, min_pages=1, m=ws["m"].new_empty(2, 14, n),
+              l=ws["l"].new_empty(2, 14, n), o=ws["o"].new_empty(2, 14, n, 128))  # fmt: skip
+    out1, lse1 = decode_attention(q, store, impl="triton")
+    assert not ws["ticket"].any()
+    ws["m"].fill_(float("nan")), ws["l"].fill_(float("nan")), ws["o"].fill_(float("nan"))
+    out2, lse2 = decode_attention(q, store, impl="triton")
+    assert not ws["ticket"].any()
+    torch.testing.assert_close(out2, out1, rtol=0, atol=0)
+    torch.testing.assert_close(lse2, lse1, rtol=0, atol=0)
+    ref, lse_ref = decode_attention(q, store, impl="reference")
+    assert (out1.float() - ref.float()).abs().max().item() < 2e-2
+    assert (lse1 - lse_ref).abs().max().item() < 2e-2  # as the dense comparison
