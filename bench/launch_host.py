@@ -5,7 +5,8 @@ kernel launch is replaced by what Triton's ``JITFunction.run`` does before the d
 binder (argument specialisation), the kernel cache key and the launcher's ``data_ptr`` read of
 every tensor argument. Not counted: the fixed costs of a launch (device and stream queries,
 launch metadata, hooks, ``cuLaunchKernel``). One layer of LongVA / Qwen2-VL-7B at batch 1
-(28 query heads, 4 KV heads, head dim 128, 64 page splits as on an H200). Uses Triton
+(28 query heads, 4 KV heads, head dim 128, the page splits of the launch rule on an H200), in
+both page code orders (``--code-orders``). Uses Triton
 internals (``create_function_from_signature``, ``compute_cache_key``: Triton 3.6 - 3.9).
 
 Run:  python bench/launch_host.py            (not under TRITON_INTERPRET=1)
@@ -25,6 +26,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=20000, help="calls per timing")
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--code-orders", nargs="+", default=["slice", "fragment"],
+                    choices=["slice", "fragment"],
+                    help="the store's page code order, each timed: slice (the tile / pages "
+                    "kernel) or fragment (zipvl.fragment_decode_triton)")  # fmt: skip
     a = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run without TRITON_INTERPRET=1: the compiled launch path is timed")
@@ -33,6 +38,7 @@ def main() -> None:
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.runtime import jit
 
+    import zipvl.fragment_decode_triton as fragment
     import zipvl.paged_decode_triton as kernels
     from zipvl.cache import PagedKVStore, PageFormat
 
@@ -60,30 +66,33 @@ def main() -> None:
     for name in ("_paged_decode_kernel", "_merge_kernel"):  # the merge: before it was folded in
         if hasattr(kernels, name):
             setattr(kernels, name, Launch(getattr(kernels, name)))
-    # the slice code order: the kernel whose launch path this script stands in for (the fragment
-    # kernel's launch, zipvl.fragment_decode_triton, goes through the same wrapper)
-    fmt = PageFormat(page_size=128, code_order="slice")
-    store = PagedKVStore(fmt, batch_size=1, num_heads=4, head_dim=128,
-                         dtype=torch.bfloat16, device="cpu", recompress_every=32,
-                         sink_tokens=4)  # fmt: skip
-    q = torch.randn(1, 28, 128, dtype=torch.bfloat16)
-    ns = 64
-    ws = {"splits": ns, "m": torch.empty(1, 28, ns + 1), "l": torch.empty(1, 28, ns + 1),
-          "o": torch.empty(1, 28, ns + 1, 128), "convert": "asm"}  # fmt: skip
+    fragment.fragment_decode_kernel = Launch(fragment.fragment_decode_kernel)
     kernels.INTERPRETED = False  # CPU tensors stand in for CUDA ones: nothing is dereferenced
+    for order in a.code_orders:
+        fmt = PageFormat(page_size=128, code_order=order)
+        store = PagedKVStore(fmt, batch_size=1, num_heads=4, head_dim=128,
+                             dtype=torch.bfloat16, device="cpu", recompress_every=32,
+                             sink_tokens=4)  # fmt: skip
+        q = torch.randn(1, 28, 128, dtype=torch.bfloat16)
+        ns = 64 if order == "slice" else 99  # as the launch rule picks on an H200 at batch 1
+        n = ns + (1 if order == "slice" else 4)
+        ws = {"splits": ns, "m": torch.empty(1, 28, n), "l": torch.empty(1, 28, n),
+              "o": torch.empty(1, 28, n, 128), "convert": "asm"}  # fmt: skip
+        if order == "fragment":
+            ws.update(fp_splits=4, min_pages=32)
 
-    def call() -> None:
-        kernels.paged_decode_triton(q, store, 0.088, ws)
+        def call(store=store, q=q, ws=ws) -> None:
+            kernels.paged_decode_triton(q, store, 0.088, ws)
 
-    call()  # one-time work: tickets, address table
-    seen["count"] = True
-    call()
-    seen["count"] = False
-    times = sorted(timeit.repeat(call, number=a.calls, repeat=a.repeat))
-    best, median = times[0] / a.calls * 1e6, times[len(times) // 2] / a.calls * 1e6
-    print(f"triton {triton.__version__}: {best:.1f} us per call (median {median:.1f}); "
-          f"{seen['launches']} launch(es), {seen['specialised']} specialised arguments, "
-          f"{seen['tensors']} tensor arguments")  # fmt: skip
+        call()  # one-time work: tickets, address table
+        seen.update(count=True, launches=0, specialised=0, tensors=0)
+        call()
+        seen["count"] = False
+        times = sorted(timeit.repeat(call, number=a.calls, repeat=a.repeat))
+        best, median = times[0] / a.calls * 1e6, times[len(times) // 2] / a.calls * 1e6
+        print(f"triton {triton.__version__}, {order} order: {best:.1f} us per call (median "
+              f"{median:.1f}); {seen['launches']} launch(es), {seen['specialised']} specialised "
+              f"arguments, {seen['tensors']} tensor arguments")  # fmt: skip
 
 
 if __name__ == "__main__":
