@@ -121,6 +121,16 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
     return "\n".join(lines)
 
 
+def random_qkv(
+    s: int, hq: int, hkv: int, d: int, *, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded bf16 q (1, hq, s, d), k and v (1, hkv, s, d) on CUDA, drawn in that order."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    kw = {"device": "cuda", "dtype": torch.bfloat16, "generator": gen}
+    return (torch.randn(1, hq, s, d, **kw), torch.randn(1, hkv, s, d, **kw),
+            torch.randn(1, hkv, s, d, **kw))  # fmt: skip
+
+
 def progress(msg: str) -> None:
     """One progress line on stderr (long runs show where they are)."""
     print(f"[bench] {msg}", file=sys.stderr, flush=True)

@@ -25,12 +25,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import env_info, markdown_table, median_ms, median_ms_graph, progress, write_result
+from common import (
+    env_info,
+    markdown_table,
+    median_ms,
+    median_ms_graph,
+    progress,
+    random_qkv,
+    write_result,
+)
 
 from zipvl.sparsity import (
     CumulativeMassAllocator,
@@ -55,10 +62,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for s in args.lengths:
         progress(f"S = {s}")
-        gen = torch.Generator(device="cuda").manual_seed(s)
-        q = torch.randn(1, hq, s, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(1, hkv, s, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-        v = torch.randn(1, hkv, s, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        q, k, v = random_qkv(s, hq, hkv, d, seed=s)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             dense = median_ms(lambda: F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, enable_gqa=True))  # fmt: skip

@@ -53,7 +53,15 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ceilings, env_info, markdown_table, median_ms, progress, write_result
+from common import (
+    ceilings,
+    env_info,
+    markdown_table,
+    median_ms,
+    progress,
+    random_qkv,
+    write_result,
+)
 
 from zipvl.sparsity import (
     CumulativeMassAllocator,
@@ -168,10 +176,7 @@ def main() -> None:
     rows = []
     for s in args.lengths:
         progress(f"S = {s}")
-        gen = torch.Generator(device="cuda").manual_seed(s)
-        q = torch.randn(1, hq, s, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(1, hkv, s, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-        v = torch.randn(1, hkv, s, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        q, k, v = random_qkv(s, hq, hkv, d, seed=s)
 
         # built from block indices: create_block_mask over an S x S predicate needs S^2 bytes
         bm = compacted_causal_block_mask(s, -(-s // 128) * 128, 128, device="cuda")

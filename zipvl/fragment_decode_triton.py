@@ -203,6 +203,19 @@ def _dot(x0, x1, x2, x3, y, acc, S: tl.constexpr, R: tl.constexpr, N: tl.constex
 
 
 @triton.jit
+def _page_dot(base, y, acc, S: tl.constexpr, TT: tl.constexpr, N: tl.constexpr,
+              BITS: tl.constexpr, ASM: tl.constexpr, SUB: tl.constexpr,
+              PRECISE: tl.constexpr):  # fmt: skip
+    """One page per slot (``base``: (S,) word pointers) as four (S, TT, 128) operand tiles of
+    rows, times y (S, 128, N) plus acc: (S, 4 TT, N)."""
+    x0 = _rows(base, 0, S, TT, BITS, ASM, SUB)
+    x1 = _rows(base, TT, S, TT, BITS, ASM, SUB)
+    x2 = _rows(base, 2 * TT, S, TT, BITS, ASM, SUB)
+    x3 = _rows(base, 3 * TT, S, TT, BITS, ASM, SUB)
+    return _dot(x0, x1, x2, x3, y, acc, S, TT, N, PRECISE)
+
+
+@triton.jit
 def _offset(y, other, SUB: tl.constexpr):
     """The bias that removes the operands' 1024 offset, per head: sum(other - 1024 y16) over
     axis 1, y16 the fp16 operand the dot saw; with SUB the operands carry no offset."""
@@ -245,12 +258,8 @@ def _fragment_pages(q_base, qoffs, sm_scale, m_i, l_i, acc, start, end, base_idx
         qs = q * ks
         bias = _offset(qs, q * kz, SUB_K)  # (NW, GP)
         sb = tl.broadcast_to(bias[:, None, :], (NW, TT, GP))
-        kb = kc + page * (T * W)
-        x0 = _rows(kb, 0, NW, TT, BITS, ASM, SUB_K)
-        x1 = _rows(kb, TT, NW, TT, BITS, ASM, SUB_K)
-        x2 = _rows(kb, 2 * TT, NW, TT, BITS, ASM, SUB_K)
-        x3 = _rows(kb, 3 * TT, NW, TT, BITS, ASM, SUB_K)
-        s = _dot(x0, x1, x2, x3, qs, sb, NW, TT, GP, PRECISE)  # (NW, T, GP)
+        s = _page_dot(kc + page * (T * W), qs, sb, NW, TT, GP, BITS, ASM, SUB_K,
+                      PRECISE)  # (NW, T, GP)  # fmt: skip
         s = tl.where(offs_t[None, :, None] < fill[:, None, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -265,12 +274,8 @@ def _fragment_pages(q_base, qoffs, sm_scale, m_i, l_i, acc, start, end, base_idx
         uu = _offset(pa, p * vb[:, :, None], SUB_V)
         cs = tl.load(cs_ptr + page[:, None] * D + offs_d[None, :]).to(tl.float32)  # (NW, D)
         ub = tl.broadcast_to(uu[:, None, :], (NW, TT, GP))
-        vp = vc + page * (D * W)
-        y0 = _rows(vp, 0, NW, TT, BITS, ASM, SUB_V)
-        y1 = _rows(vp, TT, NW, TT, BITS, ASM, SUB_V)
-        y2 = _rows(vp, 2 * TT, NW, TT, BITS, ASM, SUB_V)
-        y3 = _rows(vp, 3 * TT, NW, TT, BITS, ASM, SUB_V)
-        op = _dot(y0, y1, y2, y3, pa, ub, NW, TT, GP, PRECISE)  # (NW, D, GP)
+        op = _page_dot(vc + page * (D * W), pa, ub, NW, TT, GP, BITS, ASM, SUB_V,
+                       PRECISE)  # (NW, D, GP)  # fmt: skip
         acc = acc * alpha[:, None, :] + cs[:, :, None] * op
     return m_i, l_i, acc
 
