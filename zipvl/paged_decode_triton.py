@@ -1223,11 +1223,11 @@ def paged_decode_triton(
             f"regions in one program; expected 1, got {workspace['fp_splits']}"
         )
     if variant == FRAGMENT:
-        fsb = max(1, min(_pow2(ns + int(workspace.get("fp_splits", 1))),
-                         128 * 32 * warps // (gm * d)))  # fmt: skip
         from zipvl.fragment_decode_triton import fragment_decode_kernel
 
         nf, min_pages, offset = _fragment_settings(workspace, ns)
+        ns_pad = _pow2(ns + nf)
+        sb = max(1, min(ns_pad, 128 * 32 * warps // (gm * d)))
         try:
             fragment_decode_kernel[(store.rows, ns + nf)](
                 q, tab, workspace["m"], workspace["l"], workspace["o"], ticket, out, lse,
@@ -1242,7 +1242,7 @@ def paged_decode_triton(
                 OFFSET=offset,
                 FP_BLOCK=int(workspace.get("fp_block", 16)),
                 PARAM=param, FP=_TL_DTYPES[store.fp_k.dtype], ALIGNED=aligned,
-                NS_PAD=_pow2(ns + nf), MERGE_GM=gm, MERGE_SB=fsb, NW=warps, num_warps=warps,
+                NS_PAD=ns_pad, MERGE_GM=gm, MERGE_SB=sb, NW=warps, num_warps=warps,
                 num_stages=1, **extra,
             )  # fmt: skip
         except BaseException:
